@@ -1,0 +1,5 @@
+"""spendwarden: Kubernetes-native AI spend policies."""
+__version__ = "0.1.0"
+GROUP = "spendwarden.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"

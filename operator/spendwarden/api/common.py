@@ -1,0 +1,95 @@
+"""Types shared by the CRD models: money, durations, conditions, object references.
+
+Money is never a float: amounts are decimal strings in the API and `decimal.Decimal` in code.
+"""
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from enum import Enum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DECIMAL_PATTERN = r"^[0-9]+(\.[0-9]+)?$"
+DURATION_PATTERN = r"^([0-9]+(s|m|h|d|w))+$"
+
+Money = Annotated[
+    str,
+    Field(pattern=DECIMAL_PATTERN, max_length=32,
+          description="A non-negative decimal amount written as a string, e.g. \"12.50\" (never a float)."),
+]
+Duration = Annotated[
+    str,
+    Field(pattern=DURATION_PATTERN, max_length=32,
+          description="A duration such as \"30m\", \"24h\", \"7d\" or \"1h30m\" (units s, m, h, d, w)."),
+]
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> timedelta:
+    parts = re.findall(r"([0-9]+)(s|m|h|d|w)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"invalid duration {text!r}: expected e.g. 30m, 24h, 7d")
+    return timedelta(seconds=sum(int(n) * _DURATION_UNITS[u] for n, u in parts))
+
+
+def to_decimal(amount: str) -> Decimal:
+    return Decimal(amount)
+
+
+class ApiModel(BaseModel):
+    """Base for every API object: camelCase on the wire, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, use_enum_values=False,
+                              validate_default=True)
+
+
+class ConditionStatus(str, Enum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition (see metav1.Condition)."""
+
+    type: str = Field(description="The aspect this condition reports, e.g. Ready or Exceeded.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(description="A one-word CamelCase reason for the last transition.")
+    message: str = Field(default="", description="A human-readable explanation of the status.")
+    lastTransitionTime: str = Field(description="When the status last changed (RFC 3339).")
+    observedGeneration: int | None = Field(default=None, description="The metadata.generation this condition was computed from.")
+
+
+def now_rfc3339(now: datetime | None = None) -> str:
+    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(conditions: list[dict], type_: str, status: str, reason: str, message: str,
+                  generation: int | None = None, now: datetime | None = None) -> list[dict]:
+    """Return conditions with `type_` set; lastTransitionTime moves only when the status changes."""
+    out, found = [], False
+    for cond in conditions or []:
+        if cond.get("type") == type_:
+            found = True
+            changed = cond.get("status") != status
+            cond = {**cond, "status": status, "reason": reason, "message": message,
+                    "observedGeneration": generation,
+                    "lastTransitionTime": now_rfc3339(now) if changed else cond.get("lastTransitionTime") or now_rfc3339(now)}
+        out.append(cond)
+    if not found:
+        out.append({"type": type_, "status": status, "reason": reason, "message": message,
+                    "observedGeneration": generation, "lastTransitionTime": now_rfc3339(now)})
+    return out
+
+
+class LocalObjectReference(ApiModel):
+    name: str = Field(min_length=1, max_length=253, description="Name of the object in the same namespace.")
+
+
+class SecretKeyRef(ApiModel):
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret in the route's namespace.")
+    key: str = Field(default="apiKey", min_length=1, max_length=253, description="Key in the Secret that holds the API key.")

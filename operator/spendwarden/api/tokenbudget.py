@@ -1,0 +1,185 @@
+"""TokenBudget: what one team/namespace may spend per period."""
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import Field, model_validator
+
+from .common import ApiModel, Condition, Duration, Money, parse_duration
+
+KIND = "TokenBudget"
+PLURAL = "tokenbudgets"
+SINGULAR = "tokenbudget"
+SHORT_NAMES = ["tb"]
+
+
+class PeriodType(str, Enum):
+    DAILY = "Daily"
+    WEEKLY = "Weekly"
+    MONTHLY = "Monthly"
+
+
+class OnExceeded(str, Enum):
+    CUT_OFF = "CutOff"
+    DOWNGRADE = "Downgrade"
+    ALERT_ONLY = "AlertOnly"
+
+
+class FailMode(str, Enum):
+    OPEN = "Open"
+    CLOSED = "Closed"
+
+
+class BudgetState(str, Enum):
+    ACTIVE = "Active"
+    WARNING = "Warning"
+    EXCEEDED = "Exceeded"
+
+
+class Period(ApiModel):
+    """A calendar-aligned budget period."""
+
+    type: PeriodType = Field(description="Daily, Weekly (starting Monday) or Monthly; aligned to the calendar of timeZone.")
+    timeZone: str = Field(default="UTC", max_length=64,
+                          description="IANA time zone whose calendar the period follows, e.g. Europe/Berlin. Default UTC.")
+
+    @model_validator(mode="after")
+    def _known_zone(self) -> "Period":
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+        try:
+            ZoneInfo(self.timeZone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown timeZone {self.timeZone!r}: use an IANA name such as Europe/Berlin") from exc
+        return self
+
+
+class TokenLimits(ApiModel):
+    """Token limits for one period; any of them may be set."""
+
+    total: int | None = Field(default=None, ge=1, description="Maximum input + output tokens per period.")
+    input: int | None = Field(default=None, ge=1, description="Maximum input (prompt) tokens per period.")
+    output: int | None = Field(default=None, ge=1, description="Maximum output (completion) tokens per period.")
+
+    @model_validator(mode="after")
+    def _one_set(self) -> "TokenLimits":
+        if self.total is None and self.input is None and self.output is None:
+            raise ValueError("limits.tokens needs at least one of total, input, output")
+        return self
+
+
+class CostLimit(ApiModel):
+    """A money limit for one period."""
+
+    amount: Money = Field(description="Maximum spend per period as a decimal string, e.g. \"250.00\".")
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$",
+                          description="ISO 4217 currency code; must match the currency of the routes' prices. Default USD.")
+
+
+class Limits(ApiModel):
+    """What may be spent per period: tokens and/or money. Whichever runs out first ends the period's allowance."""
+
+    tokens: TokenLimits | None = Field(default=None, description="Token limits.")
+    cost: CostLimit | None = Field(default=None, description="Money limit, priced with each backend's prices.")
+
+    @model_validator(mode="after")
+    def _one_set(self) -> "Limits":
+        if self.tokens is None and self.cost is None:
+            raise ValueError("limits needs tokens or cost (or both)")
+        return self
+
+
+class Alerting(ApiModel):
+    """Where threshold alerts go besides Kubernetes Events and metrics."""
+
+    webhookURL: str | None = Field(default=None, max_length=2048, pattern=r"^https?://",
+                                   description="URL that receives a Slack-compatible JSON POST when a threshold is crossed.")
+
+
+class TokenBudgetSpec(ApiModel):
+    """What a team/namespace may spend per period, and what happens when it is spent."""
+
+    period: Period | None = Field(default=None, description="A calendar period. Exactly one of period and window must be set.")
+    window: Duration | None = Field(default=None, description="A rolling window instead of a calendar period, e.g. \"24h\".")
+    limits: Limits = Field(description="Token and/or cost limits per period.")
+    thresholds: list[int] = Field(default_factory=lambda: [50, 80, 95], max_length=10,
+                                  description="Percentages of the limit that raise an alert, ascending. Default 50, 80, 95.")
+    onExceeded: OnExceeded = Field(default=OnExceeded.CUT_OFF,
+                                   description="CutOff refuses requests, Downgrade routes to the cheapest backend, AlertOnly only reports.")
+    failMode: FailMode = Field(default=FailMode.OPEN,
+                               description="What proxies do when the operator is unreachable and their lease has expired: Open goes on, Closed refuses.")
+    routes: list[str] = Field(default_factory=list, max_length=64,
+                              description="Model aliases (ModelRoute spec.model) this budget covers; empty means every route of the namespace.")
+    alerting: Alerting | None = Field(default=None, description="Extra alert destinations.")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "TokenBudgetSpec":
+        if self.period is not None and self.window is not None:
+            raise ValueError("set either period or window, not both")
+        if self.period is None and self.window is None:
+            raise ValueError("one of period or window is required")
+        if self.window is not None and parse_duration(self.window).total_seconds() < 60:
+            raise ValueError(f"window {self.window!r} is shorter than the 1m minimum")
+        for t in self.thresholds:
+            if not 1 <= t <= 100:
+                raise ValueError(f"threshold {t} is outside 1..100")
+        if any(b <= a for a, b in zip(self.thresholds, self.thresholds[1:])):
+            raise ValueError(f"thresholds must be strictly ascending, got {self.thresholds}")
+        return self
+
+
+class Usage(ApiModel):
+    """Usage within the current period."""
+
+    inputTokens: int = Field(default=0, ge=0, description="Input (prompt) tokens used.")
+    outputTokens: int = Field(default=0, ge=0, description="Output (completion) tokens used.")
+    totalTokens: int = Field(default=0, ge=0, description="Input + output tokens used.")
+    cost: Money = Field(default="0", description="Money spent, as a decimal string in the limit's currency.")
+
+
+class Remaining(ApiModel):
+    """What is left of the period's allowance."""
+
+    tokens: int | None = Field(default=None, description="Tokens left under the tightest token limit, if any.")
+    cost: Money | None = Field(default=None, description="Money left under the cost limit, if any.")
+
+
+class PeriodTotal(ApiModel):
+    """The totals of a finished period, kept for reports."""
+
+    periodStart: str = Field(description="Start of the period (RFC 3339).")
+    periodEnd: str = Field(description="End of the period (RFC 3339).")
+    used: Usage = Field(description="What was used in that period.")
+
+
+class TokenBudgetStatus(ApiModel):
+    """Observed state of a TokenBudget, written by the operator."""
+
+    observedGeneration: int | None = Field(default=None, description="The metadata.generation last acted on.")
+    periodStart: str | None = Field(default=None, description="Start of the current period (RFC 3339).")
+    periodEnd: str | None = Field(default=None, description="End of the current period: when usage resets (RFC 3339).")
+    used: Usage | None = Field(default=None, description="Usage in the current period.")
+    remaining: Remaining | None = Field(default=None, description="What is left in the current period.")
+    percentUsed: int | None = Field(default=None, description="Percentage of the tightest limit used (whole percent, floor).")
+    state: BudgetState | None = Field(default=None, description="Active, Warning (a threshold crossed) or Exceeded.")
+    limitSummary: str | None = Field(default=None, description="The limits in short form, for kubectl get.")
+    usedSummary: str | None = Field(default=None, description="The usage in short form, for kubectl get.")
+    forecastExhaustion: str | None = Field(default=None, description="When the budget runs out at the recent burn rate (RFC 3339), if within the period.")
+    history: list[PeriodTotal] = Field(default_factory=list, max_length=12, description="Totals of the last finished periods, newest first.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready and Exceeded conditions.")
+
+
+class TokenBudget(ApiModel):
+    """A spend budget for the routes of one namespace."""
+
+    spec: TokenBudgetSpec = Field(description="The desired budget.")
+    status: TokenBudgetStatus | None = Field(default=None, description="The observed state, written by the operator.")
+
+
+PRINTER_COLUMNS = [
+    {"name": "Limit", "type": "string", "jsonPath": ".status.limitSummary", "description": "Limits per period"},
+    {"name": "Used", "type": "string", "jsonPath": ".status.usedSummary", "description": "Usage in this period"},
+    {"name": "%", "type": "integer", "jsonPath": ".status.percentUsed", "description": "Percent of the tightest limit used"},
+    {"name": "State", "type": "string", "jsonPath": ".status.state", "description": "Active, Warning or Exceeded"},
+    {"name": "Resets", "type": "date", "jsonPath": ".status.periodEnd", "description": "When usage resets"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]

@@ -1,0 +1,38 @@
+"""The `spendwarden` command: one entry point, one module per subcommand.
+
+Each subcommand's module exposes `add_arguments(parser)` and `run(args) -> int`, imported lazily so
+that `spendwarden crds` does not pay for kopf or aiohttp.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "operator": ("spendwarden.controller.run", "Run the operator (control plane)."),
+    "proxy": ("spendwarden.proxy.run", "Run the sidecar proxy (data plane), in a pod or standalone."),
+    "crds": ("spendwarden.api.crdcmd", "Write the CRD manifests generated from the API models."),
+    "render": ("spendwarden.render.cmd", "Render the proxy configuration for manifests in files (offline)."),
+    "local-cluster": ("spendwarden.localcluster.cmd", "Start the local control plane (etcd + kube-apiserver + kube-controller-manager)."),
+    "mock-upstream": ("spendwarden.devtools.mock_upstream", "Run the mock OpenAI/Anthropic upstream (tests, demo, benchmarks)."),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spendwarden", description="Kubernetes-native AI spend policies.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = argv[0] if argv else None
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_module=module)
+    args = parser.parse_args(argv)
+    return int(args._module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

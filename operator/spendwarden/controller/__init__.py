@@ -1,0 +1,1 @@
+"""The control plane: thin kopf handlers over the pure cores."""

@@ -1,0 +1,1 @@
+"""Pure accounting: periods, reservations, leases, forecasts. No I/O."""

@@ -1,0 +1,1 @@
+"""Pure builders: CRs in, manifests out. No I/O, no Kubernetes client."""
