@@ -1,0 +1,143 @@
+"""Render one namespace's TokenBudgets and ModelRoutes into its proxy configuration.
+
+Pure: CR dicts in, a ProxyConfig and a ConfigMap manifest out. Invalid objects are left out of the
+configuration and reported as problems, so one bad CR never takes down a namespace's good routes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .. import API_VERSION
+from ..api import modelroute, tokenbudget
+from ..api.modelroute import ModelRouteSpec
+from ..api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME, BudgetEntry, LedgerSettings, ProxyConfig, RouteEntry
+from ..api.tokenbudget import TokenBudgetSpec
+
+LABELS = {"app.kubernetes.io/managed-by": "spendwarden", "app.kubernetes.io/component": "proxy-config"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str
+    name: str
+    message: str
+
+
+@dataclass
+class RenderResult:
+    config: ProxyConfig
+    problems: list[Problem] = field(default_factory=list)
+
+    def problem_for(self, kind: str, name: str) -> Problem | None:
+        return next((p for p in self.problems if p.kind == kind and p.name == name), None)
+
+
+def explain_validation_error(exc: ValidationError) -> str:
+    """One line per error, with the field path as users write it (spec.backends[0].pricing.input)."""
+    lines = []
+    for err in exc.errors():
+        path = "spec"
+        for part in err["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else f".{part}"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {msg}" if err["loc"] else f"spec: {msg}")
+    return "; ".join(lines)
+
+
+def validate_spec(kind: str, spec: Any) -> tuple[Any, str | None]:
+    """(parsed spec, None) or (None, message)."""
+    model = ModelRouteSpec if kind == modelroute.KIND else TokenBudgetSpec
+    if not isinstance(spec, dict):
+        return None, "spec: must be an object"
+    try:
+        return model.model_validate(spec), None
+    except ValidationError as exc:
+        return None, explain_validation_error(exc)
+
+
+def _name(obj: dict[str, Any]) -> str:
+    return obj.get("metadata", {}).get("name", "")
+
+
+def render_proxy_config(namespace: str, routes: list[dict[str, Any]], budgets: list[dict[str, Any]],
+                        ledger_url: str | None = None) -> RenderResult:
+    problems: list[Problem] = []
+    valid_routes: list[RouteEntry] = []
+    by_alias: dict[str, str] = {}
+    for obj in sorted(routes, key=lambda o: (o.get("metadata", {}).get("creationTimestamp") or "", _name(o))):
+        spec, error = validate_spec(modelroute.KIND, obj.get("spec"))
+        if error:
+            problems.append(Problem(modelroute.KIND, _name(obj), error))
+            continue
+        # Two routes for one alias would make routing depend on list order: the older one wins.
+        if spec.model in by_alias:
+            problems.append(Problem(modelroute.KIND, _name(obj),
+                                    f"spec.model: alias {spec.model!r} is already served by ModelRoute {by_alias[spec.model]!r}"))
+            continue
+        by_alias[spec.model] = _name(obj)
+        valid_routes.append(RouteEntry(name=_name(obj), spec=spec))
+
+    valid_budgets: list[BudgetEntry] = []
+    for obj in sorted(budgets, key=_name):
+        spec, error = validate_spec(tokenbudget.KIND, obj.get("spec"))
+        if error:
+            problems.append(Problem(tokenbudget.KIND, _name(obj), error))
+            continue
+        unknown = [alias for alias in spec.routes if alias not in by_alias]
+        if unknown:
+            # Not fatal: a budget may be applied before its routes; it covers them once they exist.
+            pass
+        valid_budgets.append(BudgetEntry(name=_name(obj), spec=spec))
+
+    config = ProxyConfig(namespace=namespace, routes=sorted(valid_routes, key=lambda r: r.spec.model),
+                         budgets=valid_budgets, ledger=LedgerSettings(url=ledger_url))
+    return RenderResult(config=config, problems=problems)
+
+
+def config_json(config: ProxyConfig) -> str:
+    return json.dumps(config.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
+
+
+def configmap_manifest(config: ProxyConfig, owners: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ConfigMap holding the configuration, owned by every CR it was rendered from so that
+    Kubernetes garbage-collects it once the last of them is deleted."""
+    body = config_json(config)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": CONFIGMAP_NAME,
+            "namespace": config.namespace,
+            "labels": dict(LABELS),
+            "annotations": {"spendwarden.io/config-hash": hashlib.sha256(body.encode()).hexdigest()[:16]},
+            "ownerReferences": [owner_reference(o) for o in sorted(owners, key=lambda o: (o["kind"], _name(o)))],
+        },
+        "data": {CONFIG_KEY: body},
+    }
+
+
+def owner_reference(obj: dict[str, Any]) -> dict[str, Any]:
+    # Not a controller reference: the ConfigMap has several equal owners.
+    return {"apiVersion": obj.get("apiVersion", API_VERSION), "kind": obj["kind"], "name": _name(obj),
+            "uid": obj["metadata"]["uid"], "blockOwnerDeletion": False}
+
+
+def load_manifests(text: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split a YAML stream (or a List) into (ModelRoutes, TokenBudgets); other kinds are ignored."""
+    routes, budgets = [], []
+    for doc in yaml.safe_load_all(text):
+        if not isinstance(doc, dict):
+            continue
+        items = doc.get("items", []) if doc.get("kind") == "List" else [doc]
+        for item in items:
+            if item.get("kind") == modelroute.KIND:
+                routes.append(item)
+            elif item.get("kind") == tokenbudget.KIND:
+                budgets.append(item)
+    return routes, budgets
