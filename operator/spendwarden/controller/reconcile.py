@@ -1,0 +1,77 @@
+"""Namespace reconciliation: the namespace's CRs -> one ConfigMap and every CR's status.
+
+Decisions are pure (render/); this module only sequences the I/O. Per-namespace locks make the
+last reconcile see the newest state, whichever handler triggered it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+from ..api import modelroute, tokenbudget
+from ..api.proxyconfig import CONFIGMAP_NAME
+from ..render.proxyconfig import configmap_manifest, render_proxy_config, validate_spec
+from ..render.status import invalid_status, modelroute_status, status_differs, tokenbudget_status
+from . import kube
+
+log = logging.getLogger(__name__)
+_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+
+# (object, message) -> None; posts a Warning Event. Injected by the kopf layer.
+WarnFn = Callable[[dict[str, Any], str, str], None]
+
+
+def reconcile_namespace(namespace: str, snapshot: Callable[[], tuple[list[dict], list[dict]]],
+                        warn: WarnFn, ledger_url: str | None = None) -> dict[str, Any]:
+    """Render and apply one namespace. `snapshot` returns (routes, budgets) as of now."""
+    with _locks[namespace]:
+        routes, budgets = snapshot()
+        live_routes = [r for r in routes if not r["metadata"].get("deletionTimestamp")]
+        live_budgets = [b for b in budgets if not b["metadata"].get("deletionTimestamp")]
+        result = render_proxy_config(namespace, live_routes, live_budgets, ledger_url)
+        if live_routes or live_budgets:
+            outcome = kube.apply_configmap(configmap_manifest(result.config, live_routes + live_budgets))
+        else:
+            # Garbage collection removes it too; deleting now makes proxies stop at once.
+            kube.delete_configmap(namespace, CONFIGMAP_NAME)
+            outcome = "deleted"
+        now = datetime.now(timezone.utc)
+        for obj in live_routes + live_budgets:
+            _update_status(obj, result.problem_for(obj["kind"], obj["metadata"]["name"]), now, warn)
+        log.info("namespace reconciled", extra={"namespace": namespace, "configmap": outcome,
+                                                "routes": len(result.config.routes), "budgets": len(result.config.budgets),
+                                                "problems": len(result.problems)})
+        return {"configmap": outcome, "problems": [p.message for p in result.problems]}
+
+
+def _update_status(obj: dict[str, Any], problem: Any, now: datetime, warn: WarnFn) -> None:
+    kind, name, ns = obj["kind"], obj["metadata"]["name"], obj["metadata"]["namespace"]
+    plural = modelroute.PLURAL if kind == modelroute.KIND else tokenbudget.PLURAL
+    if problem is not None:
+        desired = invalid_status(obj, problem.message, now)
+        previous = _ready_message(obj.get("status"))
+        if previous != problem.message:
+            warn(obj, "InvalidSpec", problem.message)
+    else:
+        spec, _ = validate_spec(kind, obj["spec"])
+        desired = (modelroute_status(obj, spec, now) if kind == modelroute.KIND
+                   else tokenbudget_status(obj, spec, now))
+    if status_differs(obj.get("status"), desired):
+        kube.patch_status(plural, ns, name, desired)
+
+
+def _ready_message(status: dict[str, Any] | None) -> str | None:
+    for cond in (status or {}).get("conditions", []):
+        if cond.get("type") == "Ready" and cond.get("status") == "False":
+            return cond.get("message")
+    return None
+
+
+def objects_in(index: Any, namespace: str) -> list[dict[str, Any]]:
+    """Materialise one namespace's entries of a kopf index as plain dicts."""
+    store: Iterable[Any] = index.get(namespace, []) if index is not None else []
+    return [dict(body) for body in store]

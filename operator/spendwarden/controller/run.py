@@ -1,0 +1,37 @@
+"""`spendwarden operator`: run the control plane."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--namespace", action="append", default=[],
+                        help="Watch only this namespace (repeatable; globs allowed). Default: all namespaces.")
+    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
+                        help="Liveness endpoint URL (host, port and path to serve). Default %(default)s.")
+    parser.add_argument("--log-format", choices=["json", "plain"], default="json", help="Log format. Default json.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+
+
+def run(args: argparse.Namespace) -> int:
+    import kopf
+
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    kopf.configure(verbose=args.verbose,
+                   log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN)
+    from . import main  # noqa: F401  (registers the handlers)
+
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    asyncio.run(kopf.operator(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or None,
+        standalone=True,
+        liveness_endpoint=args.liveness,
+    ))
+    return 0

@@ -1,0 +1,127 @@
+"""Pure status builders: what each CR's status should say after a render.
+
+The operator compares the result with the object's current status and patches only on a
+difference, so status writes never feed back into endless reconciles.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from ..api.common import now_rfc3339, set_condition
+from ..api.modelroute import ModelRouteSpec
+from ..api.tokenbudget import BudgetState, TokenBudgetSpec
+from ..ledger.periods import current_period
+
+
+def _generation(obj: dict[str, Any]) -> int | None:
+    return obj.get("metadata", {}).get("generation")
+
+
+def invalid_status(obj: dict[str, Any], message: str, now: datetime) -> dict[str, Any]:
+    """Status of an object whose spec the operator refuses: Ready=False with the exact reason."""
+    status = dict(obj.get("status") or {})
+    status["observedGeneration"] = _generation(obj)
+    status["conditions"] = set_condition(status.get("conditions", []), "Ready", "False", "InvalidSpec",
+                                         message, _generation(obj), now)
+    if obj.get("kind") == "ModelRoute":
+        status["ready"] = "False"
+    return status
+
+
+def modelroute_status(obj: dict[str, Any], spec: ModelRouteSpec, now: datetime) -> dict[str, Any]:
+    status = dict(obj.get("status") or {})
+    status.update({
+        "observedGeneration": _generation(obj),
+        "ready": "True",
+        "backendCount": len(spec.backends),
+        "backends": [{"name": b.name, "provider": b.provider.value, "model": b.model, "url": b.url} for b in spec.backends],
+    })
+    message = f"alias {spec.model!r} served by {len(spec.backends)} backend(s), default {spec.defaultBackend!r}"
+    status["conditions"] = set_condition(status.get("conditions", []), "Ready", "True", "Rendered", message,
+                                         _generation(obj), now)
+    return status
+
+
+def _fmt_tokens(n: int) -> str:
+    for unit, size in (("M", 1_000_000), ("k", 1_000)):
+        if n >= size:
+            text = f"{Decimal(n) / size:.1f}".rstrip("0").rstrip(".")
+            return f"{text}{unit}"
+    return str(n)
+
+
+def limit_summary(spec: TokenBudgetSpec) -> str:
+    parts = []
+    if spec.limits.tokens is not None:
+        t = spec.limits.tokens
+        for label, value in (("tokens", t.total), ("in", t.input), ("out", t.output)):
+            if value is not None:
+                parts.append(f"{_fmt_tokens(value)} {label}")
+    if spec.limits.cost is not None:
+        parts.append(f"{spec.limits.cost.amount} {spec.limits.cost.currency}")
+    return ", ".join(parts)
+
+
+def usage_fraction(spec: TokenBudgetSpec, used: dict[str, Any]) -> tuple[Decimal, dict[str, Any]]:
+    """The tightest limit's used fraction, and what remains of each limit."""
+    fractions: list[Decimal] = []
+    remaining: dict[str, Any] = {}
+    t = spec.limits.tokens
+    if t is not None:
+        pairs = [(t.total, used.get("totalTokens", 0)), (t.input, used.get("inputTokens", 0)),
+                 (t.output, used.get("outputTokens", 0))]
+        left = [limit - value for limit, value in pairs if limit is not None]
+        fractions += [Decimal(value) / limit for limit, value in pairs if limit is not None]
+        remaining["tokens"] = max(0, min(left))
+    if spec.limits.cost is not None:
+        limit = Decimal(spec.limits.cost.amount)
+        spent = Decimal(used.get("cost", "0"))
+        remaining["cost"] = str(max(Decimal(0), limit - spent))
+        fractions.append(spent / limit if limit > 0 else Decimal(1))
+    return max(fractions), remaining
+
+
+def tokenbudget_status(obj: dict[str, Any], spec: TokenBudgetSpec, now: datetime) -> dict[str, Any]:
+    status = dict(obj.get("status") or {})
+    start, end = current_period(spec, now)
+    start_s, end_s = now_rfc3339(start), now_rfc3339(end)
+    used = status.get("used") or {}
+    if status.get("periodStart") not in (None, start_s):
+        used = {}  # a new period has begun; the ledger keeps the old totals in history
+    used = {"inputTokens": int(used.get("inputTokens", 0)), "outputTokens": int(used.get("outputTokens", 0)),
+            "totalTokens": int(used.get("totalTokens", 0)), "cost": str(used.get("cost", "0"))}
+    fraction, remaining = usage_fraction(spec, used)
+    percent = int(fraction * 100)
+    crossed = [t for t in spec.thresholds if percent >= t]
+    state = BudgetState.EXCEEDED if fraction >= 1 else BudgetState.WARNING if crossed else BudgetState.ACTIVE
+    used_parts = [f"{_fmt_tokens(used['totalTokens'])} tokens"] if spec.limits.tokens is not None else []
+    if spec.limits.cost is not None:
+        used_parts.append(f"{used['cost']} {spec.limits.cost.currency}")
+    status.update({
+        "observedGeneration": _generation(obj),
+        "periodStart": start_s,
+        "periodEnd": end_s,
+        "used": used,
+        "remaining": remaining,
+        "percentUsed": percent,
+        "state": state.value,
+        "limitSummary": limit_summary(spec),
+        "usedSummary": ", ".join(used_parts),
+    })
+    gen = _generation(obj)
+    conds = set_condition(status.get("conditions", []), "Ready", "True", "Rendered",
+                          f"budget in force for {', '.join(spec.routes) or 'all routes'}; period ends {end_s}", gen, now)
+    if state == BudgetState.EXCEEDED:
+        conds = set_condition(conds, "Exceeded", "True", "LimitReached",
+                              f"{percent}% of the limit used; onExceeded={spec.onExceeded.value} until {end_s}", gen, now)
+    else:
+        conds = set_condition(conds, "Exceeded", "False", "WithinLimit", f"{percent}% of the limit used", gen, now)
+    status["conditions"] = conds
+    return status
+
+
+def status_differs(current: dict[str, Any] | None, desired: dict[str, Any]) -> bool:
+    """Compare ignoring lastTransitionTime churn (set_condition keeps it stable anyway)."""
+    return (current or {}) != desired
