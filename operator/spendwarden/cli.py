@@ -13,8 +13,9 @@ SUBCOMMANDS = {
     "operator": ("spendwarden.controller.run", "Run the operator (control plane)."),
     "proxy": ("spendwarden.proxy.run", "Run the sidecar proxy (data plane), in a pod or standalone."),
     "crds": ("spendwarden.api.crdcmd", "Write the CRD manifests generated from the API models."),
-    "render": ("spendwarden.render.cmd", "Render the proxy configuration for manifests in files (offline)."),
+    "render": ("spendwarden.render_cmd", "Render the proxy configuration for manifests in files (offline)."),
     "local-cluster": ("spendwarden.localcluster.cmd", "Start the local control plane (etcd + kube-apiserver + kube-controller-manager)."),
+    "demo": ("spendwarden.demo", "Run the demo on a local control plane: operator, examples, status."),
     "mock-upstream": ("spendwarden.devtools.mock_upstream", "Run the mock OpenAI/Anthropic upstream (tests, demo, benchmarks)."),
 }
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything a fresh machine needs, idempotent: Debian packages, a venv outside the repo with the
+# project and its test dependencies, and the control-plane binaries (built once, then cached).
+# Source it (`. scripts/setup.sh`) to get $VENV and $SPENDWARDEN_CACHE; running it also works.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export SPENDWARDEN_CACHE=${SPENDWARDEN_CACHE:-$HOME/.cache/spendwarden}
+VENV=${SPENDWARDEN_VENV:-$SPENDWARDEN_CACHE/venv}
+log() { echo "[setup] $*" >&2; }
+mkdir -p "$SPENDWARDEN_CACHE"
+
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+need=()
+command -v kubectl >/dev/null || need+=(kubectl)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  log "apt-get install ${need[*]}"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >&2
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating venv $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip >&2
+fi
+stamp="$VENV/.spendwarden-installed"
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+  log "installing spendwarden and test dependencies into the venv"
+  "$VENV/bin/pip" install -q -e "$ROOT[test]" >&2
+  touch "$stamp"
+fi
+
+# etcd + kube-apiserver + kube-controller-manager (built from Debian's source once, ~6-10 min).
+if [ -z "${KUBEBUILDER_ASSETS:-}" ] && [ -z "${SPENDWARDEN_TEST_KUBECONFIG:-}" ]; then
+  export KUBEBUILDER_ASSETS=$(bash "$ROOT/scripts/control-plane-binaries.sh" | tail -1)
+fi
+export VENV PATH="$VENV/bin:$PATH"
+log "ready: venv $VENV, control plane binaries ${KUBEBUILDER_ASSETS:-(existing cluster)}"
