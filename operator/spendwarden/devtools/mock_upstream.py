@@ -1,0 +1,802 @@
+"""A fast, scriptable mock LLM upstream speaking the OpenAI and Anthropic wire formats.
+
+Used by the tests, the demo and the benchmarks (where it is the "direct" baseline, so the hot path
+does as little as possible: one JSON parse, response bytes assembled from precomputed pieces, no
+access log, uvloop when installed).
+
+Endpoints
+    POST /v1/chat/completions   OpenAI chat (stream or not; stream_options.include_usage honoured)
+    POST /v1/completions        OpenAI legacy completions (stream or not)
+    POST /v1/embeddings         OpenAI embeddings (float or base64 encoding)
+    GET  /v1/models             the configured model names
+    POST /v1/messages           Anthropic Messages (stream or not; max_tokens required, as upstream)
+    POST /_mock/script          JSON list of behaviours, consumed one per API request, in order
+    DELETE /_mock/script        drop the remaining scripted behaviours
+    GET  /_mock/requests        received requests and the usage reported for each, plus totals
+    POST /_mock/reset           forget requests, totals and script
+    GET  /_mock/health          liveness
+
+Usage is deterministic and documented so that tests can predict it:
+    prompt tokens  = sum over messages of (ceil(chars/4) + 4) + 2 for chat/messages, where chars counts
+                     the text of the message (string content or the "text" of content parts; an
+                     Anthropic `system` counts as one more message); ceil(chars/4) per prompt for
+                     /v1/completions and per input for /v1/embeddings (a token-id list counts its length).
+    output tokens  = min(behaviour `tokens` (default 16), max_tokens / max_completion_tokens if given).
+                     finish_reason is "length" ("max_tokens" for Anthropic) when the cap was hit,
+                     else "stop" ("end_turn").
+    cached tokens  = only when asked (behaviour `cached_tokens`): OpenAI reports it inside
+                     prompt_tokens (usage.prompt_tokens_details.cached_tokens); Anthropic reports
+                     input_tokens without it and cache_read_input_tokens = cached, as the real APIs do.
+
+Behaviours (all optional; later sources override earlier ones, field by field):
+    server defaults (CLI flags / MockUpstream kwargs) < per-model behaviours (`model_behaviours`,
+    selected by the request's "model") < the next scripted behaviour < x-mock-* request headers.
+
+    field            header                     meaning
+    latency_ms       x-mock-latency-ms          wait before the first byte (status line)
+    chunk_delay_ms   x-mock-chunk-delay-ms      wait between stream events
+    tokens           x-mock-tokens              output tokens to generate (before the max_tokens cap)
+    status           x-mock-status              answer with this HTTP status and the provider's error body
+    retry_after      x-mock-retry-after         Retry-After header value (seconds) on errors
+    garbage          x-mock-garbage             200 with a non-JSON body (or non-JSON SSE data)
+    disconnect_after x-mock-disconnect-after    close the connection after k stream events (non-stream:
+                                                after the headers and half of the body)
+    hang             x-mock-hang                never answer (until the client goes away)
+    prompt_tokens    x-mock-prompt-tokens       report this prompt/input token count
+    completion_tokens x-mock-completion-tokens  report this completion/output token count
+    cached_tokens    x-mock-cached-tokens       report this many cached prompt tokens
+
+Recorded per request (never message contents, never credential headers): path, api, model, stream,
+include_usage, max_tokens, status, the headers minus anything credential-like, the usage reported to
+the client (None when none was sent, e.g. a stream without include_usage or a disconnect) and whether
+the response completed. `totals` sums the usage actually reported.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import dataclasses
+import json
+import math
+import socket
+import struct
+import threading
+import time
+from typing import Any
+
+from aiohttp import web
+
+try:  # orjson is several times faster; the mock is the benchmarks' baseline
+    import orjson
+
+    _loads = orjson.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj)
+except ImportError:  # pragma: no cover - exercised only without orjson
+    _loads = json.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
+DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "claude-haiku-4-5", "mock-small", "mock-large")
+DEFAULT_TOKENS = 16
+PER_MESSAGE_OVERHEAD = 4
+REPLY_PRIMING = 2
+_WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do",
+          "eiusmod", "tempor", "incididunt", "ut", "labore", "et")
+# Headers never recorded: anything that may carry a credential.
+_SECRET_MARKERS = ("auth", "key", "cookie", "secret", "token", "password")
+
+_INT_FIELDS = ("latency_ms", "chunk_delay_ms", "tokens", "status", "retry_after", "disconnect_after",
+               "prompt_tokens", "completion_tokens", "cached_tokens")
+_BOOL_FIELDS = ("garbage", "hang")
+
+
+@dataclasses.dataclass(frozen=True)
+class Behaviour:
+    """How to answer one request. None means "not set here" so that sources can be layered."""
+
+    latency_ms: float | None = None
+    chunk_delay_ms: float | None = None
+    tokens: int | None = None
+    status: int | None = None
+    retry_after: int | None = None
+    garbage: bool | None = None
+    disconnect_after: int | None = None
+    hang: bool | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Behaviour":
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown behaviour fields: {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        for k, v in data.items():
+            if v is None:
+                continue
+            if k in _BOOL_FIELDS:
+                values[k] = _truthy(v)
+            elif k in ("latency_ms", "chunk_delay_ms"):
+                values[k] = float(v)
+            else:
+                values[k] = int(v)
+        return cls(**values)
+
+    def over(self, base: "Behaviour") -> "Behaviour":
+        """This behaviour layered over `base`: fields set here win."""
+        changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        return dataclasses.replace(base, **changes) if changes else base
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _truthy(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
+def _text_chars(content: Any) -> int:
+    """Characters of text in an OpenAI/Anthropic message content (string or list of parts)."""
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        n = 0
+        for part in content:
+            if isinstance(part, str):
+                n += len(part)
+            elif isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    n += len(text)
+                elif "content" in part:  # Anthropic tool_result blocks nest content
+                    n += _text_chars(part["content"])
+        return n
+    return 0
+
+
+def chat_prompt_tokens(messages: list[Any], system: Any = None) -> int:
+    """The documented deterministic prompt-token count for chat/messages requests."""
+    total = REPLY_PRIMING
+    if system:
+        total += math.ceil(_text_chars(system) / 4) + PER_MESSAGE_OVERHEAD
+    for m in messages or ():
+        if isinstance(m, dict):
+            total += math.ceil(_text_chars(m.get("content")) / 4) + PER_MESSAGE_OVERHEAD
+    return total
+
+
+def text_tokens(value: Any) -> int:
+    """ceil(chars/4) of a prompt/input: a string, a list of strings, or token-id list(s)."""
+    if isinstance(value, str):
+        return math.ceil(len(value) / 4)
+    if isinstance(value, list):
+        if value and all(isinstance(x, int) for x in value):
+            return len(value)
+        return sum(text_tokens(x) for x in value)
+    return 0
+
+
+class _State:
+    """Everything the handlers share; also read by MockUpstream from the test's thread."""
+
+    def __init__(self, default: Behaviour, model_behaviours: dict[str, Behaviour], models: list[str], record_limit: int):
+        self.default = default
+        self.model_behaviours = model_behaviours
+        self.models = models
+        self.script: collections.deque[Behaviour] = collections.deque()
+        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=record_limit)
+        self.lock = threading.Lock()
+        self.seq = 0
+        self.rid = 0  # response ids; not reset, so ids stay unique for the server's life
+        self.reset_totals()
+
+    def reset_totals(self) -> None:
+        self.totals = {"requests": 0, "responses_with_usage": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                       "total_tokens": 0, "cached_tokens": 0}
+
+
+def _word_piece(i: int) -> str:
+    return (" " if i else "") + _WORDS[i % len(_WORDS)]
+
+
+# Output text per token count, built once per count.
+_TEXT_CACHE: dict[int, str] = {}
+
+
+def _text(n: int) -> str:
+    t = _TEXT_CACHE.get(n)
+    if t is None:
+        t = _TEXT_CACHE[n] = "".join(_word_piece(i) for i in range(n))
+    return t
+
+
+_PIECES_JSON = [_dumps(_word_piece(i)) for i in range(len(_WORDS) * 2)]
+
+
+def _piece_json(i: int) -> bytes:
+    # Pieces repeat with period len(_WORDS) after the first one (which has no leading space).
+    return _PIECES_JSON[i] if i < len(_PIECES_JSON) else _PIECES_JSON[len(_WORDS) + i % len(_WORDS)]
+
+
+_EMBEDDING = [round(math.sin(i) / 4, 6) for i in range(16)]
+_EMBEDDING_B64 = base64.b64encode(struct.pack(f"<{len(_EMBEDDING)}f", *_EMBEDDING)).decode()
+
+_OPENAI_ERRORS = {
+    400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "model_not_found"), 429: ("requests", "rate_limit_exceeded"),
+    500: ("server_error", None), 502: ("server_error", None), 503: ("server_error", "service_unavailable"),
+}
+_ANTHROPIC_ERRORS = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error",
+    529: "overloaded_error",
+}
+_JSON = "application/json"
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+class _Handlers:
+    def __init__(self, state: _State):
+        self.s = state
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def behaviour(self, request: web.Request, model: Any) -> Behaviour:
+        s = self.s
+        b = s.default
+        if s.model_behaviours and isinstance(model, str):
+            mb = s.model_behaviours.get(model)
+            if mb is not None:
+                b = mb.over(b)
+        if s.script:
+            try:
+                b = s.script.popleft().over(b)
+            except IndexError:  # raced with another request for the last one
+                pass
+        hdr = None
+        for k, v in request.headers.items():
+            if len(k) > 7 and k[:7].lower() == "x-mock-":
+                if hdr is None:
+                    hdr = {}
+                hdr[k[7:].lower().replace("-", "_")] = v
+        if hdr:
+            b = Behaviour.from_dict({k: v for k, v in hdr.items() if k in _INT_FIELDS or k in _BOOL_FIELDS}).over(b)
+        return b
+
+    def record(self, request: web.Request, api: str, req: dict[str, Any], b: Behaviour, status: int,
+               usage: dict[str, int] | None, completed: bool) -> dict[str, Any]:
+        s = self.s
+        with s.lock:
+            s.seq += 1
+            t = s.totals
+            t["requests"] += 1
+            if usage is not None:
+                t["responses_with_usage"] += 1
+                t["prompt_tokens"] += usage["prompt_tokens"]
+                t["completion_tokens"] += usage["completion_tokens"]
+                t["total_tokens"] += usage["prompt_tokens"] + usage["completion_tokens"]
+                t["cached_tokens"] += usage.get("cached_tokens", 0)
+            so = req.get("stream_options")
+            rec = {
+                "seq": s.seq,
+                "time": time.time(),
+                "method": request.method,
+                "path": request.path,
+                "api": api,
+                "model": req.get("model"),
+                "stream": bool(req.get("stream")),
+                "include_usage": bool(isinstance(so, dict) and so.get("include_usage")),
+                "max_tokens": req.get("max_completion_tokens", req.get("max_tokens")),
+                "status": status,
+                "behaviour": b.as_dict(),
+                "headers": {k.lower(): v for k, v in request.headers.items()
+                            if not any(m in k.lower() for m in _SECRET_MARKERS)},
+                "usage": usage,
+                "completed": completed,
+            }
+            s.records.append(rec)
+        return rec
+
+    def retract(self, rec: dict[str, Any]) -> None:
+        """Undo the usage of a record whose response did not reach the client after all."""
+        s = self.s
+        with s.lock:
+            usage = rec["usage"]
+            if usage is not None:
+                t = s.totals
+                t["responses_with_usage"] -= 1
+                t["prompt_tokens"] -= usage["prompt_tokens"]
+                t["completion_tokens"] -= usage["completion_tokens"]
+                t["total_tokens"] -= usage["prompt_tokens"] + usage["completion_tokens"]
+                t["cached_tokens"] -= usage.get("cached_tokens", 0)
+            rec["usage"] = None
+            rec["completed"] = False
+
+    async def parse(self, request: web.Request) -> dict[str, Any] | web.Response:
+        body = await request.read()
+        try:
+            req = _loads(body)
+        except ValueError:
+            req = None
+        if not isinstance(req, dict):
+            return web.Response(status=400, content_type=_JSON,
+                                body=_dumps({"error": {"message": "request body is not a JSON object", "type": "invalid_request_error",
+                                                       "param": None, "code": None}}))
+        return req
+
+    async def pre(self, request: web.Request, b: Behaviour) -> bool:
+        """Latency and hang; False when the client went away while hanging."""
+        if b.hang:
+            # aiohttp does not cancel handlers when the client disconnects, so poll for it (bounded).
+            deadline = time.monotonic() + 3600
+            while time.monotonic() < deadline:
+                tr = request.transport
+                if tr is None or tr.is_closing():
+                    return False
+                await asyncio.sleep(0.05)
+            return False
+        if b.latency_ms:
+            await asyncio.sleep(b.latency_ms / 1000)
+        return True
+
+    @staticmethod
+    def error(api: str, status: int, b: Behaviour) -> web.Response:
+        headers = {"Retry-After": str(b.retry_after)} if b.retry_after is not None else (
+            {"Retry-After": "1"} if status == 429 else None)
+        msg = f"mock upstream error {status}"
+        if api == "anthropic":
+            body = {"type": "error", "error": {"type": _ANTHROPIC_ERRORS.get(status, "api_error"), "message": msg}}
+        else:
+            etype, code = _OPENAI_ERRORS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+            body = {"error": {"message": msg, "type": etype, "param": None, "code": code}}
+        return web.Response(status=status, body=_dumps(body), content_type=_JSON, headers=headers)
+
+    @staticmethod
+    async def disconnect_midway(request: web.Request, body: bytes) -> web.StreamResponse:
+        """Promise the whole body (Content-Length) but send half of it, then close."""
+        resp = web.StreamResponse(status=200, headers={"Content-Type": _JSON, "Content-Length": str(len(body))})
+        await resp.prepare(request)
+        await resp.write(body[: len(body) // 2])
+        _close(request)
+        return resp
+
+    def counts(self, b: Behaviour, cap: Any, prompt_tokens: int) -> tuple[int, int, int, bool]:
+        """(prompt tokens reported, tokens generated, completion tokens reported, cap hit)."""
+        want = b.tokens if b.tokens is not None else DEFAULT_TOKENS
+        hit = isinstance(cap, int) and cap >= 0 and cap <= want
+        n = cap if hit else want
+        p = b.prompt_tokens if b.prompt_tokens is not None else prompt_tokens
+        c = b.completion_tokens if b.completion_tokens is not None else n
+        return p, n, c, hit
+
+    # -- OpenAI -----------------------------------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        req = await self.parse(request)
+        if isinstance(req, web.Response):
+            return req
+        prompt = chat_prompt_tokens(req.get("messages") or [])
+        return await self._openai(request, req, "chat", prompt, req.get("max_completion_tokens", req.get("max_tokens")))
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req = await self.parse(request)
+        if isinstance(req, web.Response):
+            return req
+        return await self._openai(request, req, "completions", text_tokens(req.get("prompt")), req.get("max_tokens"))
+
+    async def _openai(self, request: web.Request, req: dict[str, Any], kind: str, prompt: int, cap: Any) -> web.StreamResponse:
+        model = req.get("model")
+        b = self.behaviour(request, model)
+        if (b.hang or b.latency_ms) and not await self.pre(request, b):
+            self.record(request, "openai", req, b, 0, None, False)
+            return web.Response(status=499)
+        if b.status and b.status >= 400:
+            self.record(request, "openai", req, b, b.status, None, True)
+            return self.error("openai", b.status, b)
+        p, n, c, hit = self.counts(b, cap, prompt)
+        usage: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        if b.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": min(b.cached_tokens, p)}
+        rec = {"prompt_tokens": p, "completion_tokens": c, "cached_tokens": min(b.cached_tokens or 0, p)}
+        finish = "length" if hit else "stop"
+        self.s.rid += 1
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-mock{self.s.rid}"
+        created = int(time.time())
+        mjson = _dumps(model)
+
+        if not req.get("stream"):
+            if b.garbage:
+                self.record(request, "openai", req, b, 200, None, True)
+                return web.Response(body=b"<html>upstream exploded</html>", content_type=_JSON)
+            if kind == "chat":
+                choice = {"index": 0, "message": {"role": "assistant", "content": _text(n), "refusal": None},
+                          "logprobs": None, "finish_reason": finish}
+                obj = "chat.completion"
+            else:
+                choice = {"index": 0, "text": _text(n), "logprobs": None, "finish_reason": finish}
+                obj = "text_completion"
+            body = _dumps({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
+                           "usage": usage, "system_fingerprint": None})
+            if b.disconnect_after is not None:
+                self.record(request, "openai", req, b, 200, None, False)
+                return await self.disconnect_midway(request, body)
+            self.record(request, "openai", req, b, 200, rec, True)
+            return web.Response(body=body, content_type=_JSON)
+
+        so = req.get("stream_options")
+        include_usage = isinstance(so, dict) and bool(so.get("include_usage"))
+        u = b',"usage":null' if include_usage else b""  # OpenAI sends usage:null on every other chunk
+        if kind == "chat":
+            head = (b'data: {"id":"' + rid.encode() + b'","object":"chat.completion.chunk","created":' + str(created).encode()
+                    + b',"model":' + mjson + b',"system_fingerprint":null,"choices":[{"index":0,')
+            events = [head + b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]' + u + b"}\n\n"]
+            events += [head + b'"delta":{"content":' + _piece_json(i) + b'},"logprobs":null,"finish_reason":null}]' + u + b"}\n\n"
+                       for i in range(n)]
+            events.append(head + b'"delta":{},"logprobs":null,"finish_reason":"' + finish.encode() + b'"}]' + u + b"}\n\n")
+            tail_obj = "chat.completion.chunk"
+        else:
+            head = (b'data: {"id":"' + rid.encode() + b'","object":"text_completion","created":' + str(created).encode()
+                    + b',"model":' + mjson + b',"system_fingerprint":null,"choices":[{"index":0,')
+            events = [head + b'"text":' + _piece_json(i) + b',"logprobs":null,"finish_reason":null}]' + u + b"}\n\n"
+                      for i in range(n)]
+            events.append(head + b'"text":"","logprobs":null,"finish_reason":"' + finish.encode() + b'"}]' + u + b"}\n\n")
+            tail_obj = "text_completion"
+        if include_usage:
+            events.append(b"data: " + _dumps({"id": rid, "object": tail_obj, "created": created, "model": model,
+                                              "system_fingerprint": None, "choices": [], "usage": usage}) + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        if b.garbage:
+            events = [b"data: {this is not json\n\n", b"data: <html>\n\n"]
+        return await self._stream(request, "openai", req, b, events, rec if include_usage and not b.garbage else None)
+
+    async def _stream(self, request: web.Request, api: str, req: dict[str, Any], b: Behaviour, events: list[bytes],
+                      usage: dict[str, int] | None) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        await resp.prepare(request)
+        k = b.disconnect_after
+        delay = (b.chunk_delay_ms or 0) / 1000
+        # Recorded just before the last event goes out, so that a client that has read the whole
+        # stream always finds its record; retracted if the write fails.
+        rec = None
+        try:
+            if k is None and not delay:
+                rec = self.record(request, api, req, b, 200, usage, True)
+                await resp.write(b"".join(events))  # one write: fewest syscalls for the baseline
+            else:
+                last = len(events) - 1
+                for i, ev in enumerate(events):
+                    if k is not None and i >= k:
+                        self.record(request, api, req, b, 200, None, False)
+                        _close(request)
+                        return resp
+                    if delay and i:
+                        await asyncio.sleep(delay)
+                    if i == last:
+                        rec = self.record(request, api, req, b, 200, usage, True)
+                    await resp.write(ev)
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            # The client went away: the usage was never delivered.
+            if rec is not None:
+                self.retract(rec)
+            else:
+                self.record(request, api, req, b, 200, None, False)
+        return resp
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        req = await self.parse(request)
+        if isinstance(req, web.Response):
+            return req
+        b = self.behaviour(request, req.get("model"))
+        if (b.hang or b.latency_ms) and not await self.pre(request, b):
+            self.record(request, "openai", req, b, 0, None, False)
+            return web.Response(status=499)
+        if b.status and b.status >= 400:
+            self.record(request, "openai", req, b, b.status, None, True)
+            return self.error("openai", b.status, b)
+        inp = req.get("input")
+        items = inp if isinstance(inp, list) and inp and not all(isinstance(x, int) for x in inp) else [inp]
+        p = b.prompt_tokens if b.prompt_tokens is not None else text_tokens(inp)
+        vec: Any = _EMBEDDING_B64 if req.get("encoding_format") == "base64" else _EMBEDDING
+        body = _dumps({"object": "list", "model": req.get("model"),
+                       "data": [{"object": "embedding", "index": i, "embedding": vec} for i in range(len(items))],
+                       "usage": {"prompt_tokens": p, "total_tokens": p}})
+        self.record(request, "openai", req, b, 200, {"prompt_tokens": p, "completion_tokens": 0, "cached_tokens": 0}, True)
+        return web.Response(body=body, content_type=_JSON)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.Response(content_type=_JSON, body=_dumps({"object": "list", "data": [
+            {"id": m, "object": "model", "created": 1700000000, "owned_by": "spendwarden-mock"} for m in self.s.models]}))
+
+    # -- Anthropic --------------------------------------------------------------------------------
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        req = await self.parse(request)
+        if isinstance(req, web.Response):
+            return req
+        model = req.get("model")
+        b = self.behaviour(request, model)
+        if (b.hang or b.latency_ms) and not await self.pre(request, b):
+            self.record(request, "anthropic", req, b, 0, None, False)
+            return web.Response(status=499)
+        if b.status and b.status >= 400:
+            self.record(request, "anthropic", req, b, b.status, None, True)
+            return self.error("anthropic", b.status, b)
+        cap = req.get("max_tokens")
+        if not isinstance(cap, int) or cap < 1:
+            self.record(request, "anthropic", req, b, 400, None, True)
+            return web.Response(status=400, content_type=_JSON, body=_dumps(
+                {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}}))
+        p, n, c, hit = self.counts(b, cap, chat_prompt_tokens(req.get("messages") or [], req.get("system")))
+        cached = min(b.cached_tokens or 0, p)
+        usage = {"input_tokens": p - cached, "output_tokens": c, "cache_creation_input_tokens": 0,
+                 "cache_read_input_tokens": cached}
+        rec = {"prompt_tokens": p, "completion_tokens": c, "cached_tokens": cached}
+        stop = "max_tokens" if hit else "end_turn"
+        self.s.rid += 1
+        mid = f"msg_mock{self.s.rid}"
+
+        if not req.get("stream"):
+            if b.garbage:
+                self.record(request, "anthropic", req, b, 200, None, True)
+                return web.Response(body=b"<html>upstream exploded</html>", content_type=_JSON)
+            body = _dumps({"id": mid, "type": "message", "role": "assistant", "model": model,
+                           "content": [{"type": "text", "text": _text(n)}], "stop_reason": stop,
+                           "stop_sequence": None, "usage": usage})
+            if b.disconnect_after is not None:
+                self.record(request, "anthropic", req, b, 200, None, False)
+                return await self.disconnect_midway(request, body)
+            self.record(request, "anthropic", req, b, 200, rec, True)
+            return web.Response(body=body, content_type=_JSON)
+
+        def ev(name: bytes, data: bytes) -> bytes:
+            return b"event: " + name + b"\ndata: " + data + b"\n\n"
+
+        # message_start carries the input tokens and a provisional output count (1, as upstream does);
+        # message_delta carries the final, cumulative output count.
+        start_usage = dict(usage, output_tokens=1)
+        events = [
+            ev(b"message_start", _dumps({"type": "message_start", "message": {
+                "id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
+                "stop_reason": None, "stop_sequence": None, "usage": start_usage}})),
+            ev(b"content_block_start", b'{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}'),
+            ev(b"ping", b'{"type":"ping"}'),
+        ]
+        events += [ev(b"content_block_delta", b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
+                      + _piece_json(i) + b"}}") for i in range(n)]
+        events.append(ev(b"content_block_stop", b'{"type":"content_block_stop","index":0}'))
+        events.append(ev(b"message_delta", _dumps({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                                                   "usage": {"output_tokens": c}})))
+        events.append(ev(b"message_stop", b'{"type":"message_stop"}'))
+        if b.garbage:
+            events = [b"event: message_start\ndata: {not json\n\n"]
+        return await self._stream(request, "anthropic", req, b, events, None if b.garbage else rec)
+
+    # -- control ----------------------------------------------------------------------------------
+
+    async def set_script(self, request: web.Request) -> web.Response:
+        try:
+            items = _loads(await request.read())
+            if not isinstance(items, list):
+                raise ValueError("expected a JSON list of behaviours")
+            parsed = [Behaviour.from_dict(x or {}) for x in items]
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        self.s.script.extend(parsed)
+        return web.json_response({"queued": len(self.s.script)})
+
+    async def clear_script(self, request: web.Request) -> web.Response:
+        self.s.script.clear()
+        return web.json_response({"queued": 0})
+
+    async def get_requests(self, request: web.Request) -> web.Response:
+        with self.s.lock:
+            data = {"requests": list(self.s.records), "totals": dict(self.s.totals)}
+        return web.Response(body=_dumps(data), content_type=_JSON)
+
+    async def reset(self, request: web.Request) -> web.Response:
+        with self.s.lock:
+            self.s.records.clear()
+            self.s.script.clear()
+            self.s.reset_totals()
+        return web.json_response({"ok": True})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+
+def _close(request: web.Request) -> None:
+    """Close the connection after flushing what was written (a truncated response to the client)."""
+    tr = request.transport
+    if tr is not None:
+        tr.close()
+
+
+STATE_KEY = web.AppKey("mock_state", _State)
+
+
+def make_app(default: Behaviour | None = None, model_behaviours: dict[str, Behaviour] | None = None,
+             models: list[str] | None = None, record_limit: int = 10000) -> web.Application:
+    state = _State(default or Behaviour(), dict(model_behaviours or {}), list(models or DEFAULT_MODELS), record_limit)
+    h = _Handlers(state)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[STATE_KEY] = state
+    app.add_routes([
+        web.post("/v1/chat/completions", h.chat),
+        web.post("/v1/completions", h.completions),
+        web.post("/v1/embeddings", h.embeddings),
+        web.get("/v1/models", h.models),
+        web.post("/v1/messages", h.messages),
+        web.post("/_mock/script", h.set_script),
+        web.delete("/_mock/script", h.clear_script),
+        web.get("/_mock/requests", h.get_requests),
+        web.post("/_mock/reset", h.reset),
+        web.get("/_mock/health", h.health),
+    ])
+    return app
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class MockUpstream:
+    """The mock upstream on a free 127.0.0.1 port, served from a background thread with its own loop.
+
+    Works from sync and async tests alike (the test's loop is never blocked by the server):
+
+        with MockUpstream(tokens=8) as up:
+            OpenAI(base_url=up.openai_url, api_key="x")...     # up.url for Anthropic(base_url=...)
+            up.script({"status": 503}, {"disconnect_after": 3})
+            up.requests(); up.totals(); up.reset()
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, models: list[str] | None = None,
+                 model_behaviours: dict[str, dict[str, Any] | Behaviour] | None = None, record_limit: int = 10000,
+                 **defaults: Any):
+        self.host = host
+        self.port = port
+        self._default = Behaviour.from_dict(defaults)
+        self._model_behaviours = {m: (b if isinstance(b, Behaviour) else Behaviour.from_dict(b))
+                                  for m, b in (model_behaviours or {}).items()}
+        self._models = models
+        self._record_limit = record_limit
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._state: _State | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL without /v1 (what the Anthropic SDK wants)."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def openai_url(self) -> str:
+        """Base URL with /v1 (what the OpenAI SDK wants)."""
+        return self.url + "/v1"
+
+    def start(self) -> "MockUpstream":
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._start_async())
+            except BaseException as exc:  # surface bind errors to the caller
+                failure.append(exc)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="mock-upstream", daemon=True)
+        self._thread.start()
+        ready.wait(30)
+        if failure:
+            raise failure[0]
+        return self
+
+    async def _start_async(self) -> None:
+        app = make_app(self._default, self._model_behaviours, self._models, self._record_limit)
+        self._state = app[STATE_KEY]
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        if not self.port:
+            self.port = self._runner.addresses[0][1]
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop = self._thread = None
+
+    def __enter__(self) -> "MockUpstream":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> "MockUpstream":
+        return self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()
+
+    # Direct access to the server's state (same process), no HTTP round trip needed.
+
+    def script(self, *behaviours: dict[str, Any] | Behaviour) -> None:
+        """Queue behaviours for the next requests, one each, in order."""
+        assert self._state is not None
+        self._state.script.extend(b if isinstance(b, Behaviour) else Behaviour.from_dict(b) for b in behaviours)
+
+    def requests(self) -> list[dict[str, Any]]:
+        assert self._state is not None
+        with self._state.lock:
+            return list(self._state.records)
+
+    def totals(self) -> dict[str, int]:
+        assert self._state is not None
+        with self._state.lock:
+            return dict(self._state.totals)
+
+    def reset(self) -> None:
+        assert self._state is not None
+        with self._state.lock:
+            self._state.records.clear()
+            self._state.script.clear()
+            self._state.reset_totals()
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1).")
+    parser.add_argument("--port", type=int, default=8000, help="Port (default 8000; 0 picks a free one).")
+    parser.add_argument("--tokens", type=int, default=None, help=f"Output tokens per response (default {DEFAULT_TOKENS}).")
+    parser.add_argument("--latency-ms", type=float, default=None, help="Delay before the first byte.")
+    parser.add_argument("--chunk-delay-ms", type=float, default=None, help="Delay between stream events.")
+    parser.add_argument("--status", type=int, default=None, help="Answer every request with this error status.")
+    parser.add_argument("--model-behaviour", action="append", default=[], metavar="MODEL=JSON",
+                        help='Behaviour for one model name, e.g. \'slow={"chunk_delay_ms": 100}\' (repeatable).')
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="Comma-separated names listed by /v1/models.")
+    parser.add_argument("--record-limit", type=int, default=10000, help="Requests kept for /_mock/requests (totals are exact).")
+
+
+def run(args: argparse.Namespace) -> int:
+    default = Behaviour.from_dict({"tokens": args.tokens, "latency_ms": args.latency_ms,
+                                   "chunk_delay_ms": args.chunk_delay_ms, "status": args.status})
+    per_model = {}
+    for item in args.model_behaviour:
+        name, _, spec = item.partition("=")
+        per_model[name] = Behaviour.from_dict(json.loads(spec or "{}"))
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up
+
+        uvloop.install()
+    except ImportError:
+        pass
+    app = make_app(default, per_model, [m for m in args.models.split(",") if m], args.record_limit)
+    print(f"mock upstream on http://{args.host}:{args.port} (OpenAI: /v1, Anthropic: /v1/messages)", flush=True)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, shutdown_timeout=1.0)
+    return 0
