@@ -31,6 +31,7 @@ def test_schemas_are_structural_and_documented():
         for path, node in _walk(schema):
             for banned in ("$ref", "anyOf", "allOf", "oneOf", "title", "const"):
                 assert banned not in node, f"{path} has {banned}"
+            assert node.get("default", 1) not in (None, ""), f"{path}: apiserver 1.20 rejects null/empty defaults"
             assert "type" in node or path.endswith("metadata") or node.get("x-kubernetes-preserve-unknown-fields"), path
             top_level = path.count(".") == 1 and path.split(".")[1] in ("apiVersion", "kind", "metadata")
             scalar_item = path.endswith("[]") and node.get("type") in ("string", "integer", "boolean")

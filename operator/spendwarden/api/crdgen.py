@@ -40,8 +40,8 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out[key] = _structural(value, defs)
         elif key == "additionalProperties":
             continue  # false is not allowed in structural schemas; pydantic forbids extras itself
-        elif key == "default" and value is None:
-            continue
+        elif key == "default" and value in (None, ""):
+            continue  # kube-apiserver 1.20 decodes an empty-string default as null and refuses the CRD
         else:
             out[key] = value
     if "enum" in out and "type" not in out:

@@ -180,6 +180,7 @@ PRINTER_COLUMNS = [
     {"name": "Used", "type": "string", "jsonPath": ".status.usedSummary", "description": "Usage in this period"},
     {"name": "%", "type": "integer", "jsonPath": ".status.percentUsed", "description": "Percent of the tightest limit used"},
     {"name": "State", "type": "string", "jsonPath": ".status.state", "description": "Active, Warning or Exceeded"},
-    {"name": "Resets", "type": "date", "jsonPath": ".status.periodEnd", "description": "When usage resets"},
+    # A string, not a date: kubectl renders date columns as an age, and a future reset shows "<invalid>".
+    {"name": "Resets", "type": "string", "jsonPath": ".status.periodEnd", "description": "When usage resets (UTC)"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
