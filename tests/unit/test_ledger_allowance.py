@@ -70,7 +70,7 @@ def test_max_output_is_reservable(limits, inp, prices):
     cap = a.max_output_tokens(prices, inp)
     if cap is None:
         assert a.reserve(Amount.worst_case(prices, inp, 10**6)) is not None
-    elif cap > 0:
+    elif cap >= 0:
         assert a.reserve(Amount.worst_case(prices, inp, cap)) is not None
         # and one more would not fit
         b = Allowance(limits)
@@ -91,7 +91,9 @@ def test_reserve_settle_and_remaining():
 
 def test_input_limit_blocks_prompt():
     a = Allowance(Limits(input_tokens=100))
-    assert a.max_output_tokens(CHEAP, 101) == 0
+    assert a.max_output_tokens(CHEAP, 101) == -1
+    assert clamp_output(0, -1, 16) is None  # an embedding whose prompt does not fit
+    assert clamp_output(0, 0, 16) == 0
     assert a.max_output_tokens(CHEAP, 100) is None
 
 

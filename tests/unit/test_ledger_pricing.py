@@ -32,10 +32,11 @@ def test_format_money():
 def test_affordable_is_affordable_and_maximal(inp, money):
     n = output_tokens_affordable(P, inp, money)
     assert n is not None
-    if n > 0:
+    if n >= 0:
         assert worst_case_cost(P, inp, n) <= money
-    assert worst_case_cost(P, inp, n + 1) > money or n == 0 and worst_case_cost(P, inp, 0) > money or \
-        worst_case_cost(P, inp, n + 1) > money
+    else:
+        assert worst_case_cost(P, inp, 0) > money
+    assert worst_case_cost(P, inp, n + 1) > money
 
 
 def test_free_output():

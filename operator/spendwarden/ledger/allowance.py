@@ -101,7 +101,7 @@ class Allowance:
     def max_output_tokens(self, prices: Prices, input_tokens: int) -> int | None:
         """The most output tokens a request with this prompt can still reserve.
 
-        None: no limit applies. 0: not even the prompt alone fits (or nothing is left).
+        None: no limit applies. -1: not even the prompt alone fits.
         """
         c = self._committed()
         lim = self.limits
@@ -112,7 +112,7 @@ class Allowance:
             best = n if best is None else min(best, n)
 
         if lim.input_tokens is not None and c.input_tokens + input_tokens > lim.input_tokens:
-            return 0
+            return -1
         if lim.total_tokens is not None:
             tighter(lim.total_tokens - c.total_tokens - input_tokens)
         if lim.output_tokens is not None:
@@ -121,11 +121,9 @@ class Allowance:
             n = output_tokens_affordable(prices, input_tokens, lim.cost - c.cost)
             if n is not None:
                 tighter(n)
-            elif c.cost + worst_case_cost(prices, input_tokens, 0) > lim.cost:
-                return 0
         if best is None:
             return None
-        return max(best, 0)
+        return max(best, -1)
 
     def exhausted(self) -> bool:
         """True when the used amount (reservations aside) has reached a limit."""
@@ -212,8 +210,12 @@ def clamp_output(requested: int, affordable: int | None, useful_minimum: int) ->
 
     Returns None when what is affordable is below a useful minimum (refuse the request).
     """
-    if affordable is None or affordable >= requested:
+    if affordable is None:
         return requested
-    if affordable >= min(useful_minimum, requested) and affordable > 0:
+    if affordable < 0:  # not even the prompt fits
+        return None
+    if affordable >= requested:
+        return requested
+    if affordable > 0 and affordable >= min(useful_minimum, requested):
         return affordable
     return None

@@ -65,13 +65,13 @@ def worst_case_cost(prices: Prices, input_tokens: int, max_output_tokens: int) -
 def output_tokens_affordable(prices: Prices, input_tokens: int, money: Decimal) -> int | None:
     """How many output tokens `money` pays for after an uncached prompt of `input_tokens`.
 
-    None means unlimited (free output). A negative result is clamped to 0.
+    None means unlimited (free output); -1 means that not even the prompt alone is affordable.
     """
     left = money * PER - input_tokens * prices.input
+    if left < 0:
+        return -1
     if prices.output <= 0:
-        return None if left >= 0 else 0
-    if left <= 0:
-        return 0
+        return None
     return int(left // prices.output)
 
 

@@ -1,0 +1,236 @@
+"""Local budget enforcement: one Allowance per TokenBudget, periods, admission and a state file.
+
+Everything here that runs per request is synchronous (no await between checking and reserving),
+which is what makes reservations atomic in the single-threaded event loop.
+
+Standalone, the allowance is the whole budget for the current period and usage survives restarts
+through the state file (atomic write: temp file + rename; debounced; and at shutdown).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from ..api.tokenbudget import OnExceeded
+from ..ledger.allowance import Allowance, Amount, Limits, clamp_output
+from ..ledger.periods import current_period
+from ..ledger.pricing import Prices, TokenUsage, cost
+from .config import BackendRt, BudgetRt, RouteRt
+from .errors import ProxyError
+
+log = logging.getLogger("spendwarden.proxy")
+
+# A clamped request must still be allowed at least this many output tokens, else it is refused.
+MIN_USEFUL_OUTPUT = 16
+STATE_VERSION = 1
+
+
+@dataclass(slots=True, eq=False)
+class BudgetState:
+    budget: BudgetRt
+    allowance: Allowance
+    period_start: datetime
+    period_end: datetime
+    period_end_ts: float
+
+    def reset_at(self) -> str:
+        return self.period_end.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(slots=True)
+class Admission:
+    backend: BackendRt
+    max_output: int | None  # per choice; None: leave the request's own value alone
+    holds: list[tuple[BudgetState, int]] = field(default_factory=list)
+    downgraded: bool = False
+    over_budget: list[str] = field(default_factory=list)  # AlertOnly budgets this request overruns
+
+
+class BudgetBook:
+    def __init__(self, state_file: str | None = None, clock: Any = time.time):
+        self.state_file = state_file
+        self.clock = clock
+        self.states: dict[str, BudgetState] = {}
+        self.dirty = False
+        self._saved: dict[str, Any] = {}
+        if state_file and os.path.exists(state_file):
+            try:
+                with open(state_file, encoding="utf-8") as f:
+                    data = json.load(f)
+                if data.get("version") == STATE_VERSION:
+                    self._saved = data.get("budgets", {})
+            except (OSError, ValueError) as exc:
+                log.error("cannot read state file %s: %s; starting from zero usage", state_file, exc)
+
+    # -- configuration ----------------------------------------------------------------------------
+
+    def sync(self, budgets: dict[str, BudgetRt]) -> None:
+        """Create/update states for the configured budgets (usage kept when the period is unchanged)."""
+        now = datetime.fromtimestamp(self.clock(), timezone.utc)
+        states: dict[str, BudgetState] = {}
+        for name, b in budgets.items():
+            start, end = current_period(b.spec, now)
+            limits = Limits.from_spec(b.spec.limits)
+            old = self.states.get(name)
+            if old is not None:
+                old.budget = b
+                old.allowance.limits = limits
+                if old.period_start != start:
+                    old.allowance.reset()
+                    self.dirty = True
+                old.period_start, old.period_end, old.period_end_ts = start, end, end.timestamp()
+                states[name] = old
+                continue
+            used = Amount()
+            saved = self._saved.get(name)
+            if saved and saved.get("periodStart") == _iso(start):
+                used = Allowance.amount_from_state(saved)
+            states[name] = BudgetState(b, Allowance(limits, used=used), start, end, end.timestamp())
+        self.states = states
+        self.dirty = True
+
+    def roll(self) -> None:
+        """Start new periods for budgets whose period ended."""
+        now_ts = self.clock()
+        for st in self.states.values():
+            if now_ts >= st.period_end_ts:
+                self._roll_one(st, now_ts)
+
+    def _roll_one(self, st: BudgetState, now_ts: float) -> None:
+        start, end = current_period(st.budget.spec, datetime.fromtimestamp(now_ts, timezone.utc))
+        if start != st.period_start:
+            log.info("budget %s: new period %s .. %s", st.budget.name, _iso(start), _iso(end))
+            st.allowance.reset()
+        st.period_start, st.period_end, st.period_end_ts = start, end, end.timestamp()
+        self.dirty = True
+
+    # -- per request (synchronous) ------------------------------------------------------------------
+
+    def admit(self, route: RouteRt, backend: BackendRt, input_tokens: int, requested_output: int | None,
+              choices: int, downgrade_to: BackendRt | None) -> Admission:
+        """Decide and reserve for one upstream attempt. Raises ProxyError(429) when refused.
+
+        `requested_output` is the per-choice output cap that will be sent upstream (never None when
+        a budget applies); `downgrade_to` is the compatible backend to use for Downgrade budgets.
+        """
+        states = [self.states[b.name] for b in route.budgets if b.name in self.states]
+        if not states:
+            return Admission(backend, requested_output)
+        now_ts = self.clock()
+        for st in states:
+            if now_ts >= st.period_end_ts:
+                self._roll_one(st, now_ts)
+        assert requested_output is not None
+        want = requested_output
+        downgraded = False
+        # Downgrade budgets: when this request does not fit, move it to the cheap backend.
+        for st in states:
+            if st.budget.on_exceeded is OnExceeded.DOWNGRADE and downgrade_to is not None \
+                    and backend is not downgrade_to:
+                cap = st.allowance.max_output_tokens(backend.prices, input_tokens)
+                if cap is not None and cap < want * choices:
+                    backend, downgraded = downgrade_to, True
+                    break
+        prices = backend.prices
+        # CutOff budgets: clamp the output to what is affordable, or refuse.
+        tightest: BudgetState | None = None
+        cap_total: int | None = None
+        for st in states:
+            if st.budget.on_exceeded is OnExceeded.CUT_OFF or (
+                    st.budget.on_exceeded is OnExceeded.DOWNGRADE and downgrade_to is None):
+                cap = st.allowance.max_output_tokens(prices, input_tokens)
+                if cap is not None and (cap_total is None or cap < cap_total):
+                    cap_total, tightest = cap, st
+        out = want
+        if cap_total is not None:
+            per_choice = cap_total // max(choices, 1)
+            clamped = clamp_output(want, per_choice, MIN_USEFUL_OUTPUT)
+            if clamped is None:
+                assert tightest is not None
+                raise budget_exceeded(tightest, now_ts)
+            out = clamped
+        amount = Amount.worst_case(prices, input_tokens, out * choices)
+        adm = Admission(backend, out, downgraded=downgraded)
+        for st in states:
+            enforced = st.budget.on_exceeded is OnExceeded.CUT_OFF or (
+                st.budget.on_exceeded is OnExceeded.DOWNGRADE and downgrade_to is None)
+            rid = st.allowance.reserve(amount, force=not enforced)
+            if rid is None:  # cannot happen after the clamp above; refuse rather than overspend
+                self.release(adm)
+                raise budget_exceeded(st, now_ts)
+            if not enforced and not st.allowance.covers(Amount()):
+                adm.over_budget.append(st.budget.name)
+            adm.holds.append((st, rid))
+        return adm
+
+    def release(self, adm: Admission) -> None:
+        for st, rid in adm.holds:
+            st.allowance.release(rid)
+        adm.holds = []
+
+    def settle(self, adm: Admission, prices: Prices, usage: TokenUsage | None) -> None:
+        """Record real usage; None means unknown: the whole reservation is charged."""
+        if usage is None:
+            for st, rid in adm.holds:
+                st.allowance.settle_reserved(rid)
+        else:
+            amount = Amount(usage.input_tokens, usage.output_tokens, cost(prices, usage))
+            for st, rid in adm.holds:
+                st.allowance.settle(rid, amount)
+        adm.holds = []
+        self.dirty = True
+
+    # -- persistence --------------------------------------------------------------------------------
+
+    def state_doc(self) -> dict[str, Any]:
+        budgets = dict(self._saved)
+        for name, st in self.states.items():
+            budgets[name] = {"periodStart": _iso(st.period_start), "periodEnd": _iso(st.period_end),
+                             **st.allowance.used_state()}
+        return {"version": STATE_VERSION, "budgets": budgets}
+
+    def save(self, fsync: bool = False) -> None:
+        if not self.state_file or not self.dirty:
+            return
+        self.dirty = False
+        doc = self.state_doc()
+        directory = os.path.dirname(os.path.abspath(self.state_file))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".spendwarden-state-")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=1, sort_keys=True)
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, self.state_file)
+        except OSError as exc:
+            self.dirty = True
+            log.error("cannot write state file %s: %s", self.state_file, exc)
+
+    def shutdown(self) -> None:
+        """Charge reservations whose outcome will never be known, then save."""
+        for st in self.states.values():
+            if st.allowance.open_reservations:
+                st.allowance.charge_open_reservations()
+                self.dirty = True
+        self.save(fsync=True)
+
+
+def budget_exceeded(st: BudgetState, now_ts: float) -> ProxyError:
+    retry = max(1, math.ceil(st.period_end_ts - now_ts))
+    return ProxyError(
+        429, f"TokenBudget {st.budget.name!r} is exhausted for this period; it resets at {st.reset_at()}.",
+        code="budget_exceeded", headers={"Retry-After": str(retry)},
+        extra={"budget": st.budget.name, "reset_at": st.reset_at()})
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

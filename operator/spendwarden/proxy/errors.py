@@ -1,0 +1,60 @@
+"""Error responses in each provider's own shape, so that the official SDKs raise their usual
+exceptions (openai.BadRequestError, anthropic.RateLimitError, ...)."""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .config import ANTHROPIC
+
+# status -> (OpenAI type, Anthropic type)
+_TYPES = {
+    400: ("invalid_request_error", "invalid_request_error"),
+    404: ("invalid_request_error", "not_found_error"),
+    405: ("invalid_request_error", "invalid_request_error"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("budget_exceeded", "budget_exceeded"),
+    500: ("server_error", "api_error"),
+    502: ("upstream_error", "api_error"),
+    503: ("server_error", "overloaded_error"),
+    504: ("timeout", "timeout_error"),
+}
+
+
+class ProxyError(Exception):
+    """A request that ends with an error response of our own making."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                 outcome: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+        self.extra = extra or {}
+        self.outcome = outcome or ("rejected" if status < 500 else "upstream_error")
+
+
+def error_body(fmt: str, status: int, message: str, code: str | None = None, param: str | None = None,
+               extra: dict[str, Any] | None = None) -> bytes:
+    oa_type, an_type = _TYPES.get(status, ("api_error", "api_error"))
+    if fmt == ANTHROPIC:
+        err: dict[str, Any] = {"type": an_type, "message": message}
+        if extra:
+            err.update(extra)
+        return orjson.dumps({"type": "error", "error": err})
+    err = {"message": message, "type": oa_type, "param": param, "code": code or oa_type}
+    if extra:
+        err.update(extra)
+    return orjson.dumps({"error": err})
+
+
+def stream_error_event(fmt: str, status: int, message: str) -> bytes:
+    """An SSE event that makes the SDKs raise mid-stream (the HTTP status is already 200)."""
+    body = error_body(fmt, status, message)
+    if fmt == ANTHROPIC:
+        return b"event: error\ndata: " + body + b"\n\n"
+    return b"data: " + body + b"\n\n"

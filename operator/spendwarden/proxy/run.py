@@ -1,0 +1,74 @@
+"""`spendwarden proxy`: run the data plane (sidecar or standalone)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True,
+                        help="ProxyConfig (JSON/YAML) or a YAML stream of ModelRoute/TokenBudget manifests; "
+                             "reloaded when it changes.")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("SPENDWARDEN_PROXY_PORT", 8787)))
+    parser.add_argument("--host", default=os.environ.get("SPENDWARDEN_PROXY_HOST", "127.0.0.1"))
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("SPENDWARDEN_METRICS_PORT", 9464)),
+                        help="Prometheus /metrics port (0 disables).")
+    parser.add_argument("--metrics-host", default=os.environ.get("SPENDWARDEN_METRICS_HOST", "0.0.0.0"))
+    parser.add_argument("--state-file", default=os.environ.get("SPENDWARDEN_STATE_FILE"),
+                        help="Where budget usage is kept across restarts (standalone). Default: not persisted.")
+    parser.add_argument("--namespace", default=os.environ.get("SPENDWARDEN_NAMESPACE"),
+                        help="Namespace for attribution (default: from the configuration).")
+    parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    parser.add_argument("--log-level", default=os.environ.get("SPENDWARDEN_LOG_LEVEL", "INFO"))
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .config import ConfigError
+    from .server import Proxy, raise_nofile_limit
+
+    raise_nofile_limit()
+    try:
+        proxy = Proxy(args.config, namespace=args.namespace, state_file=args.state_file,
+                      max_body=args.max_body_bytes)
+    except ConfigError as exc:
+        print(f"spendwarden proxy: {exc}", file=sys.stderr)
+        return 2
+    if not args.state_file and proxy.book.states:
+        logging.getLogger("spendwarden.proxy").warning(
+            "no --state-file: budget usage is kept in memory only and lost on restart")
+    runners = []
+    runner = web.AppRunner(proxy.app(), access_log=None, handle_signals=False, shutdown_timeout=10)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port, backlog=2048, reuse_address=True).start()
+    runners.append(runner)
+    if args.metrics_port:
+        mrunner = web.AppRunner(proxy.metrics_app(), access_log=None, handle_signals=False)
+        await mrunner.setup()
+        await web.TCPSite(mrunner, args.metrics_host, args.metrics_port, reuse_address=True).start()
+        runners.append(mrunner)
+    logging.getLogger("spendwarden.proxy").info(
+        "listening on http://%s:%d (metrics on :%s)", args.host, args.port, args.metrics_port or "off")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for r in reversed(runners):
+        await r.cleanup()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(serve(args))
+    return uvloop.run(serve(args))

@@ -1,0 +1,720 @@
+"""The proxy server: aiohttp in, aiohttp (keep-alive pool) out.
+
+Per request: read and check the body by hand -> look up the alias -> estimate the prompt (only if
+a rule, cap or budget needs it) -> pick a backend -> reserve the worst case (synchronously) ->
+forward -> relay (streams event by event) -> settle the provider's usage -> metrics + one access
+log line. Fallbacks are tried only while nothing has been sent to the client.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from ..ledger.pricing import TokenUsage, cost, format_money
+from . import tokens as tok
+from .budgets import Admission, BudgetBook
+from .config import ANTHROPIC, OPENAI, BackendRt, Compiled, ConfigError, RouteRt, compile_config, \
+    parse_config_text, secrets_fingerprint
+from .errors import ProxyError, error_body, stream_error_event
+from .metrics import Metrics
+from .wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, OPERATION, anthropic_usage, bad, check_request, \
+    event_data, openai_usage, split_events, usage_from_body
+
+log = logging.getLogger("spendwarden.proxy")
+
+DEFAULT_MAX_TOKENS = 4096  # sent when the client gave none and a budget needs a worst case
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+ANTHROPIC_VERSION = "2023-06-01"
+BIG_PROMPT_CHARS = 64 * 1024  # estimate larger prompts in a worker thread
+TAG_HEADER = "x-spendwarden-tags"
+MAX_TAGS = 8
+_TAG_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
+_PASS_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "retry-after")
+
+
+class _Retry(Exception):
+    """An upstream attempt failed before anything reached the client."""
+
+    def __init__(self, status: int, reason: str, body: bytes | None = None, content_type: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(reason)
+        self.status, self.reason, self.body, self.content_type = status, reason, body, content_type
+        self.headers = headers or {}
+
+
+@dataclass(slots=True)
+class Ctx:
+    api: str
+    fmt: str
+    t0: float
+    alias: str | None = None
+    route: str | None = None
+    backend: BackendRt | None = None
+    status: int = 0
+    outcome: str = "ok"
+    stream: bool = False
+    usage: TokenUsage | None = None
+    usage_known: bool = True
+    cost: Any = None
+    ttft: float | None = None
+    upstream_time: float = 0.0
+    attempts: int = 0
+    est: int | None = None
+    max_output: int | None = None
+    downgraded: bool = False
+    over_budget: list[str] = field(default_factory=list)
+    budgets: list[str] = field(default_factory=list)
+    tags: dict[str, str] | None = None
+    error: str | None = None
+
+
+def parse_tags(value: str | None) -> dict[str, str] | None:
+    """`scenario=ticket,team=x` -> dict; bounded (8 tags, short keys/values); junk is dropped."""
+    if not value:
+        return None
+    tags: dict[str, str] = {}
+    for part in value.split(",")[: MAX_TAGS * 2]:
+        key, sep, val = part.partition("=")
+        key, val = key.strip(), val.strip()
+        if sep and _TAG_KEY.match(key) and len(val) <= 64 and val.isprintable():
+            tags[key] = val
+            if len(tags) >= MAX_TAGS:
+                break
+    return tags or None
+
+
+def select_backend(route: RouteRt, headers: Any, est: int | None, tools: bool) -> tuple[BackendRt, str]:
+    for rule in route.rules:
+        if rule.tools is not None and rule.tools != tools:
+            continue
+        if rule.min_tokens is not None and (est is None or est < rule.min_tokens):
+            continue
+        if rule.max_tokens is not None and (est is None or est > rule.max_tokens):
+            continue
+        ok = True
+        for name, value in rule.headers:
+            got = headers.get(name)
+            if got is None or (value is not None and got != value):
+                ok = False
+                break
+        if ok:
+            return rule.backend, rule.name
+    return route.default, "default"
+
+
+class Proxy:
+    def __init__(self, config_path: str, namespace: str | None = None, state_file: str | None = None,
+                 max_body: int = DEFAULT_MAX_BODY, access_log: Any = None, poll_interval: float = 1.0):
+        self.config_path = config_path
+        self.namespace_arg = namespace
+        self.max_body = max_body
+        self.poll_interval = poll_interval
+        self.book = BudgetBook(state_file)
+        self.metrics = Metrics()
+        self.compiled: Compiled | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self._fingerprint: str | None = None
+        self._timeouts: dict[tuple[float, bool], aiohttp.ClientTimeout] = {}
+        self._encoder_future: asyncio.Future | None = None
+        self._out = access_log if access_log is not None else sys.stdout.buffer
+        self._tasks: list[asyncio.Task] = []
+        self.load(initial=True)
+
+    # -- configuration ------------------------------------------------------------------------------
+
+    def _read(self) -> bytes:
+        with open(self.config_path, "rb") as f:
+            return f.read()
+
+    def load(self, initial: bool = False) -> bool:
+        """(Re)load the configuration if the file or the credentials changed. Returns True on change."""
+        try:
+            raw = self._read()
+        except OSError as exc:
+            if initial:
+                raise ConfigError(f"cannot read {self.config_path}: {exc}") from exc
+            log.error("cannot read %s: %s; keeping the current configuration", self.config_path, exc)
+            return False
+        digest = hashlib.sha256(raw).hexdigest()
+        if self.compiled is not None and digest == self._fingerprint_file:
+            fp = secrets_fingerprint(self.compiled.source)
+            if fp == self._fingerprint:
+                return False
+        try:
+            cfg, warnings = parse_config_text(raw.decode("utf-8"), self.namespace_arg)
+            for w in warnings:
+                log.warning("%s", w)
+            compiled = compile_config(cfg, self.namespace_arg)
+            self.book.sync(compiled.budgets)
+        except (ConfigError, ValueError) as exc:
+            self._fingerprint_file = digest  # do not retry the same broken file every second
+            self.metrics.config_reloads.labels("error").inc()
+            if initial:
+                raise ConfigError(str(exc)) from exc
+            log.error("invalid configuration in %s: %s; keeping the current configuration", self.config_path, exc)
+            return False
+        self._fingerprint_file = digest
+        self._fingerprint = secrets_fingerprint(cfg)
+        for b in (b for r in compiled.routes.values() for b in r.backends.values()):
+            if b.missing_credentials:
+                log.warning("route %s backend %s: no API key found for secret %s", b.route, b.name,
+                            b.missing_credentials)
+        self.compiled = compiled
+        self.metrics.reset_children()
+        self.metrics.config_reloads.labels("initial" if initial else "ok").inc()
+        log.info("configuration loaded: namespace %s, %d routes, %d budgets", compiled.namespace,
+                 len(compiled.routes), len(compiled.budgets))
+        return True
+
+    _fingerprint_file: str | None = None
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                self.load()
+                self.book.roll()
+                self.book.save()
+                self._budget_gauges()
+                try:
+                    self._out.flush()
+                except (OSError, ValueError):
+                    pass
+            except Exception:  # never let the poller die
+                log.exception("periodic task failed")
+
+    def _budget_gauges(self) -> None:
+        if self.compiled is None:
+            return
+        ns = self.compiled.namespace
+        m = self.metrics
+        for name, st in self.book.states.items():
+            rem = st.allowance.remaining()
+            m.budget_remaining_ratio.labels(ns, name).set(rem.fraction)
+            if rem.tokens is not None:
+                m.budget_remaining_tokens.labels(ns, name).set(rem.tokens)
+            if rem.cost is not None:
+                currency = st.budget.spec.limits.cost.currency if st.budget.spec.limits.cost else "USD"
+                m.budget_remaining_cost.labels(ns, name, currency).set(float(rem.cost))
+            m.budget_reserved.labels(ns, name).set(st.allowance.open_reservations)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self, app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30,
+                                         enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
+                                             skip_auto_headers=("User-Agent",),
+                                             json_serialize=lambda o: orjson.dumps(o).decode())
+        self._budget_gauges()
+        self._tasks.append(asyncio.create_task(self._poll()))
+
+    async def stop(self, app: web.Application) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.session is not None:
+            await self.session.close()
+        self.book.shutdown()
+        try:
+            self._out.flush()
+        except (OSError, ValueError):
+            pass
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body, handler_args={"max_field_size": 16384})
+        r = app.router
+        r.add_post("/v1/chat/completions", self.chat)
+        r.add_post("/v1/completions", self.completions)
+        r.add_post("/v1/embeddings", self.embeddings)
+        r.add_post("/v1/messages", self.messages)
+        r.add_get("/v1/models", self.models)
+        r.add_get("/healthz", self.health)
+        r.add_route("*", "/{tail:.*}", self.not_found)
+        app.on_startup.append(self.start)
+        app.on_cleanup.append(self.stop)
+        return app
+
+    def metrics_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics_handler)
+        app.router.add_get("/healthz", self.health)
+        return app
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        self._budget_gauges()
+        return web.Response(body=self.metrics.render(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def models(self, request: web.Request) -> web.Response:
+        assert self.compiled is not None
+        return web.Response(body=self.compiled.models_body, content_type="application/json")
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        fmt = ANTHROPIC if request.path.startswith("/v1/messages") or "anthropic-version" in request.headers \
+            else OPENAI
+        status = 405 if request.path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                         "/v1/messages", "/v1/models") else 404
+        msg = f"{request.method} {request.path} is not served by the spendwarden proxy"
+        return web.Response(status=status, body=error_body(fmt, status, msg, code="unknown_url"),
+                            content_type="application/json")
+
+    # -- handlers -----------------------------------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve(request, CHAT, OPENAI)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve(request, COMPLETIONS, OPENAI)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve(request, EMBEDDINGS, OPENAI)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve(request, MESSAGES, ANTHROPIC)
+
+    async def serve(self, request: web.Request, api: str, fmt: str) -> web.StreamResponse:
+        ctx = Ctx(api=api, fmt=fmt, t0=time.perf_counter())
+        try:
+            resp = await self._serve(request, ctx)
+        except ProxyError as exc:
+            ctx.status, ctx.outcome, ctx.error = exc.status, exc.outcome, exc.message
+            resp = web.Response(status=exc.status, headers=exc.headers, content_type="application/json",
+                                body=error_body(fmt, exc.status, exc.message, exc.code, exc.param, exc.extra))
+        except Exception as exc:  # a bug: answer 500 in the provider's shape, stay up
+            log.exception("internal error")
+            ctx.status, ctx.outcome, ctx.error = 500, "upstream_error", f"internal error: {type(exc).__name__}"
+            resp = web.Response(status=500, content_type="application/json",
+                                body=error_body(fmt, 500, "internal proxy error"))
+        self._record(ctx)
+        return resp
+
+    async def _estimate(self, api: str, body: dict[str, Any]) -> int:
+        if api == CHAT:
+            texts, fixed = tok.openai_chat_texts(body)
+        elif api == MESSAGES:
+            texts, fixed = tok.anthropic_texts(body)
+        else:
+            texts, fixed = tok.openai_prompt_texts(body.get("prompt" if api == COMPLETIONS else "input"))
+        if not texts:
+            return fixed
+        encoder = tok.loaded_encoder()
+        loop = asyncio.get_running_loop()
+        if encoder is None:
+            if self._encoder_future is None:
+                self._encoder_future = loop.run_in_executor(None, tok.load_encoder)
+            encoder = await asyncio.shield(self._encoder_future)
+        if tok.total_chars(texts) > BIG_PROMPT_CHARS:
+            return await loop.run_in_executor(None, tok.estimate, encoder, texts, fixed)
+        return tok.estimate(encoder, texts, fixed)
+
+    async def _serve(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
+        api, fmt = ctx.api, ctx.fmt
+        cfg = self.compiled
+        assert cfg is not None
+        if request.content_length is not None and request.content_length > self.max_body:
+            raise ProxyError(413, f"request body of {request.content_length} bytes exceeds the limit of "
+                                  f"{self.max_body} bytes", code="request_too_large")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ProxyError(413, f"request body exceeds the limit of {self.max_body} bytes",
+                             code="request_too_large") from None
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise bad(f"malformed JSON in request body: {exc}", None, "invalid_json") from None
+        alias, stream, client_out, choices, tools = check_request(api, body)
+        ctx.alias, ctx.stream = alias, stream
+        ctx.tags = parse_tags(request.headers.get(TAG_HEADER))
+        route = cfg.routes.get(alias)
+        if route is None:
+            known = ", ".join(sorted(cfg.routes)) or "none"
+            raise ProxyError(404, f"The model '{alias}' does not exist in namespace {cfg.namespace} "
+                                  f"(known aliases: {known})", code="model_not_found", param="model")
+        ctx.route = route.name
+        ctx.budgets = [b.name for b in route.budgets]
+        est = await self._estimate(api, body) if route.needs_estimate else None
+        ctx.est = est
+        if est is not None and route.max_prompt_tokens is not None and est > route.max_prompt_tokens:
+            raise bad(f"the prompt has about {est} tokens, more than this route's maxPromptTokens "
+                      f"({route.max_prompt_tokens})", "messages", "prompt_too_long")
+        selected, _rule = select_backend(route, request.headers, est, tools)
+        candidates = [selected] + [b for b in route.fallbacks if b is not selected]
+        usable = [b for b in candidates if b.fmt == fmt]
+        if not usable:
+            got = "Anthropic Messages" if fmt == ANTHROPIC else "OpenAI"
+            raise bad(f"route {route.name!r} (model {alias!r}) sends this request to backend {selected.name!r}, "
+                      f"which speaks the {selected.provider} API, but the request uses the {got} API; "
+                      f"translating between formats is not supported: call the "
+                      f"{'/v1/messages' if selected.fmt == ANTHROPIC else '/v1/chat/completions'} endpoint instead",
+                      "model", "format_mismatch")
+        if est is not None:
+            fitting = [b for b in usable if b.max_context is None or est <= b.max_context]
+            if not fitting:
+                raise bad(f"the prompt has about {est} tokens, more than the context window of every backend "
+                          f"of route {route.name!r}", "messages", "context_length_exceeded")
+            usable = fitting
+        # The output cap to send upstream.
+        want: int | None
+        if api == EMBEDDINGS:
+            want = 0 if route.budgets else None
+        else:
+            want = client_out
+            cap = route.max_tokens_cap
+            if cap is not None:
+                want = cap if want is None else min(want, cap)
+            if want is None and (route.budgets or api == MESSAGES):
+                want = DEFAULT_MAX_TOKENS
+        downgrade_to = route.downgrade if route.downgrade.fmt == fmt else \
+            min((b for b in route.backends.values() if b.fmt == fmt), key=lambda b: (b.prices.output, b.prices.input))
+        client_usage = False
+        if stream and api != MESSAGES:
+            so = body.get("stream_options")
+            client_usage = isinstance(so, dict) and so.get("include_usage") is True
+
+        last: _Retry | None = None
+        for i, backend in enumerate(usable):
+            adm = self.book.admit(route, backend, est or 0, want, choices, downgrade_to)  # may raise 429
+            backend = adm.backend
+            ctx.backend, ctx.attempts = backend, i + 1
+            ctx.downgraded, ctx.over_budget = adm.downgraded, adm.over_budget
+            out = adm.max_output if adm.max_output is not None else want
+            ctx.max_output = out
+            payload = self._payload(body, api, backend, out, stream)
+            try:
+                if backend.missing_credentials:
+                    raise _Retry(502, f"no API key for backend {backend.name} (secret {backend.missing_credentials})")
+                if stream:
+                    return await self._stream(request, ctx, backend, adm, payload, client_usage, i > 0)
+                return await self._unary(request, ctx, backend, adm, payload, i > 0)
+            except _Retry as exc:
+                self.book.release(adm)  # no-op when the attempt already settled
+                last = exc
+                self.metrics.child(self.metrics.fallbacks, (cfg.namespace, route.name, backend.name,
+                                                            exc.reason.split(":")[0][:40])).inc()
+                log.warning("route %s backend %s failed: %s%s", route.name, backend.name, exc.reason,
+                            "; trying the next fallback" if i + 1 < len(usable) else "")
+        assert last is not None
+        if last.body is not None and last.status == 429:
+            # The provider's own rate limit, after every fallback: pass it on so SDKs back off.
+            ctx.status, ctx.outcome, ctx.error = 429, "upstream_error", last.reason
+            return web.Response(status=429, body=last.body, content_type=last.content_type or "application/json",
+                                headers=last.headers)
+        status = 504 if last.status == 504 else 502
+        raise ProxyError(status, f"upstream failed for route {route.name!r}: {last.reason}"
+                         + (f" (after {len(usable)} backends)" if len(usable) > 1 else ""),
+                         code="upstream_timeout" if status == 504 else "bad_gateway")
+
+    def _payload(self, body: dict[str, Any], api: str, backend: BackendRt, out: int | None, stream: bool) -> bytes:
+        b = dict(body)
+        b["model"] = backend.model
+        if out is not None and api != EMBEDDINGS:
+            if api == CHAT:
+                set_any = False
+                for key in ("max_completion_tokens", "max_tokens"):
+                    if body.get(key) is not None:
+                        b[key] = out
+                        set_any = True
+                if not set_any:
+                    b["max_completion_tokens" if backend.provider == "OpenAI" else "max_tokens"] = out
+            else:
+                b["max_tokens"] = out
+        if stream and api in (CHAT, COMPLETIONS):
+            so = body.get("stream_options")
+            b["stream_options"] = {**so, "include_usage": True} if isinstance(so, dict) else {"include_usage": True}
+        return orjson.dumps(b)
+
+    def _headers(self, request: web.Request, backend: BackendRt, stream: bool) -> dict[str, str]:
+        h = {"Content-Type": "application/json", "Accept": "text/event-stream" if stream else "application/json"}
+        h.update(backend.headers)
+        if backend.fmt == ANTHROPIC:
+            h["anthropic-version"] = request.headers.get("anthropic-version", ANTHROPIC_VERSION)
+            beta = request.headers.get("anthropic-beta")
+            if beta:
+                h["anthropic-beta"] = beta
+        return h
+
+    def _timeout(self, backend: BackendRt, stream: bool) -> aiohttp.ClientTimeout:
+        key = (backend.timeout, stream)
+        t = self._timeouts.get(key)
+        if t is None:
+            connect = min(backend.timeout, 10.0)
+            t = aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=backend.timeout) if stream \
+                else aiohttp.ClientTimeout(total=backend.timeout, sock_connect=connect)
+            self._timeouts[key] = t
+        return t
+
+    def _resp_headers(self, ctx: Ctx, backend: BackendRt, upstream: Any) -> dict[str, str]:
+        h = {"x-spendwarden-route": ctx.route or "", "x-spendwarden-backend": backend.name}
+        for name in _PASS_HEADERS:
+            v = upstream.get(name)
+            if v is not None:
+                h[name] = v
+        return h
+
+    async def _unary(self, request: web.Request, ctx: Ctx, backend: BackendRt, adm: Admission,
+                     payload: bytes, is_fallback: bool) -> web.Response:
+        assert self.session is not None
+        t_up = time.perf_counter()
+        got_headers = False
+        try:
+            async with self.session.post(backend.url(ctx.api), data=payload,
+                                         headers=self._headers(request, backend, False),
+                                         timeout=self._timeout(backend, False)) as resp:
+                got_headers = True
+                status = resp.status
+                raw = await resp.read()
+                ctype = resp.headers.get("Content-Type", "application/json")
+                up_headers = resp.headers
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
+            ctx.upstream_time += time.perf_counter() - t_up
+            timeout = isinstance(exc, asyncio.TimeoutError)
+            if got_headers:
+                # The upstream was answering: it may bill us; usage is unknown, so keep the reservation.
+                self.book.settle(adm, backend.prices, None)
+                ctx.usage_known = False
+            raise _Retry(504 if timeout else 502,
+                         ("timeout: no answer within %ss" % backend.timeout) if timeout
+                         else f"connection failed: {type(exc).__name__}: {exc}"[:300]) from None
+        ctx.upstream_time += time.perf_counter() - t_up
+        if status == 429 or status >= 500:
+            raise _Retry(status, f"upstream status {status}", raw, ctype,
+                         {k: up_headers[k] for k in ("retry-after",) if k in up_headers})
+        headers = self._resp_headers(ctx, backend, up_headers)
+        if status >= 300:
+            # The provider refused the request (400, 401, 404, ...): nothing billed, pass it on.
+            self.book.release(adm)
+            ctx.status, ctx.outcome, ctx.error = status, "upstream_error", f"upstream status {status}"
+            return web.Response(status=status, body=raw, headers=headers, content_type=_ctype(ctype))
+        try:
+            _doc, usage = usage_from_body(backend.fmt == ANTHROPIC, raw)
+        except ValueError:
+            self.book.settle(adm, backend.prices, None)
+            ctx.usage_known = False
+            raise ProxyError(502, f"upstream backend {backend.name!r} returned an invalid response "
+                                  f"(not a JSON object)", code="bad_gateway") from None
+        self._settle(ctx, backend, adm, usage)
+        ctx.status = status
+        ctx.outcome = "fallback" if is_fallback else "ok"
+        if ctx.cost is not None:
+            headers["x-spendwarden-cost"] = format_money(ctx.cost)
+        return web.Response(status=status, body=raw, headers=headers, content_type="application/json")
+
+    def _settle(self, ctx: Ctx, backend: BackendRt, adm: Admission, usage: TokenUsage | None) -> None:
+        if usage is None:
+            ctx.usage_known = False
+            self.book.settle(adm, backend.prices, None)
+            return
+        ctx.usage = usage
+        ctx.cost = cost(backend.prices, usage)
+        self.book.settle(adm, backend.prices, usage)
+
+    async def _stream(self, request: web.Request, ctx: Ctx, backend: BackendRt, adm: Admission,
+                      payload: bytes, client_usage: bool, is_fallback: bool) -> web.StreamResponse:
+        assert self.session is not None
+        t_up = time.perf_counter()
+        try:
+            cm = self.session.post(backend.url(ctx.api), data=payload,
+                                   headers=self._headers(request, backend, True),
+                                   timeout=self._timeout(backend, True))
+            resp = await cm.__aenter__()
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
+            ctx.upstream_time += time.perf_counter() - t_up
+            timeout = isinstance(exc, asyncio.TimeoutError)
+            raise _Retry(504 if timeout else 502,
+                         ("timeout: no answer within %ss" % backend.timeout) if timeout
+                         else f"connection failed: {type(exc).__name__}: {exc}"[:300]) from None
+        try:
+            status = resp.status
+            if status != 200:
+                try:
+                    raw = await resp.read()
+                except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+                    raw = b""
+                ctype = resp.headers.get("Content-Type", "application/json")
+                if status == 429 or status >= 500:
+                    raise _Retry(status, f"upstream status {status}", raw, ctype,
+                                 {k: resp.headers[k] for k in ("retry-after",) if k in resp.headers})
+                self.book.release(adm)
+                ctx.status, ctx.outcome, ctx.error = status, "upstream_error", f"upstream status {status}"
+                return web.Response(status=status, body=raw, content_type=_ctype(ctype),
+                                    headers=self._resp_headers(ctx, backend, resp.headers))
+            if "text/event-stream" not in resp.headers.get("Content-Type", ""):
+                self.book.settle(adm, backend.prices, None)
+                ctx.usage_known = False
+                raise ProxyError(502, f"upstream backend {backend.name!r} did not answer with an event stream",
+                                 code="bad_gateway")
+            out = web.StreamResponse(status=200, headers={
+                **self._resp_headers(ctx, backend, resp.headers),
+                "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await out.prepare(request)
+            ctx.status = 200
+            ctx.outcome = "fallback" if is_fallback else "ok"
+            await self._relay(ctx, backend, adm, resp, out, client_usage)
+            ctx.upstream_time += time.perf_counter() - t_up
+            return out
+        finally:
+            resp.release() if ctx.error is None else resp.close()
+
+    async def _relay(self, ctx: Ctx, backend: BackendRt, adm: Admission, resp: aiohttp.ClientResponse,
+                     out: web.StreamResponse, client_usage: bool) -> None:
+        anthropic = backend.fmt == ANTHROPIC
+        buf = bytearray()
+        usage: TokenUsage | None = None
+        complete = False
+        failure: str | None = None
+        client_gone = False
+        loads = orjson.loads
+        try:
+            async for chunk in resp.content.iter_any():
+                buf += chunk
+                events = split_events(buf)
+                if not events:
+                    continue
+                keep: list[bytes] = []
+                for ev in events:
+                    if anthropic:
+                        head = ev[:48]
+                        if b"message_start" in head or b"message_delta" in head:
+                            data = event_data(ev)
+                            try:
+                                obj = loads(data) if data else None
+                            except orjson.JSONDecodeError:
+                                obj = None
+                            if isinstance(obj, dict):
+                                if obj.get("type") == "message_start":
+                                    msg = obj.get("message")
+                                    usage = anthropic_usage(msg.get("usage") if isinstance(msg, dict) else None)
+                                elif obj.get("type") == "message_delta":
+                                    usage = anthropic_usage(obj.get("usage"), usage)
+                        elif b"message_stop" in head:
+                            complete = True
+                    elif b'"usage"' in ev:
+                        data = event_data(ev)
+                        try:
+                            obj = loads(data) if data else None
+                        except orjson.JSONDecodeError:
+                            obj = None
+                        if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                            usage = openai_usage(obj["usage"])
+                            if not client_usage and not obj.get("choices"):
+                                continue  # the usage chunk we asked for, not the client
+                    elif ev.startswith(b"data: [DONE]") or ev.startswith(b"data:[DONE]"):
+                        complete = True
+                    keep.append(ev)
+                if keep:
+                    if ctx.ttft is None:
+                        ctx.ttft = time.perf_counter() - ctx.t0
+                    try:
+                        await out.write(keep[0] if len(keep) == 1 else b"".join(keep))
+                    except (ConnectionError, RuntimeError):
+                        client_gone = True
+                        break
+            if not client_gone and buf.strip():
+                try:
+                    await out.write(bytes(buf))
+                except (ConnectionError, RuntimeError):
+                    client_gone = True
+        except asyncio.TimeoutError:
+            failure = f"upstream stalled for more than {backend.timeout}s mid-stream"
+        except (aiohttp.ClientError, OSError) as exc:
+            failure = f"upstream connection lost mid-stream: {type(exc).__name__}"
+        if not complete and failure is None and not client_gone:
+            failure = "upstream ended the stream early"
+        if failure is not None:
+            ctx.outcome, ctx.error = "upstream_error", failure
+            try:
+                await out.write(stream_error_event(backend.fmt, 502, failure))
+            except (ConnectionError, RuntimeError):
+                pass
+        elif client_gone:
+            ctx.outcome, ctx.error = "client_closed", "client disconnected mid-stream"
+        # Settle: the provider's numbers when the stream ran to its end, else the whole reservation.
+        self._settle(ctx, backend, adm, usage if complete and failure is None and not client_gone else None)
+        if not ctx.usage_known and usage is not None:
+            ctx.usage = usage  # for the log: what was known when the stream broke
+        if not client_gone:
+            try:
+                await out.write_eof()
+            except (ConnectionError, RuntimeError):
+                pass
+
+    # -- accounting of one request ------------------------------------------------------------------
+
+    def _record(self, ctx: Ctx) -> None:
+        dur = time.perf_counter() - ctx.t0
+        cfg = self.compiled
+        ns = cfg.namespace if cfg else ""
+        m = self.metrics
+        b = ctx.backend
+        op = OPERATION[ctx.api]
+        route = ctx.route or ""
+        if ctx.route is not None:
+            base = (ns, op, b.provider if b else "", ctx.alias or "", b.model if b else "", route,
+                    b.name if b else "")
+            if ctx.usage is not None and ctx.usage_known:
+                u = ctx.usage
+                m.child(m.tokens, base + ("input",)).observe(u.input_tokens)
+                if ctx.api != EMBEDDINGS:
+                    m.child(m.tokens, base + ("output",)).observe(u.output_tokens)
+                if u.cached_input_tokens:
+                    m.child(m.tokens, base + ("cached_input",)).observe(u.cached_input_tokens)
+            if ctx.cost is not None and b is not None:
+                m.child(m.cost, base + (b.prices.currency,)).inc(float(ctx.cost))
+            m.child(m.duration, base + (ctx.outcome,)).observe(dur)
+            if ctx.ttft is not None:
+                m.child(m.ttft, base).observe(ctx.ttft)
+            if not ctx.stream and ctx.upstream_time:
+                m.child(m.overhead, (ns, route)).observe(max(dur - ctx.upstream_time, 0.0))
+        m.child(m.requests, (ns, route, b.name if b else "", op, ctx.outcome, str(ctx.status))).inc()
+        u = ctx.usage
+        line = {
+            "ts": round(time.time(), 3), "namespace": ns, "api": ctx.api, "model": ctx.alias,
+            "route": ctx.route, "backend": b.name if b else None, "upstream_model": b.model if b else None,
+            "status": ctx.status, "outcome": ctx.outcome, "stream": ctx.stream,
+            "input_tokens": u.input_tokens if u else None, "output_tokens": u.output_tokens if u else None,
+            "cached_input_tokens": u.cached_input_tokens if u else None,
+            "usage_source": "upstream" if ctx.usage_known and u else ("reservation" if not ctx.usage_known else None),
+            "cost": format_money(ctx.cost) if ctx.cost is not None else None,
+            "currency": b.prices.currency if b else None,
+            "duration_ms": round(dur * 1000, 3), "ttft_ms": round(ctx.ttft * 1000, 3) if ctx.ttft is not None else None,
+            "est_prompt_tokens": ctx.est, "max_output_tokens": ctx.max_output, "attempts": ctx.attempts,
+            "budgets": ctx.budgets or None, "downgraded": ctx.downgraded or None,
+            "over_budget": ctx.over_budget or None, "tags": ctx.tags, "error": ctx.error,
+        }
+        try:
+            self._out.write(orjson.dumps({k: v for k, v in line.items() if v is not None}) + b"\n")
+        except (OSError, ValueError):
+            pass
+
+
+def _ctype(ctype: str) -> str:
+    return ctype.split(";")[0].strip() or "application/json"
+
+
+def raise_nofile_limit() -> None:
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 65536
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+__all__ = ["Proxy", "parse_tags", "select_backend", "raise_nofile_limit"]

@@ -1,0 +1,190 @@
+"""Wire formats: request checks by hand (no pydantic per request), usage extraction, SSE events."""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ..ledger.pricing import TokenUsage
+from .errors import ProxyError
+
+# API kinds
+CHAT = "chat/completions"
+COMPLETIONS = "completions"
+EMBEDDINGS = "embeddings"
+MESSAGES = "messages"
+
+OPERATION = {CHAT: "chat", COMPLETIONS: "text_completion", EMBEDDINGS: "embeddings", MESSAGES: "chat"}
+
+
+def bad(message: str, param: str | None = None, code: str = "invalid_request_error") -> ProxyError:
+    return ProxyError(400, message, code=code, param=param)
+
+
+def _int_field(body: dict[str, Any], key: str, minimum: int = 1) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if type(value) is not int:
+        raise bad(f"'{key}' must be an integer, got {type(value).__name__}", key, "invalid_type")
+    if value < minimum:
+        raise bad(f"'{key}' must be at least {minimum}, got {value}", key, "invalid_value")
+    return value
+
+
+def _bool_field(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key)
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise bad(f"'{key}' must be a boolean, got {type(value).__name__}", key, "invalid_type")
+    return value
+
+
+def _messages(body: dict[str, Any], anthropic: bool) -> None:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        raise bad("'messages' must be an array of message objects" if msgs is not None
+                  else "'messages' is required", "messages", "invalid_type" if msgs is not None else "missing_required_parameter")
+    if not msgs:
+        raise bad("'messages' must contain at least one message", "messages", "invalid_value")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise bad(f"'messages[{i}]' must be an object, got {type(m).__name__}", f"messages[{i}]", "invalid_type")
+        if not isinstance(m.get("role"), str):
+            raise bad(f"'messages[{i}].role' must be a string", f"messages[{i}].role", "invalid_type")
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise bad(f"'messages[{i}].content' must be a string or an array of content parts, "
+                      f"got {type(content).__name__}", f"messages[{i}].content", "invalid_type")
+        if anthropic and content is None:
+            raise bad(f"'messages[{i}].content' is required", f"messages[{i}].content", "missing_required_parameter")
+
+
+def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool]:
+    """Validate the fields the proxy relies on.
+
+    Returns (model alias, stream, client's output cap or None, choices, tools present).
+    """
+    if not isinstance(body, dict):
+        raise bad(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_type")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("'model' must be a non-empty string" if model is not None else "'model' is required",
+                  "model", "invalid_type" if model is not None else "missing_required_parameter")
+    stream = _bool_field(body, "stream") if api != EMBEDDINGS else False
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise bad(f"'tools' must be an array, got {type(tools).__name__}", "tools", "invalid_type")
+    choices = 1
+    if api == CHAT:
+        _messages(body, anthropic=False)
+        out = _int_field(body, "max_completion_tokens")
+        legacy = _int_field(body, "max_tokens")
+        if out is None:
+            out = legacy
+        choices = _int_field(body, "n") or 1
+        so = body.get("stream_options")
+        if so is not None and not isinstance(so, dict):
+            raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    elif api == COMPLETIONS:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, (str, list)):
+            raise bad("'prompt' must be a string or an array", "prompt", "invalid_type")
+        out = _int_field(body, "max_tokens")
+        choices = (_int_field(body, "n") or 1) * (len(prompt) if isinstance(prompt, list) and prompt
+                                                  and isinstance(prompt[0], (str, list)) else 1)
+        so = body.get("stream_options")
+        if so is not None and not isinstance(so, dict):
+            raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    elif api == EMBEDDINGS:
+        inp = body.get("input")
+        if not isinstance(inp, (str, list)) or (isinstance(inp, list) and not inp):
+            raise bad("'input' must be a string or a non-empty array", "input", "invalid_type")
+        out = None
+    else:  # Anthropic messages
+        _messages(body, anthropic=True)
+        out = _int_field(body, "max_tokens")
+        system = body.get("system")
+        if system is not None and not isinstance(system, (str, list)):
+            raise bad("'system' must be a string or an array of text blocks", "system", "invalid_type")
+    return model, stream, out, choices, bool(tools)
+
+
+# -- usage ------------------------------------------------------------------------------------------
+
+def openai_usage(u: Any) -> TokenUsage | None:
+    if not isinstance(u, dict):
+        return None
+    inp = u.get("prompt_tokens")
+    out = u.get("completion_tokens", 0)
+    if type(inp) is not int:
+        return None
+    if type(out) is not int:
+        out = 0
+    cached = 0
+    details = u.get("prompt_tokens_details")
+    if isinstance(details, dict) and type(details.get("cached_tokens")) is int:
+        cached = details["cached_tokens"]
+    return TokenUsage(inp, out, cached)
+
+
+def anthropic_usage(u: Any, base: TokenUsage | None = None) -> TokenUsage | None:
+    """Anthropic usage; `input_tokens` excludes cache reads/writes, which are added here.
+
+    In a stream, message_start carries the input side and message_delta the cumulative output
+    (newer APIs repeat input fields there too); `base` is what message_start said.
+    """
+    if not isinstance(u, dict):
+        return base
+    def num(key: str) -> int | None:
+        v = u.get(key)
+        return v if type(v) is int else None
+    inp, read, write, out = num("input_tokens"), num("cache_read_input_tokens"), \
+        num("cache_creation_input_tokens"), num("output_tokens")
+    if base is not None and inp is None and read is None and write is None:
+        if out is None:
+            return base
+        return TokenUsage(base.input_tokens, out, base.cached_input_tokens)
+    if inp is None and out is None:
+        return base
+    total_in = (inp or 0) + (read or 0) + (write or 0)
+    return TokenUsage(total_in, out if out is not None else (base.output_tokens if base else 0), read or 0)
+
+
+def usage_from_body(fmt_anthropic: bool, raw: bytes) -> tuple[Any, TokenUsage | None]:
+    """Parse a non-streamed response body; raises ValueError on garbage."""
+    doc = orjson.loads(raw)
+    if not isinstance(doc, dict):
+        raise ValueError("response is not a JSON object")
+    u = doc.get("usage")
+    return doc, (anthropic_usage(u) if fmt_anthropic else openai_usage(u))
+
+
+# -- server-sent events -----------------------------------------------------------------------------
+
+def split_events(buf: bytearray) -> list[bytes]:
+    """Remove and return the complete events (each with its blank-line terminator) from `buf`."""
+    end = buf.rfind(b"\n\n")
+    end_crlf = buf.rfind(b"\r\n\r\n")
+    if end < 0 and end_crlf < 0:
+        return []
+    cut = max(end + 2 if end >= 0 else -1, end_crlf + 4 if end_crlf >= 0 else -1)
+    block = bytes(buf[:cut])
+    del buf[:cut]
+    if b"\r\n" in block:
+        block = block.replace(b"\r\n", b"\n")
+    parts = block.split(b"\n\n")
+    return [p + b"\n\n" for p in parts if p.strip()]
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The data payload of one event (joined data: lines)."""
+    data = None
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            chunk = line[5:]
+            if chunk.startswith(b" "):
+                chunk = chunk[1:]
+            data = chunk if data is None else data + b"\n" + chunk
+    return data
