@@ -39,6 +39,11 @@ BIG_PROMPT_CHARS = 64 * 1024  # estimate larger prompts in a worker thread
 TAG_HEADER = "x-spendwarden-tags"
 MAX_TAGS = 8
 _TAG_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
+# Never forwarded upstream: the client's (dummy) credentials, hop-by-hop and framing headers.
+_DROP_HEADERS = frozenset((
+    "authorization", "x-api-key", "api-key", "proxy-authorization", "cookie", "host", "content-length",
+    "content-type", "accept", "accept-encoding", "connection", "keep-alive", "transfer-encoding", "te",
+    "upgrade", "expect", "proxy-connection", "trailer"))
 _PASS_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "retry-after")
 
 
@@ -152,6 +157,9 @@ class Proxy:
                 return False
         try:
             cfg, warnings = parse_config_text(raw.decode("utf-8"), self.namespace_arg)
+            if warnings and not initial:
+                # A broken edit must not silently drop routes or budgets that are serving traffic.
+                raise ConfigError("; ".join(warnings))
             for w in warnings:
                 log.warning("%s", w)
             compiled = compile_config(cfg, self.namespace_arg)
@@ -438,13 +446,14 @@ class Proxy:
         return orjson.dumps(b)
 
     def _headers(self, request: web.Request, backend: BackendRt, stream: bool) -> dict[str, str]:
-        h = {"Content-Type": "application/json", "Accept": "text/event-stream" if stream else "application/json"}
+        """Client headers minus credentials, hop-by-hop and our own; plus the backend's API key."""
+        h = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS
+             and not k.lower().startswith("x-spendwarden-")}
+        h["Content-Type"] = "application/json"
+        h["Accept"] = "text/event-stream" if stream else "application/json"
         h.update(backend.headers)
-        if backend.fmt == ANTHROPIC:
-            h["anthropic-version"] = request.headers.get("anthropic-version", ANTHROPIC_VERSION)
-            beta = request.headers.get("anthropic-beta")
-            if beta:
-                h["anthropic-beta"] = beta
+        if backend.fmt == ANTHROPIC and "anthropic-version" not in request.headers:
+            h["anthropic-version"] = ANTHROPIC_VERSION
         return h
 
     def _timeout(self, backend: BackendRt, stream: bool) -> aiohttp.ClientTimeout:
@@ -697,6 +706,7 @@ class Proxy:
         }
         try:
             self._out.write(orjson.dumps({k: v for k, v in line.items() if v is not None}) + b"\n")
+            self._out.flush()
         except (OSError, ValueError):
             pass
 
