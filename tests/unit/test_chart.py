@@ -1,0 +1,379 @@
+"""The Helm chart charts/spendwarden, rendered and linted offline with Helm v4 (helm-python-sdk,
+no helm binary): what it renders, that its RBAC covers what the operator does and no more, that
+its values schema refuses bad values, and that its CRDs are the generated ones."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import helm_python as helm
+import pytest
+import yaml
+
+import spendwarden
+from spendwarden.controller import run as operator_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "spendwarden"
+NS = "spendwarden-system"
+
+CUSTOM = {
+    "watchNamespaces": ["team-support", "team-*"],
+    "rbac": {"create": False},
+    "serviceAccount": {"create": True, "name": "warden"},
+    "webhooks": {"enabled": True},
+    "metrics": {"serviceMonitor": {"enabled": True, "additionalLabels": {"release": "kube-prometheus"}},
+                "prometheusRule": {"enabled": True, "budgetPercentThreshold": 90}},
+    "image": {"repository": "registry.example/spendwarden", "tag": "1.2.3", "pullPolicy": "Always"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "podAnnotations": {"example.com/team": "platform"},
+    "extraArgs": ["--verbose"],
+    "logFormat": "plain",
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
+}
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm.Chart.load(CHART) as c:
+        yield c
+
+
+def render(chart, values=None, *, name="spendwarden", namespace=NS) -> dict[tuple[str, str], dict]:
+    """Rendered objects keyed by (kind, name); NOTES.txt under ("NOTES", "")."""
+    objects: dict[tuple[str, str], dict] = {}
+    for path, text in chart.render(values, name=name, namespace=namespace, is_install=True).items():
+        if path.endswith("NOTES.txt"):
+            objects[("NOTES", "")] = {"text": text}
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                key = (doc["kind"], doc["metadata"]["name"])
+                assert key not in objects, f"{key} rendered twice"
+                objects[key] = doc
+    return objects
+
+
+def of_kind(objects, kind) -> list[dict]:
+    return [o for (k, _), o in objects.items() if k == kind]
+
+
+def one(objects, kind) -> dict:
+    found = of_kind(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, got {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def container(objects) -> dict:
+    return one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+# -- CRDs and metadata -------------------------------------------------------------------------------
+
+def test_chart_crds_are_byte_identical_to_the_generated_crds():
+    top = {p.name: p.read_bytes() for p in (ROOT / "crds").glob("*.yaml")}
+    ours = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
+    assert top, "crds/ is empty"
+    assert sorted(ours) == sorted(top), "charts/spendwarden/crds differs from crds/: run `spendwarden crds` from the repo root"
+    for name in top:
+        assert ours[name] == top[name], f"charts/spendwarden/crds/{name} is stale: run `spendwarden crds` from the repo root"
+
+
+def test_chart_ships_the_crds_and_app_version_matches_the_package(chart):
+    assert sorted(Path(c["filename"]).name for c in chart.crds) == sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    assert chart.metadata["appVersion"] == spendwarden.__version__
+    assert chart.metadata["apiVersion"] == "v2"
+
+
+# -- lint ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("values", [None, CUSTOM], ids=["defaults", "custom"])
+def test_lint_passes_without_errors_or_warnings(values):
+    report = helm.lint(CHART, values, strict=True, namespace=NS)
+    assert report["errors"] == [], report
+    serious = [m for m in report["messages"] if m["severity"] >= 2]  # 2 warning, 3 error
+    assert serious == [], serious
+
+
+# -- default render -----------------------------------------------------------------------------------
+
+def test_default_render_objects(chart):
+    objects = render(chart)
+    kinds = sorted(k for k, _ in objects if k != "NOTES")
+    assert kinds == sorted(["Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
+                            "RoleBinding", "Service"])
+    for obj in objects.values():
+        if "metadata" in obj and obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert obj["metadata"]["namespace"] == NS, obj["kind"]
+
+
+def test_deployment_runs_one_operator_safely(chart):
+    objects = render(chart)
+    deploy = one(objects, "Deployment")
+    spec = deploy["spec"]
+    assert spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 1
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == "spendwarden"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001  # the Dockerfile's numeric USER
+    c = container(objects)
+    assert c["image"] == f"ghcr.io/spendwarden/spendwarden:{spendwarden.__version__}"
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # the only writable place
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    assert c["args"] == ["operator", "--liveness=http://0.0.0.0:8080/healthz", "--log-format=json"]
+    probe = c["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"healthz": 8080, "ledger": 8081, "metrics": 9090}
+    assert ports[probe["port"]] == 8080
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["SPENDWARDEN_LOG_FORMAT"] == "json"
+    assert env["SPENDWARDEN_LEDGER_URL"] == f"http://spendwarden.{NS}.svc:8081"
+    assert env["SPENDWARDEN_PROXY_PORT"] == "8787" and env["SPENDWARDEN_PROXY_METRICS_PORT"] == "9464"
+    assert "SPENDWARDEN_WEBHOOK_PORT" not in env
+
+
+def test_rendered_args_are_accepted_by_the_operator_cli(chart):
+    """The chart and `spendwarden operator` agree on flags: an unknown one would crash-loop the pod."""
+    parser = argparse.ArgumentParser()
+    operator_cli.add_arguments(parser)
+    for values in (None, CUSTOM):
+        args = container(render(chart, values))["args"]
+        assert args[0] == "operator"
+        parsed = parser.parse_args(args[1:])
+        assert parsed.liveness == "http://0.0.0.0:8080/healthz"
+    parsed = parser.parse_args(container(render(chart, CUSTOM))["args"][1:])
+    assert parsed.namespace == ["team-support", "team-*"] and parsed.log_format == "plain" and parsed.verbose
+
+
+def test_services_select_the_operator_pod_by_named_ports(chart):
+    objects = render(chart, {"webhooks": {"enabled": True}})
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    port_names = {p["name"] for p in container(objects)["ports"]}
+    services = {o["metadata"]["name"]: o for o in of_kind(objects, "Service")}
+    assert set(services) == {"spendwarden", "spendwarden-webhook"}
+    for svc in services.values():
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in port_names
+    assert {p["name"]: p["port"] for p in services["spendwarden"]["spec"]["ports"]} == {"ledger": 8081, "metrics": 9090}
+    assert [p["port"] for p in services["spendwarden-webhook"]["spec"]["ports"]] == [443]
+    assert {p["name"]: p["containerPort"] for p in container(objects)["ports"]}["webhook"] == 9443
+
+
+def test_ledger_and_metrics_can_be_turned_off(chart):
+    objects = render(chart, {"ledger": {"enabled": False}, "metrics": {"enabled": False}})
+    assert of_kind(objects, "Service") == []
+    assert {p["name"] for p in container(objects)["ports"]} == {"healthz"}
+
+
+# -- RBAC ---------------------------------------------------------------------------------------------
+
+# (apiGroup, resource, verb) the operator needs, now and for the features already planned.
+NEEDED_CLUSTER = {
+    *(("spendwarden.io", r, v) for r in ("tokenbudgets", "modelroutes") for v in ("get", "list", "watch", "patch")),
+    *(("spendwarden.io", r, v) for r in ("tokenbudgets/status", "modelroutes/status") for v in ("patch", "update")),
+    ("", "events", "create"), ("", "events", "patch"),
+    ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
+    *(("", "configmaps", v) for v in ("get", "list", "watch", "create", "update", "patch", "delete")),
+    ("", "namespaces", "list"), ("", "namespaces", "watch"), ("", "namespaces", "patch"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    *(("networking.k8s.io", "networkpolicies", v) for v in ("create", "patch", "delete")),
+    *(("apps", r, v) for r in ("deployments/scale", "statefulsets/scale") for v in ("get", "patch")),
+    ("authentication.k8s.io", "tokenreviews", "create"),
+}
+NEEDED_WEBHOOK_CLUSTER = {
+    ("admissionregistration.k8s.io", r, v)
+    for r in ("validatingwebhookconfigurations", "mutatingwebhookconfigurations") for v in ("create", "patch")
+}
+NEEDED_ROLE = {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
+NEEDED_WEBHOOK_ROLE = {("", "secrets", v) for v in ("create", "get", "update")}
+
+
+def grants(role) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def test_rbac_is_least_privilege_without_wildcards(chart):
+    for values in (None, {"webhooks": {"enabled": True}}):
+        objects = render(chart, values)
+        for role in of_kind(objects, "ClusterRole") + of_kind(objects, "Role"):
+            for rule in role["rules"]:
+                for field in ("apiGroups", "resources", "verbs"):
+                    assert "*" not in rule[field], f"{role['kind']} has a wildcard in {field}: {rule}"
+                    assert not any("*" in x for x in rule[field]), rule
+            assert not ({"escalate", "bind", "impersonate"} & {v for _, _, v in grants(role)})
+        cluster = grants(one(objects, "ClusterRole"))
+        role = grants(one(objects, "Role"))
+        assert NEEDED_CLUSTER <= cluster, NEEDED_CLUSTER - cluster
+        assert NEEDED_ROLE <= role, NEEDED_ROLE - role
+        # Secrets only in its own namespace (Role), never cluster-wide; no kopf peering (--standalone).
+        assert not any(r == "secrets" for _, r, _ in cluster)
+        assert not any("kopfpeerings" in r for _, r, _ in cluster | role)
+        # Nothing it has no use for: no deletes of its own CRs, no pods, no cluster-wide writes of CRDs.
+        assert not any(g == "spendwarden.io" and v in ("create", "delete") for g, _, v in cluster)
+        assert not any(g == "apiextensions.k8s.io" and v not in ("list", "watch") for g, _, v in cluster)
+        assert not any(r == "pods" for _, r, _ in cluster)
+        if values is None:
+            assert not any(g == "admissionregistration.k8s.io" for g, _, _ in cluster)
+            assert not any(r == "secrets" for _, r, _ in role)
+        else:
+            assert NEEDED_WEBHOOK_CLUSTER <= cluster and NEEDED_WEBHOOK_ROLE <= role
+
+
+def test_rbac_writes_are_limited_to_named_objects_where_the_api_allows(chart):
+    objects = render(chart, {"webhooks": {"enabled": True, "configurationName": "sw.example.com"}})
+    webhook_rules = [r for r in one(objects, "ClusterRole")["rules"] if r["apiGroups"] == ["admissionregistration.k8s.io"]]
+    # "create" cannot be limited by name in Kubernetes RBAC; everything else is.
+    assert all(r["verbs"] == ["create"] or r.get("resourceNames") == ["sw.example.com"] for r in webhook_rules)
+    secret_rules = [r for r in one(objects, "Role")["rules"] if r["resources"] == ["secrets"]]
+    assert all(r["verbs"] == ["create"] or r.get("resourceNames") == ["spendwarden-webhook-tls"] for r in secret_rules)
+    env = {e["name"]: e.get("value") for e in container(objects)["env"]}
+    assert env["SPENDWARDEN_WEBHOOK_CONFIGURATION"] == "sw.example.com"
+    assert env["SPENDWARDEN_WEBHOOK_CERT_SECRET"] == "spendwarden-webhook-tls"
+    assert env["SPENDWARDEN_WEBHOOK_SERVICE"] == "spendwarden-webhook"
+
+
+def test_bindings_name_the_service_account(chart):
+    objects = render(chart, {"serviceAccount": {"name": "warden"}}, name="prod", namespace="ops")
+    assert one(objects, "ServiceAccount")["metadata"]["name"] == "warden"
+    for binding in of_kind(objects, "ClusterRoleBinding") + of_kind(objects, "RoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "warden", "namespace": "ops"}]
+        assert binding["roleRef"]["name"] == "prod-spendwarden"
+
+
+# -- custom values --------------------------------------------------------------------------------------
+
+def test_custom_values_render(chart):
+    objects = render(chart, CUSTOM)
+    kinds = sorted(k for k, _ in objects if k != "NOTES")
+    # rbac.create false: no roles or bindings; serviceAccount.create with a custom name.
+    assert kinds == sorted(["Deployment", "ServiceAccount", "Service", "Service", "ServiceMonitor", "PrometheusRule"])
+    assert one(objects, "ServiceAccount")["metadata"]["name"] == "warden"
+    pod = one(objects, "Deployment")["spec"]["template"]
+    assert pod["spec"]["serviceAccountName"] == "warden"
+    assert pod["metadata"]["annotations"] == {"example.com/team": "platform"}
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert pod["spec"]["tolerations"][0]["key"] == "dedicated"
+    c = container(objects)
+    assert c["image"] == "registry.example/spendwarden:1.2.3" and c["imagePullPolicy"] == "Always"
+    # One --namespace per watched namespace, in order, then extraArgs last.
+    assert [a for a in c["args"] if a.startswith("--namespace")] == ["--namespace=team-support", "--namespace=team-*"]
+    assert c["args"][-1] == "--verbose"
+    assert "--log-format=plain" in c["args"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["SPENDWARDEN_WEBHOOK_PORT"] == "9443"
+    assert env["SPENDWARDEN_PROXY_IMAGE"] == "registry.example/spendwarden:1.2.3"
+    notes = objects[("NOTES", "")]["text"]
+    assert "team-support, team-*" in notes and "rbac.create is false" in notes
+
+
+def test_service_account_can_be_brought_by_the_user(chart):
+    objects = render(chart, {"serviceAccount": {"create": False, "name": "preexisting"}})
+    assert of_kind(objects, "ServiceAccount") == []
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "preexisting"
+    assert one(objects, "ClusterRoleBinding")["subjects"][0]["name"] == "preexisting"
+
+
+def test_service_monitor_scrapes_the_metrics_port_and_keeps_team_namespaces(chart):
+    objects = render(chart, CUSTOM)
+    sm = one(objects, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus"
+    matched = [s for s in of_kind(objects, "Service")
+               if sm["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in matched] == ["spendwarden"]  # not the webhook Service
+    endpoint = sm["spec"]["endpoints"][0]
+    assert endpoint["port"] in {p["name"] for p in matched[0]["spec"]["ports"]}
+    assert endpoint["honorLabels"] is True  # the series' "namespace" is the team's, not the operator's
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [NS]}
+
+
+CONTRACT_METRICS = {"spendwarden_budget_percent_used", "spendwarden_budget_state", "spendwarden_budget_forecast_exceeded",
+                    "spendwarden_namespace_cut_off", "spendwarden_ledger_reports_total", "up"}
+
+
+def test_prometheus_rule_alerts(chart):
+    objects = render(chart, CUSTOM)
+    rule = one(objects, "PrometheusRule")
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {"SpendwardenBudgetThresholdCrossed", "SpendwardenBudgetForecastExceeded", "SpendwardenNamespaceCutOff",
+            "SpendwardenLedgerUnreachable"} <= set(alerts)
+    assert alerts["SpendwardenBudgetThresholdCrossed"]["expr"].endswith(">= 90")
+    assert 'job="spendwarden"' in alerts["SpendwardenLedgerUnreachable"]["expr"]  # the ServiceMonitor's job
+    assert f'namespace="{NS}"' in alerts["SpendwardenLedgerUnreachable"]["expr"]
+    for name, alert in alerts.items():
+        assert alert["labels"]["severity"] in ("warning", "critical"), name
+        assert alert["annotations"]["summary"], name
+        assert "{{ $labels" in alert["annotations"]["summary"] or "Ledger" in name  # Prometheus templating survived Helm
+    # The rules parse as PromQL and use only the metric names the operator promises to export.
+    promql = pytest.importorskip("promql_parser", reason="promql-parser not installed: PromQL syntax not checked")
+    for name, alert in alerts.items():
+        names: list[str] = []
+        promql.walk(promql.parse(alert["expr"]),
+                    lambda node: names.append(node.name) if isinstance(node, promql.VectorSelector) else None)
+        assert names and set(names) <= CONTRACT_METRICS, (name, names)
+        promql.parse_duration(alert["for"])
+
+
+def test_prometheus_rule_needs_metrics(chart):
+    objects = render(chart, {"metrics": {"enabled": False, "serviceMonitor": {"enabled": True},
+                                         "prometheusRule": {"enabled": True}}})
+    assert of_kind(objects, "ServiceMonitor") == [] and of_kind(objects, "PrometheusRule") == []
+    assert "WARNING: metrics.enabled is false" in objects[("NOTES", "")]["text"]
+
+
+# -- values schema --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("values, message", [
+    ({"replicaCount": "two"}, "at '/replicaCount': got string, want integer"),
+    ({"replicaCount": 2}, "at '/replicaCount': maximum: got 2, want 1"),
+    ({"replicas": 1}, "additional properties 'replicas' not allowed"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy'"),
+    ({"image": {"tags": "x"}}, "additional properties 'tags' not allowed"),
+    ({"watchNamespaces": "team-a"}, "at '/watchNamespaces': got string, want array"),
+    ({"watchNamespaces": ["Team_A"]}, "at '/watchNamespaces/0'"),
+    ({"ledger": {"port": 70000}}, "at '/ledger/port'"),
+    ({"logFormat": "yaml"}, "at '/logFormat'"),
+    ({"rbac": {"create": "yes"}}, "at '/rbac/create': got string, want boolean"),
+    ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "at '/metrics/serviceMonitor/interval'"),
+])
+def test_schema_rejects_bad_values_with_a_clear_error(chart, values, message):
+    with pytest.raises(helm.HelmValuesError) as excinfo:
+        chart.validate_schema(values)
+    assert message in str(excinfo.value)
+    # install/upgrade/template refuse them the same way.
+    with pytest.raises(helm.HelmValuesError, match="values don't meet the specifications"):
+        chart.render(values, name="spendwarden", namespace=NS)
+
+
+def test_schema_accepts_the_defaults_and_the_custom_values(chart):
+    chart.validate_schema(None)
+    chart.validate_schema(CUSTOM)
+
+
+def _undeclared(values, schema, path="") -> list[str]:
+    missing = []
+    if isinstance(values, dict) and schema.get("type") == "object" and "properties" in schema:
+        for key, value in values.items():
+            if key not in schema["properties"]:
+                missing.append(f"{path}.{key}")
+            else:
+                missing += _undeclared(value, schema["properties"][key], f"{path}.{key}")
+    return missing
+
+
+def test_schema_declares_every_value_and_closes_the_top_level():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    assert schema["additionalProperties"] is False
+    assert set(schema["properties"]) == set(values), "values.yaml and values.schema.json disagree on top-level keys"
+    assert _undeclared(values, schema) == []
