@@ -229,3 +229,22 @@ def test_second_control_plane_starts_and_stop_frees_everything(control_plane: Co
     assert control_plane.kubectl("get", "ns", "default").returncode == 0
     with pytest.raises(subprocess.CalledProcessError):
         cp.kubectl("get", "ns", "default", "--request-timeout=2s")
+
+
+def test_stale_dirs_of_dead_owners_are_swept(tmp_path, monkeypatch):
+    """Dirs left by a control plane whose Python process was SIGKILLed are removed at the next start."""
+    import os
+    import tempfile
+
+    from spendwarden.localcluster import controlplane
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live, unowned = (tmp_path / f"spendwarden-cp-{n}" for n in ("stale", "live", "unowned"))
+    for d in (stale, live, unowned):
+        d.mkdir()
+    (stale / controlplane._OWNER_FILE).write_text(str(dead.pid))
+    (live / controlplane._OWNER_FILE).write_text(str(os.getpid()))
+    controlplane._sweep_stale_dirs()
+    assert not stale.exists() and live.exists() and unowned.exists()

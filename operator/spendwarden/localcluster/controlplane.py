@@ -189,10 +189,40 @@ _PR_SET_PDEATHSIG = 1
 
 def _child_setup() -> None:
     # Die with the parent (pytest killed by a timeout, Ctrl-C twice): no orphaned apiserver holding ports and
-    # a tmpfs etcd. Note that "parent" is the forking *thread*: start the control plane from a thread that
-    # lives as long as it does (the main thread in pytest and in `spendwarden local-cluster`).
+    # a tmpfs etcd. SIGKILL, not SIGTERM: all three get it at once, and an apiserver whose etcd is gone hangs
+    # in its graceful shutdown. Note that "parent" is the forking *thread*: start the control plane from a
+    # thread that lives as long as it does (the main thread in pytest and in `spendwarden local-cluster`).
     if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_OWNER_FILE = ".spendwarden-owner-pid"
+
+
+def _claim(directory: Path) -> Path:
+    (directory / _OWNER_FILE).write_text(str(os.getpid()))
+    return directory
+
+
+def _sweep_stale_dirs() -> None:
+    """Remove temp dirs left by control planes whose Python process died without stop() (SIGKILL).
+
+    Only dirs carrying an owner-pid file whose process is gone: other users' running clusters stay.
+    Matters most for etcd's data dirs on tmpfs, which would otherwise hold memory until reboot.
+    """
+    for base in (Path("/dev/shm"), Path(tempfile.gettempdir())):
+        try:
+            candidates = [*base.glob("spendwarden-etcd-*"), *base.glob("spendwarden-cp-*")]
+        except OSError:
+            continue
+        for d in candidates:
+            try:
+                pid = int((d / _OWNER_FILE).read_text())
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                shutil.rmtree(d, ignore_errors=True)
+            except (OSError, ValueError):
+                continue  # no owner file (kept for debugging, or not ours), or not our process: leave it
 
 
 class _Rest:
@@ -422,7 +452,9 @@ class ControlPlane:
         if self.etcd_dir:
             shutil.rmtree(self.etcd_dir, ignore_errors=True)  # may be on tmpfs: never keep it
             self.etcd_dir = None
-        if self.dir and not keep:
+        if self.dir and keep:
+            (self.dir / _OWNER_FILE).unlink(missing_ok=True)  # kept on purpose: not for the sweeper
+        elif self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
         self.dir = None if not keep else self.dir
 
@@ -431,11 +463,12 @@ class ControlPlane:
     def _start_local(self) -> None:
         assert self.binaries is not None
         t = time.monotonic()
-        d = self.dir = Path(tempfile.mkdtemp(prefix="spendwarden-cp-"))
+        _sweep_stale_dirs()
+        d = self.dir = _claim(Path(tempfile.mkdtemp(prefix="spendwarden-cp-")))
         # etcd 3.4 has no --unsafe-no-fsync; on tmpfs fsync is free, which makes writes (and start) faster.
         shm = Path("/dev/shm")
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > (1 << 30) else None
-        self.etcd_dir = Path(tempfile.mkdtemp(prefix="spendwarden-etcd-", dir=base))
+        self.etcd_dir = _claim(Path(tempfile.mkdtemp(prefix="spendwarden-etcd-", dir=base)))
 
         ca = certs.CA("spendwarden-local-ca")
         client_ca = certs.CA("spendwarden-local-client-ca")
