@@ -113,13 +113,22 @@ class BackendRt:
     timeout: float
     max_context: int | None
     missing_credentials: str | None = None  # "secret/key" when a key was configured but not found
+    _urls: dict[str, Any] = field(default_factory=dict)
 
-    def url(self, api: str) -> str:
-        """Upstream URL for an API ('chat/completions', 'completions', 'embeddings', 'messages')."""
-        base = self.base_url
-        if self.fmt == ANTHROPIC:
-            return base + ("/messages" if base.endswith("/v1") else "/v1/messages")
-        return base + "/" + api
+    def url(self, api: str) -> Any:
+        """Upstream URL (a parsed yarl.URL, cached) for 'chat/completions', 'completions', 'embeddings'
+        or 'messages'."""
+        u = self._urls.get(api)
+        if u is None:
+            from yarl import URL
+
+            base = self.base_url
+            if self.fmt == ANTHROPIC:
+                text = base + ("/messages" if base.endswith("/v1") else "/v1/messages")
+            else:
+                text = base + "/" + api
+            u = self._urls[api] = URL(text)
+        return u
 
 
 @dataclass(slots=True, eq=False)

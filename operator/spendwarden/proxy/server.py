@@ -178,7 +178,6 @@ class Proxy:
                 log.warning("route %s backend %s: no API key found for secret %s", b.route, b.name,
                             b.missing_credentials)
         self.compiled = compiled
-        self.metrics.reset_children()
         self.metrics.config_reloads.labels("initial" if initial else "ok").inc()
         log.info("configuration loaded: namespace %s, %d routes, %d budgets", compiled.namespace,
                  len(compiled.routes), len(compiled.budgets))
@@ -222,6 +221,7 @@ class Proxy:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30,
                                          enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
+                                             cookie_jar=aiohttp.DummyCookieJar(),
                                              skip_auto_headers=("User-Agent",),
                                              json_serialize=lambda o: orjson.dumps(o).decode())
         self._budget_gauges()
@@ -411,8 +411,8 @@ class Proxy:
             except _Retry as exc:
                 self.book.release(adm)  # no-op when the attempt already settled
                 last = exc
-                self.metrics.child(self.metrics.fallbacks, (cfg.namespace, route.name, backend.name,
-                                                            exc.reason.split(":")[0][:40])).inc()
+                self.metrics.fallbacks.labels(cfg.namespace, route.name, backend.name,
+                                              exc.reason.split(":")[0][:40]).inc()
                 log.warning("route %s backend %s failed: %s%s", route.name, backend.name, exc.reason,
                             "; trying the next fallback" if i + 1 < len(usable) else "")
         assert last is not None
@@ -667,28 +667,17 @@ class Proxy:
         dur = time.perf_counter() - ctx.t0
         cfg = self.compiled
         ns = cfg.namespace if cfg else ""
-        m = self.metrics
         b = ctx.backend
         op = OPERATION[ctx.api]
         route = ctx.route or ""
-        if ctx.route is not None:
-            base = (ns, op, b.provider if b else "", ctx.alias or "", b.model if b else "", route,
-                    b.name if b else "")
-            if ctx.usage is not None and ctx.usage_known:
-                u = ctx.usage
-                m.child(m.tokens, base + ("input",)).observe(u.input_tokens)
-                if ctx.api != EMBEDDINGS:
-                    m.child(m.tokens, base + ("output",)).observe(u.output_tokens)
-                if u.cached_input_tokens:
-                    m.child(m.tokens, base + ("cached_input",)).observe(u.cached_input_tokens)
-            if ctx.cost is not None and b is not None:
-                m.child(m.cost, base + (b.prices.currency,)).inc(float(ctx.cost))
-            m.child(m.duration, base + (ctx.outcome,)).observe(dur)
-            if ctx.ttft is not None:
-                m.child(m.ttft, base).observe(ctx.ttft)
-            if not ctx.stream and ctx.upstream_time:
-                m.child(m.overhead, (ns, route)).observe(max(dur - ctx.upstream_time, 0.0))
-        m.child(m.requests, (ns, route, b.name if b else "", op, ctx.outcome, str(ctx.status))).inc()
+        base = None
+        if ctx.route is not None and b is not None:
+            base = (ns, op, b.provider, ctx.alias or "", b.model, route, b.name)
+        self.metrics.request(
+            base, b.prices.currency if b else "", (ns, route, b.name if b else "", op, ctx.outcome, str(ctx.status)),
+            ctx.outcome, dur, ctx.usage if ctx.usage_known else None,
+            float(ctx.cost) if ctx.cost is not None else None, ctx.ttft,
+            max(dur - ctx.upstream_time, 0.0) if not ctx.stream and ctx.upstream_time else None)
         u = ctx.usage
         line = {
             "ts": round(time.time(), 3), "namespace": ns, "api": ctx.api, "model": ctx.alias,
@@ -706,6 +695,18 @@ class Proxy:
         }
         try:
             self._out.write(orjson.dumps({k: v for k, v in line.items() if v is not None}) + b"\n")
+        except (OSError, ValueError):
+            return
+        if not self._flush_scheduled:
+            # Batch the write syscalls: lines reach the log within 50 ms.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(0.05, self._flush)
+
+    _flush_scheduled = False
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        try:
             self._out.flush()
         except (OSError, ValueError):
             pass
