@@ -1,0 +1,181 @@
+"""The operator as a real process against the real apiserver (+ kube-controller-manager)."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from spendwarden.api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME
+from spendwarden.render.proxyconfig import configmap_manifest, render_proxy_config
+
+from ..unit.test_api_validation import GOOD_BUDGET, GOOD_ROUTE
+from .operator_process import OperatorProcess, wait_for
+
+GROUP, VERSION = "spendwarden.io", "v1alpha1"
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, tmp_path_factory):
+    proc = OperatorProcess(str(control_plane.kubeconfig), tmp_path_factory.mktemp("operator") / "operator.log",
+                           extra_args=["--namespace", "op-*"])
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def op_namespace(kube, request):
+    """A namespace the operator under test watches (op-*); removed after the test."""
+    import uuid
+    name = f"op-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(kube)
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)
+
+
+def custom(kube):
+    return client.CustomObjectsApi(kube)
+
+
+def create(kube, ns, kind, name, spec):
+    plural = {"ModelRoute": "modelroutes", "TokenBudget": "tokenbudgets"}[kind]
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name}, "spec": spec}
+    return custom(kube).create_namespaced_custom_object(GROUP, VERSION, ns, plural, body)
+
+
+def get(kube, ns, plural, name):
+    return custom(kube).get_namespaced_custom_object(GROUP, VERSION, ns, plural, name)
+
+
+def proxy_config(kube, ns):
+    cm = client.CoreV1Api(kube).read_namespaced_config_map(CONFIGMAP_NAME, ns)
+    return cm, json.loads(cm.data[CONFIG_KEY])
+
+
+def condition(obj, type_):
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type_), None)
+
+
+def test_configmap_rendered_updated_and_removed_with_the_crs(operator, kube, op_namespace):
+    ns = op_namespace
+    route = create(kube, ns, "ModelRoute", "chat", GOOD_ROUTE)
+    budget = create(kube, ns, "TokenBudget", "monthly", GOOD_BUDGET)
+
+    cm, config = wait_for(lambda: (lambda c: c if len(c[1]["routes"]) == 1 and len(c[1]["budgets"]) == 1 else None)(
+        proxy_config(kube, ns)), what="ConfigMap with the route and the budget")
+    assert config["namespace"] == ns
+    assert config["routes"][0]["spec"]["model"] == "chat"
+    assert config["budgets"][0]["spec"]["limits"]["cost"]["amount"] == "250.00"
+    assert {o.uid for o in cm.metadata.owner_references} == {route["metadata"]["uid"], budget["metadata"]["uid"]}
+
+    tb = wait_for(lambda: (lambda o: o if o.get("status", {}).get("state") else None)(get(kube, ns, "tokenbudgets", "monthly")),
+                  what="TokenBudget status")
+    assert tb["status"]["state"] == "Active"
+    assert tb["status"]["limitSummary"] == "1M tokens, 250.00 USD"
+    assert tb["status"]["periodEnd"].endswith("T23:00:00Z") or tb["status"]["periodEnd"].endswith("T22:00:00Z")
+    assert condition(tb, "Ready")["status"] == "True"
+    mr = wait_for(lambda: (lambda o: o if o.get("status", {}).get("ready") else None)(get(kube, ns, "modelroutes", "chat")),
+                  what="ModelRoute status")
+    assert mr["status"]["ready"] == "True" and mr["status"]["backendCount"] == 2
+    assert mr["status"]["observedGeneration"] == mr["metadata"]["generation"]
+
+    # An update is rendered.
+    patched = copy.deepcopy(GOOD_ROUTE)
+    patched["limits"] = {"maxTokens": 512}
+    custom(kube).patch_namespaced_custom_object(GROUP, VERSION, ns, "modelroutes", "chat", {"spec": patched})
+    wait_for(lambda: proxy_config(kube, ns)[1]["routes"][0]["spec"].get("limits", {}).get("maxTokens") == 512,
+             what="ConfigMap to carry the update")
+
+    # kubectl shows the printer columns with live values.
+    out = subprocess.run(["kubectl", "--kubeconfig", str(operator.kubeconfig), "get", "tb,mr", "-n", ns],
+                         capture_output=True, text=True, check=True).stdout
+    assert "LIMIT" in out and "1M tokens, 250.00 USD" in out and "Active" in out
+    assert "MODEL" in out and "chat" in out and "True" in out
+
+    # Deleting one CR re-renders without it; deleting the last removes the ConfigMap.
+    custom(kube).delete_namespaced_custom_object(GROUP, VERSION, ns, "tokenbudgets", "monthly")
+    wait_for(lambda: proxy_config(kube, ns)[1]["budgets"] == [], what="budget to leave the ConfigMap")
+    custom(kube).delete_namespaced_custom_object(GROUP, VERSION, ns, "modelroutes", "chat")
+
+    def gone():
+        try:
+            client.CoreV1Api(kube).read_namespaced_config_map(CONFIGMAP_NAME, ns)
+            return False
+        except ApiException as exc:
+            return exc.status == 404
+    wait_for(gone, what="ConfigMap removal")
+    assert operator.alive()
+
+
+def test_invalid_cr_gets_condition_and_event_and_the_operator_stays_up(operator, kube, op_namespace):
+    ns = op_namespace
+    create(kube, ns, "ModelRoute", "good", GOOD_ROUTE)
+    bad_spec = {**copy.deepcopy(GOOD_ROUTE), "model": "broken", "rules": [{"match": {}, "backend": "huge"}]}
+    create(kube, ns, "ModelRoute", "broken", bad_spec)
+    bad_budget = {**GOOD_BUDGET, "window": "24h"}  # schema-valid, but period and window both set
+    create(kube, ns, "TokenBudget", "both", bad_budget)
+
+    broken = wait_for(lambda: (lambda o: o if condition(o, "Ready") else None)(get(kube, ns, "modelroutes", "broken")),
+                      what="Ready condition on the broken route")
+    ready = condition(broken, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+    assert "rules[0].backend names unknown backend 'huge'" in ready["message"]
+    both = wait_for(lambda: (lambda o: o if condition(o, "Ready") else None)(get(kube, ns, "tokenbudgets", "both")),
+                    what="Ready condition on the bad budget")
+    assert "set either period or window, not both" in condition(both, "Ready")["message"]
+
+    def warning_events():
+        events = client.CoreV1Api(kube).list_namespaced_event(ns).items
+        return {(e.involved_object.name, e.reason): e.message for e in events if e.type == "Warning"}
+    events = wait_for(lambda: (lambda ev: ev if ("broken", "InvalidSpec") in ev and ("both", "InvalidSpec") in ev else None)(
+        warning_events()), what="Warning Events")
+    assert "unknown backend 'huge'" in events[("broken", "InvalidSpec")]
+
+    # The good route is still served; the bad ones are not.
+    _, config = wait_for(lambda: proxy_config(kube, ns), what="ConfigMap")
+    assert [r["name"] for r in config["routes"]] == ["good"] and config["budgets"] == []
+    assert operator.alive()
+
+    # Fixing the spec makes it Ready.
+    fixed = {**bad_spec, "rules": [{"match": {}, "backend": "big"}]}
+    custom(kube).patch_namespaced_custom_object(GROUP, VERSION, ns, "modelroutes", "broken", {"spec": fixed})
+    wait_for(lambda: condition(get(kube, ns, "modelroutes", "broken"), "Ready")["status"] == "True", what="fixed route Ready")
+    wait_for(lambda: sorted(r["name"] for r in proxy_config(kube, ns)[1]["routes"]) == ["broken", "good"],
+             what="fixed route in the ConfigMap")
+
+
+def test_schema_violations_are_refused_by_the_apiserver(kube, op_namespace):
+    with pytest.raises(ApiException) as err:
+        create(kube, op_namespace, "TokenBudget", "bad", {**GOOD_BUDGET, "onExceeded": "Explode"})
+    assert err.value.status == 422 and "onExceeded" in err.value.body
+    with pytest.raises(ApiException) as err:
+        create(kube, op_namespace, "ModelRoute", "bad", {**GOOD_ROUTE, "backends": []})
+    assert err.value.status == 422
+
+
+def test_rendered_configmap_is_garbage_collected_by_kubernetes(kube, namespace):
+    """Ownership as rendered makes kube-controller-manager delete the ConfigMap with its owners
+    (here without the operator, which is not watching this namespace)."""
+    route = create(kube, namespace, "ModelRoute", "chat", GOOD_ROUTE)
+    budget = create(kube, namespace, "TokenBudget", "monthly", GOOD_BUDGET)
+    result = render_proxy_config(namespace, [route], [budget])
+    client.CoreV1Api(kube).create_namespaced_config_map(namespace, configmap_manifest(result.config, [route, budget]))
+    custom(kube).delete_namespaced_custom_object(GROUP, VERSION, namespace, "modelroutes", "chat")
+    # One owner left: the ConfigMap stays.
+    import time
+    time.sleep(2)
+    client.CoreV1Api(kube).read_namespaced_config_map(CONFIGMAP_NAME, namespace)
+    custom(kube).delete_namespaced_custom_object(GROUP, VERSION, namespace, "tokenbudgets", "monthly")
+
+    def gone():
+        try:
+            client.CoreV1Api(kube).read_namespaced_config_map(CONFIGMAP_NAME, namespace)
+            return False
+        except ApiException as exc:
+            return exc.status == 404
+    wait_for(gone, timeout=30, what="garbage collection of the ConfigMap")
