@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -11,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Watch only this namespace (repeatable; globs allowed). Default: all namespaces.")
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                         help="Liveness endpoint URL (host, port and path to serve). Default %(default)s.")
-    parser.add_argument("--log-format", choices=["json", "plain"], default="json", help="Log format. Default json.")
+    parser.add_argument("--log-format", choices=["json", "plain"], default=os.environ.get("SPENDWARDEN_LOG_FORMAT", "json"),
+                        help="Log format (env SPENDWARDEN_LOG_FORMAT). Default json.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
 
 
