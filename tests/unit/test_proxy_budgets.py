@@ -1,0 +1,114 @@
+from decimal import Decimal
+
+import pytest
+
+from spendwarden.ledger.pricing import TokenUsage
+from spendwarden.proxy.budgets import BudgetBook
+from spendwarden.proxy.config import compile_config, parse_config_text
+from spendwarden.proxy.errors import ProxyError
+
+
+def config(on_exceeded="CutOff", limits='{tokens: {total: 1000}}', window="24h"):
+    text = f"""
+kind: ModelRoute
+metadata: {{name: chat}}
+spec:
+  model: chat
+  defaultBackend: big
+  backends:
+  - {{name: big, provider: OpenAI, url: "http://x/v1", model: big, pricing: {{input: "10", output: "30"}}}}
+  - {{name: small, provider: OpenAI, url: "http://x/v1", model: small, pricing: {{input: "0.1", output: "0.2"}}}}
+---
+kind: TokenBudget
+metadata: {{name: b}}
+spec:
+  window: {window}
+  onExceeded: {on_exceeded}
+  limits: {limits}
+"""
+    cfg, _ = parse_config_text(text)
+    return compile_config(cfg)
+
+
+class Clock:
+    def __init__(self, t=1_800_000_000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def test_reserve_clamp_refuse_and_retry_after():
+    c = config()
+    clock = Clock()
+    book = BudgetBook(clock=clock)
+    book.sync(c.budgets)
+    route = c.routes["chat"]
+    big = route.backends["big"]
+    a1 = book.admit(route, big, 100, 500, 1, route.downgrade)
+    assert a1.max_output == 500
+    a2 = book.admit(route, big, 100, 500, 1, route.downgrade)
+    assert a2.max_output == 300  # clamped: 1000 - 600 reserved - 100 prompt
+    with pytest.raises(ProxyError) as e:
+        book.admit(route, big, 100, 500, 1, route.downgrade)
+    assert e.value.status == 429 and e.value.extra["budget"] == "b"
+    assert 1 <= int(e.value.headers["Retry-After"]) <= 86400
+    book.settle(a1, big.prices, TokenUsage(90, 10))  # used far less than reserved: room again
+    a3 = book.admit(route, big, 100, 500, 1, route.downgrade)
+    assert a3.max_output == 400  # 1000 - 100 used - 400 still reserved by a2 - 100 prompt
+
+
+def test_unknown_usage_charges_whole_reservation_and_release_charges_nothing():
+    c = config()
+    book = BudgetBook(clock=Clock())
+    book.sync(c.budgets)
+    route, big = c.routes["chat"], c.routes["chat"].backends["big"]
+    a = book.admit(route, big, 100, 200, 1, None)
+    book.settle(a, big.prices, None)
+    b = book.admit(route, big, 100, 200, 1, None)
+    book.release(b)
+    st = book.states["b"].allowance
+    assert st.used.total_tokens == 300 and st.reserved.total_tokens == 0
+
+
+def test_downgrade_and_alert_only():
+    c = config("Downgrade", '{cost: {amount: "0.01"}}')
+    book = BudgetBook(clock=Clock())
+    book.sync(c.budgets)
+    route = c.routes["chat"]
+    big, small = route.backends["big"], route.backends["small"]
+    a = book.admit(route, big, 100, 100, 1, route.downgrade)
+    assert a.backend is big and not a.downgraded
+    # 0.01 at 30/1M output buys ~333 output tokens on big: 1000 does not fit -> small
+    a = book.admit(route, big, 100, 1000, 1, route.downgrade)
+    assert a.backend is small and a.downgraded
+    c = config("AlertOnly", '{tokens: {total: 10}}')
+    book = BudgetBook(clock=Clock())
+    book.sync(c.budgets)
+    a = book.admit(c.routes["chat"], big, 100, 100, 1, None)
+    assert a.max_output == 100 and a.over_budget == ["b"]
+
+
+def test_new_period_resets_usage_and_state_file_roundtrip(tmp_path):
+    c = config(window="1h")
+    clock = Clock(3600 * 500_000 + 10)
+    state = tmp_path / "s.json"
+    book = BudgetBook(str(state), clock=clock)
+    book.sync(c.budgets)
+    route, big = c.routes["chat"], c.routes["chat"].backends["big"]
+    a = book.admit(route, big, 10, 10, 1, None)
+    book.settle(a, big.prices, TokenUsage(10, 10))
+    book.save()
+    again = BudgetBook(str(state), clock=clock)
+    again.sync(c.budgets)
+    assert again.states["b"].allowance.used.total_tokens == 20
+    assert again.states["b"].allowance.used.cost == Decimal(10 * 10 + 10 * 30) / 10**6
+    clock.t += 3600
+    again.roll()
+    assert again.states["b"].allowance.used.total_tokens == 0
+    # in-flight reservations at shutdown are charged, never dropped
+    a = again.admit(route, big, 10, 10, 1, None)
+    again.shutdown()
+    third = BudgetBook(str(state), clock=clock)
+    third.sync(c.budgets)
+    assert third.states["b"].allowance.used.total_tokens == 20

@@ -1,0 +1,75 @@
+import pytest
+
+from spendwarden.ledger.pricing import TokenUsage
+from spendwarden.proxy.errors import ProxyError
+from spendwarden.proxy.wire import (CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, anthropic_usage, check_request,
+                                    event_data, openai_usage, split_events)
+
+
+def test_check_chat_ok():
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "n": 2,
+            "stream": True, "tools": [{}]}
+    assert check_request(CHAT, body) == ("chat", True, 10, 2, True)
+    body = {"model": "chat", "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+            "max_completion_tokens": 5, "max_tokens": 50}
+    assert check_request(CHAT, body)[2] == 5
+
+
+@pytest.mark.parametrize("api,body,needle", [
+    (CHAT, [], "JSON object"),
+    (CHAT, {"messages": []}, "'model' is required"),
+    (CHAT, {"model": 3, "messages": []}, "'model' must be"),
+    (CHAT, {"model": "m"}, "'messages' is required"),
+    (CHAT, {"model": "m", "messages": "hi"}, "'messages' must be an array"),
+    (CHAT, {"model": "m", "messages": []}, "at least one"),
+    (CHAT, {"model": "m", "messages": ["hi"]}, "messages[0]"),
+    (CHAT, {"model": "m", "messages": [{"content": "x"}]}, "role"),
+    (CHAT, {"model": "m", "messages": [{"role": "user", "content": 5}]}, "content"),
+    (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}, "max_tokens"),
+    (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": True}, "max_tokens"),
+    (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "at least 1"),
+    (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
+    (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": {}}, "tools"),
+    (COMPLETIONS, {"model": "m", "prompt": 5}, "prompt"),
+    (EMBEDDINGS, {"model": "m", "input": []}, "input"),
+    (MESSAGES, {"model": "m", "messages": [{"role": "user"}], "max_tokens": 5}, "content"),
+    (MESSAGES, {"model": "m", "messages": [{"role": "user", "content": "x"}], "system": 5}, "system"),
+])
+def test_check_refuses_with_clear_400(api, body, needle):
+    with pytest.raises(ProxyError) as e:
+        check_request(api, body)
+    assert e.value.status == 400 and needle in e.value.message
+
+
+def test_completions_choices_count_prompts():
+    assert check_request(COMPLETIONS, {"model": "m", "prompt": ["a", "b"], "n": 2})[3] == 4
+    assert check_request(COMPLETIONS, {"model": "m", "prompt": [1, 2, 3]})[3] == 1
+
+
+def test_openai_usage():
+    assert openai_usage({"prompt_tokens": 10, "completion_tokens": 5,
+                         "prompt_tokens_details": {"cached_tokens": 4}}) == TokenUsage(10, 5, 4)
+    assert openai_usage({"prompt_tokens": 7, "total_tokens": 7}) == TokenUsage(7, 0, 0)  # embeddings
+    assert openai_usage(None) is None and openai_usage({"prompt_tokens": "x"}) is None
+
+
+def test_anthropic_usage_adds_cache_reads_and_writes_to_input():
+    start = anthropic_usage({"input_tokens": 10, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 5,
+                             "output_tokens": 1})
+    assert start == TokenUsage(45, 1, 30)
+    assert anthropic_usage({"output_tokens": 20}, start) == TokenUsage(45, 20, 30)
+    # newer APIs repeat the input side in message_delta
+    assert anthropic_usage({"input_tokens": 10, "cache_read_input_tokens": 30, "output_tokens": 20}, start) \
+        == TokenUsage(40, 20, 30)
+    assert anthropic_usage(None, start) == start
+
+
+def test_split_events_keeps_incomplete_tail():
+    buf = bytearray(b"data: {\"a\":1}\n\ndata: [DONE]\n\ndata: {\"b\"")
+    evs = split_events(buf)
+    assert evs == [b"data: {\"a\":1}\n\n", b"data: [DONE]\n\n"]
+    assert bytes(buf) == b"data: {\"b\""
+    buf += b":2}\r\n\r\n"
+    assert split_events(buf) == [b"data: {\"b\":2}\n\n"] and not buf
+    assert event_data(b"event: message_delta\ndata: {\"x\":1}\n\n") == b"{\"x\":1}"
+    assert event_data(b": comment\n\n") is None
