@@ -190,3 +190,27 @@ def test_bad_upstreams(up, start_proxy):
     assert proxy.alive()
     ok = client.chat.completions.create(model="solo", messages=[{"role": "user", "content": "still up?"}])
     assert ok.choices
+
+
+def test_client_disconnect_mid_stream_charges_the_reservation(start_proxy, tmp_path):
+    with MockUpstream(tokens=40, chunk_delay_ms=50) as up:
+        proxy = start_proxy(stream_of(route_yaml("chat", "chat", [backend("oa", up.openai_url)]),
+                                      budget_yaml("b", limits={"tokens": {"total": 100000}})),
+                            state_file=tmp_path / "state.json")
+        body = {"model": "chat", "stream": True, "max_tokens": 40, "messages": [{"role": "user", "content": "x"}]}
+        with httpx.Client(timeout=10) as c:
+            with c.stream("POST", proxy.openai_url + "/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                seen = 0
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        seen += 1
+                    if seen == 3:
+                        break
+        line = proxy.log(1, timeout=10)[-1]
+        assert line["outcome"] == "client_closed" and line["usage_source"] == "reservation"
+        assert proxy.alive()
+        proxy.stop()
+        import json as _json
+        used = _json.loads((tmp_path / "state.json").read_text())["budgets"]["b"]
+        assert used["outputTokens"] == 40  # the whole reservation: the provider may bill every token

@@ -22,7 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Where budget usage is kept across restarts (standalone). Default: not persisted.")
     parser.add_argument("--namespace", default=os.environ.get("SPENDWARDEN_NAMESPACE"),
                         help="Namespace for attribution (default: from the configuration).")
-    parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
+                        help="Larger request bodies get 413 (default 8 MiB).")
+    parser.add_argument("--default-max-tokens", type=int,
+                        default=int(os.environ.get("SPENDWARDEN_DEFAULT_MAX_TOKENS", 4096)),
+                        help="Output cap sent upstream when the client gave none, the route has no "
+                             "maxTokens and a budget needs a worst case (default 4096).")
     parser.add_argument("--log-level", default=os.environ.get("SPENDWARDEN_LOG_LEVEL", "INFO"))
 
 
@@ -35,7 +40,7 @@ async def serve(args: argparse.Namespace) -> int:
     raise_nofile_limit()
     try:
         proxy = Proxy(args.config, namespace=args.namespace, state_file=args.state_file,
-                      max_body=args.max_body_bytes)
+                      max_body=args.max_body_bytes, default_max_tokens=args.default_max_tokens)
     except ConfigError as exc:
         print(f"spendwarden proxy: {exc}", file=sys.stderr)
         return 2

@@ -119,8 +119,10 @@ def select_backend(route: RouteRt, headers: Any, est: int | None, tools: bool) -
 
 class Proxy:
     def __init__(self, config_path: str, namespace: str | None = None, state_file: str | None = None,
-                 max_body: int = DEFAULT_MAX_BODY, access_log: Any = None, poll_interval: float = 1.0):
+                 max_body: int = DEFAULT_MAX_BODY, access_log: Any = None, poll_interval: float = 1.0,
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS):
         self.config_path = config_path
+        self.default_max_tokens = default_max_tokens
         self.namespace_arg = namespace
         self.max_body = max_body
         self.poll_interval = poll_interval
@@ -385,7 +387,7 @@ class Proxy:
             if cap is not None:
                 want = cap if want is None else min(want, cap)
             if want is None and (route.budgets or api == MESSAGES):
-                want = DEFAULT_MAX_TOKENS
+                want = self.default_max_tokens
         downgrade_to = route.downgrade if route.downgrade.fmt == fmt else \
             min((b for b in route.backends.values() if b.fmt == fmt), key=lambda b: (b.prices.output, b.prices.input))
         client_usage = False
