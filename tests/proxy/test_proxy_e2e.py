@@ -134,12 +134,14 @@ def test_bad_requests_get_provider_shaped_errors(up, proxy):
     assert r.status_code == 400 and r.json()["type"] == "error"
     with pytest.raises(anthropic.NotFoundError):
         an(proxy).messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "x"}])
-    # format mismatch: an OpenAI request for an Anthropic-only route is refused clearly
+    # format mismatch: only OpenAI chat is translated for Anthropic backends; the rest is refused clearly
     with pytest.raises(openai.BadRequestError, match="Anthropic"):
-        client.chat.completions.create(model="claude", messages=[{"role": "user", "content": "x"}])
+        client.completions.create(model="claude", prompt="x")
+    with pytest.raises(anthropic.BadRequestError, match="translated"):
+        an(proxy).messages.create(model="chat", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     assert up.requests() == []  # none of these reached the upstream
     assert proxy.alive()
-    outcomes = {line["outcome"] for line in proxy.log(8)}
+    outcomes = {line["outcome"] for line in proxy.log(9)}
     assert outcomes == {"rejected"}
 
 
@@ -214,3 +216,27 @@ def test_client_disconnect_mid_stream_charges_the_reservation(start_proxy, tmp_p
         import json as _json
         used = _json.loads((tmp_path / "state.json").read_text())["budgets"]["b"]
         assert used["outputTokens"] == 40  # the whole reservation: the provider may bill every token
+
+
+def test_openai_client_to_anthropic_backend_is_translated(up, proxy):
+    client = oa(proxy)
+    r = client.chat.completions.create(model="claude", max_tokens=50,
+                                       messages=[{"role": "system", "content": "be brief"},
+                                                 {"role": "user", "content": "hi"}])
+    rec = last_upstream(up)
+    assert rec["path"] == "/v1/messages" and rec["model"] == "claude-haiku" and rec["max_tokens"] == 50
+    assert r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == 12
+    line = proxy.log(1)[-1]
+    assert Decimal(line["cost"]) == expected_cost(r.usage.prompt_tokens, 12, pin=A_IN, pout=A_OUT)
+    chunks = list(client.chat.completions.create(model="claude", stream=True, stream_options={"include_usage": True},
+                                                 messages=[{"role": "user", "content": "stream"}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage.completion_tokens == 12
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    line = proxy.log(2)[-1]
+    assert line["usage_source"] == "upstream" and line["output_tokens"] == 12
+    # provider errors come back in OpenAI's shape
+    up.script({"status": 400})
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="claude", messages=[{"role": "user", "content": "x"}])

@@ -27,6 +27,7 @@ from .config import ANTHROPIC, OPENAI, BackendRt, Compiled, ConfigError, RouteRt
     parse_config_text, secrets_fingerprint
 from .errors import ProxyError, error_body, stream_error_event
 from .metrics import Metrics
+from .translate import StreamTranslator, chat_to_messages, error_to_openai, message_to_chat
 from .wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, OPERATION, anthropic_usage, bad, check_request, \
     event_data, openai_usage, split_events, usage_from_body
 
@@ -81,6 +82,7 @@ class Ctx:
     budgets: list[str] = field(default_factory=list)
     tags: dict[str, str] | None = None
     error: str | None = None
+    translating: bool = False
 
 
 def parse_tags(value: str | None) -> dict[str, str] | None:
@@ -363,12 +365,18 @@ class Proxy:
                       f"({route.max_prompt_tokens})", "messages", "prompt_too_long")
         selected, _rule = select_backend(route, request.headers, est, tools)
         candidates = [selected] + [b for b in route.fallbacks if b is not selected]
-        usable = [b for b in candidates if b.fmt == fmt]
+        # OpenAI chat requests can be translated for Anthropic backends; nothing else crosses formats.
+        crosses = api == CHAT
+
+        def compatible(b: BackendRt) -> bool:
+            return b.fmt == fmt or crosses
+
+        usable = [b for b in candidates if compatible(b)]
         if not usable:
-            got = "Anthropic Messages" if fmt == ANTHROPIC else "OpenAI"
+            got = "Anthropic Messages" if fmt == ANTHROPIC else f"OpenAI /v1/{api}"
             raise bad(f"route {route.name!r} (model {alias!r}) sends this request to backend {selected.name!r}, "
                       f"which speaks the {selected.provider} API, but the request uses the {got} API; "
-                      f"translating between formats is not supported: call the "
+                      f"only OpenAI chat completions are translated for Anthropic backends: call the "
                       f"{'/v1/messages' if selected.fmt == ANTHROPIC else '/v1/chat/completions'} endpoint instead",
                       "model", "format_mismatch")
         if est is not None:
@@ -388,8 +396,8 @@ class Proxy:
                 want = cap if want is None else min(want, cap)
             if want is None and (route.budgets or api == MESSAGES):
                 want = self.default_max_tokens
-        downgrade_to = route.downgrade if route.downgrade.fmt == fmt else \
-            min((b for b in route.backends.values() if b.fmt == fmt), key=lambda b: (b.prices.output, b.prices.input))
+        downgrade_to = route.downgrade if compatible(route.downgrade) else \
+            min((b for b in route.backends.values() if compatible(b)), key=lambda b: (b.prices.output, b.prices.input))
         client_usage = False
         if stream and api != MESSAGES:
             so = body.get("stream_options")
@@ -403,14 +411,27 @@ class Proxy:
             ctx.downgraded, ctx.over_budget = adm.downgraded, adm.over_budget
             out = adm.max_output if adm.max_output is not None else want
             ctx.max_output = out
-            payload = self._payload(body, api, backend, out, stream)
+            ctx.translating = backend.fmt != fmt
+            try:
+                if ctx.translating:
+                    payload = orjson.dumps(chat_to_messages(body, backend.model, out or self.default_max_tokens,
+                                                            stream))
+                else:
+                    payload = self._payload(body, api, backend, out, stream)
+            except BaseException:
+                self.book.release(adm)  # nothing was sent
+                raise
             try:
                 if backend.missing_credentials:
                     raise _Retry(502, f"no API key for backend {backend.name} (secret {backend.missing_credentials})")
                 if stream:
                     return await self._stream(request, ctx, backend, adm, payload, client_usage, i > 0)
                 return await self._unary(request, ctx, backend, adm, payload, i > 0)
-            except _Retry as exc:
+            except BaseException as exc:
+                if not isinstance(exc, _Retry):
+                    # Outcome unknown (a bug, or cancelled at shutdown): charge the reservation.
+                    self.book.settle(adm, backend.prices, None)
+                    raise
                 self.book.release(adm)  # no-op when the attempt already settled
                 last = exc
                 self.metrics.fallbacks.labels(cfg.namespace, route.name, backend.name,
@@ -421,8 +442,8 @@ class Proxy:
         if last.body is not None and last.status == 429:
             # The provider's own rate limit, after every fallback: pass it on so SDKs back off.
             ctx.status, ctx.outcome, ctx.error = 429, "upstream_error", last.reason
-            return web.Response(status=429, body=last.body, content_type=last.content_type or "application/json",
-                                headers=last.headers)
+            return web.Response(status=429, body=error_to_openai(last.body) if ctx.translating else last.body,
+                                content_type=last.content_type or "application/json", headers=last.headers)
         status = 504 if last.status == 504 else 502
         raise ProxyError(status, f"upstream failed for route {route.name!r}: {last.reason}"
                          + (f" (after {len(usable)} backends)" if len(usable) > 1 else ""),
@@ -509,9 +530,12 @@ class Proxy:
             # The provider refused the request (400, 401, 404, ...): nothing billed, pass it on.
             self.book.release(adm)
             ctx.status, ctx.outcome, ctx.error = status, "upstream_error", f"upstream status {status}"
-            return web.Response(status=status, body=raw, headers=headers, content_type=_ctype(ctype))
+            return web.Response(status=status, body=error_to_openai(raw) if ctx.translating else raw,
+                                headers=headers, content_type=_ctype(ctype))
         try:
-            _doc, usage = usage_from_body(backend.fmt == ANTHROPIC, raw)
+            doc, usage = usage_from_body(backend.fmt == ANTHROPIC, raw)
+            if ctx.translating:
+                raw = orjson.dumps(message_to_chat(doc, ctx.alias or ""))
         except ValueError:
             self.book.settle(adm, backend.prices, None)
             ctx.usage_known = False
@@ -561,7 +585,8 @@ class Proxy:
                                  {k: resp.headers[k] for k in ("retry-after",) if k in resp.headers})
                 self.book.release(adm)
                 ctx.status, ctx.outcome, ctx.error = status, "upstream_error", f"upstream status {status}"
-                return web.Response(status=status, body=raw, content_type=_ctype(ctype),
+                return web.Response(status=status, body=error_to_openai(raw) if ctx.translating else raw,
+                                    content_type=_ctype(ctype),
                                     headers=self._resp_headers(ctx, backend, resp.headers))
             if "text/event-stream" not in resp.headers.get("Content-Type", ""):
                 self.book.settle(adm, backend.prices, None)
@@ -583,6 +608,7 @@ class Proxy:
     async def _relay(self, ctx: Ctx, backend: BackendRt, adm: Admission, resp: aiohttp.ClientResponse,
                      out: web.StreamResponse, client_usage: bool) -> None:
         anthropic = backend.fmt == ANTHROPIC
+        translator = StreamTranslator(ctx.alias or "", client_usage) if ctx.translating else None
         buf = bytearray()
         usage: TokenUsage | None = None
         complete = False
@@ -597,6 +623,24 @@ class Proxy:
                     continue
                 keep: list[bytes] = []
                 for ev in events:
+                    if translator is not None:
+                        data = event_data(ev)
+                        try:
+                            obj = loads(data) if data else None
+                        except orjson.JSONDecodeError:
+                            obj = None
+                        if not isinstance(obj, dict):
+                            continue
+                        kind = obj.get("type")
+                        if kind == "message_start":
+                            msg = obj.get("message")
+                            usage = anthropic_usage(msg.get("usage") if isinstance(msg, dict) else None)
+                        elif kind == "message_delta":
+                            usage = anthropic_usage(obj.get("usage"), usage)
+                        elif kind == "message_stop":
+                            complete = True
+                        keep.extend(translator.event(obj))
+                        continue
                     if anthropic:
                         head = ev[:48]
                         if b"message_start" in head or b"message_delta" in head:
@@ -648,7 +692,7 @@ class Proxy:
         if failure is not None:
             ctx.outcome, ctx.error = "upstream_error", failure
             try:
-                await out.write(stream_error_event(backend.fmt, 502, failure))
+                await out.write(stream_error_event(ctx.fmt, 502, failure))
             except (ConnectionError, RuntimeError):
                 pass
         elif client_gone:
