@@ -58,6 +58,7 @@ import asyncio
 import base64
 import collections
 import dataclasses
+import functools
 import json
 import math
 import socket
@@ -135,7 +136,20 @@ class Behaviour:
         return dataclasses.replace(base, **changes) if changes else base
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return dict(_behaviour_dict(self))
+
+
+@functools.lru_cache(maxsize=256)
+def _behaviour_dict(b: Behaviour) -> dict[str, Any]:
+    # Cached: recording runs on every request and most requests share a handful of behaviours.
+    return {f.name: getattr(b, f.name) for f in dataclasses.fields(b) if getattr(b, f.name) is not None}
+
+
+@functools.lru_cache(maxsize=1024)
+def _recordable_header(name: str) -> str | None:
+    """The lower-cased name if the header may be recorded, None if it may carry a credential."""
+    low = name.lower()
+    return None if any(m in low for m in _SECRET_MARKERS) else low
 
 
 def _truthy(v: Any) -> bool:
@@ -299,9 +313,8 @@ class _Handlers:
                 "include_usage": bool(isinstance(so, dict) and so.get("include_usage")),
                 "max_tokens": req.get("max_completion_tokens", req.get("max_tokens")),
                 "status": status,
-                "behaviour": b.as_dict(),
-                "headers": {k.lower(): v for k, v in request.headers.items()
-                            if not any(m in k.lower() for m in _SECRET_MARKERS)},
+                "behaviour": _behaviour_dict(b),  # shared, read-only
+                "headers": {low: v for k, v in request.headers.items() if (low := _recordable_header(k))},
                 "usage": usage,
                 "completed": completed,
             }
