@@ -263,3 +263,9 @@ async def test_usable_from_async_tests():
         r = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2)
         assert r.usage.completion_tokens == 2
         await c.close()
+
+
+def test_bad_mock_header_is_a_400(up):
+    r = httpx.post(up.openai_url + "/chat/completions", json={"model": "m", "messages": MESSAGES},
+                   headers={"x-mock-tokens": "many"}, timeout=5)
+    assert r.status_code == 400 and "x-mock" in r.text

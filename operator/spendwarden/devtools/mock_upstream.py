@@ -285,7 +285,10 @@ class _Handlers:
                     hdr = {}
                 hdr[k[7:].lower().replace("-", "_")] = v
         if hdr:
-            b = Behaviour.from_dict({k: v for k, v in hdr.items() if k in _INT_FIELDS or k in _BOOL_FIELDS}).over(b)
+            try:
+                b = Behaviour.from_dict({k: v for k, v in hdr.items() if k in _INT_FIELDS or k in _BOOL_FIELDS}).over(b)
+            except ValueError as exc:  # a typo in a test's header should say so, not 500
+                raise web.HTTPBadRequest(text=f"bad x-mock-* header: {exc}") from exc
         return b
 
     def record(self, request: web.Request, api: str, req: dict[str, Any], b: Behaviour, status: int,
