@@ -725,22 +725,44 @@ class Proxy:
             float(ctx.cost) if ctx.cost is not None else None, ctx.ttft,
             max(dur - ctx.upstream_time, 0.0) if not ctx.stream and ctx.upstream_time else None)
         u = ctx.usage
-        line = {
+        line: dict[str, Any] = {
             "ts": round(time.time(), 3), "namespace": ns, "api": ctx.api, "model": ctx.alias,
-            "route": ctx.route, "backend": b.name if b else None, "upstream_model": b.model if b else None,
-            "status": ctx.status, "outcome": ctx.outcome, "stream": ctx.stream,
-            "input_tokens": u.input_tokens if u else None, "output_tokens": u.output_tokens if u else None,
-            "cached_input_tokens": u.cached_input_tokens if u else None,
-            "usage_source": "upstream" if ctx.usage_known and u else ("reservation" if not ctx.usage_known else None),
-            "cost": format_money(ctx.cost) if ctx.cost is not None else None,
-            "currency": b.prices.currency if b else None,
-            "duration_ms": round(dur * 1000, 3), "ttft_ms": round(ctx.ttft * 1000, 3) if ctx.ttft is not None else None,
-            "est_prompt_tokens": ctx.est, "max_output_tokens": ctx.max_output, "attempts": ctx.attempts,
-            "budgets": ctx.budgets or None, "downgraded": ctx.downgraded or None,
-            "over_budget": ctx.over_budget or None, "tags": ctx.tags, "error": ctx.error,
-        }
+            "route": ctx.route, "status": ctx.status, "outcome": ctx.outcome, "stream": ctx.stream,
+            "duration_ms": round(dur * 1000, 3), "attempts": ctx.attempts}
+        if b is not None:
+            line["backend"] = b.name
+            line["upstream_model"] = b.model
+            line["currency"] = b.prices.currency
+        if u is not None:
+            line["input_tokens"] = u.input_tokens
+            line["output_tokens"] = u.output_tokens
+            line["cached_input_tokens"] = u.cached_input_tokens
+        if not ctx.usage_known:
+            line["usage_source"] = "reservation"
+        elif u is not None:
+            line["usage_source"] = "upstream"
+        if ctx.cost is not None:
+            line["cost"] = format_money(ctx.cost)
+        if ctx.ttft is not None:
+            line["ttft_ms"] = round(ctx.ttft * 1000, 3)
+        if ctx.est is not None:
+            line["est_prompt_tokens"] = ctx.est
+        if ctx.max_output is not None:
+            line["max_output_tokens"] = ctx.max_output
+        if ctx.budgets:
+            line["budgets"] = ctx.budgets
+        if ctx.downgraded:
+            line["downgraded"] = True
+        if ctx.over_budget:
+            line["over_budget"] = ctx.over_budget
+        if ctx.translating:
+            line["translated"] = True
+        if ctx.tags:
+            line["tags"] = ctx.tags
+        if ctx.error:
+            line["error"] = ctx.error
         try:
-            self._out.write(orjson.dumps({k: v for k, v in line.items() if v is not None}) + b"\n")
+            self._out.write(orjson.dumps(line) + b"\n")
         except (OSError, ValueError):
             return
         if not self._flush_scheduled:

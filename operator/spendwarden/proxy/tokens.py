@@ -205,13 +205,41 @@ def anthropic_texts(body: dict[str, Any]) -> tuple[list[str], int]:
     return texts, fixed
 
 
+# Token counts of recent texts: system prompts, tool schemas and conversation history repeat from
+# request to request. Bounded by total characters held, cleared wholesale when full.
+_CACHE_MIN_CHARS = 256
+_CACHE_MAX_CHARS = 8 * 1024 * 1024
+_cache: dict[str, int] = {}
+_cache_chars = 0
+
+
+def count_cached(encoder: Encoder, text: str) -> int:
+    global _cache_chars
+    if len(text) < _CACHE_MIN_CHARS:
+        return len(encoder.encode_ordinary(text)) if text else 0
+    n = _cache.get(text)
+    if n is None:
+        n = len(encoder.encode_ordinary(text))
+        if _cache_chars + len(text) > _CACHE_MAX_CHARS:
+            _cache.clear()
+            _cache_chars = 0
+        if len(text) <= _CACHE_MAX_CHARS // 4:
+            _cache[text] = n
+            _cache_chars += len(text)
+    return n
+
+
 def estimate(encoder: Encoder, texts: list[str], fixed: int) -> int:
     if not texts:
         return fixed
     if len(texts) == 1:
-        return fixed + count(encoder, texts[0])
-    # One call on the joined text: far cheaper than one per part, and within a token per part.
-    return fixed + count(encoder, "\n".join(texts))
+        return fixed + count_cached(encoder, texts[0])
+    small = [t for t in texts if len(t) < _CACHE_MIN_CHARS]
+    total = fixed + sum(count_cached(encoder, t) for t in texts if len(t) >= _CACHE_MIN_CHARS)
+    if small:
+        # One call on the joined short parts: far cheaper than one each, and within a token per part.
+        total += len(encoder.encode_ordinary("\n".join(small)))
+    return total
 
 
 def total_chars(texts: list[str]) -> int:
