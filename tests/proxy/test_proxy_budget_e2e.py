@@ -53,6 +53,9 @@ def test_200_concurrent_streams_never_exceed_the_budget(start_proxy, tmp_path):
         logged = sum((Decimal(x["cost"]) for x in lines if x.get("cost")), Decimal(0))
         assert logged == spent  # recorded cost equals the upstream's numbers exactly
         assert {x["outcome"] for x in lines} == {"ok", "rejected"}
+        gauge = [x for x in proxy.metrics().splitlines()
+                 if x.startswith("spendwarden_budget_remaining_cost{") and 'budget="small"' in x]
+        assert gauge and float(gauge[0].split()[-1]) == pytest.approx(float(limit - spent))
         proxy.stop()
         state = json.loads((tmp_path / "state.json").read_text())["budgets"]["small"]
         assert Decimal(state["cost"]) == spent

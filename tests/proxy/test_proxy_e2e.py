@@ -189,9 +189,17 @@ def test_bad_upstreams(up, start_proxy):
                                        messages=[{"role": "user", "content": "x"}]) as s:
             for _ in s.text_stream:
                 pass
+    line = proxy.log(6)[-1]
+    assert line["usage_source"] == "upstream_input+reserved_output" and line["output_tokens"] == 100
     assert proxy.alive()
     ok = client.chat.completions.create(model="solo", messages=[{"role": "user", "content": "still up?"}])
     assert ok.choices
+    m = proxy.metrics()
+    for name in ("gen_ai_client_token_usage_bucket", "spendwarden_cost_total", "spendwarden_requests_total",
+                 "gen_ai_client_operation_duration_seconds_bucket", "gen_ai_server_time_to_first_token_seconds_bucket",
+                 "spendwarden_upstream_failures_total", "spendwarden_proxy_overhead_seconds_bucket"):
+        assert name in m, name
+    assert 'outcome="fallback"' in m and 'outcome="upstream_error"' in m
 
 
 def test_client_disconnect_mid_stream_charges_the_reservation(start_proxy, tmp_path):

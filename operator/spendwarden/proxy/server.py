@@ -83,6 +83,7 @@ class Ctx:
     tags: dict[str, str] | None = None
     error: str | None = None
     translating: bool = False
+    partial: bool = False  # usage = the provider's input numbers + the reserved output
 
 
 def parse_tags(value: str | None) -> dict[str, str] | None:
@@ -697,10 +698,19 @@ class Proxy:
                 pass
         elif client_gone:
             ctx.outcome, ctx.error = "client_closed", "client disconnected mid-stream"
-        # Settle: the provider's numbers when the stream ran to its end, else the whole reservation.
-        self._settle(ctx, backend, adm, usage if complete and failure is None and not client_gone else None)
-        if not ctx.usage_known and usage is not None:
-            ctx.usage = usage  # for the log: what was known when the stream broke
+        # Settle: the provider's numbers when the stream ran to its end. When it broke, what is known:
+        # Anthropic reports the input side up front (message_start), so the prompt is charged exactly and
+        # the output at the whole reservation; otherwise the whole reservation.
+        if complete and failure is None and not client_gone:
+            self._settle(ctx, backend, adm, usage)
+        elif anthropic and usage is not None and ctx.max_output is not None:
+            self._settle(ctx, backend, adm, TokenUsage(usage.input_tokens, max(usage.output_tokens, ctx.max_output),
+                                                       usage.cached_input_tokens))
+            ctx.partial = True
+        else:
+            self._settle(ctx, backend, adm, None)
+            if usage is not None:
+                ctx.usage = usage  # for the log: what was known when the stream broke
         if not client_gone:
             try:
                 await out.write_eof()
@@ -737,7 +747,9 @@ class Proxy:
             line["input_tokens"] = u.input_tokens
             line["output_tokens"] = u.output_tokens
             line["cached_input_tokens"] = u.cached_input_tokens
-        if not ctx.usage_known:
+        if ctx.partial:
+            line["usage_source"] = "upstream_input+reserved_output"
+        elif not ctx.usage_known:
             line["usage_source"] = "reservation"
         elif u is not None:
             line["usage_source"] = "upstream"
