@@ -134,11 +134,11 @@ def test_bad_requests_get_provider_shaped_errors(up, proxy):
     assert r.status_code == 400 and r.json()["type"] == "error"
     with pytest.raises(anthropic.NotFoundError):
         an(proxy).messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "x"}])
-    # format mismatch: only OpenAI chat is translated for Anthropic backends; the rest is refused clearly
+    # format mismatch: only chat requests are translated between formats; the rest is refused clearly
     with pytest.raises(openai.BadRequestError, match="Anthropic"):
         client.completions.create(model="claude", prompt="x")
-    with pytest.raises(anthropic.BadRequestError, match="translated"):
-        an(proxy).messages.create(model="chat", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="translated"):
+        client.embeddings.create(model="claude", input="x")
     assert up.requests() == []  # none of these reached the upstream
     assert proxy.alive()
     outcomes = {line["outcome"] for line in proxy.log(9)}
@@ -248,3 +248,22 @@ def test_openai_client_to_anthropic_backend_is_translated(up, proxy):
     up.script({"status": 400})
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="claude", messages=[{"role": "user", "content": "x"}])
+
+
+def test_anthropic_client_to_openai_backend_is_translated(up, proxy):
+    client = an(proxy)
+    m = client.messages.create(model="chat", max_tokens=40, system="be brief",
+                               messages=[{"role": "user", "content": "hi"}])
+    rec = last_upstream(up)
+    assert rec["path"] == "/v1/chat/completions" and rec["model"] == "gpt-4o-mini" and rec["max_tokens"] == 40
+    assert m.content[0].text and m.stop_reason == "end_turn" and m.usage.output_tokens == 12
+    line = proxy.log(1)[-1]
+    assert line["translated"] is True and line["input_tokens"] == m.usage.input_tokens
+    assert Decimal(line["cost"]) == expected_cost(m.usage.input_tokens, 12)
+    with client.messages.stream(model="chat", max_tokens=40, messages=[{"role": "user", "content": "x"}]) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == final.content[0].text and final.usage.output_tokens == 12
+    line = proxy.log(2)[-1]
+    assert line["usage_source"] == "upstream" and line["output_tokens"] == 12
+    assert final.usage.input_tokens == line["input_tokens"]

@@ -2,7 +2,8 @@ import orjson
 import pytest
 
 from spendwarden.proxy.errors import ProxyError
-from spendwarden.proxy.translate import StreamTranslator, chat_to_messages, error_to_openai, message_to_chat
+from spendwarden.proxy.translate import (ChatStreamTranslator, StreamTranslator, chat_to_message, chat_to_messages,
+                                         error_to_anthropic, error_to_openai, message_to_chat, messages_to_chat)
 
 
 def test_request_translation_with_tools():
@@ -59,3 +60,46 @@ def test_stream_translation():
     assert chunks[2]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "f"
     assert chunks[4]["choices"][0]["finish_reason"] == "length"
     assert chunks[5]["choices"] == [] and chunks[5]["usage"]["completion_tokens"] == 9
+
+
+def test_reverse_request_and_response():
+    body = {"model": "a", "max_tokens": 5, "system": [{"type": "text", "text": "sys"}], "stop_sequences": ["X"],
+            "tools": [{"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "any"},
+            "messages": [{"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": [{"type": "text", "text": "calling"},
+                                                           {"type": "tool_use", "id": "t1", "name": "f", "input": {"q": 1}}]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "r"},
+                                                      {"type": "text", "text": "and?"}]}]}
+    out = messages_to_chat(body, "gpt", 5, True, openai_native=True)
+    assert out["max_completion_tokens"] == 5 and out["stream_options"] == {"include_usage": True}
+    assert [m["role"] for m in out["messages"]] == ["system", "user", "assistant", "tool", "user"]
+    assert out["messages"][2]["tool_calls"][0]["function"]["arguments"] == '{"q":1}'
+    assert out["tool_choice"] == "required" and out["stop"] == ["X"]
+    assert messages_to_chat(body, "m", 5, False, openai_native=False)["max_tokens"] == 5
+    doc = {"id": "c", "model": "gpt", "choices": [{"finish_reason": "length", "message": {"content": "hey"}}],
+           "usage": {"prompt_tokens": 10, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 4}}}
+    msg = chat_to_message(doc, "a")
+    assert msg["stop_reason"] == "max_tokens" and msg["content"] == [{"type": "text", "text": "hey"}]
+    assert msg["usage"] == {"input_tokens": 6, "output_tokens": 2, "cache_read_input_tokens": 4,
+                            "cache_creation_input_tokens": 0}
+    err = orjson.loads(error_to_anthropic(b'{"error":{"message":"m","type":"invalid_request_error"}}'))
+    assert err == {"type": "error", "error": {"type": "invalid_request_error", "message": "m"}}
+
+
+def test_reverse_stream():
+    t = ChatStreamTranslator("a")
+    out = []
+    out += t.event({"id": "c", "model": "gpt", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+    out += t.event({"id": "c", "choices": [{"index": 0, "delta": {"content": "Hi"}}]})
+    out += t.event({"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "t", "function": {"name": "f", "arguments": "{\"a\""}}]}}]})
+    out += t.event({"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": ":1}"}}]}, "finish_reason": "tool_calls"}]})
+    out += t.event({"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+    out += t.done()
+    kinds = [x.split(b"\n")[0][7:].decode() for x in out]
+    assert kinds == ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                     "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
+                     "message_delta", "message_stop"]
+    delta = orjson.loads(out[-2].split(b"data: ")[1])
+    assert delta["delta"]["stop_reason"] == "tool_use" and delta["usage"]["output_tokens"] == 4

@@ -27,7 +27,8 @@ from .config import ANTHROPIC, OPENAI, BackendRt, Compiled, ConfigError, RouteRt
     parse_config_text, secrets_fingerprint
 from .errors import ProxyError, error_body, stream_error_event
 from .metrics import Metrics
-from .translate import StreamTranslator, chat_to_messages, error_to_openai, message_to_chat
+from .translate import ChatStreamTranslator, StreamTranslator, chat_to_message, chat_to_messages, \
+    error_to_anthropic, error_to_openai, message_to_chat, messages_to_chat
 from .wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, OPERATION, anthropic_usage, bad, check_request, \
     event_data, openai_usage, split_events, usage_from_body
 
@@ -83,6 +84,7 @@ class Ctx:
     tags: dict[str, str] | None = None
     error: str | None = None
     translating: bool = False
+    upstream_api: str = CHAT
     partial: bool = False  # usage = the provider's input numbers + the reserved output
 
 
@@ -366,8 +368,8 @@ class Proxy:
                       f"({route.max_prompt_tokens})", "messages", "prompt_too_long")
         selected, _rule = select_backend(route, request.headers, est, tools)
         candidates = [selected] + [b for b in route.fallbacks if b is not selected]
-        # OpenAI chat requests can be translated for Anthropic backends; nothing else crosses formats.
-        crosses = api == CHAT
+        # Chat requests cross formats (OpenAI chat <-> Anthropic messages); completions/embeddings do not.
+        crosses = api in (CHAT, MESSAGES)
 
         def compatible(b: BackendRt) -> bool:
             return b.fmt == fmt or crosses
@@ -377,7 +379,7 @@ class Proxy:
             got = "Anthropic Messages" if fmt == ANTHROPIC else f"OpenAI /v1/{api}"
             raise bad(f"route {route.name!r} (model {alias!r}) sends this request to backend {selected.name!r}, "
                       f"which speaks the {selected.provider} API, but the request uses the {got} API; "
-                      f"only OpenAI chat completions are translated for Anthropic backends: call the "
+                      f"only chat requests are translated between formats: call the "
                       f"{'/v1/messages' if selected.fmt == ANTHROPIC else '/v1/chat/completions'} endpoint instead",
                       "model", "format_mismatch")
         if est is not None:
@@ -413,10 +415,14 @@ class Proxy:
             out = adm.max_output if adm.max_output is not None else want
             ctx.max_output = out
             ctx.translating = backend.fmt != fmt
+            ctx.upstream_api = CHAT if ctx.translating and backend.fmt == OPENAI else api
             try:
-                if ctx.translating:
+                if ctx.translating and backend.fmt == ANTHROPIC:
                     payload = orjson.dumps(chat_to_messages(body, backend.model, out or self.default_max_tokens,
                                                             stream))
+                elif ctx.translating:
+                    payload = orjson.dumps(messages_to_chat(body, backend.model, out or self.default_max_tokens,
+                                                            stream, backend.provider == "OpenAI"))
                 else:
                     payload = self._payload(body, api, backend, out, stream)
             except BaseException:
@@ -443,7 +449,7 @@ class Proxy:
         if last.body is not None and last.status == 429:
             # The provider's own rate limit, after every fallback: pass it on so SDKs back off.
             ctx.status, ctx.outcome, ctx.error = 429, "upstream_error", last.reason
-            return web.Response(status=429, body=error_to_openai(last.body) if ctx.translating else last.body,
+            return web.Response(status=429, body=self._client_error(ctx, last.body),
                                 content_type=last.content_type or "application/json", headers=last.headers)
         status = 504 if last.status == 504 else 502
         raise ProxyError(status, f"upstream failed for route {route.name!r}: {last.reason}"
@@ -469,10 +475,17 @@ class Proxy:
             b["stream_options"] = {**so, "include_usage": True} if isinstance(so, dict) else {"include_usage": True}
         return orjson.dumps(b)
 
+    def _client_error(self, ctx: Ctx, raw: bytes) -> bytes:
+        """An upstream error body in the client's format."""
+        if not ctx.translating:
+            return raw
+        return error_to_openai(raw) if ctx.fmt == OPENAI else error_to_anthropic(raw)
+
     def _headers(self, request: web.Request, backend: BackendRt, stream: bool) -> dict[str, str]:
         """Client headers minus credentials, hop-by-hop and our own; plus the backend's API key."""
+        foreign = "anthropic-" if backend.fmt == OPENAI else "openai-"
         h = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS
-             and not k.lower().startswith("x-spendwarden-")}
+             and not k.lower().startswith(("x-spendwarden-", foreign))}
         h["Content-Type"] = "application/json"
         h["Accept"] = "text/event-stream" if stream else "application/json"
         h.update(backend.headers)
@@ -504,7 +517,7 @@ class Proxy:
         t_up = time.perf_counter()
         got_headers = False
         try:
-            async with self.session.post(backend.url(ctx.api), data=payload,
+            async with self.session.post(backend.url(ctx.upstream_api), data=payload,
                                          headers=self._headers(request, backend, False),
                                          timeout=self._timeout(backend, False)) as resp:
                 got_headers = True
@@ -531,12 +544,13 @@ class Proxy:
             # The provider refused the request (400, 401, 404, ...): nothing billed, pass it on.
             self.book.release(adm)
             ctx.status, ctx.outcome, ctx.error = status, "upstream_error", f"upstream status {status}"
-            return web.Response(status=status, body=error_to_openai(raw) if ctx.translating else raw,
+            return web.Response(status=status, body=self._client_error(ctx, raw),
                                 headers=headers, content_type=_ctype(ctype))
         try:
             doc, usage = usage_from_body(backend.fmt == ANTHROPIC, raw)
             if ctx.translating:
-                raw = orjson.dumps(message_to_chat(doc, ctx.alias or ""))
+                raw = orjson.dumps(message_to_chat(doc, ctx.alias or "") if backend.fmt == ANTHROPIC
+                                   else chat_to_message(doc, ctx.alias or ""))
         except ValueError:
             self.book.settle(adm, backend.prices, None)
             ctx.usage_known = False
@@ -563,7 +577,7 @@ class Proxy:
         assert self.session is not None
         t_up = time.perf_counter()
         try:
-            cm = self.session.post(backend.url(ctx.api), data=payload,
+            cm = self.session.post(backend.url(ctx.upstream_api), data=payload,
                                    headers=self._headers(request, backend, True),
                                    timeout=self._timeout(backend, True))
             resp = await cm.__aenter__()
@@ -586,7 +600,7 @@ class Proxy:
                                  {k: resp.headers[k] for k in ("retry-after",) if k in resp.headers})
                 self.book.release(adm)
                 ctx.status, ctx.outcome, ctx.error = status, "upstream_error", f"upstream status {status}"
-                return web.Response(status=status, body=error_to_openai(raw) if ctx.translating else raw,
+                return web.Response(status=status, body=self._client_error(ctx, raw),
                                     content_type=_ctype(ctype),
                                     headers=self._resp_headers(ctx, backend, resp.headers))
             if "text/event-stream" not in resp.headers.get("Content-Type", ""):
@@ -609,7 +623,10 @@ class Proxy:
     async def _relay(self, ctx: Ctx, backend: BackendRt, adm: Admission, resp: aiohttp.ClientResponse,
                      out: web.StreamResponse, client_usage: bool) -> None:
         anthropic = backend.fmt == ANTHROPIC
-        translator = StreamTranslator(ctx.alias or "", client_usage) if ctx.translating else None
+        translator: Any = None
+        if ctx.translating:
+            translator = StreamTranslator(ctx.alias or "", client_usage) if anthropic \
+                else ChatStreamTranslator(ctx.alias or "")
         buf = bytearray()
         usage: TokenUsage | None = None
         complete = False
@@ -624,6 +641,22 @@ class Proxy:
                     continue
                 keep: list[bytes] = []
                 for ev in events:
+                    if translator is not None and not anthropic:
+                        data = event_data(ev)
+                        if data is not None and data.strip() == b"[DONE]":
+                            complete = True
+                            keep.extend(translator.done())
+                            continue
+                        try:
+                            obj = loads(data) if data else None
+                        except orjson.JSONDecodeError:
+                            obj = None
+                        if not isinstance(obj, dict):
+                            continue
+                        if isinstance(obj.get("usage"), dict):
+                            usage = openai_usage(obj["usage"])
+                        keep.extend(translator.event(obj))
+                        continue
                     if translator is not None:
                         data = event_data(ev)
                         try:

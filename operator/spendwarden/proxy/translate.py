@@ -229,3 +229,212 @@ class StreamTranslator:
                                                         "type": err.get("type", "api_error"),
                                                         "param": None, "code": err.get("type")}}) + b"\n\n"]
         return []  # ping, content_block_stop, unknown
+
+
+# -- Anthropic Messages client -> OpenAI chat backend ---------------------------------------------
+
+_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
+         "content_filter": "refusal"}
+
+
+def _anthropic_parts(content: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(OpenAI content parts, tool calls, tool result messages) of one Anthropic message."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}], [], []
+    parts: list[dict[str, Any]] = []
+    calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for block in content or ():
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text":
+            parts.append({"type": "text", "text": block.get("text", "")})
+        elif kind == "image":
+            src = block.get("source") or {}
+            url = src.get("url") if src.get("type") == "url" else \
+                f"data:{src.get('media_type', 'image/png')};base64,{src.get('data', '')}"
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        elif kind == "tool_use":
+            calls.append({"id": block.get("id", ""), "type": "function",
+                          "function": {"name": block.get("name", ""),
+                                       "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+        elif kind == "tool_result":
+            results.append({"role": "tool", "tool_call_id": block.get("tool_use_id", ""),
+                            "content": _text_of(block.get("content"))})
+        elif kind in ("thinking", "redacted_thinking"):
+            continue
+        else:
+            raise bad(f"content block type {kind!r} cannot be translated for an OpenAI backend",
+                      "messages", "unsupported_content")
+    return parts, calls, results
+
+
+def messages_to_chat(body: dict[str, Any], model: str, max_tokens: int, stream: bool,
+                     openai_native: bool) -> dict[str, Any]:
+    """An Anthropic Messages request as an OpenAI chat request."""
+    msgs: list[dict[str, Any]] = []
+    system = body.get("system")
+    if system:
+        msgs.append({"role": "system", "content": _text_of(system)})
+    for m in body["messages"]:
+        parts, calls, results = _anthropic_parts(m.get("content"))
+        msgs.extend(results)  # tool results answer the previous assistant turn
+        if m.get("role") == "assistant":
+            text = "".join(p.get("text", "") for p in parts if p["type"] == "text")
+            msg: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if calls:
+                msg["tool_calls"] = calls
+            if text or calls:
+                msgs.append(msg)
+        elif parts:
+            only_text = all(p["type"] == "text" for p in parts)
+            msgs.append({"role": "user", "content": "".join(p["text"] for p in parts) if only_text else parts})
+    out: dict[str, Any] = {"model": model, "messages": msgs,
+                           ("max_completion_tokens" if openai_native else "max_tokens"): max_tokens}
+    if stream:
+        out["stream"] = True
+        out["stream_options"] = {"include_usage": True}
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None:
+            out[key] = body[key]
+    if body.get("stop_sequences"):
+        out["stop"] = list(body["stop_sequences"])
+    tools = body.get("tools")
+    if tools:
+        out["tools"] = [{"type": "function", "function": {"name": t.get("name", ""),
+                                                          "description": t.get("description", ""),
+                                                          "parameters": t.get("input_schema") or {"type": "object"}}}
+                        for t in tools if isinstance(t, dict) and "input_schema" in t]
+        choice = body.get("tool_choice")
+        if isinstance(choice, dict):
+            kind = choice.get("type")
+            if kind == "any":
+                out["tool_choice"] = "required"
+            elif kind == "none":
+                out["tool_choice"] = "none"
+            elif kind == "tool":
+                out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name", "")}}
+            if choice.get("disable_parallel_tool_use"):
+                out["parallel_tool_calls"] = False
+    meta = body.get("metadata")
+    if isinstance(meta, dict) and isinstance(meta.get("user_id"), str):
+        out["user"] = meta["user_id"]
+    return out
+
+
+def _anthropic_usage(u: Any) -> dict[str, Any]:
+    if not isinstance(u, dict):
+        return {"input_tokens": 0, "output_tokens": 0}
+    cached = 0
+    details = u.get("prompt_tokens_details")
+    if isinstance(details, dict):
+        cached = details.get("cached_tokens") or 0
+    return {"input_tokens": (u.get("prompt_tokens") or 0) - cached, "output_tokens": u.get("completion_tokens") or 0,
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+
+
+def chat_to_message(doc: dict[str, Any], alias: str) -> dict[str, Any]:
+    """An OpenAI chat completion as an Anthropic Messages response."""
+    choice = (doc.get("choices") or [{}])[0]
+    msg = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    if msg.get("content"):
+        content.append({"type": "text", "text": msg["content"]})
+    for call in msg.get("tool_calls") or ():
+        fn = call.get("function") or {}
+        try:
+            args = orjson.loads(fn.get("arguments") or "{}")
+        except orjson.JSONDecodeError:
+            args = {"_raw": fn.get("arguments")}
+        content.append({"type": "tool_use", "id": call.get("id", ""), "name": fn.get("name", ""), "input": args})
+    return {"id": "msg_" + str(doc.get("id", "")), "type": "message", "role": "assistant",
+            "model": doc.get("model", alias), "content": content,
+            "stop_reason": _STOP.get(choice.get("finish_reason") or "", "end_turn"), "stop_sequence": None,
+            "usage": _anthropic_usage(doc.get("usage"))}
+
+
+def error_to_anthropic(raw: bytes) -> bytes:
+    """An OpenAI error body in Anthropic's shape (unchanged if it is not one)."""
+    try:
+        err = orjson.loads(raw)["error"]
+        return orjson.dumps({"type": "error", "error": {"type": err.get("type") or "api_error",
+                                                        "message": err.get("message", "")}})
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return raw
+
+
+class ChatStreamTranslator:
+    """OpenAI chat.completion.chunk events in, Anthropic message stream events out."""
+
+    def __init__(self, alias: str):
+        self.alias = alias
+        self.started = False
+        self.block: int = -1  # index of the open content block, -1: none
+        self.block_kind: str | None = None
+        self.tools: dict[int, int] = {}  # OpenAI tool_calls index -> Anthropic block index
+        self.stop_reason = "end_turn"
+        self.usage: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0}
+
+    @staticmethod
+    def _ev(kind: str, doc: dict[str, Any]) -> bytes:
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **doc}) + b"\n\n"
+
+    def _start(self, obj: dict[str, Any]) -> list[bytes]:
+        if self.started:
+            return []
+        self.started = True
+        return [self._ev("message_start", {"message": {
+            "id": "msg_" + str(obj.get("id", "")), "type": "message", "role": "assistant",
+            "model": obj.get("model", self.alias), "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0}}})]
+
+    def _close(self) -> list[bytes]:
+        if self.block < 0 or self.block_kind is None:
+            return []
+        self.block_kind = None
+        return [self._ev("content_block_stop", {"index": self.block})]
+
+    def event(self, obj: dict[str, Any]) -> list[bytes]:
+        out = self._start(obj)
+        if isinstance(obj.get("usage"), dict):
+            self.usage = _anthropic_usage(obj["usage"])
+        if "error" in obj and isinstance(obj["error"], dict):
+            out.append(self._ev("error", {"error": {"type": obj["error"].get("type") or "api_error",
+                                                    "message": obj["error"].get("message", "")}}))
+            return out
+        for choice in obj.get("choices") or ():
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if text:
+                if self.block_kind != "text":
+                    out += self._close()
+                    self.block += 1
+                    self.block_kind = "text"
+                    out.append(self._ev("content_block_start", {"index": self.block,
+                                                                "content_block": {"type": "text", "text": ""}}))
+                out.append(self._ev("content_block_delta", {"index": self.block,
+                                                            "delta": {"type": "text_delta", "text": text}}))
+            for call in delta.get("tool_calls") or ():
+                i = call.get("index", 0)
+                fn = call.get("function") or {}
+                if i not in self.tools:
+                    out += self._close()
+                    self.block += 1
+                    self.block_kind = "tool_use"
+                    self.tools[i] = self.block
+                    out.append(self._ev("content_block_start", {"index": self.block, "content_block": {
+                        "type": "tool_use", "id": call.get("id", ""), "name": fn.get("name", ""), "input": {}}}))
+                if fn.get("arguments"):
+                    out.append(self._ev("content_block_delta", {"index": self.tools[i], "delta": {
+                        "type": "input_json_delta", "partial_json": fn["arguments"]}}))
+            if choice.get("finish_reason"):
+                self.stop_reason = _STOP.get(choice["finish_reason"], "end_turn")
+        return out
+
+    def done(self) -> list[bytes]:
+        out = self._start({}) + self._close()
+        out.append(self._ev("message_delta", {"delta": {"stop_reason": self.stop_reason, "stop_sequence": None},
+                                              "usage": self.usage}))
+        out.append(self._ev("message_stop", {}))
+        return out
