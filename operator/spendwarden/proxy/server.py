@@ -184,6 +184,10 @@ class Proxy:
             if b.missing_credentials:
                 log.warning("route %s backend %s: no API key found for secret %s", b.route, b.name,
                             b.missing_credentials)
+        if cfg.ledger.url and compiled.budgets and (initial or self.compiled is None
+                                                    or not self.compiled.source.ledger.url):
+            log.warning("ledger %s configured, but leases from the operator are not implemented in this "
+                        "proxy yet: each proxy enforces the whole budget locally", cfg.ledger.url)
         self.compiled = compiled
         self.metrics.config_reloads.labels("initial" if initial else "ok").inc()
         log.info("configuration loaded: namespace %s, %d routes, %d budgets", compiled.namespace,
@@ -406,9 +410,12 @@ class Proxy:
             so = body.get("stream_options")
             client_usage = isinstance(so, dict) and so.get("include_usage") is True
 
+        # Reserve a little more prompt than estimated: providers count with their own tokenizers and
+        # chat templates, and a reservation below the real usage could let concurrent requests overshoot.
+        reserve_in = est + est // 10 + 4 if est is not None else 0
         last: _Retry | None = None
         for i, backend in enumerate(usable):
-            adm = self.book.admit(route, backend, est or 0, want, choices, downgrade_to)  # may raise 429
+            adm = self.book.admit(route, backend, reserve_in, want, choices, downgrade_to)  # may raise 429
             backend = adm.backend
             ctx.backend, ctx.attempts = backend, i + 1
             ctx.downgraded, ctx.over_budget = adm.downgraded, adm.over_budget

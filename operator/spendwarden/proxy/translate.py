@@ -1,10 +1,16 @@
-"""OpenAI Chat Completions client -> Anthropic Messages backend, and the answers back.
+"""Chat requests across wire formats, both ways.
 
-Covered: system/developer messages, text and image parts, assistant tool calls, tool results,
-tools and tool_choice, stop sequences, temperature/top_p, streaming (text and tool-call deltas,
-finish reasons, the usage chunk when the client asked for it), errors. Not covered: n > 1 (400),
-logprobs, response_format (ignored by Anthropic; passed as nothing), audio. The reverse direction
-(Anthropic client -> OpenAI backend) is refused with a clear 400.
+OpenAI Chat Completions client -> Anthropic Messages backend: system/developer messages, text and
+image parts, assistant tool calls, tool results, tools and tool_choice, stop sequences,
+temperature/top_p, streaming (text and tool-call deltas, finish reasons, the usage chunk when the
+client asked for it), errors. Not covered: n > 1 (400), logprobs, response_format, audio.
+
+Anthropic Messages client -> OpenAI/OpenAI-compatible backend: system, text and image blocks,
+tool_use/tool_result, tools and tool_choice, stop sequences, streaming (message_start ..
+message_stop with text and input_json deltas; usage arrives in the final message_delta, since
+OpenAI reports it only at the end), errors. Thinking blocks are dropped.
+
+/v1/completions and /v1/embeddings have no Anthropic counterpart and are refused with a 400.
 """
 from __future__ import annotations
 
