@@ -76,6 +76,7 @@ def test_clamp_then_refuse_on_token_budget(start_proxy):
         with pytest.raises(openai.RateLimitError) as e:
             client.chat.completions.create(model="chat", max_tokens=200, messages=[{"role": "user", "content": "c"}])
         assert "tok" in e.value.message and "resets at" in e.value.message
+        assert e.value.response.headers["x-should-retry"] == "false"  # SDKs do not hammer a spent budget
         # no max_tokens from the client: an explicit one is always sent upstream
         assert all(r["max_tokens"] is not None for r in up.requests())
 

@@ -228,7 +228,9 @@ def budget_exceeded(st: BudgetState, now_ts: float) -> ProxyError:
     retry = max(1, math.ceil(st.period_end_ts - now_ts))
     return ProxyError(
         429, f"TokenBudget {st.budget.name!r} is exhausted for this period; it resets at {st.reset_at()}.",
-        code="budget_exceeded", headers={"Retry-After": str(retry)},
+        code="budget_exceeded",
+        # The SDKs retry 429s (twice, by default) unless told not to: pointless until the period resets.
+        headers={"Retry-After": str(retry), "x-should-retry": "true" if retry <= 60 else "false"},
         extra={"budget": st.budget.name, "reset_at": st.reset_at()})
 
 
