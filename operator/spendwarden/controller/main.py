@@ -17,6 +17,7 @@ import kopf
 
 from .. import GROUP
 from ..api import modelroute, tokenbudget
+from . import admission  # noqa: F401  (webhooks; registers handlers only when enabled)
 from . import reconcile
 
 log = logging.getLogger(__name__)

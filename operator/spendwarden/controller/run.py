@@ -14,6 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Liveness endpoint URL (host, port and path to serve). Default %(default)s.")
     parser.add_argument("--log-format", choices=["json", "plain"], default=os.environ.get("SPENDWARDEN_LOG_FORMAT", "json"),
                         help="Log format (env SPENDWARDEN_LOG_FORMAT). Default json.")
+    parser.add_argument("--webhooks", action="store_true", default=bool(os.environ.get("SPENDWARDEN_WEBHOOK_PORT")),
+                        help="Serve the admission webhooks (validation, sidecar injection). On when SPENDWARDEN_WEBHOOK_PORT is set.")
+    parser.add_argument("--webhook-port", type=int, default=int(os.environ.get("SPENDWARDEN_WEBHOOK_PORT") or 9443),
+                        help="HTTPS port of the admission webhooks (env SPENDWARDEN_WEBHOOK_PORT). Default %(default)s.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
 
 
@@ -27,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
         pass
     kopf.configure(verbose=args.verbose,
                    log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN)
+    if args.webhooks:  # controller/admission.py reads its settings from the environment
+        os.environ["SPENDWARDEN_WEBHOOK_PORT"] = str(args.webhook_port)
     from . import main  # noqa: F401  (registers the handlers)
 
     logging.getLogger("kubernetes").setLevel(logging.WARNING)

@@ -1,0 +1,149 @@
+"""Admission webhooks served by the operator (off unless SPENDWARDEN_WEBHOOK_PORT is set, which
+`spendwarden operator --webhooks` does): thin kopf handlers over render/review.py (TokenBudget and
+ModelRoute validation) and render/injection.py (the proxy sidecar for Pods).
+
+Registered only when enabled: kopf refuses to start with admission handlers but no server.
+
+Pod selection: kopf's managed webhook configurations carry an objectSelector (from `labels=`) but
+no namespaceSelector, and one selector could not express "namespace labelled OR pod labelled"
+anyway. So the Pod webhook matches all Pods and the handler decides (render/injection.decide),
+reading namespace labels from an in-memory index of namespaces (an API call only for a namespace
+the index has not seen yet). The price is one webhook call per Pod creation cluster-wide, hence
+failurePolicy Ignore by default for it (see webhooks.WebhookSettings).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from .. import GROUP
+from ..api import modelroute, tokenbudget
+from ..render import injection
+from ..render.review import review
+from .webhooks import CertStore, WebhookServer, WebhookSettings
+
+log = logging.getLogger(__name__)
+SETTINGS = WebhookSettings.from_env()
+_tasks: dict[str, Any] = {}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _first(index: Any, key: str | None) -> Any:
+    store = index.get(key) if index is not None and key is not None else None
+    return next(iter(store), None) if store else None
+
+
+async def configure_admission(settings: kopf.OperatorSettings, **_: Any) -> None:
+    if SETTINGS.in_cluster and not SETTINGS.namespace:
+        raise kopf.PermanentError("SPENDWARDEN_WEBHOOK_SERVICE needs SPENDWARDEN_POD_NAMESPACE (the Secret's namespace)")
+    store = CertStore(SETTINGS)
+    await asyncio.to_thread(store.ensure)
+    settings.admission.server = WebhookServer(
+        addr=SETTINGS.addr, port=SETTINGS.port, host=SETTINGS.host,
+        certfile=str(store.certfile), pkeyfile=str(store.certfile), cafile=str(store.cafile),
+        service=SETTINGS.service_ref())
+    settings.admission.managed = SETTINGS.configuration
+    _tasks["store"] = store
+    _tasks["rotation"] = asyncio.create_task(store.keep_fresh(), name="spendwarden-webhook-certs")
+    log.info("admission webhooks enabled", extra={
+        "port": SETTINGS.port, "configuration": SETTINGS.configuration,
+        "client": "service" if SETTINGS.in_cluster else f"https://{SETTINGS.host}:{SETTINGS.port}",
+        "pod_failure_policy": SETTINGS.pod_failure_policy,
+        "validation_failure_policy": SETTINGS.validation_failure_policy})
+    if SETTINGS.pod_failure_policy == "Fail":
+        log.warning("pod injection webhook has failurePolicy Fail: while the operator is unreachable, "
+                    "no Pod can be created in any namespace")
+
+
+async def stop_admission(**_: Any) -> None:
+    task = _tasks.pop("rotation", None)
+    if task is not None:
+        task.cancel()
+    store = _tasks.pop("store", None)
+    if store is not None:
+        store.cleanup()
+
+
+def namespace_labels(name: str, labels: Mapping[str, str], **_: Any) -> dict[str, dict[str, str]]:
+    return {name: dict(labels)}
+
+
+def _review(kind: str, body: kopf.Body, old: Any, namespace: str | None, routes_by_namespace: Any,
+            warnings: list[str]) -> None:
+    siblings = list(routes_by_namespace.get(namespace, [])) if routes_by_namespace is not None and namespace else None
+    result = review(kind, _plain(body), _plain(old) if old is not None else None,
+                    [_plain(s) for s in siblings] if siblings is not None else None)
+    warnings.extend(result.warnings)
+    if result.error:
+        raise kopf.AdmissionError(result.error, code=422)
+
+
+def validate_modelroute(body: kopf.Body, old: Any, namespace: str | None, warnings: list[str],
+                        routes_by_namespace: Any = None, **_: Any) -> None:
+    _review(modelroute.KIND, body, old, namespace, routes_by_namespace, warnings)
+
+
+def validate_tokenbudget(body: kopf.Body, old: Any, namespace: str | None, warnings: list[str],
+                         routes_by_namespace: Any = None, **_: Any) -> None:
+    _review(tokenbudget.KIND, body, old, namespace, routes_by_namespace, warnings)
+
+
+def _lookup_namespace_labels(name: str) -> dict[str, str] | None:
+    """For a namespace the index has not seen yet; `list` with a field selector because the
+    operator's RBAC grants list/watch on namespaces, not get."""
+    from kubernetes import client
+
+    from . import kube
+    items = client.CoreV1Api(kube.api_client()).list_namespace(field_selector=f"metadata.name={name}").items
+    return dict(items[0].metadata.labels or {}) if items else None
+
+
+INJECTION = injection.InjectionSettings.from_env()
+
+
+def inject_proxy(body: kopf.Body, patch: kopf.Patch, namespace: str | None, namespace_labels: Any = None,
+                 **_: Any) -> None:
+    pod = _plain(body)
+    ns = namespace or ""
+    labels = _first(namespace_labels, ns)
+    decision = injection.decide(pod, ns, labels, INJECTION)
+    if not decision.inject and labels is None and decision.reason == "not selected":
+        labels = _lookup_namespace_labels(ns)
+        decision = injection.decide(pod, ns, labels, INJECTION)
+    meta = pod.get("metadata") or {}
+    who = f"{ns}/{meta.get('name') or meta.get('generateName', '') + '*'}"
+    if not decision.inject:
+        log.debug("pod %s: no proxy (%s)", who, decision.reason)
+        return
+    ops = injection.patch(pod, ns, INJECTION)
+    # kopf builds the JSON Patch it returns by diffing the body before/after these functions.
+    patch.fns.append(lambda raw: _apply(raw, ops))
+    log.info("pod %s: proxy injected (%s)", who, decision.reason)
+
+
+def _apply(raw: Any, ops: list[dict[str, Any]]) -> None:
+    import jsonpatch
+    jsonpatch.JsonPatch(ops).apply(raw, in_place=True)
+
+
+if SETTINGS.enabled:
+    kopf.on.startup(id="spendwarden-admission")(configure_admission)
+    kopf.on.cleanup(id="spendwarden-admission")(stop_admission)
+    kopf.index("v1", "namespaces", id="namespace_labels")(namespace_labels)
+    _validation = dict(operations=["CREATE", "UPDATE"],
+                       ignore_failures=SETTINGS.validation_failure_policy == "Ignore")
+    kopf.on.validate(GROUP, modelroute.PLURAL, id="validate-modelroute", **_validation)(validate_modelroute)
+    kopf.on.validate(GROUP, tokenbudget.PLURAL, id="validate-tokenbudget", **_validation)(validate_tokenbudget)
+    kopf.on.mutate("v1", "pods", id="inject-proxy", operations=["CREATE"],
+                   ignore_failures=SETTINGS.pod_failure_policy == "Ignore")(inject_proxy)

@@ -1,0 +1,190 @@
+"""Sidecar injection, pure: a Pod (as the apiserver sends it for admission) and settings in, whether
+to inject and the JSON Patch that does it out. The kopf handler (controller/admission.py) only
+looks up the namespace's labels and applies the patch.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import GROUP
+from ..api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME
+
+INJECT_LABEL = f"{GROUP}/inject"
+CONTAINER_NAME = "spendwarden-proxy"
+CONFIG_VOLUME = "spendwarden-config"
+TOKEN_VOLUME = "spendwarden-token"
+TMP_VOLUME = "spendwarden-tmp"
+CONFIG_DIR = "/etc/spendwarden/config"
+TOKEN_DIR = "/var/run/secrets/spendwarden"
+TOKEN_FILE = "token"
+TOKEN_AUDIENCE = "spendwarden"
+# The image's user (Dockerfile USER 10001); numeric so the kubelet can verify runAsNonRoot.
+PROXY_UID = 10001
+ENV_OPENAI = "OPENAI_BASE_URL"
+ENV_ANTHROPIC = "ANTHROPIC_BASE_URL"
+ALWAYS_EXCLUDED = frozenset({"kube-system"})
+
+DEFAULT_RESOURCES: dict[str, Any] = {
+    "requests": {"cpu": "50m", "memory": "64Mi"},
+    # No CPU limit: throttling the proxy adds latency to every LLM call; memory is capped.
+    "limits": {"memory": "256Mi"},
+}
+
+
+@dataclass(frozen=True)
+class InjectionSettings:
+    image: str
+    port: int = 8787
+    metrics_port: int = 9464
+    # The operator's own namespace: injecting there would make the operator depend on itself.
+    operator_namespace: str | None = None
+    resources: Mapping[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_RESOURCES))
+    token_expiration_seconds: int = 3600
+    image_pull_policy: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "InjectionSettings":
+        env = os.environ if env is None else env
+        from .. import __version__
+        return cls(
+            image=env.get("SPENDWARDEN_PROXY_IMAGE") or f"ghcr.io/spendwarden/spendwarden:{__version__}",
+            port=int(env.get("SPENDWARDEN_PROXY_PORT") or 8787),
+            metrics_port=int(env.get("SPENDWARDEN_PROXY_METRICS_PORT") or 9464),
+            operator_namespace=env.get("SPENDWARDEN_POD_NAMESPACE") or None,
+        )
+
+    @property
+    def excluded_namespaces(self) -> frozenset[str]:
+        return ALWAYS_EXCLUDED | ({self.operator_namespace} if self.operator_namespace else set())
+
+
+@dataclass(frozen=True)
+class Decision:
+    inject: bool
+    reason: str
+
+
+def decide(pod: Mapping[str, Any], namespace: str, namespace_labels: Mapping[str, str] | None,
+           settings: InjectionSettings) -> Decision:
+    """Whether this Pod gets the proxy. `namespace_labels` None means unknown; it is only needed when
+    the Pod itself carries no inject label."""
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    label = (meta.get("labels") or {}).get(INJECT_LABEL)
+    if any(c.get("name") == CONTAINER_NAME for c in spec.get("containers") or []):
+        return Decision(False, "already injected")
+    if label == "false":
+        return Decision(False, f"opted out ({INJECT_LABEL}=false)")
+    if namespace in settings.excluded_namespaces:
+        return Decision(False, f"namespace {namespace} is never injected")
+    if spec.get("hostNetwork"):
+        # Every such pod on a node would bind the same 127.0.0.1 ports of the node.
+        return Decision(False, "hostNetwork pod")
+    if label == "true":
+        return Decision(True, f"pod labelled {INJECT_LABEL}=true")
+    if (namespace_labels or {}).get(INJECT_LABEL) == "true":
+        return Decision(True, f"namespace labelled {INJECT_LABEL}=true")
+    return Decision(False, "not selected")
+
+
+def app_env(settings: InjectionSettings) -> list[dict[str, str]]:
+    base = f"http://127.0.0.1:{settings.port}"
+    # The OpenAI SDKs expect the /v1 prefix in the base URL, the Anthropic SDKs add it themselves.
+    return [{"name": ENV_OPENAI, "value": f"{base}/v1"}, {"name": ENV_ANTHROPIC, "value": base}]
+
+
+def proxy_container(namespace: str, settings: InjectionSettings) -> dict[str, Any]:
+    ports = [{"name": "sw-proxy", "containerPort": settings.port, "protocol": "TCP"}]
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": settings.image,
+        # The image's ENTRYPOINT is `spendwarden`.
+        "args": ["proxy", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--port", str(settings.port),
+                 "--metrics-port", str(settings.metrics_port), "--namespace", namespace],
+        "env": [{"name": "SPENDWARDEN_LEDGER_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_FILE}"}],
+        "ports": ports,
+        "resources": copy.deepcopy(dict(settings.resources)),
+        "volumeMounts": [
+            {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        ],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": PROXY_UID,
+            "runAsGroup": PROXY_UID,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if settings.image_pull_policy:
+        container["imagePullPolicy"] = settings.image_pull_policy
+    if settings.metrics_port:
+        ports.append({"name": "sw-metrics", "containerPort": settings.metrics_port, "protocol": "TCP"})
+        # Probes go to the metrics port: the proxy port listens on 127.0.0.1 only (apps reach it
+        # over loopback), which the kubelet, connecting to the pod IP, cannot reach.
+        probe = {"httpGet": {"path": "/healthz", "port": "sw-metrics"}, "timeoutSeconds": 2}
+        container["livenessProbe"] = {**probe, "periodSeconds": 10, "failureThreshold": 3}
+        container["readinessProbe"] = {**probe, "periodSeconds": 5, "failureThreshold": 2}
+    return container
+
+
+def volumes(settings: InjectionSettings) -> list[dict[str, Any]]:
+    return [
+        # optional: the pod starts before the operator has rendered the namespace's first config.
+        {"name": CONFIG_VOLUME, "configMap": {"name": CONFIGMAP_NAME, "optional": True}},
+        # A short-lived token only the ledger accepts (audience), unlike the pod's default token.
+        {"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
+            "audience": TOKEN_AUDIENCE, "expirationSeconds": settings.token_expiration_seconds,
+            "path": TOKEN_FILE}}]}},
+        {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}},
+    ]
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def patch(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings) -> list[dict[str, Any]]:
+    """JSON Patch (RFC 6902) ops that add the proxy to `pod`; [] for a pod that already has it."""
+    spec = pod.get("spec") or {}
+    containers = spec.get("containers") or []
+    if any(c.get("name") == CONTAINER_NAME for c in containers):
+        return []
+    ops: list[dict[str, Any]] = []
+    wanted_env = app_env(settings)
+    for i, container in enumerate(containers):
+        present = {e.get("name") for e in container.get("env") or []}
+        missing = [e for e in wanted_env if e["name"] not in present]  # never override the app's own
+        if not missing:
+            continue
+        if "env" not in container or container["env"] is None:
+            ops.append({"op": "add", "path": f"/spec/containers/{i}/env", "value": missing})
+        else:
+            ops.extend({"op": "add", "path": f"/spec/containers/{i}/env/-", "value": e} for e in missing)
+    ops.append({"op": "add", "path": "/spec/containers/-", "value": proxy_container(namespace, settings)})
+    if not spec.get("serviceAccountName") and not spec.get("serviceAccount"):
+        # A projected token needs a named ServiceAccount. The ServiceAccount admission plugin, which
+        # runs before webhooks, normally sets "default"; apiservers without it (envtest-like) do not.
+        ops.append({"op": "add", "path": "/spec/serviceAccountName", "value": "default"})
+    existing = {v.get("name") for v in spec.get("volumes") or []}
+    new_volumes = [v for v in volumes(settings) if v["name"] not in existing]
+    if spec.get("volumes") is None:
+        ops.append({"op": "add", "path": "/spec/volumes", "value": new_volumes})
+    else:
+        ops.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in new_volumes)
+    # `kubectl logs/exec` without -c keep meaning the app, not the sidecar appended after it.
+    annotations = (pod.get("metadata") or {}).get("annotations")
+    default_key = "kubectl.kubernetes.io/default-container"
+    if containers and (annotations or {}).get(default_key) is None:
+        first = containers[0].get("name")
+        if annotations is None:
+            ops.append({"op": "add", "path": "/metadata/annotations", "value": {default_key: first}})
+        else:
+            ops.append({"op": "add", "path": f"/metadata/annotations/{_escape(default_key)}", "value": first})
+    return ops

@@ -1,0 +1,65 @@
+"""Admission review of TokenBudget and ModelRoute, pure: the same checks the operator applies when
+it renders a namespace (render/proxyconfig.py), answered at `kubectl apply` time instead of later
+as a Ready=False condition.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..api import modelroute, tokenbudget
+from .proxyconfig import validate_spec
+
+
+@dataclass
+class Review:
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _order(obj: Mapping[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    # The same order render_proxy_config uses to decide which of two routes for one alias wins; an
+    # object without a timestamp yet is the newest.
+    return (meta.get("creationTimestamp") or "\uffff", meta.get("name") or "")
+
+
+def _valid_alias(obj: Mapping[str, Any]) -> str | None:
+    spec, error = validate_spec(modelroute.KIND, obj.get("spec"))
+    return None if error else spec.model
+
+
+def review(kind: str, obj: Mapping[str, Any], old: Mapping[str, Any] | None,
+           siblings: Iterable[Mapping[str, Any]] | None = None) -> Review:
+    """`obj` is the object as it would be stored, `old` the stored one (UPDATE), `siblings` the
+    namespace's ModelRoutes the operator knows of (None: unknown, skip the cross-object checks)."""
+    meta = obj.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return Review()  # finalizer removal on the way out must never be blocked
+    if old is not None and old.get("spec") == obj.get("spec"):
+        # Metadata-only updates (labels, annotations, finalizers) of objects stored before the
+        # webhook existed stay possible; their problems are reported as conditions.
+        return Review()
+    spec, error = validate_spec(kind, obj.get("spec"))
+    if error:
+        return Review(error=error)
+    name = meta.get("name")
+    live = [s for s in siblings or [] if (s.get("metadata") or {}).get("name") != name
+            and not (s.get("metadata") or {}).get("deletionTimestamp")]
+    if kind == modelroute.KIND and siblings is not None:
+        for other in sorted(live, key=_order):
+            if _order(other) >= _order(obj):
+                break
+            if _valid_alias(other) == spec.model:
+                # Same wording as the operator's condition (render_proxy_config).
+                return Review(error=f"spec.model: alias {spec.model!r} is already served by ModelRoute "
+                                    f"{other['metadata']['name']!r}")
+    if kind == tokenbudget.KIND and siblings is not None:
+        served = {a for a in (_valid_alias(s) for s in live) if a}
+        unknown = [a for a in spec.routes if a not in served]
+        if unknown:
+            # A warning, not a refusal: GitOps tools may apply the budget before its routes.
+            return Review(warnings=[f"spec.routes: no ModelRoute in this namespace serves "
+                                    f"{', '.join(repr(a) for a in unknown)} yet"])
+    return Review()

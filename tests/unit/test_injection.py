@@ -1,0 +1,125 @@
+"""render/injection.py: which Pods get the proxy, and the JSON Patch that adds it."""
+from __future__ import annotations
+
+import copy
+
+import jsonpatch
+import pytest
+
+from spendwarden.render import injection as inj
+
+S = inj.InjectionSettings(image="img:1", port=8787, metrics_port=9464, operator_namespace="spendwarden")
+LABEL = inj.INJECT_LABEL
+
+
+def pod(labels=None, containers=None, **spec):
+    return {"metadata": {"name": "p", "namespace": "team", "labels": labels or {}},
+            "spec": {"containers": containers or [{"name": "app", "image": "app:1"}], **spec}}
+
+
+def injected(p, ns="team", settings=S):
+    return jsonpatch.apply_patch(p, inj.patch(p, ns, settings))
+
+
+def names(p):
+    return [c["name"] for c in p["spec"]["containers"]]
+
+
+def env(container):
+    return {e["name"]: e["value"] for e in container.get("env") or []}
+
+
+@pytest.mark.parametrize("pod_label, ns_labels, ns, expected", [
+    (None, {LABEL: "true"}, "team", True),
+    ("true", {}, "team", True),
+    ("true", None, "team", True),            # namespace labels not needed when the pod asks
+    (None, {}, "team", False),
+    (None, None, "team", False),
+    ("false", {LABEL: "true"}, "team", False),  # opt-out wins over the namespace
+    (None, {LABEL: "false"}, "team", False),
+    ("true", {LABEL: "true"}, "kube-system", False),
+    ("true", {LABEL: "true"}, "spendwarden", False),  # the operator's own namespace
+])
+def test_decide(pod_label, ns_labels, ns, expected):
+    p = pod({LABEL: pod_label} if pod_label else None)
+    assert inj.decide(p, ns, ns_labels, S).inject is expected
+
+
+def test_decide_skips_already_injected_and_host_network_pods():
+    assert inj.decide(injected(pod()), "team", {LABEL: "true"}, S).reason == "already injected"
+    assert not inj.decide(pod(hostNetwork=True), "team", {LABEL: "true"}, S).inject
+
+
+def test_patch_adds_proxy_volumes_and_env():
+    out = injected(pod())
+    assert names(out) == ["app", inj.CONTAINER_NAME]
+    proxy = out["spec"]["containers"][1]
+    assert proxy["image"] == "img:1"
+    assert proxy["args"] == ["proxy", "--config", "/etc/spendwarden/config/config.json", "--port", "8787",
+                             "--metrics-port", "9464", "--namespace", "team"]
+    sc = proxy["securityContext"]
+    assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert proxy["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "sw-metrics"}
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "sw-metrics"}
+    assert {p["name"]: p["containerPort"] for p in proxy["ports"]} == {"sw-proxy": 8787, "sw-metrics": 9464}
+    assert proxy["resources"]["requests"]["memory"] and proxy["resources"]["limits"]["memory"]
+    vols = {v["name"]: v for v in out["spec"]["volumes"]}
+    assert vols[inj.CONFIG_VOLUME]["configMap"] == {"name": "spendwarden-proxy", "optional": True}
+    assert vols[inj.TOKEN_VOLUME]["projected"]["sources"] == [
+        {"serviceAccountToken": {"audience": "spendwarden", "expirationSeconds": 3600, "path": "token"}}]
+    mounts = {m["name"]: m for m in proxy["volumeMounts"]}
+    assert set(mounts) == {inj.CONFIG_VOLUME, inj.TOKEN_VOLUME, inj.TMP_VOLUME}
+    assert mounts[inj.CONFIG_VOLUME]["readOnly"] and mounts[inj.TOKEN_VOLUME]["readOnly"]
+    assert env(out["spec"]["containers"][0]) == {"OPENAI_BASE_URL": "http://127.0.0.1:8787/v1",
+                                                 "ANTHROPIC_BASE_URL": "http://127.0.0.1:8787"}
+    assert out["spec"]["serviceAccountName"] == "default"
+    assert out["metadata"]["annotations"] == {"kubectl.kubernetes.io/default-container": "app"}
+
+
+def test_patch_is_idempotent():
+    once = injected(pod())
+    assert inj.patch(once, "team", S) == []
+    assert injected(copy.deepcopy(once)) == once
+
+
+def test_env_already_set_is_not_overridden_and_other_env_is_kept():
+    app = {"name": "app", "image": "a", "env": [{"name": "OPENAI_BASE_URL", "value": "https://mine/v1"},
+                                                 {"name": "X", "value": "1"}]}
+    side = {"name": "side", "image": "b"}
+    out = injected(pod(containers=[app, side]))
+    assert env(out["spec"]["containers"][0]) == {"OPENAI_BASE_URL": "https://mine/v1", "X": "1",
+                                                 "ANTHROPIC_BASE_URL": "http://127.0.0.1:8787"}
+    assert env(out["spec"]["containers"][1]) == {"OPENAI_BASE_URL": "http://127.0.0.1:8787/v1",
+                                                 "ANTHROPIC_BASE_URL": "http://127.0.0.1:8787"}
+    both = {"name": "app", "image": "a", "env": [{"name": "OPENAI_BASE_URL", "value": "o"},
+                                                  {"name": "ANTHROPIC_BASE_URL", "value": "a"}]}
+    ops = inj.patch(pod(containers=[both]), "team", S)
+    assert not [op for op in ops if "/env" in op["path"]]
+
+
+def test_existing_volumes_annotations_and_service_account_are_kept():
+    p = pod(volumes=[{"name": "data", "emptyDir": {}}], serviceAccountName="robot")
+    p["metadata"]["annotations"] = {"a/b": "c"}
+    out = injected(p)
+    assert [v["name"] for v in out["spec"]["volumes"]] == ["data", inj.CONFIG_VOLUME, inj.TOKEN_VOLUME, inj.TMP_VOLUME]
+    assert out["spec"]["serviceAccountName"] == "robot"
+    assert out["metadata"]["annotations"] == {"a/b": "c", "kubectl.kubernetes.io/default-container": "app"}
+    p["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] = "other"
+    assert injected(p)["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "other"
+
+
+def test_no_metrics_port_means_no_probes():
+    out = injected(pod(), settings=inj.InjectionSettings(image="i", metrics_port=0))
+    proxy = out["spec"]["containers"][-1]
+    assert "livenessProbe" not in proxy and "readinessProbe" not in proxy
+    assert "--metrics-port" in proxy["args"] and proxy["args"][proxy["args"].index("--metrics-port") + 1] == "0"
+
+
+def test_settings_from_env():
+    s = inj.InjectionSettings.from_env({"SPENDWARDEN_PROXY_IMAGE": "r/i:2", "SPENDWARDEN_PROXY_PORT": "9000",
+                                        "SPENDWARDEN_PROXY_METRICS_PORT": "9001", "SPENDWARDEN_POD_NAMESPACE": "ops"})
+    assert (s.image, s.port, s.metrics_port) == ("r/i:2", 9000, 9001)
+    assert s.excluded_namespaces == {"kube-system", "ops"}
+    out = injected(pod(), settings=s)
+    assert env(out["spec"]["containers"][0])["OPENAI_BASE_URL"] == "http://127.0.0.1:9000/v1"
