@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -57,6 +58,11 @@ async def serve(args: argparse.Namespace) -> int:
         await mrunner.setup()
         await web.TCPSite(mrunner, args.metrics_host, args.metrics_port, reuse_address=True).start()
         runners.append(mrunner)
+    # Everything imported and built so far lives as long as the process: keep it out of the cyclic
+    # GC's generations, and collect young objects less often (fewer, shorter pauses: better p99).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
     logging.getLogger("spendwarden.proxy").info(
         "listening on http://%s:%d (metrics on :%s)", args.host, args.port, args.metrics_port or "off")
     stop = asyncio.Event()
