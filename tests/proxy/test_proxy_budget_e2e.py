@@ -169,3 +169,32 @@ def test_rules_caps_and_prompt_limit(start_proxy):
         assert up.requests()[-1]["max_tokens"] == 64
         with pytest.raises(openai.BadRequestError, match="maxPromptTokens"):
             which(messages=[{"role": "user", "content": "word " * 3000}])
+
+
+def test_sigterm_lets_streams_finish_and_saves_usage(start_proxy, tmp_path):
+    import threading
+
+    with MockUpstream(tokens=20, chunk_delay_ms=100) as up:
+        state = tmp_path / "state.json"
+        proxy = start_proxy(stream_of(route_yaml("chat", "chat", [backend("oa", up.openai_url)]),
+                                      budget_yaml("b", limits={"tokens": {"total": 100000}})), state_file=state)
+        client = openai.OpenAI(base_url=proxy.openai_url, api_key="x", max_retries=0)
+        got: list[str] = []
+        started = threading.Event()
+
+        def consume():
+            for chunk in client.chat.completions.create(model="chat", stream=True, max_tokens=50,
+                                                        messages=[{"role": "user", "content": "x"}]):
+                started.set()
+                got.extend(c.delta.content or "" for c in chunk.choices)
+
+        t = threading.Thread(target=consume)
+        t.start()
+        assert started.wait(10)
+        assert proxy.stop() == 0  # SIGTERM: waits for the stream, then saves
+        t.join(10)
+        usage = up.requests()[-1]["usage"]
+        saved = json.loads(state.read_text())["budgets"]["b"]
+        assert saved["outputTokens"] == usage["completion_tokens"] == 20
+        assert saved["inputTokens"] == usage["prompt_tokens"]
+        assert "".join(got)

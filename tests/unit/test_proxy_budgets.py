@@ -112,3 +112,57 @@ def test_new_period_resets_usage_and_state_file_roundtrip(tmp_path):
     third = BudgetBook(str(state), clock=clock)
     third.sync(c.budgets)
     assert third.states["b"].allowance.used.total_tokens == 20
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+TWO_BUDGETS = """
+kind: ModelRoute
+metadata: {name: chat}
+spec:
+  model: chat
+  defaultBackend: big
+  backends:
+  - {name: big, provider: OpenAI, url: "http://x/v1", model: big, pricing: {input: "10", output: "30"}}
+  - {name: small, provider: OpenAI, url: "http://x/v1", model: small, pricing: {input: "0.1", output: "0.2"}}
+---
+kind: TokenBudget
+metadata: {name: money}
+spec: {window: 24h, limits: {cost: {amount: "0.05"}}}
+---
+kind: TokenBudget
+metadata: {name: tokens}
+spec: {window: 24h, routes: [chat], limits: {tokens: {total: 4000, output: 2500}}}
+"""
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["admit", "settle", "fail"]), st.integers(0, 600), st.integers(1, 900),
+                          st.sampled_from(["big", "small"]), st.floats(0, 1)), max_size=50))
+def test_two_budgets_never_exceeded_under_any_interleaving(ops):
+    cfg, _ = parse_config_text(TWO_BUDGETS)
+    c = compile_config(cfg)
+    book = BudgetBook(clock=Clock())
+    book.sync(c.budgets)
+    route = c.routes["chat"]
+    open_ = []
+    for op, inp, want, name, frac in ops:
+        if op == "admit":
+            try:
+                open_.append((book.admit(route, route.backends[name], inp, want, 1, None), inp))
+            except ProxyError as e:
+                assert e.status == 429
+        elif open_:
+            adm, inp = open_.pop(int(frac * len(open_)) % len(open_))
+            if op == "settle":  # the provider reports at most what was reserved
+                book.settle(adm, adm.backend.prices, TokenUsage(inp, int(adm.max_output * frac)))
+            else:
+                book.settle(adm, adm.backend.prices, None)
+        for st_ in book.states.values():
+            a = st_.allowance
+            total = a.used + a.reserved
+            lim = a.limits
+            assert lim.cost is None or total.cost <= lim.cost
+            assert lim.total_tokens is None or total.total_tokens <= lim.total_tokens
+            assert lim.output_tokens is None or total.output_tokens <= lim.output_tokens
