@@ -124,6 +124,10 @@ class Metrics:
                                              "Tokens left under the tightest token limit.", ("namespace", "budget"), registry=r)
         self.budget_remaining_cost = Gauge("spendwarden_budget_remaining_cost",
                                            "Money left under the cost limit.", ("namespace", "budget", "currency"), registry=r)
+        self.budget_used_tokens = Gauge("spendwarden_budget_used_tokens", "Tokens used in the current period.",
+                                        ("namespace", "budget", "gen_ai_token_type"), registry=r)
+        self.budget_used_cost = Gauge("spendwarden_budget_used_cost", "Money spent in the current period.",
+                                      ("namespace", "budget", "currency"), registry=r)
         self.budget_reserved = Gauge("spendwarden_budget_open_reservations",
                                      "Requests in flight holding a reservation.", ("namespace", "budget"), registry=r)
         self.config_reloads = Counter("spendwarden_config_reloads", "Configuration reloads by result.",

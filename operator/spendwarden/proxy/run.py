@@ -49,15 +49,21 @@ async def serve(args: argparse.Namespace) -> int:
         logging.getLogger("spendwarden.proxy").warning(
             "no --state-file: budget usage is kept in memory only and lost on restart")
     runners = []
-    runner = web.AppRunner(proxy.app(), access_log=None, handle_signals=False, shutdown_timeout=10)
-    await runner.setup()
-    await web.TCPSite(runner, args.host, args.port, backlog=2048, reuse_address=True).start()
-    runners.append(runner)
-    if args.metrics_port:
-        mrunner = web.AppRunner(proxy.metrics_app(), access_log=None, handle_signals=False)
-        await mrunner.setup()
-        await web.TCPSite(mrunner, args.metrics_host, args.metrics_port, reuse_address=True).start()
-        runners.append(mrunner)
+    try:
+        runner = web.AppRunner(proxy.app(), access_log=None, handle_signals=False, shutdown_timeout=10)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, args.host, args.port, backlog=2048, reuse_address=True).start()
+        if args.metrics_port:
+            mrunner = web.AppRunner(proxy.metrics_app(), access_log=None, handle_signals=False)
+            await mrunner.setup()
+            runners.append(mrunner)
+            await web.TCPSite(mrunner, args.metrics_host, args.metrics_port, reuse_address=True).start()
+    except OSError as exc:
+        print(f"spendwarden proxy: cannot listen: {exc}", file=sys.stderr)
+        for r in reversed(runners):
+            await r.cleanup()
+        return 1
     # Everything imported and built so far lives as long as the process: keep it out of the cyclic
     # GC's generations, and collect young objects less often (fewer, shorter pauses: better p99).
     gc.collect()

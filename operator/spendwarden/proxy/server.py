@@ -225,6 +225,11 @@ class Proxy:
                 currency = st.budget.spec.limits.cost.currency if st.budget.spec.limits.cost else "USD"
                 m.budget_remaining_cost.labels(ns, name, currency).set(float(rem.cost))
             m.budget_reserved.labels(ns, name).set(st.allowance.open_reservations)
+            used = st.allowance.used
+            m.budget_used_tokens.labels(ns, name, "input").set(used.input_tokens)
+            m.budget_used_tokens.labels(ns, name, "output").set(used.output_tokens)
+            currency = st.budget.spec.limits.cost.currency if st.budget.spec.limits.cost else "USD"
+            m.budget_used_cost.labels(ns, name, currency).set(float(used.cost))
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
