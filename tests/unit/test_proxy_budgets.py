@@ -166,3 +166,26 @@ def test_two_budgets_never_exceeded_under_any_interleaving(ops):
             assert lim.cost is None or total.cost <= lim.cost
             assert lim.total_tokens is None or total.total_tokens <= lim.total_tokens
             assert lim.output_tokens is None or total.output_tokens <= lim.output_tokens
+
+
+def test_reload_keeps_usage_unless_the_period_changes():
+    c = config(limits='{tokens: {total: 1000}}', window="24h")
+    book = BudgetBook(clock=Clock())
+    book.sync(c.budgets)
+    route, big = c.routes["chat"], c.routes["chat"].backends["big"]
+    book.settle(book.admit(route, big, 100, 100, 1, None), big.prices, TokenUsage(100, 100))
+    # limit raised: usage kept, the new limit applies at once
+    c2 = config(limits='{tokens: {total: 5000}}', window="24h")
+    book.sync(c2.budgets)
+    st = book.states["b"]
+    assert st.allowance.used.total_tokens == 200 and st.allowance.limits.total_tokens == 5000
+    # a different period (window 1h instead of 24h): usage starts again
+    c3 = config(limits='{tokens: {total: 5000}}', window="1h")
+    book.sync(c3.budgets)
+    assert book.states["b"].allowance.used.total_tokens == 0  # the 1h period starts later than the 24h one
+    # a budget removed from the configuration is dropped
+    cfg, _ = parse_config_text("kind: ModelRoute\nmetadata: {name: x}\nspec: {model: x, defaultBackend: a, "
+                               "backends: [{name: a, provider: OpenAI, url: 'http://x', model: m, "
+                               "pricing: {input: '1', output: '1'}}]}\n")
+    book.sync(compile_config(cfg).budgets)
+    assert book.states == {}

@@ -46,6 +46,8 @@ _DROP_HEADERS = frozenset((
     "authorization", "x-api-key", "api-key", "proxy-authorization", "cookie", "host", "content-length",
     "content-type", "accept", "accept-encoding", "connection", "keep-alive", "transfer-encoding", "te",
     "upgrade", "expect", "proxy-connection", "trailer"))
+# gen_ai.provider.name well-known values (OpenTelemetry GenAI semantic conventions).
+_OTEL_PROVIDER = {"OpenAI": "openai", "Anthropic": "anthropic", "OpenAICompatible": "openai_compatible"}
 _PASS_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "retry-after")
 
 
@@ -773,7 +775,7 @@ class Proxy:
         route = ctx.route or ""
         base = None
         if ctx.route is not None and b is not None:
-            base = (ns, op, b.provider, ctx.alias or "", b.model, route, b.name)
+            base = (ns, op, _OTEL_PROVIDER.get(b.provider, b.provider), ctx.alias or "", b.model, route, b.name)
         self.metrics.request(
             base, b.prices.currency if b else "", (ns, route, b.name if b else "", op, ctx.outcome, str(ctx.status)),
             ctx.outcome, dur, ctx.usage if ctx.usage_known else None,
