@@ -199,3 +199,28 @@ def test_sigterm_lets_streams_finish_and_saves_usage(start_proxy, tmp_path):
         assert saved["outputTokens"] == usage["completion_tokens"] == 20
         assert saved["inputTokens"] == usage["prompt_tokens"]
         assert "".join(got)
+
+
+def test_sidecar_starts_before_its_config_exists(tmp_path):
+    from .conftest import ProxyProcess
+
+    with MockUpstream() as up:
+        config = tmp_path / "config" / "config.json"
+        config.parent.mkdir()
+        proxy = ProxyProcess(config, tmp_path, extra_args=["--namespace", "team-b"]).start()
+        try:
+            client = openai.OpenAI(base_url=proxy.openai_url, api_key="x", max_retries=0)
+            with pytest.raises(openai.NotFoundError):
+                client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
+            doc = {"namespace": "team-b", "routes": [{"name": "chat", "spec": {
+                "model": "chat", "defaultBackend": "oa", "backends": [{
+                    "name": "oa", "provider": "OpenAI", "url": up.openai_url, "model": "gpt-4o-mini",
+                    "pricing": {"input": "0.15", "output": "0.60"}}]}}]}
+            config.write_text(json.dumps(doc))
+            deadline = time.time() + 5
+            while time.time() < deadline and "chat" not in [m.id for m in client.models.list()]:
+                time.sleep(0.2)
+            r = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
+            assert r.choices and proxy.log(2)[-1]["namespace"] == "team-b"
+        finally:
+            proxy.stop()

@@ -45,7 +45,7 @@ async def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"spendwarden proxy: {exc}", file=sys.stderr)
         return 2
-    if not args.state_file and proxy.book.states:
+    if not args.state_file and proxy.book.states and not (proxy.compiled and proxy.compiled.source.ledger.url):
         logging.getLogger("spendwarden.proxy").warning(
             "no --state-file: budget usage is kept in memory only and lost on restart")
     runners = []

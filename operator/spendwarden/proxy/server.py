@@ -23,6 +23,7 @@ from aiohttp import web
 from ..ledger.pricing import TokenUsage, cost, format_money
 from . import tokens as tok
 from .budgets import Admission, BudgetBook
+from ..api.proxyconfig import ProxyConfig
 from .config import ANTHROPIC, OPENAI, BackendRt, Compiled, ConfigError, RouteRt, compile_config, \
     parse_config_text, secrets_fingerprint
 from .errors import ProxyError, error_body, stream_error_event
@@ -154,6 +155,17 @@ class Proxy:
         """(Re)load the configuration if the file or the credentials changed. Returns True on change."""
         try:
             raw = self._read()
+        except FileNotFoundError:
+            if initial:
+                # A sidecar can start before the operator rendered its namespace's first config (the
+                # ConfigMap volume is optional): serve nothing yet, pick the file up when it appears.
+                log.warning("%s does not exist (yet): no routes until it does", self.config_path)
+                self._install(compile_config(ProxyConfig(namespace=self.namespace_arg or "default"),
+                                             self.namespace_arg), "missing", initial=True)
+            elif self._fingerprint_file != "missing":
+                log.error("%s disappeared; keeping the current configuration", self.config_path)
+                self._fingerprint_file = "missing"
+            return False
         except OSError as exc:
             if initial:
                 raise ConfigError(f"cannot read {self.config_path}: {exc}") from exc
@@ -180,6 +192,11 @@ class Proxy:
                 raise ConfigError(str(exc)) from exc
             log.error("invalid configuration in %s: %s; keeping the current configuration", self.config_path, exc)
             return False
+        self._install(compiled, digest, initial)
+        return True
+
+    def _install(self, compiled: Compiled, digest: str, initial: bool) -> None:
+        cfg = compiled.source
         self._fingerprint_file = digest
         self._fingerprint = secrets_fingerprint(cfg)
         for b in (b for r in compiled.routes.values() for b in r.backends.values()):
@@ -194,7 +211,6 @@ class Proxy:
         self.metrics.config_reloads.labels("initial" if initial else "ok").inc()
         log.info("configuration loaded: namespace %s, %d routes, %d budgets", compiled.namespace,
                  len(compiled.routes), len(compiled.budgets))
-        return True
 
     _fingerprint_file: str | None = None
 
