@@ -19,6 +19,7 @@ def test_check_chat_ok():
     (CHAT, [], "JSON object"),
     (CHAT, {"messages": []}, "'model' is required"),
     (CHAT, {"model": 3, "messages": []}, "'model' must be"),
+    (CHAT, {"model": "m" * 300, "messages": []}, "at most 256"),
     (CHAT, {"model": "m"}, "'messages' is required"),
     (CHAT, {"model": "m", "messages": "hi"}, "'messages' must be an array"),
     (CHAT, {"model": "m", "messages": []}, "at least one"),

@@ -72,6 +72,9 @@ def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool
     if not isinstance(model, str) or not model:
         raise bad("'model' must be a non-empty string" if model is not None else "'model' is required",
                   "model", "invalid_type" if model is not None else "missing_required_parameter")
+    if len(model) > 256:  # no alias is longer (ModelRoute spec.model); keeps logs and errors bounded
+        raise bad(f"'model' is {len(model)} characters long; model aliases have at most 256", "model",
+                  "invalid_value")
     stream = _bool_field(body, "stream") if api != EMBEDDINGS else False
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
