@@ -581,11 +581,11 @@ class Proxy:
             if ctx.translating:
                 raw = orjson.dumps(message_to_chat(doc, ctx.alias or "") if backend.fmt == ANTHROPIC
                                    else chat_to_message(doc, ctx.alias or ""))
-        except ValueError:
+        except (ValueError, TypeError, AttributeError, KeyError):
             self.book.settle(adm, backend.prices, None)
             ctx.usage_known = False
             raise ProxyError(502, f"upstream backend {backend.name!r} returned an invalid response "
-                                  f"(not a JSON object)", code="bad_gateway") from None
+                                  f"(not the JSON object its API defines)", code="bad_gateway") from None
         self._settle(ctx, backend, adm, usage)
         ctx.status = status
         ctx.outcome = "fallback" if is_fallback else "ok"
@@ -685,7 +685,7 @@ class Proxy:
                             continue
                         if isinstance(obj.get("usage"), dict):
                             usage = openai_usage(obj["usage"])
-                        keep.extend(translator.event(obj))
+                        keep.extend(_translated(translator, obj))
                         continue
                     if translator is not None:
                         data = event_data(ev)
@@ -703,7 +703,7 @@ class Proxy:
                             usage = anthropic_usage(obj.get("usage"), usage)
                         elif kind == "message_stop":
                             complete = True
-                        keep.extend(translator.event(obj))
+                        keep.extend(_translated(translator, obj))
                         continue
                     if anthropic:
                         head = ev[:48]
@@ -853,6 +853,16 @@ class Proxy:
             self._out.flush()
         except (OSError, ValueError):
             pass
+
+
+def _translated(translator: Any, obj: dict[str, Any]) -> list[bytes]:
+    """One upstream stream event in the client's format; an event of an unexpected shape is dropped
+    (the response is already streaming: there is no way left to answer with an error status)."""
+    try:
+        return translator.event(obj)
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:
+        log.warning("dropped an untranslatable upstream stream event: %s", type(exc).__name__)
+        return []
 
 
 def _ctype(ctype: str) -> str:
