@@ -644,7 +644,16 @@ class Proxy:
             await out.prepare(request)
             ctx.status = 200
             ctx.outcome = "fallback" if is_fallback else "ok"
-            await self._relay(ctx, backend, adm, resp, out, client_usage)
+            try:
+                await self._relay(ctx, backend, adm, resp, out, client_usage)
+            except Exception:  # a bug mid-stream: the status is sent, end the stream with an error event
+                log.exception("relaying the stream failed")
+                ctx.outcome, ctx.error = "upstream_error", "internal error while relaying the stream"
+                self.book.settle(adm, backend.prices, None)
+                try:
+                    await out.write(stream_error_event(ctx.fmt, 500, "internal proxy error"))
+                except (ConnectionError, RuntimeError):
+                    pass
             ctx.upstream_time += time.perf_counter() - t_up
             return out
         finally:
