@@ -110,10 +110,6 @@ def loaded_encoder() -> Encoder | None:
     return _encoder
 
 
-def count(encoder: Encoder, text: str) -> int:
-    return len(encoder.encode_ordinary(text)) if text else 0
-
-
 # -- what to count, per wire format ---------------------------------------------------------------
 # Each collector returns (texts, fixed_tokens): the strings to tokenize and tokens known without it.
 
@@ -134,7 +130,7 @@ def _content_texts(content: Any, texts: list[str]) -> int:
                 fixed += PER_IMAGE
             elif kind == "tool_use":
                 texts.append(str(part.get("name", "")))
-                fixed += _json_tokens_placeholder(part.get("input"), texts)
+                _add_json(part.get("input"), texts)
             elif kind == "tool_result":
                 fixed += _content_texts(part.get("content"), texts)
             elif kind in ("thinking", "redacted_thinking"):
@@ -142,13 +138,13 @@ def _content_texts(content: Any, texts: list[str]) -> int:
     return fixed
 
 
-def _json_tokens_placeholder(value: Any, texts: list[str]) -> int:
+def _add_json(value: Any, texts: list[str]) -> None:
+    """Tool schemas and arguments are counted as their JSON text."""
     if value is None:
-        return 0
+        return
     import orjson
 
     texts.append(orjson.dumps(value).decode())
-    return 0
 
 
 def openai_chat_texts(body: dict[str, Any]) -> tuple[list[str], int]:
@@ -170,7 +166,7 @@ def openai_chat_texts(body: dict[str, Any]) -> tuple[list[str], int]:
                     texts.append(str(fn.get("arguments", "")))
     for key in ("tools", "functions", "response_format"):
         if body.get(key):
-            fixed += _json_tokens_placeholder(body[key], texts)
+            _add_json(body[key], texts)
     return texts, fixed
 
 
@@ -201,7 +197,7 @@ def anthropic_texts(body: dict[str, Any]) -> tuple[list[str], int]:
         if isinstance(msg, dict):
             fixed += PER_MESSAGE + _content_texts(msg.get("content"), texts)
     if body.get("tools"):
-        fixed += _json_tokens_placeholder(body["tools"], texts)
+        _add_json(body["tools"], texts)
     return texts, fixed
 
 
