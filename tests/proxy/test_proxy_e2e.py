@@ -267,3 +267,16 @@ def test_anthropic_client_to_openai_backend_is_translated(up, proxy):
     line = proxy.log(2)[-1]
     assert line["usage_source"] == "upstream" and line["output_tokens"] == 12
     assert final.usage.input_tokens == line["input_tokens"]
+
+
+def test_model_retrieve_and_count_tokens(up, proxy):
+    assert oa(proxy).models.retrieve("chat").id == "chat"
+    with pytest.raises(openai.NotFoundError):
+        oa(proxy).models.retrieve("nope")
+    # the alias has no Anthropic backend: the proxy's own estimate answers
+    n = an(proxy).messages.count_tokens(model="chat", messages=[{"role": "user", "content": "hello world"}])
+    assert n.input_tokens > 2
+    with pytest.raises(anthropic.NotFoundError):
+        an(proxy).messages.count_tokens(model="nope", messages=[{"role": "user", "content": "x"}])
+    # an Anthropic backend without the endpoint (the mock): the estimate again
+    assert an(proxy).messages.count_tokens(model="claude", messages=[{"role": "user", "content": "hi"}]).input_tokens

@@ -280,6 +280,8 @@ class Proxy:
         r.add_post("/v1/embeddings", self.embeddings)
         r.add_post("/v1/messages", self.messages)
         r.add_get("/v1/models", self.models)
+        r.add_get("/v1/models/{model}", self.model)
+        r.add_post("/v1/messages/count_tokens", self.count_tokens)
         r.add_get("/healthz", self.health)
         r.add_route("*", "/{tail:.*}", self.not_found)
         app.on_startup.append(self.start)
@@ -303,6 +305,51 @@ class Proxy:
     async def models(self, request: web.Request) -> web.Response:
         assert self.compiled is not None
         return web.Response(body=self.compiled.models_body, content_type="application/json")
+
+    async def model(self, request: web.Request) -> web.Response:
+        assert self.compiled is not None
+        alias = request.match_info["model"]
+        if alias not in self.compiled.routes:
+            return web.Response(status=404, content_type="application/json", body=error_body(
+                OPENAI, 404, f"The model '{alias[:256]}' does not exist", code="model_not_found", param="model"))
+        return web.Response(content_type="application/json", body=orjson.dumps(
+            {"id": alias, "object": "model", "created": 0, "owned_by": "spendwarden"}))
+
+    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's token counting: forwarded to the alias's Anthropic backend (not metered: it is
+        free), or answered with the proxy's own estimate when the alias has no Anthropic backend."""
+        assert self.compiled is not None and self.session is not None
+        try:
+            raw = await request.read()
+            body = orjson.loads(raw)
+            if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+                raise ValueError("the body must be a JSON object with a string 'model'")
+        except (ValueError, web.HTTPRequestEntityTooLarge) as exc:
+            return web.Response(status=400, content_type="application/json",
+                                body=error_body(ANTHROPIC, 400, f"invalid request: {exc}"))
+        route = self.compiled.routes.get(body["model"])
+        if route is None:
+            return web.Response(status=404, content_type="application/json", body=error_body(
+                ANTHROPIC, 404, f"The model '{body['model'][:256]}' does not exist"))
+        backend = route.default if route.default.fmt == ANTHROPIC else \
+            next((b for b in route.backends.values() if b.fmt == ANTHROPIC), None)
+        if backend is not None and not backend.missing_credentials:
+            url = backend.url("messages").with_path(backend.url("messages").path + "/count_tokens")
+            try:
+                async with self.session.post(url, data=orjson.dumps({**body, "model": backend.model}),
+                                             headers=self._headers(request, backend, False),
+                                             timeout=self._timeout(backend, False)) as resp:
+                    data = await resp.read()
+                    if resp.status in (200, 400):  # else (no such endpoint, 5xx, ...): estimate
+                        return web.Response(status=resp.status, body=data,
+                                            content_type=_ctype(resp.headers.get("Content-Type", "")))
+            except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+                pass  # fall back to the estimate
+        try:
+            est = await self._estimate(MESSAGES, body)
+        except Exception:  # malformed messages: count what can be counted
+            est = 0
+        return web.Response(content_type="application/json", body=orjson.dumps({"input_tokens": est}))
 
     async def not_found(self, request: web.Request) -> web.Response:
         fmt = ANTHROPIC if request.path.startswith("/v1/messages") or "anthropic-version" in request.headers \
