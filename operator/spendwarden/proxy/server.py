@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import re
 import sys
 import time
@@ -156,6 +157,8 @@ class Proxy:
         try:
             raw = self._read()
         except FileNotFoundError:
+            if initial and not os.path.isdir(os.path.dirname(os.path.abspath(self.config_path))):
+                raise ConfigError(f"{self.config_path}: no such file or directory") from None
             if initial:
                 # A sidecar can start before the operator rendered its namespace's first config (the
                 # ConfigMap volume is optional): serve nothing yet, pick the file up when it appears.
