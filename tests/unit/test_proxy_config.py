@@ -94,3 +94,20 @@ def test_parse_tags_is_bounded():
     assert parse_tags("bad key=1,novalue,k=" + "v" * 65) is None
     many = ",".join(f"k{i}=v" for i in range(50))
     assert len(parse_tags(many)) == 8
+
+
+def test_a_policy_folder_is_read_as_one_manifest_stream(tmp_path):
+    """`--config examples/teams/support/`: the folder a team keeps in Git works as it is."""
+    import shutil
+    from pathlib import Path
+
+    from spendwarden.proxy.server import Proxy
+
+    src = Path(__file__).resolve().parents[2] / "examples" / "teams" / "support"
+    folder = tmp_path / "support"
+    shutil.copytree(src, folder)
+    (folder / "README.txt").write_text("not yaml: ignored")
+    proxy = Proxy(str(folder), access_log=open(tmp_path / "access.log", "wb"))
+    assert proxy.compiled.namespace == "team-support"
+    assert sorted(proxy.compiled.routes) == ["chat"]
+    assert sorted(proxy.compiled.budgets) == ["monthly"]

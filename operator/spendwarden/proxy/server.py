@@ -149,6 +149,14 @@ class Proxy:
     # -- configuration ------------------------------------------------------------------------------
 
     def _read(self) -> bytes:
+        if os.path.isdir(self.config_path):
+            # A policy folder as kept in Git: every YAML file in it, as one manifest stream.
+            names = sorted(n for n in os.listdir(self.config_path) if n.endswith((".yaml", ".yml")))
+            parts = []
+            for name in names:
+                with open(os.path.join(self.config_path, name), "rb") as f:
+                    parts.append(f.read())
+            return b"\n---\n".join(parts)
         with open(self.config_path, "rb") as f:
             return f.read()
 

@@ -1,0 +1,317 @@
+"""The operator's side of the budget ledger: leases that let many proxies share one budget exactly.
+
+Pure and synchronous (no I/O, no clock: `now` is passed in), so the arithmetic is property-tested.
+
+Model. For each proxy p the ledger keeps what p reported and what p was granted, all cumulative
+within the period:
+  used_p     usage p has settled (cumulative, as p reports it: a retried report cannot count twice),
+  held_p     p's reservations in flight at its last report,
+  ceiling_p  the most p may ever commit (used + held) in this period.
+A proxy admits a request only while used + held + worst_case <= ceiling (its local Allowance with
+limits = ceiling). The operator only ever RAISES a ceiling (a grant); only the proxy lowers it (a
+release: it lowers its local ceiling first, then reports it), so a grant never races a proxy that
+is committing against the old value.
+
+Invariant, per limited dimension (total, input, output tokens; cost):
+  retired + sum over p of max(ceiling_p, used_p) <= limit
+where `retired` is what proxies that are gone consumed. It holds by construction: a grant is capped
+by the headroom left under the limit. Only a provider billing more than was reserved (used_p above
+ceiling_p) can exceed it, and that is real spend, so it is recorded, never hidden.
+
+Leases expire: a proxy must stop admitting new requests at its lease's expiry unless renewed. A
+proxy silent for longer than expiry + grace is presumed dead: its whole escrow (the ceiling) is
+charged as used, because requests it had in flight may have been billed upstream. If it reports
+again after all (a partition), the charge is reconciled against its real cumulative usage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from .allowance import Amount, Limits
+
+DIMENSIONS = ("total", "input", "output", "cost")
+
+
+def _dim(amount: Amount, dim: str) -> Any:
+    if dim == "total":
+        return amount.total_tokens
+    if dim == "input":
+        return amount.input_tokens
+    if dim == "output":
+        return amount.output_tokens
+    return amount.cost
+
+
+def _limit(limits: Limits, dim: str) -> Any:
+    return {"total": limits.total_tokens, "input": limits.input_tokens,
+            "output": limits.output_tokens, "cost": limits.cost}[dim]
+
+
+@dataclass(slots=True)
+class Ceiling:
+    """A per-dimension ceiling; None where the budget has no limit of that kind."""
+
+    total: int | None = None
+    input: int | None = None
+    output: int | None = None
+    cost: Decimal | None = None
+
+    def get(self, dim: str) -> Any:
+        return getattr(self, dim)
+
+    def as_limits(self) -> Limits:
+        return Limits(total_tokens=self.total, input_tokens=self.input, output_tokens=self.output, cost=self.cost)
+
+    def to_state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for dim in DIMENSIONS:
+            value = self.get(dim)
+            if value is not None:
+                out[dim] = str(value) if dim == "cost" else value
+        return out
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any]) -> "Ceiling":
+        return cls(total=data.get("total"), input=data.get("input"), output=data.get("output"),
+                   cost=Decimal(str(data["cost"])) if data.get("cost") is not None else None)
+
+    @classmethod
+    def committed(cls, limits: Limits, amount: Amount) -> "Ceiling":
+        """The ceiling that covers exactly `amount` in every limited dimension."""
+        return cls(**{dim: (_dim(amount, dim) if _limit(limits, dim) is not None else None) for dim in DIMENSIONS})
+
+
+@dataclass(slots=True)
+class ProxyAccount:
+    used: Amount = field(default_factory=Amount)
+    held: Amount = field(default_factory=Amount)
+    ceiling: Ceiling = field(default_factory=Ceiling)
+    seq: int = 0
+    expires_at: float = 0.0
+    # Recent spend rate in the budget's tightest dimension per second: sizes the next lease.
+    rate: float = 0.0
+    last_report_at: float | None = None
+
+
+@dataclass(slots=True)
+class Lease:
+    """The answer to a report: the proxy's new ceiling and its expiry."""
+
+    ceiling: Ceiling
+    expires_at: float
+    granted: bool        # the ceiling was raised by this report
+    duplicate: bool      # the report was a retry of one already applied
+
+
+@dataclass
+class LeaseSettings:
+    ttl: float = 10.0                  # a lease's lifetime; proxies renew about every second
+    grace: float = 20.0                # silence beyond expiry before a proxy is presumed dead
+    horizon: float = 5.0               # a lease should cover this many seconds of the proxy's recent spend
+    min_share: Decimal = Decimal("0.01")  # the smallest slice worth granting: 1% of the limit...
+    max_share: Decimal = Decimal("0.5")   # ...and never more than half of what is left to one proxy at once
+
+
+class BudgetLedger:
+    """One budget's ledger for one period."""
+
+    def __init__(self, limits: Limits, settings: LeaseSettings | None = None):
+        self.limits = limits
+        self.settings = settings or LeaseSettings()
+        self.proxies: dict[str, ProxyAccount] = {}
+        self.retired = Amount()
+        # Dead proxies' charges, kept for the period so a proxy that was only partitioned can be
+        # reconciled when it reports again (proxy id -> what was charged for it).
+        self.tombstones: dict[str, Amount] = {}
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def used(self) -> Amount:
+        total = self.retired
+        for acct in self.proxies.values():
+            total = total + acct.used
+        return total
+
+    def committed(self, dim: str, exclude: str | None = None) -> Any:
+        """retired + sum of max(ceiling, used) in one dimension."""
+        total = _dim(self.retired, dim)
+        for pid, acct in self.proxies.items():
+            if pid == exclude:
+                continue
+            ceiling = acct.ceiling.get(dim)
+            used = _dim(acct.used, dim)
+            total += max(ceiling, used) if ceiling is not None else used
+        return total
+
+    def headroom(self, dim: str) -> Any:
+        limit = _limit(self.limits, dim)
+        if limit is None:
+            return None
+        return max(limit - self.committed(dim), 0)
+
+    def exhausted(self) -> bool:
+        used = self.used()
+        return any(_limit(self.limits, d) is not None and _dim(used, d) >= _limit(self.limits, d) for d in DIMENSIONS)
+
+    def check_invariant(self) -> list[str]:
+        """Dimensions where committed exceeds the limit (only possible when providers over-bill)."""
+        return [d for d in DIMENSIONS if _limit(self.limits, d) is not None and self.committed(d) > _limit(self.limits, d)]
+
+    # -- the report ------------------------------------------------------------------------------
+
+    def report(self, proxy_id: str, seq: int, used: Amount, held: Amount, want: Amount | None, now: float,
+               release_to: Ceiling | None = None) -> Lease:
+        """Apply one proxy report and answer with its lease.
+
+        used: the proxy's cumulative settled usage this period; held: its reservations in flight;
+        want: what it would like to be able to commit on top of used + held (None: size it for me);
+        release_to: the proxy has lowered its own ceiling to this and gives the rest back.
+        """
+        acct = self.proxies.get(proxy_id)
+        if acct is None:
+            charged = self.tombstones.pop(proxy_id, None)
+            if charged is not None:
+                # A presumed-dead proxy is back: its escrow moves from `retired` back to its account
+                # (committed stays the same), and its own cumulative report is the truth from now on.
+                self.retired = self.retired - charged
+            acct = ProxyAccount(ceiling=Ceiling.committed(self.limits, charged or Amount()))
+            self.proxies[proxy_id] = acct
+        if seq <= acct.seq:
+            return Lease(acct.ceiling, acct.expires_at, granted=False, duplicate=True)
+
+        elapsed = now - acct.last_report_at if acct.last_report_at is not None else 0.0
+        spent = _tightest_fraction(self.limits, used - acct.used)
+        if elapsed > 0:
+            # Exponentially weighted, so one burst does not size leases for a minute.
+            acct.rate = 0.5 * acct.rate + 0.5 * (spent / elapsed)
+        acct.seq = seq
+        acct.used = _max_amount(acct.used, used)  # cumulative: never moves backwards
+        acct.held = held
+        acct.last_report_at = now
+        if release_to is not None:
+            acct.ceiling = _floor_ceiling(release_to, Ceiling.committed(self.limits, acct.used + acct.held))
+
+        granted = self._grant(proxy_id, acct, want)
+        acct.expires_at = now + self.settings.ttl
+        return Lease(acct.ceiling, acct.expires_at, granted=granted, duplicate=False)
+
+    def _grant(self, proxy_id: str, acct: ProxyAccount, want: Amount | None) -> bool:
+        committed_now = acct.used + acct.held
+        raised = False
+        new = Ceiling()
+        for dim in DIMENSIONS:
+            limit = _limit(self.limits, dim)
+            if limit is None:
+                continue
+            current = acct.ceiling.get(dim) or 0
+            floor = _dim(committed_now, dim)
+            free = max(current - floor, 0)
+            base = max(current, floor)  # in-flight reservations stay covered whatever happens
+            headroom = max(limit - self.committed(dim, exclude=proxy_id) - base, 0)
+            target = self._target(dim, limit, acct, want, headroom + free)
+            extra = min(max(target - free, 0), headroom)
+            if dim != "cost":
+                extra = int(extra)
+            value = base + extra
+            setattr(new, dim, value)
+            raised = raised or value > current
+        acct.ceiling = new
+        return raised
+
+    def _target(self, dim: str, limit: Any, acct: ProxyAccount, want: Amount | None, available: Any) -> Any:
+        """How much free escrow this proxy should hold in `dim`."""
+        s = self.settings
+        fraction = Decimal(str(acct.rate * s.horizon))
+        target = limit * min(max(fraction, s.min_share), Decimal(1)) if dim == "cost" else \
+            int(limit * min(max(fraction, s.min_share), Decimal(1)))
+        if want is not None:
+            target = max(target, _dim(want, dim))
+        # Near the end of a budget a slice would strand it in idle pods: cap by a share of what is
+        # left, but never below what the proxy asked for (its next request must stay possible).
+        cap = available * s.max_share if dim == "cost" else int(available * s.max_share)
+        wanted = _dim(want, dim) if want is not None else 0
+        return min(target, max(cap, wanted))
+
+    # -- time ------------------------------------------------------------------------------------
+
+    def expire(self, now: float) -> list[str]:
+        """Presume silent proxies dead; charge their whole escrow. Returns their ids."""
+        dead = [pid for pid, a in self.proxies.items() if now > a.expires_at + self.settings.grace]
+        for pid in dead:
+            acct = self.proxies.pop(pid)
+            charge = _escrow_as_amount(self.limits, acct)
+            self.retired = self.retired + charge
+            self.tombstones[pid] = charge
+        return dead
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "retired": _amount_state(self.retired),
+            "proxies": {pid: {"used": _amount_state(a.used), "held": _amount_state(a.held),
+                              "ceiling": a.ceiling.to_state(), "seq": a.seq, "expiresAt": a.expires_at}
+                        for pid, a in sorted(self.proxies.items())},
+            "tombstones": {pid: _amount_state(c) for pid, c in sorted(self.tombstones.items())},
+        }
+
+    @classmethod
+    def from_state(cls, limits: Limits, data: dict[str, Any], settings: LeaseSettings | None = None) -> "BudgetLedger":
+        ledger = cls(limits, settings)
+        ledger.retired = _amount_from(data.get("retired") or {})
+        for pid, a in (data.get("proxies") or {}).items():
+            ledger.proxies[pid] = ProxyAccount(used=_amount_from(a.get("used") or {}), held=_amount_from(a.get("held") or {}),
+                                               ceiling=Ceiling.from_state(a.get("ceiling") or {}), seq=int(a.get("seq", 0)),
+                                               expires_at=float(a.get("expiresAt", 0.0)))
+        ledger.tombstones = {pid: _amount_from(c) for pid, c in (data.get("tombstones") or {}).items()}
+        return ledger
+
+
+def _tightest_fraction(limits: Limits, delta: Amount) -> float:
+    fractions = [float(_dim(delta, d) / _limit(limits, d)) for d in DIMENSIONS if _limit(limits, d)]
+    return max(fractions, default=0.0)
+
+
+def _max_amount(a: Amount, b: Amount) -> Amount:
+    return Amount(max(a.input_tokens, b.input_tokens), max(a.output_tokens, b.output_tokens), max(a.cost, b.cost))
+
+
+def _floor_ceiling(requested: Ceiling, floor: Ceiling) -> Ceiling:
+    """A release never goes below what the proxy has already committed."""
+    out = Ceiling()
+    for dim in DIMENSIONS:
+        r, f = requested.get(dim), floor.get(dim)
+        setattr(out, dim, None if f is None else max(r if r is not None else f, f))
+    return out
+
+
+def _escrow_as_amount(limits: Limits, acct: ProxyAccount) -> Amount:
+    """What a dead proxy is charged: in every dimension at least its usage and at most its escrow
+    (max(ceiling, used), exactly what `committed` already counted, so the invariant is kept)."""
+    c, u = acct.ceiling, acct.used
+    inp = max(u.input_tokens, c.input) if c.input is not None else u.input_tokens
+    out = max(u.output_tokens, c.output) if c.output is not None else u.output_tokens
+    if c.total is not None:
+        cap = max(c.total, u.total_tokens)
+        # The unknown rest of the escrow counts as output, then input, within their own ceilings.
+        if inp + out < cap:
+            out += min(cap - (inp + out), max((c.output if c.output is not None else cap) - out, 0))
+        if inp + out < cap:
+            inp += min(cap - (inp + out), max((c.input if c.input is not None else cap) - inp, 0))
+        excess = inp + out - cap
+        if excess > 0:  # separate input/output ceilings can add up to more than the total one
+            cut = min(excess, out - u.output_tokens)
+            out -= cut
+            inp -= excess - cut
+    cost = max(u.cost, c.cost) if c.cost is not None else u.cost
+    return Amount(inp, out, cost)
+
+
+def _amount_state(a: Amount) -> dict[str, Any]:
+    return {"inputTokens": a.input_tokens, "outputTokens": a.output_tokens, "cost": str(a.cost)}
+
+
+def _amount_from(data: dict[str, Any]) -> Amount:
+    return Amount(int(data.get("inputTokens", 0)), int(data.get("outputTokens", 0)), Decimal(str(data.get("cost", "0"))))

@@ -1,0 +1,203 @@
+"""The lease ledger: many proxies, one budget, never jointly over it."""
+from __future__ import annotations
+
+from decimal import Decimal
+
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from spendwarden.ledger.allowance import Allowance, Amount, Limits
+from spendwarden.ledger.leases import DIMENSIONS, BudgetLedger, Ceiling, LeaseSettings
+
+LIMITS = Limits(total_tokens=10_000, output_tokens=6_000, cost=Decimal("1.00"))
+PRICE_IN, PRICE_OUT = Decimal("0.00002"), Decimal("0.0001")  # per token
+
+
+def amount(inp: int, out: int) -> Amount:
+    return Amount(inp, out, inp * PRICE_IN + out * PRICE_OUT)
+
+
+class Proxy:
+    """A proxy as the ledger sees it: a local Allowance whose limits are its lease's ceiling."""
+
+    def __init__(self, pid: str):
+        self.pid = pid
+        self.seq = 0
+        self.local = Allowance(limits=Ceiling.committed(LIMITS, Amount()).as_limits())
+        self.inflight: dict[int, Amount] = {}
+        self.alive = True
+        self.expires_at = 0.0  # no lease yet: nothing may be admitted
+
+    def snapshot(self) -> tuple[int, Amount, Amount]:
+        self.seq += 1
+        return self.seq, self.local.used, self.local.reserved
+
+    def apply(self, ceiling: Ceiling, expires_at: float | None = None) -> None:
+        self.local.limits = ceiling.as_limits()
+        if expires_at is not None:
+            self.expires_at = expires_at
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    @initialize(n=st.integers(min_value=1, max_value=5))
+    def setup(self, n):
+        self.ledger = BudgetLedger(LIMITS, LeaseSettings(ttl=10, grace=5))
+        self.proxies = [Proxy(f"p{i}") for i in range(n)]
+        self.now = 0.0
+        self.pending: list[tuple[Proxy, tuple]] = []  # reports sent, answer not yet applied
+        self.true_usage = Amount()                     # what the upstream really billed
+
+    def live(self):
+        return [p for p in self.proxies if p.alive]
+
+    @rule(data=st.data(), inp=st.integers(1, 800), out=st.integers(1, 800))
+    def request(self, data, inp, out):
+        live = self.live()
+        if not live:
+            return
+        p = data.draw(st.sampled_from(live))
+        if self.now >= p.expires_at:  # the protocol: no admissions on an expired lease
+            return
+        rid = p.local.reserve(amount(inp, out))
+        if rid is not None:
+            p.inflight[rid] = amount(inp, out)
+
+    @rule(data=st.data(), frac=st.integers(0, 100))
+    def settle(self, data, frac):
+        busy = [p for p in self.live() if p.inflight]
+        if not busy:
+            return
+        p = data.draw(st.sampled_from(busy))
+        rid = data.draw(st.sampled_from(sorted(p.inflight)))
+        held = p.inflight.pop(rid)
+        actual = amount(held.input_tokens, held.output_tokens * frac // 100)  # providers bill <= reserved
+        p.local.settle(rid, actual)
+        self.true_usage = self.true_usage + actual
+
+    @rule(data=st.data(), want_out=st.integers(0, 3000), deliver_now=st.booleans())
+    def report(self, data, want_out, deliver_now):
+        live = self.live()
+        if not live:
+            return
+        p = data.draw(st.sampled_from(live))
+        seq, used, held = p.snapshot()
+        lease = self.ledger.report(p.pid, seq, used, held, amount(0, want_out) if want_out else None, self.now)
+        if deliver_now:
+            p.apply(lease.ceiling, lease.expires_at)
+        else:
+            self.pending.append((p, (seq, used, held, lease)))
+
+    @precondition(lambda self: self.pending)
+    @rule(retry=st.booleans())
+    def deliver_late(self, retry):
+        # The answer arrives after the proxy kept committing under its old ceiling; maybe the
+        # proxy also retried the same report (lost answer): that must change nothing.
+        p, (seq, used, held, lease) = self.pending.pop(0)
+        acct = self.ledger.proxies.get(p.pid)
+        if retry and acct is not None and acct.seq >= seq:
+            before = self.ledger.to_state()
+            again = self.ledger.report(p.pid, seq, used, held, None, self.now)
+            assert again.duplicate and self.ledger.to_state() == before
+        if p.alive:
+            p.apply(lease.ceiling, lease.expires_at)
+
+    @rule(data=st.data())
+    def release(self, data):
+        live = self.live()
+        if not live:
+            return
+        p = data.draw(st.sampled_from(live))
+        floor = Ceiling.committed(LIMITS, p.local.used + p.local.reserved)
+        p.apply(floor)  # lower locally first, then tell the ledger
+        seq, used, held = p.snapshot()
+        lease = self.ledger.report(p.pid, seq, used, held, None, self.now, release_to=floor)
+        p.apply(lease.ceiling, lease.expires_at)
+
+    @rule(data=st.data())
+    def kill(self, data):
+        live = self.live()
+        if len(live) < 2:
+            return
+        p = data.draw(st.sampled_from(live))
+        p.alive = False
+        # Its in-flight requests were billed upstream in full, but nobody will report them.
+        for held in p.inflight.values():
+            self.true_usage = self.true_usage + held
+        p.inflight.clear()
+
+    @rule(seconds=st.sampled_from([0.5, 3.0, 20.0]))
+    def tick(self, seconds):
+        self.now += seconds
+        self.ledger.expire(self.now)
+
+    @invariant()
+    def committed_never_exceeds_the_limit(self):
+        assert self.ledger.check_invariant() == []
+
+    @invariant()
+    def real_spend_never_exceeds_the_limit(self):
+        assert self.true_usage.total_tokens <= LIMITS.total_tokens
+        assert self.true_usage.output_tokens <= LIMITS.output_tokens
+        assert self.true_usage.cost <= LIMITS.cost
+
+    @invariant()
+    def nothing_reported_is_lost(self):
+        # Usage known to the ledger covers what every live proxy reported, plus dead proxies' escrow.
+        used = self.ledger.used()
+        reported = Amount()
+        for p in self.proxies:
+            acct = self.ledger.proxies.get(p.pid)
+            if acct is not None:
+                reported = reported + acct.used
+        assert used.total_tokens >= reported.total_tokens and used.cost >= reported.cost
+
+
+TestLedgerMachine = LedgerMachine.TestCase
+TestLedgerMachine.settings = settings(max_examples=80, stateful_step_count=50, deadline=None)
+
+
+def test_dead_proxy_is_charged_its_escrow_and_reconciled_if_it_returns():
+    ledger = BudgetLedger(LIMITS, LeaseSettings(ttl=10, grace=5))
+    lease = ledger.report("a", 1, Amount(), Amount(), amount(0, 1000), now=0)
+    assert lease.granted and lease.ceiling.output >= 1000
+    ledger.report("a", 2, amount(100, 200), amount(50, 500), None, now=1)
+    assert ledger.expire(now=100) == ["a"]
+    charged = ledger.used()
+    assert charged.output_tokens >= 700 and charged.total_tokens >= 850  # in flight counted, never nothing
+    # A partitioned proxy that comes back: its own cumulative report replaces the charge.
+    ledger.report("a", 3, amount(150, 600), Amount(), None, now=101)
+    assert ledger.used() == amount(150, 600)
+
+
+def test_grants_follow_demand_and_leave_room_for_others():
+    ledger = BudgetLedger(Limits(total_tokens=100_000), LeaseSettings(ttl=10))
+    first = ledger.report("busy", 1, Amount(), Amount(), amount(0, 500), now=0)
+    assert 500 <= first.ceiling.total <= 50_000
+    idle = ledger.report("idle", 1, Amount(), Amount(), None, now=0)
+    assert idle.ceiling.total <= first.ceiling.total
+    # The busy proxy burns fast: its next lease is larger.
+    second = ledger.report("busy", 2, amount(0, first.ceiling.total), Amount(), None, now=1)
+    assert second.ceiling.total - first.ceiling.total > first.ceiling.total - 0
+    assert ledger.check_invariant() == []
+
+
+def test_near_the_end_the_last_tokens_are_still_grantable():
+    ledger = BudgetLedger(Limits(total_tokens=1_000))
+    assert ledger.report("a", 1, Amount(), Amount(), amount(0, 990), now=0).ceiling.total == 990
+    last = ledger.report("b", 1, Amount(), Amount(), amount(0, 10), now=0)
+    assert last.granted and last.ceiling.total == 10
+    refused = ledger.report("c", 1, Amount(), Amount(), amount(0, 10), now=0)
+    assert refused.ceiling.total == 0 and not refused.granted
+    # Once "a" gives back what it did not use, "c" can have it.
+    ledger.report("a", 2, amount(0, 500), Amount(), None, now=1, release_to=Ceiling(total=500))
+    assert ledger.report("c", 2, Amount(), Amount(), amount(0, 10), now=1).ceiling.total >= 10
+
+
+def test_state_round_trip():
+    ledger = BudgetLedger(LIMITS)
+    ledger.report("a", 1, amount(10, 20), amount(1, 2), amount(0, 100), now=0)
+    ledger.report("b", 1, Amount(), Amount(), None, now=0)
+    ledger.expire(now=1_000)
+    again = BudgetLedger.from_state(LIMITS, ledger.to_state())
+    assert again.to_state() == ledger.to_state()
+    assert all(again.committed(d) == ledger.committed(d) for d in DIMENSIONS)
