@@ -114,7 +114,8 @@ def test_openai_stream_as_anthropic_events_validates_with_the_anthropic_sdk():
         {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": "Hi"}}]},
         {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": " there"}}]},
         {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
-        {"id": "chatcmpl-1", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 2}},
+        {"id": "chatcmpl-1", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 2,
+                                                     "prompt_tokens_details": {"cached_tokens": 4}}},
     ]
     conv = OpenAIToAnthropicStream("chat")
     events = [e for c in chunks for e in conv.feed(c)] + list(conv.finish())
@@ -124,3 +125,4 @@ def test_openai_stream_as_anthropic_events_validates_with_the_anthropic_sdk():
                                         "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
     assert "".join(p.delta.text for p in parsed if p.type == "content_block_delta") == "Hi there"
     assert parsed[-2].usage.output_tokens == 2 and parsed[-2].delta.stop_reason == "end_turn"
+    assert (parsed[-2].usage.input_tokens, parsed[-2].usage.cache_read_input_tokens) == (7, 4)

@@ -350,5 +350,6 @@ class OpenAIToAnthropicStream:
         yield from self._close()
         usage = openai_usage_to_anthropic(self.usage)
         yield {"type": "message_delta", "delta": {"stop_reason": self.stop_reason or "end_turn", "stop_sequence": None},
-               "usage": {"output_tokens": usage["output_tokens"], "input_tokens": usage["input_tokens"]}}
+               "usage": {"output_tokens": usage["output_tokens"], "input_tokens": usage["input_tokens"],
+                         "cache_read_input_tokens": usage["cache_read_input_tokens"]}}
         yield {"type": "message_stop"}
