@@ -13,6 +13,7 @@ import helm_python as helm
 import pytest
 import yaml
 from kubernetes import client
+from .operator_process import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "spendwarden"
@@ -126,15 +127,6 @@ def read_back(control_plane, doc: dict) -> dict:
     return json.loads(control_plane.kubectl(*args).stdout)
 
 
-def wait_for(check, timeout: float = 30, interval: float = 0.3, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-features"])

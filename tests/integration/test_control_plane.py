@@ -12,19 +12,11 @@ import yaml
 from kubernetes import client
 
 from spendwarden.localcluster.controlplane import ControlPlane
+from .operator_process import wait_for
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 
 
-def wait_for(check, timeout: float = 30, interval: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def token_budget(name: str, **spec) -> dict:

@@ -57,6 +57,16 @@ def proxy_config(kube, ns):
     return cm, json.loads(cm.data[CONFIG_KEY])
 
 
+def configmap_gone(kube, ns) -> bool:
+    try:
+        client.CoreV1Api(kube).read_namespaced_config_map(CONFIGMAP_NAME, ns)
+        return False
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        return True
+
+
 def condition(obj, type_):
     return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type_), None)
 
@@ -102,13 +112,7 @@ def test_configmap_rendered_updated_and_removed_with_the_crs(operator, kube, op_
     wait_for(lambda: proxy_config(kube, ns)[1]["budgets"] == [], what="budget to leave the ConfigMap")
     custom(kube).delete_namespaced_custom_object(GROUP, VERSION, ns, "modelroutes", "chat")
 
-    def gone():
-        try:
-            client.CoreV1Api(kube).read_namespaced_config_map(CONFIGMAP_NAME, ns)
-            return False
-        except ApiException as exc:
-            return exc.status == 404
-    wait_for(gone, what="ConfigMap removal")
+    wait_for(lambda: configmap_gone(kube, ns), what="ConfigMap removal")
     assert operator.alive()
 
 
@@ -172,10 +176,4 @@ def test_rendered_configmap_is_garbage_collected_by_kubernetes(kube, namespace):
     client.CoreV1Api(kube).read_namespaced_config_map(CONFIGMAP_NAME, namespace)
     custom(kube).delete_namespaced_custom_object(GROUP, VERSION, namespace, "tokenbudgets", "monthly")
 
-    def gone():
-        try:
-            client.CoreV1Api(kube).read_namespaced_config_map(CONFIGMAP_NAME, namespace)
-            return False
-        except ApiException as exc:
-            return exc.status == 404
-    wait_for(gone, timeout=30, what="garbage collection of the ConfigMap")
+    wait_for(lambda: configmap_gone(kube, namespace), timeout=30, what="garbage collection of the ConfigMap")

@@ -24,19 +24,13 @@ from .. import GROUP
 from ..api import modelroute, tokenbudget
 from ..render import injection
 from ..render.review import review
+from .bodies import plain
 from .webhooks import CertStore, WebhookServer, WebhookSettings
 
 log = logging.getLogger(__name__)
 SETTINGS = WebhookSettings.from_env()
 _tasks: dict[str, Any] = {}
 
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _first(index: Any, key: str | None) -> Any:
@@ -82,8 +76,8 @@ def namespace_labels(name: str, labels: Mapping[str, str], **_: Any) -> dict[str
 def _review(kind: str, body: kopf.Body, old: Any, namespace: str | None, routes_by_namespace: Any,
             warnings: list[str]) -> None:
     siblings = list(routes_by_namespace.get(namespace, [])) if routes_by_namespace is not None and namespace else None
-    result = review(kind, _plain(body), _plain(old) if old is not None else None,
-                    [_plain(s) for s in siblings] if siblings is not None else None)
+    result = review(kind, plain(body), plain(old) if old is not None else None,
+                    [plain(s) for s in siblings] if siblings is not None else None)
     warnings.extend(result.warnings)
     if result.error:
         raise kopf.AdmissionError(result.error, code=422)
@@ -114,7 +108,7 @@ INJECTION = injection.InjectionSettings.from_env()
 
 def inject_proxy(body: kopf.Body, patch: kopf.Patch, namespace: str | None, namespace_labels: Any = None,
                  **_: Any) -> None:
-    pod = _plain(body)
+    pod = plain(body)
     ns = namespace or ""
     labels = _first(namespace_labels, ns)
     decision = injection.decide(pod, ns, labels, INJECTION)

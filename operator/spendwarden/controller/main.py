@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -19,20 +18,12 @@ from .. import GROUP
 from ..api import modelroute, tokenbudget
 from . import admission  # noqa: F401  (webhooks; registers handlers only when enabled)
 from . import reconcile
+from .bodies import plain
 
 log = logging.getLogger(__name__)
 _pending: set[str] = set()
 _pending_lock = threading.Lock()
 LEDGER_URL = os.environ.get("SPENDWARDEN_LEDGER_URL") or None
-
-
-def plain(value: Any) -> Any:
-    """kopf hands out read-only views; the renderer and the index want plain data."""
-    if isinstance(value, Mapping):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    return value
 
 
 @kopf.on.startup()
