@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "crds": ("spendwarden.api.crdcmd", "Write the CRD manifests generated from the API models."),
     "render": ("spendwarden.render_cmd", "Render the proxy configuration for manifests in files (offline)."),
     "local-cluster": ("spendwarden.localcluster.cmd", "Start the local control plane (etcd + kube-apiserver + kube-controller-manager)."),
+    "status": ("spendwarden.status_cmd", "Show budgets: usage bar, spent / limit, state, forecast, reset time."),
     "demo": ("spendwarden.demo", "Run the demo on a local control plane: operator, examples, status."),
     "mock-upstream": ("spendwarden.devtools.mock_upstream", "Run the mock OpenAI/Anthropic upstream (tests, demo, benchmarks)."),
 }

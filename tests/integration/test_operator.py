@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import sys
 
 import pytest
 from kubernetes import client
@@ -106,6 +107,13 @@ def test_configmap_rendered_updated_and_removed_with_the_crs(operator, kube, op_
                          capture_output=True, text=True, check=True).stdout
     assert "LIMIT" in out and "1M tokens, 250.00 USD" in out and "Active" in out
     assert "MODEL" in out and "chat" in out and "True" in out
+
+    # spendwarden status reads the same status, as a table and as JSON.
+    status_cmd = [sys.executable, "-m", "spendwarden.cli", "status", "--kubeconfig", str(operator.kubeconfig), "-n", ns]
+    table = subprocess.run(status_cmd, capture_output=True, text=True, check=True).stdout
+    assert "monthly" in table and "0 tokens, 0 USD / 1M tokens, 250.00 USD" in table and "Active" in table
+    rows = json.loads(subprocess.run(status_cmd + ["-o", "json"], capture_output=True, text=True, check=True).stdout)
+    assert [(r["name"], r["percentUsed"], r["state"]) for r in rows] == [("monthly", 0, "Active")]
 
     # Deleting one CR re-renders without it; deleting the last removes the ConfigMap.
     custom(kube).delete_namespaced_custom_object(GROUP, VERSION, ns, "tokenbudgets", "monthly")
