@@ -104,7 +104,7 @@ def test_default_render_objects(chart):
     objects = render(chart)
     kinds = sorted(k for k, _ in objects if k != "NOTES")
     assert kinds == sorted(["Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
-                            "RoleBinding", "Service"])
+                            "RoleBinding", "Service", "ConfigMap"])  # ConfigMap: the Grafana dashboard
     for obj in objects.values():
         if "metadata" in obj and obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
             assert obj["metadata"]["namespace"] == NS, obj["kind"]
@@ -256,7 +256,8 @@ def test_custom_values_render(chart):
     objects = render(chart, CUSTOM)
     kinds = sorted(k for k, _ in objects if k != "NOTES")
     # rbac.create false: no roles or bindings; serviceAccount.create with a custom name.
-    assert kinds == sorted(["Deployment", "ServiceAccount", "Service", "Service", "ServiceMonitor", "PrometheusRule"])
+    assert kinds == sorted(["Deployment", "ServiceAccount", "Service", "Service", "ServiceMonitor", "PrometheusRule",
+                            "ConfigMap"])
     assert one(objects, "ServiceAccount")["metadata"]["name"] == "warden"
     pod = one(objects, "Deployment")["spec"]["template"]
     assert pod["spec"]["serviceAccountName"] == "warden"
