@@ -7,6 +7,7 @@ depend on its siblings (duplicate aliases), and the ConfigMap is one for all of 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -14,10 +15,11 @@ from typing import Any
 
 import kopf
 
-from .. import GROUP
+from .. import GROUP, VERSION
+from ..api.common import now_rfc3339
 from ..api import modelroute, tokenbudget
 from . import admission  # noqa: F401  (webhooks; registers handlers only when enabled)
-from . import reconcile
+from . import kube, reconcile
 from .bodies import plain
 
 log = logging.getLogger(__name__)
@@ -84,9 +86,55 @@ def modelroute_event(namespace: str, routes_by_namespace: kopf.Index, budgets_by
 @kopf.on.event(GROUP, tokenbudget.PLURAL)
 def tokenbudget_event(namespace: str, routes_by_namespace: kopf.Index, budgets_by_namespace: kopf.Index, **_: Any) -> None:
     _reconcile(namespace, routes_by_namespace, budgets_by_namespace)
+    _remember_reset(namespace, budgets_by_namespace)
 
 
-@kopf.timer(GROUP, tokenbudget.PLURAL, interval=30, initial_delay=30)
-def budget_period_tick(namespace: str, routes_by_namespace: kopf.Index, budgets_by_namespace: kopf.Index, **_: Any) -> None:
-    """Moves status to the next period at the reset; a no-op write-wise otherwise."""
-    _reconcile(namespace, routes_by_namespace, budgets_by_namespace)
+# Period resets. Not a kopf timer: timers make kopf put a finalizer on every TokenBudget, which
+# blocks deleting budgets while the operator is down and writes into users' objects. Instead the
+# event handlers remember each namespace's earliest reset, and one loop re-renders a namespace
+# once that time has passed (its own status write then records the next reset).
+_resets: dict[str, str] = {}
+ROLLOVER_INTERVAL = float(os.environ.get("SPENDWARDEN_ROLLOVER_INTERVAL", "15"))
+
+
+def _remember_reset(namespace: str, budgets_index: kopf.Index) -> None:
+    ends = [b.get("status", {}).get("periodEnd") for b in reconcile.objects_in(budgets_index, namespace)]
+    ends = [e for e in ends if e]
+    if ends:
+        _resets[namespace] = min(ends)
+    else:
+        _resets.pop(namespace, None)
+
+
+def _list_namespace(namespace: str) -> tuple[list[dict], list[dict]]:
+    from kubernetes import client
+
+    api = client.CustomObjectsApi(kube.api_client())
+    return tuple(api.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]  # type: ignore[return-value]
+                 for plural in (modelroute.PLURAL, tokenbudget.PLURAL))
+
+
+async def _rollover_loop() -> None:
+    while True:
+        await asyncio.sleep(ROLLOVER_INTERVAL)
+        now = now_rfc3339()
+        for namespace in [ns for ns, end in list(_resets.items()) if end <= now]:
+            _resets.pop(namespace, None)
+            try:
+                await asyncio.to_thread(reconcile.reconcile_namespace, namespace,
+                                        lambda ns=namespace: _list_namespace(ns), _warn, LEDGER_URL)
+            except Exception:  # retried at the next tick; never let the loop die
+                log.exception("period reset of namespace %s failed", namespace)
+                _resets[namespace] = now
+
+
+@kopf.on.startup()
+async def start_rollover(memo: kopf.Memo, **_: Any) -> None:
+    memo["rollover"] = asyncio.create_task(_rollover_loop())
+
+
+@kopf.on.cleanup()
+async def stop_rollover(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("rollover")
+    if task is not None:
+        task.cancel()
