@@ -5,6 +5,10 @@ which is what makes reservations atomic in the single-threaded event loop.
 
 Standalone, the allowance is the whole budget for the current period and usage survives restarts
 through the state file (atomic write: temp file + rename; debounced; and at shutdown).
+
+With a ledger (ledger_client.py), each budget carries a LeaseView and the allowance's limits are the
+lease ceiling the operator granted this process; used is this process's cumulative usage in the
+period (a new process is a new proxy to the ledger, so the state file is neither read nor written).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from ..api.tokenbudget import OnExceeded
+from ..api.tokenbudget import FailMode, OnExceeded
 from ..ledger.allowance import Allowance, Amount, Limits, clamp_output
 from ..ledger.periods import current_period
 from ..ledger.pricing import Prices, TokenUsage, cost
@@ -33,15 +37,42 @@ STATE_VERSION = 1
 
 
 @dataclass(slots=True, eq=False)
+class LeaseView:
+    """This process's side of one budget's lease (ledger mode only); written by the ledger client."""
+
+    whole: Limits              # the budget's own limits: what an Open budget enforces on its own
+    fail_closed: bool
+    valid_until: float = 0.0   # proxy clock: the lease's expiresAt minus the clock margin
+    ceiling: Limits | None = None  # None: never granted
+    cut_off: bool = False
+    exceeded: bool = False     # the operator says the budget is Exceeded (AlertOnly marking)
+    down: bool = False         # the last report about this budget went unanswered
+    local: bool = False        # Open and expired: enforcing the whole budget on local accounting
+    last_admit: float = 0.0
+    released_at: float = -1.0  # last_admit when the lease was last released (once per idle spell)
+    want: Amount | None = None  # worst cases of requests waiting for a bigger lease (next report)
+
+
+@dataclass(slots=True, eq=False)
 class BudgetState:
     budget: BudgetRt
     allowance: Allowance
     period_start: datetime
     period_end: datetime
     period_end_ts: float
+    lease: LeaseView | None = None  # None: standalone
 
     def reset_at(self) -> str:
         return self.period_end.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class LeaseShort(Exception):
+    """A request does not fit the current lease of these budgets (or there is no valid lease yet):
+    ask the ledger for `amount` more and admit again (server.py waits a short while)."""
+
+    def __init__(self, states: list[BudgetState], amount: Amount):
+        super().__init__("lease too small")
+        self.states, self.amount = states, amount
 
 
 @dataclass(slots=True)
@@ -60,6 +91,8 @@ class BudgetBook:
         self.states: dict[str, BudgetState] = {}
         self.dirty = False
         self._saved: dict[str, Any] = {}
+        # Ledger mode: budgets get LeaseViews (set by LedgerClient before the first sync).
+        self.ledger = False
         if state_file and os.path.exists(state_file):
             try:
                 with open(state_file, encoding="utf-8") as f:
@@ -81,18 +114,26 @@ class BudgetBook:
             old = self.states.get(name)
             if old is not None:
                 old.budget = b
-                old.allowance.limits = limits
+                if self.ledger:
+                    _lease_for(old, limits)
+                else:
+                    old.lease = None
+                    old.allowance.limits = limits
                 if old.period_start != start:
                     old.allowance.reset()
+                    if old.lease is not None:
+                        _new_period_lease(old)
                     self.dirty = True
                 old.period_start, old.period_end, old.period_end_ts = start, end, end.timestamp()
                 states[name] = old
                 continue
             used = Amount()
             saved = self._saved.get(name)
-            if saved and saved.get("periodStart") == _iso(start):
+            if saved and saved.get("periodStart") == _iso(start) and not self.ledger:
                 used = Allowance.amount_from_state(saved)
-            states[name] = BudgetState(b, Allowance(limits, used=used), start, end, end.timestamp())
+            st = states[name] = BudgetState(b, Allowance(limits, used=used), start, end, end.timestamp())
+            if self.ledger:
+                _lease_for(st, limits)
         self.states = states
         self.dirty = True
 
@@ -108,17 +149,21 @@ class BudgetBook:
         if start != st.period_start:
             log.info("budget %s: new period %s .. %s", st.budget.name, _iso(start), _iso(end))
             st.allowance.reset()
+            if st.lease is not None:
+                _new_period_lease(st)
         st.period_start, st.period_end, st.period_end_ts = start, end, end.timestamp()
         self.dirty = True
 
     # -- per request (synchronous) ------------------------------------------------------------------
 
     def admit(self, route: RouteRt, backend: BackendRt, input_tokens: int, requested_output: int | None,
-              choices: int, downgrade_to: BackendRt | None) -> Admission:
+              choices: int, downgrade_to: BackendRt | None, may_wait: bool = False) -> Admission:
         """Decide and reserve for one upstream attempt. Raises ProxyError(429) when refused.
 
         `requested_output` is the per-choice output cap that will be sent upstream (never None when
         a budget applies); `downgrade_to` is the compatible backend to use for Downgrade budgets.
+        Ledger mode: raises LeaseShort (only when `may_wait`) when the request does not fit a lease
+        that the ledger might still raise; ProxyError(503) for a Closed budget whose lease expired.
         """
         states = [self.states[b.name] for b in route.budgets if b.name in self.states]
         if not states:
@@ -129,12 +174,16 @@ class BudgetBook:
                 self._roll_one(st, now_ts)
         assert requested_output is not None
         want = requested_output
+        if self.ledger:
+            self._lease_checks(states, backend, input_tokens, want * choices, downgrade_to, may_wait, now_ts)
         downgraded = False
         # Downgrade budgets: when this request does not fit, move it to the cheap backend.
         for st in states:
             if st.budget.on_exceeded is OnExceeded.DOWNGRADE and downgrade_to is not None \
                     and backend is not downgrade_to:
                 cap = st.allowance.max_output_tokens(backend.prices, input_tokens)
+                if st.lease is not None and st.lease.cut_off:
+                    cap = -1  # the operator says the budget is spent: only the cheap backend is left
                 if cap is not None and cap < want * choices:
                     backend, downgraded = downgrade_to, True
                     break
@@ -165,10 +214,47 @@ class BudgetBook:
             if rid is None:  # cannot happen after the clamp above; refuse rather than overspend
                 self.release(adm)
                 raise budget_exceeded(st, now_ts)
-            if not enforced and not st.allowance.covers(Amount()):
+            if not enforced and (st.lease.exceeded if st.lease is not None and not st.lease.local
+                                 else not st.allowance.covers(Amount())):
                 adm.over_budget.append(st.budget.name)
             adm.holds.append((st, rid))
         return adm
+
+    def _lease_checks(self, states: list[BudgetState], backend: BackendRt, input_tokens: int, output: int,
+                      downgrade_to: BackendRt | None, may_wait: bool, now_ts: float) -> None:
+        short: list[BudgetState] = []
+        worst: Amount | None = None
+        for st in states:
+            lease = st.lease
+            if lease is None:
+                continue
+            lease.last_admit = now_ts
+            on = st.budget.on_exceeded
+            enforced = on is OnExceeded.CUT_OFF or (on is OnExceeded.DOWNGRADE and downgrade_to is None)
+            if lease.cut_off and enforced:
+                raise budget_exceeded(st, now_ts)
+            if now_ts >= lease.valid_until:
+                if may_wait and not lease.down:
+                    # Expired while the ledger still answers (the first lease is on its way): wait.
+                    short.append(st)
+                    continue
+                if lease.fail_closed:
+                    raise ledger_unreachable(st)
+                if not lease.local:
+                    # failMode Open: carry on alone against the whole budget; usage is reported later.
+                    log.warning("budget %s: lease expired and the ledger is unreachable; failMode Open: "
+                                "enforcing the whole budget on this proxy's own accounting", st.budget.name)
+                    lease.local = True
+                    st.allowance.limits = lease.whole
+                continue
+            if may_wait and on is not OnExceeded.ALERT_ONLY:
+                if worst is None:
+                    worst = Amount.worst_case(backend.prices, input_tokens, output)
+                if not st.allowance.covers(worst):
+                    short.append(st)
+        if short:
+            raise LeaseShort(short, worst if worst is not None else
+                             Amount.worst_case(backend.prices, input_tokens, output))
 
     def release(self, adm: Admission) -> None:
         for st, rid in adm.holds:
@@ -197,7 +283,7 @@ class BudgetBook:
         return {"version": STATE_VERSION, "budgets": budgets}
 
     def save(self, fsync: bool = False) -> None:
-        if not self.state_file or not self.dirty:
+        if not self.state_file or not self.dirty or self.ledger:
             return
         self.dirty = False
         doc = self.state_doc()
@@ -232,6 +318,52 @@ def budget_exceeded(st: BudgetState, now_ts: float) -> ProxyError:
         # The SDKs retry 429s (twice, by default) unless told not to: pointless until the period resets.
         headers={"Retry-After": str(retry), "x-should-retry": "true" if retry <= 60 else "false"},
         extra={"budget": st.budget.name, "reset_at": st.reset_at()})
+
+
+def ledger_unreachable(st: BudgetState) -> ProxyError:
+    return ProxyError(
+        503, f"TokenBudget {st.budget.name!r} has failMode Closed and the spendwarden ledger (operator) is "
+             f"unreachable: this proxy's lease on the budget expired, so requests are refused until the "
+             f"ledger answers again.",
+        code="ledger_unreachable", headers={"Retry-After": "5"}, extra={"budget": st.budget.name},
+        outcome="rejected")
+
+
+def _lease_for(st: BudgetState, whole: Limits) -> None:
+    """Give `st` a LeaseView (or update its budget limits); limits follow the lease, not the budget."""
+    fail_closed = st.budget.spec.failMode == FailMode.CLOSED
+    lease = st.lease
+    if lease is None:
+        # Nothing may be committed before the operator grants a lease: a zero ceiling.
+        st.lease = lease = LeaseView(whole=whole, fail_closed=fail_closed)
+        st.allowance.limits = zero_limits(whole)
+        return
+    lease.whole, lease.fail_closed = whole, fail_closed
+    if lease.local:
+        st.allowance.limits = whole
+    elif lease.ceiling is not None:
+        # Dimensions the budget no longer limits are dropped; newly limited ones wait for a grant.
+        st.allowance.limits = Limits(*(None if w is None else (c if c is not None else z) for w, c, z in zip(
+            _dims(whole), _dims(lease.ceiling), _dims(zero_limits(whole)))))
+        lease.ceiling = st.allowance.limits
+    else:
+        st.allowance.limits = zero_limits(whole)
+
+
+def _new_period_lease(st: BudgetState) -> None:
+    """A lease belongs to its period: the new one starts with nothing until the ledger grants."""
+    lease = st.lease
+    assert lease is not None
+    lease.ceiling, lease.valid_until, lease.local, lease.cut_off, lease.exceeded = None, 0.0, False, False, False
+    st.allowance.limits = zero_limits(lease.whole)
+
+
+def zero_limits(whole: Limits) -> Limits:
+    return Limits(*(None if v is None else type(v)(0) for v in _dims(whole)))
+
+
+def _dims(lim: Limits) -> tuple[Any, Any, Any, Any]:
+    return lim.total_tokens, lim.input_tokens, lim.output_tokens, lim.cost
 
 
 def _iso(dt: datetime) -> str:

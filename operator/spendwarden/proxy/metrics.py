@@ -13,7 +13,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 # OTel GenAI bucket advice.
@@ -132,6 +132,25 @@ class Metrics:
                                      "Requests in flight holding a reservation.", ("namespace", "budget"), registry=r)
         self.config_reloads = Counter("spendwarden_config_reloads", "Configuration reloads by result.",
                                       ("result",), registry=r)
+        # Ledger mode only (off the hot path: one report a second, so prometheus_client's own types).
+        self.ledger_report_seconds = Histogram("spendwarden_ledger_report_duration_seconds",
+                                               "Time for the ledger to answer one report (answered reports).",
+                                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                                        1.0, 2.5, 5.0), registry=r)
+        self.ledger_report_failures = Counter("spendwarden_ledger_report_failures",
+                                              "Reports the ledger did not answer, by reason (unauthorized and "
+                                              "forbidden: the token was refused).", ("reason",), registry=r)
+        self.ledger_lease_ceiling = Gauge("spendwarden_ledger_lease_ceiling",
+                                          "This proxy's lease ceiling per budget (most it may commit this period).",
+                                          ("namespace", "budget", "dimension"), registry=r)
+        self.ledger_lease_expiry = Gauge("spendwarden_ledger_lease_expiry_timestamp_seconds",
+                                         "When this proxy's lease on the budget expires (the operator's expiresAt).",
+                                         ("namespace", "budget"), registry=r)
+        self.ledger_fail_mode = Gauge("spendwarden_ledger_fail_mode_active",
+                                      "1 while the budget's lease has expired with the ledger unreachable (failMode "
+                                      "Open: enforcing locally; Closed: refusing).", ("namespace", "budget"), registry=r)
+        self.ledger_waits = Counter("spendwarden_ledger_lease_waits",
+                                    "Requests that waited for a bigger lease, by result.", ("result",), registry=r)
 
     def request(self, base: tuple[str, ...] | None, currency: str, req_key: tuple[str, ...], outcome: str,
                 duration: float, usage: Any, cost: float | None, ttft: float | None, overhead: float | None) -> None:

@@ -23,11 +23,12 @@ from aiohttp import web
 
 from ..ledger.pricing import TokenUsage, cost, format_money
 from . import tokens as tok
-from .budgets import Admission, BudgetBook
+from .budgets import Admission, BudgetBook, LeaseShort
 from ..api.proxyconfig import ProxyConfig
 from .config import ANTHROPIC, OPENAI, BackendRt, Compiled, ConfigError, RouteRt, compile_config, \
     parse_config_text, secrets_fingerprint
 from .errors import ProxyError, error_body, stream_error_event
+from .ledger_client import LedgerClient
 from .metrics import Metrics
 from .translate import ChatStreamTranslator, StreamTranslator, chat_to_message, chat_to_messages, \
     error_to_anthropic, error_to_openai, message_to_chat, messages_to_chat
@@ -144,6 +145,8 @@ class Proxy:
         self._encoder_future: asyncio.Future | None = None
         self._out = access_log if access_log is not None else sys.stdout.buffer
         self._tasks: list[asyncio.Task] = []
+        self.ledger: LedgerClient | None = None
+        self._started = False
         self.load(initial=True)
 
     # -- configuration ------------------------------------------------------------------------------
@@ -195,6 +198,7 @@ class Proxy:
             for w in warnings:
                 log.warning("%s", w)
             compiled = compile_config(cfg, self.namespace_arg)
+            self._ledger_mode(compiled)
             self.book.sync(compiled.budgets)
         except (ConfigError, ValueError) as exc:
             self._fingerprint_file = digest  # do not retry the same broken file every second
@@ -214,16 +218,35 @@ class Proxy:
             if b.missing_credentials:
                 log.warning("route %s backend %s: no API key found for secret %s", b.route, b.name,
                             b.missing_credentials)
-        if cfg.ledger.url and compiled.budgets and (initial or self.compiled is None
-                                                    or not self.compiled.source.ledger.url):
-            log.warning("ledger %s configured, but leases from the operator are not implemented in this "
-                        "proxy yet: each proxy enforces the whole budget locally", cfg.ledger.url)
         self.compiled = compiled
         self.metrics.config_reloads.labels("initial" if initial else "ok").inc()
         log.info("configuration loaded: namespace %s, %d routes, %d budgets", compiled.namespace,
                  len(compiled.routes), len(compiled.budgets))
 
     _fingerprint_file: str | None = None
+
+    def _ledger_mode(self, compiled: Compiled) -> None:
+        """Leases from the operator when the config names a ledger; the whole budget locally when not.
+        Must run before book.sync: that is where budgets get (or lose) their leases."""
+        url = compiled.source.ledger.url
+        old = self.ledger
+        if old is not None and old.url == url:
+            old.namespace = compiled.namespace
+            return
+        if old is not None:
+            log.warning("ledger %s no longer configured%s", old.url, f"; now {url}" if url else
+                        ": enforcing whole budgets locally")
+            self.book.ledger = False
+            self.ledger = None
+            self._tasks.append(asyncio.ensure_future(old.close(final=True)))
+        if url:
+            if self.book.state_file:
+                log.info("ledger mode: the state file %s is not used (usage is kept by the ledger)",
+                         self.book.state_file)
+            log.info("ledger mode: budgets are enforced against leases from %s", url)
+            self.ledger = LedgerClient(self.book, url, compiled.namespace, self.metrics)
+            if self._started:
+                self.ledger.start()
 
     async def _poll(self) -> None:
         while True:
@@ -245,7 +268,18 @@ class Proxy:
             return
         ns = self.compiled.namespace
         m = self.metrics
+        if self.ledger is not None:
+            # This proxy's numbers against its lease; the budget-wide ones are the operator's.
+            self.ledger.gauges(ns)
         for name, st in self.book.states.items():
+            used = st.allowance.used
+            m.budget_used_tokens.labels(ns, name, "input").set(used.input_tokens)
+            m.budget_used_tokens.labels(ns, name, "output").set(used.output_tokens)
+            currency = st.budget.spec.limits.cost.currency if st.budget.spec.limits.cost else "USD"
+            m.budget_used_cost.labels(ns, name, currency).set(float(used.cost))
+            m.budget_reserved.labels(ns, name).set(st.allowance.open_reservations)
+            if st.lease is not None:
+                continue
             rem = st.allowance.remaining()
             m.budget_remaining_ratio.labels(ns, name).set(rem.fraction)
             if rem.tokens is not None:
@@ -253,12 +287,6 @@ class Proxy:
             if rem.cost is not None:
                 currency = st.budget.spec.limits.cost.currency if st.budget.spec.limits.cost else "USD"
                 m.budget_remaining_cost.labels(ns, name, currency).set(float(rem.cost))
-            m.budget_reserved.labels(ns, name).set(st.allowance.open_reservations)
-            used = st.allowance.used
-            m.budget_used_tokens.labels(ns, name, "input").set(used.input_tokens)
-            m.budget_used_tokens.labels(ns, name, "output").set(used.output_tokens)
-            currency = st.budget.spec.limits.cost.currency if st.budget.spec.limits.cost else "USD"
-            m.budget_used_cost.labels(ns, name, currency).set(float(used.cost))
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -271,6 +299,9 @@ class Proxy:
                                              json_serialize=lambda o: orjson.dumps(o).decode())
         self._budget_gauges()
         self._tasks.append(asyncio.create_task(self._poll()))
+        self._started = True
+        if self.ledger is not None:
+            self.ledger.start()
 
     async def stop(self, app: web.Application) -> None:
         for t in self._tasks:
@@ -278,6 +309,8 @@ class Proxy:
         if self.session is not None:
             await self.session.close()
         self.book.shutdown()
+        if self.ledger is not None:
+            await self.ledger.close(final=True)
         try:
             self._out.flush()
         except (OSError, ValueError):
@@ -496,7 +529,14 @@ class Proxy:
         reserve_in = est + est // 10 + 4 if est is not None else 0
         last: _Retry | None = None
         for i, backend in enumerate(usable):
-            adm = self.book.admit(route, backend, reserve_in, want, choices, downgrade_to)  # may raise 429
+            try:  # may raise 429 (503: a Closed budget without a lease)
+                adm = self.book.admit(route, backend, reserve_in, want, choices, downgrade_to,
+                                      may_wait=self.ledger is not None)
+            except LeaseShort as short:
+                # Ledger mode, the lease is too small: ask for more, then decide on what was granted.
+                assert self.ledger is not None
+                await self.ledger.wait_for_lease(short)
+                adm = self.book.admit(route, backend, reserve_in, want, choices, downgrade_to)
             backend = adm.backend
             ctx.backend, ctx.attempts = backend, i + 1
             ctx.downgraded, ctx.over_budget = adm.downgraded, adm.over_budget

@@ -1,0 +1,377 @@
+"""The proxy's side of the budget ledger (docs/ledger-protocol.md): reports and leases.
+
+With `ledger.url` in the config, every budget's local Allowance is enforced against this process's
+LEASE instead of the whole budget: limits = the ceiling the operator granted, used = this process's
+cumulative usage in the period, reserved = its requests in flight. The request path stays
+synchronous (budgets.py); this module only moves numbers between the allowances and the operator:
+
+- one report (all budgets) about every second from a background task, and at once when a request
+  does not fit its lease (`want` = the worst cases of the requests waiting); a waiting request
+  is admitted again as soon as that report is answered (server.py waits at most `wait` seconds);
+- a report is resent unchanged (same seq) until it is answered: usage is cumulative, so a retry or a
+  lost answer can never count twice;
+- idle budgets give back what they do not use: the local ceiling is lowered FIRST, then reported
+  (`releaseTo`), so the operator never re-grants headroom this process might still commit;
+- `cutOff` is applied when it is read, and lifted the same way;
+- a lease is spent until its expiresAt minus a clock margin; after that, with the ledger
+  unreachable, failMode decides (budgets.py): Closed refuses with 503, Open enforces the whole
+  budget on local accounting, and the cumulative numbers are reported when the ledger is back.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+from ..ledger.allowance import Amount, Limits
+from ..ledger.leases import Ceiling
+from .budgets import BudgetBook, BudgetState, LeaseShort, _dims
+from .metrics import Metrics
+
+log = logging.getLogger("spendwarden.proxy.ledger")
+
+TOKEN_FILE_ENV = "SPENDWARDEN_LEDGER_TOKEN_FILE"
+REPORT_PATH = "/v1/report"
+
+# A transport posts one report body and returns (HTTP status, answer or None); raises OSError,
+# asyncio.TimeoutError or aiohttp.ClientError when the ledger cannot be reached.
+Transport = Callable[[dict[str, Any]], Awaitable[tuple[int, "dict[str, Any] | None"]]]
+
+
+class LedgerUnauthorized(Exception):
+    pass
+
+
+def read_token() -> str | None:
+    """The projected ServiceAccount token, read on every call: the kubelet rotates the file."""
+    path = os.environ.get(TOKEN_FILE_ENV)
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError as exc:
+        _warn_once("token", f"cannot read the ledger token file {path}: {exc.strerror or exc}; "
+                            "reporting without a token")
+        return None
+
+
+_warned: dict[str, float] = {}
+
+
+def _warn_once(key: str, message: str, every: float = 60.0, level: int = logging.WARNING) -> None:
+    """Log a recurring problem at most once a minute (reports run every second)."""
+    now = time.monotonic()
+    if now - _warned.get(key, -1e9) >= every:
+        _warned[key] = now
+        log.log(level, "%s", message)
+
+
+class HttpTransport:
+    """POST {url}/v1/report with the pod's token as Bearer (never logged)."""
+
+    def __init__(self, url: str, timeout: float = 5.0):
+        self.url = url.rstrip("/") + REPORT_PATH
+        self.timeout = timeout
+        self._session: Any = None
+
+    async def __call__(self, body: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
+                                                  cookie_jar=aiohttp.DummyCookieJar())
+        headers = {"Content-Type": "application/json"}
+        token = read_token()
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        async with self._session.post(self.url, data=orjson.dumps(body), headers=headers) as resp:
+            raw = await resp.read()
+            if resp.status != 200:
+                return resp.status, None
+            try:
+                answer = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return 200, None
+            return 200, answer if isinstance(answer, dict) else None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _amount(a: Amount) -> dict[str, Any]:
+    return {"inputTokens": a.input_tokens, "outputTokens": a.output_tokens, "cost": str(a.cost)}
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _committed_ceiling(whole: Limits, a: Amount) -> Ceiling:
+    return Ceiling(total=None if whole.total_tokens is None else a.total_tokens,
+                   input=None if whole.input_tokens is None else a.input_tokens,
+                   output=None if whole.output_tokens is None else a.output_tokens,
+                   cost=None if whole.cost is None else a.cost)
+
+
+class LedgerClient:
+    def __init__(self, book: BudgetBook, url: str, namespace: str, metrics: Metrics | None = None,
+                 transport: Transport | None = None, clock: Callable[[], float] = time.time,
+                 interval: float = 1.0, wait: float = 2.0, margin: float = 2.0, idle_release: float = 5.0,
+                 min_gap: float = 0.02):
+        self.book = book
+        self.url = url
+        self.namespace = namespace
+        self.metrics = metrics
+        self.transport: Transport = transport or HttpTransport(url)
+        self.clock = clock
+        self.interval = interval      # regular reports
+        self.wait = wait              # the longest a request waits for a bigger lease
+        self.margin = margin          # clock margin subtracted from the operator's expiresAt
+        self.idle_release = idle_release
+        self.min_gap = min_gap        # between reports, so requests that do not fit cannot flood the ledger
+        self.proxy_id = uuid.uuid4().hex  # a restarted process is a new proxy to the ledger
+        self.seq = 0
+        self.answered_seq = 0         # the last seq whose report was answered
+        self.reports = 0
+        self.failures = 0
+        self._kick: asyncio.Event | None = None
+        self._waiters: list[tuple[int, asyncio.Future]] = []
+        self._task: asyncio.Task | None = None
+        book.ledger = True
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._kick = asyncio.Event()
+            self._kick.set()  # the first report at once: requests wait for their first lease
+            self._task = asyncio.create_task(self._run(), name="ledger-reports")
+
+    async def close(self, final: bool = True, timeout: float = 2.0) -> None:
+        """Stop reporting; with `final`, report once more (the last usage, and give everything back)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if final and self.book.states:
+            # Cumulative numbers: a newer seq supersedes whatever was in flight.
+            body = self.build(release_all=True)
+            try:
+                answered = await asyncio.wait_for(self._deliver(body, retry=False), timeout)
+            except asyncio.TimeoutError:
+                answered = False
+            if not answered:
+                log.warning("ledger: the final report was not answered; the operator settles this proxy's "
+                            "escrow when its lease runs out")
+        close = getattr(self.transport, "close", None)
+        if close is not None:
+            await close()
+
+    # -- the report loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._kick is not None
+        while True:
+            try:
+                try:
+                    await asyncio.wait_for(self._kick.wait(), self.interval)
+                except asyncio.TimeoutError:
+                    pass
+                self._kick.clear()
+                body = self.build()
+                await self._deliver(body, retry=True)
+                await asyncio.sleep(self.min_gap)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the reporter die
+                log.exception("ledger: report loop failed")
+                await asyncio.sleep(self.interval)
+
+    async def _deliver(self, body: dict[str, Any], retry: bool) -> bool:
+        """Send `body` until it is answered (same seq on every retry)."""
+        delay = 0.1
+        while True:
+            t0 = time.perf_counter()
+            reason: str | None = None
+            try:
+                status, answer = await self.transport(body)
+            except asyncio.TimeoutError:
+                reason = "timeout"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # aiohttp.ClientError, OSError, ...
+                reason = "unreachable"
+                _warn_once("unreachable", f"ledger {self.url} unreachable: {type(exc).__name__}: {exc}")
+            else:
+                if status == 200 and answer is not None and isinstance(answer.get("budgets"), dict):
+                    if self.metrics is not None:
+                        self.metrics.ledger_report_seconds.observe(time.perf_counter() - t0)
+                    self.apply(body, answer)
+                    return True
+                if status in (401, 403):
+                    reason = "unauthorized" if status == 401 else "forbidden"
+                    _warn_once("auth", f"ledger {self.url} refused this proxy's token with HTTP {status} "
+                                       f"({reason}); check the ServiceAccount token mounted at "
+                                       f"${TOKEN_FILE_ENV} (audience spendwarden) and the namespace; "
+                                       "treating the ledger as unreachable", level=logging.ERROR)
+                else:
+                    reason = f"http_{status // 100}xx" if status != 200 else "bad_answer"
+                    _warn_once("status", f"ledger {self.url} answered HTTP {status} to a report")
+            self.failures += 1
+            if self.metrics is not None:
+                self.metrics.ledger_report_failures.labels(reason).inc()
+            self._unanswered()
+            if not retry:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.interval)
+
+    # -- building a report --------------------------------------------------------------------------
+
+    def build(self, release_all: bool = False) -> dict[str, Any]:
+        """The next report: cumulative usage, holds, wants and releases of every budget.
+
+        Releases lower the local ceiling here, before the report leaves (never after)."""
+        now = self.clock()
+        self.seq += 1
+        budgets: dict[str, Any] = {}
+        for name, st in self.book.states.items():
+            lease = st.lease
+            if lease is None:
+                continue
+            a = st.allowance
+            entry: dict[str, Any] = {"periodStart": _iso(st.period_start), "used": _amount(a.used),
+                                     "held": _amount(a.reserved)}
+            if lease.want is not None:
+                entry["want"] = _amount(lease.want)
+                lease.want = None
+            elif lease.ceiling is not None and not lease.local and (release_all or (
+                    now - lease.last_admit >= self.idle_release and lease.released_at != lease.last_admit)):
+                release = self._release(st)
+                if release is not None:
+                    entry["releaseTo"] = release
+            budgets[name] = entry
+        return {"proxyId": self.proxy_id, "namespace": self.namespace, "seq": self.seq, "budgets": budgets}
+
+    def _release(self, st: BudgetState) -> dict[str, Any] | None:
+        lease = st.lease
+        assert lease is not None and lease.ceiling is not None
+        lease.released_at = lease.last_admit
+        a = st.allowance
+        floor = _committed_ceiling(lease.whole, a.used + a.reserved)
+        new = Limits(*(None if c is None else (min(c, f) if f is not None else c)
+                       for c, f in zip(_dims(lease.ceiling), _dims(floor.as_limits()))))
+        if new == lease.ceiling:
+            return None
+        st.allowance.limits = lease.ceiling = new  # lowered locally first
+        return Ceiling(*_dims(new)).to_state()
+
+    # -- answers ------------------------------------------------------------------------------------
+
+    def apply(self, body: dict[str, Any], answer: dict[str, Any]) -> None:
+        self.reports += 1
+        self.answered_seq = max(self.answered_seq, int(body["seq"]))
+        for name, entry in answer["budgets"].items():
+            st = self.book.states.get(name)
+            if st is None or st.lease is None or not isinstance(entry, dict):
+                continue
+            lease = st.lease
+            if "error" in entry:
+                # The operator does not know this budget (yet): no lease, as if unreachable for it.
+                _warn_once(f"err:{name}", f"ledger: budget {name!r}: {entry['error']}")
+                lease.down = True
+                continue
+            if entry.get("periodStart") not in (None, _iso(st.period_start)):
+                continue  # a lease for another period (a clock at a boundary): wait for ours
+            try:
+                ceiling = Ceiling.from_state(entry.get("ceiling") or {}).as_limits()
+                expires = float(entry["expiresAt"])
+            except (KeyError, TypeError, ValueError, ArithmeticError):
+                _warn_once(f"bad:{name}", f"ledger: malformed lease for budget {name!r}: {entry!r}"[:300])
+                lease.down = True
+                continue
+            if lease.local:
+                log.info("budget %s: the ledger answers again; back on leases", name)
+            lease.ceiling = ceiling
+            lease.local = False
+            st.allowance.limits = ceiling
+            lease.valid_until = expires - self.margin
+            cut = bool(entry.get("cutOff"))
+            if cut != lease.cut_off:
+                log.info("budget %s: cut off by the operator" if cut else "budget %s: cut-off lifted", name)
+            lease.cut_off = cut
+            lease.exceeded = entry.get("state") == "Exceeded"
+            lease.down = False
+        self._wake(self.answered_seq)
+
+    def _unanswered(self) -> None:
+        for st in self.book.states.values():
+            if st.lease is not None:
+                st.lease.down = True
+        # Waiting requests decide now (spend what is left of the lease, or failMode) instead of
+        # sitting out their whole wait on a ledger that does not answer.
+        self._wake(None)
+
+    def _wake(self, seq: int | None) -> None:
+        keep = []
+        for need, fut in self._waiters:
+            if seq is None or seq >= need:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((need, fut))
+        self._waiters = keep
+
+    # -- requests that do not fit -------------------------------------------------------------------
+
+    async def wait_for_lease(self, short: LeaseShort) -> None:
+        """Ask for `short.amount` on top of the current commitments and wait (at most `wait`) for the
+        answer to the report that carries the request."""
+        for st in short.states:
+            lease = st.lease
+            if lease is not None:
+                lease.want = short.amount if lease.want is None else lease.want + short.amount
+        # The next report built carries the want; the one in flight (if any) does not.
+        need = self.seq + 1
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((need, fut))
+        if self._kick is not None:
+            self._kick.set()
+        try:
+            await asyncio.wait_for(fut, self.wait)
+            result = "answered"
+        except asyncio.TimeoutError:
+            result = "timeout"
+        if self.metrics is not None:
+            self.metrics.ledger_waits.labels(result).inc()
+
+    # -- metrics ------------------------------------------------------------------------------------
+
+    def gauges(self, namespace: str) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        now = self.clock()
+        for name, st in self.book.states.items():
+            lease = st.lease
+            if lease is None:
+                continue
+            if lease.ceiling is not None:
+                for dim, value in zip(("total", "input", "output", "cost"), _dims(lease.ceiling)):
+                    if value is not None:
+                        m.ledger_lease_ceiling.labels(namespace, name, dim).set(float(value))
+            m.ledger_lease_expiry.labels(namespace, name).set(lease.valid_until + self.margin)
+            m.ledger_fail_mode.labels(namespace, name).set(1 if now >= lease.valid_until and lease.down else 0)

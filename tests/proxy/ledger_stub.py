@@ -1,0 +1,131 @@
+"""A stand-in for the operator's ledger: docs/ledger-protocol.md answered by the REAL pure core
+(BudgetLedger from ledger/leases.py), in-process (LedgerStub.answer) or over HTTP from a thread
+(LedgerServer, no auth), so the proxy's client is tested without Kubernetes."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+
+from spendwarden.api.tokenbudget import TokenBudgetSpec
+from spendwarden.devtools.mock_upstream import free_port
+from spendwarden.ledger.allowance import Amount, Limits
+from spendwarden.ledger.leases import BudgetLedger, Ceiling, LeaseSettings
+from spendwarden.ledger.periods import current_period
+
+
+def _amount(d: dict[str, Any] | None) -> Amount | None:
+    if d is None:
+        return None
+    return Amount(int(d.get("inputTokens", 0)), int(d.get("outputTokens", 0)), Decimal(str(d.get("cost", "0"))))
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class LedgerStub:
+    def __init__(self, budgets: dict[str, TokenBudgetSpec], settings: LeaseSettings | None = None,
+                 clock: Any = time.time):
+        self.specs = dict(budgets)
+        self.settings = settings or LeaseSettings()
+        self.clock = clock
+        self.ledgers = {name: BudgetLedger(Limits.from_spec(spec.limits), self.settings)
+                        for name, spec in self.specs.items()}
+        self.cut_off: set[str] = set()
+        self.bodies: list[dict[str, Any]] = []
+        self.lock = threading.Lock()  # the HTTP server's thread and the test's thread both read it
+
+    def answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            self.bodies.append(body)
+            now = self.clock()
+            out: dict[str, Any] = {}
+            for name, e in body["budgets"].items():
+                spec = self.specs.get(name)
+                if spec is None:
+                    out[name] = {"error": "unknown budget"}
+                    continue
+                ledger = self.ledgers[name]
+                ledger.expire(now)
+                start, end = current_period(spec, datetime.fromtimestamp(now, timezone.utc))
+                release = Ceiling.from_state(e["releaseTo"]) if e.get("releaseTo") else None
+                lease = ledger.report(body["proxyId"], int(body["seq"]), _amount(e["used"]), _amount(e["held"]),
+                                      _amount(e.get("want")), now, release_to=release)
+                out[name] = {"ceiling": lease.ceiling.to_state(), "expiresAt": lease.expires_at,
+                             "periodStart": _iso(start), "periodEnd": _iso(end),
+                             "state": "Exceeded" if ledger.exhausted() else "Active",
+                             "onExceeded": spec.onExceeded, "failMode": spec.failMode,
+                             "cutOff": name in self.cut_off}
+            return {"seq": body["seq"], "budgets": out}
+
+    def used(self, name: str) -> Amount:
+        with self.lock:
+            return self.ledgers[name].used()
+
+    def committed(self, name: str, dim: str) -> Any:
+        with self.lock:
+            return self.ledgers[name].committed(dim)
+
+
+class LedgerServer:
+    """LedgerStub over HTTP (POST /v1/report) from a background thread; stop() and start() again
+    keep the ledger's state and the port (an operator that was unreachable for a while)."""
+
+    def __init__(self, stub: LedgerStub):
+        self.stub = stub
+        self.port = free_port()
+        self.status: int | None = None  # answer every report with this status instead (e.g. 401)
+        self.auth: list[str | None] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _report(self, request: web.Request) -> web.Response:
+        self.auth.append(request.headers.get("Authorization"))
+        if self.status is not None:
+            return web.json_response({"error": "refused"}, status=self.status)
+        body = await request.json()
+        return web.json_response(self.stub.answer(body))
+
+    def start(self) -> "LedgerServer":
+        ready = threading.Event()
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            app = web.Application()
+            app.router.add_post("/v1/report", self._report)
+            self._runner = web.AppRunner(app, access_log=None)
+            loop.run_until_complete(self._runner.setup())
+            loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="ledger-stub", daemon=True)
+        self._thread.start()
+        assert ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop = self._thread = None
+
+    def __enter__(self) -> "LedgerServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
