@@ -22,7 +22,7 @@ GROUP, VERSION = "spendwarden.io", "v1alpha1"
 @pytest.fixture(scope="module")
 def operator(control_plane, tmp_path_factory):
     proc = OperatorProcess(str(control_plane.kubeconfig), tmp_path_factory.mktemp("operator") / "operator.log",
-                           extra_args=["--namespace", "op-*"])
+                           extra_args=["--namespace", "op-*"], env={"SPENDWARDEN_ROLLOVER_INTERVAL": "1"})
     proc.start()
     yield proc
     proc.stop()
@@ -185,3 +185,23 @@ def test_rendered_configmap_is_garbage_collected_by_kubernetes(kube, namespace):
     custom(kube).delete_namespaced_custom_object(GROUP, VERSION, namespace, "tokenbudgets", "monthly")
 
     wait_for(lambda: configmap_gone(kube, namespace), timeout=30, what="garbage collection of the ConfigMap")
+
+
+def test_period_reset_moves_status_to_the_next_period_without_finalizers(operator, kube, op_namespace):
+    """A 1-minute rolling window: at the boundary the status moves on and usage starts from zero.
+    The operator writes nothing into the object itself (no finalizer blocks deletion while it is down)."""
+    ns = op_namespace
+    create(kube, ns, "TokenBudget", "minute", {"window": "1m", "limits": {"tokens": {"total": 1000}}})
+    first = wait_for(lambda: (lambda o: o if o.get("status", {}).get("periodEnd") else None)(get(kube, ns, "tokenbudgets", "minute")),
+                     what="first period")
+    assert not first["metadata"].get("finalizers")
+    # Usage within the period (the ledger writes this in production) makes the reset visible.
+    custom(kube).patch_namespaced_custom_object_status(GROUP, VERSION, ns, "tokenbudgets", "minute", {"status": {
+        "used": {"inputTokens": 300, "outputTokens": 300, "totalTokens": 600, "cost": "0"}}})
+    end = first["status"]["periodEnd"]
+    wait_for(lambda: get(kube, ns, "tokenbudgets", "minute")["status"].get("percentUsed") == 60, what="usage seen")
+    after = wait_for(lambda: (lambda o: o if o["status"]["periodStart"] == end else None)(get(kube, ns, "tokenbudgets", "minute")),
+                     timeout=75, interval=0.5, what=f"the reset at {end}")
+    assert after["status"]["used"]["totalTokens"] == 0 and after["status"]["percentUsed"] == 0
+    assert after["status"]["state"] == "Active"
+    assert not after["metadata"].get("finalizers")
