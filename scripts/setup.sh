@@ -11,7 +11,10 @@ mkdir -p "$SPENDWARDEN_CACHE"
 
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 need=()
-command -v kubectl >/dev/null || need+=(kubectl)
+# These machines ship kubectl 1.32 in the base image. Debian's own kubectl (kubernetes-client,
+# 1.20) is the fallback: it drives the tests, but its built-in kustomize predates `replacements`,
+# which examples/ uses, so examples/ then needs a standalone kustomize >= 4.1.
+command -v kubectl >/dev/null || need+=(kubernetes-client)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   log "apt-get install ${need[*]}"
