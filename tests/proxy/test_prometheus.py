@@ -42,13 +42,17 @@ def prometheus_binary() -> str:
 
 
 class Prometheus:
-    def __init__(self, binary: str, workdir: Path, targets: dict[str, str], rule_groups: list[dict]):
+    def __init__(self, binary: str, workdir: Path, targets: dict[str, str], rule_groups: list[dict],
+                 target_labels: dict[str, dict[str, str]] | None = None):
+        """targets: job -> host:port; target_labels: job -> labels Kubernetes SD would add (namespace)."""
         self.binary, self.workdir = binary, workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {"global": {"scrape_interval": SCRAPE, "scrape_timeout": SCRAPE, "evaluation_interval": SCRAPE},
                   "rule_files": [str(workdir / "rules.yml")],
-                  "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}
+                  "scrape_configs": [{"job_name": job, "honor_labels": True,  # as the ServiceMonitor
+                                      "static_configs": [{"targets": [target],
+                                                          "labels": (target_labels or {}).get(job, {})}]}
                                      for job, target in targets.items()]}
         (workdir / "rules.yml").write_text(yaml.safe_dump({"groups": rule_groups}, sort_keys=False))
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
