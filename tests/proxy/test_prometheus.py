@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,13 +29,14 @@ from .conftest import backend, budget_yaml, route_yaml, stream_of
 
 JOB = "spendwarden-proxy"
 SCRAPE = "1s"
+DEBIAN_PROMETHEUS = "/usr/bin/prometheus"  # where apt-get install prometheus puts it
 RATE_INTERVAL = "10s"  # Grafana's $__rate_interval at a 1 s scrape is max(4 x scrape, step + scrape)
 
 
 def prometheus_binary() -> str:
     if os.environ.get("SPENDWARDEN_SKIP_PROMETHEUS") == "1":
         pytest.skip("SPENDWARDEN_SKIP_PROMETHEUS=1")
-    for candidate in (os.environ.get("SPENDWARDEN_PROMETHEUS"), shutil.which("prometheus"), "/usr/bin/prometheus"):
+    for candidate in (os.environ.get("SPENDWARDEN_PROMETHEUS"), shutil.which("prometheus"), DEBIAN_PROMETHEUS):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     pytest.fail("prometheus not found (PATH, /usr/bin/prometheus, $SPENDWARDEN_PROMETHEUS): run scripts/setup.sh "
@@ -191,10 +193,10 @@ def _rule_groups(values: dict) -> list[dict]:
 def test_missing_prometheus_fails_unless_skipped_on_purpose(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("SPENDWARDEN_PROMETHEUS", str(tmp_path / "nope"))
-    if not os.access("/usr/bin/prometheus", os.X_OK):
-        monkeypatch.delenv("SPENDWARDEN_SKIP_PROMETHEUS", raising=False)
-        with pytest.raises(pytest.fail.Exception, match="SPENDWARDEN_SKIP_PROMETHEUS=1"):
-            prometheus_binary()
+    monkeypatch.setattr(sys.modules[__name__], "DEBIAN_PROMETHEUS", str(tmp_path / "nope"))
+    monkeypatch.delenv("SPENDWARDEN_SKIP_PROMETHEUS", raising=False)
+    with pytest.raises(pytest.fail.Exception, match="SPENDWARDEN_SKIP_PROMETHEUS=1"):
+        prometheus_binary()
     monkeypatch.setenv("SPENDWARDEN_SKIP_PROMETHEUS", "1")
     with pytest.raises(pytest.skip.Exception):
         prometheus_binary()
