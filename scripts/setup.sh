@@ -21,6 +21,15 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >&2
 fi
 
+# Prometheus (Debian's 2.42) for tests/{proxy,integration}/test_prometheus.py: run as a plain binary
+# with its own config; --no-install-recommends skips node-exporter and its collectors.
+if ! command -v prometheus >/dev/null && [ ! -x /usr/bin/prometheus ]; then
+  log "apt-get install prometheus"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >&2
+  # The package starts prometheus.service on :9090 where systemd runs; the tests need only the binary.
+  $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating venv $VENV"
   python3 -m venv "$VENV"
