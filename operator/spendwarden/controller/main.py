@@ -19,7 +19,7 @@ from .. import GROUP, VERSION
 from ..api.common import now_rfc3339
 from ..api import modelroute, tokenbudget
 from . import admission  # noqa: F401  (webhooks; registers handlers only when enabled)
-from . import kube, reconcile
+from . import kube, ledger_service, reconcile  # ledger_service: the ledger API and metrics (registers handlers)
 from .bodies import plain
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def _reconcile(namespace: str, routes_index: kopf.Index, budgets_index: kopf.Ind
         return (reconcile.objects_in(routes_index, namespace), reconcile.objects_in(budgets_index, namespace))
 
     try:
-        reconcile.reconcile_namespace(namespace, snapshot, _warn, LEDGER_URL)
+        reconcile.reconcile_namespace(namespace, snapshot, _warn, LEDGER_URL, ledger_service.ledger_owns)
     except Exception:
         with _pending_lock:
             _pending.discard(namespace)
@@ -122,7 +122,8 @@ async def _rollover_loop() -> None:
             _resets.pop(namespace, None)
             try:
                 await asyncio.to_thread(reconcile.reconcile_namespace, namespace,
-                                        lambda ns=namespace: _list_namespace(ns), _warn, LEDGER_URL)
+                                        lambda ns=namespace: _list_namespace(ns), _warn, LEDGER_URL,
+                                        ledger_service.ledger_owns)
             except Exception:  # retried at the next tick; never let the loop die
                 log.exception("period reset of namespace %s failed", namespace)
                 _resets[namespace] = now

@@ -15,7 +15,8 @@ from typing import Any
 from ..api import modelroute, tokenbudget
 from ..api.proxyconfig import CONFIGMAP_NAME
 from ..render.proxyconfig import configmap_manifest, render_proxy_config, validate_spec
-from ..render.status import invalid_status, modelroute_status, status_differs, tokenbudget_status
+from ..render.status import (invalid_status, modelroute_status, reconcile_fields, status_differs,
+                             tokenbudget_status)
 from . import kube
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,13 @@ _locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 WarnFn = Callable[[dict[str, Any], str, str], None]
 
 
+# (namespace, budget name) -> whether the in-process ledger keeps that budget's accounts.
+LedgerOwnsFn = Callable[[str, str], bool]
+
+
 def reconcile_namespace(namespace: str, snapshot: Callable[[], tuple[list[dict], list[dict]]],
-                        warn: WarnFn, ledger_url: str | None = None) -> dict[str, Any]:
+                        warn: WarnFn, ledger_url: str | None = None,
+                        ledger_owns: LedgerOwnsFn | None = None) -> dict[str, Any]:
     """Render and apply one namespace. `snapshot` returns (routes, budgets) as of now."""
     with _locks[namespace]:
         routes, budgets = snapshot()
@@ -41,25 +47,32 @@ def reconcile_namespace(namespace: str, snapshot: Callable[[], tuple[list[dict],
             outcome = "deleted"
         now = datetime.now(timezone.utc)
         for obj in live_routes + live_budgets:
-            _update_status(obj, result.problem_for(obj["kind"], obj["metadata"]["name"]), now, warn)
+            _update_status(obj, result.problem_for(obj["kind"], obj["metadata"]["name"]), now, warn, ledger_owns)
         log.info("namespace reconciled", extra={"namespace": namespace, "configmap": outcome,
                                                 "routes": len(result.config.routes), "budgets": len(result.config.budgets),
                                                 "problems": len(result.problems)})
         return {"configmap": outcome, "problems": [p.message for p in result.problems]}
 
 
-def _update_status(obj: dict[str, Any], problem: Any, now: datetime, warn: WarnFn) -> None:
+def _update_status(obj: dict[str, Any], problem: Any, now: datetime, warn: WarnFn,
+                   ledger_owns: LedgerOwnsFn | None = None) -> None:
     kind, name, ns = obj["kind"], obj["metadata"]["name"], obj["metadata"]["namespace"]
     plural = modelroute.PLURAL if kind == modelroute.KIND else tokenbudget.PLURAL
+    # The ledger owns the usage fields once it keeps the budget's accounts: its persisted state in
+    # status.ledger says so across restarts, `ledger_owns` before its first write lands.
+    owned = kind == tokenbudget.KIND and (bool((obj.get("status") or {}).get("ledger"))
+                                          or (ledger_owns is not None and ledger_owns(ns, name)))
     if problem is not None:
         desired = invalid_status(obj, problem.message, now)
+        if kind == tokenbudget.KIND:
+            desired = reconcile_fields(desired, owned)
         previous = _ready_message(obj.get("status"))
         if previous != problem.message:
             warn(obj, "InvalidSpec", problem.message)
     else:
         spec, _ = validate_spec(kind, obj["spec"])
         desired = (modelroute_status(obj, spec, now) if kind == modelroute.KIND
-                   else tokenbudget_status(obj, spec, now))
+                   else tokenbudget_status(obj, spec, now, ledger_owned=owned))
     if status_differs(obj.get("status"), desired):
         kube.patch_status(plural, ns, name, desired)
 

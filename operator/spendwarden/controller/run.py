@@ -18,6 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Serve the admission webhooks (validation, sidecar injection). On when SPENDWARDEN_WEBHOOK_PORT is set.")
     parser.add_argument("--webhook-port", type=int, default=int(os.environ.get("SPENDWARDEN_WEBHOOK_PORT") or 9443),
                         help="HTTPS port of the admission webhooks (env SPENDWARDEN_WEBHOOK_PORT). Default %(default)s.")
+    parser.add_argument("--ledger-port", type=int, default=int(os.environ.get("SPENDWARDEN_LEDGER_PORT") or 8081),
+                        help="Port of the ledger API the proxies report to (env SPENDWARDEN_LEDGER_PORT); 0 = off. Default %(default)s.")
+    parser.add_argument("--ledger-insecure", action="store_true",
+                        default=os.environ.get("SPENDWARDEN_LEDGER_INSECURE", "").lower() in ("1", "true", "yes"),
+                        help="Accept ledger reports WITHOUT authentication. Standalone experiments only, never in a cluster.")
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("SPENDWARDEN_METRICS_PORT") or 9090),
+                        help="Port of the Prometheus metrics (env SPENDWARDEN_METRICS_PORT); 0 = off. Default %(default)s.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
 
 
@@ -33,7 +40,12 @@ def run(args: argparse.Namespace) -> int:
                    log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN)
     if args.webhooks:  # controller/admission.py reads its settings from the environment
         os.environ["SPENDWARDEN_WEBHOOK_PORT"] = str(args.webhook_port)
-    from . import main  # noqa: F401  (registers the handlers)
+    from . import ledger_service, main  # noqa: F401  (registers the handlers)
+
+    ledger_service.CONFIG = ledger_service.LedgerConfig.from_env()
+    ledger_service.CONFIG.port = args.ledger_port
+    ledger_service.CONFIG.insecure = args.ledger_insecure
+    ledger_service.CONFIG.metrics_port = args.metrics_port
 
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     asyncio.run(kopf.operator(

@@ -83,45 +83,83 @@ def usage_fraction(spec: TokenBudgetSpec, used: dict[str, Any]) -> tuple[Decimal
     return max(fractions), remaining
 
 
-def tokenbudget_status(obj: dict[str, Any], spec: TokenBudgetSpec, now: datetime) -> dict[str, Any]:
-    status = dict(obj.get("status") or {})
-    start, end = current_period(spec, now)
-    start_s, end_s = now_rfc3339(start), now_rfc3339(end)
-    used = status.get("used") or {}
-    if status.get("periodStart") not in (None, start_s):
-        used = {}  # a new period has begun; the ledger keeps the old totals in history
-    used = {"inputTokens": int(used.get("inputTokens", 0)), "outputTokens": int(used.get("outputTokens", 0)),
+# Who writes which TokenBudget status field. Once the ledger (controller/ledger_service.py) keeps a
+# budget's accounts it owns the usage fields and the Exceeded condition; the namespace reconcile
+# keeps observedGeneration, periodStart/periodEnd, limitSummary and Ready. Both send JSON merge
+# patches with only their own fields, so neither overwrites the other with a stale copy.
+LEDGER_FIELDS = ("used", "remaining", "percentUsed", "state", "usedSummary", "ledger", "history", "forecastExhaustion")
+# Never written by the reconcile, even before a ledger exists: a stale copy of `ledger` written back
+# would forget grants already made, and a restarted operator could then grant them twice.
+LEDGER_ONLY_FIELDS = ("ledger", "history")
+
+
+def normalise_used(used: dict[str, Any] | None) -> dict[str, Any]:
+    used = used or {}
+    return {"inputTokens": int(used.get("inputTokens", 0)), "outputTokens": int(used.get("outputTokens", 0)),
             "totalTokens": int(used.get("totalTokens", 0)), "cost": str(used.get("cost", "0"))}
-    fraction, remaining = usage_fraction(spec, used)
+
+
+def budget_state(spec: TokenBudgetSpec, fraction: Decimal) -> tuple[int, BudgetState]:
     percent = int(fraction * 100)
     crossed = [t for t in spec.thresholds if percent >= t]
     state = BudgetState.EXCEEDED if fraction >= 1 else BudgetState.WARNING if crossed else BudgetState.ACTIVE
+    return percent, state
+
+
+def usage_status(spec: TokenBudgetSpec, used: dict[str, Any], conditions: list[dict], period_end: str,
+                 generation: int | None, now: datetime) -> dict[str, Any]:
+    """The usage-derived fields (used, remaining, percentUsed, state, usedSummary) and the conditions
+    with Exceeded set: one function for the reconcile (before a ledger exists) and the ledger."""
+    used = normalise_used(used)
+    fraction, remaining = usage_fraction(spec, used)
+    percent, state = budget_state(spec, fraction)
     used_parts = [f"{_fmt_tokens(used['totalTokens'])} tokens"] if spec.limits.tokens is not None else []
     if spec.limits.cost is not None:
         used_parts.append(f"{used['cost']} {spec.limits.cost.currency}")
+    if state == BudgetState.EXCEEDED:
+        conds = set_condition(conditions, "Exceeded", "True", "LimitReached",
+                              f"{percent}% of the limit used; onExceeded={spec.onExceeded.value} until {period_end}",
+                              generation, now)
+    else:
+        conds = set_condition(conditions, "Exceeded", "False", "WithinLimit", f"{percent}% of the limit used", generation, now)
+    return {"used": used, "remaining": remaining, "percentUsed": percent, "state": state.value,
+            "usedSummary": ", ".join(used_parts), "conditions": conds}
+
+
+def tokenbudget_status(obj: dict[str, Any], spec: TokenBudgetSpec, now: datetime,
+                       ledger_owned: bool = False) -> dict[str, Any]:
+    """The status the reconcile wants. With `ledger_owned`, the ledger-owned fields are left out
+    (and the Exceeded condition is kept as the object has it)."""
+    status = dict(obj.get("status") or {})
+    start, end = current_period(spec, now)
+    start_s, end_s = now_rfc3339(start), now_rfc3339(end)
+    gen = _generation(obj)
     status.update({
-        "observedGeneration": _generation(obj),
+        "observedGeneration": gen,
         "periodStart": start_s,
         "periodEnd": end_s,
-        "used": used,
-        "remaining": remaining,
-        "percentUsed": percent,
-        "state": state.value,
         "limitSummary": limit_summary(spec),
-        "usedSummary": ", ".join(used_parts),
     })
-    gen = _generation(obj)
     conds = set_condition(status.get("conditions", []), "Ready", "True", "Rendered",
                           f"budget in force for {', '.join(spec.routes) or 'all routes'}; period ends {end_s}", gen, now)
-    if state == BudgetState.EXCEEDED:
-        conds = set_condition(conds, "Exceeded", "True", "LimitReached",
-                              f"{percent}% of the limit used; onExceeded={spec.onExceeded.value} until {end_s}", gen, now)
-    else:
-        conds = set_condition(conds, "Exceeded", "False", "WithinLimit", f"{percent}% of the limit used", gen, now)
-    status["conditions"] = conds
-    return status
+    if ledger_owned:
+        status["conditions"] = conds
+        return reconcile_fields(status, ledger_owned=True)
+    used = status.get("used") or {}
+    if (obj.get("status") or {}).get("periodStart") not in (None, start_s):
+        used = {}  # a new period has begun; the ledger keeps the old totals in history
+    status.update(usage_status(spec, used, conds, end_s, gen, now))
+    return reconcile_fields(status, ledger_owned=False)
+
+
+def reconcile_fields(status: dict[str, Any], ledger_owned: bool) -> dict[str, Any]:
+    """Only the fields the reconcile may write (see LEDGER_FIELDS)."""
+    drop = LEDGER_FIELDS if ledger_owned else LEDGER_ONLY_FIELDS
+    return {k: v for k, v in status.items() if k not in drop}
 
 
 def status_differs(current: dict[str, Any] | None, desired: dict[str, Any]) -> bool:
-    """Compare ignoring lastTransitionTime churn (set_condition keeps it stable anyway)."""
-    return (current or {}) != desired
+    """Whether a merge patch of `desired` would change anything: only its own keys count, because
+    fields it leaves out (another writer's) stay as they are."""
+    current = current or {}
+    return any(current.get(k) != v for k, v in desired.items())

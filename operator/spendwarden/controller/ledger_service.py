@@ -1,0 +1,515 @@
+"""The ledger service: `POST /v1/report` (docs/ledger-protocol.md) and `GET /healthz`, served by the
+operator from a kopf startup handler, plus the operator's Prometheus metrics.
+
+Thin: hand-parsed bodies (ledger/store.parse_report), a TokenReview per ServiceAccount token (cached),
+then the pure store (ledger/store.py, over the lease core ledger/leases.py). What this module adds
+is I/O: loading a budget's persisted ledger from the apiserver before its first report is applied,
+writing it back (status.ledger + the usage fields) at most every FLUSH_INTERVAL per dirty budget and
+at shutdown, and the group commit: an answer that raises a ceiling waits until the state containing
+that ceiling is persisted, so a restarted operator never grants the same headroom twice.
+
+The store is touched only from the event loop; apiserver calls run in threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+from aiohttp import web
+from prometheus_client import Counter, Gauge
+
+from .. import GROUP, VERSION
+from ..api import tokenbudget
+from ..api.common import now_rfc3339
+from ..ledger.store import BudgetEntry, LedgerStore, ReportError, parse_report, replace_patch
+from ..render.status import LEDGER_FIELDS
+from .bodies import plain
+
+log = logging.getLogger(__name__)
+
+AUDIENCE = "spendwarden"
+SA_PREFIX = "system:serviceaccount:"
+
+REPORTS = Counter("spendwarden_ledger_reports_total", "Usage reports accepted from proxies.")
+REJECTED = Counter("spendwarden_ledger_rejected_total", "Ledger requests refused, by reason.", ["reason"])
+FLUSHES = Counter("spendwarden_ledger_flushes_total", "Ledger state writes to TokenBudget status, by outcome.", ["outcome"])
+PERCENT = Gauge("spendwarden_budget_percent_used", "Percent of the tightest limit used.", ["namespace", "budget"])
+STATE = Gauge("spendwarden_budget_state", "1 for the budget's current state.", ["namespace", "budget", "state"])
+
+
+@dataclass
+class LedgerConfig:
+    port: int = 8081                 # 0: no ledger service
+    addr: str = "0.0.0.0"
+    insecure: bool = False           # no authentication: standalone experiments only
+    metrics_port: int = 9090         # 0: no metrics endpoint
+    flush_interval: float = 2.0      # at most one write per dirty budget this often (grants excepted)
+    review_ttl: float = 60.0         # how long a positive TokenReview answer is trusted
+    commit_timeout: float = 10.0     # a grant not persisted by then is answered 503 (proxy retries)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "LedgerConfig":
+        env = os.environ if env is None else env
+        return cls(port=int(env.get("SPENDWARDEN_LEDGER_PORT") or 8081),
+                   addr=env.get("SPENDWARDEN_LEDGER_ADDR") or "0.0.0.0",
+                   insecure=env.get("SPENDWARDEN_LEDGER_INSECURE", "").lower() in ("1", "true", "yes"),
+                   metrics_port=int(env.get("SPENDWARDEN_METRICS_PORT") or 9090))
+
+
+CONFIG = LedgerConfig.from_env()  # controller/run.py replaces it with the command line's
+SERVICE: "LedgerService | None" = None
+
+
+# -- authentication ------------------------------------------------------------------------------------
+
+class TokenReviewer:
+    """ServiceAccount tokens -> (namespace, serviceaccount) through TokenReview, positive answers
+    cached per token hash (tokens themselves are never stored or logged)."""
+
+    def __init__(self, ttl: float = 60.0, max_entries: int = 10_000):
+        self.ttl = min(ttl, 60.0)
+        self.max_entries = max_entries
+        self._cache: dict[str, tuple[float, str, str]] = {}
+
+    def _review_sync(self, token: str) -> tuple[str, str] | None:
+        from kubernetes import client
+
+        from . import kube
+        review = client.AuthenticationV1Api(kube.api_client()).create_token_review(
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+             "spec": {"token": token, "audiences": [AUDIENCE]}})
+        status = review.status
+        if not status or not status.authenticated or not status.user or AUDIENCE not in (status.audiences or [AUDIENCE]):
+            return None
+        username = status.user.username or ""
+        if not username.startswith(SA_PREFIX):
+            return None
+        ns, _, sa = username[len(SA_PREFIX):].partition(":")
+        return (ns, sa) if ns and sa else None
+
+    async def review(self, token: str) -> tuple[str, str] | None:
+        key = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1], hit[2]
+        who = await asyncio.to_thread(self._review_sync, token)  # errors propagate: 503, not 401
+        if who is not None:
+            if len(self._cache) >= self.max_entries:
+                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+                if len(self._cache) >= self.max_entries:
+                    self._cache.clear()
+            self._cache[key] = (now + self.ttl, who[0], who[1])
+        return who
+
+
+# -- apiserver I/O (in threads) ---------------------------------------------------------------------------
+
+def _custom() -> Any:
+    from kubernetes import client
+
+    from . import kube
+    return client.CustomObjectsApi(kube.api_client())
+
+
+def _get_budget(namespace: str, name: str) -> dict[str, Any] | None:
+    from kubernetes.client.rest import ApiException
+    try:
+        return _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, tokenbudget.PLURAL, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    _custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, tokenbudget.PLURAL, name,
+                                                    {"status": status})
+
+
+def _patch_conditions(namespace: str, name: str, seen: list[dict] | None, desired: list[dict]) -> bool:
+    """Replace status.conditions only if they are still `seen` (a JSON Patch `test`): the reconcile
+    writes the Ready condition into the same list. False when someone changed them meanwhile."""
+    from kubernetes.client.rest import ApiException
+    ops: list[dict[str, Any]] = ([{"op": "test", "path": "/status/conditions", "value": seen}] if seen else [])
+    ops.append({"op": "add", "path": "/status/conditions", "value": desired})
+    try:
+        _custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, tokenbudget.PLURAL, name, ops,
+                                                        _content_type="application/json-patch+json")
+        return True
+    except ApiException as exc:
+        if exc.status in (409, 422):
+            return False
+        raise
+
+
+def _post_event(entry: BudgetEntry, reason: str, message: str) -> None:
+    from kubernetes import client
+
+    from . import kube
+    now = now_rfc3339()
+    client.CoreV1Api(kube.api_client()).create_namespaced_event(entry.namespace, {
+        "metadata": {"generateName": f"{entry.name}.", "namespace": entry.namespace},
+        "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": tokenbudget.KIND, "name": entry.name,
+                           "namespace": entry.namespace, "uid": entry.uid},
+        "reason": reason, "message": message, "type": "Warning",
+        "source": {"component": "spendwarden-ledger"}, "reportingComponent": "spendwarden.io/ledger",
+        "reportingInstance": socket.gethostname(),
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1})
+
+
+# -- the service -------------------------------------------------------------------------------------------
+
+@dataclass
+class _FlushState:
+    last_written: dict[str, Any] = field(default_factory=dict)  # the owned fields as last persisted
+    last: float = 0.0                                            # monotonic time of the last attempt
+    task: asyncio.Task | None = None
+    again: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)   # replaced after each flush
+
+
+class LedgerService:
+    def __init__(self, config: LedgerConfig, store: LedgerStore | None = None):
+        self.config = config
+        self.store = store or LedgerStore()
+        self.reviewer = TokenReviewer(config.review_ttl)
+        self._flush: dict[tuple[str, str], _FlushState] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._unknown: dict[tuple[str, str], float] = {}  # short negative cache of missing budgets
+        self._runner: web.AppRunner | None = None
+        self._ticker: asyncio.Task | None = None
+        self._events: set[asyncio.Task] = set()
+        self.port: int | None = None
+
+    # lifecycle
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_post("/v1/report", self.handle_report)
+        app.router.add_get("/healthz", self.handle_healthz)
+        return app
+
+    async def start(self) -> None:
+        if self.config.insecure:
+            log.warning("LEDGER AUTHENTICATION IS OFF (--ledger-insecure): anyone who can reach port %s can "
+                        "report usage for any namespace and obtain budget grants. Never use this in a cluster.",
+                        self.config.port)
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.addr, self.config.port)
+        await site.start()
+        self.port = self.config.port
+        self._ticker = asyncio.create_task(self._tick_forever(), name="spendwarden-ledger-tick")
+        log.info("ledger service listening", extra={"addr": self.config.addr, "port": self.config.port,
+                                                    "auth": "none" if self.config.insecure else "TokenReview"})
+
+    async def stop(self) -> None:
+        """Stop answering, then persist every dirty budget (the shutdown flush)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for key, entry in list(self.store.entries.items()):
+            st = self._state(entry)
+            if st.task is not None:
+                await asyncio.wait([st.task], timeout=5)
+            if entry.dirty:
+                await self._flush_once(entry)
+        log.info("ledger state persisted at shutdown", extra={"budgets": len(self.store.entries)})
+
+    # HTTP
+
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "budgets": len(self.store.entries)})
+
+    def _reject(self, status: int, reason: str, message: str) -> web.Response:
+        REJECTED.labels(reason=reason).inc()
+        return web.json_response({"error": message}, status=status)
+
+    async def handle_report(self, request: web.Request) -> web.Response:
+        who: tuple[str, str] | None = None
+        if not self.config.insecure:
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return self._reject(401, "missing_token", "a Bearer ServiceAccount token with audience spendwarden is required")
+            try:
+                who = await self.reviewer.review(token.strip())
+            except Exception as exc:  # noqa: BLE001 - the apiserver is unreachable: retryable, not the proxy's fault
+                log.warning("TokenReview failed: %s", type(exc).__name__)
+                return self._reject(503, "review_failed", "cannot verify the token now; retry")
+            if who is None:
+                return self._reject(401, "invalid_token", "the token is not a valid ServiceAccount token for audience spendwarden")
+        try:
+            body = await request.json(loads=json.loads)
+        except (ValueError, UnicodeDecodeError):
+            return self._reject(400, "bad_request", "the body is not JSON")
+        try:
+            report = parse_report(body)
+        except ReportError as exc:
+            return self._reject(400, "bad_request", str(exc))
+        if who is not None and who[0] != report.namespace:
+            return self._reject(403, "forbidden_namespace",
+                                f"a token of namespace {who[0]} may report only that namespace's budgets")
+        REPORTS.inc()
+        try:
+            answer = await self.apply(report)
+        except TimeoutError:
+            return web.json_response({"error": "the ledger could not persist the grant in time; retry the same report"},
+                                     status=503)
+        return web.json_response(answer)
+
+    async def apply(self, report: Any) -> dict[str, Any]:
+        """Apply a parsed, authorised report; answers once its grants are persisted."""
+        ns = report.namespace
+        entries = {name: await self._entry(ns, name) for name in report.budgets}
+        # From here to the last report() call there is no await: the report is applied atomically.
+        now_ts, now = time.time(), datetime.now(timezone.utc)
+        answers: dict[str, Any] = {}
+        waits: list[tuple[BudgetEntry, int]] = []
+        for name, rep in report.budgets.items():
+            entry = entries[name]
+            if entry is None:
+                answers[name] = {"error": "unknown budget"}
+                continue
+            answers[name], wait = self.store.report(entry, report.proxy_id, report.seq, rep, now_ts, now)
+            if wait > entry.persisted:
+                waits.append((entry, wait))
+        for entry in {id(e): e for e, _ in waits}.values():
+            self._request_flush(entry, urgent=True)
+        for entry, wait in waits:
+            await self._wait_persisted(entry, wait)
+        return {"seq": report.seq, "budgets": answers}
+
+    # budgets
+
+    def owns(self, namespace: str, name: str) -> bool:
+        return self.store.get(namespace, name) is not None
+
+    async def _entry(self, namespace: str, name: str) -> BudgetEntry | None:
+        """The budget's entry, loaded with its persisted ledger before it is first used."""
+        key = (namespace, name)
+        entry = self.store.get(namespace, name)
+        if entry is not None:
+            return entry
+        if self._unknown.get(key, 0) > time.monotonic():
+            return None
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            entry = self.store.get(namespace, name)
+            if entry is not None:
+                return entry
+            obj = await asyncio.to_thread(_get_budget, namespace, name)
+            entry = self.store.load(plain(obj), datetime.now(timezone.utc)) if obj is not None else None
+            if entry is None:
+                self._unknown[key] = time.monotonic() + 1.0  # proxies' configs may be a second ahead
+                return None
+            status = obj.get("status") or {}
+            self._state(entry).last_written = {k: status.get(k) for k in LEDGER_FIELDS}
+            log.info("budget ledger loaded", extra={"namespace": namespace, "budget": name,
+                                                    "proxies": len(entry.current.ledger.proxies)})
+            if entry.dirty:
+                self._request_flush(entry, urgent=False)
+            return entry
+
+    def observe(self, event_type: str | None, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        ns, name = meta.get("namespace", ""), meta.get("name", "")
+        if event_type == "DELETED":
+            self.store.forget(ns, name)
+            self._flush.pop((ns, name), None)
+            return
+        self._unknown.pop((ns, name), None)
+        entry = self.store.observe(obj, datetime.now(timezone.utc))
+        if entry is not None:
+            self._request_flush(entry, urgent=False)
+
+    # persistence
+
+    def _state(self, entry: BudgetEntry) -> _FlushState:
+        return self._flush.setdefault((entry.namespace, entry.name), _FlushState())
+
+    def _request_flush(self, entry: BudgetEntry, urgent: bool) -> None:
+        """Start a flush now if urgent (a grant waits) or the budget's interval has passed; grants
+        arriving while a flush is under way ride on the next one (group commit)."""
+        st = self._state(entry)
+        if st.task is not None and not st.task.done():
+            st.again = st.again or urgent
+            return
+        if urgent or time.monotonic() - st.last >= self.config.flush_interval:
+            st.task = asyncio.create_task(self._flush_loop(entry), name=f"ledger-flush-{entry.namespace}/{entry.name}")
+
+    async def _flush_loop(self, entry: BudgetEntry) -> None:
+        st = self._state(entry)
+        while True:
+            st.again = False
+            await self._flush_once(entry)
+            if not (st.again and entry.dirty) or self.store.get(entry.namespace, entry.name) is not entry:
+                break
+
+    async def _flush_once(self, entry: BudgetEntry) -> bool:
+        st = self._state(entry)
+        st.last = time.monotonic()
+        now = datetime.now(timezone.utc)
+        version = entry.version
+        desired = self.store.status(entry, now)  # built without an await: the state as of `version`
+        conditions = desired.pop("conditions")
+        patch = replace_patch(st.last_written, desired)
+        try:
+            await asyncio.to_thread(_patch_status, entry.namespace, entry.name, patch)
+        except Exception as exc:  # noqa: BLE001 - retried at the next interval; waiters keep waiting
+            status = getattr(exc, "status", None)
+            FLUSHES.labels(outcome="error").inc()
+            if status == 404:
+                log.info("budget deleted; its ledger is dropped", extra={"namespace": entry.namespace, "budget": entry.name})
+                self.store.forget(entry.namespace, entry.name)
+            else:
+                log.warning("ledger state write failed: %s %s", type(exc).__name__, status or "",
+                            extra={"namespace": entry.namespace, "budget": entry.name})
+            self._wake(st)
+            return False
+        FLUSHES.labels(outcome="ok").inc()
+        st.last_written = desired
+        self.store.persisted(entry, version)
+        self._wake(st)
+        await self._after_flush(entry, conditions)
+        return True
+
+    async def _after_flush(self, entry: BudgetEntry, conditions: list[dict]) -> None:
+        """The Exceeded condition, Events and gauges: all derived from the persisted usage."""
+        if _exceeded(conditions) != _exceeded(entry.conditions):
+            try:
+                if await asyncio.to_thread(_patch_conditions, entry.namespace, entry.name, entry.conditions or None, conditions):
+                    entry.conditions = conditions
+                else:
+                    obj = await asyncio.to_thread(_get_budget, entry.namespace, entry.name)
+                    if obj is not None:
+                        entry.conditions = list((obj.get("status") or {}).get("conditions") or [])
+                        entry.changed()  # try again at the next interval
+            except Exception as exc:  # noqa: BLE001
+                log.warning("Exceeded condition write failed: %s", type(exc).__name__)
+        for reason, message in self.store.events(entry):
+            task = asyncio.create_task(asyncio.to_thread(_post_event, entry, reason, message))
+            self._events.add(task)
+            task.add_done_callback(self._event_done)
+        percent, state = self.store.status_gauges(entry)
+        PERCENT.labels(namespace=entry.namespace, budget=entry.name).set(percent)
+        for s in ("Active", "Warning", "Exceeded"):
+            STATE.labels(namespace=entry.namespace, budget=entry.name, state=s).set(1 if s == state else 0)
+
+    def _event_done(self, task: asyncio.Task) -> None:
+        self._events.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("posting a budget Event failed: %s", type(task.exception()).__name__)
+
+    @staticmethod
+    def _wake(st: _FlushState) -> None:
+        done, st.done = st.done, asyncio.Event()
+        done.set()
+
+    async def _wait_persisted(self, entry: BudgetEntry, version: int) -> None:
+        deadline = time.monotonic() + self.config.commit_timeout
+        while entry.persisted < version:
+            if self.store.get(entry.namespace, entry.name) is not entry:
+                raise TimeoutError("budget gone")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("not persisted")
+            st = self._state(entry)
+            self._request_flush(entry, urgent=True)
+            done = st.done
+            try:
+                await asyncio.wait_for(done.wait(), timeout=min(left, 1.0))
+            except TimeoutError:
+                pass
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                now_ts, now = time.time(), datetime.now(timezone.utc)
+                self.store.tick(now_ts, now)
+                for entry in list(self.store.entries.values()):
+                    if entry.dirty:
+                        # A grant still waiting (an earlier flush failed) is urgent.
+                        urgent = any(pl is not None and pl.raised for pl in (entry.current, entry.previous))
+                        self._request_flush(entry, urgent=urgent)
+            except Exception:  # noqa: BLE001 - the next tick tries again
+                log.exception("ledger tick failed")
+
+
+def _exceeded(conditions: Any) -> Any:
+    for cond in conditions or []:
+        if cond.get("type") == "Exceeded":
+            return cond.get("status"), cond.get("reason"), cond.get("message")
+    return None
+
+
+# -- metrics endpoint ------------------------------------------------------------------------------------
+
+_metrics: dict[str, Any] = {}
+
+
+def start_metrics(port: int) -> None:
+    from prometheus_client import start_http_server
+    try:
+        server, thread = start_http_server(port)
+    except OSError as exc:
+        log.error("cannot serve metrics on port %s: %s", port, exc)
+        return
+    _metrics["server"] = server
+    log.info("metrics served", extra={"port": port})
+
+
+# -- kopf registration -------------------------------------------------------------------------------------
+
+@kopf.on.startup(id="spendwarden-ledger")
+async def start_ledger(**_: Any) -> None:
+    global SERVICE
+    if CONFIG.metrics_port:
+        start_metrics(CONFIG.metrics_port)
+    if not CONFIG.port:
+        log.info("ledger service off (--ledger-port 0)")
+        return
+    service = LedgerService(CONFIG)
+    try:
+        await service.start()
+    except OSError as exc:
+        # Not fatal: the reconcile still works, and proxies follow their budget's failMode.
+        log.error("cannot serve the ledger on %s:%s: %s", CONFIG.addr, CONFIG.port, exc)
+        return
+    SERVICE = service
+
+
+@kopf.on.cleanup(id="spendwarden-ledger")
+async def stop_ledger(**_: Any) -> None:
+    global SERVICE
+    service, SERVICE = SERVICE, None
+    if service is not None:
+        await service.stop()
+    server = _metrics.pop("server", None)
+    if server is not None:
+        server.shutdown()
+
+
+@kopf.on.event(GROUP, tokenbudget.PLURAL, id="ledger-observe")
+async def ledger_observe(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+    if SERVICE is not None:
+        SERVICE.observe(event.get("type"), plain(body))
+
+
+def ledger_owns(namespace: str, name: str) -> bool:
+    """For the reconcile (in a thread): whether the ledger keeps this budget's accounts."""
+    service = SERVICE
+    return service is not None and service.owns(namespace, name)

@@ -1,0 +1,445 @@
+"""The operator's budget ledgers: one `BudgetLedger` per (namespace, budget, period), the protocol's
+report semantics (docs/ledger-protocol.md) and the mapping to and from TokenBudget status.
+
+Pure: no I/O and no clock (`now` is passed in), so controller/ledger_service.py stays a thin HTTP
+and persistence shell and all of this is unit-tested.
+
+Persistence contract. `status.ledger` holds the current period's `BudgetLedger.to_state()` plus its
+periodStart/periodEnd, and the previous period's under `previous` (late reports still land there
+until the next reset). Every change bumps the entry's `version`; a flush records the version it
+wrote. A report that RAISED a ceiling may only be answered once `persisted >= raised_at`: the
+ceilings a restarted operator reads back then include every ceiling any proxy was ever told.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from ..api.common import now_rfc3339
+from ..api.tokenbudget import BudgetState, TokenBudgetSpec
+from ..render.proxyconfig import validate_spec
+from ..render.status import budget_state, usage_fraction, usage_status
+from .allowance import Amount, Limits
+from .leases import BudgetLedger, Ceiling, LeaseSettings
+from .periods import current_period
+
+HISTORY_MAX = 12
+MAX_ID = 128
+MAX_BUDGETS_PER_REPORT = 64
+
+
+class ReportError(ValueError):
+    """A malformed report: the message is the 400 answer."""
+
+
+# -- parsing -----------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class BudgetReport:
+    period_start: str
+    used: Amount
+    held: Amount
+    want: Amount | None = None
+    release_to: Ceiling | None = None
+
+
+@dataclass(slots=True)
+class Report:
+    proxy_id: str
+    namespace: str
+    seq: int
+    budgets: dict[str, BudgetReport]
+
+
+def _int(value: Any, where: str) -> int:
+    # bool is an int in Python; a JSON true is not a token count.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ReportError(f"{where}: must be a non-negative integer")
+    return value
+
+
+def _money(value: Any, where: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ReportError(f"{where}: must be a decimal string such as \"0.0123\"")
+    try:
+        out = Decimal(str(value))
+    except InvalidOperation:
+        raise ReportError(f"{where}: {str(value)[:40]!r} is not a decimal number") from None
+    if not out.is_finite() or out < 0:
+        raise ReportError(f"{where}: must be a finite non-negative decimal")
+    return out
+
+
+def _amount(data: Any, where: str) -> Amount:
+    if not isinstance(data, dict):
+        raise ReportError(f"{where}: must be an object with inputTokens, outputTokens, cost")
+    unknown = set(data) - {"inputTokens", "outputTokens", "totalTokens", "cost"}
+    if unknown:
+        raise ReportError(f"{where}: unknown field(s) {sorted(unknown)[:5]}")
+    return Amount(_int(data.get("inputTokens", 0), f"{where}.inputTokens"),
+                  _int(data.get("outputTokens", 0), f"{where}.outputTokens"),
+                  _money(data.get("cost", "0"), f"{where}.cost"))
+
+
+def _ceiling(data: Any, where: str) -> Ceiling:
+    if not isinstance(data, dict):
+        raise ReportError(f"{where}: must be an object with total, input, output, cost")
+    unknown = set(data) - {"total", "input", "output", "cost"}
+    if unknown:
+        raise ReportError(f"{where}: unknown field(s) {sorted(unknown)[:5]}")
+    return Ceiling(total=_int(data["total"], f"{where}.total") if data.get("total") is not None else None,
+                   input=_int(data["input"], f"{where}.input") if data.get("input") is not None else None,
+                   output=_int(data["output"], f"{where}.output") if data.get("output") is not None else None,
+                   cost=_money(data["cost"], f"{where}.cost") if data.get("cost") is not None else None)
+
+
+def _name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_ID:
+        raise ReportError(f"{where}: must be a non-empty string of at most {MAX_ID} characters")
+    return value
+
+
+def parse_report(body: Any) -> Report:
+    """Validate a POST /v1/report body by hand, with messages that name the offending field."""
+    if not isinstance(body, dict):
+        raise ReportError("body: must be a JSON object")
+    budgets = body.get("budgets")
+    if not isinstance(budgets, dict):
+        raise ReportError("budgets: must be an object of budget name -> report")
+    if len(budgets) > MAX_BUDGETS_PER_REPORT:
+        raise ReportError(f"budgets: at most {MAX_BUDGETS_PER_REPORT} per report")
+    parsed: dict[str, BudgetReport] = {}
+    for name, entry in budgets.items():
+        where = f"budgets.{str(name)[:64]}"
+        _name(name, where)
+        if not isinstance(entry, dict):
+            raise ReportError(f"{where}: must be an object")
+        start = entry.get("periodStart")
+        if not isinstance(start, str) or not start:
+            raise ReportError(f"{where}.periodStart: required (RFC 3339, the period the numbers belong to)")
+        if "used" not in entry:
+            raise ReportError(f"{where}.used: required (cumulative usage this period)")
+        parsed[name] = BudgetReport(
+            period_start=start,
+            used=_amount(entry["used"], f"{where}.used"),
+            held=_amount(entry.get("held") or {}, f"{where}.held"),
+            want=_amount(entry["want"], f"{where}.want") if entry.get("want") is not None else None,
+            release_to=_ceiling(entry["releaseTo"], f"{where}.releaseTo") if entry.get("releaseTo") is not None else None)
+    return Report(proxy_id=_name(body.get("proxyId"), "proxyId"), namespace=_name(body.get("namespace"), "namespace"),
+                  seq=_int(body.get("seq"), "seq"), budgets=parsed)
+
+
+# -- state ---------------------------------------------------------------------------------------------
+
+def usage_dict(amount: Amount) -> dict[str, Any]:
+    """An Amount as the status' Usage fields."""
+    return {"inputTokens": amount.input_tokens, "outputTokens": amount.output_tokens,
+            "totalTokens": amount.total_tokens, "cost": str(amount.cost)}
+
+
+@dataclass
+class PeriodLedger:
+    start: str
+    end: str
+    ledger: BudgetLedger
+    # proxy id -> the entry version at which its ceiling was last raised (not yet known persisted)
+    raised: dict[str, int] = field(default_factory=dict)
+
+    def to_state(self) -> dict[str, Any]:
+        return {"periodStart": self.start, "periodEnd": self.end, **self.ledger.to_state()}
+
+    @classmethod
+    def from_state(cls, limits: Limits, data: dict[str, Any], settings: LeaseSettings | None) -> "PeriodLedger":
+        return cls(str(data["periodStart"]), str(data.get("periodEnd") or ""),
+                   BudgetLedger.from_state(limits, data, settings))
+
+    def total(self) -> dict[str, Any]:
+        return {"periodStart": self.start, "periodEnd": self.end, "used": usage_dict(self.ledger.used())}
+
+
+@dataclass
+class BudgetEntry:
+    namespace: str
+    name: str
+    spec: TokenBudgetSpec
+    current: PeriodLedger
+    previous: PeriodLedger | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    generation: int | None = None
+    conditions: list[dict[str, Any]] = field(default_factory=list)  # as last seen on the object
+    uid: str | None = None
+    version: int = 0
+    persisted: int = 0
+    announced: int = 0            # highest threshold already announced this period
+    exceeded_announced: bool = False
+
+    @property
+    def limits(self) -> Limits:
+        return Limits.from_spec(self.spec.limits)
+
+    @property
+    def dirty(self) -> bool:
+        return self.version > self.persisted
+
+    def changed(self) -> int:
+        self.version += 1
+        return self.version
+
+    def fraction(self) -> Decimal:
+        fraction, _ = usage_fraction(self.spec, usage_dict(self.current.ledger.used()))
+        return fraction
+
+
+def _periods(spec: TokenBudgetSpec, now: datetime) -> tuple[str, str]:
+    start, end = current_period(spec, now)
+    return now_rfc3339(start), now_rfc3339(end)
+
+
+class LedgerStore:
+    """Every budget's ledgers, keyed by (namespace, name)."""
+
+    def __init__(self, settings: LeaseSettings | None = None):
+        self.settings = settings or LeaseSettings()
+        self.entries: dict[tuple[str, str], BudgetEntry] = {}
+
+    def get(self, namespace: str, name: str) -> BudgetEntry | None:
+        return self.entries.get((namespace, name))
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.entries.pop((namespace, name), None)
+
+    # -- loading and watching ------------------------------------------------------------------------
+
+    def load(self, obj: dict[str, Any], now: datetime) -> BudgetEntry | None:
+        """Build a budget's entry from its object, restoring the persisted ledgers from status.ledger.
+        None for a budget whose spec is invalid (the proxies do not enforce it either)."""
+        spec, problem = validate_spec("TokenBudget", obj.get("spec"))
+        if problem is not None:
+            return None
+        meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+        limits = Limits.from_spec(spec.limits)
+        start, end = _periods(spec, now)
+        saved = status.get("ledger") or {}
+        current, previous = PeriodLedger(start, end, BudgetLedger(limits, self.settings)), None
+        history = [dict(h) for h in status.get("history") or []][:HISTORY_MAX]
+        stored = [PeriodLedger.from_state(limits, s, self.settings)
+                  for s in (saved, saved.get("previous") or {}) if s.get("periodStart")]
+        for pl in stored:
+            if pl.start == start:
+                current = pl
+            elif pl.start < start and (previous is None or pl.start > previous.start):
+                previous = pl
+        entry = BudgetEntry(meta.get("namespace", ""), meta.get("name", ""), spec, current, previous, history,
+                            generation=meta.get("generation"), uid=meta.get("uid"), conditions=list(status.get("conditions") or []))
+        if previous is not None:
+            _record_history(entry, previous)
+        if status.get("periodStart") == start or saved.get("periodStart") == start:
+            # What was already announced before a restart is not announced again.
+            entry.announced = max([t for t in spec.thresholds if t <= int(status.get("percentUsed") or 0)], default=0)
+            entry.exceeded_announced = status.get("state") == BudgetState.EXCEEDED.value
+        self.entries[(entry.namespace, entry.name)] = entry
+        if saved.get("periodStart") != current.start or previous is not None and not saved.get("previous"):
+            entry.changed()  # the stored state is not what this entry would write: write it
+        return entry
+
+    def observe(self, obj: dict[str, Any], now: datetime) -> BudgetEntry | None:
+        """A watch event for a budget: take in spec changes and what others wrote. Returns the entry
+        if it must be written again (e.g. the reconcile put back a stale copy of a field we own)."""
+        meta = obj.get("metadata") or {}
+        entry = self.get(meta.get("namespace", ""), meta.get("name", ""))
+        if entry is None:
+            return None
+        spec, problem = validate_spec("TokenBudget", obj.get("spec"))
+        status = obj.get("status") or {}
+        entry.conditions = list(status.get("conditions") or [])
+        entry.generation = meta.get("generation")
+        needs_write = False
+        if problem is None and spec != entry.spec:
+            old_limits = entry.limits
+            entry.spec = spec
+            if entry.limits != old_limits:
+                for pl in (entry.current, entry.previous):
+                    if pl is not None:
+                        pl.ledger.limits = entry.limits
+            self.roll(entry, now)
+            needs_write = True
+        if entry.dirty:
+            return entry
+        # Self-healing: if the object's ledger-owned fields are not what we wrote last, write again.
+        desired = self.status(entry, now)
+        for key in ("used", "state", "percentUsed"):
+            if status.get(key) != desired.get(key):
+                needs_write = True
+        if _condition(status.get("conditions"), "Exceeded") != _condition(desired["conditions"], "Exceeded"):
+            needs_write = True
+        if needs_write:
+            entry.changed()
+            return entry
+        return None
+
+    # -- time ------------------------------------------------------------------------------------------
+
+    def roll(self, entry: BudgetEntry, now: datetime) -> bool:
+        """Start a new period if `now` is past the current one; the old one stays as `previous`
+        (for late reports) until the next reset, its totals in history."""
+        start, end = _periods(entry.spec, now)
+        if start <= entry.current.start:
+            return False
+        entry.previous = entry.current
+        entry.current = PeriodLedger(start, end, BudgetLedger(entry.limits, self.settings))
+        _record_history(entry, entry.previous)
+        entry.announced, entry.exceeded_announced = 0, False
+        entry.changed()
+        return True
+
+    def tick(self, now_ts: float, now: datetime) -> list[BudgetEntry]:
+        """Period rollover and presumed-dead proxies, for every budget; returns the changed ones."""
+        changed = []
+        for entry in self.entries.values():
+            rolled = self.roll(entry, now)
+            # Only the open period expires proxies: a finished one keeps what was reported (its
+            # history must not charge escrow of proxies that simply moved on to the new period).
+            dead = entry.current.ledger.expire(now_ts)
+            if dead:
+                entry.changed()
+            if rolled or dead:
+                changed.append(entry)
+        return changed
+
+    # -- the report --------------------------------------------------------------------------------------
+
+    def report(self, entry: BudgetEntry, proxy_id: str, seq: int, rep: BudgetReport, now_ts: float,
+               now: datetime) -> tuple[dict[str, Any], int]:
+        """Apply one budget's part of a report. Returns (the answer, the version that must be
+        persisted before it may be sent: 0 when nothing needs to wait)."""
+        self.roll(entry, now)
+        cur = entry.current
+        if rep.period_start == cur.start:
+            lease = cur.ledger.report(proxy_id, seq, rep.used, rep.held, rep.want, now_ts, rep.release_to)
+            if not lease.duplicate:
+                version = entry.changed()
+                if lease.granted:
+                    cur.raised[proxy_id] = version
+        elif entry.previous is not None and rep.period_start == entry.previous.start:
+            # Late numbers for the period that just ended count there; the lease is the current one's.
+            prev = entry.previous
+            old = prev.ledger.proxies.get(proxy_id)
+            if old is None or seq > old.seq:
+                prev.ledger.report(proxy_id, seq, rep.used, rep.held, Amount(), now_ts)
+                # Nothing more can be committed in a finished period: no escrow stays behind (the
+                # proxy's in-flight requests settle into the new period).
+                acct = prev.ledger.proxies[proxy_id]
+                acct.ceiling = Ceiling.committed(entry.limits, acct.used)
+                _record_history(entry, prev)
+                entry.changed()
+            acct = cur.ledger.proxies.get(proxy_id)
+            if acct is not None:
+                lease_ceiling, expires = acct.ceiling, acct.expires_at
+            else:
+                lease = cur.ledger.report(proxy_id, seq, Amount(), Amount(), rep.want, now_ts)
+                version = entry.changed()
+                if lease.granted:
+                    cur.raised[proxy_id] = version
+                lease_ceiling, expires = lease.ceiling, lease.expires_at
+            return self._answer(entry, lease_ceiling, expires), cur.raised.get(proxy_id, 0)
+        else:
+            answer = self._answer(entry, None, None)
+            answer["error"] = (f"period {rep.period_start[:40]} is not open; the current period starts "
+                               f"{cur.start}")
+            return answer, 0
+        return self._answer(entry, lease.ceiling, lease.expires_at), cur.raised.get(proxy_id, 0)
+
+    def _answer(self, entry: BudgetEntry, ceiling: Ceiling | None, expires_at: float | None) -> dict[str, Any]:
+        spec = entry.spec
+        _, state = budget_state(spec, entry.fraction())
+        out: dict[str, Any] = {}
+        if ceiling is not None:
+            out["ceiling"] = ceiling.to_state()
+            out["expiresAt"] = expires_at
+        out.update({"periodStart": entry.current.start, "periodEnd": entry.current.end, "state": state.value,
+                    "onExceeded": spec.onExceeded.value, "failMode": spec.failMode.value,
+                    "cutOff": spec.onExceeded.value == "CutOff" and entry.current.ledger.exhausted()})
+        return out
+
+    def persisted(self, entry: BudgetEntry, version: int) -> None:
+        """A flush that wrote the state as of `version` succeeded."""
+        entry.persisted = max(entry.persisted, version)
+        for pl in (entry.current, entry.previous):
+            if pl is not None:
+                pl.raised = {p: v for p, v in pl.raised.items() if v > version}
+
+    # -- status ----------------------------------------------------------------------------------------
+
+    def status(self, entry: BudgetEntry, now: datetime) -> dict[str, Any]:
+        """The ledger-owned status fields (render/status.LEDGER_FIELDS) and the conditions with
+        Exceeded set, computed with the same function the reconcile uses."""
+        used = usage_dict(entry.current.ledger.used())
+        out = usage_status(entry.spec, used, entry.conditions, entry.current.end, entry.generation, now)
+        ledger = entry.current.to_state()
+        if entry.previous is not None:
+            ledger["previous"] = entry.previous.to_state()
+        out.update({"ledger": ledger, "history": entry.history[:HISTORY_MAX],
+                    "forecastExhaustion": _forecast(entry, now)})
+        return out
+
+    def events(self, entry: BudgetEntry) -> list[tuple[str, str]]:
+        """(reason, message) for thresholds crossed since the last call; each crossing once."""
+        fraction = entry.fraction()
+        percent, _ = budget_state(entry.spec, fraction)
+        out = []
+        crossed = max([t for t in entry.spec.thresholds if percent >= t], default=0)
+        if crossed > entry.announced:
+            entry.announced = crossed
+            out.append(("ThresholdCrossed", f"{percent}% of budget {entry.name} used (threshold {crossed}%) "
+                                            f"in the period ending {entry.current.end}"))
+        if fraction >= 1 and not entry.exceeded_announced:
+            entry.exceeded_announced = True
+            out.append(("BudgetExceeded", f"budget {entry.name} exhausted ({percent}%); "
+                                          f"onExceeded={entry.spec.onExceeded.value} until {entry.current.end}"))
+        return out
+
+
+    def status_gauges(self, entry: BudgetEntry) -> tuple[int, str]:
+        percent, state = budget_state(entry.spec, entry.fraction())
+        return percent, state.value
+
+
+def _record_history(entry: BudgetEntry, pl: PeriodLedger) -> None:
+    """Put (or refresh: late reports) a finished period's totals in history, newest first."""
+    total = pl.total()
+    rest = [h for h in entry.history if h.get("periodStart") != pl.start]
+    entry.history = sorted(rest + [total], key=lambda h: h.get("periodStart", ""), reverse=True)[:HISTORY_MAX]
+
+
+def _condition(conditions: Any, type_: str) -> Any:
+    for cond in conditions or []:
+        if cond.get("type") == type_:
+            return (cond.get("status"), cond.get("reason"))
+    return None
+
+
+def _forecast(entry: BudgetEntry, now: datetime) -> str | None:
+    """When the budget runs out at the period's average burn rate so far, if within the period."""
+    fraction = entry.fraction()
+    if fraction <= 0 or fraction >= 1:
+        return None
+    start = datetime.strptime(entry.current.start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    end = datetime.strptime(entry.current.end, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    elapsed = (now - start).total_seconds()
+    if elapsed <= 0:
+        return None
+    at = start + timedelta(seconds=elapsed / float(fraction))
+    return now_rfc3339(at) if at < end else None
+
+
+def replace_patch(old: Any, new: Any) -> Any:
+    """A JSON merge patch that turns `old` into exactly `new`: merge patches merge objects, so keys
+    that disappeared (an expired proxy) must be sent as null to be removed."""
+    if not isinstance(new, dict):
+        return new
+    out = {k: (replace_patch(old.get(k), v) if isinstance(old, dict) else v) for k, v in new.items()}
+    if isinstance(old, dict):
+        out.update({k: None for k in old if k not in new})
+    return out

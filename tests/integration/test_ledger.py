@@ -1,0 +1,350 @@
+"""The ledger service end to end: a real operator process, the real apiserver (TokenReview, status
+persistence, Events) and simulated proxies that speak docs/ledger-protocol.md over HTTP and enforce
+their ceilings with ledger.allowance.Allowance exactly as the proxy does."""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from decimal import Decimal
+
+import httpx
+import pytest
+from kubernetes import client
+
+from spendwarden.ledger.allowance import Allowance, Amount, Limits
+from spendwarden.ledger.leases import Ceiling
+
+from .operator_process import OperatorProcess, free_port, wait_for
+
+GROUP, VERSION = "spendwarden.io", "v1alpha1"
+LIMIT = 100_000
+BUDGET = {"period": {"type": "Monthly"}, "limits": {"tokens": {"total": LIMIT}}, "thresholds": [50, 80],
+          "failMode": "Closed"}
+
+
+class Operator:
+    """One operator process with fixed ledger/metrics ports, restartable (also after SIGKILL)."""
+
+    def __init__(self, control_plane, log_dir):
+        self.kubeconfig = str(control_plane.kubeconfig)
+        self.log_dir = log_dir
+        self.ledger_port, self.metrics_port = free_port(), free_port()
+        self.runs = 0
+        self.proc: OperatorProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ledger_port}"
+
+    def start(self) -> None:
+        self.runs += 1
+        self.proc = OperatorProcess(self.kubeconfig, self.log_dir / f"operator-{self.runs}.log", extra_args=[
+            "--namespace", "lg-*", "--ledger-port", str(self.ledger_port), "--metrics-port", str(self.metrics_port)])
+        self.proc.start()
+        wait_for(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, what="ledger /healthz")
+
+    def kill(self) -> None:
+        assert self.proc is not None and self.proc.proc is not None
+        self.proc.proc.kill()  # SIGKILL: no shutdown flush
+        self.proc.proc.wait()
+        self.proc.log.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # the exposition sorts labels
+        prefix = f"{name}{{{want}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(prefix + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, tmp_path_factory):
+    op = Operator(control_plane, tmp_path_factory.mktemp("ledger"))
+    op.start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture
+def lg_namespace(kube):
+    name = f"lg-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(kube)
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)
+
+
+def sa_token(kube, namespace: str, sa: str = "proxy") -> str:
+    core = client.CoreV1Api(kube)
+    try:
+        core.create_namespaced_service_account(namespace, {"metadata": {"name": sa}})
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise
+    tr = core.create_namespaced_service_account_token(sa, namespace, {
+        "spec": {"audiences": ["spendwarden"], "expirationSeconds": 3600}})
+    return tr.status.token
+
+
+def create_budget(kube, ns: str, name: str = "monthly", spec: dict | None = None) -> dict:
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TokenBudget", "metadata": {"name": name}, "spec": spec or BUDGET}
+    client.CustomObjectsApi(kube).create_namespaced_custom_object(GROUP, VERSION, ns, "tokenbudgets", body)
+    return wait_for(lambda: (lambda o: o if (o.get("status") or {}).get("periodStart") else None)(
+        get_budget(kube, ns, name)), what="the reconcile's status")
+
+
+def get_budget(kube, ns: str, name: str = "monthly") -> dict:
+    return client.CustomObjectsApi(kube).get_namespaced_custom_object(GROUP, VERSION, ns, "tokenbudgets", name)
+
+
+class SimProxy:
+    """A proxy as far as the ledger is concerned: Allowance(limits=ceiling, used, reserved), reports
+    serialized with increasing seq, a report with `want` when a request does not fit."""
+
+    def __init__(self, http: httpx.AsyncClient, url: str, token: str, namespace: str, period_start: str, budget="monthly",
+                 latency: tuple[float, float] = (0.002, 0.02)):
+        self.latency = latency
+        self.http, self.url, self.token, self.ns, self.budget = http, url, token, namespace, budget
+        self.id = uuid.uuid4().hex
+        self.seq = 0
+        self.period_start = period_start
+        self.allowance = Allowance(limits=Limits(total_tokens=0))
+        self.max_ceiling = 0
+        self.expires_at = 0.0
+        self.lock = asyncio.Lock()
+        self.refused = 0
+        self.errors = 0
+
+    def body(self, want: Amount | None = None, release: bool = False) -> dict:
+        a = self.allowance
+        entry = {"periodStart": self.period_start,
+                 "used": {"inputTokens": a.used.input_tokens, "outputTokens": a.used.output_tokens, "cost": str(a.used.cost)},
+                 "held": {"inputTokens": a.reserved.input_tokens, "outputTokens": a.reserved.output_tokens, "cost": str(a.reserved.cost)}}
+        if want is not None:
+            entry["want"] = {"inputTokens": want.input_tokens, "outputTokens": want.output_tokens, "cost": "0"}
+        if release:
+            committed = a.used + a.reserved
+            a.limits = Limits(total_tokens=committed.total_tokens)  # lower the local ceiling first
+            entry["releaseTo"] = {"total": committed.total_tokens}
+        return {"proxyId": self.id, "namespace": self.ns, "seq": self.seq, "budgets": {self.budget: entry}}
+
+    async def post(self, body: dict) -> httpx.Response:
+        return await self.http.post(f"{self.url}/v1/report", json=body, timeout=15,
+                                    headers={"Authorization": f"Bearer {self.token}"})
+
+    async def report(self, want: Amount | None = None, release: bool = False) -> bool:
+        async with self.lock:
+            self.seq += 1
+            body = self.body(want, release)
+            for _ in range(3):  # retries resend the same body (same seq)
+                try:
+                    resp = await self.post(body)
+                except httpx.HTTPError:
+                    self.errors += 1
+                    await asyncio.sleep(0.3)
+                    continue
+                if resp.status_code == 200:
+                    entry = resp.json()["budgets"][self.budget]
+                    assert "error" not in entry, entry
+                    ceiling = Ceiling.from_state(entry["ceiling"])
+                    # The operator only raises; take its value unless we released below it meanwhile.
+                    if not release:
+                        self.allowance.limits = Limits(total_tokens=max(ceiling.total, self.allowance.limits.total_tokens or 0))
+                        # (After the final releases, freed headroom may go to whoever reports next.)
+                        self.max_ceiling = max(self.max_ceiling, ceiling.total)
+                    self.expires_at = entry["expiresAt"]
+                    return True
+                self.errors += 1
+                await asyncio.sleep(0.3)
+            return False
+
+    async def request(self, rng: random.Random) -> bool:
+        """One LLM request: reserve the worst case, 'call upstream', settle the real usage."""
+        inp, max_out = rng.randint(100, 800), rng.randint(50, 500)
+        worst = Amount(inp, max_out)
+        if time.time() > self.expires_at - 2:  # an expired lease admits nothing (failMode Closed: 503)
+            await asyncio.sleep(0.1)
+            return True
+        rid = self.allowance.reserve(worst)
+        if rid is None:
+            await self.report(want=worst)
+            rid = self.allowance.reserve(worst)
+            if rid is None:
+                self.refused += 1
+                return False
+        await asyncio.sleep(rng.uniform(*self.latency))
+        self.allowance.settle(rid, Amount(inp, rng.randint(1, max_out)))
+        return True
+
+    async def run(self, stop: asyncio.Event, seed: int, workers: int = 4) -> None:
+        async def worker(i: int) -> None:
+            rng = random.Random(seed * 100 + i)
+            while not stop.is_set() and self.refused < 40:
+                if not await self.request(rng):
+                    await asyncio.sleep(0.05)
+
+        async def reporter() -> None:
+            while not stop.is_set():
+                await asyncio.sleep(0.3)
+                await self.report()
+
+        tasks = [asyncio.create_task(worker(i)) for i in range(workers)]
+        rep = asyncio.create_task(reporter())
+        await asyncio.gather(*tasks)
+        rep.cancel()
+
+    @property
+    def used(self) -> int:
+        return self.allowance.used.total_tokens
+
+
+async def _run_proxies(operator: Operator, proxies: list[SimProxy], during=None) -> None:
+    stop = asyncio.Event()
+    runs = [asyncio.create_task(p.run(stop, seed=i)) for i, p in enumerate(proxies)]
+    if during is not None:
+        await during()
+    done, pending = await asyncio.wait(runs, timeout=120)
+    stop.set()
+    await asyncio.gather(*runs)
+    for p in proxies:  # idle: release what is not committed, and report the final numbers
+        assert await p.report(release=True)
+
+
+def _assert_exact(kube, ns: str, proxies: list[SimProxy]) -> dict:
+    total = sum(p.used for p in proxies)
+    obj = wait_for(lambda: (lambda o: o if o["status"].get("used", {}).get("totalTokens") == total else None)(
+        get_budget(kube, ns)), timeout=15, what=f"status.used.totalTokens == {total}")
+    used = obj["status"]["used"]
+    assert used["inputTokens"] == sum(p.allowance.used.input_tokens for p in proxies)
+    assert used["outputTokens"] == sum(p.allowance.used.output_tokens for p in proxies)
+    assert total <= LIMIT
+    # No headroom was ever granted twice: the ceilings proxies were told never add up past the limit.
+    assert sum(p.max_ceiling for p in proxies) <= LIMIT, [p.max_ceiling for p in proxies]
+    return obj
+
+
+async def test_three_proxies_share_a_budget_exactly(operator, kube, lg_namespace):
+    ns = lg_namespace
+    start = create_budget(kube, ns)["status"]["periodStart"]
+    token = sa_token(kube, ns)
+    async with httpx.AsyncClient() as http:
+        proxies = [SimProxy(http, operator.url, token, ns, start) for _ in range(3)]
+        await _run_proxies(operator, proxies)
+    obj = _assert_exact(kube, ns, proxies)
+    assert sum(p.used for p in proxies) > LIMIT * 0.8, [p.used for p in proxies]  # the budget really was used up
+    status = obj["status"]
+    assert set(status["ledger"]["proxies"]) == {p.id for p in proxies}
+    assert status["percentUsed"] == sum(p.used for p in proxies) * 100 // LIMIT
+    assert status["state"] in ("Warning", "Exceeded") and status["limitSummary"] == "100k tokens"
+
+
+async def test_replayed_seq_changes_nothing(operator, kube, lg_namespace):
+    ns = lg_namespace
+    start = create_budget(kube, ns)["status"]["periodStart"]
+    async with httpx.AsyncClient() as http:
+        p = SimProxy(http, operator.url, sa_token(kube, ns), ns, start)
+        p.allowance.used = Amount(1000, 500)
+        assert await p.report(want=Amount(0, 2000))
+        body = p.body()  # the same seq again, with different (bogus) numbers
+        body["budgets"]["monthly"]["used"] = {"inputTokens": 50_000, "outputTokens": 0, "cost": "0"}
+        first = wait_for(lambda: (lambda o: o if o["status"].get("used", {}).get("totalTokens") == 1500 else None)(
+            get_budget(kube, ns)), what="the first report persisted")
+        resp = await p.post(body)
+        assert resp.status_code == 200 and resp.json()["seq"] == p.seq
+        assert Ceiling.from_state(resp.json()["budgets"]["monthly"]["ceiling"]).total == p.max_ceiling
+    await asyncio.sleep(2.5)  # longer than a flush interval
+    again = get_budget(kube, ns)
+    assert again["status"]["used"] == first["status"]["used"]
+    assert again["status"]["ledger"]["proxies"][p.id]["seq"] == p.seq
+
+
+async def test_unauthenticated_and_foreign_reports_are_refused(operator, kube, lg_namespace):
+    ns = lg_namespace
+    start = create_budget(kube, ns)["status"]["periodStart"]
+    other = f"lg-other-{uuid.uuid4().hex[:6]}"
+    client.CoreV1Api(kube).create_namespace({"metadata": {"name": other}})
+    try:
+        foreign = sa_token(kube, other)
+        before = {r: operator.metric("spendwarden_ledger_rejected_total", reason=r)
+                  for r in ("missing_token", "invalid_token", "forbidden_namespace")}
+        body = {"proxyId": "x", "namespace": ns, "seq": 1, "budgets": {"monthly": {
+            "periodStart": start, "used": {"inputTokens": 5000, "outputTokens": 0, "cost": "0"}}}}
+        async with httpx.AsyncClient() as http:
+            url = f"{operator.url}/v1/report"
+            assert (await http.post(url, json=body)).status_code == 401
+            assert (await http.post(url, json=body, headers={"Authorization": "Bearer garbage.token.x"})).status_code == 401
+            resp = await http.post(url, json=body, headers={"Authorization": f"Bearer {foreign}"})
+            assert resp.status_code == 403 and other in resp.json()["error"]
+            # The same token is fine for its own namespace (an unknown budget there is per-budget).
+            ok = await http.post(url, json={**body, "namespace": other}, headers={"Authorization": f"Bearer {foreign}"})
+            assert ok.status_code == 200 and ok.json()["budgets"]["monthly"]["error"] == "unknown budget"
+            bad = await http.post(url, json={**body, "seq": "x"}, headers={"Authorization": f"Bearer {foreign}"})
+            assert bad.status_code == 400 and "seq" in bad.json()["error"]
+        after = {r: operator.metric("spendwarden_ledger_rejected_total", reason=r) for r in before}
+        assert after["missing_token"] == before["missing_token"] + 1
+        assert after["invalid_token"] == before["invalid_token"] + 1
+        assert after["forbidden_namespace"] == before["forbidden_namespace"] + 1
+        assert operator.metric("spendwarden_ledger_reports_total") >= 1
+        status = get_budget(kube, ns).get("status") or {}
+        assert not status.get("ledger") and (status.get("used") or {}).get("totalTokens", 0) == 0
+    finally:
+        client.CoreV1Api(kube).delete_namespace(other)
+
+
+async def test_sigkill_and_restart_lose_nothing_and_grant_nothing_twice(control_plane, kube, lg_namespace, tmp_path):
+    op = Operator(control_plane, tmp_path)  # its own process: this test kills it
+    op.start()
+    try:
+        ns = lg_namespace
+        start = create_budget(kube, ns)["status"]["periodStart"]
+        token = sa_token(kube, ns)
+
+        async def kill_and_restart() -> None:
+            await asyncio.sleep(1.5)
+            used_at_kill.append(sum(p.used for p in proxies))
+            await asyncio.to_thread(op.kill)
+            await asyncio.sleep(1.0)  # proxies keep going on their leases meanwhile
+            await asyncio.to_thread(op.start)
+
+        async with httpx.AsyncClient() as http:
+            used_at_kill: list[int] = []
+            proxies = [SimProxy(http, op.url, token, ns, start, latency=(0.05, 0.15)) for _ in range(3)]
+            await _run_proxies(op, proxies, during=kill_and_restart)
+        assert op.runs == 2 and any(p.errors for p in proxies)  # the outage was seen
+        assert 0 < used_at_kill[0] < LIMIT * 0.8  # killed mid-run
+        obj = _assert_exact(kube, ns, proxies)
+        assert sum(p.used for p in proxies) > LIMIT * 0.8
+        assert obj["status"]["ledger"]["retired"]["inputTokens"] == 0  # nobody was presumed dead
+    finally:
+        op.stop()
+
+
+async def test_status_state_and_threshold_event(operator, kube, lg_namespace):
+    ns = lg_namespace
+    start = create_budget(kube, ns)["status"]["periodStart"]
+    async with httpx.AsyncClient() as http:
+        p = SimProxy(http, operator.url, sa_token(kube, ns), ns, start)
+        p.allowance.used = Amount(40_000, 20_000)
+        assert await p.report()
+    obj = wait_for(lambda: (lambda o: o if o["status"].get("state") == "Warning" else None)(get_budget(kube, ns)),
+                   what="state Warning")
+    status = obj["status"]
+    assert status["used"] == {"inputTokens": 40_000, "outputTokens": 20_000, "totalTokens": 60_000, "cost": "0"}
+    assert status["percentUsed"] == 60 and status["remaining"] == {"tokens": 40_000}
+    assert status["usedSummary"] == "60k tokens"
+    conds = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conds == {"Ready": "True", "Exceeded": "False"}  # the reconcile's Ready survived the ledger's writes
+    events = wait_for(lambda: [e for e in client.CoreV1Api(kube).list_namespaced_event(ns).items
+                               if e.reason == "ThresholdCrossed" and e.involved_object.name == "monthly"],
+                      what="ThresholdCrossed Event")
+    assert len(events) == 1 and "50%" in events[0].message
+    assert operator.metric("spendwarden_budget_percent_used", namespace=ns, budget="monthly") == 60
+    assert operator.metric("spendwarden_budget_state", namespace=ns, budget="monthly", state="Warning") == 1

@@ -1,0 +1,205 @@
+"""The operator's ledger store: protocol semantics, rollover, and the status persistence mapping."""
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from spendwarden.ledger.allowance import Amount
+from spendwarden.ledger.store import LedgerStore, ReportError, parse_report, replace_patch
+from spendwarden.render.status import LEDGER_FIELDS, reconcile_fields, status_differs, tokenbudget_status
+from spendwarden.render.proxyconfig import validate_spec
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+TS = NOW.timestamp()
+START, END = "2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z"
+SPEC = {"period": {"type": "Monthly"}, "limits": {"tokens": {"total": 100_000}}, "thresholds": [50, 80]}
+
+
+def budget(spec=SPEC, **status):
+    return {"apiVersion": "spendwarden.io/v1alpha1", "kind": "TokenBudget",
+            "metadata": {"name": "monthly", "namespace": "team-a", "uid": "u1", "generation": 1},
+            "spec": spec, **({"status": status} if status else {})}
+
+
+def body(seq, used=(0, 0), held=(0, 0), want=None, start=START, proxy="p1", **extra):
+    entry = {"periodStart": start, "used": {"inputTokens": used[0], "outputTokens": used[1], "cost": "0"},
+             "held": {"inputTokens": held[0], "outputTokens": held[1], "cost": "0"}, **extra}
+    if want is not None:
+        entry["want"] = {"inputTokens": want[0], "outputTokens": want[1], "cost": "0"}
+    return {"proxyId": proxy, "namespace": "team-a", "seq": seq, "budgets": {"monthly": entry}}
+
+
+def send(store, entry, b, ts=TS, now=NOW):
+    rep = parse_report(b)
+    return store.report(entry, rep.proxy_id, rep.seq, rep.budgets["monthly"], ts, now)
+
+
+def test_parse_report_rejects_malformed_bodies_with_the_field_named():
+    for bad, field in [([], "body"), ({"budgets": {}}, "proxyId"), (body(-1), "seq"), (body(True), "seq"),
+                       ({**body(1), "budgets": {"m": {"used": {}}}}, "periodStart"),
+                       ({**body(1), "budgets": {"m": {"periodStart": START, "used": {"inputTokens": "5"}}}}, "inputTokens"),
+                       ({**body(1), "budgets": {"m": {"periodStart": START, "used": {"cost": "abc"}}}}, "cost"),
+                       ({**body(1), "budgets": {"m": {"periodStart": START, "used": {}, "releaseTo": {"x": 1}}}}, "releaseTo")]:
+        with pytest.raises(ReportError, match=field):
+            parse_report(bad)
+    rep = parse_report(body(3, used=(10, 5), want=(0, 100), releaseTo={"total": 40}))
+    assert rep.seq == 3 and rep.budgets["monthly"].used == Amount(10, 5)
+    assert rep.budgets["monthly"].release_to.total == 40
+
+
+def test_report_grants_waits_for_persistence_and_replays_change_nothing():
+    store = LedgerStore()
+    entry = store.load(budget(), NOW)
+    answer, wait = send(store, entry, body(1, want=(0, 2000)))
+    assert answer["ceiling"]["total"] >= 2000 and answer["periodStart"] == START and answer["periodEnd"] == END
+    assert answer["state"] == "Active" and answer["cutOff"] is False
+    assert wait == entry.version > entry.persisted  # a raised ceiling must be persisted first
+    version = entry.version
+    again, wait2 = send(store, entry, body(1, used=(999, 999)))  # replayed seq
+    assert again["ceiling"] == answer["ceiling"] and entry.version == version
+    assert entry.current.ledger.used() == Amount()
+    assert wait2 == wait  # the replay's answer is the same unpersisted ceiling: it waits too
+    store.persisted(entry, version)
+    _, wait3 = send(store, entry, body(1))
+    assert wait3 == 0
+
+
+def test_unknown_period_answers_an_error_with_the_current_period():
+    store = LedgerStore()
+    entry = store.load(budget(), NOW)
+    answer, wait = send(store, entry, body(1, start="2026-09-01T00:00:00Z"))
+    assert "error" in answer and answer["periodStart"] == START and wait == 0 and "ceiling" not in answer
+
+
+def test_status_mapping_round_trips_through_a_restart():
+    store = LedgerStore()
+    entry = store.load(budget(), NOW)
+    send(store, entry, body(1, used=(30_000, 10_000), want=(0, 1000)))
+    send(store, entry, body(1, used=(5_000, 5_000), proxy="p2", want=(0, 1000)))
+    status = store.status(entry, NOW)
+    assert status["used"] == {"inputTokens": 35_000, "outputTokens": 15_000, "totalTokens": 50_000, "cost": "0"}
+    assert status["percentUsed"] == 50 and status["state"] == "Warning"
+    assert status["remaining"] == {"tokens": 50_000}
+    assert status["ledger"]["periodStart"] == START and set(status["ledger"]["proxies"]) == {"p1", "p2"}
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Exceeded"] == "False"
+    assert [r for r, _ in store.events(entry)] == ["ThresholdCrossed"] and store.events(entry) == []
+    committed = entry.current.ledger.committed("total")
+
+    restarted = LedgerStore()
+    again = restarted.load(budget(**copy.deepcopy(status)), NOW + timedelta(seconds=5))
+    assert again.current.ledger.used() == entry.current.ledger.used()
+    assert again.current.ledger.committed("total") == committed  # every ceiling granted is still counted
+    assert again.current.ledger.proxies["p1"].seq == 1
+    assert restarted.events(again) == []  # 50% was announced before the restart
+    assert not again.dirty
+
+
+def test_rollover_keeps_the_previous_period_for_late_reports_and_history():
+    store = LedgerStore()
+    entry = store.load(budget(), NOW)
+    send(store, entry, body(1, used=(100, 50), want=(0, 1000)))
+    december = datetime(2026, 12, 1, 0, 0, 5, tzinfo=timezone.utc)
+    assert store.tick(december.timestamp(), december) == [entry]
+    assert entry.current.start == "2026-12-01T00:00:00Z" and entry.previous.start == START
+    assert entry.history[0]["used"]["totalTokens"] == 150
+    # A late report for November counts there and is answered with a December lease.
+    answer, _ = send(store, entry, body(2, used=(200, 50)), ts=december.timestamp(), now=december)
+    assert answer["periodStart"] == "2026-12-01T00:00:00Z" and "ceiling" in answer
+    assert entry.history[0]["used"]["totalTokens"] == 250
+    assert entry.current.ledger.used() == Amount()
+    status = store.status(entry, december)
+    assert status["ledger"]["previous"]["periodStart"] == START and status["used"]["totalTokens"] == 0
+    # Restart in December: both periods come back.
+    again = LedgerStore().load(budget(**copy.deepcopy(status)), december)
+    assert again.previous.ledger.used() == Amount(200, 50) and again.history == status["history"]
+
+
+def test_restart_after_a_reset_moves_the_stored_period_to_previous():
+    store = LedgerStore()
+    entry = store.load(budget(), NOW)
+    send(store, entry, body(1, used=(100, 0)))
+    status = store.status(entry, NOW)
+    later = datetime(2026, 12, 3, tzinfo=timezone.utc)
+    again = LedgerStore().load(budget(**status), later)
+    assert again.current.start == "2026-12-01T00:00:00Z" and again.previous.start == START
+    assert again.history[0]["used"]["totalTokens"] == 100 and again.dirty
+
+
+def test_silent_proxies_are_charged_their_escrow_and_cut_off_reported():
+    store = LedgerStore()
+    entry = store.load(budget({**SPEC, "limits": {"tokens": {"total": 1000}}}), NOW)
+    answer, _ = send(store, entry, body(1, used=(0, 0), want=(0, 600)))
+    ceiling = answer["ceiling"]["total"]
+    later = TS + 60
+    store.tick(later, NOW + timedelta(seconds=60))
+    assert entry.current.ledger.retired.total_tokens == ceiling and "p1" not in entry.current.ledger.proxies
+    answer, _ = send(store, entry, body(1, used=(1000, 0), proxy="p2", want=(0, 10)), ts=later)
+    assert entry.current.ledger.check_invariant() == [] or entry.current.ledger.used().total_tokens >= 1000
+    assert answer["state"] == "Exceeded" and answer["cutOff"] is True
+
+
+def test_replace_patch_removes_keys_that_disappeared():
+    old = {"ledger": {"proxies": {"a": {"seq": 1}, "b": {"seq": 2}}}, "used": {"cost": "1"}}
+    new = {"ledger": {"proxies": {"b": {"seq": 3}}}, "used": {"cost": "2"}}
+    assert replace_patch(old, new) == {"ledger": {"proxies": {"a": None, "b": {"seq": 3}}}, "used": {"cost": "2"}}
+    assert replace_patch(None, new) == new
+
+
+def test_spec_change_updates_limits_and_observe_heals_stale_fields():
+    store = LedgerStore()
+    entry = store.load(budget(), NOW)
+    send(store, entry, body(1, used=(10, 0)))
+    store.persisted(entry, entry.version)
+    status = store.status(entry, NOW)
+    assert store.observe(budget(**status), NOW) is None  # what we wrote: nothing to do
+    stale = {**status, "used": {"inputTokens": 0, "outputTokens": 0, "totalTokens": 0, "cost": "0"}}
+    assert store.observe(budget(**stale), NOW) is entry and entry.dirty
+    store.persisted(entry, entry.version)
+    bigger = {**SPEC, "limits": {"tokens": {"total": 200_000}}}
+    assert store.observe(budget(bigger, **status), NOW) is entry
+    assert entry.current.ledger.limits.total_tokens == 200_000
+
+
+# -- the status split between the reconcile and the ledger ------------------------------------------------
+
+def test_reconcile_leaves_ledger_owned_fields_alone_once_a_ledger_exists():
+    spec = validate_spec("TokenBudget", SPEC)[0]
+    store = LedgerStore()
+    entry = store.load(budget(), NOW)
+    send(store, entry, body(1, used=(60_000, 0)))
+    ledger_status = store.status(entry, NOW)
+    obj = budget(**ledger_status)
+    desired = tokenbudget_status(obj, spec, NOW, ledger_owned=True)
+    assert not set(desired) & set(LEDGER_FIELDS)
+    assert desired["periodStart"] == START and desired["limitSummary"] == "100k tokens"
+    conds = {c["type"]: c for c in desired["conditions"]}
+    assert conds["Ready"]["status"] == "True" and conds["Exceeded"] == next(
+        c for c in ledger_status["conditions"] if c["type"] == "Exceeded")
+    # Without a ledger the reconcile computes the same usage fields with the same function, but
+    # never writes `ledger`/`history` back.
+    plain = tokenbudget_status(obj, spec, NOW, ledger_owned=False)
+    assert plain["percentUsed"] == ledger_status["percentUsed"] == 60 and plain["state"] == "Warning"
+    assert "ledger" not in plain and "history" not in plain
+    assert reconcile_fields({"ledger": 1, "used": 2, "ready": 3}, ledger_owned=True) == {"ready": 3}
+
+
+def test_status_differs_only_looks_at_the_patched_fields():
+    assert not status_differs({"a": 1, "ledger": {"x": 1}}, {"a": 1})
+    assert status_differs({"a": 1}, {"a": 2})
+    assert status_differs(None, {"a": 1})
+
+
+def test_cost_limits_are_granted_and_reported_as_strings():
+    spec = {"window": "24h", "limits": {"cost": {"amount": "10.00"}}}
+    store = LedgerStore()
+    entry = store.load(budget(spec), NOW)
+    b = body(1)
+    b["budgets"]["monthly"]["periodStart"] = entry.current.start
+    b["budgets"]["monthly"]["used"]["cost"] = "1.50"
+    b["budgets"]["monthly"]["want"] = {"cost": "0.5"}
+    answer, _ = send(store, entry, b)
+    assert Decimal(answer["ceiling"]["cost"]) >= Decimal("2.0") and "total" not in answer["ceiling"]
+    assert store.status(entry, NOW)["used"]["cost"] == "1.50"
