@@ -35,38 +35,65 @@ class LedgerStub:
         self.specs = dict(budgets)
         self.settings = settings or LeaseSettings()
         self.clock = clock
-        self.ledgers = {name: BudgetLedger(Limits.from_spec(spec.limits), self.settings)
-                        for name, spec in self.specs.items()}
+        # One ledger per budget and period (periodStart -> ledger); `ledgers` is the current period's.
+        self.periods: dict[str, dict[str, BudgetLedger]] = {name: {} for name in self.specs}
         self.cut_off: set[str] = set()
         self.bodies: list[dict[str, Any]] = []
         self.lock = threading.Lock()  # the HTTP server's thread and the test's thread both read it
+
+    def _ledger(self, name: str, start: str) -> BudgetLedger:
+        led = self.periods[name].get(start)
+        if led is None:
+            led = self.periods[name][start] = BudgetLedger(Limits.from_spec(self.specs[name].limits), self.settings)
+        return led
+
+    @property
+    def ledgers(self) -> dict[str, BudgetLedger]:
+        now = datetime.fromtimestamp(self.clock(), timezone.utc)
+        return {name: self._ledger(name, _iso(current_period(spec, now)[0])) for name, spec in self.specs.items()}
 
     def answer(self, body: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             self.bodies.append(body)
             now = self.clock()
             out: dict[str, Any] = {}
+            pid, seq = body["proxyId"], int(body["seq"])
             for name, e in body["budgets"].items():
                 spec = self.specs.get(name)
                 if spec is None:
                     out[name] = {"error": "unknown budget"}
                     continue
-                ledger = self.ledgers[name]
-                ledger.expire(now)
                 start, end = current_period(spec, datetime.fromtimestamp(now, timezone.utc))
+                ledger = self._ledger(name, _iso(start))
+                ledger.expire(now)
                 release = Ceiling.from_state(e["releaseTo"]) if e.get("releaseTo") else None
-                lease = ledger.report(body["proxyId"], int(body["seq"]), _amount(e["used"]), _amount(e["held"]),
-                                      _amount(e.get("want")), now, release_to=release)
-                out[name] = {"ceiling": lease.ceiling.to_state(), "expiresAt": lease.expires_at,
+                if e["periodStart"] == _iso(start):
+                    lease = ledger.report(pid, seq, _amount(e["used"]), _amount(e["held"]), _amount(e.get("want")),
+                                          now, release_to=release)
+                    ceiling, expires = lease.ceiling, lease.expires_at
+                elif e["periodStart"] in self.periods[name]:
+                    # Late numbers for a finished period count there; the lease is the current period's.
+                    self.periods[name][e["periodStart"]].report(pid, seq, _amount(e["used"]), _amount(e["held"]),
+                                                                Amount(), now)
+                    acct = ledger.proxies.get(pid)
+                    if acct is None:
+                        lease = ledger.report(pid, seq, Amount(), Amount(), _amount(e.get("want")), now)
+                        ceiling, expires = lease.ceiling, lease.expires_at
+                    else:
+                        ceiling, expires = acct.ceiling, acct.expires_at
+                else:
+                    out[name] = {"error": f"period {e['periodStart']} is not open"}
+                    continue
+                out[name] = {"ceiling": ceiling.to_state(), "expiresAt": expires,
                              "periodStart": _iso(start), "periodEnd": _iso(end),
                              "state": "Exceeded" if ledger.exhausted() else "Active",
                              "onExceeded": spec.onExceeded, "failMode": spec.failMode,
                              "cutOff": name in self.cut_off}
             return {"seq": body["seq"], "budgets": out}
 
-    def used(self, name: str) -> Amount:
+    def used(self, name: str, period: str | None = None) -> Amount:
         with self.lock:
-            return self.ledgers[name].used()
+            return (self.periods[name][period] if period else self.ledgers[name]).used()
 
     def committed(self, name: str, dim: str) -> Any:
         with self.lock:

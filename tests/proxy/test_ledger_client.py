@@ -346,3 +346,27 @@ def test_standalone_book_has_no_leases():
     adm = book.admit(route, route.default, 100, 500, 1, route.downgrade, may_wait=True)
     assert adm.max_output == 500 and book.states["closed"].allowance.limits.total_tokens == 10000
     assert Decimal(0) == book.states["closed"].allowance.used.cost
+
+
+async def test_a_new_period_reports_the_old_one_and_starts_without_a_lease():
+    clock = Clock(1_800_000_000.0 - 1_800_000_000.0 % 86400 + 86400 - 30)  # 30 s before a 24h window ends
+    c = config()
+    stub = LedgerStub(specs(c), clock=clock)
+    book, client, t, _ = make(stub, clock, c, interval=5.0)  # no regular reports during the test
+    route = c.routes["a"]
+    try:
+        old_start = _iso_of(book.states["closed"].period_start)
+        book.settle(await admit(book, client, route, 100, 200), route.default.prices, TokenUsage(100, 200))
+        # settled after the last report: only the report for the finished period carries it
+        clock.t += 31
+        book.settle(await admit(book, client, route, 10, 20), route.default.prices, TokenUsage(10, 20))
+        assert stub.used("closed", old_start).total_tokens == 300
+        assert stub.used("closed").total_tokens == 0  # the new period's usage is in the next report
+        await until(lambda: stub.used("closed").total_tokens == 30)
+        assert book.states["closed"].allowance.used.total_tokens == 30
+    finally:
+        await client.close()
+
+
+def _iso_of(dt):
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -51,6 +51,7 @@ class LeaseView:
     last_admit: float = 0.0
     released_at: float = -1.0  # last_admit when the lease was last released (once per idle spell)
     want: Amount | None = None  # worst cases of requests waiting for a bigger lease (next report)
+    previous: tuple[datetime, Amount] | None = None  # a finished period's final usage, not yet reported
 
 
 @dataclass(slots=True, eq=False)
@@ -120,9 +121,9 @@ class BudgetBook:
                     old.lease = None
                     old.allowance.limits = limits
                 if old.period_start != start:
-                    old.allowance.reset()
                     if old.lease is not None:
                         _new_period_lease(old)
+                    old.allowance.reset()
                     self.dirty = True
                 old.period_start, old.period_end, old.period_end_ts = start, end, end.timestamp()
                 states[name] = old
@@ -148,9 +149,9 @@ class BudgetBook:
         start, end = current_period(st.budget.spec, datetime.fromtimestamp(now_ts, timezone.utc))
         if start != st.period_start:
             log.info("budget %s: new period %s .. %s", st.budget.name, _iso(start), _iso(end))
-            st.allowance.reset()
             if st.lease is not None:
                 _new_period_lease(st)
+            st.allowance.reset()
         st.period_start, st.period_end, st.period_end_ts = start, end, end.timestamp()
         self.dirty = True
 
@@ -311,6 +312,15 @@ class BudgetBook:
 
 
 def budget_exceeded(st: BudgetState, now_ts: float) -> ProxyError:
+    lease = st.lease
+    if lease is not None and not (lease.local or lease.cut_off or lease.exceeded):
+        # Ledger mode, the budget is not spent: the rest is escrowed by other proxies' requests in
+        # flight, which settle below their worst cases and give back. Worth retrying soon.
+        return ProxyError(
+            429, f"TokenBudget {st.budget.name!r} has no room for this request right now: what is left of it "
+                 f"is held by requests in flight; retry shortly (the budget resets at {st.reset_at()}).",
+            code="budget_exceeded", headers={"Retry-After": "1", "x-should-retry": "true"},
+            extra={"budget": st.budget.name, "reset_at": st.reset_at()})
     retry = max(1, math.ceil(st.period_end_ts - now_ts))
     return ProxyError(
         429, f"TokenBudget {st.budget.name!r} is exhausted for this period; it resets at {st.reset_at()}.",
@@ -351,9 +361,11 @@ def _lease_for(st: BudgetState, whole: Limits) -> None:
 
 
 def _new_period_lease(st: BudgetState) -> None:
-    """A lease belongs to its period: the new one starts with nothing until the ledger grants."""
+    """A lease belongs to its period: the new one starts with nothing until the ledger grants.
+    Called before the allowance is reset: the old period's final usage is reported once more."""
     lease = st.lease
     assert lease is not None
+    lease.previous = (st.period_start, st.allowance.used)
     lease.ceiling, lease.valid_until, lease.local, lease.cut_off, lease.exceeded = None, 0.0, False, False, False
     st.allowance.limits = zero_limits(lease.whole)
 

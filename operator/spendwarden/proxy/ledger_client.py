@@ -116,6 +116,16 @@ def _iso(dt: datetime) -> str:
     return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _same_period(value: Any, st: BudgetState) -> bool:
+    if value is None:
+        return True
+    try:
+        start = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return start == st.period_start
+
+
 def _committed_ceiling(whole: Limits, a: Amount) -> Ceiling:
     return Ceiling(total=None if whole.total_tokens is None else a.total_tokens,
                    input=None if whole.input_tokens is None else a.input_tokens,
@@ -253,8 +263,21 @@ class LedgerClient:
             if lease is None:
                 continue
             a = st.allowance
-            entry: dict[str, Any] = {"periodStart": _iso(st.period_start), "used": _amount(a.used),
-                                     "held": _amount(a.reserved)}
+            if lease.previous is not None:
+                # The period ended since the last report: its final numbers first (the operator counts
+                # them there and answers with the new period's lease); the new period's in the next one.
+                start, used = lease.previous
+                lease.previous = None
+                entry: dict[str, Any] = {"periodStart": _iso(start), "used": _amount(used),
+                                         "held": _amount(Amount())}
+                if lease.want is not None:
+                    entry["want"] = _amount(lease.want)
+                    lease.want = None
+                budgets[name] = entry
+                if self._kick is not None:
+                    self._kick.set()
+                continue
+            entry = {"periodStart": _iso(st.period_start), "used": _amount(a.used), "held": _amount(a.reserved)}
             if lease.want is not None:
                 entry["want"] = _amount(lease.want)
                 lease.want = None
@@ -294,7 +317,7 @@ class LedgerClient:
                 _warn_once(f"err:{name}", f"ledger: budget {name!r}: {entry['error']}")
                 lease.down = True
                 continue
-            if entry.get("periodStart") not in (None, _iso(st.period_start)):
+            if not _same_period(entry.get("periodStart"), st):
                 continue  # a lease for another period (a clock at a boundary): wait for ours
             try:
                 ceiling = Ceiling.from_state(entry.get("ceiling") or {}).as_limits()
