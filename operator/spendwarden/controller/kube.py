@@ -33,24 +33,40 @@ def patch_status(plural: str, namespace: str, name: str, status: dict[str, Any])
             raise
 
 
-def apply_configmap(manifest: dict[str, Any]) -> str:
-    """Create or replace the ConfigMap; returns 'created', 'updated' or 'unchanged'."""
+def apply_configmap(manifest: dict[str, Any], attempts: int = 5) -> str:
+    """Create or replace the ConfigMap; returns 'created', 'updated' or 'unchanged'.
+
+    Conflicts are expected, not exceptional: when one of several owners is deleted,
+    kube-controller-manager's garbage collector removes its ownerReference from the ConfigMap at
+    the same moment we re-render it. Re-read and retry.
+    """
     core = client.CoreV1Api(api_client())
     meta = manifest["metadata"]
-    try:
-        current = core.read_namespaced_config_map(meta["name"], meta["namespace"])
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        core.create_namespaced_config_map(meta["namespace"], manifest)
-        return "created"
-    owners_now = sorted((o.uid for o in current.metadata.owner_references or []))
-    owners_want = sorted(o["uid"] for o in meta["ownerReferences"])
-    if current.data == manifest["data"] and owners_now == owners_want:
-        return "unchanged"
-    body = {**manifest, "metadata": {**meta, "resourceVersion": current.metadata.resource_version}}
-    core.replace_namespaced_config_map(meta["name"], meta["namespace"], body)
-    return "updated"
+    for attempt in range(attempts):
+        try:
+            current = core.read_namespaced_config_map(meta["name"], meta["namespace"])
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            try:
+                core.create_namespaced_config_map(meta["namespace"], manifest)
+                return "created"
+            except ApiException as create_exc:
+                if create_exc.status != 409 or attempt == attempts - 1:  # created meanwhile: replace it
+                    raise
+                continue
+        owners_now = sorted((o.uid for o in current.metadata.owner_references or []))
+        owners_want = sorted(o["uid"] for o in meta["ownerReferences"])
+        if current.data == manifest["data"] and owners_now == owners_want:
+            return "unchanged"
+        body = {**manifest, "metadata": {**meta, "resourceVersion": current.metadata.resource_version}}
+        try:
+            core.replace_namespaced_config_map(meta["name"], meta["namespace"], body)
+            return "updated"
+        except ApiException as exc:
+            if exc.status != 409 or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def delete_configmap(namespace: str, name: str) -> None:

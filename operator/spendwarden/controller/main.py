@@ -75,6 +75,8 @@ def _reconcile(namespace: str, routes_index: kopf.Index, budgets_index: kopf.Ind
     except Exception:
         with _pending_lock:
             _pending.discard(namespace)
+        # kopf does not retry raw event handlers: the reset loop retries the namespace instead.
+        _resets[namespace] = now_rfc3339()
         raise
 
 
