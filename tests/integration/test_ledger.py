@@ -348,3 +348,73 @@ async def test_status_state_and_threshold_event(operator, kube, lg_namespace):
     assert len(events) == 1 and "50%" in events[0].message
     assert operator.metric("spendwarden_budget_percent_used", namespace=ns, budget="monthly") == 60
     assert operator.metric("spendwarden_budget_state", namespace=ns, budget="monthly", state="Warning") == 1
+
+
+PROXY_CONFIG = """
+kind: ModelRoute
+metadata: {name: a}
+spec:
+  model: a
+  defaultBackend: m
+  backends:
+  - {name: m, provider: OpenAI, url: "http://x/v1", model: m, pricing: {input: "1", output: "2"}}
+---
+kind: TokenBudget
+metadata: {name: closed}
+spec: {window: 24h, failMode: Closed, routes: [a], limits: {tokens: {total: 20000}}}
+"""
+
+
+async def test_the_proxys_own_ledger_client_against_the_operator(operator, kube, lg_namespace, tmp_path, monkeypatch):
+    """Interop: proxy/ledger_client.py (HttpTransport, projected-token file) with the real BudgetBook."""
+    from spendwarden.ledger.pricing import TokenUsage
+    from spendwarden.proxy.budgets import BudgetBook, LeaseShort
+    from spendwarden.proxy.config import compile_config, parse_config_text
+    from spendwarden.proxy.errors import ProxyError
+    from spendwarden.proxy.ledger_client import LedgerClient
+
+    ns = lg_namespace
+    create_budget(kube, ns, "closed", {"window": "24h", "failMode": "Closed", "routes": ["a"],
+                                       "limits": {"tokens": {"total": 20000}}})
+    token_file = tmp_path / "token"
+    token_file.write_text(sa_token(kube, ns))
+    monkeypatch.setenv("SPENDWARDEN_LEDGER_TOKEN_FILE", str(token_file))
+    cfg, _ = parse_config_text(PROXY_CONFIG)
+    c = compile_config(cfg)
+    route = c.routes["a"]
+    proxies = []
+    for _ in range(2):
+        book = BudgetBook()
+        client_ = LedgerClient(book, operator.url, ns, interval=0.3)
+        book.sync(c.budgets)
+        client_.start()
+        proxies.append((book, client_))
+    rng = random.Random(3)
+    served = refused = 0
+
+    async def one(book, client_) -> None:
+        nonlocal served, refused
+        try:
+            try:
+                adm = book.admit(route, route.default, 100, rng.randint(100, 600), 1, route.downgrade, may_wait=True)
+            except LeaseShort as short:
+                await client_.wait_for_lease(short)
+                adm = book.admit(route, route.default, 100, rng.randint(100, 600), 1, route.downgrade)
+        except ProxyError as exc:
+            assert exc.status in (429, 503)
+            refused += 1
+            return
+        await asyncio.sleep(rng.uniform(0.005, 0.03))
+        book.settle(adm, route.default.prices, TokenUsage(100, rng.randint(1, adm.max_output)))
+        served += 1
+
+    try:
+        for _ in range(6):
+            await asyncio.gather(*(one(b, cl) for _ in range(15) for b, cl in proxies))
+    finally:
+        for _, cl in proxies:
+            await cl.close()  # the final report gives back what is not used
+    used = sum(b.states["closed"].allowance.used.total_tokens for b, _ in proxies)
+    assert served > 10 and refused > 0 and 0 < used <= 20000
+    wait_for(lambda: get_budget(kube, ns, "closed")["status"].get("used", {}).get("totalTokens") == used,
+             timeout=15, what=f"status.used.totalTokens == {used}")

@@ -13,6 +13,7 @@ The store is touched only from the event loop; apiserver calls run in threads.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import hashlib
 import json
 import logging
@@ -56,6 +57,17 @@ class LedgerConfig:
     flush_interval: float = 2.0      # at most one write per dirty budget this often (grants excepted)
     review_ttl: float = 60.0         # how long a positive TokenReview answer is trusted
     commit_timeout: float = 10.0     # a grant not persisted by then is answered 503 (proxy retries)
+    # The operator's --namespace patterns (globs, "!" excludes); empty: all. Budgets elsewhere are not
+    # watched, so their spec changes would go unseen: they are answered as unknown.
+    namespaces: tuple[str, ...] = ()
+
+    def serves(self, namespace: str) -> bool:
+        if not self.namespaces:
+            return True
+        if any(p.startswith("!") and fnmatch.fnmatchcase(namespace, p[1:]) for p in self.namespaces):
+            return False
+        included = [p for p in self.namespaces if not p.startswith("!")]
+        return not included or any(fnmatch.fnmatchcase(namespace, p) for p in included)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "LedgerConfig":
@@ -269,6 +281,10 @@ class LedgerService:
         except TimeoutError:
             return web.json_response({"error": "the ledger could not persist the grant in time; retry the same report"},
                                      status=503)
+        except Exception as exc:  # noqa: BLE001 - loading a budget failed (apiserver unreachable): retryable
+            log.warning("ledger report failed: %s", type(exc).__name__, exc_info=True)
+            return web.json_response({"error": "the ledger cannot load the budget now; retry the same report"},
+                                     status=503)
         return web.json_response(answer)
 
     async def apply(self, report: Any) -> dict[str, Any]:
@@ -304,7 +320,7 @@ class LedgerService:
         entry = self.store.get(namespace, name)
         if entry is not None:
             return entry
-        if self._unknown.get(key, 0) > time.monotonic():
+        if not self.config.serves(namespace) or self._unknown.get(key, 0) > time.monotonic():
             return None
         async with self._locks.setdefault(key, asyncio.Lock()):
             entry = self.store.get(namespace, name)

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     ledger_service.CONFIG.port = args.ledger_port
     ledger_service.CONFIG.insecure = args.ledger_insecure
     ledger_service.CONFIG.metrics_port = args.metrics_port
+    ledger_service.CONFIG.namespaces = tuple(args.namespace)
 
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     asyncio.run(kopf.operator(

@@ -1,0 +1,124 @@
+"""The ledger service's persistence rules with the apiserver faked: group commit, the shutdown flush,
+restoring before serving. (The HTTP, TokenReview and real-apiserver paths: tests/integration/test_ledger.py.)"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+import time
+from datetime import datetime, timezone
+
+from spendwarden.controller import ledger_service as svc
+from spendwarden.ledger.store import parse_report
+
+START = "2026-11-01T00:00:00Z"
+OBJ = {"apiVersion": "spendwarden.io/v1alpha1", "kind": "TokenBudget",
+       "metadata": {"name": "monthly", "namespace": "team-a", "uid": "u1", "generation": 1},
+       "spec": {"period": {"type": "Monthly"}, "limits": {"tokens": {"total": 100_000}}}}
+
+
+class FakeApi:
+    """The apiserver as the service sees it: one object, merge-patched, slow writes."""
+
+    def __init__(self, monkeypatch, delay: float = 0.15):
+        self.obj = copy.deepcopy(OBJ)
+        self.writes: list[dict] = []
+        self.delay = delay
+        self.lock = threading.Lock()
+        monkeypatch.setattr(svc, "_get_budget", self.get)
+        monkeypatch.setattr(svc, "_patch_status", self.patch)
+        monkeypatch.setattr(svc, "_patch_conditions", lambda *a: True)
+        monkeypatch.setattr(svc, "_post_event", lambda *a: None)
+
+    def get(self, namespace, name):
+        return copy.deepcopy(self.obj)
+
+    def patch(self, namespace, name, status):
+        time.sleep(self.delay)
+        with self.lock:
+            self.obj["status"] = _merge(self.obj.get("status") or {}, status)
+            self.writes.append(copy.deepcopy(self.obj["status"]))
+
+
+def _merge(old, patch):
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(old) if isinstance(old, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge(out.get(k), v)
+    return out
+
+
+def report(proxy, seq, want=2000, used=0, start=START):
+    return parse_report({"proxyId": proxy, "namespace": "team-a", "seq": seq, "budgets": {"monthly": {
+        "periodStart": start, "used": {"inputTokens": used, "outputTokens": 0, "cost": "0"},
+        "want": {"inputTokens": 0, "outputTokens": want, "cost": "0"}}}})
+
+
+def current_start():
+    from spendwarden.api.common import now_rfc3339
+    from spendwarden.ledger.periods import current_period
+    from spendwarden.render.proxyconfig import validate_spec
+    return now_rfc3339(current_period(validate_spec("TokenBudget", OBJ["spec"])[0], datetime.now(timezone.utc))[0])
+
+
+async def test_grants_are_answered_only_after_they_are_persisted_and_writes_are_batched(monkeypatch):
+    api = FakeApi(monkeypatch)
+    service = svc.LedgerService(svc.LedgerConfig(port=0))
+    start = current_start()
+
+    async def one(i):
+        answer = await service.apply(report(f"p{i}", 1, start=start))
+        ceiling = answer["budgets"]["monthly"]["ceiling"]["total"]
+        # At the moment of the answer the apiserver already holds this ceiling.
+        with api.lock:
+            persisted = api.obj["status"]["ledger"]["proxies"][f"p{i}"]["ceiling"]["total"]
+        assert persisted >= ceiling
+        return ceiling
+
+    ceilings = await asyncio.gather(*(one(i) for i in range(8)))
+    assert all(c >= 2000 for c in ceilings)
+    assert len(api.writes) <= 3  # eight grants, a few writes: they ride on each other's flush
+    await service.stop()
+
+
+async def test_restart_restores_before_serving_and_shutdown_flushes(monkeypatch):
+    api = FakeApi(monkeypatch, delay=0)
+    start = current_start()
+    first = svc.LedgerService(svc.LedgerConfig(port=0, flush_interval=3600))
+    answer = await first.apply(report("p1", 1, start=start))
+    granted = answer["budgets"]["monthly"]["ceiling"]["total"]
+    # More usage, no grant needed: not written yet (interval), but written at shutdown.
+    entry = first.store.get("team-a", "monthly")
+    first.store.report(entry, "p1", 2, report("p1", 2, want=0, used=700, start=start).budgets["monthly"],
+                       time.time(), datetime.now(timezone.utc))
+    await first.stop()
+    assert api.obj["status"]["used"]["inputTokens"] == 700
+
+    second = svc.LedgerService(svc.LedgerConfig(port=0))
+    answer = await second.apply(report("p2", 1, want=10**9, start=start))
+    # p1's grant came back from status.ledger: p2 cannot be given the same headroom again.
+    restored = second.store.get("team-a", "monthly").current.ledger
+    assert restored.proxies["p1"].ceiling.total >= granted
+    assert restored.committed("total") <= 100_000
+    assert answer["budgets"]["monthly"]["ceiling"]["total"] <= 100_000 - granted
+    await second.stop()
+
+
+async def test_unknown_budgets_are_answered_per_budget(monkeypatch):
+    api = FakeApi(monkeypatch)
+    monkeypatch.setattr(svc, "_get_budget", lambda ns, name: None)
+    service = svc.LedgerService(svc.LedgerConfig(port=0))
+    answer = await service.apply(report("p1", 1))
+    assert answer == {"seq": 1, "budgets": {"monthly": {"error": "unknown budget"}}}
+    assert not api.writes
+
+
+def test_only_the_watched_namespaces_are_served():
+    assert svc.LedgerConfig().serves("anything")
+    config = svc.LedgerConfig(namespaces=("team-*", "!team-x"))
+    assert config.serves("team-a") and not config.serves("team-x") and not config.serves("other")
+    assert svc.LedgerConfig(namespaces=("!kube-*",)).serves("team-a")
