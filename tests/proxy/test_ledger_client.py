@@ -370,3 +370,29 @@ async def test_a_new_period_reports_the_old_one_and_starts_without_a_lease():
 
 def _iso_of(dt):
     return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def test_ledger_url_added_and_removed_by_a_reload(tmp_path):
+    import json
+
+    from spendwarden.proxy.server import Proxy
+
+    doc = {"namespace": "team-a", "routes": [{"name": "a", "spec": {
+        "model": "a", "defaultBackend": "m", "backends": [{"name": "m", "provider": "OpenAI", "url": "http://x/v1",
+                                                            "model": "m", "pricing": {"input": "1", "output": "2"}}]}}],
+        "budgets": [{"name": "b", "spec": {"window": "24h", "limits": {"tokens": {"total": 1000}}}}]}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(doc))
+    proxy = Proxy(str(path), state_file=str(tmp_path / "state.json"))
+    assert proxy.ledger is None and proxy.book.states["b"].lease is None
+    path.write_text(json.dumps({**doc, "ledger": {"url": "http://127.0.0.1:9"}}))
+    assert proxy.load()
+    assert proxy.ledger is not None and proxy.book.ledger
+    st = proxy.book.states["b"]
+    assert st.lease is not None and st.allowance.limits.total_tokens == 0  # nothing before a grant
+    path.write_text(json.dumps(doc))
+    assert proxy.load()
+    assert proxy.ledger is None and not proxy.book.ledger
+    assert st.lease is None and st.allowance.limits.total_tokens == 1000
+    for task in proxy._tasks:
+        await task

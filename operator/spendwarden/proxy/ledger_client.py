@@ -45,10 +45,6 @@ REPORT_PATH = "/v1/report"
 Transport = Callable[[dict[str, Any]], Awaitable[tuple[int, "dict[str, Any] | None"]]]
 
 
-class LedgerUnauthorized(Exception):
-    pass
-
-
 def read_token() -> str | None:
     """The projected ServiceAccount token, read on every call: the kubelet rotates the file."""
     path = os.environ.get(TOKEN_FILE_ENV)
