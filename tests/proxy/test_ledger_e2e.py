@@ -131,7 +131,8 @@ def test_four_proxies_share_budgets_through_the_ledger(cluster):
     stub.cut_off.add("open")
     t0 = time.time()
     _wait(lambda: not _ok(client, "b"), 3, "cut off")
-    assert time.time() - t0 < 1.6
+    print(f"cut off after {time.time() - t0:.2f} s")
+    assert time.time() - t0 < 2.0  # the next regular report (every second) carries it
     stub.cut_off.clear()
     _wait(lambda: _ok(client, "b"), 3, "cut-off lifted")
 
