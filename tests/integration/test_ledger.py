@@ -27,7 +27,8 @@ BUDGET = {"period": {"type": "Monthly"}, "limits": {"tokens": {"total": LIMIT}},
 class Operator:
     """One operator process with fixed ledger/metrics ports, restartable (also after SIGKILL)."""
 
-    def __init__(self, control_plane, log_dir):
+    def __init__(self, control_plane, log_dir, env: dict[str, str] | None = None):
+        self.env = env or {}
         self.kubeconfig = str(control_plane.kubeconfig)
         self.log_dir = log_dir
         self.ledger_port, self.metrics_port = free_port(), free_port()
@@ -41,7 +42,7 @@ class Operator:
     def start(self) -> None:
         self.runs += 1
         self.proc = OperatorProcess(self.kubeconfig, self.log_dir / f"operator-{self.runs}.log", extra_args=[
-            "--namespace", "lg-*", "--ledger-port", str(self.ledger_port), "--metrics-port", str(self.metrics_port)])
+            "--namespace", "lg-*", "--ledger-port", str(self.ledger_port), "--metrics-port", str(self.metrics_port)], env=self.env)
         self.proc.start()
         wait_for(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, what="ledger /healthz")
 
@@ -327,6 +328,32 @@ async def test_sigkill_and_restart_lose_nothing_and_grant_nothing_twice(control_
         op.stop()
 
 
+async def test_graceful_shutdown_persists_what_was_not_written_yet(control_plane, kube, lg_namespace, tmp_path):
+    # A long flush interval: only grants are written at once; the rest waits for the shutdown flush.
+    op = Operator(control_plane, tmp_path, env={"SPENDWARDEN_LEDGER_FLUSH_INTERVAL": "600"})
+    op.start()
+    try:
+        ns = lg_namespace
+        start = create_budget(kube, ns)["status"]["periodStart"]
+        async with httpx.AsyncClient() as http:
+            p = SimProxy(http, op.url, sa_token(kube, ns), ns, start)
+            assert await p.report(want=Amount(0, 50_000))  # a grant: persisted before the answer
+            granted = p.max_ceiling
+            wait_for(lambda: get_budget(kube, ns)["status"].get("ledger"), what="the grant persisted")
+            await asyncio.sleep(1.5)  # a slow burn rate: the lease's free part covers the next seconds
+            p.allowance.used = Amount(700, 300)
+            assert await p.report()  # fits the lease: no grant, answered at once
+            assert p.max_ceiling == granted
+            status = get_budget(kube, ns)["status"]
+            assert status["used"]["totalTokens"] == 0  # not written yet
+        await asyncio.to_thread(op.stop)  # SIGTERM: kopf's cleanup runs the shutdown flush
+        status = get_budget(kube, ns)["status"]
+        assert status["used"]["totalTokens"] == 1000
+        assert status["ledger"]["proxies"][p.id]["seq"] == p.seq
+    finally:
+        op.stop()
+
+
 async def test_status_state_and_threshold_event(operator, kube, lg_namespace):
     ns = lg_namespace
     start = create_budget(kube, ns)["status"]["periodStart"]
@@ -348,6 +375,8 @@ async def test_status_state_and_threshold_event(operator, kube, lg_namespace):
     assert len(events) == 1 and "50%" in events[0].message
     assert operator.metric("spendwarden_budget_percent_used", namespace=ns, budget="monthly") == 60
     assert operator.metric("spendwarden_budget_state", namespace=ns, budget="monthly", state="Warning") == 1
+    assert operator.metric("spendwarden_budget_state", namespace=ns, budget="monthly", state="Active") == 0
+    assert operator.metric("spendwarden_namespace_cut_off", namespace=ns) == 0
 
 
 PROXY_CONFIG = """

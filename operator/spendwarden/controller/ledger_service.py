@@ -46,6 +46,9 @@ REJECTED = Counter("spendwarden_ledger_rejected_total", "Ledger requests refused
 FLUSHES = Counter("spendwarden_ledger_flushes_total", "Ledger state writes to TokenBudget status, by outcome.", ["outcome"])
 PERCENT = Gauge("spendwarden_budget_percent_used", "Percent of the tightest limit used.", ["namespace", "budget"])
 STATE = Gauge("spendwarden_budget_state", "1 for the budget's current state.", ["namespace", "budget", "state"])
+FORECAST = Gauge("spendwarden_budget_forecast_exceeded", "1 if the budget runs out within the period at the current burn rate.",
+                 ["namespace", "budget"])
+CUT_OFF = Gauge("spendwarden_namespace_cut_off", "1 while a CutOff budget of the namespace is exhausted.", ["namespace"])
 
 
 @dataclass
@@ -75,7 +78,8 @@ class LedgerConfig:
         return cls(port=int(env.get("SPENDWARDEN_LEDGER_PORT") or 8081),
                    addr=env.get("SPENDWARDEN_LEDGER_ADDR") or "0.0.0.0",
                    insecure=env.get("SPENDWARDEN_LEDGER_INSECURE", "").lower() in ("1", "true", "yes"),
-                   metrics_port=int(env.get("SPENDWARDEN_METRICS_PORT") or 9090))
+                   metrics_port=int(env.get("SPENDWARDEN_METRICS_PORT") or 9090),
+                   flush_interval=float(env.get("SPENDWARDEN_LEDGER_FLUSH_INTERVAL") or 2.0))
 
 
 CONFIG = LedgerConfig.from_env()  # controller/run.py replaces it with the command line's
@@ -345,6 +349,7 @@ class LedgerService:
         if event_type == "DELETED":
             self.store.forget(ns, name)
             self._flush.pop((ns, name), None)
+            self._drop_gauges(ns, name)
             return
         self._unknown.pop((ns, name), None)
         entry = self.store.observe(obj, datetime.now(timezone.utc))
@@ -399,10 +404,10 @@ class LedgerService:
         st.last_written = desired
         self.store.persisted(entry, version)
         self._wake(st)
-        await self._after_flush(entry, conditions)
+        await self._after_flush(entry, conditions, desired.get("forecastExhaustion") is not None)
         return True
 
-    async def _after_flush(self, entry: BudgetEntry, conditions: list[dict]) -> None:
+    async def _after_flush(self, entry: BudgetEntry, conditions: list[dict], forecast_exceeded: bool) -> None:
         """The Exceeded condition, Events and gauges: all derived from the persisted usage."""
         if _exceeded(conditions) != _exceeded(entry.conditions):
             try:
@@ -419,10 +424,29 @@ class LedgerService:
             task = asyncio.create_task(asyncio.to_thread(_post_event, entry, reason, message))
             self._events.add(task)
             task.add_done_callback(self._event_done)
-        percent, state = self.store.status_gauges(entry)
-        PERCENT.labels(namespace=entry.namespace, budget=entry.name).set(percent)
+        self._gauges(entry, forecast_exceeded)
+
+    def _gauges(self, entry: BudgetEntry, forecast_exceeded: bool) -> None:
+        """The metric contract of the chart's PrometheusRule (templates/prometheusrule.yaml)."""
+        fraction = entry.fraction()
+        _, state = self.store.status_gauges(entry)
+        ns, name = entry.namespace, entry.name
+        PERCENT.labels(namespace=ns, budget=name).set(float(fraction * 100))
         for s in ("Active", "Warning", "Exceeded"):
-            STATE.labels(namespace=entry.namespace, budget=entry.name, state=s).set(1 if s == state else 0)
+            STATE.labels(namespace=ns, budget=name, state=s).set(1 if s == state else 0)
+        FORECAST.labels(namespace=ns, budget=name).set(1 if forecast_exceeded or fraction >= 1 else 0)
+        cut = any(e.namespace == ns and e.spec.onExceeded.value == "CutOff" and e.current.ledger.exhausted()
+                  for e in self.store.entries.values())
+        CUT_OFF.labels(namespace=ns).set(1 if cut else 0)
+
+    @staticmethod
+    def _drop_gauges(namespace: str, name: str) -> None:
+        for gauge, labels in ((PERCENT, (namespace, name)), (FORECAST, (namespace, name)),
+                              *((STATE, (namespace, name, s)) for s in ("Active", "Warning", "Exceeded"))):
+            try:
+                gauge.remove(*labels)
+            except KeyError:
+                pass
 
     def _event_done(self, task: asyncio.Task) -> None:
         self._events.discard(task)
