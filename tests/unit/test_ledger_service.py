@@ -122,3 +122,63 @@ def test_only_the_watched_namespaces_are_served():
     config = svc.LedgerConfig(namespaces=("team-*", "!team-x"))
     assert config.serves("team-a") and not config.serves("team-x") and not config.serves("other")
     assert svc.LedgerConfig(namespaces=("!kube-*",)).serves("team-a")
+
+
+async def _client(service):
+    from aiohttp.test_utils import TestClient, TestServer
+    client = TestClient(TestServer(service.app()))
+    await client.start_server()
+    return client
+
+
+async def test_http_answers_400_with_the_field_and_401_without_a_token(monkeypatch):
+    FakeApi(monkeypatch)
+    service = svc.LedgerService(svc.LedgerConfig(port=0))
+    client = await _client(service)
+    try:
+        resp = await client.post("/v1/report", json={"proxyId": "p"})
+        assert resp.status == 401
+        service.config.insecure = True  # standalone mode: no token needed
+        resp = await client.post("/v1/report", data=b"{not json")
+        assert resp.status == 400 and "JSON" in (await resp.json())["error"]
+        resp = await client.post("/v1/report", json={"proxyId": "p", "namespace": "team-a", "seq": 1, "budgets": {
+            "monthly": {"periodStart": START, "used": {"inputTokens": -1}}}})
+        assert resp.status == 400 and "budgets.monthly.used.inputTokens" in (await resp.json())["error"]
+        resp = await client.post("/v1/report", json={"proxyId": "p", "namespace": "team-a", "seq": 1, "budgets": {
+            "monthly": {"periodStart": current_start(), "used": {}, "want": {"outputTokens": 100}}}})
+        body = await resp.json()
+        assert resp.status == 200 and body["seq"] == 1 and body["budgets"]["monthly"]["ceiling"]["total"] >= 100
+        assert (await (await client.get("/healthz")).json())["budgets"] == 1
+    finally:
+        await client.close()
+        await service.stop()
+
+
+async def test_token_reviews_are_cached_by_hash_and_namespaces_enforced(monkeypatch):
+    FakeApi(monkeypatch)
+    calls = []
+    reviewer = svc.TokenReviewer(ttl=60)
+
+    def review_sync(token):
+        calls.append(1)
+        return ("team-a", "proxy") if token == "good-token" else None
+
+    monkeypatch.setattr(reviewer, "_review_sync", review_sync)
+    service = svc.LedgerService(svc.LedgerConfig(port=0))
+    service.reviewer = reviewer
+    client = await _client(service)
+    try:
+        body = {"proxyId": "p", "namespace": "team-b", "seq": 1, "budgets": {}}
+        for _ in range(3):
+            resp = await client.post("/v1/report", json=body, headers={"Authorization": "Bearer good-token"})
+            assert resp.status == 403
+        assert len(calls) == 1  # cached
+        assert all("good-token" not in k for k in reviewer._cache)  # only hashes are kept
+        resp = await client.post("/v1/report", json=body, headers={"Authorization": "Bearer bad"})
+        assert resp.status == 401
+        resp = await client.post("/v1/report", json={**body, "namespace": "team-a"},
+                                 headers={"Authorization": "Bearer good-token"})
+        assert resp.status == 200 and (await resp.json()) == {"seq": 1, "budgets": {}}
+    finally:
+        await client.close()
+        await service.stop()
