@@ -27,7 +27,9 @@ BUDGET = {"period": {"type": "Monthly"}, "limits": {"tokens": {"total": LIMIT}},
 class Operator:
     """One operator process with fixed ledger/metrics ports, restartable (also after SIGKILL)."""
 
-    def __init__(self, control_plane, log_dir, env: dict[str, str] | None = None):
+    def __init__(self, control_plane, log_dir, env: dict[str, str] | None = None, pattern: str = "lg-*"):
+        # One operator per namespace pattern: a ledger is served (and written) by one instance only.
+        self.pattern = pattern
         self.env = env or {}
         self.kubeconfig = str(control_plane.kubeconfig)
         self.log_dir = log_dir
@@ -42,7 +44,7 @@ class Operator:
     def start(self) -> None:
         self.runs += 1
         self.proc = OperatorProcess(self.kubeconfig, self.log_dir / f"operator-{self.runs}.log", extra_args=[
-            "--namespace", "lg-*", "--ledger-port", str(self.ledger_port), "--metrics-port", str(self.metrics_port)], env=self.env)
+            "--namespace", self.pattern, "--ledger-port", str(self.ledger_port), "--metrics-port", str(self.metrics_port)], env=self.env)
         self.proc.start()
         wait_for(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, what="ledger /healthz")
 
@@ -77,6 +79,16 @@ def operator(control_plane, tmp_path_factory):
 @pytest.fixture
 def lg_namespace(kube):
     name = f"lg-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(kube)
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.fixture
+def own_namespace(kube):
+    """For tests with their own operator (watching lk-*), away from the module operator's lg-*."""
+    name = f"lk-{uuid.uuid4().hex[:8]}"
     core = client.CoreV1Api(kube)
     core.create_namespace({"metadata": {"name": name}})
     yield name
@@ -300,11 +312,11 @@ async def test_unauthenticated_and_foreign_reports_are_refused(operator, kube, l
         client.CoreV1Api(kube).delete_namespace(other)
 
 
-async def test_sigkill_and_restart_lose_nothing_and_grant_nothing_twice(control_plane, kube, lg_namespace, tmp_path):
-    op = Operator(control_plane, tmp_path)  # its own process: this test kills it
+async def test_sigkill_and_restart_lose_nothing_and_grant_nothing_twice(control_plane, kube, own_namespace, tmp_path):
+    op = Operator(control_plane, tmp_path, pattern="lk-*")  # its own process: this test kills it
     op.start()
     try:
-        ns = lg_namespace
+        ns = own_namespace
         start = create_budget(kube, ns)["status"]["periodStart"]
         token = sa_token(kube, ns)
 
@@ -328,12 +340,12 @@ async def test_sigkill_and_restart_lose_nothing_and_grant_nothing_twice(control_
         op.stop()
 
 
-async def test_graceful_shutdown_persists_what_was_not_written_yet(control_plane, kube, lg_namespace, tmp_path):
+async def test_graceful_shutdown_persists_what_was_not_written_yet(control_plane, kube, own_namespace, tmp_path):
     # A long flush interval: only grants are written at once; the rest waits for the shutdown flush.
-    op = Operator(control_plane, tmp_path, env={"SPENDWARDEN_LEDGER_FLUSH_INTERVAL": "600"})
+    op = Operator(control_plane, tmp_path, env={"SPENDWARDEN_LEDGER_FLUSH_INTERVAL": "600"}, pattern="lk-*")
     op.start()
     try:
-        ns = lg_namespace
+        ns = own_namespace
         start = create_budget(kube, ns)["status"]["periodStart"]
         async with httpx.AsyncClient() as http:
             p = SimProxy(http, op.url, sa_token(kube, ns), ns, start)
@@ -447,3 +459,37 @@ async def test_the_proxys_own_ledger_client_against_the_operator(operator, kube,
     assert served > 10 and refused > 0 and 0 < used <= 20000
     wait_for(lambda: get_budget(kube, ns, "closed")["status"].get("used", {}).get("totalTokens") == used,
              timeout=15, what=f"status.used.totalTokens == {used}")
+
+
+async def test_period_rollover_keeps_history_and_late_reports(operator, kube, lg_namespace):
+    """A 1-minute rolling window: at the reset the ledger starts a new period by itself (no report
+    needed), the old totals go to status.history, and a late report still counts in the old period."""
+    ns = lg_namespace
+    if time.time() % 60 > 45:  # too close to a boundary to see the first period's usage
+        await asyncio.sleep(61 - time.time() % 60)
+    obj = create_budget(kube, ns, "minute", {"window": "1m", "limits": {"tokens": {"total": 10_000}}, "thresholds": [50]})
+    first = obj["status"]["periodStart"]
+    async with httpx.AsyncClient() as http:
+        p = SimProxy(http, operator.url, sa_token(kube, ns), ns, first, budget="minute")
+        p.allowance.used = Amount(4000, 2000)
+        assert await p.report()
+        wait_for(lambda: get_budget(kube, ns, "minute")["status"].get("state") == "Warning", what="Warning")
+        deadline = time.monotonic() + 75
+        while True:  # a live proxy: it keeps reporting (a silent one would be charged its escrow)
+            status = get_budget(kube, ns, "minute")["status"]
+            if status["ledger"]["periodStart"] != first or time.monotonic() > deadline:
+                break
+            assert await p.report()
+            await asyncio.sleep(1)
+        assert status["used"]["totalTokens"] == 0 and status["state"] == "Active" and status["percentUsed"] == 0
+        assert status["history"][0]["periodStart"] == first and status["history"][0]["used"]["totalTokens"] == 6000
+        assert status["ledger"]["previous"]["periodStart"] == first
+        # The proxy's last numbers for the old period arrive late: they count there.
+        p.allowance.used = Amount(4500, 2000)
+        seq_before = p.seq
+        resp = await p.post({**p.body(), "seq": seq_before + 1})
+        assert resp.status_code == 200
+        assert resp.json()["budgets"]["minute"]["periodStart"] == status["ledger"]["periodStart"]
+    status = wait_for(lambda: (lambda s: s if s["history"][0]["used"]["totalTokens"] == 6500 else None)(
+        get_budget(kube, ns, "minute")["status"]), what="the late report in history")
+    assert status["used"]["totalTokens"] == 0

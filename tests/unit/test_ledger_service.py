@@ -182,3 +182,19 @@ async def test_token_reviews_are_cached_by_hash_and_namespaces_enforced(monkeypa
     finally:
         await client.close()
         await service.stop()
+
+
+async def test_a_budget_with_a_persisted_ledger_is_loaded_when_seen(monkeypatch):
+    api = FakeApi(monkeypatch, delay=0)
+    service = svc.LedgerService(svc.LedgerConfig(port=0))
+    service.observe("ADDED", api.obj)  # no ledger yet: stays lazy
+    await asyncio.sleep(0.05)
+    assert service.store.get("team-a", "monthly") is None
+    api.obj["status"] = {"ledger": {"periodStart": "2026-01-01T00:00:00Z", "periodEnd": "2026-02-01T00:00:00Z",
+                                    "retired": {"inputTokens": 5, "outputTokens": 0, "cost": "0"}}}
+    service.observe("MODIFIED", api.obj)
+    await asyncio.sleep(0.05)
+    entry = service.store.get("team-a", "monthly")
+    assert entry is not None and entry.previous is not None and entry.history[0]["used"]["totalTokens"] == 5
+    await service.stop()
+    assert api.obj["status"]["used"]["totalTokens"] == 0  # the reset was written

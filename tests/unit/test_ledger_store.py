@@ -203,3 +203,14 @@ def test_cost_limits_are_granted_and_reported_as_strings():
     answer, _ = send(store, entry, b)
     assert Decimal(answer["ceiling"]["cost"]) >= Decimal("2.0") and "total" not in answer["ceiling"]
     assert store.status(entry, NOW)["used"]["cost"] == "1.50"
+
+
+def test_a_ledger_written_by_another_instance_is_recognised():
+    store = LedgerStore(writer="me")
+    entry = store.load(budget(ledger={"periodStart": START, "writer": "old-me"}), NOW)
+    assert entry.loaded_writer == "old-me"
+    status = store.status(entry, NOW)
+    assert status["ledger"]["writer"] == "me"
+    assert not store.written_by_another(budget(ledger={"periodStart": START, "writer": "old-me"}))  # not yet rewritten
+    assert not store.written_by_another(budget(**status))
+    assert store.written_by_another(budget(ledger={"periodStart": START, "writer": "someone-else"}))

@@ -352,6 +352,24 @@ class LedgerService:
             self._drop_gauges(ns, name)
             return
         self._unknown.pop((ns, name), None)
+        if self.store.written_by_another(obj):
+            writer = obj["status"]["ledger"]["writer"]
+            # Another operator instance wrote this ledger (only one may serve it: the chart runs one
+            # replica with strategy Recreate). Writing our copy now would overwrite its grants, so
+            # ours is dropped; a later report reloads the persisted state and answers from that.
+            log.warning("another operator instance (%s) writes this budget's ledger; dropping this one's copy",
+                        writer, extra={"namespace": ns, "budget": name})
+            self.store.forget(ns, name)
+            self._flush.pop((ns, name), None)
+            return
+        if self.store.get(ns, name) is None:
+            # A budget with a persisted ledger is loaded now (after a restart: from the fresh object,
+            # not the event's copy), so its period resets and expiries happen even if no proxy reports.
+            if (obj.get("status") or {}).get("ledger") and self.config.serves(ns):
+                task = asyncio.create_task(self._entry(ns, name), name=f"ledger-load-{ns}/{name}")
+                self._events.add(task)
+                task.add_done_callback(self._event_done)
+            return
         entry = self.store.observe(obj, datetime.now(timezone.utc))
         if entry is not None:
             self._request_flush(entry, urgent=False)
@@ -451,7 +469,7 @@ class LedgerService:
     def _event_done(self, task: asyncio.Task) -> None:
         self._events.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("posting a budget Event failed: %s", type(task.exception()).__name__)
+            log.warning("background ledger task %s failed: %s", task.get_name(), type(task.exception()).__name__)
 
     @staticmethod
     def _wake(st: _FlushState) -> None:

@@ -12,6 +12,7 @@ ceilings a restarted operator reads back then include every ceiling any proxy wa
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
@@ -170,6 +171,7 @@ class BudgetEntry:
     generation: int | None = None
     conditions: list[dict[str, Any]] = field(default_factory=list)  # as last seen on the object
     uid: str | None = None
+    loaded_writer: str | None = None  # status.ledger.writer when this entry was loaded
     version: int = 0
     persisted: int = 0
     announced: int = 0            # highest threshold already announced this period
@@ -200,12 +202,22 @@ def _periods(spec: TokenBudgetSpec, now: datetime) -> tuple[str, str]:
 class LedgerStore:
     """Every budget's ledgers, keyed by (namespace, name)."""
 
-    def __init__(self, settings: LeaseSettings | None = None):
+    def __init__(self, settings: LeaseSettings | None = None, writer: str | None = None):
         self.settings = settings or LeaseSettings()
+        # Identifies this operator instance in status.ledger.writer, so an instance can tell that
+        # another one has written a ledger since it loaded it.
+        self.writer = writer or uuid.uuid4().hex[:12]
         self.entries: dict[tuple[str, str], BudgetEntry] = {}
 
     def get(self, namespace: str, name: str) -> BudgetEntry | None:
         return self.entries.get((namespace, name))
+
+    def written_by_another(self, obj: dict[str, Any]) -> bool:
+        """Whether another operator instance wrote this budget's ledger after we loaded it."""
+        meta = obj.get("metadata") or {}
+        entry = self.get(meta.get("namespace", ""), meta.get("name", ""))
+        writer = ((obj.get("status") or {}).get("ledger") or {}).get("writer")
+        return entry is not None and bool(writer) and writer not in (self.writer, entry.loaded_writer)
 
     def forget(self, namespace: str, name: str) -> None:
         self.entries.pop((namespace, name), None)
@@ -232,7 +244,8 @@ class LedgerStore:
             elif pl.start < start and (previous is None or pl.start > previous.start):
                 previous = pl
         entry = BudgetEntry(meta.get("namespace", ""), meta.get("name", ""), spec, current, previous, history,
-                            generation=meta.get("generation"), uid=meta.get("uid"), conditions=list(status.get("conditions") or []))
+                            generation=meta.get("generation"), uid=meta.get("uid"), loaded_writer=saved.get("writer"),
+                            conditions=list(status.get("conditions") or []))
         if previous is not None:
             _record_history(entry, previous)
         if status.get("periodStart") == start or saved.get("periodStart") == start:
@@ -377,7 +390,7 @@ class LedgerStore:
         Exceeded set, computed with the same function the reconcile uses."""
         used = usage_dict(entry.current.ledger.used())
         out = usage_status(entry.spec, used, entry.conditions, entry.current.end, entry.generation, now)
-        ledger = entry.current.to_state()
+        ledger = {**entry.current.to_state(), "writer": self.writer}
         if entry.previous is not None:
             ledger["previous"] = entry.previous.to_state()
         out.update({"ledger": ledger, "history": entry.history[:HISTORY_MAX],
