@@ -20,6 +20,7 @@ from spendwarden.proxy.ledger_client import HttpTransport, LedgerClient
 from spendwarden.proxy.metrics import Metrics
 
 from .ledger_stub import LedgerServer, LedgerStub
+from tests.support.clock import Clock
 
 
 def config(total=10000):
@@ -51,13 +52,6 @@ spec: {{window: 24h, failMode: Open, routes: [b], limits: {{tokens: {{total: {to
     cfg, _ = parse_config_text(text)
     return compile_config(cfg)
 
-
-class Clock:
-    def __init__(self, t=1_800_000_000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
 
 
 class FakeTransport:

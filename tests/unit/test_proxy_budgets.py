@@ -30,13 +30,6 @@ spec:
     return compile_config(cfg)
 
 
-class Clock:
-    def __init__(self, t=1_800_000_000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
 
 def test_reserve_clamp_refuse_and_retry_after():
     c = config()
@@ -115,6 +108,7 @@ def test_new_period_resets_usage_and_state_file_roundtrip(tmp_path):
 
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
+from tests.support.clock import Clock
 
 
 TWO_BUDGETS = """

@@ -411,15 +411,22 @@ class _Handlers:
             return req
         return await self._openai(request, req, "completions", text_tokens(req.get("prompt")), req.get("max_tokens"))
 
+    async def early_answer(self, request: web.Request, api: str, req: dict[str, Any], b: Any) -> web.Response | None:
+        """Scripted hang, latency and error statuses, the same for both wire formats."""
+        if (b.hang or b.latency_ms) and not await self.pre(request, b):
+            self.record(request, api, req, b, 0, None, False)
+            return web.Response(status=499)
+        if b.status and b.status >= 400:
+            self.record(request, api, req, b, b.status, None, True)
+            return self.error(api, b.status, b)
+        return None
+
     async def _openai(self, request: web.Request, req: dict[str, Any], kind: str, prompt: int, cap: Any) -> web.StreamResponse:
         model = req.get("model")
         b = self.behaviour(request, model)
-        if (b.hang or b.latency_ms) and not await self.pre(request, b):
-            self.record(request, "openai", req, b, 0, None, False)
-            return web.Response(status=499)
-        if b.status and b.status >= 400:
-            self.record(request, "openai", req, b, b.status, None, True)
-            return self.error("openai", b.status, b)
+        early = await self.early_answer(request, "openai", req, b)
+        if early is not None:
+            return early
         p, n, c, hit = self.counts(b, cap, prompt)
         usage: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
         if b.cached_tokens is not None:
@@ -543,12 +550,9 @@ class _Handlers:
             return req
         model = req.get("model")
         b = self.behaviour(request, model)
-        if (b.hang or b.latency_ms) and not await self.pre(request, b):
-            self.record(request, "anthropic", req, b, 0, None, False)
-            return web.Response(status=499)
-        if b.status and b.status >= 400:
-            self.record(request, "anthropic", req, b, b.status, None, True)
-            return self.error("anthropic", b.status, b)
+        early = await self.early_answer(request, "anthropic", req, b)
+        if early is not None:
+            return early
         cap = req.get("max_tokens")
         if not isinstance(cap, int) or cap < 1:
             self.record(request, "anthropic", req, b, 400, None, True)
