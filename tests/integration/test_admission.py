@@ -146,6 +146,46 @@ def test_pod_in_labelled_namespace_gets_the_proxy(kube, operator, labelled_ns):
     assert stored["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "app"
 
 
+def _with_keys(openai_secret, anthropic_secret):
+    route = copy.deepcopy(GOOD_ROUTE)
+    route["backends"][0]["credentials"] = {"secretRef": {"name": openai_secret, "key": "apiKey"}}
+    route["backends"][1]["credentials"] = {"secretRef": {"name": anthropic_secret, "key": "key"}}
+    return route
+
+
+def _secret_mounts(pod):
+    proxy = containers(pod)[injection.CONTAINER_NAME]
+    vols = {v["name"]: v["secret"] for v in pod["spec"]["volumes"] if "secret" in v
+            and v["name"].startswith(injection.SECRET_VOLUME_PREFIX)}
+    mounts = {m["name"]: (m["mountPath"], m.get("readOnly")) for m in proxy["volumeMounts"] if m["name"] in vols}
+    assert set(mounts) == set(vols)
+    return {v["secretName"]: mounts[name] for name, v in vols.items()}
+
+
+def test_pod_mounts_the_secrets_its_namespace_routes_reference(control_plane, kube, operator, labelled_ns):
+    _ready_for_pods(kube, labelled_ns)
+    bare = create_pod(kube, labelled_ns, _pod("before-routes"))
+    assert _secret_mounts(bare) == {}
+    control_plane.kubectl("apply", "-n", labelled_ns, "-f", "-",
+                          input=_manifest("ModelRoute", "chat", _with_keys("openai", "anthropic-keys")))
+    core = client.CoreV1Api(kube)
+    # The operator's index of routes is updated from its watch: wait until a dry run shows it.
+    wait_for(lambda: "openai" in _secret_mounts(kube.sanitize_for_serialization(
+        core.create_namespaced_pod(labelled_ns, _pod("probe"), dry_run="All"))), timeout=20, what="secret mounts")
+    pod = create_pod(kube, labelled_ns, _pod("with-keys"))
+    base = injection.SECRETS_DIR
+    assert _secret_mounts(pod) == {"openai": (f"{base}/openai", True),
+                                   "anthropic-keys": (f"{base}/anthropic-keys", True)}
+    assert all(v["secret"]["optional"] for v in pod["spec"]["volumes"] if "secret" in v)
+    # A route that now references another Secret: Pods created from then on mount that one instead.
+    control_plane.kubectl("apply", "-n", labelled_ns, "-f", "-",
+                          input=_manifest("ModelRoute", "chat", _with_keys("openai", "anthropic-rotated")))
+    wait_for(lambda: "anthropic-rotated" in _secret_mounts(kube.sanitize_for_serialization(
+        core.create_namespaced_pod(labelled_ns, _pod("probe"), dry_run="All"))), timeout=20, what="the new secret")
+    later = create_pod(kube, labelled_ns, _pod("later"))
+    assert set(_secret_mounts(later)) == {"openai", "anthropic-rotated"}
+
+
 def test_app_env_already_set_is_kept(kube, operator, labelled_ns):
     _ready_for_pods(kube, labelled_ns)
     pod = create_pod(kube, labelled_ns, _pod("mine", env=[{"name": "OPENAI_BASE_URL", "value": "https://my.gateway/v1"}]))

@@ -123,3 +123,46 @@ def test_settings_from_env():
     assert s.excluded_namespaces == {"kube-system", "ops"}
     out = injected(pod(), settings=s)
     assert env(out["spec"]["containers"][0])["OPENAI_BASE_URL"] == "http://127.0.0.1:9000/v1"
+
+
+def _route(name, alias, secrets, valid=True):
+    backends = [{"name": f"b{i}", "provider": "OpenAI", "url": "https://api.example/v1", "model": "m",
+                 "pricing": {"input": "1", "output": "2"},
+                 **({"credentials": {"secretRef": {"name": s, "key": "apiKey"}}} if s else {})}
+                for i, s in enumerate(secrets)]
+    return {"kind": "ModelRoute", "metadata": {"name": name},
+            "spec": {"model": alias, "backends": backends, "defaultBackend": "b0" if valid else "nope"}}
+
+
+def test_referenced_secrets_are_those_of_served_routes_only():
+    from spendwarden.render.proxyconfig import render_proxy_config
+    routes = [_route("chat", "chat", ["openai", None, "anthropic"]), _route("emb", "emb", ["openai"]),
+              _route("broken", "x", ["never-served"], valid=False)]
+    config = render_proxy_config("team", routes, []).config
+    assert inj.referenced_secrets(config) == ["anthropic", "openai"]
+
+
+def test_patch_mounts_each_referenced_secret_read_only_where_the_proxy_reads_keys():
+    from spendwarden.proxy.config import DEFAULT_SECRETS_DIR
+    out = jsonpatch.apply_patch(pod(), inj.patch(pod(), "team", S, ["anthropic", "openai"]))
+    vols = {v["name"]: v for v in out["spec"]["volumes"]}
+    assert vols["sw-secret-openai"] == {"name": "sw-secret-openai", "secret": {"secretName": "openai", "optional": True}}
+    assert vols["sw-secret-anthropic"]["secret"]["secretName"] == "anthropic"
+    proxy = out["spec"]["containers"][-1]
+    mounts = {m["name"]: m for m in proxy["volumeMounts"]}
+    assert mounts["sw-secret-openai"] == {"name": "sw-secret-openai", "mountPath": f"{DEFAULT_SECRETS_DIR}/openai",
+                                          "readOnly": True}
+    assert env(proxy)["SPENDWARDEN_SECRETS_DIR"] == DEFAULT_SECRETS_DIR
+    # Nothing referenced: no secret volumes at all (the app's own volumes are never exposed).
+    plain = injected(pod())
+    assert not [v for v in plain["spec"]["volumes"] if v["name"].startswith(inj.SECRET_VOLUME_PREFIX)]
+
+
+def test_secret_volume_names_are_valid_dns_labels_and_distinct():
+    import re
+    names = ["openai", "a.b", "a-b", "x" * 60, "x" * 61, "Upper", "llm.keys.team-" + "y" * 200]
+    volumes = [inj.secret_volume_name(n) for n in names]
+    assert volumes[0] == "sw-secret-openai"
+    assert len(set(volumes)) == len(volumes)
+    for v in volumes:
+        assert len(v) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", v), v

@@ -106,8 +106,16 @@ def _lookup_namespace_labels(name: str) -> dict[str, str] | None:
 INJECTION = injection.InjectionSettings.from_env()
 
 
+def namespace_secrets(namespace: str, routes_by_namespace: Any) -> list[str]:
+    """The Secrets the namespace's served routes reference, from the operator's index of routes
+    (rendered exactly as the ConfigMap is, so invalid routes do not add mounts)."""
+    from ..render.proxyconfig import render_proxy_config
+    routes = [plain(r) for r in routes_by_namespace.get(namespace, [])] if routes_by_namespace is not None else []
+    return injection.referenced_secrets(render_proxy_config(namespace, routes, []).config) if routes else []
+
+
 def inject_proxy(body: kopf.Body, patch: kopf.Patch, namespace: str | None, namespace_labels: Any = None,
-                 **_: Any) -> None:
+                 routes_by_namespace: Any = None, **_: Any) -> None:
     pod = plain(body)
     ns = namespace or ""
     labels = _first(namespace_labels, ns)
@@ -120,10 +128,11 @@ def inject_proxy(body: kopf.Body, patch: kopf.Patch, namespace: str | None, name
     if not decision.inject:
         log.debug("pod %s: no proxy (%s)", who, decision.reason)
         return
-    ops = injection.patch(pod, ns, INJECTION)
+    secrets = namespace_secrets(ns, routes_by_namespace)
+    ops = injection.patch(pod, ns, INJECTION, secrets)
     # kopf builds the JSON Patch it returns by diffing the body before/after these functions.
     patch.fns.append(lambda raw: _apply(raw, ops))
-    log.info("pod %s: proxy injected (%s)", who, decision.reason)
+    log.info("pod %s: proxy injected (%s; secrets mounted: %s)", who, decision.reason, ", ".join(secrets) or "none")
 
 
 def _apply(raw: Any, ops: list[dict[str, Any]]) -> None:

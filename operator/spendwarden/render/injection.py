@@ -5,13 +5,16 @@ looks up the namespace's labels and applies the patch.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import GROUP
-from ..api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME
+from ..api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME, ProxyConfig
+from ..proxy.config import DEFAULT_SECRETS_DIR
 
 INJECT_LABEL = f"{GROUP}/inject"
 CONTAINER_NAME = "spendwarden-proxy"
@@ -21,6 +24,9 @@ TMP_VOLUME = "spendwarden-tmp"
 CONFIG_DIR = "/etc/spendwarden/config"
 TOKEN_DIR = "/var/run/secrets/spendwarden"
 TOKEN_FILE = "token"
+# Where the proxy reads ModelRoute credentials (proxy/config.read_secret): <dir>/<secret>/<key>.
+SECRETS_DIR = DEFAULT_SECRETS_DIR
+SECRET_VOLUME_PREFIX = "sw-secret-"
 TOKEN_AUDIENCE = "spendwarden"
 # The image's user (Dockerfile USER 10001); numeric so the kubelet can verify runAsNonRoot.
 PROXY_UID = 10001
@@ -97,7 +103,36 @@ def app_env(settings: InjectionSettings) -> list[dict[str, str]]:
     return [{"name": ENV_OPENAI, "value": f"{base}/v1"}, {"name": ENV_ANTHROPIC, "value": base}]
 
 
-def proxy_container(namespace: str, settings: InjectionSettings) -> dict[str, Any]:
+def referenced_secrets(config: ProxyConfig) -> list[str]:
+    """The Secrets the namespace's served routes take API keys from, sorted and unique."""
+    return sorted({b.credentials.secretRef.name for r in config.routes for b in r.spec.backends
+                   if b.credentials is not None})
+
+
+def secret_volume_name(secret: str) -> str:
+    """A volume name (a DNS label, at most 63 characters) for a Secret name (a DNS subdomain, up to
+    253 characters, dots allowed); a hash keeps shortened or rewritten names apart."""
+    name = SECRET_VOLUME_PREFIX + secret
+    if len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name):
+        return name
+    digest = hashlib.sha256(secret.encode()).hexdigest()[:8]
+    stem = re.sub(r"[^a-z0-9-]", "-", secret.lower())[:63 - len(SECRET_VOLUME_PREFIX) - 9].strip("-")
+    return f"{SECRET_VOLUME_PREFIX}{stem}-{digest}" if stem else f"{SECRET_VOLUME_PREFIX}{digest}"
+
+
+def secret_volumes(secrets: list[str]) -> list[dict[str, Any]]:
+    # One Secret volume each (not one projected volume): a Secret volume shows all of the Secret's
+    # keys and follows its updates, so a route that switches to another key of the same Secret, or a
+    # rotated key, works without a restart. optional: the Pod starts even before the Secret exists
+    # (the proxy then answers that backend with 502 naming the missing secret/key).
+    return [{"name": secret_volume_name(s), "secret": {"secretName": s, "optional": True}} for s in secrets]
+
+
+def secret_mounts(secrets: list[str]) -> list[dict[str, Any]]:
+    return [{"name": secret_volume_name(s), "mountPath": f"{SECRETS_DIR}/{s}", "readOnly": True} for s in secrets]
+
+
+def proxy_container(namespace: str, settings: InjectionSettings, secrets: list[str] = ()) -> dict[str, Any]:
     ports = [{"name": "sw-proxy", "containerPort": settings.port, "protocol": "TCP"}]
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -105,13 +140,15 @@ def proxy_container(namespace: str, settings: InjectionSettings) -> dict[str, An
         # The image's ENTRYPOINT is `spendwarden`.
         "args": ["proxy", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--port", str(settings.port),
                  "--metrics-port", str(settings.metrics_port), "--namespace", namespace],
-        "env": [{"name": "SPENDWARDEN_LEDGER_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_FILE}"}],
+        "env": [{"name": "SPENDWARDEN_LEDGER_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_FILE}"},
+                {"name": "SPENDWARDEN_SECRETS_DIR", "value": SECRETS_DIR}],
         "ports": ports,
         "resources": copy.deepcopy(dict(settings.resources)),
         "volumeMounts": [
             {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
+            *secret_mounts(list(secrets)),
         ],
         "securityContext": {
             "runAsNonRoot": True,
@@ -134,7 +171,7 @@ def proxy_container(namespace: str, settings: InjectionSettings) -> dict[str, An
     return container
 
 
-def volumes(settings: InjectionSettings) -> list[dict[str, Any]]:
+def volumes(settings: InjectionSettings, secrets: list[str] = ()) -> list[dict[str, Any]]:
     return [
         # optional: the pod starts before the operator has rendered the namespace's first config.
         {"name": CONFIG_VOLUME, "configMap": {"name": CONFIGMAP_NAME, "optional": True}},
@@ -143,6 +180,7 @@ def volumes(settings: InjectionSettings) -> list[dict[str, Any]]:
             "audience": TOKEN_AUDIENCE, "expirationSeconds": settings.token_expiration_seconds,
             "path": TOKEN_FILE}}]}},
         {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}},
+        *secret_volumes(list(secrets)),
     ]
 
 
@@ -150,8 +188,14 @@ def _escape(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
-def patch(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings) -> list[dict[str, Any]]:
-    """JSON Patch (RFC 6902) ops that add the proxy to `pod`; [] for a pod that already has it."""
+def patch(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings,
+          secrets: list[str] = ()) -> list[dict[str, Any]]:
+    """JSON Patch (RFC 6902) ops that add the proxy to `pod`; [] for a pod that already has it.
+
+    `secrets`: the Secrets the namespace's routes reference (referenced_secrets), mounted read-only
+    where the proxy looks for API keys. The set is fixed when the Pod is created: a Secret that a
+    route starts to reference later needs a Pod restart (new keys and values of a mounted Secret
+    do not)."""
     spec = pod.get("spec") or {}
     containers = spec.get("containers") or []
     if any(c.get("name") == CONTAINER_NAME for c in containers):
@@ -167,13 +211,13 @@ def patch(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings) -
             ops.append({"op": "add", "path": f"/spec/containers/{i}/env", "value": missing})
         else:
             ops.extend({"op": "add", "path": f"/spec/containers/{i}/env/-", "value": e} for e in missing)
-    ops.append({"op": "add", "path": "/spec/containers/-", "value": proxy_container(namespace, settings)})
+    ops.append({"op": "add", "path": "/spec/containers/-", "value": proxy_container(namespace, settings, secrets)})
     if not spec.get("serviceAccountName") and not spec.get("serviceAccount"):
         # A projected token needs a named ServiceAccount. The ServiceAccount admission plugin, which
         # runs before webhooks, normally sets "default"; apiservers without it (envtest-like) do not.
         ops.append({"op": "add", "path": "/spec/serviceAccountName", "value": "default"})
     existing = {v.get("name") for v in spec.get("volumes") or []}
-    new_volumes = [v for v in volumes(settings) if v["name"] not in existing]
+    new_volumes = [v for v in volumes(settings, secrets) if v["name"] not in existing]
     if spec.get("volumes") is None:
         ops.append({"op": "add", "path": "/spec/volumes", "value": new_volumes})
     else:
