@@ -5,7 +5,7 @@ from enum import Enum
 
 from pydantic import Field, model_validator
 
-from .common import ApiModel, Condition, LocalObjectReference, Money, SecretKeyRef
+from .common import ApiModel, Condition, Duration, LocalObjectReference, Money, SecretKeyRef, parse_duration
 
 KIND = "ModelRoute"
 PLURAL = "modelroutes"
@@ -49,6 +49,47 @@ class DeploymentRef(ApiModel):
     namespace: str | None = Field(default=None, max_length=63, description="Namespace of the workload; default: the route's namespace.")
 
 
+class WakeMode(str, Enum):
+    HOLD = "Hold"
+    FALLBACK = "Fallback"
+
+
+class WakeSettings(ApiModel):
+    """What a proxy does with a request for this backend while its workload is at zero replicas.
+    Either way it asks the operator for one replica at once."""
+
+    mode: WakeMode = Field(default=WakeMode.HOLD,
+                           description="Hold: the request waits until a replica is available (up to timeout); "
+                                       "Fallback: it goes to the route's next fallback at once. Default Hold.")
+    timeout: Duration = Field(default="60s", description="Hold: the longest a request waits for a replica, then 503. Default 60s.")
+
+
+class BackendScaling(ApiModel):
+    """Demand-driven replicas for the workload in deploymentRef (the operator sets them through the
+    scale subresource; it leaves alone a workload that an HorizontalPodAutoscaler targets)."""
+
+    minReplicas: int = Field(default=1, ge=0, le=1000, description="Replicas kept while there is any demand (or idleToZeroAfter is unset). Default 1.")
+    maxReplicas: int = Field(ge=1, le=1000, description="Most replicas the operator sets.")
+    targetInFlightPerReplica: int = Field(default=4, ge=1, le=100000,
+                                          description="Concurrent requests one replica should serve: desired = ceil(in-flight / this). Default 4.")
+    scaleDownStabilization: Duration = Field(default="5m", description="Replicas go down only to the highest count wanted within this window (up at once). Default 5m.")
+    idleToZeroAfter: Duration | None = Field(default=None,
+                                             description="Scale to zero after this long without requests; woken by the next request. Default: never below minReplicas.")
+    wake: WakeSettings = Field(default_factory=WakeSettings, description="Requests that arrive while the workload is at zero.")
+    costPerReplicaHour: Money | None = Field(default=None,
+                                             description="What one replica costs per hour (decimal string, in the route's pricing currency); status reports replica-hours and their cost.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "BackendScaling":
+        if self.minReplicas > self.maxReplicas:
+            raise ValueError(f"minReplicas {self.minReplicas} > maxReplicas {self.maxReplicas}")
+        for field_name in ("scaleDownStabilization", "idleToZeroAfter", "wake.timeout"):
+            value = self.wake.timeout if field_name == "wake.timeout" else getattr(self, field_name)
+            if value is not None and parse_duration(value).total_seconds() <= 0:
+                raise ValueError(f"{field_name} must be longer than 0s, got {value!r}")
+        return self
+
+
 class Backend(ApiModel):
     """One upstream that can serve the alias."""
 
@@ -60,6 +101,7 @@ class Backend(ApiModel):
     pricing: Pricing = Field(description="Prices per 1M tokens.")
     credentials: Credentials | None = Field(default=None, description="API key for the upstream; none for unauthenticated in-cluster servers.")
     deploymentRef: DeploymentRef | None = Field(default=None, description="The workload serving this backend, for scaling.")
+    scaling: BackendScaling | None = Field(default=None, description="Scale the deploymentRef workload with demand; needs deploymentRef.")
     timeoutSeconds: int = Field(default=120, ge=1, le=3600, description="Upstream timeout for one request (seconds). Default 120.")
     maxContextTokens: int | None = Field(default=None, ge=1, description="Context window of the upstream model; prompts above it skip this backend.")
 
@@ -121,6 +163,14 @@ class ModelRouteSpec(ApiModel):
                 raise ValueError(f"{where} names unknown backend {name!r} (known: {', '.join(sorted(known))})")
 
         check("defaultBackend", self.defaultBackend)
+        for i, b in enumerate(self.backends):
+            if b.scaling is None:
+                continue
+            if b.deploymentRef is None:
+                raise ValueError(f"backends[{i}] ({b.name}): scaling needs deploymentRef (the workload to scale)")
+            if b.scaling.wake.mode is WakeMode.FALLBACK and not any(f != b.name for f in self.fallbacks):
+                raise ValueError(f"backends[{i}] ({b.name}): scaling.wake.mode Fallback needs spec.fallbacks to name "
+                                 "another backend (requests go there while the workload is at zero)")
         for i, rule in enumerate(self.rules):
             check(f"rules[{i}].backend", rule.backend)
             m = rule.match
@@ -145,6 +195,24 @@ class ResolvedBackend(ApiModel):
     url: str = Field(description="Upstream base URL.")
 
 
+class BackendScalingStatus(ApiModel):
+    """One scaled backend, as the operator's scaler last saw it."""
+
+    backend: str = Field(description="Backend name.")
+    workload: str = Field(description="Kind/namespace/name of the scaled workload.")
+    desiredReplicas: int | None = Field(default=None, description="Replicas the scaler wants now.")
+    replicas: int | None = Field(default=None, description="Replicas the workload has (status.replicas).")
+    availableReplicas: int | None = Field(default=None, description="Replicas ready to serve.")
+    inFlight: int | None = Field(default=None, description="Requests in flight through all proxies whose namespaces may use it.")
+    reason: str | None = Field(default=None, description="Why the desired count is what it is (Demand, Idle, CutOff, Wake, Conflict, ...).")
+    lastScaleTime: str | None = Field(default=None, description="When the scaler last changed the replicas.")
+    periodStart: str | None = Field(default=None, description="Start of the accounting period of replicaHours.")
+    replicaHours: str | None = Field(default=None, description="Replica-hours of the workload this period (decimal string).")
+    cost: str | None = Field(default=None, description="replicaHours x costPerReplicaHour (decimal string).")
+    currency: str | None = Field(default=None, description="Currency of cost.")
+    previous: dict[str, str] | None = Field(default=None, description="The previous period's periodStart, replicaHours and cost.")
+
+
 class ModelRouteStatus(ApiModel):
     """Observed state of a ModelRoute, written by the operator."""
 
@@ -152,7 +220,8 @@ class ModelRouteStatus(ApiModel):
     ready: str | None = Field(default=None, description="True when the route is in the namespace's proxy configuration.")
     backendCount: int | None = Field(default=None, description="Number of backends.")
     backends: list[ResolvedBackend] = Field(default_factory=list, description="The backends the proxies use.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready condition.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready condition; ScalingConflict when another autoscaler owns a scaled workload.")
+    scaling: list[BackendScalingStatus] = Field(default_factory=list, description="Scaled backends: replicas, demand, replica-hours and their cost (written by the scaler).")
 
 
 class ModelRoute(ApiModel):

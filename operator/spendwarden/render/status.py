@@ -19,9 +19,14 @@ def _generation(obj: dict[str, Any]) -> int | None:
     return obj.get("metadata", {}).get("generation")
 
 
+# ModelRoute status fields the scaler (controller/scaler.py) owns: never written back by the reconcile,
+# whose copy of the object may be older than the scaler's last write.
+SCALER_FIELDS = ("scaling",)
+
+
 def invalid_status(obj: dict[str, Any], message: str, now: datetime) -> dict[str, Any]:
     """Status of an object whose spec the operator refuses: Ready=False with the exact reason."""
-    status = dict(obj.get("status") or {})
+    status = {k: v for k, v in (obj.get("status") or {}).items() if k not in SCALER_FIELDS}
     status["observedGeneration"] = _generation(obj)
     status["conditions"] = set_condition(status.get("conditions", []), "Ready", "False", "InvalidSpec",
                                          message, _generation(obj), now)
@@ -31,7 +36,7 @@ def invalid_status(obj: dict[str, Any], message: str, now: datetime) -> dict[str
 
 
 def modelroute_status(obj: dict[str, Any], spec: ModelRouteSpec, now: datetime) -> dict[str, Any]:
-    status = dict(obj.get("status") or {})
+    status = {k: v for k, v in (obj.get("status") or {}).items() if k not in SCALER_FIELDS}
     status.update({
         "observedGeneration": _generation(obj),
         "ready": "True",
