@@ -215,8 +215,11 @@ def test_rbac_is_least_privilege_without_wildcards(chart):
         role = grants(one(objects, "Role"))
         assert NEEDED_CLUSTER <= cluster, NEEDED_CLUSTER - cluster
         assert NEEDED_ROLE <= role, NEEDED_ROLE - role
-        # Secrets only in its own namespace (Role), never cluster-wide; no kopf peering (--standalone).
-        assert not any(r == "secrets" for _, r, _ in cluster)
+        # Secrets: cluster-wide only `get` of the one alerting Secret name (webhookSecretRef); the rest
+        # only in its own namespace (Role). No kopf peering (--standalone).
+        cluster_secrets = [r for r in one(objects, "ClusterRole")["rules"] if "secrets" in r["resources"]]
+        assert cluster_secrets == [{"apiGroups": [""], "resources": ["secrets"],
+                                    "resourceNames": ["spendwarden-alerting"], "verbs": ["get"]}]
         assert not any("kopfpeerings" in r for _, r, _ in cluster | role)
         # Nothing it has no use for: no deletes of its own CRs, no pods, no cluster-wide writes of CRDs.
         assert not any(g == "spendwarden.io" and v in ("create", "delete") for g, _, v in cluster)
@@ -240,6 +243,13 @@ def test_rbac_writes_are_limited_to_named_objects_where_the_api_allows(chart):
     assert env["SPENDWARDEN_WEBHOOK_CONFIGURATION"] == "sw.example.com"
     assert env["SPENDWARDEN_WEBHOOK_CERT_SECRET"] == "spendwarden-webhook-tls"
     assert env["SPENDWARDEN_WEBHOOK_SERVICE"] == "spendwarden-webhook"
+
+
+def test_alerting_secret_access_follows_the_value_and_can_be_turned_off(chart):
+    def secret_rules(values):
+        return [r for r in one(render(chart, values), "ClusterRole")["rules"] if "secrets" in r["resources"]]
+    assert [r["resourceNames"] for r in secret_rules({"alerting": {"webhookSecretName": "team-hooks"}})] == [["team-hooks"]]
+    assert secret_rules({"alerting": {"webhookSecretName": ""}}) == []
 
 
 def test_bindings_name_the_service_account(chart):

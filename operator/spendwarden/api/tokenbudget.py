@@ -88,11 +88,30 @@ class Limits(ApiModel):
         return self
 
 
+class WebhookSecretRef(ApiModel):
+    """A Secret key in the budget's namespace that holds a webhook URL."""
+
+    name: str = Field(min_length=1, max_length=253,
+                      description="Name of the Secret in the budget's namespace (the chart lets the operator read only "
+                                  "Secrets named as its alerting.webhookSecretName value, default spendwarden-alerting).")
+    key: str = Field(default="url", min_length=1, max_length=253, description="Key in the Secret whose value is the URL. Default url.")
+
+
 class Alerting(ApiModel):
     """Where threshold alerts go besides Kubernetes Events and metrics."""
 
     webhookURL: str | None = Field(default=None, max_length=2048, pattern=r"^https?://",
-                                   description="URL that receives a Slack-compatible JSON POST when a threshold is crossed.")
+                                   description="URL that receives a Slack-compatible JSON POST when a threshold is crossed, the "
+                                               "budget is exhausted or forecast to run out. Anyone who can read the budget can read "
+                                               "it: prefer webhookSecretRef (a Slack webhook URL is a credential).")
+    webhookSecretRef: WebhookSecretRef | None = Field(default=None,
+                                                      description="The webhook URL from a Secret in the budget's namespace.")
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> "Alerting":
+        if self.webhookURL is not None and self.webhookSecretRef is not None:
+            raise ValueError("alerting: set webhookURL or webhookSecretRef, not both")
+        return self
 
 
 class TokenBudgetSpec(ApiModel):

@@ -34,6 +34,7 @@ from ..api import tokenbudget
 from ..api.common import now_rfc3339
 from ..ledger.store import BudgetEntry, LedgerStore, ReportError, parse_report, replace_patch
 from ..render.status import LEDGER_FIELDS
+from .alerts import WebhookSender, WebhookSettings
 from .bodies import plain
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,7 @@ class LedgerService:
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task | None = None
         self._events: set[asyncio.Task] = set()
+        self.alerts = WebhookSender(WebhookSettings.from_env())
         self.port: int | None = None
 
     # lifecycle
@@ -243,6 +245,7 @@ class LedgerService:
                 await asyncio.wait([st.task], timeout=5)
             if entry.dirty:
                 await self._flush_once(entry)
+        await self.alerts.close()
         log.info("ledger state persisted at shutdown", extra={"budgets": len(self.store.entries)})
 
     # HTTP
@@ -442,6 +445,7 @@ class LedgerService:
             task = asyncio.create_task(asyncio.to_thread(_post_event, entry, reason, message))
             self._events.add(task)
             task.add_done_callback(self._event_done)
+            self.alerts.announce(entry, reason, message)
         self._gauges(entry, forecast_exceeded)
 
     def _gauges(self, entry: BudgetEntry, forecast_exceeded: bool) -> None:
