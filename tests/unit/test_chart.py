@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import spendwarden
+from spendwarden.controller import ledger_service
 from spendwarden.controller import run as operator_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,7 +115,9 @@ def test_deployment_runs_one_operator_safely(chart):
     objects = render(chart)
     deploy = one(objects, "Deployment")
     spec = deploy["spec"]
-    assert spec["strategy"] == {"type": "Recreate"}
+    # Leader election (on by default) makes an overlap safe; standbys are never Ready, so a rollout
+    # that waited for them to become available would stall.
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": "100%"}}
     assert spec["replicas"] == 1
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == "spendwarden"
@@ -127,9 +130,11 @@ def test_deployment_runs_one_operator_safely(chart):
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # the only writable place
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
-    assert c["args"] == ["operator", "--liveness=http://0.0.0.0:8080/healthz", "--log-format=json"]
+    assert c["args"] == ["operator", "--liveness=http://0.0.0.0:8080/healthz", "--log-format=json",
+                         "--leader-elect", "--lease-name=spendwarden", "--lease-duration=15"]
     probe = c["livenessProbe"]["httpGet"]
     assert probe["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "healthz"}
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"healthz": 8080, "ledger": 8081, "metrics": 9090}
     assert ports[probe["port"]] == 8080
@@ -151,6 +156,16 @@ def test_rendered_args_are_accepted_by_the_operator_cli(chart):
         assert parsed.liveness == "http://0.0.0.0:8080/healthz"
     parsed = parser.parse_args(container(render(chart, CUSTOM))["args"][1:])
     assert parsed.namespace == ["team-support", "team-*, !team-sandbox"] and parsed.log_format == "plain" and parsed.verbose
+    assert parsed.leader_elect and parsed.lease_name == "spendwarden" and parsed.lease_duration == 15
+
+
+def test_without_leader_election_one_replica_is_recreated(chart):
+    objects = render(chart, {"leaderElection": {"enabled": False}})
+    assert one(objects, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert not any(a.startswith("--lease") or a == "--leader-elect" for a in container(objects)["args"])
+    two = render(chart, {"replicaCount": 2, "leaderElection": {"leaseName": "warden-lock", "leaseDurationSeconds": 30}})
+    assert one(two, "Deployment")["spec"]["replicas"] == 2
+    assert "--lease-name=warden-lock" in container(two)["args"] and "--lease-duration=30" in container(two)["args"]
 
 
 def test_services_select_the_operator_pod_by_named_ports(chart):
@@ -168,10 +183,18 @@ def test_services_select_the_operator_pod_by_named_ports(chart):
     assert {p["name"]: p["containerPort"] for p in container(objects)["ports"]}["webhook"] == 9443
 
 
-def test_ledger_and_metrics_can_be_turned_off(chart):
+def test_ledger_and_metrics_can_be_turned_off(chart, monkeypatch):
     objects = render(chart, {"ledger": {"enabled": False}, "metrics": {"enabled": False}})
     assert of_kind(objects, "Service") == []
     assert {p["name"] for p in container(objects)["ports"]} == {"healthz"}
+    # The operator serves the ledger unless told otherwise: "0" must reach it and mean off.
+    env = {e["name"]: e.get("value") for e in container(objects)["env"]}
+    assert env["SPENDWARDEN_LEDGER_PORT"] == "0" and "SPENDWARDEN_LEDGER_URL" not in env
+    monkeypatch.setenv("SPENDWARDEN_LEDGER_PORT", env["SPENDWARDEN_LEDGER_PORT"])
+    parser = argparse.ArgumentParser()
+    operator_cli.add_arguments(parser)
+    assert parser.parse_args([]).ledger_port == 0
+    assert ledger_service.LedgerConfig.from_env({"SPENDWARDEN_LEDGER_PORT": "0"}).port == 0
 
 
 # -- RBAC ---------------------------------------------------------------------------------------------
@@ -346,7 +369,9 @@ def test_prometheus_rule_needs_metrics(chart):
 
 @pytest.mark.parametrize("values, message", [
     ({"replicaCount": "two"}, "at '/replicaCount': got string, want integer"),
-    ({"replicaCount": 2}, "at '/replicaCount': maximum: got 2, want 1"),
+    ({"replicaCount": 2, "leaderElection": {"enabled": False}}, "at '/replicaCount': maximum: got 2, want 1"),
+    ({"replicaCount": 9}, "at '/replicaCount': maximum: got 9, want 5"),
+    ({"leaderElection": {"leaseDurationSeconds": 1}}, "at '/leaderElection/leaseDurationSeconds'"),
     ({"replicas": 1}, "additional properties 'replicas' not allowed"),
     ({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy'"),
     ({"image": {"tags": "x"}}, "additional properties 'tags' not allowed"),

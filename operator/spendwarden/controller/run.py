@@ -5,6 +5,10 @@ import argparse
 import asyncio
 import logging
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .health import HealthServer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +29,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Accept ledger reports WITHOUT authentication. Standalone experiments only, never in a cluster.")
     parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("SPENDWARDEN_METRICS_PORT") or 9090),
                         help="Port of the Prometheus metrics (env SPENDWARDEN_METRICS_PORT); 0 = off. Default %(default)s.")
+    parser.add_argument("--leader-elect", action=argparse.BooleanOptionalAction,
+                        default=os.environ.get("SPENDWARDEN_LEADER_ELECT", "").lower() in ("1", "true", "yes"),
+                        help="Serve only while holding a coordination.k8s.io Lease, so several replicas can run: "
+                             "standbys wait (not ready) and take over when the leader's lease expires. "
+                             "Env SPENDWARDEN_LEADER_ELECT. Default off (one local process needs no lease).")
+    parser.add_argument("--lease-name", default=os.environ.get("SPENDWARDEN_LEASE_NAME") or "spendwarden-operator",
+                        help="Name of the leader Lease (env SPENDWARDEN_LEASE_NAME); operators watching different "
+                             "namespaces need different names. Default %(default)s.")
+    parser.add_argument("--lease-namespace",
+                        default=os.environ.get("SPENDWARDEN_LEASE_NAMESPACE") or os.environ.get("SPENDWARDEN_POD_NAMESPACE") or "default",
+                        help="Namespace of the leader Lease (env SPENDWARDEN_LEASE_NAMESPACE, else the pod's "
+                             "SPENDWARDEN_POD_NAMESPACE). Default %(default)s.")
+    parser.add_argument("--lease-duration", type=float, default=float(os.environ.get("SPENDWARDEN_LEASE_DURATION") or 15),
+                        help="Seconds a standby waits, after the lease last changed, before taking over; the leader "
+                             "renews every duration*2/15 s and stops serving after duration*2/3 s without a renewal. "
+                             "Default %(default)s.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
 
 
@@ -49,10 +69,62 @@ def run(args: argparse.Namespace) -> int:
     ledger_service.CONFIG.namespaces = tuple(args.namespace)
 
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
-    asyncio.run(kopf.operator(
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
-        standalone=True,
-        liveness_endpoint=args.liveness,
-    ))
+    asyncio.run(_serve(args))
     return 0
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    """Probes first; with --leader-elect, wait as a standby until the Lease is ours; then kopf (the
+    reconcile, the ledger, the webhooks) runs only while this process leads."""
+    import kopf
+
+    from .health import HealthServer, Phase
+    from .leader import ElectionConfig, LeaderElector, default_identity
+
+    health = HealthServer(args.liveness)
+    elector: LeaderElector | None = None
+    if args.leader_elect:
+        elector = LeaderElector(ElectionConfig.for_duration(args.lease_name, args.lease_namespace, default_identity(),
+                                                            args.lease_duration))
+    else:
+        health.phase = Phase.STARTING
+    await health.start()
+    try:
+        if elector is not None:
+            await asyncio.to_thread(elector.acquire)
+            health.phase = Phase.STARTING
+            elector.start_renewing(on_lost=_fence)
+        ready = asyncio.Event()
+        started = asyncio.create_task(_mark_serving(ready, health))
+        try:
+            await kopf.operator(clusterwide=not args.namespace, namespaces=args.namespace, standalone=True,
+                                ready_flag=ready)
+        finally:
+            started.cancel()
+    finally:
+        if elector is not None:
+            # After kopf's cleanup (the ledger's shutdown flush): the next leader reads what we wrote
+            # and need not wait out the lease duration.
+            await asyncio.to_thread(elector.release)
+        await health.stop()
+
+
+async def _mark_serving(ready: asyncio.Event, health: HealthServer) -> None:
+    from .health import Phase
+
+    await ready.wait()
+    health.phase = Phase.SERVING
+
+
+def _fence(reason: str) -> None:
+    """The Lease is lost: another replica may be serving already. Stop at once, without the shutdown
+    flush (it could overwrite the new leader's ledger; usage reports are cumulative, so the next
+    report to the new leader carries whatever was not persisted). Kubernetes restarts us as a standby."""
+    log = logging.getLogger(__name__)
+    log.critical("lost the leader lease (%s): exiting so that only one replica serves", reason)
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(3)
