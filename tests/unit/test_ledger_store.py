@@ -214,3 +214,11 @@ def test_a_ledger_written_by_another_instance_is_recognised():
     assert not store.written_by_another(budget(ledger={"periodStart": START, "writer": "old-me"}))  # not yet rewritten
     assert not store.written_by_another(budget(**status))
     assert store.written_by_another(budget(ledger={"periodStart": START, "writer": "someone-else"}))
+
+
+def test_forecast_of_a_huge_budget_barely_used_is_none_not_an_overflow():
+    # 1 token of 10^12 after 21.5 days projects ~10^12 periods ahead: beyond timedelta's range.
+    store = LedgerStore()
+    entry = store.load(budget({**SPEC, "limits": {"tokens": {"total": 10**12}}}), NOW)
+    send(store, entry, body(1, used=(1, 0)))
+    assert store.status(entry, NOW)["forecastExhaustion"] is None

@@ -443,8 +443,10 @@ def _forecast(entry: BudgetEntry, now: datetime) -> str | None:
     elapsed = (now - start).total_seconds()
     if elapsed <= 0:
         return None
-    at = start + timedelta(seconds=elapsed / float(fraction))
-    return now_rfc3339(at) if at < end else None
+    to_exhaustion = elapsed / float(fraction)
+    if to_exhaustion >= (end - start).total_seconds():  # also keeps a tiny fraction from overflowing timedelta
+        return None
+    return now_rfc3339(start + timedelta(seconds=to_exhaustion))
 
 
 def replace_patch(old: Any, new: Any) -> Any:
