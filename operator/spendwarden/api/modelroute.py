@@ -6,6 +6,7 @@ from enum import Enum
 from pydantic import Field, model_validator
 
 from .common import ApiModel, Condition, Duration, LocalObjectReference, Money, SecretKeyRef, parse_duration
+from .spend import Escalation, Judge, LoopBreaker, ResponseCache, Tier, check_spend_references
 
 KIND = "ModelRoute"
 PLURAL = "modelroutes"
@@ -149,6 +150,16 @@ class ModelRouteSpec(ApiModel):
     downgradeBackend: str | None = Field(default=None, max_length=63,
                                          description="Backend used while a Downgrade budget is exceeded; default: the cheapest backend.")
     limits: RouteLimits | None = Field(default=None, description="Per-request caps.")
+    # Spending less for the same result (api/spend.py).
+    tiers: list[Tier] = Field(default_factory=list, max_length=8,
+                              description="Complexity routing: requests no rule matches go to the highest tier their "
+                                          "complexity score reaches (instead of defaultBackend). Cheapest first.")
+    judge: Judge | None = Field(default=None, description="A small model that decides requests scored near a tier boundary.")
+    escalation: Escalation | None = Field(default=None,
+                                          description="Retry once on the next tier when an answer fails a check; on by "
+                                                      "default when tiers are set.")
+    cache: ResponseCache | None = Field(default=None, description="Response cache for deterministic requests; off when unset.")
+    loopBreaker: LoopBreaker | None = Field(default=None, description="Refuse runaway repeats of one request; off when unset.")
 
     @model_validator(mode="after")
     def _references(self) -> "ModelRouteSpec":
@@ -183,6 +194,11 @@ class ModelRouteSpec(ApiModel):
         currencies = {b.pricing.currency for b in self.backends}
         if len(currencies) > 1:
             raise ValueError(f"all backends must price in one currency, got {', '.join(sorted(currencies))}")
+        return self
+
+    @model_validator(mode="after")
+    def _spend_references(self) -> "ModelRouteSpec":
+        check_spend_references(self, {b.name for b in self.backends})
         return self
 
 

@@ -45,6 +45,9 @@ Behaviours (all optional; later sources override earlier ones, field by field):
     prompt_tokens    x-mock-prompt-tokens       report this prompt/input token count
     completion_tokens x-mock-completion-tokens  report this completion/output token count
     cached_tokens    x-mock-cached-tokens       report this many cached prompt tokens
+    content          (script / per model only)  the answer's text instead of lorem ipsum (non-streamed answers)
+    refusal          (script / per model only)  refuse: OpenAI message.refusal = this text (content null),
+                                                Anthropic stop_reason "refusal" with this text (non-streamed)
 
 Recorded per request (never message contents, never credential headers): path, api, model, stream,
 include_usage, max_tokens, status, the headers minus anything credential-like, the usage reported to
@@ -95,6 +98,7 @@ _SECRET_MARKERS = ("auth", "key", "cookie", "secret", "token", "password")
 _INT_FIELDS = ("latency_ms", "chunk_delay_ms", "tokens", "status", "retry_after", "disconnect_after",
                "prompt_tokens", "completion_tokens", "cached_tokens")
 _BOOL_FIELDS = ("garbage", "hang")
+_STR_FIELDS = ("content", "refusal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +116,8 @@ class Behaviour:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None
+    content: str | None = None
+    refusal: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Behaviour":
@@ -124,6 +130,8 @@ class Behaviour:
                 continue
             if k in _BOOL_FIELDS:
                 values[k] = _truthy(v)
+            elif k in _STR_FIELDS:
+                values[k] = str(v)
             elif k in ("latency_ms", "chunk_delay_ms"):
                 values[k] = float(v)
             else:
@@ -443,8 +451,9 @@ class _Handlers:
                 self.record(request, "openai", req, b, 200, None, True)
                 return web.Response(body=b"<html>upstream exploded</html>", content_type=_JSON)
             if kind == "chat":
-                choice = {"index": 0, "message": {"role": "assistant", "content": _text(n), "refusal": None},
-                          "logprobs": None, "finish_reason": finish}
+                text = b.content if b.content is not None else _text(n)
+                choice = {"index": 0, "message": {"role": "assistant", "content": None if b.refusal else text,
+                                                  "refusal": b.refusal}, "logprobs": None, "finish_reason": finish}
                 obj = "chat.completion"
             else:
                 choice = {"index": 0, "text": _text(n), "logprobs": None, "finish_reason": finish}
@@ -571,8 +580,10 @@ class _Handlers:
             if b.garbage:
                 self.record(request, "anthropic", req, b, 200, None, True)
                 return web.Response(body=b"<html>upstream exploded</html>", content_type=_JSON)
+            text = b.refusal or (b.content if b.content is not None else _text(n))
             body = _dumps({"id": mid, "type": "message", "role": "assistant", "model": model,
-                           "content": [{"type": "text", "text": _text(n)}], "stop_reason": stop,
+                           "content": [{"type": "text", "text": text}],
+                           "stop_reason": "refusal" if b.refusal else stop,
                            "stop_sequence": None, "usage": usage})
             if b.disconnect_after is not None:
                 self.record(request, "anthropic", req, b, 200, None, False)

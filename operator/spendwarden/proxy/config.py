@@ -162,6 +162,7 @@ class RouteRt:
     max_prompt_tokens: int | None
     needs_estimate: bool
     budgets: list[BudgetRt] = field(default_factory=list)
+    spend: Any = None  # proxy.spend.RouteSpend: tiers, judge, escalation, cache, loop breaker; None when unused
 
 
 @dataclass(slots=True, eq=False)
@@ -208,12 +209,14 @@ def _route(name: str, spec: ModelRouteSpec) -> RouteRt:
     needs = any(r.min_tokens is not None or r.max_tokens is not None for r in rules) \
         or any(b.max_context is not None for b in backends.values()) \
         or bool(limits and limits.maxPromptTokens)
+    from .spend import compile_route_spend
+
     return RouteRt(name=name, alias=spec.model, backends=backends, rules=rules,
                    default=backends[spec.defaultBackend],
                    fallbacks=[backends[f] for f in spec.fallbacks], downgrade=downgrade,
                    max_tokens_cap=limits.maxTokens if limits else None,
                    max_prompt_tokens=limits.maxPromptTokens if limits else None,
-                   needs_estimate=needs)
+                   needs_estimate=needs, spend=compile_route_spend(spec, backends))
 
 
 def compile_config(cfg: ProxyConfig, namespace: str | None = None) -> Compiled:

@@ -22,6 +22,9 @@ DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 
+# gen_ai.provider.name well-known values (OpenTelemetry GenAI semantic conventions).
+OTEL_PROVIDER = {"OpenAI": "openai", "Anthropic": "anthropic", "OpenAICompatible": "openai_compatible"}
+
 BASE = ("namespace", "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
         "gen_ai_response_model", "route", "backend")
 TOKEN_TYPES = ("input", "output", "cached_input")
@@ -100,8 +103,8 @@ class _RequestCollector:
                 ttft.add_metric(labels, s.ttft.buckets(), s.ttft.sum)
             if sum(s.overhead.counts):
                 over.add_metric(labels, s.overhead.buckets(), s.overhead.sum)
-        req = CounterMetricFamily("spendwarden_requests", "Requests by outcome (ok, fallback, rejected, "
-                                  "upstream_error, client_closed).",
+        req = CounterMetricFamily("spendwarden_requests", "Requests by outcome (ok, fallback, escalated, cache_hit, "
+                                  "rejected, loop_detected, upstream_error, client_closed).",
                                   labels=("namespace", "route", "backend", "gen_ai_operation_name", "outcome", "status"))
         for key, n in list(self.m.requests.items()):
             req.add_metric(list(key), n)
@@ -149,8 +152,43 @@ class Metrics:
         self.ledger_fail_mode = Gauge("spendwarden_ledger_fail_mode_active",
                                       "1 while the budget's lease has expired with the ledger unreachable (failMode "
                                       "Open: enforcing locally; Closed: refusing).", ("namespace", "budget"), registry=r)
+        # Issue #7 (proxy/spend.py): only routes with tiers, a cache or a loop breaker touch these.
+        self.tier_selections = Counter("spendwarden_tier_selections",
+                                       "Requests routed by complexity, by tier and what decided (score or judge).",
+                                       ("namespace", "route", "tier", "source"), registry=r)
+        self.escalations = Counter("spendwarden_escalations",
+                                   "Requests retried on the next tier because the answer failed a check, by cause "
+                                   "(length, invalid_json, refusal, upstream_error).",
+                                   ("namespace", "route", "from_tier", "to_tier", "cause"), registry=r)
+        self.judge_calls = Counter("spendwarden_judge_calls",
+                                   "Judge decisions near a tier boundary, by result (ok, cached, unparsed, failed, "
+                                   "refused: the budget could not pay for it).", ("namespace", "route", "result"),
+                                   registry=r)
+        self.cache_lookups = Counter("spendwarden_cache_lookups",
+                                     "Response cache lookups of deterministic requests (hit, miss) and answers stored.",
+                                     ("namespace", "route", "result"), registry=r)
+        self.cache_savings = Counter("spendwarden_cache_savings",
+                                     "Money not spent thanks to cache hits (what the cached answers cost).",
+                                     ("namespace", "route", "currency"), registry=r)
+        self.loops_detected = Counter("spendwarden_loops_detected",
+                                      "Requests refused with 429 loop_detected (the same request repeated too often).",
+                                      ("namespace", "route"), registry=r)
         self.ledger_waits = Counter("spendwarden_ledger_lease_waits",
                                     "Requests that waited for a bigger lease, by result.", ("result",), registry=r)
+
+    def attempt(self, namespace: str, operation: str, backend: Any, route: Any, usage: Any, cost: Any) -> None:
+        """Tokens and cost of an upstream call that is not the request's final answer (an escalated
+        first attempt, a judge call), so that spendwarden_cost stays the whole spend."""
+        base = (namespace, operation, OTEL_PROVIDER.get(backend.provider, backend.provider), route.alias,
+                backend.model, route.name, backend.name)
+        s = self.series.get(base)
+        if s is None:
+            s = self.series[base] = _Series(backend.prices.currency)
+        s.tokens[0].observe(usage.input_tokens)
+        s.tokens[1].observe(usage.output_tokens)
+        if usage.cached_input_tokens:
+            s.tokens[2].observe(usage.cached_input_tokens)
+        s.cost += float(cost)
 
     def request(self, base: tuple[str, ...] | None, currency: str, req_key: tuple[str, ...], outcome: str,
                 duration: float, usage: Any, cost: float | None, ttft: float | None, overhead: float | None) -> None:

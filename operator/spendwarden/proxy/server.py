@@ -29,7 +29,8 @@ from .config import ANTHROPIC, OPENAI, BackendRt, Compiled, ConfigError, RouteRt
     parse_config_text, secrets_fingerprint
 from .errors import ProxyError, error_body, stream_error_event
 from .ledger_client import LedgerClient
-from .metrics import Metrics
+from .metrics import OTEL_PROVIDER, Metrics
+from . import spend
 from .translate import ChatStreamTranslator, StreamTranslator, chat_to_message, chat_to_messages, \
     error_to_anthropic, error_to_openai, message_to_chat, messages_to_chat
 from .wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, OPERATION, anthropic_usage, bad, check_request, \
@@ -49,8 +50,6 @@ _DROP_HEADERS = frozenset((
     "authorization", "x-api-key", "api-key", "proxy-authorization", "cookie", "host", "content-length",
     "content-type", "accept", "accept-encoding", "connection", "keep-alive", "transfer-encoding", "te",
     "upgrade", "expect", "proxy-connection", "trailer"))
-# gen_ai.provider.name well-known values (OpenTelemetry GenAI semantic conventions).
-_OTEL_PROVIDER = {"OpenAI": "openai", "Anthropic": "anthropic", "OpenAICompatible": "openai_compatible"}
 _PASS_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "retry-after")
 
 
@@ -91,6 +90,7 @@ class Ctx:
     translating: bool = False
     upstream_api: str = CHAT
     partial: bool = False  # usage = the provider's input numbers + the reserved output
+    sp: Any = None  # spend.SpendReq when the route has tiers, a cache or a loop breaker
 
 
 def parse_tags(value: str | None) -> dict[str, str] | None:
@@ -218,6 +218,8 @@ class Proxy:
             if b.missing_credentials:
                 log.warning("route %s backend %s: no API key found for secret %s", b.route, b.name,
                             b.missing_credentials)
+        if self.compiled is not None:
+            spend.carry_over(self.compiled.routes, compiled.routes)
         self.compiled = compiled
         self.metrics.config_reloads.labels("initial" if initial else "ok").inc()
         log.info("configuration loaded: namespace %s, %d routes, %d budgets", compiled.namespace,
@@ -421,7 +423,7 @@ class Proxy:
     async def serve(self, request: web.Request, api: str, fmt: str) -> web.StreamResponse:
         ctx = Ctx(api=api, fmt=fmt, t0=time.perf_counter())
         try:
-            resp = await self._serve(request, ctx)
+            resp = await self._serve_escalating(request, ctx)
         except ProxyError as exc:
             ctx.status, ctx.outcome, ctx.error = exc.status, exc.outcome, exc.message
             resp = web.Response(status=exc.status, headers=exc.headers, content_type="application/json",
@@ -432,6 +434,36 @@ class Proxy:
             resp = web.Response(status=500, content_type="application/json",
                                 body=error_body(fmt, 500, "internal proxy error"))
         self._record(ctx)
+        return resp
+
+    async def _serve_escalating(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
+        """One pass; for a route with tiers, a second one on the next tier when the first answer failed
+        a check (spend.py); then the response cache keeps a deterministic answer."""
+        try:
+            resp: web.StreamResponse | None = await self._serve(request, ctx)
+            failure = None
+        except ProxyError as exc:
+            if ctx.sp is None:
+                raise
+            resp, failure = None, exc
+        if ctx.sp is None:
+            return resp  # type: ignore[return-value]
+        assert self.compiled is not None
+        route = self.compiled.routes.get(ctx.alias or "")
+        cause = spend.escalation_cause(ctx, route, resp, failure)
+        if cause is not None:
+            assert route is not None
+            log.info("route %s: escalating to the next tier (%s)", route.name, cause.value)
+            spend.begin_escalation(self, ctx, route, cause)
+            resp = await self._serve(request, ctx)
+            failure = None
+            if ctx.outcome in ("ok", "fallback"):
+                ctx.outcome = "escalated"
+        if failure is not None:
+            raise failure
+        assert resp is not None
+        if route is not None:
+            spend.store(self, ctx, route, resp)
         return resp
 
     async def _estimate(self, api: str, body: dict[str, Any]) -> int:
@@ -479,13 +511,25 @@ class Proxy:
                                   f"(known aliases: {known})", code="model_not_found", param="model")
         ctx.route = route.name
         ctx.budgets = [b.name for b in route.budgets]
+        if route.spend is not None:
+            if ctx.sp is None:  # not on an escalation's second pass
+                ctx.sp = spend.begin(self, route, api, alias, body, request.headers)  # may refuse: a loop
+                hit = spend.cached_response(self, ctx, route, stream)
+                if hit is not None:
+                    return hit
+            else:
+                ctx.sp.body = body
         est = await self._estimate(api, body) if route.needs_estimate else None
         ctx.est = est
         if est is not None and route.max_prompt_tokens is not None and est > route.max_prompt_tokens:
             raise bad(f"the prompt has about {est} tokens, more than this route's maxPromptTokens "
                       f"({route.max_prompt_tokens})", "messages", "prompt_too_long")
         selected, _rule = select_backend(route, request.headers, est, tools)
-        candidates = [selected] + [b for b in route.fallbacks if b is not selected]
+        tier = await spend.choose_tier(self, ctx, route, api, est) if route.spend is not None and _rule == "default" \
+            else None
+        if tier:
+            selected = tier[0]
+        candidates = (tier or [selected]) + [b for b in route.fallbacks if b not in (tier or [selected])]
         # Chat requests cross formats (OpenAI chat <-> Anthropic messages); completions/embeddings do not.
         crosses = api in (CHAT, MESSAGES)
 
@@ -527,6 +571,8 @@ class Proxy:
         # Reserve a little more prompt than estimated: providers count with their own tokenizers and
         # chat templates, and a reservation below the real usage could let concurrent requests overshoot.
         reserve_in = est + est // 10 + 4 if est is not None else 0
+        if ctx.sp is not None:
+            spend.start_capture(ctx, route)
         last: _Retry | None = None
         for i, backend in enumerate(usable):
             try:  # may raise 429 (503: a Closed budget without a lease)
@@ -770,6 +816,7 @@ class Proxy:
         failure: str | None = None
         client_gone = False
         loads = orjson.loads
+        capture = ctx.sp.capture if ctx.sp is not None else None  # for the response cache
         try:
             async for chunk in resp.content.iter_any():
                 buf += chunk
@@ -844,12 +891,17 @@ class Proxy:
                 if keep:
                     if ctx.ttft is None:
                         ctx.ttft = time.perf_counter() - ctx.t0
+                    data = keep[0] if len(keep) == 1 else b"".join(keep)
+                    if capture is not None:
+                        capture += data
                     try:
-                        await out.write(keep[0] if len(keep) == 1 else b"".join(keep))
+                        await out.write(data)
                     except (ConnectionError, RuntimeError):
                         client_gone = True
                         break
             if not client_gone and buf.strip():
+                if capture is not None:
+                    capture += buf
                 try:
                     await out.write(bytes(buf))
                 except (ConnectionError, RuntimeError):
@@ -898,7 +950,7 @@ class Proxy:
         route = ctx.route or ""
         base = None
         if ctx.route is not None and b is not None:
-            base = (ns, op, _OTEL_PROVIDER.get(b.provider, b.provider), ctx.alias or "", b.model, route, b.name)
+            base = (ns, op, OTEL_PROVIDER.get(b.provider, b.provider), ctx.alias or "", b.model, route, b.name)
         self.metrics.request(
             base, b.prices.currency if b else "", (ns, route, b.name if b else "", op, ctx.outcome, str(ctx.status)),
             ctx.outcome, dur, ctx.usage if ctx.usage_known else None,
@@ -943,6 +995,8 @@ class Proxy:
             line["tags"] = ctx.tags
         if ctx.error:
             line["error"] = ctx.error
+        if ctx.sp is not None:
+            spend.log_fields(ctx, line)
         try:
             self._out.write(orjson.dumps(line) + b"\n")
         except (OSError, ValueError):
