@@ -120,6 +120,11 @@ def traffic_proxy(start_proxy) -> Iterator[tuple[Any, MockUpstream]]:
         proxy = start_proxy(stream_of(
             route_yaml("chat", "chat", [backend("primary", up.openai_url), backend("spare", up.openai_url, "gpt-b")],
                        fallbacks=["spare"]),
+            route_yaml("tiered", "tiered", [backend("small", up.openai_url, "mock-small"),
+                                            backend("large", up.openai_url, "mock-large")],
+                       tiers=[{"name": "small", "backends": ["small"]},
+                              {"name": "large", "backends": ["large"], "minScore": 40}],
+                       cache={"ttl": "1h"}, loopBreaker={"maxRepeats": 2, "window": "1h"}),
             budget_yaml("monthly", period={"type": "Monthly"},
                         limits={"cost": {"amount": "100"}, "tokens": {"total": 1000000}}),
         ))
@@ -135,6 +140,13 @@ def traffic_proxy(start_proxy) -> Iterator[tuple[Any, MockUpstream]]:
         up.script({"status": 500})  # the primary fails once: a fallback and an upstream failure
         r = client.chat.completions.with_raw_response.create(model="chat", messages=msgs)
         assert r.headers["x-spendwarden-backend"] == "spare"
+        # Issue #7: an escalation (the small tier fails once), a cache hit, a refused loop.
+        up.script({"status": 500})
+        client.chat.completions.create(model="tiered", messages=msgs)
+        for _ in range(2):
+            client.chat.completions.create(model="tiered", messages=msgs, temperature=0)
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="tiered", messages=msgs, temperature=0)
         yield proxy, up
 
 

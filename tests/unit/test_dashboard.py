@@ -33,7 +33,8 @@ PENDING_METRICS = {"spendwarden_tagged_cost_total"}
 
 REQUIRED_PANELS = {"Cost by team (namespace)", "Cost by route", "Cost by backend", "Cost by tag (scenario)",
                    "Tokens by type", "p95 request latency", "p95 time to first token", "Fallback rate",
-                   "Escalation rate", "Remaining budget", "Forecast: budgets projected to run out"}
+                   "Escalation rate", "Escalations by cause", "Tier chosen", "Cache savings",
+                   "Cache hit rate and loops refused", "Remaining budget", "Forecast: budgets projected to run out"}
 
 
 # -- helpers (shared with tests/proxy/test_prometheus.py) --------------------------------------------------
@@ -264,8 +265,7 @@ def test_every_query_parses_and_names_only_real_series():
 
 def test_pending_panels_say_so():
     panels = {p["title"]: p for p in all_panels(load_dashboard())}
-    assert panels["Escalation rate"]["description"].startswith("PENDING:")
-    assert "routing issue" in panels["Escalation rate"]["description"]
+    assert not panels["Escalation rate"]["description"].startswith("PENDING:")  # the proxy escalates now
     assert panels["Cost by tag (scenario)"]["description"].startswith("PENDING:")
 
 

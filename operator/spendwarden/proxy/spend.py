@@ -185,7 +185,7 @@ def cached_response(proxy: Any, ctx: Any, route: RouteRt, stream: bool) -> web.R
 def store(proxy: Any, ctx: Any, route: RouteRt, resp: web.StreamResponse) -> None:
     """Keep a complete, successful answer (called once the response is final)."""
     rs, sp = route.spend, ctx.sp
-    if rs is None or rs.cache is None or not sp.cacheable or ctx.status != 200 or ctx.error is not None \
+    if rs is None or rs.cache is None or not sp.cacheable or sp.cache == "hit" or ctx.status != 200 or ctx.error is not None \
             or ctx.backend is None or ctx.partial or not ctx.usage_known:
         return
     if ctx.stream:
