@@ -191,9 +191,11 @@ def test_the_service_account_gets_exactly_the_rbac_it_needs(chart, control_plane
         ("list", "namespaces", "", None, None, None),
         ("patch", "namespaces", "", None, None, team),
         ("watch", "customresourcedefinitions", "apiextensions.k8s.io", None, None, None),
-        ("create", "networkpolicies", "networking.k8s.io", team, None, None),
-        ("patch", "deployments", "apps", team, "scale", None),
-        ("get", "statefulsets", "apps", team, "scale", None),
+        ("get", "namespaces", "", None, None, team),
+        *(((v, "networkpolicies", "networking.k8s.io", team, None, n) for v, n in (
+            ("get", "spendwarden-cut-off"), ("list", None), ("create", None), ("patch", "spendwarden-cut-off"),
+            ("delete", "spendwarden-cut-off")))),
+        *((v, w, "apps", team, "scale", None) for v in ("get", "patch") for w in ("deployments", "statefulsets")),
         ("create", "tokenreviews", "authentication.k8s.io", None, None, None),
         ("update", "leases", "coordination.k8s.io", namespace, None, None),
         ("create", "secrets", "", namespace, None, None),
@@ -208,6 +210,8 @@ def test_the_service_account_gets_exactly_the_rbac_it_needs(chart, control_plane
         ("create", "pods", "", team, None, None),
         ("delete", "namespaces", "", None, None, team),
         ("patch", "deployments", "apps", team, None, None),  # scale only, not the spec
+        ("update", "statefulsets", "apps", team, None, None),
+        ("delete", "deployments", "apps", team, None, None),
         ("update", "leases", "coordination.k8s.io", team, None, None),  # leases only at home
         ("patch", "validatingwebhookconfigurations", "admissionregistration.k8s.io", None, None, "another-webhook"),
         ("create", "customresourcedefinitions", "apiextensions.k8s.io", None, None, None),

@@ -206,10 +206,10 @@ NEEDED_CLUSTER = {
     ("", "events", "create"), ("", "events", "patch"),
     ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
     *(("", "configmaps", v) for v in ("get", "list", "watch", "create", "update", "patch", "delete")),
-    ("", "namespaces", "list"), ("", "namespaces", "watch"), ("", "namespaces", "patch"),
+    *(("", "namespaces", v) for v in ("get", "list", "watch", "patch")),
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
-    *(("networking.k8s.io", "networkpolicies", v) for v in ("create", "patch", "delete")),
+    *(("networking.k8s.io", "networkpolicies", v) for v in ("get", "list", "create", "patch", "delete")),
     *(("apps", r, v) for r in ("deployments/scale", "statefulsets/scale") for v in ("get", "patch")),
     ("authentication.k8s.io", "tokenreviews", "create"),
 }
@@ -248,6 +248,9 @@ def test_rbac_is_least_privilege_without_wildcards(chart):
         assert not any(g == "spendwarden.io" and v in ("create", "delete") for g, _, v in cluster)
         assert not any(g == "apiextensions.k8s.io" and v not in ("list", "watch") for g, _, v in cluster)
         assert not any(r == "pods" for _, r, _ in cluster)
+        # Workloads only through their scale subresource; namespaces never deleted.
+        assert not any(g == "apps" and "/" not in r for g, r, _ in cluster)
+        assert ("", "namespaces", "delete") not in cluster
         if values is None:
             assert not any(g == "admissionregistration.k8s.io" for g, _, _ in cluster)
             assert not any(r == "secrets" for _, r, _ in role)

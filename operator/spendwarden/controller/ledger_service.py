@@ -36,6 +36,7 @@ from ..ledger.store import BudgetEntry, LedgerStore, ReportError, parse_report, 
 from ..render.status import LEDGER_FIELDS
 from .alerts import WebhookSender, WebhookSettings
 from .bodies import plain
+from .cutoff import CutOffController
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ class LedgerService:
         self._events: set[asyncio.Task] = set()
         self.alerts = WebhookSender(WebhookSettings.from_env())
         self.port: int | None = None
+        self.cutoff = CutOffController(self)  # NetworkPolicy, label, scale-to-zero of exhausted CutOff budgets
 
     # lifecycle
 
@@ -229,6 +231,7 @@ class LedgerService:
         await site.start()
         self.port = self.config.port
         self._ticker = asyncio.create_task(self._tick_forever(), name="spendwarden-ledger-tick")
+        await self.cutoff.start()
         log.info("ledger service listening", extra={"addr": self.config.addr, "port": self.config.port,
                                                     "auth": "none" if self.config.insecure else "TokenReview"})
 
@@ -239,6 +242,7 @@ class LedgerService:
             self._runner = None
         if self._ticker is not None:
             self._ticker.cancel()
+        await self.cutoff.stop()
         for key, entry in list(self.store.entries.items()):
             st = self._state(entry)
             if st.task is not None:
@@ -308,6 +312,7 @@ class LedgerService:
                 answers[name] = {"error": "unknown budget"}
                 continue
             answers[name], wait = self.store.report(entry, report.proxy_id, report.seq, rep, now_ts, now)
+            self.cutoff.observe(entry)  # at once, not after the flush: the cut-off latency
             if wait > entry.persisted:
                 waits.append((entry, wait))
         for entry in {id(e): e for e, _ in waits}.values():
@@ -344,6 +349,7 @@ class LedgerService:
                                                     "proxies": len(entry.current.ledger.proxies)})
             if entry.dirty:
                 self._request_flush(entry, urgent=False)
+            self.cutoff.observe(entry)
             return entry
 
     def observe(self, event_type: str | None, obj: dict[str, Any]) -> None:
@@ -353,6 +359,7 @@ class LedgerService:
             self.store.forget(ns, name)
             self._flush.pop((ns, name), None)
             self._drop_gauges(ns, name)
+            self.cutoff.forget(ns, name)
             return
         self._unknown.pop((ns, name), None)
         if self.store.written_by_another(obj):
@@ -447,6 +454,7 @@ class LedgerService:
             task.add_done_callback(self._event_done)
             self.alerts.announce(entry, reason, message)
         self._gauges(entry, forecast_exceeded)
+        self.cutoff.observe(entry)  # a period reset or a raised limit lifts the cut-off
 
     def _gauges(self, entry: BudgetEntry, forecast_exceeded: bool) -> None:
         """The metric contract of the chart's PrometheusRule (templates/prometheusrule.yaml)."""

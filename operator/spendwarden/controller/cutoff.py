@@ -1,0 +1,438 @@
+"""Applies and reverses the namespace cut-off of exhausted CutOff budgets (render/cutoff.py decides).
+
+Level-triggered: `CutOffController.notify(ns)` recomputes the namespace's desired cut-off from the
+ledger's budgets and the namespace's ModelRoutes and makes the apiserver match it, idempotently:
+  - NetworkPolicy spendwarden-cut-off: server-side apply, or deleted;
+  - namespace label spendwarden.io/cut-off=true (and spendwarden.io/cut-off-budgets), or removed;
+  - the namespace's own inference workloads held at 0 replicas through the scale subresource, their
+    replicas remembered in the namespace annotation spendwarden.io/replicas-before-cut-off (written
+    BEFORE scaling, so a crash cannot lose them) and restored when lifted.
+The ledger service notifies on every report, flush, load and deletion of a budget (a flush follows
+each period reset and spec change: a raised limit); a ModelRoute event re-applies a cut namespace;
+at start the labelled namespaces are re-examined (reversals owed from before a restart) and cut
+namespaces are resynced every RESYNC seconds (DNS answers change, someone scales back up). Failures
+are logged and retried with backoff, never raised.
+
+Remembering replicas on the namespace, not the workload, keeps the operator's rights to the scale
+subresource (it may not patch Deployment specs). `scale_to_zero` and `restore_replicas` are the
+only functions that touch replica counts here, for the scaling controller (issue #5) to share.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import kopf
+
+from .. import GROUP, VERSION
+from ..api import modelroute, tokenbudget
+from ..api.common import now_rfc3339
+from ..ledger.store import BudgetEntry
+from ..render.cutoff import (BUDGETS_ANNOTATION, NAME_LABEL, NAMESPACE_LABEL, POLICY_NAME, BudgetCut,
+                             CutOffSettings, DesiredCutOff, Workload, desired_cut_off)
+from ..render.proxyconfig import render_proxy_config, validate_spec
+
+log = logging.getLogger(__name__)
+
+REPLICAS_ANNOTATION = "spendwarden.io/replicas-before-cut-off"
+FIELD_MANAGER = "spendwarden"
+RESYNC = float(os.environ.get("SPENDWARDEN_CUTOFF_RESYNC") or 30)
+RETRY_MIN, RETRY_MAX = 2.0, 60.0
+
+
+def budget_cut(entry: BudgetEntry) -> BudgetCut:
+    return BudgetCut(entry.name, entry.uid, tuple(entry.spec.routes),
+                     entry.spec.onExceeded == tokenbudget.OnExceeded.CUT_OFF and entry.current.ledger.exhausted())
+
+
+def settings_from_env() -> CutOffSettings:
+    protected = {"kube-system"}
+    if os.environ.get("SPENDWARDEN_POD_NAMESPACE"):
+        protected.add(os.environ["SPENDWARDEN_POD_NAMESPACE"])
+    cidrs = tuple(c.strip() for c in (os.environ.get("SPENDWARDEN_CUTOFF_CLUSTER_CIDRS") or "").split(",") if c.strip())
+    return CutOffSettings(protected_namespaces=frozenset(protected), protected_cidrs=_apiserver_cidrs(),
+                          cluster_cidrs=cidrs)
+
+
+def _apiserver_cidrs() -> tuple[str, ...]:
+    """The apiserver's addresses (the in-cluster Service IP and the kubeconfig's host)."""
+    from urllib.parse import urlsplit
+
+    from . import kube
+    hosts = {os.environ.get("KUBERNETES_SERVICE_HOST") or "", urlsplit(kube.api_client().configuration.host).hostname or ""}
+    out = []
+    for host in filter(None, hosts):
+        try:
+            out += [f"{a}/{32 if ':' not in a else 128}" for a in resolve(host)]
+        except OSError:
+            pass
+    return tuple(sorted(set(out)))
+
+
+def resolve(host: str) -> list[str]:
+    return sorted({info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)})
+
+
+# -- apiserver I/O (blocking; run in threads) ----------------------------------------------------------
+
+def _apis() -> tuple[Any, Any, Any, Any]:
+    from kubernetes import client
+
+    from . import kube
+    api = kube.api_client()
+    return client.CoreV1Api(api), client.NetworkingV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+
+
+def _not_found(exc: Exception) -> bool:
+    return getattr(exc, "status", None) == 404
+
+
+def read_namespace(namespace: str) -> dict[str, Any] | None:
+    core = _apis()[0]
+    try:
+        return core.api_client.sanitize_for_serialization(core.read_namespace(namespace))
+    except Exception as exc:
+        if _not_found(exc):
+            return None
+        raise
+
+
+def namespace_exists(namespace: str) -> bool:
+    return read_namespace(namespace) is not None
+
+
+def list_routes(namespace: str) -> list[dict[str, Any]]:
+    return _apis()[3].list_namespaced_custom_object(GROUP, VERSION, namespace, modelroute.PLURAL)["items"]
+
+
+def list_budgets(namespace: str) -> list[dict[str, Any]]:
+    return _apis()[3].list_namespaced_custom_object(GROUP, VERSION, namespace, tokenbudget.PLURAL)["items"]
+
+
+def cut_namespaces() -> list[str]:
+    items = _apis()[0].list_namespace(label_selector=f"{NAMESPACE_LABEL}=true").items
+    return [ns.metadata.name for ns in items]
+
+
+def _patch_namespace(namespace: str, labels: dict[str, Any] | None = None,
+                     annotations: dict[str, Any] | None = None) -> None:
+    meta = {k: v for k, v in (("labels", labels), ("annotations", annotations)) if v}
+    if meta:
+        _apis()[0].patch_namespace(namespace, {"metadata": meta})
+
+
+def apply_policy(manifest: dict[str, Any]) -> None:
+    meta = manifest["metadata"]
+    _apis()[1].patch_namespaced_network_policy(meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER,
+                                               force=True, _content_type="application/apply-patch+yaml")
+
+
+def delete_policy(namespace: str) -> bool:
+    try:
+        _apis()[1].delete_namespaced_network_policy(POLICY_NAME, namespace)
+        return True
+    except Exception as exc:
+        if _not_found(exc):
+            return False
+        raise
+
+
+def remembered_replicas(namespace_obj: dict[str, Any] | None) -> dict[str, int]:
+    """Workload key ("Deployment/name") -> replicas before the cut-off, from the namespace."""
+    raw = (((namespace_obj or {}).get("metadata") or {}).get("annotations") or {}).get(REPLICAS_ANNOTATION)
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        log.warning("unreadable %s annotation ignored", REPLICAS_ANNOTATION)
+        return {}
+    return {k: int(v) for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)} if isinstance(data, dict) else {}
+
+
+def _remember(namespace: str, remembered: dict[str, int]) -> None:
+    _patch_namespace(namespace, annotations={
+        REPLICAS_ANNOTATION: json.dumps(remembered, sort_keys=True, separators=(",", ":")) if remembered else None})
+
+
+def _scale_api(kind: str) -> tuple[Any, Any]:
+    apps = _apis()[2]
+    if kind == "StatefulSet":
+        return apps.read_namespaced_stateful_set_scale, apps.patch_namespaced_stateful_set_scale
+    return apps.read_namespaced_deployment_scale, apps.patch_namespaced_deployment_scale
+
+
+def scale_to_zero(namespace: str, workloads: Iterable[Workload], remembered: dict[str, int]) -> list[str]:
+    """Hold the workloads at 0 replicas; `remembered` (updated in place and on the namespace first)
+    keeps what they had. Returns notes about workloads that do not exist."""
+    notes = []
+    for w in workloads:
+        read, patch = _scale_api(w.kind)
+        try:
+            replicas = read(w.name, namespace).spec.replicas or 0
+        except Exception as exc:
+            if _not_found(exc):
+                notes.append(f"{w.key} not found: not scaled")
+                continue
+            raise
+        if w.key not in remembered:
+            remembered[w.key] = replicas
+            _remember(namespace, remembered)
+        if replicas != 0:
+            patch(w.name, namespace, {"spec": {"replicas": 0}})
+            log.info("workload scaled to 0 (cut-off)", extra={"namespace": namespace, "workload": w.key, "was": replicas})
+    return notes
+
+
+def restore_replicas(namespace: str, keys: Iterable[str], remembered: dict[str, int]) -> None:
+    """Give the workloads back the replicas they had before the cut-off and forget them (a workload
+    someone scaled up meanwhile keeps its count; a deleted one is just forgotten)."""
+    for key in sorted(keys):
+        w = Workload.from_key(key)
+        read, patch = _scale_api(w.kind)
+        try:
+            if (read(w.name, namespace).spec.replicas or 0) == 0 and remembered[key]:
+                patch(w.name, namespace, {"spec": {"replicas": remembered[key]}})
+                log.info("workload scale restored (cut-off lifted)",
+                         extra={"namespace": namespace, "workload": key, "replicas": remembered[key]})
+        except Exception as exc:
+            if not _not_found(exc):
+                raise
+        del remembered[key]
+        _remember(namespace, remembered)
+
+
+def post_budget_event(namespace: str, name: str, uid: str | None, reason: str, message: str) -> None:
+    from kubernetes import client
+
+    from . import kube
+    now = now_rfc3339()
+    involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": tokenbudget.KIND, "name": name, "namespace": namespace}
+    client.CoreV1Api(kube.api_client()).create_namespaced_event(namespace, {
+        "metadata": {"generateName": f"{name}.", "namespace": namespace},
+        "involvedObject": {**involved, **({"uid": uid} if uid else {})},
+        "reason": reason, "message": message[:1024], "type": "Warning",
+        "source": {"component": "spendwarden-cut-off"}, "reportingComponent": "spendwarden.io/cut-off",
+        "reportingInstance": socket.gethostname(), "firstTimestamp": now, "lastTimestamp": now, "count": 1})
+
+
+def apply_cut_off(desired: DesiredCutOff, namespace_obj: dict[str, Any]) -> list[str]:
+    """Make the apiserver match `desired`; returns what changed (for Events and logs)."""
+    ns = desired.namespace
+    meta = namespace_obj.get("metadata") or {}
+    was_cut = (meta.get("labels") or {}).get(NAMESPACE_LABEL) == "true"
+    remembered = remembered_replicas(namespace_obj)
+    changes: list[str] = []
+    if desired.cut:
+        # Fastest effect first: the policy, then the label, then the (slow to drain) scale-down.
+        for other in desired.denied_namespaces:  # Kubernetes 1.20 does not set the label itself
+            try:
+                _patch_namespace(other, labels={NAME_LABEL: other})
+            except Exception as exc:
+                if not _not_found(exc):
+                    raise
+        if desired.policy is not None:
+            apply_policy(desired.policy)
+        elif delete_policy(ns):
+            changes.append("policy deleted")
+        budgets = ",".join(b.name for b in desired.budgets)
+        if not was_cut or meta.get("annotations", {}).get(BUDGETS_ANNOTATION) != budgets:
+            _patch_namespace(ns, labels={NAMESPACE_LABEL: "true"}, annotations={BUDGETS_ANNOTATION: budgets})
+            changes.append("cut")
+        keep = {w.key for w in desired.workloads}
+        restore_replicas(ns, [k for k in remembered if k not in keep], remembered)
+        desired.notes.extend(scale_to_zero(ns, desired.workloads, remembered))
+    else:
+        restore_replicas(ns, list(remembered), remembered)
+        if delete_policy(ns):
+            changes.append("policy deleted")
+        if was_cut or BUDGETS_ANNOTATION in (meta.get("annotations") or {}):
+            _patch_namespace(ns, labels={NAMESPACE_LABEL: None}, annotations={BUDGETS_ANNOTATION: None})
+            changes.append("lifted")
+    return changes
+
+
+# -- the controller ------------------------------------------------------------------------------------
+
+class LedgerView(Protocol):
+    """What the controller needs of controller/ledger_service.LedgerService."""
+
+    store: Any
+    config: Any  # LedgerConfig: .serves(namespace)
+
+    async def _entry(self, namespace: str, name: str) -> BudgetEntry | None: ...
+
+
+@dataclass
+class _Namespace:
+    task: asyncio.Task | None = None
+    again: bool = False
+    failures: int = 0
+    retry_at: float = 0.0
+
+
+@dataclass
+class CutOffController:
+    ledger: LedgerView
+    settings: CutOffSettings | None = None  # from the environment at start()
+    started: bool = False
+    seen: dict[tuple[str, str], BudgetCut] = field(default_factory=dict)
+    cut: set[str] = field(default_factory=set)     # namespaces cut off as last applied
+    _ns: dict[str, _Namespace] = field(default_factory=dict)
+    _loop: asyncio.Task | None = None
+    applied_at: dict[str, float] = field(default_factory=dict)  # namespace -> time.time() of the last cut
+
+    async def start(self) -> None:
+        self.started = True
+        if self.settings is None:
+            self.settings = await asyncio.to_thread(settings_from_env)
+        self._loop = asyncio.create_task(self._resync_forever(), name="spendwarden-cut-off-resync")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._loop, *(s.task for s in self._ns.values())) if t is not None]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+    # triggers (cheap: called on every report)
+
+    def observe(self, entry: BudgetEntry) -> None:
+        """A budget's ledger changed: re-examine its namespace if its part in a cut-off changed."""
+        key, cut = (entry.namespace, entry.name), budget_cut(entry)
+        before = self.seen.get(key)
+        self.seen[key] = cut
+        if cut != before and (before is not None or cut.cut):
+            self.notify(entry.namespace)
+
+    def forget(self, namespace: str, name: str) -> None:
+        before = self.seen.pop((namespace, name), None)
+        if (before is not None and before.cut) or namespace in self.cut:
+            self.notify(namespace)
+
+    def notify(self, namespace: str) -> None:
+        if not self.started or not self.ledger.config.serves(namespace):
+            return  # another operator instance (other --namespace patterns) owns it
+        st = self._ns.setdefault(namespace, _Namespace())
+        if st.task is not None and not st.task.done():
+            st.again = True
+            return
+        st.task = asyncio.create_task(self._run(namespace), name=f"cut-off-{namespace}")
+
+    # reconcile
+
+    async def _run(self, namespace: str) -> None:
+        st = self._ns[namespace]
+        while True:
+            st.again = False
+            try:
+                await self.reconcile(namespace)
+                st.failures, st.retry_at = 0, 0.0
+            except Exception as exc:  # noqa: BLE001 - retried by the resync loop with backoff
+                st.failures += 1
+                st.retry_at = time.monotonic() + min(RETRY_MAX, RETRY_MIN * 2 ** (st.failures - 1))
+                log.warning("cut-off of namespace %s failed (%s %s); retrying", namespace, type(exc).__name__,
+                            getattr(exc, "status", "") or "", extra={"namespace": namespace})
+            if not st.again:
+                break
+        if not st.failures and namespace not in self.cut:
+            self._ns.pop(namespace, None)
+
+    async def budgets(self, namespace: str) -> list[BudgetCut]:
+        """The namespace's CutOff budgets as the ledger sees them; one with persisted usage that the
+        ledger has not loaded yet (just after a restart) is loaded first."""
+        out = []
+        for obj in await asyncio.to_thread(list_budgets, namespace):
+            name = obj["metadata"]["name"]
+            spec, problem = validate_spec(tokenbudget.KIND, obj.get("spec"))
+            if problem is not None or spec.onExceeded != tokenbudget.OnExceeded.CUT_OFF:
+                continue
+            entry = self.ledger.store.get(namespace, name)
+            if entry is None and (obj.get("status") or {}).get("ledger"):
+                entry = await self.ledger._entry(namespace, name)
+            if entry is not None:
+                cut = budget_cut(entry)
+                self.seen[(namespace, name)] = cut
+                out.append(cut)
+        return out
+
+    async def reconcile(self, namespace: str) -> DesiredCutOff:
+        settings = self.settings or CutOffSettings()
+        ns_obj = await asyncio.to_thread(read_namespace, namespace)
+        if ns_obj is None or (ns_obj.get("metadata") or {}).get("deletionTimestamp"):
+            self.cut.discard(namespace)
+            return DesiredCutOff(namespace, cut=False)
+        budgets = await self.budgets(namespace)
+        routes: list[Any] = []
+        if any(b.cut for b in budgets):
+            objs = await asyncio.to_thread(list_routes, namespace)
+            routes = [r.spec for r in render_proxy_config(namespace, objs, []).config.routes]
+        desired = await asyncio.to_thread(desired_cut_off, namespace, budgets, routes, resolve, namespace_exists, settings)
+        changes = await asyncio.to_thread(apply_cut_off, desired, ns_obj)
+        if desired.cut:
+            if namespace not in self.cut:
+                self.applied_at[namespace] = time.time()
+            self.cut.add(namespace)
+        else:
+            self.cut.discard(namespace)
+        if changes:
+            log.warning(desired.message(), extra={"namespace": namespace, "changes": changes})
+            await asyncio.to_thread(self._events, desired, ns_obj, changes)
+        return desired
+
+    def _events(self, desired: DesiredCutOff, ns_obj: dict[str, Any], changes: list[str]) -> None:
+        if "cut" in changes:
+            targets = [(b.name, b.uid) for b in desired.budgets]
+            reason = "NamespaceCutOff"
+        elif "lifted" in changes:
+            names = ((ns_obj.get("metadata") or {}).get("annotations") or {}).get(BUDGETS_ANNOTATION) or ""
+            targets = [(n, None) for n in names.split(",") if n]
+            for i, (n, _) in enumerate(targets):
+                entry = self.ledger.store.get(desired.namespace, n)
+                targets[i] = (n, entry.uid if entry is not None else None)
+            reason = "CutOffLifted"
+        else:
+            return
+        message = desired.message() if reason == "NamespaceCutOff" else (
+            f"cut-off of namespace {desired.namespace} lifted: NetworkPolicy removed, label removed, replicas restored")
+        for name, uid in targets:
+            try:
+                post_budget_event(desired.namespace, name, uid, reason, message)
+            except Exception as exc:  # noqa: BLE001 - an Event is not worth a retry of the cut-off
+                log.warning("cut-off Event not posted: %s", type(exc).__name__)
+
+    async def _resync_forever(self) -> None:
+        """Reversals owed from before a restart first, then cut namespaces every RESYNC seconds and
+        failed ones when their backoff is over."""
+        pending = True  # reversals owed from before a restart
+        last = time.monotonic()
+        while True:
+            try:
+                if pending:
+                    for ns in await asyncio.to_thread(cut_namespaces):
+                        self.notify(ns)
+                    pending = False
+                now = time.monotonic()
+                due = now - last >= RESYNC
+                if due:
+                    last = now
+                for ns, st in list(self._ns.items()):
+                    if (st.task is None or st.task.done()) and ((st.failures and st.retry_at <= now) or (due and ns in self.cut)):
+                        self.notify(ns)
+            except Exception as exc:  # noqa: BLE001 - the apiserver is down: try again shortly
+                log.warning("cut-off resync failed: %s", type(exc).__name__)
+            await asyncio.sleep(1.0)
+
+
+@kopf.on.event(GROUP, modelroute.PLURAL, id="cut-off-routes")
+async def cut_off_routes(namespace: str, **_: Any) -> None:
+    """A route of a cut namespace changed: its backends decide what the cut-off denies."""
+    from . import ledger_service
+    service = ledger_service.SERVICE
+    if service is not None and namespace in service.cutoff.cut:
+        service.cutoff.notify(namespace)

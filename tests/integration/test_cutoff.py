@@ -1,0 +1,186 @@
+"""The namespace cut-off of an exhausted CutOff budget on the real apiserver (issue #4): a real
+operator process, a budget spent through the ledger API with a real ServiceAccount token, then the
+NetworkPolicy, the namespace label and the scale-to-zero checked on the apiserver, and all of it
+reversed at the period reset (1-minute rolling window) and when the limit is raised (also while
+the operator was down)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+from kubernetes import client
+
+from spendwarden.ledger.allowance import Amount
+
+from .operator_process import wait_for
+from .test_ledger import GROUP, VERSION, Operator, SimProxy, create_budget, get_budget, sa_token
+
+LIMIT = 10_000
+EXTERNAL_IP = "203.0.113.7"
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, tmp_path_factory):
+    op = Operator(control_plane, tmp_path_factory.mktemp("cutoff"), pattern="co-*",
+                  env={"SPENDWARDEN_CUTOFF_RESYNC": "3"})  # a short resync, to see drift repaired
+    op.start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture
+def team(kube):
+    """A team namespace with its own inference Deployment (2 replicas) and an inference namespace."""
+    core, apps = client.CoreV1Api(kube), client.AppsV1Api(kube)
+    suffix = uuid.uuid4().hex[:8]
+    ns, inference = f"co-{suffix}", f"co-inf-{suffix}"
+    for name in (ns, inference):
+        core.create_namespace({"metadata": {"name": name}})
+    labels = {"app": "llama"}
+    apps.create_namespaced_deployment(ns, {
+        "metadata": {"name": "llama"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": labels}, "template": {
+            "metadata": {"labels": labels},
+            "spec": {"containers": [{"name": "llama", "image": "llama.cpp:server"}]}}}})
+    route = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelRoute", "metadata": {"name": "chat"}, "spec": {
+        "model": "chat", "defaultBackend": "external", "backends": [
+            {"name": "external", "provider": "OpenAI", "url": f"http://{EXTERNAL_IP}:8000/v1", "model": "m",
+             "pricing": {"input": "1", "output": "2"}},
+            {"name": "vllm", "provider": "OpenAICompatible", "url": f"http://vllm.{inference}.svc:8000/v1", "model": "m",
+             "pricing": {"input": "1", "output": "2"}},
+            {"name": "llama", "provider": "OpenAICompatible", "url": "http://llama:8080/v1", "model": "m",
+             "pricing": {"input": "0", "output": "0"}, "deploymentRef": {"name": "llama"}}]}}
+    client.CustomObjectsApi(kube).create_namespaced_custom_object(GROUP, VERSION, ns, "modelroutes", route)
+    wait_for(lambda: sum(rs.status.replicas or 0 for rs in apps.list_namespaced_replica_set(ns).items) == 2,
+             what="kube-controller-manager's ReplicaSet with 2 replicas")
+    yield ns, inference
+    for name in (ns, inference):
+        core.delete_namespace(name)
+
+
+def policy(kube, ns: str):
+    try:
+        return client.NetworkingV1Api(kube).read_namespaced_network_policy("spendwarden-cut-off", ns)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def replicas(kube, ns: str) -> int:
+    return client.AppsV1Api(kube).read_namespaced_deployment_scale("llama", ns).spec.replicas or 0  # 0 is omitted
+
+
+def events(kube, ns: str, reason: str) -> list:
+    return [e for e in client.CoreV1Api(kube).list_namespaced_event(ns).items if e.reason == reason]
+
+
+async def spend_all(operator: Operator, kube, ns: str, start: str, budget: str) -> float:
+    """Report the whole budget as used; returns the seconds from the report to the NetworkPolicy."""
+    seen: list[float] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and policy(kube, ns) is None:
+            time.sleep(0.01)
+        seen.append(time.perf_counter())
+
+    watcher = asyncio.create_task(asyncio.to_thread(watch))
+    async with httpx.AsyncClient() as http:
+        p = SimProxy(http, operator.url, sa_token(kube, ns), ns, start, budget=budget)
+        p.allowance.used = Amount(100, 100)
+        assert await p.report()  # the proxy is known (token reviewed, budget loaded) before it spends the rest
+        p.allowance.used = Amount(LIMIT // 2, LIMIT // 2)
+        t0 = time.perf_counter()
+        assert await p.report()
+    await watcher
+    assert policy(kube, ns) is not None, "no NetworkPolicy within 20 s"
+    return seen[0] - t0
+
+
+def assert_cut(kube, ns: str, inference: str, budget: str) -> None:
+    core = client.CoreV1Api(kube)
+    # The policy comes first (fastest effect), then the label, then the scale-down.
+    wait_for(lambda: replicas(kube, ns) == 0, what="llama scaled to 0")
+    spec = policy(kube, ns).spec
+    assert spec.pod_selector.match_labels is None and spec.pod_selector.match_expressions is None  # every pod
+    assert spec.policy_types == ["Egress"]
+    dns, addresses, namespaces = spec.egress
+    assert sorted((p.protocol, p.port) for p in dns.ports) == [("TCP", 53), ("UDP", 53)] and dns.to is None
+    blocks = {b.ip_block.cidr: b.ip_block._except for b in addresses.to}
+    assert blocks == {"0.0.0.0/0": [f"{EXTERNAL_IP}/32"], "::/0": None}
+    (peer,) = namespaces.to
+    (expr,) = peer.namespace_selector.match_expressions
+    assert (expr.key, expr.operator, expr.values) == ("kubernetes.io/metadata.name", "NotIn", [inference])
+    # 1.20 does not set that label itself: the operator did, or the NotIn would not match.
+    assert core.read_namespace(inference).metadata.labels["kubernetes.io/metadata.name"] == inference
+    meta = core.read_namespace(ns).metadata
+    assert meta.labels["spendwarden.io/cut-off"] == "true"
+    assert meta.annotations["spendwarden.io/cut-off-budgets"] == budget
+    assert json.loads(meta.annotations["spendwarden.io/replicas-before-cut-off"]) == {"Deployment/llama": 2}
+    wait_for(lambda: sum(rs.spec.replicas or 0 for rs in client.AppsV1Api(kube).list_namespaced_replica_set(ns).items) == 0,
+             what="the ReplicaSet scaled to 0 by kube-controller-manager")
+    (event,) = wait_for(lambda: events(kube, ns, "NamespaceCutOff"), what="NamespaceCutOff Event")
+    assert event.type == "Warning" and event.involved_object.name == budget and EXTERNAL_IP in event.message
+
+
+def lifted(kube, ns: str) -> bool:
+    meta = client.CoreV1Api(kube).read_namespace(ns).metadata
+    return (policy(kube, ns) is None and "spendwarden.io/cut-off" not in (meta.labels or {})
+            and "spendwarden.io/replicas-before-cut-off" not in (meta.annotations or {}) and replicas(kube, ns) == 2)
+
+
+async def test_cut_off_and_its_reversal_at_the_period_reset(operator, kube, team):
+    ns, inference = team
+    if time.time() % 60 > 30:  # leave time to check the cut-off before the window rolls
+        await asyncio.sleep(61 - time.time() % 60)
+    start = create_budget(kube, ns, "minute", {"window": "1m", "limits": {"tokens": {"total": LIMIT}},
+                                               "onExceeded": "CutOff"})["status"]["periodStart"]
+    latency = await spend_all(operator, kube, ns, start, "minute")
+    print(f"\ncut-off latency, exhausting report -> NetworkPolicy on the apiserver: {latency * 1000:.0f} ms")
+    assert latency < 5  # one report round trip and a few apiserver writes; generous for 2 shared cores
+    assert_cut(kube, ns, inference, "minute")
+    assert operator.metric("spendwarden_namespace_cut_off", namespace=ns) == 1
+    wait_for(lambda: lifted(kube, ns), timeout=75, interval=0.5, what="the cut-off lifted at the reset")
+    assert get_budget(kube, ns, "minute")["status"]["ledger"]["periodStart"] != start
+    wait_for(lambda: events(kube, ns, "CutOffLifted"), what="CutOffLifted Event")
+    wait_for(lambda: operator.metric("spendwarden_namespace_cut_off", namespace=ns) == 0, what="gauge back to 0")
+
+
+async def test_raising_the_limit_lifts_the_cut_off_also_across_a_restart(operator, kube, team):
+    ns, inference = team
+    custom = client.CustomObjectsApi(kube)
+    start = create_budget(kube, ns, "monthly", {"period": {"type": "Monthly"}, "limits": {"tokens": {"total": LIMIT}},
+                                                "onExceeded": "CutOff"})["status"]["periodStart"]
+    await spend_all(operator, kube, ns, start, "monthly")
+    assert_cut(kube, ns, inference, "monthly")
+
+    # Someone scales the workload back up by hand: the resync holds it at zero again.
+    client.AppsV1Api(kube).patch_namespaced_deployment_scale("llama", ns, {"spec": {"replicas": 3}})
+    wait_for(lambda: replicas(kube, ns) == 0, timeout=20, interval=0.5, what="the resync scaling llama to 0 again")
+
+    # The limit is raised while the operator is down: the restarted one lifts the cut-off.
+    operator.stop()
+    custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "tokenbudgets", "monthly",
+                                          {"spec": {"limits": {"tokens": {"total": LIMIT * 2}}}})
+    await asyncio.sleep(1)
+    assert policy(kube, ns) is not None  # nothing lifts it but the operator
+    operator.start()
+    wait_for(lambda: lifted(kube, ns), timeout=30, interval=0.3, what="the cut-off lifted after the raise")
+    (event,) = wait_for(lambda: events(kube, ns, "CutOffLifted"), what="CutOffLifted Event")
+    assert event.involved_object.name == "monthly"
+
+    # Another proxy spends the rest of the new limit (the first one's 10k still count): cut off
+    # again; raised again with the operator running.
+    async with httpx.AsyncClient() as http:
+        p = SimProxy(http, operator.url, sa_token(kube, ns), ns, start, budget="monthly")
+        p.allowance.used = Amount(LIMIT // 2, LIMIT // 2)
+        assert await p.report()
+    wait_for(lambda: policy(kube, ns) is not None and replicas(kube, ns) == 0, what="cut off again")
+    custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "tokenbudgets", "monthly",
+                                          {"spec": {"limits": {"tokens": {"total": LIMIT * 3}}}})
+    wait_for(lambda: lifted(kube, ns), timeout=30, interval=0.3, what="the cut-off lifted after the second raise")
