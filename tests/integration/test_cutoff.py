@@ -184,3 +184,60 @@ async def test_raising_the_limit_lifts_the_cut_off_also_across_a_restart(operato
     custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "tokenbudgets", "monthly",
                                           {"spec": {"limits": {"tokens": {"total": LIMIT * 3}}}})
     wait_for(lambda: lifted(kube, ns), timeout=30, interval=0.3, what="the cut-off lifted after the second raise")
+
+
+async def test_deleting_the_budget_lifts_the_cut_off(operator, kube, team):
+    ns, inference = team
+    start = create_budget(kube, ns, "gone", {"window": "24h", "limits": {"tokens": {"total": LIMIT}}})["status"]["periodStart"]
+    await spend_all(operator, kube, ns, start, "gone")  # onExceeded defaults to CutOff
+    assert_cut(kube, ns, inference, "gone")
+    client.CustomObjectsApi(kube).delete_namespaced_custom_object(GROUP, VERSION, ns, "tokenbudgets", "gone")
+    wait_for(lambda: lifted(kube, ns), timeout=30, interval=0.3, what="the cut-off lifted after the budget was deleted")
+
+
+def test_applying_is_idempotent_and_a_manual_scale_up_survives_the_reversal(kube, team, monkeypatch):
+    """controller/cutoff.apply_cut_off on its own against the apiserver (no operator process)."""
+    from spendwarden.api.modelroute import ModelRouteSpec
+    from spendwarden.controller import cutoff, kube as kube_module
+    from spendwarden.render.cutoff import BudgetCut, desired_cut_off
+
+    monkeypatch.setattr(kube_module, "_api", kube)
+    ns, inference = team
+    apps, core = client.AppsV1Api(kube), client.CoreV1Api(kube)
+    apps.create_namespaced_stateful_set(ns, {"metadata": {"name": "embed"}, "spec": {
+        "replicas": 1, "serviceName": "embed", "selector": {"matchLabels": {"app": "embed"}},
+        "template": {"metadata": {"labels": {"app": "embed"}}, "spec": {"containers": [{"name": "e", "image": "e5"}]}}}})
+    spec = ModelRouteSpec.model_validate({"model": "chat", "defaultBackend": "llama", "backends": [
+        {"name": "llama", "provider": "OpenAICompatible", "url": "http://llama:8080/v1", "model": "m",
+         "pricing": {"input": "0", "output": "0"}, "deploymentRef": {"name": "llama"}},
+        {"name": "embed", "provider": "OpenAICompatible", "url": f"http://embed.{inference}:80/v1", "model": "m",
+         "pricing": {"input": "0", "output": "0"}, "deploymentRef": {"name": "embed", "kind": "StatefulSet"}},
+        {"name": "missing", "provider": "OpenAICompatible", "url": "http://missing:80/v1", "model": "m",
+         "pricing": {"input": "0", "output": "0"}, "deploymentRef": {"name": "missing"}}]})
+
+    def desired(cut: bool):
+        return desired_cut_off(ns, [BudgetCut("b", None, (), cut)], [spec], cutoff.resolve, cutoff.namespace_exists)
+
+    def apply(cut: bool):
+        d = desired(cut)
+        return d, cutoff.apply_cut_off(d, cutoff.read_namespace(ns))
+
+    d, changes = apply(True)
+    assert changes == ["cut"] and "Deployment/missing not found: not scaled" in d.notes
+    assert d.denied_namespaces == (inference,)  # "embed.<namespace>": the short in-cluster form
+    assert json.loads(core.read_namespace(ns).metadata.annotations["spendwarden.io/replicas-before-cut-off"]) == {
+        "Deployment/llama": 2, "StatefulSet/embed": 1}
+    assert replicas(kube, ns) == 0 and not apps.read_namespaced_stateful_set_scale("embed", ns).spec.replicas
+    versions = (core.read_namespace(ns).metadata.resource_version, policy(kube, ns).metadata.resource_version,
+                core.read_namespace(inference).metadata.resource_version)
+    assert apply(True)[1] == []  # level-triggered: the same state again writes nothing
+    assert versions == (core.read_namespace(ns).metadata.resource_version, policy(kube, ns).metadata.resource_version,
+                        core.read_namespace(inference).metadata.resource_version)
+
+    apps.patch_namespaced_deployment_scale("llama", ns, {"spec": {"replicas": 5}})  # someone's decision: kept
+    assert apply(False)[1] == ["policy deleted", "lifted"]
+    assert replicas(kube, ns) == 5 and apps.read_namespaced_stateful_set_scale("embed", ns).spec.replicas == 1
+    meta = core.read_namespace(ns).metadata
+    assert not (meta.labels or {}).get("spendwarden.io/cut-off") and not (meta.annotations or {}).get(
+        "spendwarden.io/replicas-before-cut-off")
+    assert apply(False)[1] == []

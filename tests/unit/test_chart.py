@@ -197,6 +197,19 @@ def test_ledger_and_metrics_can_be_turned_off(chart, monkeypatch):
     assert ledger_service.LedgerConfig.from_env({"SPENDWARDEN_LEDGER_PORT": "0"}).port == 0
 
 
+def test_cut_off_cluster_cidrs_reach_the_operator(chart):
+    from spendwarden.controller.cutoff import settings_from_env
+
+    default = {e["name"]: e.get("value") for e in container(render(chart))["env"]}
+    assert "SPENDWARDEN_CUTOFF_CLUSTER_CIDRS" not in default
+    env = {e["name"]: e.get("value") for e in container(render(chart, {"cutOff": {
+        "clusterCIDRs": ["10.244.0.0/16", "fd00::/48"]}}))["env"]}
+    settings = settings_from_env({**env, "SPENDWARDEN_POD_NAMESPACE": NS})
+    assert settings.cluster_cidrs == ("10.244.0.0/16", "fd00::/48")
+    # The operator's own namespace (its ledger Service) is never denied, nor DNS's.
+    assert settings.protected_namespaces == {NS, "kube-system"}
+
+
 # -- RBAC ---------------------------------------------------------------------------------------------
 
 # (apiGroup, resource, verb) the operator needs, now and for the features already planned.
@@ -381,6 +394,7 @@ def test_prometheus_rule_needs_metrics(chart):
     ({"watchNamespaces": "team-a"}, "at '/watchNamespaces': got string, want array"),
     ({"watchNamespaces": ["Team_A"]}, "at '/watchNamespaces/0'"),
     ({"ledger": {"port": 70000}}, "at '/ledger/port'"),
+    ({"cutOff": {"clusterCIDRs": ["10.244.0.0"]}}, "at '/cutOff/clusterCIDRs/0'"),
     ({"logFormat": "yaml"}, "at '/logFormat'"),
     ({"rbac": {"create": "yes"}}, "at '/rbac/create': got string, want boolean"),
     ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "at '/metrics/serviceMonitor/interval'"),

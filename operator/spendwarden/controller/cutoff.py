@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,16 +52,17 @@ def budget_cut(entry: BudgetEntry) -> BudgetCut:
                      entry.spec.onExceeded == tokenbudget.OnExceeded.CUT_OFF and entry.current.ledger.exhausted())
 
 
-def settings_from_env() -> CutOffSettings:
-    protected = {"kube-system"}
-    if os.environ.get("SPENDWARDEN_POD_NAMESPACE"):
-        protected.add(os.environ["SPENDWARDEN_POD_NAMESPACE"])
-    cidrs = tuple(c.strip() for c in (os.environ.get("SPENDWARDEN_CUTOFF_CLUSTER_CIDRS") or "").split(",") if c.strip())
-    return CutOffSettings(protected_namespaces=frozenset(protected), protected_cidrs=_apiserver_cidrs(),
+def settings_from_env(env: Mapping[str, str] | None = None, apiserver_cidrs: tuple[str, ...] = ()) -> CutOffSettings:
+    """The operator's own namespace (SPENDWARDEN_POD_NAMESPACE, from the chart) and kube-system are
+    never denied; SPENDWARDEN_CUTOFF_CLUSTER_CIDRS (chart value cutOff.clusterCIDRs) is comma-separated."""
+    env = os.environ if env is None else env
+    protected = {"kube-system", *filter(None, [env.get("SPENDWARDEN_POD_NAMESPACE")])}
+    cidrs = tuple(c.strip() for c in (env.get("SPENDWARDEN_CUTOFF_CLUSTER_CIDRS") or "").split(",") if c.strip())
+    return CutOffSettings(protected_namespaces=frozenset(protected), protected_cidrs=apiserver_cidrs,
                           cluster_cidrs=cidrs)
 
 
-def _apiserver_cidrs() -> tuple[str, ...]:
+def apiserver_cidrs() -> tuple[str, ...]:
     """The apiserver's addresses (the in-cluster Service IP and the kubeconfig's host)."""
     from urllib.parse import urlsplit
 
@@ -290,7 +291,7 @@ class CutOffController:
     async def start(self) -> None:
         self.started = True
         if self.settings is None:
-            self.settings = await asyncio.to_thread(settings_from_env)
+            self.settings = settings_from_env(apiserver_cidrs=await asyncio.to_thread(apiserver_cidrs))
         self._loop = asyncio.create_task(self._resync_forever(), name="spendwarden-cut-off-resync")
 
     async def stop(self) -> None:
