@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -226,3 +227,24 @@ def test_loop_breaker_refuses_runaway_repeats(start_proxy):
         assert total(proxy, "spendwarden_loops_detected_total", route="chat") == 1
         assert total(proxy, "spendwarden_requests_total", outcome="loop_detected") == 1
         assert "hi there" not in proxy.stderr() + proxy.log_path.read_text()
+
+
+def test_anthropic_messages_escalate_on_refusal_and_hit_the_cache(start_proxy):
+    with MockUpstream(tokens=6) as up:
+        proxy = start_proxy(route_yaml("claude", "claude", [
+            backend("haiku", up.url, "claude-haiku-4-5", provider="Anthropic"),
+            backend("sonnet", up.url, "claude-sonnet", provider="Anthropic", price_in="3", price_out="15"),
+        ], tiers=[{"name": "small", "backends": ["haiku"]}, {"name": "large", "backends": ["sonnet"], "minScore": 40}],
+            cache={}))
+        client = anthropic.Anthropic(base_url=proxy.url, api_key="x", max_retries=0)
+        up.script({"refusal": "I cannot help with that."}, {})
+        msg = client.messages.create(model="claude", max_tokens=50, extra_body={"temperature": 0},
+                                     messages=[{"role": "user", "content": "hi"}])
+        assert msg.stop_reason == "end_turn" and msg.content[0].text
+        again = client.messages.create(model="claude", max_tokens=50, extra_body={"temperature": 0},
+                                       messages=[{"role": "user", "content": "hi"}])
+        assert again.content[0].text == msg.content[0].text
+        assert [r["model"] for r in up.requests()] == ["claude-haiku-4-5", "claude-sonnet"]
+        first, hit = proxy.log(2)
+        assert first["escalated"]["cause"] == "refusal" and first["outcome"] == "escalated"
+        assert first["cache"] == "stored" and hit["cache"] == "hit" and Decimal(hit["saved"]) == Decimal(first["cost"])

@@ -309,8 +309,8 @@ def escalation_cause(ctx: Any, route: RouteRt | None, resp: web.StreamResponse |
     if sp is None or route is None or route.spend is None or sp.tier is None or sp.escalated is not None:
         return None
     rs = route.spend
-    if not rs.escalate_on or sp.tier + 1 >= len(rs.tiers):
-        return None
+    if not rs.escalate_on or sp.tier + 1 >= len(rs.tiers) or ctx.downgraded:
+        return None  # (a Downgrade budget would only send the retry to the cheap backend again)
     cause: esc.Cause | None = None
     if exc is not None:
         if exc.code in ("bad_gateway", "upstream_timeout"):
