@@ -27,9 +27,8 @@ NS = "spendwarden-system"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 # Metrics the dashboard may name before anything exports them, each only in panels whose description
-# starts with "PENDING:" (they show No data until then). Cost per tag: tags are deliberately not proxy
-# metric labels today (unbounded); the proxy needs a bounded per-tag cost counter first.
-PENDING_METRICS = {"spendwarden_tagged_cost_total"}
+# starts with "PENDING:" (they show No data until then).
+PENDING_METRICS: set[str] = set()
 
 REQUIRED_PANELS = {"Cost by team (namespace)", "Cost by route", "Cost by backend", "Cost by tag (scenario)",
                    "Tokens by type", "p95 request latency", "p95 time to first token", "Fallback rate",
@@ -119,6 +118,7 @@ def proxy_series_labels() -> dict[str, set[str]]:
     usage = SimpleNamespace(input_tokens=10, output_tokens=5, cached_input_tokens=2)
     base = tuple(f"x{i}" for i in range(len(BASE)))
     m.request(base, "USD", ("ns", "route", "backend", "chat", "ok", "200"), "ok", 0.1, usage, 0.01, 0.05, 0.001)
+    m.tagged("ns", {"scenario": "ticket"}, "USD", 0.01)
     for metric in vars(m).values():  # the prometheus_client metrics (budgets, reloads, ledger, ...)
         if isinstance(metric, (Counter, Gauge, Histogram, Summary)):
             child = metric.labels(*["x"] * len(metric._labelnames)) if metric._labelnames else metric
@@ -266,7 +266,9 @@ def test_every_query_parses_and_names_only_real_series():
 def test_pending_panels_say_so():
     panels = {p["title"]: p for p in all_panels(load_dashboard())}
     assert not panels["Escalation rate"]["description"].startswith("PENDING:")  # the proxy escalates now
-    assert panels["Cost by tag (scenario)"]["description"].startswith("PENDING:")
+    tagged = panels["Cost by tag (scenario)"]
+    assert not tagged["description"].startswith("PENDING:")
+    assert "spendwarden_tagged_cost_total" in tagged["targets"][0]["expr"]
 
 
 def test_rule_queries_are_collected():

@@ -162,12 +162,26 @@ class Remaining(ApiModel):
     cost: Money | None = Field(default=None, description="Money left under the cost limit, if any.")
 
 
+class BreakdownRow(ApiModel):
+    """Usage of one (route, backend, tag) in a period, as the proxies reported it."""
+
+    route: str = Field(description="ModelRoute name; (other) for rows beyond the cap.")
+    backend: str = Field(description="Backend name within the route.")
+    tag: str | None = Field(default=None, description="The requests' scenario tag (x-spendwarden-tags: scenario=...); absent when none.")
+    inputTokens: int = Field(default=0, ge=0, description="Input (prompt) tokens.")
+    outputTokens: int = Field(default=0, ge=0, description="Output (completion) tokens.")
+    cost: Money = Field(default="0", description="Money spent, as a decimal string.")
+    requests: int = Field(default=0, ge=0, description="Requests settled.")
+
+
 class PeriodTotal(ApiModel):
     """The totals of a finished period, kept for reports."""
 
     periodStart: str = Field(description="Start of the period (RFC 3339).")
     periodEnd: str = Field(description="End of the period (RFC 3339).")
     used: Usage = Field(description="What was used in that period.")
+    breakdown: list[BreakdownRow] = Field(default_factory=list, max_length=16,
+                                          description="Where it went: the most expensive (route, backend, tag) rows, the rest as (other).")
 
 
 class TokenBudgetStatus(ApiModel):
@@ -184,6 +198,9 @@ class TokenBudgetStatus(ApiModel):
     usedSummary: str | None = Field(default=None, description="The usage in short form, for kubectl get.")
     forecastExhaustion: str | None = Field(default=None, description="When the budget runs out at the recent burn rate (RFC 3339), if within the period.")
     history: list[PeriodTotal] = Field(default_factory=list, max_length=12, description="Totals of the last finished periods, newest first.")
+    breakdown: list[BreakdownRow] = Field(default_factory=list, max_length=32,
+                                          description="Usage in the current period per (route, backend, tag), most expensive first; "
+                                                      "usage of proxies that report none is not in it (spendwarden report shows it as unattributed).")
     conditions: list[Condition] = Field(default_factory=list, description="Ready and Exceeded conditions.")
 
 

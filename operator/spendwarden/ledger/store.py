@@ -15,7 +15,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from ..api.common import now_rfc3339
@@ -23,6 +23,7 @@ from ..api.tokenbudget import BudgetState, TokenBudgetSpec
 from ..render.proxyconfig import validate_spec
 from ..render.status import budget_state, usage_fraction, usage_status
 from .allowance import Amount, Limits
+from .breakdown import HISTORY_ROWS, Breakdown, PeriodBreakdown, parse_money
 from .leases import BudgetLedger, Ceiling, LeaseSettings
 from .periods import current_period
 
@@ -44,6 +45,7 @@ class BudgetReport:
     held: Amount
     want: Amount | None = None
     release_to: Ceiling | None = None
+    breakdown: Breakdown | None = None  # optional (proxies before it simply send none)
 
 
 @dataclass(slots=True)
@@ -62,15 +64,10 @@ def _int(value: Any, where: str) -> int:
 
 
 def _money(value: Any, where: str) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ReportError(f"{where}: must be a decimal string such as \"0.0123\"")
     try:
-        out = Decimal(str(value))
-    except InvalidOperation:
-        raise ReportError(f"{where}: {str(value)[:40]!r} is not a decimal number") from None
-    if not out.is_finite() or out < 0:
-        raise ReportError(f"{where}: must be a finite non-negative decimal")
-    return out
+        return parse_money(value, where)
+    except ValueError as exc:
+        raise ReportError(str(exc)) from None
 
 
 def _amount(data: Any, where: str) -> Amount:
@@ -94,6 +91,15 @@ def _ceiling(data: Any, where: str) -> Ceiling:
                    input=_int(data["input"], f"{where}.input") if data.get("input") is not None else None,
                    output=_int(data["output"], f"{where}.output") if data.get("output") is not None else None,
                    cost=_money(data["cost"], f"{where}.cost") if data.get("cost") is not None else None)
+
+
+def _breakdown(data: Any, where: str) -> Breakdown | None:
+    if data is None:
+        return None
+    try:
+        return Breakdown.from_wire(data, where)
+    except ValueError as exc:
+        raise ReportError(str(exc)) from None
 
 
 def _name(value: Any, where: str) -> str:
@@ -127,7 +133,8 @@ def parse_report(body: Any) -> Report:
             used=_amount(entry["used"], f"{where}.used"),
             held=_amount(entry.get("held") or {}, f"{where}.held"),
             want=_amount(entry["want"], f"{where}.want") if entry.get("want") is not None else None,
-            release_to=_ceiling(entry["releaseTo"], f"{where}.releaseTo") if entry.get("releaseTo") is not None else None)
+            release_to=_ceiling(entry["releaseTo"], f"{where}.releaseTo") if entry.get("releaseTo") is not None else None,
+            breakdown=_breakdown(entry.get("breakdown"), f"{where}.breakdown"))
     return Report(proxy_id=_name(body.get("proxyId"), "proxyId"), namespace=_name(body.get("namespace"), "namespace"),
                   seq=_int(body.get("seq"), "seq"), budgets=parsed)
 
@@ -137,7 +144,8 @@ def parse_report(body: Any) -> Report:
 def usage_dict(amount: Amount) -> dict[str, Any]:
     """An Amount as the status' Usage fields."""
     return {"inputTokens": amount.input_tokens, "outputTokens": amount.output_tokens,
-            "totalTokens": amount.total_tokens, "cost": str(amount.cost)}
+            # "f": never an exponent ("4E-7"), which the CRD's Money pattern refuses.
+            "totalTokens": amount.total_tokens, "cost": format(amount.cost, "f")}
 
 
 @dataclass
@@ -147,17 +155,27 @@ class PeriodLedger:
     ledger: BudgetLedger
     # proxy id -> the entry version at which its ceiling was last raised (not yet known persisted)
     raised: dict[str, int] = field(default_factory=dict)
+    # Where the usage went, per (route, backend, tag): reports only, never enforcement.
+    usage: PeriodBreakdown = field(default_factory=PeriodBreakdown)
 
     def to_state(self) -> dict[str, Any]:
-        return {"periodStart": self.start, "periodEnd": self.end, **self.ledger.to_state()}
+        out = {"periodStart": self.start, "periodEnd": self.end, **self.ledger.to_state()}
+        if self.usage:
+            out["breakdown"] = self.usage.to_state()
+        return out
 
     @classmethod
     def from_state(cls, limits: Limits, data: dict[str, Any], settings: LeaseSettings | None) -> "PeriodLedger":
         return cls(str(data["periodStart"]), str(data.get("periodEnd") or ""),
-                   BudgetLedger.from_state(limits, data, settings))
+                   BudgetLedger.from_state(limits, data, settings),
+                   usage=PeriodBreakdown.from_state(data.get("breakdown")))
 
     def total(self) -> dict[str, Any]:
-        return {"periodStart": self.start, "periodEnd": self.end, "used": usage_dict(self.ledger.used())}
+        out = {"periodStart": self.start, "periodEnd": self.end, "used": usage_dict(self.ledger.used())}
+        rows = self.usage.merged(HISTORY_ROWS).to_wire()
+        if rows:
+            out["breakdown"] = rows
+        return out
 
 
 @dataclass
@@ -316,6 +334,7 @@ class LedgerStore:
             # history must not charge escrow of proxies that simply moved on to the new period).
             dead = entry.current.ledger.expire(now_ts)
             if dead:
+                entry.current.usage.retire(dead)
                 entry.changed()
             if rolled or dead:
                 changed.append(entry)
@@ -330,8 +349,10 @@ class LedgerStore:
         self.roll(entry, now)
         cur = entry.current
         if rep.period_start == cur.start:
+            returning = proxy_id in cur.ledger.tombstones
             lease = cur.ledger.report(proxy_id, seq, rep.used, rep.held, rep.want, now_ts, rep.release_to)
             if not lease.duplicate:
+                cur.usage.report(proxy_id, rep.breakdown, returning)
                 version = entry.changed()
                 if lease.granted:
                     cur.raised[proxy_id] = version
@@ -340,7 +361,9 @@ class LedgerStore:
             prev = entry.previous
             old = prev.ledger.proxies.get(proxy_id)
             if old is None or seq > old.seq:
+                returning = proxy_id in prev.ledger.tombstones
                 prev.ledger.report(proxy_id, seq, rep.used, rep.held, Amount(), now_ts)
+                prev.usage.report(proxy_id, rep.breakdown, returning)
                 # Nothing more can be committed in a finished period: no escrow stays behind (the
                 # proxy's in-flight requests settle into the new period).
                 acct = prev.ledger.proxies[proxy_id]
@@ -394,7 +417,8 @@ class LedgerStore:
         if entry.previous is not None:
             ledger["previous"] = entry.previous.to_state()
         out.update({"ledger": ledger, "history": entry.history[:HISTORY_MAX],
-                    "forecastExhaustion": _forecast(entry, now)})
+                    "forecastExhaustion": _forecast(entry, now),
+                    "breakdown": entry.current.usage.merged().to_wire()})
         return out
 
     def events(self, entry: BudgetEntry) -> list[tuple[str, str]]:

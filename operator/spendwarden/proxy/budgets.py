@@ -24,6 +24,7 @@ from typing import Any
 
 from ..api.tokenbudget import FailMode, OnExceeded
 from ..ledger.allowance import Allowance, Amount, Limits, clamp_output
+from ..ledger.breakdown import Breakdown
 from ..ledger.periods import current_period
 from ..ledger.pricing import Prices, TokenUsage, cost
 from .config import BackendRt, BudgetRt, RouteRt
@@ -52,6 +53,7 @@ class LeaseView:
     released_at: float = -1.0  # last_admit when the lease was last released (once per idle spell)
     want: Amount | None = None  # worst cases of requests waiting for a bigger lease (next report)
     previous: tuple[datetime, Amount] | None = None  # a finished period's final usage, not yet reported
+    previous_breakdown: Breakdown | None = None  # ...and where it went (route, backend, tag)
 
 
 @dataclass(slots=True, eq=False)
@@ -62,6 +64,8 @@ class BudgetState:
     period_end: datetime
     period_end_ts: float
     lease: LeaseView | None = None  # None: standalone
+    # This period's usage per (route, backend, tag), cumulative like allowance.used (reported with it).
+    breakdown: Breakdown = field(default_factory=Breakdown)
 
     def reset_at(self) -> str:
         return self.period_end.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -83,6 +87,7 @@ class Admission:
     holds: list[tuple[BudgetState, int]] = field(default_factory=list)
     downgraded: bool = False
     over_budget: list[str] = field(default_factory=list)  # AlertOnly budgets this request overruns
+    tag: str = ""  # the request's scenario tag, for the breakdown (set by the caller)
 
 
 class BudgetBook:
@@ -124,6 +129,7 @@ class BudgetBook:
                     if old.lease is not None:
                         _new_period_lease(old)
                     old.allowance.reset()
+                    old.breakdown = Breakdown()
                     self.dirty = True
                 old.period_start, old.period_end, old.period_end_ts = start, end, end.timestamp()
                 states[name] = old
@@ -152,6 +158,7 @@ class BudgetBook:
             if st.lease is not None:
                 _new_period_lease(st)
             st.allowance.reset()
+            st.breakdown = Breakdown()
         st.period_start, st.period_end, st.period_end_ts = start, end, end.timestamp()
         self.dirty = True
 
@@ -264,13 +271,15 @@ class BudgetBook:
 
     def settle(self, adm: Admission, prices: Prices, usage: TokenUsage | None) -> None:
         """Record real usage; None means unknown: the whole reservation is charged."""
-        if usage is None:
-            for st, rid in adm.holds:
+        amount = None if usage is None else Amount(usage.input_tokens, usage.output_tokens, cost(prices, usage))
+        for st, rid in adm.holds:
+            before = st.allowance.used
+            if amount is None:
                 st.allowance.settle_reserved(rid)
-        else:
-            amount = Amount(usage.input_tokens, usage.output_tokens, cost(prices, usage))
-            for st, rid in adm.holds:
+            else:
                 st.allowance.settle(rid, amount)
+            # What was charged, whichever way: the breakdown always adds up to `used`.
+            st.breakdown.add(adm.backend.route, adm.backend.name, adm.tag, st.allowance.used - before)
         adm.holds = []
         self.dirty = True
 
@@ -366,6 +375,7 @@ def _new_period_lease(st: BudgetState) -> None:
     lease = st.lease
     assert lease is not None
     lease.previous = (st.period_start, st.allowance.used)
+    lease.previous_breakdown = st.breakdown
     lease.ceiling, lease.valid_until, lease.local, lease.cut_off, lease.exceeded = None, 0.0, False, False, False
     st.allowance.limits = zero_limits(lease.whole)
 

@@ -266,6 +266,9 @@ class LedgerClient:
                 lease.previous = None
                 entry: dict[str, Any] = {"periodStart": _iso(start), "used": _amount(used),
                                          "held": _amount(Amount())}
+                if lease.previous_breakdown is not None and lease.previous_breakdown.rows:
+                    entry["breakdown"] = lease.previous_breakdown.to_wire()
+                lease.previous_breakdown = None
                 if lease.want is not None:
                     entry["want"] = _amount(lease.want)
                     lease.want = None
@@ -274,6 +277,8 @@ class LedgerClient:
                     self._kick.set()
                 continue
             entry = {"periodStart": _iso(st.period_start), "used": _amount(a.used), "held": _amount(a.reserved)}
+            if st.breakdown.rows:
+                entry["breakdown"] = st.breakdown.to_wire()
             if lease.want is not None:
                 entry["want"] = _amount(lease.want)
                 lease.want = None

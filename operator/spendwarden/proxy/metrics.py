@@ -1,7 +1,9 @@
 """Prometheus metrics, named after the OpenTelemetry GenAI conventions where they fit.
 
 Labels are bounded by the configuration (namespace, alias, route, backend, upstream model, budget)
-and small enums (token type, outcome, operation); never user ids, tags or prompts.
+and small enums (token type, outcome, operation); never user ids or prompts. Request tags
+(x-spendwarden-tags) appear only in spendwarden_tagged_cost_total, capped: at most MAX_TAG_KEYS tag
+names and MAX_TAG_VALUES values per name per process, the rest counted under "(other)".
 
 Per-request metrics are aggregated in plain Python structures (one dict lookup and a few list
 increments per request, no locks: everything runs on the event loop) and turned into metric
@@ -24,6 +26,10 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0
 
 # gen_ai.provider.name well-known values (OpenTelemetry GenAI semantic conventions).
 OTEL_PROVIDER = {"OpenAI": "openai", "Anthropic": "anthropic", "OpenAICompatible": "openai_compatible"}
+
+MAX_TAG_KEYS = 8
+MAX_TAG_VALUES = 50
+OTHER = "(other)"
 
 BASE = ("namespace", "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
         "gen_ai_response_model", "route", "backend")
@@ -108,7 +114,12 @@ class _RequestCollector:
                                   labels=("namespace", "route", "backend", "gen_ai_operation_name", "outcome", "status"))
         for key, n in list(self.m.requests.items()):
             req.add_metric(list(key), n)
-        return iter([tok, cost, dur, ttft, over, req])
+        tagged = CounterMetricFamily("spendwarden_tagged_cost", "Money spent per request tag value "
+                                     "(x-spendwarden-tags; bounded, overflow counted as (other)).",
+                                     labels=("namespace", "tag", "value", "currency"))
+        for key, value in list(self.m.tagged_cost.items()):
+            tagged.add_metric(list(key), value)
+        return iter([tok, cost, dur, ttft, over, req, tagged])
 
 
 class Metrics:
@@ -116,6 +127,8 @@ class Metrics:
         self.registry = r = CollectorRegistry(auto_describe=False)
         self.series: dict[tuple[str, ...], _Series] = {}
         self.requests: dict[tuple[str, ...], int] = {}
+        self.tagged_cost: dict[tuple[str, str, str, str], float] = {}
+        self._tag_values: dict[str, set[str]] = {}
         r.register(_RequestCollector(self))
         self.fallbacks = Counter("spendwarden_upstream_failures",
                                  "Upstream attempts that failed (and were retried on a fallback when one was left).",
@@ -215,6 +228,23 @@ class Metrics:
             s.ttft.observe(ttft)
         if overhead is not None:
             s.overhead.observe(overhead)
+
+    def tagged(self, namespace: str, tags: dict[str, str], currency: str, cost: float) -> None:
+        """Add one request's cost under each of its tags, within the cardinality caps."""
+        for tag, value in tags.items():
+            values = self._tag_values.get(tag)
+            if values is None:
+                if len(self._tag_values) >= MAX_TAG_KEYS:
+                    tag, value = OTHER, OTHER
+                    values = self._tag_values.setdefault(OTHER, {OTHER})
+                else:
+                    values = self._tag_values[tag] = set()
+            if value not in values:
+                if len(values) >= MAX_TAG_VALUES:
+                    value = OTHER
+                values.add(value)
+            key = (namespace, tag, value, currency)
+            self.tagged_cost[key] = self.tagged_cost.get(key, 0.0) + cost
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest

@@ -21,6 +21,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from ..ledger.breakdown import tag_of
 from ..ledger.pricing import TokenUsage, cost, format_money
 from . import tokens as tok
 from .budgets import Admission, BudgetBook, LeaseShort
@@ -574,6 +575,7 @@ class Proxy:
         if ctx.sp is not None:
             spend.start_capture(ctx, route)
         last: _Retry | None = None
+        tag = tag_of(ctx.tags)
         for i, backend in enumerate(usable):
             try:  # may raise 429 (503: a Closed budget without a lease)
                 adm = self.book.admit(route, backend, reserve_in, want, choices, downgrade_to,
@@ -584,6 +586,7 @@ class Proxy:
                 await self.ledger.wait_for_lease(short)
                 adm = self.book.admit(route, backend, reserve_in, want, choices, downgrade_to)
             backend = adm.backend
+            adm.tag = tag
             ctx.backend, ctx.attempts = backend, i + 1
             ctx.downgraded, ctx.over_budget = adm.downgraded, adm.over_budget
             out = adm.max_output if adm.max_output is not None else want
@@ -956,6 +959,8 @@ class Proxy:
             ctx.outcome, dur, ctx.usage if ctx.usage_known else None,
             float(ctx.cost) if ctx.cost is not None else None, ctx.ttft,
             max(dur - ctx.upstream_time, 0.0) if not ctx.stream and ctx.upstream_time else None)
+        if ctx.tags and ctx.cost and b is not None:
+            self.metrics.tagged(ns, ctx.tags, b.prices.currency, float(ctx.cost))
         u = ctx.usage
         line: dict[str, Any] = {
             "ts": round(time.time(), 3), "namespace": ns, "api": ctx.api, "model": ctx.alias,

@@ -92,10 +92,11 @@ def usage_fraction(spec: TokenBudgetSpec, used: dict[str, Any]) -> tuple[Decimal
 # budget's accounts it owns the usage fields and the Exceeded condition; the namespace reconcile
 # keeps observedGeneration, periodStart/periodEnd, limitSummary and Ready. Both send JSON merge
 # patches with only their own fields, so neither overwrites the other with a stale copy.
-LEDGER_FIELDS = ("used", "remaining", "percentUsed", "state", "usedSummary", "ledger", "history", "forecastExhaustion")
+LEDGER_FIELDS = ("used", "remaining", "percentUsed", "state", "usedSummary", "ledger", "history", "forecastExhaustion",
+                 "breakdown")
 # Never written by the reconcile, even before a ledger exists: a stale copy of `ledger` written back
 # would forget grants already made, and a restarted operator could then grant them twice.
-LEDGER_ONLY_FIELDS = ("ledger", "history")
+LEDGER_ONLY_FIELDS = ("ledger", "history", "breakdown")
 
 
 def normalise_used(used: dict[str, Any] | None) -> dict[str, Any]:
