@@ -468,12 +468,7 @@ class Proxy:
         return resp
 
     async def _estimate(self, api: str, body: dict[str, Any]) -> int:
-        if api == CHAT:
-            texts, fixed = tok.openai_chat_texts(body)
-        elif api == MESSAGES:
-            texts, fixed = tok.anthropic_texts(body)
-        else:
-            texts, fixed = tok.openai_prompt_texts(body.get("prompt" if api == COMPLETIONS else "input"))
+        texts, fixed = tok.request_texts(api, body)
         if not texts:
             return fixed
         encoder = tok.loaded_encoder()

@@ -207,6 +207,18 @@ def anthropic_texts(body: dict[str, Any]) -> tuple[list[str], int]:
     return texts, fixed
 
 
+def request_texts(api: str, body: dict[str, Any]) -> tuple[list[str], int]:
+    """What to count for a request of `api` (proxy.wire's CHAT, MESSAGES, COMPLETIONS, EMBEDDINGS):
+    the collector of its wire format."""
+    from .wire import CHAT, COMPLETIONS, MESSAGES
+
+    if api == CHAT:
+        return openai_chat_texts(body)
+    if api == MESSAGES:
+        return anthropic_texts(body)
+    return openai_prompt_texts(body.get("prompt" if api == COMPLETIONS else "input"))
+
+
 # Token counts of recent texts: system prompts, tool schemas and conversation history repeat from
 # request to request. Bounded by total characters held, cleared wholesale when full.
 _CACHE_MIN_CHARS = 256
