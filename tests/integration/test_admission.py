@@ -144,6 +144,7 @@ def test_pod_in_labelled_namespace_gets_the_proxy(kube, operator, labelled_ns):
     assert env_of(cs["app"]) == {"OPENAI_BASE_URL": "http://127.0.0.1:8787/v1",
                                  "ANTHROPIC_BASE_URL": "http://127.0.0.1:8787"}
     assert stored["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "app"
+    assert stored["metadata"]["labels"][injection.PROXY_LABEL] == "injected"  # the chart's PodMonitor selects it
 
 
 def _with_keys(openai_secret, anthropic_secret):

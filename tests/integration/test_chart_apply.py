@@ -23,7 +23,8 @@ ALL_ON = {
     "watchNamespaces": ["team-*"],
     "serviceAccount": {"name": "warden"},
     "webhooks": {"enabled": True},
-    "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+    "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+                "podMonitor": {"enabled": True, "namespaces": ["team-a"]}},
     "podAnnotations": {"example.com/owner": "platform"},
     "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
 }
@@ -62,6 +63,14 @@ MONITORING_CRDS = [
         "namespaceSelector": {"type": "object", "properties": {
             "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
         "endpoints": {"type": "array", "items": {"type": "object", "properties": {
+            "port": {"type": "string"}, "path": {"type": "string"}, "scheme": {"type": "string"},
+            "interval": _DURATION, "scrapeTimeout": _DURATION, "honorLabels": {"type": "boolean"}}}}}}),
+    _crd("PodMonitor", "podmonitors", {"type": "object", "required": ["selector"], "properties": {
+        "jobLabel": {"type": "string"},
+        "selector": _LABEL_SELECTOR,
+        "namespaceSelector": {"type": "object", "properties": {
+            "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
+        "podMetricsEndpoints": {"type": "array", "items": {"type": "object", "properties": {
             "port": {"type": "string"}, "path": {"type": "string"}, "scheme": {"type": "string"},
             "interval": _DURATION, "scrapeTimeout": _DURATION, "honorLabels": {"type": "boolean"}}}}}}),
     _crd("PrometheusRule", "prometheusrules", {"type": "object", "properties": {
@@ -134,7 +143,7 @@ def test_every_rendered_object_is_accepted(chart, control_plane, kube, monitorin
     docs = render(chart, values, release, namespace)
     kinds = {d["kind"] for d in docs}
     if values is ALL_ON:
-        assert {"ServiceMonitor", "PrometheusRule"} <= kinds
+        assert {"ServiceMonitor", "PodMonitor", "PrometheusRule"} <= kinds
     # What `helm install` does first: the chart's crds/ (identical to crds/, already served here).
     crds = [yaml.safe_load(c["data"]) for c in chart.crds]
     apply(control_plane, crds)
@@ -143,7 +152,7 @@ def test_every_rendered_object_is_accepted(chart, control_plane, kube, monitorin
     for doc in docs:
         stored = read_back(control_plane, doc)
         assert stored["metadata"]["labels"]["app.kubernetes.io/instance"] == release, doc["kind"]
-        if doc["kind"] in ("ServiceMonitor", "PrometheusRule"):
+        if doc["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
             # Unknown fields would have been pruned silently: the spec must come back as sent.
             assert stored["spec"] == doc["spec"], f"{doc['kind']} spec changed on the apiserver (pruned field?)"
 

@@ -347,6 +347,24 @@ def test_service_monitor_scrapes_the_metrics_port_and_keeps_team_namespaces(char
     assert sm["spec"]["namespaceSelector"] == {"matchNames": [NS]}
 
 
+def test_pod_monitor_scrapes_the_injected_proxies(chart):
+    from spendwarden.render import injection
+    assert of_kind(render(chart, {}), "PodMonitor") == []  # off by default
+    pm = one(render(chart, {"metrics": {"enabled": False, "podMonitor": {
+        "enabled": True, "interval": "15s", "additionalLabels": {"release": "kube-prometheus"}}}}), "PodMonitor")
+    assert pm["metadata"]["namespace"] == NS and pm["metadata"]["labels"]["release"] == "kube-prometheus"
+    # It selects what the injection puts on pods, at the proxy container's metrics port.
+    assert pm["spec"]["selector"] == {"matchLabels": {injection.PROXY_LABEL: injection.PROXY_LABEL_VALUE}}
+    proxy = injection.proxy_container("team", injection.InjectionSettings(image="i"))
+    endpoint = pm["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] in {p["name"] for p in proxy["ports"]} and endpoint["port"] == "sw-metrics"
+    assert endpoint["path"] == "/metrics" and endpoint["honorLabels"] is True and endpoint["interval"] == "15s"
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+    only = one(render(chart, {"metrics": {"podMonitor": {"enabled": True, "namespaces": ["team-a", "team-b"]}}}),
+               "PodMonitor")
+    assert only["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+
+
 CONTRACT_METRICS = {"spendwarden_budget_percent_used", "spendwarden_budget_state", "spendwarden_budget_forecast_exceeded",
                     "spendwarden_namespace_cut_off", "spendwarden_ledger_reports_total", "up"}
 
@@ -398,6 +416,8 @@ def test_prometheus_rule_needs_metrics(chart):
     ({"logFormat": "yaml"}, "at '/logFormat'"),
     ({"rbac": {"create": "yes"}}, "at '/rbac/create': got string, want boolean"),
     ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "at '/metrics/serviceMonitor/interval'"),
+    ({"metrics": {"podMonitor": {"interval": "often"}}}, "at '/metrics/podMonitor/interval'"),
+    ({"metrics": {"podMonitor": {"namespaces": ["Team_A"]}}}, "at '/metrics/podMonitor/namespaces/0'"),
 ])
 def test_schema_rejects_bad_values_with_a_clear_error(chart, values, message):
     with pytest.raises(helm.HelmValuesError) as excinfo:

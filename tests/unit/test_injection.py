@@ -75,6 +75,10 @@ def test_patch_adds_proxy_volumes_and_env():
                                                  "ANTHROPIC_BASE_URL": "http://127.0.0.1:8787"}
     assert out["spec"]["serviceAccountName"] == "default"
     assert out["metadata"]["annotations"] == {"kubectl.kubernetes.io/default-container": "app"}
+    assert out["metadata"]["labels"] == {inj.PROXY_LABEL: "injected"}  # what the chart's PodMonitor selects
+    no_labels = pod()
+    del no_labels["metadata"]["labels"]
+    assert injected(no_labels)["metadata"]["labels"] == {inj.PROXY_LABEL: "injected"}
 
 
 def test_patch_is_idempotent():

@@ -17,6 +17,9 @@ from ..api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME, ProxyConfig
 from ..proxy.config import DEFAULT_SECRETS_DIR
 
 INJECT_LABEL = f"{GROUP}/inject"
+# Set on injected Pods: what the chart's PodMonitor selects (and `kubectl get pods -l` finds).
+PROXY_LABEL = f"{GROUP}/proxy"
+PROXY_LABEL_VALUE = "injected"
 CONTAINER_NAME = "spendwarden-proxy"
 CONFIG_VOLUME = "spendwarden-config"
 TOKEN_VOLUME = "spendwarden-token"
@@ -222,6 +225,11 @@ def patch(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings,
         ops.append({"op": "add", "path": "/spec/volumes", "value": new_volumes})
     else:
         ops.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in new_volumes)
+    labels = (pod.get("metadata") or {}).get("labels")
+    if labels is None:
+        ops.append({"op": "add", "path": "/metadata/labels", "value": {PROXY_LABEL: PROXY_LABEL_VALUE}})
+    else:
+        ops.append({"op": "add", "path": f"/metadata/labels/{_escape(PROXY_LABEL)}", "value": PROXY_LABEL_VALUE})
     # `kubectl logs/exec` without -c keep meaning the app, not the sidecar appended after it.
     annotations = (pod.get("metadata") or {}).get("annotations")
     default_key = "kubectl.kubernetes.io/default-container"
