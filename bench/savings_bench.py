@@ -11,11 +11,10 @@ reference workload, and whether `spendwarden simulate` agrees with what the real
 3. Unless --no-proxy: sends one day of the workload, one request at a time, through the REAL proxy
    (`spendwarden proxy`, routed.yaml pointed at the mock upstream) and compares the proxy's metered
    cost (the sum of its access log's `cost`), escalations, cache hits and backends with what simulate
-   predicts for the same requests. The mock answers as the workload says: every request reports
-   the prompt tokens of the proxy's tokenizer (as a provider bills its own count) and the workload's
-   answer length; a small fault injector between the proxy and the mock scripts the failure the
-   workload records for the cheap model (length, invalid JSON, refusal, HTTP 500) into the mock
-   just before forwarding a request for that model, so the strong model always answers well.
+   predicts for the same requests. The mock answers as the workload says, through the fault
+   injector of spendwarden/devtools/workload_upstream.py: the prompt tokens of the proxy's
+   tokenizer, the workload's answer length, and the failure the workload records for the cheap
+   model (length, invalid JSON, refusal, HTTP 500); the strong model always answers well.
    One day keeps every cache repeat within routed.yaml's 24 h TTL, which the proxy measures on its
    own clock (the run takes seconds) and simulate on the workload's.
 
@@ -24,13 +23,11 @@ Prints markdown tables; the JSON result goes to bench/results/savings-<time>.jso
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -45,21 +42,13 @@ sys.path.insert(0, str(ROOT / "operator"))
 
 from spendwarden.devtools import workload  # noqa: E402
 from spendwarden.devtools.mock_upstream import MockUpstream, free_port  # noqa: E402
+from spendwarden.devtools.workload_upstream import FaultInjector, headers_for  # noqa: E402
 from spendwarden.simulate import simulate, summarize_all  # noqa: E402
 from spendwarden.simulate.candidates import Candidate, load_candidate  # noqa: E402
-from spendwarden.simulate.replay import prompt_tokens  # noqa: E402
 from spendwarden.simulate.traffic import read_lines, read_traffic  # noqa: E402
 
 WORK = ROOT / "bench" / "workload"
 RESULTS = ROOT / "bench" / "results"
-CHEAP_MODEL = "gpt-4o-mini"  # routed.yaml's small tier
-FAILURES = {  # what the mock does for a cheap answer that fails with each cause
-    "length": {"tokens": 1_000_000},  # cut off at max_tokens: finish_reason "length"
-    "invalid_json": {"content": "Sure! Here is the data: {name: x"},
-    "refusal": {"refusal": "I'm sorry, but I can't help with that."},
-    "upstream_error": {"status": 500},
-}
-REFUSAL_TOKENS = 24  # simulate/outcomes.py: a refusal is billed as one sentence
 
 
 def variant(path: Path, name: str, min_score: int) -> Candidate:
@@ -95,85 +84,13 @@ def savings_table(summary: dict[str, Any]) -> str:
 
 # -- the real proxy ------------------------------------------------------------------------------
 
-class FaultInjector:
-    """Between the proxy and the mock: scripts the workload's failure for the cheap model into the
-    mock, then forwards. Runs in its own thread and loop, like the mock."""
-
-    def __init__(self, mock: MockUpstream):
-        self.mock = mock
-        self.port = free_port()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.scripted = 0
-
-    async def _handle(self, request: Any) -> Any:
-        from aiohttp import web
-
-        raw = await request.read()
-        body = json.loads(raw)
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in ("host", "content-length", "x-bench-outcome")}
-        outcome = request.headers.get("x-bench-outcome", "ok")
-        if body.get("model") != CHEAP_MODEL:
-            outcome = "ok"  # the strong model answers well
-        rf = body.get("response_format")
-        wants_json = isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema")
-        if outcome != "ok" or wants_json:
-            # The mock's own text is not JSON: a good answer to a JSON request is scripted as JSON.
-            # x-mock-* headers would override a script, so their values move into it.
-            answer = int(headers.pop("x-mock-tokens"))
-            behaviour: dict[str, Any] = {"prompt_tokens": int(headers.pop("x-mock-prompt-tokens")), "tokens": answer}
-            if outcome == "ok":
-                behaviour["content"] = '{"answer": "ok"}'
-            else:
-                behaviour.update(FAILURES[outcome])
-                if outcome == "refusal":
-                    behaviour["tokens"] = min(REFUSAL_TOKENS, answer)
-            self.mock.script(behaviour)
-            self.scripted += 1
-        async with self._session.post(f"{self.mock.url}{request.path}", data=raw, headers=headers) as up:
-            data = await up.read()
-            return web.Response(status=up.status, body=data, content_type=up.content_type)
-
-    def start(self) -> "FaultInjector":
-        ready = threading.Event()
-
-        def serve() -> None:
-            import aiohttp
-            from aiohttp import web
-
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-
-            async def setup() -> None:
-                self._session = aiohttp.ClientSession()
-                app = web.Application()
-                app.router.add_post("/{tail:.*}", self._handle)
-                self._runner = web.AppRunner(app, access_log=None)
-                await self._runner.setup()
-                await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-            loop.run_until_complete(setup())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._session.close())
-            loop.run_until_complete(self._runner.cleanup())
-
-        threading.Thread(target=serve, daemon=True, name="fault-injector").start()
-        ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-
-
 def through_proxy(lines: list[dict[str, Any]], workdir: Path) -> tuple[list[dict[str, Any]], float]:
     """Send `lines` one by one through a real proxy; returns its access log and the wall time."""
-    with MockUpstream() as mock:
-        injector = FaultInjector(mock).start()
-        doc = yaml.safe_load((WORK / "routed.yaml").read_text())
+    doc = yaml.safe_load((WORK / "routed.yaml").read_text())
+    cheap = {b["model"] for b in doc["spec"]["backends"] if b["name"] == "mini"}
+    with MockUpstream() as mock, FaultInjector(mock, cheap) as injector:
         for b in doc["spec"]["backends"]:
-            b["url"] = f"http://127.0.0.1:{injector.port}/v1"
+            b["url"] = injector.openai_url
         config = workdir / "routed.yaml"
         config.write_text(yaml.safe_dump(doc))
         port, metrics = free_port(), free_port()
@@ -199,19 +116,13 @@ def through_proxy(lines: list[dict[str, Any]], workdir: Path) -> tuple[list[dict
             t0 = time.perf_counter()
             with httpx.Client(base_url=url + "/v1", timeout=30) as client:
                 for line in lines:
-                    body = line["body"]
-                    meta = body["metadata"]
-                    r = client.post("/chat/completions", json=body, headers={
-                        "x-mock-prompt-tokens": str(prompt_tokens("chat/completions", body)),
-                        "x-mock-tokens": meta["output_tokens"], "x-bench-outcome": meta["outcome"],
-                        "x-spendwarden-tags": f"scenario={meta['scenario']}"})
+                    r = client.post("/chat/completions", json=line["body"], headers=headers_for(line))
                     if r.status_code != 200:
                         raise RuntimeError(f"{line['custom_id']}: {r.status_code} {r.text[:300]}")
             wall = time.perf_counter() - t0
         finally:
             proc.terminate()
             proc.wait(15)
-            injector.stop()
     log = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
     return log, wall
 

@@ -3,7 +3,6 @@
 (LedgerServer, no auth), so the proxy's client is tested without Kubernetes."""
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from datetime import datetime, timezone
@@ -13,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from spendwarden.api.tokenbudget import TokenBudgetSpec
+from spendwarden.devtools.background import BackgroundServer
 from spendwarden.devtools.mock_upstream import free_port
 from spendwarden.ledger.allowance import Amount, Limits
 from spendwarden.ledger.leases import BudgetLedger, Ceiling, LeaseSettings
@@ -109,9 +109,7 @@ class LedgerServer:
         self.port = free_port()
         self.status: int | None = None  # answer every report with this status instead (e.g. 401)
         self.auth: list[str | None] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
+        self._server = BackgroundServer("ledger-stub")
 
     @property
     def url(self) -> str:
@@ -125,31 +123,16 @@ class LedgerServer:
         return web.json_response(self.stub.answer(body))
 
     def start(self) -> "LedgerServer":
-        ready = threading.Event()
-
-        def serve() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
+        async def make_app() -> web.Application:
             app = web.Application()
             app.router.add_post("/v1/report", self._report)
-            self._runner = web.AppRunner(app, access_log=None)
-            loop.run_until_complete(self._runner.setup())
-            loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
+            return app
 
-        self._thread = threading.Thread(target=serve, name="ledger-stub", daemon=True)
-        self._thread.start()
-        assert ready.wait(10)
+        self._server.start(make_app, self.port)
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop = self._thread = None
+        self._server.stop()
 
     def __enter__(self) -> "LedgerServer":
         return self.start()

@@ -121,6 +121,11 @@ def _tags(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items() if isinstance(v, (str, int, float))}
 
 
+def url_api(url: Any) -> str | None:
+    """The API of a batch line's url (None: not one the proxy serves)."""
+    return _BATCH_APIS.get(url.split("?")[0]) if isinstance(url, str) else None
+
+
 def _access_line(obj: dict[str, Any], index: int, line: int, where: str) -> TrafficRequest:
     api = obj.get("api")
     if api not in _LOG_APIS:
@@ -153,7 +158,7 @@ def _batch_line(obj: dict[str, Any], index: int, line: int, where: str) -> Traff
         method = obj.get("method", "POST")
         if method != "POST":
             raise TrafficError(f"{where}: batch method must be POST, got {method!r}")
-        api = _BATCH_APIS.get(url.split("?")[0] if isinstance(url, str) else "")
+        api = url_api(url)
         if api is None:
             raise TrafficError(f"{where}: batch url {url!r} is not one of /v1/chat/completions, /v1/completions, "
                                f"/v1/embeddings, /v1/messages")
