@@ -205,6 +205,8 @@ def test_the_service_account_gets_exactly_the_rbac_it_needs(chart, control_plane
             ("get", "spendwarden-cut-off"), ("list", None), ("create", None), ("patch", "spendwarden-cut-off"),
             ("delete", "spendwarden-cut-off")))),
         *((v, w, "apps", team, "scale", None) for v in ("get", "patch") for w in ("deployments", "statefulsets")),
+        ("get", "deployments", "apps", team, None, None),
+        ("list", "horizontalpodautoscalers", "autoscaling", team, None, None),
         ("create", "tokenreviews", "authentication.k8s.io", None, None, None),
         ("update", "leases", "coordination.k8s.io", namespace, None, None),
         ("create", "secrets", "", namespace, None, None),

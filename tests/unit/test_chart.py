@@ -224,6 +224,7 @@ NEEDED_CLUSTER = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
     *(("networking.k8s.io", "networkpolicies", v) for v in ("get", "list", "create", "patch", "delete")),
     *(("apps", r, v) for r in ("deployments/scale", "statefulsets/scale") for v in ("get", "patch")),
+    ("apps", "deployments", "get"), ("apps", "statefulsets", "get"), ("autoscaling", "horizontalpodautoscalers", "list"),
     ("authentication.k8s.io", "tokenreviews", "create"),
 }
 NEEDED_WEBHOOK_CLUSTER = {

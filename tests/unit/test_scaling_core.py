@@ -149,14 +149,14 @@ def test_shared_workload_scales_on_allowed_uncut_namespaces():
     assert governing(key, uses[key], shared).scaling.maxReplicas == 8
     load = {("team-a", "chat/llama"): BackendLoad(5, 1), ("team-b", "chat/llama"): BackendLoad(4, 9),
             ("team-c", "chat/llama"): BackendLoad(100, 0)}
-    d, queue = demand(key, uses[key], shared, load, cut_off=set())
+    d, queue = demand(key, uses[key], shared, load, is_cut=lambda u: False)
     assert (d, queue) == (Demand(9), 9)                      # team-c is not allowed to drive it
-    d, _ = demand(key, uses[key], shared, load, cut_off={"team-b"})
+    d, _ = demand(key, uses[key], shared, load, is_cut=lambda u: u.namespace == "team-b")
     assert d == Demand(5)                                    # team-b is cut off: its demand does not count
-    d, _ = demand(key, uses[key], shared, load, cut_off={"team-a", "team-b", "inference"})
+    d, _ = demand(key, uses[key], shared, load, is_cut=lambda u: u.namespace in {"team-a", "team-b", "inference"})
     assert d == Demand(0, cut_off=True)
     # Without the annotation only the own namespace counts; without own settings, nobody else's apply.
-    d, _ = demand(key, uses[key], None, load, cut_off=set())
+    d, _ = demand(key, uses[key], None, load, is_cut=lambda u: False)
     assert d == Demand(0)
     assert governing(key, uses[key][1:], None) is None
     assert governing(key, uses[key][1:], {SHARED_WITH_ANNOTATION: "*"}).namespace == "team-a"

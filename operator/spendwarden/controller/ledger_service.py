@@ -88,6 +88,19 @@ CONFIG = LedgerConfig.from_env()  # controller/run.py replaces it with the comma
 SERVICE: "LedgerService | None" = None
 
 
+@dataclass
+class ScalingHooks:
+    """Set by controller/scaler.py (which imports this module, not the other way round).
+    report(proxyId, namespace, report's `backends`) -> the answer's `backends` (raises ValueError: 400);
+    wake(namespace, route, backend) -> answer (raises an exception with .status)."""
+
+    report: Any = None
+    wake: Any = None
+
+
+SCALING_HOOKS = ScalingHooks()
+
+
 # -- authentication ------------------------------------------------------------------------------------
 
 class TokenReviewer:
@@ -217,6 +230,7 @@ class LedgerService:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_post("/v1/report", self.handle_report)
+        app.router.add_post("/v1/wake", self.handle_wake)
         app.router.add_get("/healthz", self.handle_healthz)
         return app
 
@@ -261,20 +275,27 @@ class LedgerService:
         REJECTED.labels(reason=reason).inc()
         return web.json_response({"error": message}, status=status)
 
+    async def _authenticate(self, request: web.Request) -> tuple[str, str] | None | web.Response:
+        """(namespace, serviceaccount) of the Bearer token; None with --ledger-insecure; or the refusal."""
+        if self.config.insecure:
+            return None
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return self._reject(401, "missing_token", "a Bearer ServiceAccount token with audience spendwarden is required")
+        try:
+            who = await self.reviewer.review(token.strip())
+        except Exception as exc:  # noqa: BLE001 - the apiserver is unreachable: retryable, not the proxy's fault
+            log.warning("TokenReview failed: %s", type(exc).__name__)
+            return self._reject(503, "review_failed", "cannot verify the token now; retry")
+        if who is None:
+            return self._reject(401, "invalid_token", "the token is not a valid ServiceAccount token for audience spendwarden")
+        return who
+
     async def handle_report(self, request: web.Request) -> web.Response:
-        who: tuple[str, str] | None = None
-        if not self.config.insecure:
-            header = request.headers.get("Authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                return self._reject(401, "missing_token", "a Bearer ServiceAccount token with audience spendwarden is required")
-            try:
-                who = await self.reviewer.review(token.strip())
-            except Exception as exc:  # noqa: BLE001 - the apiserver is unreachable: retryable, not the proxy's fault
-                log.warning("TokenReview failed: %s", type(exc).__name__)
-                return self._reject(503, "review_failed", "cannot verify the token now; retry")
-            if who is None:
-                return self._reject(401, "invalid_token", "the token is not a valid ServiceAccount token for audience spendwarden")
+        who = await self._authenticate(request)
+        if isinstance(who, web.Response):
+            return who
         try:
             body = await request.json(loads=json.loads)
         except (ValueError, UnicodeDecodeError):
@@ -286,6 +307,12 @@ class LedgerService:
         if who is not None and who[0] != report.namespace:
             return self._reject(403, "forbidden_namespace",
                                 f"a token of namespace {who[0]} may report only that namespace's budgets")
+        backends = None
+        if SCALING_HOOKS.report is not None:
+            try:  # demand for the scaler (before the usage is applied: a bad report changes nothing)
+                backends = SCALING_HOOKS.report(report.proxy_id, report.namespace, body.get("backends"))
+            except ValueError as exc:
+                return self._reject(400, "bad_request", str(exc))
         REPORTS.inc()
         try:
             answer = await self.apply(report)
@@ -296,6 +323,36 @@ class LedgerService:
             log.warning("ledger report failed: %s", type(exc).__name__, exc_info=True)
             return web.json_response({"error": "the ledger cannot load the budget now; retry the same report"},
                                      status=503)
+        if backends:
+            answer["backends"] = backends
+        return web.json_response(answer)
+
+    async def handle_wake(self, request: web.Request) -> web.Response:
+        """POST /v1/wake {namespace, route, backend}: a proxy holds a request for a backend at zero."""
+        who = await self._authenticate(request)
+        if isinstance(who, web.Response):
+            return who
+        try:
+            body = await request.json(loads=json.loads)
+        except (ValueError, UnicodeDecodeError):
+            return self._reject(400, "bad_request", "the body is not JSON")
+        fields = {k: body.get(k) if isinstance(body, dict) else None for k in ("namespace", "route", "backend")}
+        bad = [k for k, v in fields.items() if not isinstance(v, str) or not v or len(v) > 253]
+        if bad:
+            return self._reject(400, "bad_request", f"{', '.join(bad)}: required (non-empty strings)")
+        if who is not None and who[0] != fields["namespace"]:
+            return self._reject(403, "forbidden_namespace",
+                                f"a token of namespace {who[0]} may wake only that namespace's backends")
+        if SCALING_HOOKS.wake is None:
+            return web.json_response({"error": "scaling is not enabled in this operator"}, status=404)
+        try:
+            answer = await SCALING_HOOKS.wake(fields["namespace"], fields["route"], fields["backend"])
+        except Exception as exc:  # noqa: BLE001 - WakeError carries its status; anything else is retryable
+            status = getattr(exc, "status", 503)
+            if status == 503:
+                log.warning("wake failed: %s", type(exc).__name__)
+            return web.json_response({"error": str(exc) if status != 503 else "cannot wake the backend now; retry"},
+                                     status=status)
         return web.json_response(answer)
 
     async def apply(self, report: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from ..api.common import now_rfc3339
 from ..api import modelroute, tokenbudget
 from . import admission  # noqa: F401  (webhooks; registers handlers only when enabled)
 from . import kube, ledger_service, reconcile  # ledger_service: the ledger API and metrics (registers handlers)
+from . import scaler  # noqa: F401  (demand-driven replicas of scaled backends; registers handlers)
 from .bodies import plain
 
 log = logging.getLogger(__name__)

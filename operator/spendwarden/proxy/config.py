@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..api.common import parse_duration
 from ..api.modelroute import ModelRouteSpec, Provider
 from ..api.proxyconfig import ProxyConfig
 from ..api.tokenbudget import OnExceeded, TokenBudgetSpec
@@ -114,6 +115,12 @@ class BackendRt:
     max_context: int | None
     missing_credentials: str | None = None  # "secret/key" when a key was configured but not found
     _urls: dict[str, Any] = field(default_factory=dict)
+    wake: tuple[str, float] | None = None  # scaled backends: (Hold | Fallback, hold timeout seconds)
+
+    @property
+    def load_key(self) -> str:
+        """How the ledger report names this backend's load (scaled backends)."""
+        return f"{self.route}/{self.name}"
 
     def url(self, api: str) -> Any:
         """Upstream URL (a parsed yarl.URL, cached) for 'chat/completions', 'completions', 'embeddings'
@@ -191,7 +198,9 @@ def _backend(route_name: str, b: Any) -> BackendRt:
     return BackendRt(name=b.name, route=route_name, fmt=fmt, provider=provider.value,
                      base_url=b.url.rstrip("/"), model=b.model, prices=Prices.from_spec(b.pricing),
                      headers=headers, timeout=float(b.timeoutSeconds), max_context=b.maxContextTokens,
-                     missing_credentials=missing)
+                     missing_credentials=missing,
+                     wake=(b.scaling.wake.mode.value, parse_duration(b.scaling.wake.timeout).total_seconds())
+                     if b.scaling is not None else None)
 
 
 def _route(name: str, spec: ModelRouteSpec) -> RouteRt:

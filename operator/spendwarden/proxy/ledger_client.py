@@ -32,6 +32,7 @@ import orjson
 
 from ..ledger.allowance import Amount, Limits
 from ..ledger.leases import Ceiling
+from .backend_load import BackendLoads
 from .budgets import BudgetBook, BudgetState, LeaseShort, _dims
 from .metrics import Metrics
 
@@ -153,6 +154,7 @@ class LedgerClient:
         self._kick: asyncio.Event | None = None
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
+        self.backends: BackendLoads | None = None  # scaled backends' load, for the operator's scaler
         book.ledger = True
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -288,7 +290,10 @@ class LedgerClient:
                 if release is not None:
                     entry["releaseTo"] = release
             budgets[name] = entry
-        return {"proxyId": self.proxy_id, "namespace": self.namespace, "seq": self.seq, "budgets": budgets}
+        body = {"proxyId": self.proxy_id, "namespace": self.namespace, "seq": self.seq, "budgets": budgets}
+        if self.backends is not None and self.backends.keys:
+            body["backends"] = self.backends.report()
+        return body
 
     def _release(self, st: BudgetState) -> dict[str, Any] | None:
         lease = st.lease
@@ -308,6 +313,8 @@ class LedgerClient:
     def apply(self, body: dict[str, Any], answer: dict[str, Any]) -> None:
         self.reports += 1
         self.answered_seq = max(self.answered_seq, int(body["seq"]))
+        if self.backends is not None:
+            self.backends.apply(answer.get("backends"))
         for name, entry in answer["budgets"].items():
             st = self.book.states.get(name)
             if st is None or st.lease is None or not isinstance(entry, dict):

@@ -133,6 +133,9 @@ class Metrics:
         self.fallbacks = Counter("spendwarden_upstream_failures",
                                  "Upstream attempts that failed (and were retried on a fallback when one was left).",
                                  ("namespace", "route", "backend", "reason"), registry=r)
+        self.wakes = Counter("spendwarden_backend_wakes",
+                             "Requests for a scaled backend at zero replicas, by outcome (held, timeout, fallback, refused).",
+                             ("namespace", "route", "backend", "outcome"), registry=r)
         self.budget_remaining_ratio = Gauge("spendwarden_budget_remaining_ratio",
                                             "Fraction of the tightest limit left in the current period.",
                                             ("namespace", "budget"), registry=r)

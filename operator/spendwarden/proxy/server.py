@@ -29,6 +29,7 @@ from ..api.proxyconfig import ProxyConfig
 from .config import ANTHROPIC, OPENAI, BackendRt, Compiled, ConfigError, RouteRt, compile_config, \
     parse_config_text, secrets_fingerprint
 from .errors import ProxyError, error_body, stream_error_event
+from .backend_load import BackendLoads, Waker
 from .ledger_client import LedgerClient
 from .metrics import OTEL_PROVIDER, Metrics
 from . import spend
@@ -92,6 +93,7 @@ class Ctx:
     upstream_api: str = CHAT
     partial: bool = False  # usage = the provider's input numbers + the reserved output
     sp: Any = None  # spend.SpendReq when the route has tiers, a cache or a loop breaker
+    load_key: str | None = None  # the scaled backend this request counts as in flight to
 
 
 def parse_tags(value: str | None) -> dict[str, str] | None:
@@ -147,6 +149,8 @@ class Proxy:
         self._out = access_log if access_log is not None else sys.stdout.buffer
         self._tasks: list[asyncio.Task] = []
         self.ledger: LedgerClient | None = None
+        self.loads = BackendLoads()
+        self.waker: Waker | None = None
         self._started = False
         self.load(initial=True)
 
@@ -222,6 +226,8 @@ class Proxy:
         if self.compiled is not None:
             spend.carry_over(self.compiled.routes, compiled.routes)
         self.compiled = compiled
+        self.loads.set_keys({b.load_key for r in compiled.routes.values() for b in r.backends.values()
+                             if b.wake is not None})
         self.metrics.config_reloads.labels("initial" if initial else "ok").inc()
         log.info("configuration loaded: namespace %s, %d routes, %d budgets", compiled.namespace,
                  len(compiled.routes), len(compiled.budgets))
@@ -241,6 +247,9 @@ class Proxy:
                         ": enforcing whole budgets locally")
             self.book.ledger = False
             self.ledger = None
+            if self.waker is not None:
+                self._tasks.append(asyncio.ensure_future(self.waker.close()))
+                self.waker = None
             self._tasks.append(asyncio.ensure_future(old.close(final=True)))
         if url:
             if self.book.state_file:
@@ -248,6 +257,10 @@ class Proxy:
                          self.book.state_file)
             log.info("ledger mode: budgets are enforced against leases from %s", url)
             self.ledger = LedgerClient(self.book, url, compiled.namespace, self.metrics)
+            self.ledger.backends = self.loads
+            if self.waker is not None:
+                self._tasks.append(asyncio.ensure_future(self.waker.close()))
+            self.waker = Waker(url)
             if self._started:
                 self.ledger.start()
 
@@ -314,6 +327,8 @@ class Proxy:
         self.book.shutdown()
         if self.ledger is not None:
             await self.ledger.close(final=True)
+        if self.waker is not None:
+            await self.waker.close()
         try:
             self._out.flush()
         except (OSError, ValueError):
@@ -434,6 +449,8 @@ class Proxy:
             ctx.status, ctx.outcome, ctx.error = 500, "upstream_error", f"internal error: {type(exc).__name__}"
             resp = web.Response(status=500, content_type="application/json",
                                 body=error_body(fmt, 500, "internal proxy error"))
+        finally:
+            self._count_in_flight(ctx, None)
         self._record(ctx)
         return resp
 
@@ -572,6 +589,10 @@ class Proxy:
         last: _Retry | None = None
         tag = tag_of(ctx.tags)
         for i, backend in enumerate(usable):
+            self._count_in_flight(ctx, backend)
+            if backend.wake is not None and self.loads.at_zero(backend.load_key) \
+                    and not await self._replica_ready(ctx, route, backend, i + 1 < len(usable)):
+                continue  # Fallback: the next backend serves while this one wakes
             try:  # may raise 429 (503: a Closed budget without a lease)
                 adm = self.book.admit(route, backend, reserve_in, want, choices, downgrade_to,
                                       may_wait=self.ledger is not None)
@@ -627,6 +648,52 @@ class Proxy:
         raise ProxyError(status, f"upstream failed for route {route.name!r}: {last.reason}"
                          + (f" (after {len(usable)} backends)" if len(usable) > 1 else ""),
                          code="upstream_timeout" if status == 504 else "bad_gateway")
+
+    def _count_in_flight(self, ctx: Ctx, backend: BackendRt | None) -> None:
+        """Scaled backends: the request counts as in flight to the backend it is trying (held ones too)."""
+        if ctx.load_key is not None:
+            self.loads.end(ctx.load_key)
+            ctx.load_key = None
+        if backend is not None and backend.wake is not None:
+            ctx.load_key = backend.load_key
+            self.loads.begin(ctx.load_key)
+
+    async def _replica_ready(self, ctx: Ctx, route: RouteRt, backend: BackendRt, more: bool) -> bool:
+        """The backend's workload is at zero: ask the operator for a replica, then hold the request
+        until one is available (True) or, with wake mode Fallback and a backend left, give up at
+        once (False). Raises 503 when the hold times out or nothing is left to fall back to."""
+        assert backend.wake is not None and self.compiled is not None
+        mode, timeout = backend.wake
+        labels = (self.compiled.namespace, route.name, backend.name)
+        ns = self.compiled.namespace
+        if self.waker is None:
+            return True  # no operator to ask: try it as it is
+        if mode == "Fallback":
+            task = asyncio.ensure_future(self.waker(ns, route.name, backend.name))
+            self._tasks = [t for t in self._tasks if not t.done()] + [task]
+            if more:
+                self.metrics.wakes.labels(*labels, "fallback").inc()
+                self.metrics.fallbacks.labels(ns, route.name, backend.name, "scaled_to_zero").inc()
+                return False
+            self.metrics.wakes.labels(*labels, "refused").inc()
+            raise ProxyError(503, f"backend {backend.name!r} of route {route.name!r} is scaled to zero and waking; "
+                                  "no fallback is left: retry shortly", code="backend_waking", headers={"Retry-After": "10"})
+        t0 = time.monotonic()
+        while True:
+            answer = await self.waker(ns, route.name, backend.name)
+            if answer is not None:
+                self.loads.apply({backend.load_key: answer})
+            waited = time.monotonic() - t0
+            self.loads.queued(backend.load_key, waited)
+            if not self.loads.at_zero(backend.load_key):
+                self.metrics.wakes.labels(*labels, "held").inc()
+                return True
+            if waited >= timeout:
+                self.metrics.wakes.labels(*labels, "timeout").inc()
+                raise ProxyError(503, f"backend {backend.name!r} of route {route.name!r} has no replica available "
+                                      f"after {timeout:g}s (scaled to zero, waking): retry shortly",
+                                 code="backend_waking", headers={"Retry-After": "10"})
+            await asyncio.sleep(min(0.5, max(0.05, timeout - waited)))
 
     def _payload(self, body: dict[str, Any], api: str, backend: BackendRt, out: int | None, stream: bool) -> bytes:
         b = dict(body)

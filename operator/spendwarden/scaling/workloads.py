@@ -11,7 +11,7 @@ namespaces): otherwise any team could scale another team's GPUs up.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ..api.modelroute import BackendScaling, ModelRouteSpec
@@ -36,7 +36,8 @@ class Use:
     """One route backend that names the workload."""
 
     namespace: str
-    route: str
+    route: str       # the ModelRoute's name
+    alias: str       # its spec.model (what budgets' spec.routes name)
     backend: str
     scaling: BackendScaling | None
     currency: str
@@ -55,7 +56,7 @@ def uses_by_workload(routes: Iterable[tuple[str, str, ModelRouteSpec]]) -> dict[
             if ref is None:
                 continue
             key = WorkloadKey(ref.kind.value, ref.namespace or ns, ref.name)
-            out.setdefault(key, []).append(Use(ns, name, b.name, b.scaling, b.pricing.currency))
+            out.setdefault(key, []).append(Use(ns, name, spec.model, b.name, b.scaling, b.pricing.currency))
     for uses in out.values():
         uses.sort(key=lambda u: (u.namespace, u.route, u.backend))
     return out
@@ -77,16 +78,15 @@ def governing(key: WorkloadKey, uses: list[Use], annotations: Mapping[str, str] 
 
 
 def demand(key: WorkloadKey, uses: list[Use], annotations: Mapping[str, str] | None,
-           load: Mapping[tuple[str, str], BackendLoad], cut_off: set[str]) -> tuple[Demand, int]:
-    """The demand of the namespaces still allowed to spend (cut-off ones count for nothing), and the
-    longest queueing time among them. Cut off means: every namespace that uses the workload is."""
-    payers = {u.namespace for u in uses if allowed(key, u, annotations)}
+           load: Mapping[tuple[str, str], BackendLoad], is_cut: Callable[[Use], bool]) -> tuple[Demand, int]:
+    """The demand of the uses still allowed to spend (a route of a cut-off budget counts for nothing),
+    and the longest queueing time among them. Cut off means: every allowed use is cut off."""
+    payers = [u for u in uses if allowed(key, u, annotations)]
+    cut = [is_cut(u) for u in payers]
     in_flight = queue = 0
-    for u in uses:
-        if u.namespace in cut_off or u.namespace not in payers:
-            continue
+    for u, u_cut in zip(payers, cut):
         bl = load.get((u.namespace, u.key))
-        if bl is not None:
+        if bl is not None and not u_cut:
             in_flight += bl.in_flight
             queue = max(queue, bl.queue_ms)
-    return Demand(in_flight=in_flight, cut_off=bool(payers) and payers <= cut_off), queue
+    return Demand(in_flight=in_flight, cut_off=bool(payers) and all(cut)), queue

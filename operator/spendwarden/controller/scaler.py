@@ -1,0 +1,516 @@
+"""The scaler: sets the replicas of ModelRoute backends' workloads (deploymentRef + scaling) through
+the scale subresource, from the demand the proxies report to the ledger service.
+
+Thin I/O around the pure core (scaling/): every `interval` seconds, and at once on a wake request,
+each scaled workload is read, checked for another autoscaler, decided (scaling.policy.decide) and
+scaled; replica-hours are metered (scaling.capacity) and ModelRoute status.scaling written when
+something a person would look at changed (at least every `status_interval` for the hours).
+
+No fight: while a HorizontalPodAutoscaler targets the workload, its replicas are left alone and the
+routes that use it get the condition ScalingConflict=True and a Warning Event.
+
+Demand arrives in the ledger reports (`backends`, docs/ledger-protocol.md); a proxy holding a request
+for a workload at zero calls POST /v1/wake (same TokenReview auth, only its own namespace's routes).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+import kopf
+from prometheus_client import Counter, Gauge
+
+from .. import GROUP, VERSION
+from ..api import modelroute
+from ..api.common import now_rfc3339, set_condition
+from ..ledger.periods import current_period
+from ..render.proxyconfig import validate_spec
+from ..scaling.capacity import MS_PER_HOUR, PeriodFn, ReplicaMeter, calendar_month
+from ..scaling.demand import BackendLoad, DemandBook, parse_backends
+from ..scaling.policy import Decision, Policy, ScaleState, decide
+from ..scaling.workloads import Use, WorkloadKey, allowed, demand, governing, uses_by_workload
+from . import ledger_service
+from .bodies import plain
+
+log = logging.getLogger(__name__)
+
+CONFLICT = "ScalingConflict"
+
+REPLICAS = Gauge("spendwarden_backend_replicas", "Replicas of scaled backend workloads, by kind (desired, actual, available).",
+                 ["namespace", "workload", "kind"])
+IN_FLIGHT = Gauge("spendwarden_backend_in_flight", "Requests in flight to a scaled workload, summed over the proxies that may use it.",
+                  ["namespace", "workload"])
+REPLICA_SECONDS = Counter("spendwarden_backend_replica_seconds_total", "Replica-seconds of scaled workloads (capacity held).",
+                          ["namespace", "workload"])
+CAPACITY_COST = Counter("spendwarden_backend_capacity_cost_total", "Cost of the replica-seconds at costPerReplicaHour.",
+                        ["namespace", "workload", "currency"])
+SCALE_WRITES = Counter("spendwarden_scaler_writes_total", "Replica changes written through the scale subresource, by outcome.",
+                       ["outcome"])
+
+
+@dataclass
+class WorkloadView:
+    spec_replicas: int
+    replicas: int
+    available: int
+    annotations: dict[str, str]
+
+
+@dataclass
+class Tracked:
+    """What the scaler keeps per workload between ticks."""
+
+    state: ScaleState
+    meter: ReplicaMeter | None = None
+    view: WorkloadView | None = None
+    decision: Decision | None = None
+    in_flight: int = 0
+    conflict: str | None = None      # the message while another autoscaler owns it
+    missing: str | None = None       # the message while the workload cannot be read
+    last_scale: str | None = None
+
+
+@dataclass
+class RouteWrite:
+    scaling: list[dict[str, Any]] | None = None
+    conflict: tuple[str, str] | None = None
+    at: float = 0.0
+
+
+# -- apiserver I/O (in threads) -----------------------------------------------------------------------
+
+def _apps() -> Any:
+    from kubernetes import client
+
+    from . import kube
+    return client.AppsV1Api(kube.api_client())
+
+
+def read_workload(key: WorkloadKey) -> WorkloadView | None:
+    from kubernetes.client.rest import ApiException
+    apps = _apps()
+    try:
+        obj = (apps.read_namespaced_deployment if key.kind == "Deployment" else apps.read_namespaced_stateful_set)(
+            key.name, key.namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    st = obj.status
+    available = (st.available_replicas if key.kind == "Deployment" else st.ready_replicas) or 0
+    return WorkloadView(spec_replicas=obj.spec.replicas if obj.spec.replicas is not None else 1,
+                        replicas=st.replicas or 0, available=available,
+                        annotations=dict(obj.metadata.annotations or {}))
+
+
+def hpa_targeting(key: WorkloadKey) -> str | None:
+    """The name of a HorizontalPodAutoscaler that targets the workload. autoscaling/v1 lists every HPA
+    whatever version it was written in (v2beta2 on 1.20, v2 later: one stored object)."""
+    from kubernetes import client
+
+    from . import kube
+    for hpa in client.AutoscalingV1Api(kube.api_client()).list_namespaced_horizontal_pod_autoscaler(key.namespace).items:
+        ref = hpa.spec.scale_target_ref
+        if ref.kind == key.kind and ref.name == key.name:
+            return hpa.metadata.name
+    return None
+
+
+def scale(key: WorkloadKey, replicas: int) -> None:
+    apps = _apps()
+    patch = {"spec": {"replicas": replicas}}
+    if key.kind == "Deployment":
+        apps.patch_namespaced_deployment_scale(key.name, key.namespace, patch)
+    else:
+        apps.patch_namespaced_stateful_set_scale(key.name, key.namespace, patch)
+
+
+def _get_route(namespace: str, name: str) -> dict[str, Any] | None:
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    from . import kube
+    try:
+        return client.CustomObjectsApi(kube.api_client()).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, modelroute.PLURAL, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _patch_route_status(namespace: str, name: str, body: Any, json_patch: bool = False) -> bool:
+    """False when the route is gone or (JSON Patch `test`) its conditions changed meanwhile."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    from . import kube
+    kwargs = {"_content_type": "application/json-patch+json"} if json_patch else {}
+    try:
+        client.CustomObjectsApi(kube.api_client()).patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, modelroute.PLURAL, name, body, **kwargs)
+        return True
+    except ApiException as exc:
+        if exc.status in (404, 409, 422):
+            return False
+        raise
+
+
+def _warn_route(route: dict[str, Any], reason: str, message: str) -> None:
+    from kubernetes import client
+
+    from . import kube
+    meta = route["metadata"]
+    now = now_rfc3339()
+    client.CoreV1Api(kube.api_client()).create_namespaced_event(meta["namespace"], {
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": modelroute.KIND, "name": meta["name"],
+                           "namespace": meta["namespace"], "uid": meta.get("uid")},
+        "reason": reason, "message": message, "type": "Warning",
+        "source": {"component": "spendwarden-scaler"}, "reportingComponent": "spendwarden.io/scaler",
+        "reportingInstance": socket.gethostname(), "firstTimestamp": now, "lastTimestamp": now, "count": 1})
+
+
+# -- the scaler ------------------------------------------------------------------------------------------
+
+class WakeError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Scaler:
+    def __init__(self, interval: float = 1.0, status_interval: float = 30.0, demand_ttl: float = 5.0):
+        self.interval = interval
+        self.status_interval = status_interval
+        self.book = DemandBook(ttl=demand_ttl)
+        self.routes: dict[tuple[str, str], tuple[dict[str, Any], modelroute.ModelRouteSpec]] = {}
+        self.tracked: dict[WorkloadKey, Tracked] = {}
+        self.uses: dict[WorkloadKey, list[Use]] = {}
+        self._written: dict[tuple[str, str], RouteWrite] = {}
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+
+    # inputs
+
+    def observe_route(self, event_type: str | None, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        spec, problem = validate_spec(modelroute.KIND, obj.get("spec"))
+        if event_type == "DELETED" or meta.get("deletionTimestamp") or problem is not None:
+            self.routes.pop(key, None)
+            self._written.pop(key, None)
+        else:
+            self.routes[key] = (obj, spec)
+        self.uses = uses_by_workload((ns, name, sp) for (ns, name), (_, sp) in sorted(self.routes.items()))
+
+    def record(self, proxy_id: str, namespace: str, backends: dict[str, BackendLoad]) -> dict[str, Any]:
+        """A report's `backends`: remembered as demand; answered with what the proxy needs to know of
+        each scaled backend it reported (replicas, available replicas)."""
+        now = time.time()
+        self.book.record(proxy_id, namespace, backends, now)
+        answer: dict[str, Any] = {}
+        for key in backends:
+            found = self._find(namespace, key)
+            if found is not None:
+                answer[key] = self._backend_answer(*found)
+        return answer
+
+    def _find(self, namespace: str, key: str) -> tuple[WorkloadKey, Use] | None:
+        for wk, uses in self.uses.items():
+            for u in uses:
+                if u.namespace == namespace and u.key == key and u.scaling is not None:
+                    return wk, u
+        return None
+
+    def _backend_answer(self, wk: WorkloadKey, use: Use) -> dict[str, Any]:
+        tr = self.tracked.get(wk)
+        if tr is None or tr.view is None:
+            return {}
+        out = {"replicas": tr.view.replicas, "availableReplicas": tr.view.available}
+        if tr.decision is not None:
+            out["desiredReplicas"] = tr.decision.desired
+        if tr.conflict:
+            out["conflict"] = True
+        return out
+
+    async def wake(self, namespace: str, route: str, backend: str) -> dict[str, Any]:
+        """A proxy has a request for this backend and no available replica: one replica, now."""
+        found = self._find(namespace, f"{route}/{backend}")
+        if found is None:
+            raise WakeError(404, f"route {route!r} backend {backend!r} of namespace {namespace} is not a scaled backend")
+        wk, use = found
+        tr = self.tracked.setdefault(wk, Tracked(ScaleState.new(time.time())))
+        if not allowed(wk, use, tr.view.annotations if tr.view else None):
+            raise WakeError(403, f"{wk} is not shared with namespace {namespace} (annotation spendwarden.io/scaling-shared-with)")
+        tr.state.wake(time.time())
+        await self.tick()
+        return self._backend_answer(wk, use)
+
+    # the loop
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="spendwarden-scaler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._kick.wait(), self.interval)
+            except TimeoutError:
+                pass
+            self._kick.clear()
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - the next tick tries again; never let the loop die
+                log.exception("scaler tick failed")
+
+    async def tick(self) -> None:
+        async with self._lock:
+            now = time.time()
+            self.book.prune(now)
+            load = self.book.load(now)
+            scaled = {wk: uses for wk, uses in self.uses.items() if any(u.scaling is not None for u in uses)}
+            for wk in [wk for wk in self.tracked if wk not in scaled]:
+                self._forget(wk)
+            is_cut = _cut_checker()
+            for wk, uses in scaled.items():
+                try:
+                    await self._one(wk, uses, load, is_cut)
+                except Exception as exc:  # noqa: BLE001 - one workload's trouble does not stop the others
+                    log.warning("scaling %s failed: %s: %s", wk, type(exc).__name__, exc)
+            await self._write_statuses()
+
+    async def _one(self, wk: WorkloadKey, uses: list[Use], load: dict, is_cut: Any) -> None:
+        now = time.time()
+        tr = self.tracked.setdefault(wk, Tracked(ScaleState.new(now)))
+        view = await asyncio.to_thread(read_workload, wk)
+        if view is None:
+            tr.view, tr.decision = None, None
+            tr.missing = f"{wk} not found"
+            return
+        tr.missing = None
+        tr.view = view
+        gov = governing(wk, uses, view.annotations)
+        if gov is None:
+            tr.decision = None
+            return
+        policy = Policy.from_spec(gov.scaling)
+        wanted, _queue = demand(wk, uses, view.annotations, load, is_cut)
+        tr.in_flight = wanted.in_flight
+        tr.decision = decide(tr.state, policy, wanted, now)
+        hpa = await asyncio.to_thread(hpa_targeting, wk)
+        tr.conflict = (f"HorizontalPodAutoscaler {hpa} targets {wk}: spendwarden leaves its replicas alone "
+                       "(delete the HPA or the route's scaling settings)") if hpa else None
+        if tr.conflict is None and view.spec_replicas != tr.decision.desired:
+            try:
+                await asyncio.to_thread(scale, wk, tr.decision.desired)
+            except Exception:
+                SCALE_WRITES.labels("error").inc()
+                raise
+            SCALE_WRITES.labels("ok").inc()
+            log.info("scaled %s from %d to %d replicas (%s, in flight %d)", wk, view.spec_replicas,
+                     tr.decision.desired, tr.decision.reason, wanted.in_flight)
+            tr.last_scale = now_rfc3339()
+        self._meter(wk, tr, gov, view.replicas)
+        labels = (wk.namespace, f"{wk.kind}/{wk.name}")
+        REPLICAS.labels(*labels, "desired").set(tr.decision.desired)
+        REPLICAS.labels(*labels, "actual").set(view.replicas)
+        REPLICAS.labels(*labels, "available").set(view.available)
+        IN_FLIGHT.labels(*labels).set(wanted.in_flight)
+
+    def _meter(self, wk: WorkloadKey, tr: Tracked, gov: Use, replicas: int) -> None:
+        now = datetime.now(timezone.utc)
+        period = _period_for(gov.namespace)
+        if tr.meter is None:
+            tr.meter = ReplicaMeter.start(now, period, replicas, self._persisted_ms(gov, now, period))
+            return
+        added = tr.meter.observe(replicas, now, period)
+        if added:
+            labels = (wk.namespace, f"{wk.kind}/{wk.name}")
+            REPLICA_SECONDS.labels(*labels).inc(added / 1000)
+            per_hour = gov.scaling.costPerReplicaHour if gov.scaling else None
+            if per_hour is not None:
+                CAPACITY_COST.labels(*labels, gov.currency).inc(float(Decimal(added) * Decimal(per_hour) / MS_PER_HOUR))
+
+    def _persisted_ms(self, gov: Use, now: datetime, period: PeriodFn) -> int:
+        """Replica-hours already in the governing route's status for this period (operator restarts)."""
+        obj, _ = self.routes.get((gov.namespace, gov.route), ({}, None))
+        start = now_rfc3339(period(now)[0])
+        for entry in (obj.get("status") or {}).get("scaling") or []:
+            if entry.get("backend") == gov.backend and entry.get("periodStart") == start and entry.get("replicaHours"):
+                try:
+                    return int(Decimal(entry["replicaHours"]) * MS_PER_HOUR)
+                except ArithmeticError:
+                    return 0
+        return 0
+
+    def _forget(self, wk: WorkloadKey) -> None:
+        self.tracked.pop(wk, None)
+        labels = (wk.namespace, f"{wk.kind}/{wk.name}")
+        for gauge, extra in ((REPLICAS, ("desired",)), (REPLICAS, ("actual",)), (REPLICAS, ("available",)), (IN_FLIGHT, ())):
+            try:
+                gauge.remove(*labels, *extra)
+            except KeyError:
+                pass
+
+    # status
+
+    def _route_entries(self) -> dict[tuple[str, str], tuple[list[dict[str, Any]], str | None]]:
+        """(namespace, route) -> (status.scaling entries, conflict message or None)."""
+        out: dict[tuple[str, str], tuple[list[dict[str, Any]], str | None]] = {}
+        for wk, uses in self.uses.items():
+            tr = self.tracked.get(wk)
+            for u in uses:
+                if u.scaling is None:
+                    continue
+                entries, conflict = out.setdefault((u.namespace, u.route), ([], None))
+                entry: dict[str, Any] = {"backend": u.backend, "workload": str(wk)}
+                view = tr.view if tr else None
+                if tr is None or (tr.missing is None and view is None):
+                    entry["reason"] = "Pending"
+                elif tr.missing:
+                    entry["reason"] = "WorkloadNotFound"
+                elif not allowed(wk, u, view.annotations):
+                    entry["reason"] = "NotShared"
+                else:
+                    entry.update(replicas=view.replicas, availableReplicas=view.available, inFlight=tr.in_flight)
+                    if tr.decision is not None:
+                        entry.update(desiredReplicas=tr.decision.desired,
+                                     reason="Conflict" if tr.conflict else tr.decision.reason)
+                    if tr.last_scale:
+                        entry["lastScaleTime"] = tr.last_scale
+                    if tr.meter is not None:
+                        per_hour = Decimal(u.scaling.costPerReplicaHour) if u.scaling.costPerReplicaHour else None
+                        entry.update(tr.meter.status(per_hour, u.currency))
+                    if tr.conflict:
+                        conflict = tr.conflict
+                entries.append(entry)
+                out[(u.namespace, u.route)] = (entries, conflict)
+        return out
+
+    async def _write_statuses(self) -> None:
+        now = time.monotonic()
+        for key, (entries, conflict) in self._route_entries().items():
+            if key not in self.routes:
+                continue
+            w = self._written.setdefault(key, RouteWrite())
+            if _material(w.scaling) != _material(entries) or now - w.at >= self.status_interval:
+                if await asyncio.to_thread(_patch_route_status, *key, {"status": {"scaling": entries}}):
+                    w.scaling, w.at = entries, now
+            want = ("True", conflict) if conflict else ("False", "no other autoscaler targets the scaled workloads")
+            if w.conflict != want:
+                if await self._set_conflict(key, want):
+                    w.conflict = want
+
+    async def _set_conflict(self, key: tuple[str, str], want: tuple[str, str]) -> bool:
+        route = await asyncio.to_thread(_get_route, *key)
+        if route is None:
+            return False
+        conditions = list((route.get("status") or {}).get("conditions") or [])
+        current = next((c for c in conditions if c.get("type") == CONFLICT), None)
+        if current is None and want[0] == "False":
+            return True  # never had a conflict: nothing to say
+        if current is not None and (current.get("status"), current.get("message")) == want:
+            return True
+        desired = set_condition(conditions, CONFLICT, want[0], "HorizontalPodAutoscaler" if want[0] == "True" else "NoConflict",
+                                want[1], (route.get("metadata") or {}).get("generation"))
+        ops = ([{"op": "test", "path": "/status/conditions", "value": conditions}] if conditions else [])
+        ops.append({"op": "add", "path": "/status/conditions", "value": desired})
+        if not await asyncio.to_thread(_patch_route_status, *key, ops, True):
+            return False  # the reconcile wrote meanwhile: next tick
+        if want[0] == "True":
+            try:
+                await asyncio.to_thread(_warn_route, route, CONFLICT, want[1])
+            except Exception as exc:  # noqa: BLE001
+                log.warning("cannot post the ScalingConflict event: %s", type(exc).__name__)
+        return True
+
+
+def _material(entries: list[dict[str, Any]] | None) -> Any:
+    """What makes a status write worth it at once: everything but the slowly growing hours and cost."""
+    if entries is None:
+        return None
+    return [{k: v for k, v in e.items() if k not in ("replicaHours", "cost", "inFlight", "previous")} for e in entries]
+
+
+def _period_for(namespace: str) -> PeriodFn:
+    """Replica-hours are counted in the period of the namespace's first TokenBudget (so they stand
+    next to its token cost), else per calendar month (UTC)."""
+    service = ledger_service.SERVICE
+    if service is not None:
+        entries = sorted((e for e in service.store.entries.values() if e.namespace == namespace), key=lambda e: e.name)
+        if entries:
+            spec = entries[0].spec
+            return lambda now: current_period(spec, now)
+    return calendar_month
+
+
+def _cut_checker() -> Any:
+    """use -> whether an exhausted onExceeded=CutOff budget of its namespace covers its route."""
+    service = ledger_service.SERVICE
+    cutting: dict[str, list[tuple[str, ...]]] = {}
+    if service is not None:
+        for e in service.store.entries.values():
+            if e.spec.onExceeded.value == "CutOff" and e.current.ledger.exhausted():
+                cutting.setdefault(e.namespace, []).append(tuple(e.spec.routes))
+    return lambda u: any(not routes or u.alias in routes for routes in cutting.get(u.namespace, ()))
+
+
+# -- wiring ------------------------------------------------------------------------------------------
+
+SCALER: Scaler | None = None
+
+
+def _on_report(proxy_id: str, namespace: str, raw: Any) -> dict[str, Any] | None:
+    backends = parse_backends(raw)  # BackendsError: 400
+    if SCALER is None or not backends:
+        return None
+    return SCALER.record(proxy_id, namespace, backends)
+
+
+async def _on_wake(namespace: str, route: str, backend: str) -> dict[str, Any]:
+    if SCALER is None:
+        raise WakeError(503, "the scaler is not running")
+    return await SCALER.wake(namespace, route, backend)
+
+
+ledger_service.SCALING_HOOKS.report = _on_report
+ledger_service.SCALING_HOOKS.wake = _on_wake
+
+
+@kopf.on.startup(id="spendwarden-scaler")
+async def start_scaler(**_: Any) -> None:
+    global SCALER
+    SCALER = Scaler(interval=float(os.environ.get("SPENDWARDEN_SCALE_INTERVAL") or 1.0),
+                    status_interval=float(os.environ.get("SPENDWARDEN_SCALE_STATUS_INTERVAL") or 30.0))
+    SCALER.start()
+
+
+@kopf.on.cleanup(id="spendwarden-scaler")
+async def stop_scaler(**_: Any) -> None:
+    global SCALER
+    scaler, SCALER = SCALER, None
+    if scaler is not None:
+        await scaler.stop()
+
+
+@kopf.on.event(GROUP, modelroute.PLURAL, id="scaler-observe")
+async def scaler_observe(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+    if SCALER is not None:
+        SCALER.observe_route(event.get("type"), plain(body))

@@ -1,0 +1,119 @@
+"""Per-backend load of this proxy for the operator's scaler, and what the operator says back.
+
+For every scaled backend (deploymentRef + scaling; key "<ModelRoute name>/<backend name>") the
+ledger report carries `backends[key] = {inFlight, queueMs}`: the MOST requests this process had in
+flight since its previous report (a burst between two reports still counts) and the longest a
+request waited for a replica. Held wake requests count as in flight. The answer's
+`backends[key].availableReplicas` tells the proxy a backend is at zero: its next request asks the
+operator to wake it (POST /v1/wake), then holds or falls back (server.py).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger("spendwarden.proxy.scaling")
+
+WAKE_PATH = "/v1/wake"
+
+
+class BackendLoads:
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self.in_flight: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.queue_ms: dict[str, int] = {}
+        self.state: dict[str, dict[str, Any]] = {}   # key -> the operator's last answer
+
+    def set_keys(self, keys: set[str]) -> None:
+        """The scaled backends of the current configuration (reported even while idle: 0 is news too)."""
+        self.keys = set(keys)
+        for table in (self.peak, self.queue_ms, self.state):
+            for k in [k for k in table if k not in self.keys]:
+                del table[k]
+
+    def begin(self, key: str) -> None:
+        n = self.in_flight.get(key, 0) + 1
+        self.in_flight[key] = n
+        if n > self.peak.get(key, 0):
+            self.peak[key] = n
+
+    def end(self, key: str) -> None:
+        n = self.in_flight.get(key, 0) - 1
+        if n > 0:
+            self.in_flight[key] = n
+        else:
+            self.in_flight.pop(key, None)
+
+    def queued(self, key: str, seconds: float) -> None:
+        ms = int(seconds * 1000)
+        if ms > self.queue_ms.get(key, 0):
+            self.queue_ms[key] = ms
+
+    def report(self) -> dict[str, Any]:
+        """The report's `backends`; starts the next interval's peaks from what is in flight now."""
+        out = {k: {"inFlight": max(self.peak.get(k, 0), self.in_flight.get(k, 0)), "queueMs": self.queue_ms.get(k, 0)}
+               for k in sorted(self.keys)}
+        self.peak = {k: v for k, v in self.in_flight.items() if k in self.keys}
+        self.queue_ms = {}
+        return out
+
+    def apply(self, answer: Any) -> None:
+        if not isinstance(answer, dict):
+            return
+        for key, entry in answer.items():
+            if key in self.keys and isinstance(entry, dict):
+                self.state[key] = entry
+
+    def at_zero(self, key: str) -> bool:
+        """Known to have no available replica (unknown: assume it serves, as without an operator)."""
+        entry = self.state.get(key)
+        if entry is None or entry.get("conflict"):
+            return False  # another autoscaler owns it: its business
+        available = entry.get("availableReplicas")
+        return isinstance(available, int) and available <= 0
+
+
+class Waker:
+    """POST {ledger url}/v1/wake with the pod's token; returns the operator's answer or None."""
+
+    def __init__(self, url: str, timeout: float = 5.0):
+        self.url = url.rstrip("/") + WAKE_PATH
+        self.timeout = timeout
+        self._session: Any = None
+        self._warned = 0.0
+
+    async def __call__(self, namespace: str, route: str, backend: str) -> dict[str, Any] | None:
+        import aiohttp
+        import orjson
+
+        from .ledger_client import read_token
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
+                                                  cookie_jar=aiohttp.DummyCookieJar())
+        headers = {"Content-Type": "application/json"}
+        token = read_token()
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        try:
+            async with self._session.post(self.url, data=orjson.dumps(
+                    {"namespace": namespace, "route": route, "backend": backend}), headers=headers) as resp:
+                raw = await resp.read()
+                if resp.status == 200:
+                    answer = orjson.loads(raw)
+                    return answer if isinstance(answer, dict) else None
+                if time.monotonic() - self._warned > 60:
+                    self._warned = time.monotonic()
+                    log.warning("wake of %s/%s answered HTTP %s: %s", route, backend, resp.status, raw[:200])
+        except Exception as exc:  # noqa: BLE001 - unreachable: the caller keeps holding or falls back
+            if time.monotonic() - self._warned > 60:
+                self._warned = time.monotonic()
+                log.warning("wake of %s/%s failed: %s", route, backend, type(exc).__name__)
+        return None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,104 @@
+"""The scaler's edges without a cluster: POST /v1/wake and the report's `backends` on the ledger
+service (auth, namespace check, 400s that name the field), and the proxy's side of the numbers."""
+from __future__ import annotations
+
+import time
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from spendwarden.controller import ledger_service as svc
+from spendwarden.controller import scaler
+from spendwarden.proxy.backend_load import BackendLoads
+
+ROUTE = {"apiVersion": "spendwarden.io/v1alpha1", "kind": "ModelRoute",
+         "metadata": {"name": "chat", "namespace": "team-a", "uid": "r1", "generation": 1},
+         "spec": {"model": "chat", "defaultBackend": "llama", "backends": [{
+             "name": "llama", "provider": "OpenAICompatible", "url": "http://llama:8080/v1", "model": "l",
+             "pricing": {"input": "0", "output": "0"}, "deploymentRef": {"name": "llama"},
+             "scaling": {"maxReplicas": 3}}]}}
+
+
+class Reviewer:
+    async def review(self, token):
+        return {"token-a": ("team-a", "proxy"), "token-b": ("team-b", "proxy")}.get(token)
+
+
+async def _client(monkeypatch) -> tuple[TestClient, scaler.Scaler]:
+    service = svc.LedgerService(svc.LedgerConfig(port=0))
+    service.reviewer = Reviewer()
+    s = scaler.Scaler()
+    s.observe_route("ADDED", ROUTE)
+
+    async def no_tick():
+        return None
+
+    monkeypatch.setattr(s, "tick", no_tick)
+    monkeypatch.setattr(scaler, "SCALER", s)
+    client = TestClient(TestServer(service.app()))
+    await client.start_server()
+    return client, s
+
+
+async def test_wake_needs_a_token_of_the_routes_namespace(monkeypatch):
+    client, s = await _client(monkeypatch)
+    body = {"namespace": "team-a", "route": "chat", "backend": "llama"}
+    try:
+        assert (await client.post("/v1/wake", json=body)).status == 401
+        assert (await client.post("/v1/wake", json=body, headers={"Authorization": "Bearer forged"})).status == 401
+        r = await client.post("/v1/wake", json=body, headers={"Authorization": "Bearer token-b"})
+        assert r.status == 403 and "namespace team-b" in (await r.json())["error"]
+        r = await client.post("/v1/wake", json={"namespace": "team-a"}, headers={"Authorization": "Bearer token-a"})
+        assert r.status == 400 and (await r.json())["error"] == "route, backend: required (non-empty strings)"
+        r = await client.post("/v1/wake", json={**body, "backend": "gpt"}, headers={"Authorization": "Bearer token-a"})
+        assert r.status == 404 and "is not a scaled backend" in (await r.json())["error"]
+        assert not s.tracked
+        r = await client.post("/v1/wake", json=body, headers={"Authorization": "Bearer token-a"})
+        assert r.status == 200
+        (wk, tracked), = s.tracked.items()
+        assert str(wk) == "Deployment/team-a/llama" and tracked.state.wake_at is not None
+    finally:
+        await client.close()
+
+
+async def test_a_report_with_bad_backends_is_refused_whole(monkeypatch):
+    client, s = await _client(monkeypatch)
+    body = {"proxyId": "p", "namespace": "team-a", "seq": 1, "budgets": {},
+            "backends": {"chat/llama": {"inFlight": "3"}}}
+    try:
+        r = await client.post("/v1/report", json=body, headers={"Authorization": "Bearer token-a"})
+        assert r.status == 400 and (await r.json())["error"] == "backends.chat/llama.inFlight: must be a non-negative integer"
+        assert s.book.load(0) == {} and not s.book._proxies
+        body["backends"]["chat/llama"]["inFlight"] = 3
+        r = await client.post("/v1/report", json=body, headers={"Authorization": "Bearer token-a"})
+        assert r.status == 200
+        assert [(k, v.in_flight) for k, v in s.book.load(time.time()).items()] == [(("team-a", "chat/llama"), 3)]
+    finally:
+        await client.close()
+
+
+def test_proxy_reports_the_peak_since_the_last_report():
+    loads = BackendLoads()
+    loads.set_keys({"chat/llama"})
+    assert loads.report() == {"chat/llama": {"inFlight": 0, "queueMs": 0}}   # idle is news too
+    for _ in range(3):
+        loads.begin("chat/llama")
+    for _ in range(3):
+        loads.end("chat/llama")
+    loads.begin("chat/llama")
+    loads.queued("chat/llama", 1.25)
+    assert loads.report() == {"chat/llama": {"inFlight": 3, "queueMs": 1250}}  # the burst between reports
+    assert loads.report() == {"chat/llama": {"inFlight": 1, "queueMs": 0}}     # still one in flight
+    loads.begin("other/x")  # not a scaled backend: never reported
+    assert set(loads.report()) == {"chat/llama"}
+
+
+def test_proxy_knows_a_backend_is_at_zero_only_from_the_operator():
+    loads = BackendLoads()
+    loads.set_keys({"chat/llama"})
+    assert not loads.at_zero("chat/llama")              # unknown: try it
+    loads.apply({"chat/llama": {"replicas": 0, "availableReplicas": 0}, "ghost/x": {"availableReplicas": 0}})
+    assert loads.at_zero("chat/llama") and "ghost/x" not in loads.state
+    loads.apply({"chat/llama": {"replicas": 0, "availableReplicas": 0, "conflict": True}})
+    assert not loads.at_zero("chat/llama")              # an HPA owns it: not ours to wake
+    loads.apply({"chat/llama": {"replicas": 1, "availableReplicas": 1}})
+    assert not loads.at_zero("chat/llama")
