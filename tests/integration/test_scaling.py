@@ -234,7 +234,7 @@ def test_cut_off_scales_to_zero_and_back_at_the_reset(operator, kube, ns):
         t_cut = time.monotonic()
         wait_for(lambda: deployment(kube, ns, "llama").spec.replicas == 0, timeout=10, what="zero on cut-off")
         print(f"\ncut-off to zero replicas in {time.monotonic() - t_cut:.2f}s (stabilisation window 1m not waited for)")
-        assert scaling_status(kube, ns, "chat").get("reason") in ("CutOff", "")
+        wait_for(lambda: scaling_status(kube, ns, "chat").get("reason") == "CutOff", what="reason CutOff in status")
         time.sleep(1.0)
         assert deployment(kube, ns, "llama").spec.replicas == 0, "demand of a cut-off namespace does not count"
         wait_for(lambda: get_budget(kube, ns, "minute")["status"]["ledger"]["periodStart"] != period, timeout=75,
