@@ -140,3 +140,15 @@ async def test_deliveries_beyond_max_pending_are_dropped():
     assert count("dropped") == dropped + 1
     await _drain(sender)
     await sender.close()
+
+
+async def test_one_budgets_alerts_arrive_in_order_even_when_the_first_needs_retries():
+    async with Receiver([503]) as rx:
+        sender = WebhookSender(FAST)
+        hook = Alerting(webhookURL=rx.url())
+        for text in ("80%", "exhausted"):
+            sender.send("team-a", "monthly", hook, {"text": text})
+        await _drain(sender)
+        await sender.close()
+    assert [b["text"] for b in rx.bodies] == ["80%", "80%", "exhausted"]
+    assert sender._last == {}

@@ -201,7 +201,7 @@ class TokenBudgetStatus(ApiModel):
     breakdown: list[BreakdownRow] = Field(default_factory=list, max_length=32,
                                           description="Usage in the current period per (route, backend, tag), most expensive first; "
                                                       "usage of proxies that report none is not in it (spendwarden report shows it as unattributed).")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready and Exceeded conditions.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Exceeded and ForecastExhausted (the recent burn rate exhausts the budget before the period ends) conditions.")
 
 
 class TokenBudget(ApiModel):

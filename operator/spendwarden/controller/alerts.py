@@ -86,6 +86,7 @@ class WebhookSender:
         self.settings = settings or WebhookSettings()
         self.read_secret = read_secret
         self._tasks: set[asyncio.Task] = set()
+        self._last: dict[tuple[str, str], asyncio.Task] = {}  # per budget: alerts go out in order
         self._session: Any = None
 
     def announce(self, entry: "BudgetEntry", reason: str, message: str) -> None:
@@ -104,10 +105,17 @@ class WebhookSender:
             log.warning("alert webhook: %d deliveries pending; dropping this one", len(self._tasks),
                         extra={"namespace": namespace, "budget": budget})
             return
-        task = asyncio.create_task(self._deliver(namespace, budget, alerting, payload),
+        key = (namespace, budget)
+        task = asyncio.create_task(self._deliver(namespace, budget, alerting, payload, self._last.get(key)),
                                    name=f"alert-webhook-{namespace}/{budget}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._last[key] = task
+        task.add_done_callback(lambda t: self._done(key, t))
+
+    def _done(self, key: tuple[str, str], task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if self._last.get(key) is task:
+            del self._last[key]
 
     async def _url(self, namespace: str, alerting: Alerting) -> str | None:
         ref = alerting.webhookSecretRef
@@ -120,8 +128,11 @@ class WebhookSender:
             return None
         return url
 
-    async def _deliver(self, namespace: str, budget: str, alerting: Alerting, payload: dict[str, Any]) -> None:
+    async def _deliver(self, namespace: str, budget: str, alerting: Alerting, payload: dict[str, Any],
+                       after: asyncio.Task | None = None) -> None:
         where = {"namespace": namespace, "budget": budget}
+        if after is not None:  # "80% used" before "exhausted", as they happened
+            await asyncio.wait([after])
         try:
             url = await self._url(namespace, alerting)
         except Exception as exc:  # noqa: BLE001 - the apiserver is unreachable: no URL this time

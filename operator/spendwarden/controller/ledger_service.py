@@ -32,7 +32,7 @@ from prometheus_client import Counter, Gauge
 from .. import GROUP, VERSION
 from ..api import tokenbudget
 from ..api.common import now_rfc3339
-from ..ledger.store import BudgetEntry, LedgerStore, ReportError, parse_report, replace_patch
+from ..ledger.store import FORECAST_CONDITION, BudgetEntry, LedgerStore, ReportError, parse_report, replace_patch
 from ..render.status import LEDGER_FIELDS
 from .alerts import WebhookSender, WebhookSettings
 from .bodies import plain
@@ -494,7 +494,7 @@ class LedgerService:
 
     async def _after_flush(self, entry: BudgetEntry, conditions: list[dict], forecast_exceeded: bool) -> None:
         """The Exceeded condition, Events and gauges: all derived from the persisted usage."""
-        if _exceeded(conditions) != _exceeded(entry.conditions):
+        if _ledger_conditions(conditions) != _ledger_conditions(entry.conditions):
             try:
                 if await asyncio.to_thread(_patch_conditions, entry.namespace, entry.name, entry.conditions or None, conditions):
                     entry.conditions = conditions
@@ -504,7 +504,7 @@ class LedgerService:
                         entry.conditions = list((obj.get("status") or {}).get("conditions") or [])
                         entry.changed()  # try again at the next interval
             except Exception as exc:  # noqa: BLE001
-                log.warning("Exceeded condition write failed: %s", type(exc).__name__)
+                log.warning("Exceeded/ForecastExhausted condition write failed: %s", type(exc).__name__)
         for reason, message in self.store.events(entry):
             task = asyncio.create_task(asyncio.to_thread(_post_event, entry, reason, message))
             self._events.add(task)
@@ -576,11 +576,10 @@ class LedgerService:
                 log.exception("ledger tick failed")
 
 
-def _exceeded(conditions: Any) -> Any:
-    for cond in conditions or []:
-        if cond.get("type") == "Exceeded":
-            return cond.get("status"), cond.get("reason"), cond.get("message")
-    return None
+def _ledger_conditions(conditions: Any) -> Any:
+    """The conditions the ledger writes (Exceeded, ForecastExhausted), as far as a rewrite matters."""
+    return sorted((c.get("type"), c.get("status"), c.get("reason"), c.get("message")) for c in conditions or []
+                  if c.get("type") in ("Exceeded", FORECAST_CONDITION))
 
 
 # -- metrics endpoint ------------------------------------------------------------------------------------

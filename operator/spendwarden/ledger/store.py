@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
-from ..api.common import now_rfc3339
+from ..api.common import now_rfc3339, set_condition
 from ..api.tokenbudget import BudgetState, TokenBudgetSpec
 from ..render.proxyconfig import validate_spec
 from ..render.status import budget_state, usage_fraction, usage_status
 from .allowance import Amount, Limits
 from .breakdown import HISTORY_ROWS, Breakdown, PeriodBreakdown, parse_money
+from .forecast import BurnRate, projected_exhaustion, time_constant
 from .leases import BudgetLedger, Ceiling, LeaseSettings
 from .periods import current_period
 
@@ -194,6 +195,10 @@ class BudgetEntry:
     persisted: int = 0
     announced: int = 0            # highest threshold already announced this period
     exceeded_announced: bool = False
+    burn: BurnRate | None = None  # the current period's recent burn rate (forecast.py)
+    forecast_at: str | None = None  # projected exhaustion as of the last status() (RFC 3339)
+    forecast_named: float | None = None  # the projected time the ForecastExhausted message names
+    forecast_announced: bool = False
 
     @property
     def limits(self) -> Limits:
@@ -259,6 +264,7 @@ class LedgerStore:
         for pl in stored:
             if pl.start == start:
                 current = pl
+                current.end = current.end or end
             elif pl.start < start and (previous is None or pl.start > previous.start):
                 previous = pl
         entry = BudgetEntry(meta.get("namespace", ""), meta.get("name", ""), spec, current, previous, history,
@@ -270,6 +276,9 @@ class LedgerStore:
             # What was already announced before a restart is not announced again.
             entry.announced = max([t for t in spec.thresholds if t <= int(status.get("percentUsed") or 0)], default=0)
             entry.exceeded_announced = status.get("state") == BudgetState.EXCEEDED.value
+            entry.forecast_announced = (_condition(status.get("conditions"), FORECAST_CONDITION) or ("",))[0] == "True"
+        if saved.get("periodStart") == start and saved.get("burn"):
+            entry.burn = BurnRate.from_state(saved["burn"], _ts(start))
         self.entries[(entry.namespace, entry.name)] = entry
         if saved.get("periodStart") != current.start or previous is not None and not saved.get("previous"):
             entry.changed()  # the stored state is not what this entry would write: write it
@@ -303,8 +312,9 @@ class LedgerStore:
         for key in ("used", "state", "percentUsed"):
             if status.get(key) != desired.get(key):
                 needs_write = True
-        if _condition(status.get("conditions"), "Exceeded") != _condition(desired["conditions"], "Exceeded"):
-            needs_write = True
+        for type_ in ("Exceeded", FORECAST_CONDITION):
+            if _condition(status.get("conditions"), type_) != _condition(desired["conditions"], type_):
+                needs_write = True
         if needs_write:
             entry.changed()
             return entry
@@ -322,6 +332,7 @@ class LedgerStore:
         entry.current = PeriodLedger(start, end, BudgetLedger(entry.limits, self.settings))
         _record_history(entry, entry.previous)
         entry.announced, entry.exceeded_announced = 0, False
+        entry.burn, entry.forecast_at, entry.forecast_named, entry.forecast_announced = None, None, None, False
         entry.changed()
         return True
 
@@ -356,6 +367,7 @@ class LedgerStore:
                 version = entry.changed()
                 if lease.granted:
                     cur.raised[proxy_id] = version
+                _observe_burn(entry, now_ts)
         elif entry.previous is not None and rep.period_start == entry.previous.start:
             # Late numbers for the period that just ended count there; the lease is the current one's.
             prev = entry.previous
@@ -416,9 +428,12 @@ class LedgerStore:
         ledger = {**entry.current.to_state(), "writer": self.writer}
         if entry.previous is not None:
             ledger["previous"] = entry.previous.to_state()
-        out.update({"ledger": ledger, "history": entry.history[:HISTORY_MAX],
-                    "forecastExhaustion": _forecast(entry, now),
+        if entry.burn is not None:
+            ledger["burn"] = entry.burn.to_state()
+        entry.forecast_at = _forecast(entry, now)
+        out.update({"ledger": ledger, "history": entry.history[:HISTORY_MAX], "forecastExhaustion": entry.forecast_at,
                     "breakdown": entry.current.usage.merged().to_wire()})
+        out["conditions"] = _forecast_condition(entry, out["conditions"], now)
         return out
 
     def events(self, entry: BudgetEntry) -> list[tuple[str, str]]:
@@ -435,6 +450,11 @@ class LedgerStore:
             entry.exceeded_announced = True
             out.append(("BudgetExceeded", f"budget {entry.name} exhausted ({percent}%); "
                                           f"onExceeded={entry.spec.onExceeded.value} until {entry.current.end}"))
+        if entry.forecast_at is not None and not entry.forecast_announced:
+            entry.forecast_announced = True
+            out.append(("ForecastExhaustion", f"budget {entry.name} ({percent}% used) runs out around "
+                                              f"{entry.forecast_at} at the recent burn rate, before the period "
+                                              f"ends at {entry.current.end}"))
         return out
 
 
@@ -457,20 +477,54 @@ def _condition(conditions: Any, type_: str) -> Any:
     return None
 
 
+FORECAST_CONDITION = "ForecastExhausted"
+
+
+def _ts(rfc3339: str) -> float:
+    return datetime.strptime(rfc3339, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def _observe_burn(entry: BudgetEntry, now_ts: float) -> None:
+    """Offer the recent burn rate a sample (it takes one at most every tau/8)."""
+    cur = entry.current
+    start, end = _ts(cur.start), _ts(cur.end)
+    if entry.burn is None:
+        entry.burn = BurnRate.at_period_start(start)
+    tau = time_constant(start, end)
+    if now_ts - entry.burn.at >= tau / 8:
+        entry.burn.observe(now_ts, float(entry.fraction()), tau)
+
+
 def _forecast(entry: BudgetEntry, now: datetime) -> str | None:
-    """When the budget runs out at the period's average burn rate so far, if within the period."""
-    fraction = entry.fraction()
-    if fraction <= 0 or fraction >= 1:
-        return None
-    start = datetime.strptime(entry.current.start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-    end = datetime.strptime(entry.current.end, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-    elapsed = (now - start).total_seconds()
-    if elapsed <= 0:
-        return None
-    to_exhaustion = elapsed / float(fraction)
-    if to_exhaustion >= (end - start).total_seconds():  # also keeps a tiny fraction from overflowing timedelta
-        return None
-    return now_rfc3339(start + timedelta(seconds=to_exhaustion))
+    """When the budget runs out at the recent burn rate, if within the period."""
+    cur = entry.current
+    start, end = _ts(cur.start), _ts(cur.end)
+    at = projected_exhaustion(entry.burn or BurnRate.at_period_start(start), float(entry.fraction()),
+                              now.timestamp(), start, end)
+    return now_rfc3339(datetime.fromtimestamp(at, timezone.utc)) if at is not None else None
+
+
+def _forecast_condition(entry: BudgetEntry, conditions: list[dict], now: datetime) -> list[dict]:
+    """ForecastExhausted: True while the recent burn rate exhausts the budget before the period ends.
+    The message names the projected time, but moves it only when the projection moved by more than
+    a tenth of the time left to it (or a minute): a wobbling rate does not rewrite the condition at
+    every flush (status.forecastExhaustion has the exact, current projection)."""
+    end = entry.current.end
+    if entry.forecast_at is not None:
+        at, now_ts = _ts(entry.forecast_at), now.timestamp()
+        named = entry.forecast_named
+        if named is None or abs(at - named) > max(60.0, (at - now_ts) / 10):
+            entry.forecast_named = named = at
+        around = now_rfc3339(datetime.fromtimestamp(named, timezone.utc))
+        return set_condition(conditions, FORECAST_CONDITION, "True", "BurnRate",
+                             f"at the recent burn rate the budget runs out around {around}, before the period ends "
+                             f"at {end}", entry.generation, now)
+    entry.forecast_named = None
+    if entry.fraction() >= 1:
+        return set_condition(conditions, FORECAST_CONDITION, "False", "Exhausted",
+                             f"the budget is already exhausted until {end}", entry.generation, now)
+    return set_condition(conditions, FORECAST_CONDITION, "False", "WithinPeriod",
+                         f"at the recent burn rate the budget lasts until the period ends at {end}", entry.generation, now)
 
 
 def replace_patch(old: Any, new: Any) -> Any:
