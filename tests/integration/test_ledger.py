@@ -380,7 +380,8 @@ async def test_status_state_and_threshold_event(operator, kube, lg_namespace):
     assert status["percentUsed"] == 60 and status["remaining"] == {"tokens": 40_000}
     assert status["usedSummary"] == "60k tokens"
     conds = {c["type"]: c["status"] for c in status["conditions"]}
-    assert conds == {"Ready": "True", "Exceeded": "False"}  # the reconcile's Ready survived the ledger's writes
+    # The reconcile's Ready survived the ledger's writes (ForecastExhausted depends on the day of the month).
+    assert {"Ready": "True", "Exceeded": "False"}.items() <= conds.items() and "ForecastExhausted" in conds
     events = wait_for(lambda: [e for e in client.CoreV1Api(kube).list_namespaced_event(ns).items
                                if e.reason == "ThresholdCrossed" and e.involved_object.name == "monthly"],
                       what="ThresholdCrossed Event")
