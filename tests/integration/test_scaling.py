@@ -237,6 +237,13 @@ def test_cut_off_scales_to_zero_and_back_at_the_reset(operator, kube, ns):
         wait_for(lambda: scaling_status(kube, ns, "chat").get("reason") == "CutOff", what="reason CutOff in status")
         time.sleep(1.0)
         assert deployment(kube, ns, "llama").spec.replicas == 0, "demand of a cut-off namespace does not count"
+        # The cut-off did its part (label) and left the replicas to the scaler: one owner, nothing
+        # remembered to be restored over the scaler at the reset.
+        core = client.CoreV1Api(kube)
+        wait_for(lambda: (core.read_namespace(ns).metadata.labels or {}).get("spendwarden.io/cut-off") == "true",
+                 what="the namespace labelled cut off")
+        annotations = core.read_namespace(ns).metadata.annotations or {}
+        assert "llama" not in annotations.get("spendwarden.io/replicas-before-cut-off", ""), annotations
         wait_for(lambda: get_budget(kube, ns, "minute")["status"]["ledger"]["periodStart"] != period, timeout=75,
                  what="the reset")
         wait_for(lambda: deployment(kube, ns, "llama").spec.replicas == 3, timeout=10, what="back at the reset")

@@ -222,12 +222,18 @@ def post_budget_event(namespace: str, name: str, uid: str | None, reason: str, m
         "reportingInstance": socket.gethostname(), "firstTimestamp": now, "lastTimestamp": now, "count": 1})
 
 
-def apply_cut_off(desired: DesiredCutOff, namespace_obj: dict[str, Any]) -> list[str]:
-    """Make the apiserver match `desired`; returns what changed (for Events and logs)."""
+def apply_cut_off(desired: DesiredCutOff, namespace_obj: dict[str, Any], scaled: Iterable[str] = ()) -> list[str]:
+    """Make the apiserver match `desired`; returns what changed (for Events and logs). `scaled`:
+    workload keys whose replicas the scaler owns (forgotten here, never restored over the scaler)."""
     ns = desired.namespace
     meta = namespace_obj.get("metadata") or {}
     was_cut = (meta.get("labels") or {}).get(NAMESPACE_LABEL) == "true"
     remembered = remembered_replicas(namespace_obj)
+    handed = [k for k in scaled if k in remembered]
+    if handed:
+        for k in handed:
+            del remembered[k]
+        _remember(ns, remembered)
     changes: list[str] = []
     if desired.cut:
         # Fastest effect first: the policy, then the label, then the (slow to drain) scale-down.
@@ -374,7 +380,12 @@ class CutOffController:
             objs = await asyncio.to_thread(list_routes, namespace)
             routes = [r.spec for r in render_proxy_config(namespace, objs, []).config.routes]
         desired = await asyncio.to_thread(desired_cut_off, namespace, budgets, routes, resolve, namespace_exists, settings)
-        changes = await asyncio.to_thread(apply_cut_off, desired, ns_obj)
+        from . import scaler  # one owner of replica counts: workloads with scaling settings are the scaler's
+        scaled = [w for w in desired.workloads if scaler.owns(namespace, w.kind, w.name)]
+        if scaled:
+            desired.workloads = tuple(w for w in desired.workloads if w not in scaled)
+            desired.notes.append(f"held at 0 by the scaler: {', '.join(w.key for w in scaled)}")
+        changes = await asyncio.to_thread(apply_cut_off, desired, ns_obj, [w.key for w in scaled])
         if desired.cut:
             if namespace not in self.cut:
                 self.applied_at[namespace] = time.time()

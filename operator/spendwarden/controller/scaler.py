@@ -31,12 +31,13 @@ from .. import GROUP, VERSION
 from ..api import modelroute
 from ..api.common import now_rfc3339, set_condition
 from ..ledger.periods import current_period
+from ..render.cutoff import BudgetCut, cut_routes
 from ..render.proxyconfig import validate_spec
 from ..scaling.capacity import MS_PER_HOUR, PeriodFn, ReplicaMeter, calendar_month
 from ..scaling.demand import BackendLoad, DemandBook, parse_backends
 from ..scaling.policy import Decision, Policy, ScaleState, decide
 from ..scaling.workloads import Use, WorkloadKey, allowed, demand, governing, uses_by_workload
-from . import ledger_service
+from . import cutoff, ledger_service
 from .bodies import plain
 
 log = logging.getLogger(__name__)
@@ -124,12 +125,8 @@ def hpa_targeting(key: WorkloadKey) -> str | None:
 
 
 def scale(key: WorkloadKey, replicas: int) -> None:
-    apps = _apps()
-    patch = {"spec": {"replicas": replicas}}
-    if key.kind == "Deployment":
-        apps.patch_namespaced_deployment_scale(key.name, key.namespace, patch)
-    else:
-        apps.patch_namespaced_stateful_set_scale(key.name, key.namespace, patch)
+    patch = cutoff._scale_api(key.kind)[1]  # the one place that writes replica counts
+    patch(key.name, key.namespace, {"spec": {"replicas": replicas}})
 
 
 def _get_route(namespace: str, name: str) -> dict[str, Any] | None:
@@ -462,14 +459,26 @@ def _period_for(namespace: str) -> PeriodFn:
 
 
 def _cut_checker() -> Any:
-    """use -> whether an exhausted onExceeded=CutOff budget of its namespace covers its route."""
+    """use -> whether an exhausted onExceeded=CutOff budget of its namespace covers its route (the
+    cut-off's own definition: controller/cutoff.budget_cut, render/cutoff.cut_routes)."""
     service = ledger_service.SERVICE
-    cutting: dict[str, list[tuple[str, ...]]] = {}
+    by_ns: dict[str, list[BudgetCut]] = {}
     if service is not None:
         for e in service.store.entries.values():
-            if e.spec.onExceeded.value == "CutOff" and e.current.ledger.exhausted():
-                cutting.setdefault(e.namespace, []).append(tuple(e.spec.routes))
-    return lambda u: any(not routes or u.alias in routes for routes in cutting.get(u.namespace, ()))
+            by_ns.setdefault(e.namespace, []).append(cutoff.budget_cut(e))
+    return lambda u: u.alias in cut_routes(by_ns.get(u.namespace, ()), [u.alias])[1]
+
+
+def owns(namespace: str, kind: str, name: str) -> bool:
+    """Whether the scaler owns this workload's replica count (some allowed route backend has scaling
+    settings for it): then the cut-off leaves it to the scaler, whose desired count is 0 while every
+    route using it is cut off and follows demand again after the reset. One owner per workload."""
+    scaler = SCALER
+    if scaler is None:
+        return False
+    wk = WorkloadKey(kind, namespace, name)
+    tr = scaler.tracked.get(wk)
+    return governing(wk, scaler.uses.get(wk, []), tr.view.annotations if tr and tr.view else None) is not None
 
 
 # -- wiring ------------------------------------------------------------------------------------------
