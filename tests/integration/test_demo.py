@@ -1,0 +1,26 @@
+"""The README's main job, `spendwarden demo`, runs its whole story on the test control plane, so it
+cannot silently rot: real operator, real proxy, llama.cpp (or the mock where xllamacpp is missing)
+and the mock premium backend; budget burnt, alerts, cut-off and its reversal, the report."""
+from __future__ import annotations
+
+from decimal import Decimal
+
+from kubernetes import client
+
+from spendwarden import demo
+
+
+def test_the_demo_story(control_plane, kube, tmp_path):
+    try:
+        result = demo.run_story(str(control_plane.kubeconfig), tmp_path)
+    finally:
+        client.CoreV1Api(kube).delete_namespace(demo.NAMESPACE, propagation_policy="Background")
+    assert result.answered["premium"] >= 4 and result.answered["local"] >= 8
+    assert len(result.threshold_events) == 2  # 50% and 80%
+    assert result.refused and "'daily' is exhausted" in result.refused
+    assert result.cut_off["networkPolicy"] == "spendwarden-cut-off" and result.cut_off["localReplicas"] == 0
+    assert "egress denied to 127.0.0.2/32" in result.cut_off["event"]
+    assert result.lifted and result.answered_after_raise
+    by_key = {(r["backend"], r["tag"]): r for r in result.report}
+    assert by_key[("premium", "escalation")]["requests"] == result.answered["premium"]
+    assert sum(Decimal(r["cost"]) for r in result.report) >= Decimal(demo.LIMIT)
