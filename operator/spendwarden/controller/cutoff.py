@@ -370,6 +370,7 @@ class CutOffController:
 
     async def reconcile(self, namespace: str) -> DesiredCutOff:
         settings = self.settings or CutOffSettings()
+        began = time.monotonic()
         ns_obj = await asyncio.to_thread(read_namespace, namespace)
         if ns_obj is None or (ns_obj.get("metadata") or {}).get("deletionTimestamp"):
             self.cut.discard(namespace)
@@ -379,6 +380,7 @@ class CutOffController:
         if any(b.cut for b in budgets):
             objs = await asyncio.to_thread(list_routes, namespace)
             routes = [r.spec for r in render_proxy_config(namespace, objs, []).config.routes]
+        computed = time.monotonic()
         desired = await asyncio.to_thread(desired_cut_off, namespace, budgets, routes, resolve, namespace_exists, settings)
         from . import scaler  # one owner of replica counts: workloads with scaling settings are the scaler's
         scaled = [w for w in desired.workloads if scaler.owns(namespace, w.kind, w.name)]
@@ -393,7 +395,9 @@ class CutOffController:
         else:
             self.cut.discard(namespace)
         if changes:
-            log.warning(desired.message(), extra={"namespace": namespace, "changes": changes})
+            log.warning(desired.message(), extra={"namespace": namespace, "changes": changes,
+                                                  "seconds": round(time.monotonic() - began, 3),
+                                                  "readSeconds": round(computed - began, 3)})
             await asyncio.to_thread(self._events, desired, ns_obj, changes)
         return desired
 
