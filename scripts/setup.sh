@@ -47,4 +47,7 @@ if [ -z "${KUBEBUILDER_ASSETS:-}" ] && [ -z "${SPENDWARDEN_TEST_KUBECONFIG:-}" ]
   export KUBEBUILDER_ASSETS=$(bash "$ROOT/scripts/control-plane-binaries.sh" | tail -1)
 fi
 export VENV PATH="$VENV/bin:$PATH"
+# The venv's editable install points at the checkout that first created it; this checkout's code
+# must win (a second clone, a git worktree), in this shell and in every process it starts.
+export PYTHONPATH="$ROOT/operator${PYTHONPATH:+:$PYTHONPATH}"
 log "ready: venv $VENV, control plane binaries ${KUBEBUILDER_ASSETS:-(existing cluster)}"
