@@ -390,3 +390,40 @@ async def test_ledger_url_added_and_removed_by_a_reload(tmp_path):
     assert st.lease is None and st.allowance.limits.total_tokens == 1000
     for task in proxy._tasks:
         await task
+
+
+async def test_loop_detections_ride_on_the_next_report_and_a_refusing_operator_only_loses_them(caplog):
+    clock = Clock()
+    c = config()
+    stub = LedgerStub(specs(c), clock=clock)
+    book, client, t, _ = make(stub, clock, c)
+    try:
+        await until(lambda: client.answered_seq >= 1)
+        assert all("loops" not in b for b in t.sent)  # nothing detected: the field is absent
+        for _ in range(3):
+            client.loops.add("a", "a", "0123456789abcdef" * 4, 3, 60.0)
+        await until(lambda: any("loops" in b for b in t.sent))
+        [carrier] = [b for b in t.sent if "loops" in b]
+        assert carrier["loops"] == [{"route": "a", "model": "a", "request": "0123456789ab", "refused": 3,
+                                     "maxRepeats": 3, "windowSeconds": 60.0, "pod": client.loops.pod}]
+        # An operator that answers 400 to the field: the same report again without it, budgets go on.
+        async def strict(body):
+            t.sent.append(copy.deepcopy(body))
+            return (400, None) if "loops" in body else (200, stub.answer(copy.deepcopy(body)))
+
+        client.transport = strict
+        client.loops.add("a", "a", "f" * 64, 3, 60.0)
+        n = len(t.sent)
+
+        def refused_seq():
+            return next((b["seq"] for b in t.sent[n:] if "loops" in b), None)
+
+        with caplog.at_level(logging.WARNING, "spendwarden.proxy.ledger"):
+            await until(lambda: refused_seq() is not None and client.answered_seq >= refused_seq())
+        sent = t.sent[n:]
+        i = next(i for i, b in enumerate(sent) if "loops" in b)
+        assert sent[i + 1]["seq"] == sent[i]["seq"] and "loops" not in sent[i + 1]
+        assert client.answered_seq >= sent[i]["seq"] and not any(st.lease.down for st in book.states.values())
+        assert "refused a report with loop detections" in caplog.text
+    finally:
+        await client.close()

@@ -32,6 +32,7 @@ from prometheus_client import Counter, Gauge
 from .. import GROUP, VERSION
 from ..api import tokenbudget
 from ..api.common import now_rfc3339
+from ..ledger.loops import LoopAggregator
 from ..ledger.store import FORECAST_CONDITION, BudgetEntry, LedgerStore, ReportError, parse_report, replace_patch
 from ..render.status import LEDGER_FIELDS
 from .alerts import WebhookSender, WebhookSettings
@@ -50,6 +51,8 @@ PERCENT = Gauge("spendwarden_budget_percent_used", "Percent of the tightest limi
 STATE = Gauge("spendwarden_budget_state", "1 for the budget's current state.", ["namespace", "budget", "state"])
 FORECAST = Gauge("spendwarden_budget_forecast_exceeded", "1 if the budget runs out within the period at the current burn rate.",
                  ["namespace", "budget"])
+LOOPS = Counter("spendwarden_loops_reported", "Requests proxies refused with 429 loop_detected, as they reported them.",
+                ["namespace", "route"])
 CUT_OFF = Gauge("spendwarden_namespace_cut_off", "1 while a CutOff budget of the namespace is exhausted.", ["namespace"])
 
 
@@ -221,6 +224,7 @@ class LedgerService:
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task | None = None
         self._events: set[asyncio.Task] = set()
+        self.loops = LoopAggregator()  # LoopDetected Events: at most one per route a minute
         self.alerts = WebhookSender(WebhookSettings.from_env())
         self.port: int | None = None
         self.cutoff = CutOffController(self)  # NetworkPolicy, label, scale-to-zero of exhausted CutOff budgets
@@ -372,6 +376,7 @@ class LedgerService:
             self.cutoff.observe(entry)  # at once, not after the flush: the cut-off latency
             if wait > entry.persisted:
                 waits.append((entry, wait))
+        self._take_loops(report)
         for entry in {id(e): e for e, _ in waits}.values():
             self._request_flush(entry, urgent=True)
         for entry, wait in waits:
@@ -506,9 +511,7 @@ class LedgerService:
             except Exception as exc:  # noqa: BLE001
                 log.warning("Exceeded/ForecastExhausted condition write failed: %s", type(exc).__name__)
         for reason, message in self.store.events(entry):
-            task = asyncio.create_task(asyncio.to_thread(_post_event, entry, reason, message))
-            self._events.add(task)
-            task.add_done_callback(self._event_done)
+            self._spawn_event(entry, reason, message)
             self.alerts.announce(entry, reason, message)
         self._gauges(entry, forecast_exceeded)
         self.cutoff.observe(entry)  # a period reset or a raised limit lifts the cut-off
@@ -534,6 +537,29 @@ class LedgerService:
                 gauge.remove(*labels)
             except KeyError:
                 pass
+
+    def _spawn_event(self, entry: BudgetEntry, reason: str, message: str) -> None:
+        task = asyncio.create_task(asyncio.to_thread(_post_event, entry, reason, message))
+        self._events.add(task)
+        task.add_done_callback(self._event_done)
+
+    # loops (issue #7): Events on the budgets covering a route whose proxies refuse runaway repeats
+
+    def _take_loops(self, report: Any) -> None:
+        """Count a report's loop-breaker refusals (once: a retry resends the same seq) and announce them."""
+        ns = report.namespace
+        if not report.loops or not self.config.serves(ns) or not self.loops.accept(report.proxy_id, report.seq):
+            return
+        for loop in report.loops:
+            LOOPS.labels(namespace=ns, route=self.loops.route_label(ns, loop.route)).inc(loop.refused)
+            self.loops.add(ns, loop)
+        self._announce_loops()
+
+    def _announce_loops(self) -> None:
+        for notice in self.loops.due(time.monotonic()):
+            for entry in list(self.store.entries.values()):
+                if entry.namespace == notice.namespace and (not entry.spec.routes or notice.model in entry.spec.routes):
+                    self._spawn_event(entry, "LoopDetected", notice.message)
 
     def _event_done(self, task: asyncio.Task) -> None:
         self._events.discard(task)
@@ -567,6 +593,7 @@ class LedgerService:
             try:
                 now_ts, now = time.time(), datetime.now(timezone.utc)
                 self.store.tick(now_ts, now)
+                self._announce_loops()  # refusals held back by the per-route interval
                 for entry in list(self.store.entries.values()):
                     if entry.dirty:
                         # A grant still waiting (an earlier flush failed) is urgent.

@@ -26,6 +26,7 @@ from .allowance import Amount, Limits
 from .breakdown import HISTORY_ROWS, Breakdown, PeriodBreakdown, parse_money
 from .forecast import BurnRate, projected_exhaustion, time_constant
 from .leases import BudgetLedger, Ceiling, LeaseSettings
+from .loops import LoopReport, parse_loops
 from .periods import current_period
 
 HISTORY_MAX = 12
@@ -55,6 +56,7 @@ class Report:
     namespace: str
     seq: int
     budgets: dict[str, BudgetReport]
+    loops: list[LoopReport] = field(default_factory=list)  # optional: loop-breaker refusals (ledger/loops.py)
 
 
 def _int(value: Any, where: str) -> int:
@@ -136,8 +138,12 @@ def parse_report(body: Any) -> Report:
             want=_amount(entry["want"], f"{where}.want") if entry.get("want") is not None else None,
             release_to=_ceiling(entry["releaseTo"], f"{where}.releaseTo") if entry.get("releaseTo") is not None else None,
             breakdown=_breakdown(entry.get("breakdown"), f"{where}.breakdown"))
+    try:
+        loops = parse_loops(body.get("loops"))
+    except ValueError as exc:
+        raise ReportError(str(exc)) from None
     return Report(proxy_id=_name(body.get("proxyId"), "proxyId"), namespace=_name(body.get("namespace"), "namespace"),
-                  seq=_int(body.get("seq"), "seq"), budgets=parsed)
+                  seq=_int(body.get("seq"), "seq"), budgets=parsed, loops=loops)
 
 
 # -- state ---------------------------------------------------------------------------------------------

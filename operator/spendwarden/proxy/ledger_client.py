@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ import orjson
 
 from ..ledger.allowance import Amount, Limits
 from ..ledger.leases import Ceiling
+from ..ledger.loops import LoopQueue
 from .backend_load import BackendLoads
 from .budgets import BudgetBook, BudgetState, LeaseShort, _dims
 from .metrics import Metrics
@@ -155,6 +157,7 @@ class LedgerClient:
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
         self.backends: BackendLoads | None = None  # scaled backends' load, for the operator's scaler
+        self.loops = LoopQueue(pod=socket.gethostname())  # loop-breaker refusals for the next report
         book.ledger = True
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -235,6 +238,11 @@ class LedgerClient:
                                        f"({reason}); check the ServiceAccount token mounted at "
                                        f"${TOKEN_FILE_ENV} (audience spendwarden) and the namespace; "
                                        "treating the ledger as unreachable", level=logging.ERROR)
+                elif status == 400 and body.pop("loops", None) is not None:
+                    # An operator that refuses the optional loops field must not stop the budgets.
+                    _warn_once("loops", f"ledger {self.url} refused a report with loop detections (HTTP 400); "
+                                        "sent again without them")
+                    continue
                 else:
                     reason = f"http_{status // 100}xx" if status != 200 else "bad_answer"
                     _warn_once("status", f"ledger {self.url} answered HTTP {status} to a report")
@@ -293,6 +301,9 @@ class LedgerClient:
         body = {"proxyId": self.proxy_id, "namespace": self.namespace, "seq": self.seq, "budgets": budgets}
         if self.backends is not None and self.backends.keys:
             body["backends"] = self.backends.report()
+        loops = self.loops.take()
+        if loops:
+            body["loops"] = loops
         return body
 
     def _release(self, st: BudgetState) -> dict[str, Any] | None:

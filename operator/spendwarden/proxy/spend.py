@@ -151,6 +151,8 @@ def begin(proxy: Any, route: RouteRt, api: str, alias: str, body: dict[str, Any]
         ns = proxy.compiled.namespace
         proxy.metrics.loops_detected.labels(ns, route.name).inc()
         limit, window = rs.loop_settings
+        if proxy.ledger is not None:  # the operator posts a LoopDetected Event on the route's budgets
+            proxy.ledger.loops.add(route.name, route.alias, sp.key or "", limit, window)
         log.warning("route %s: loop detected (request %s… repeated more than %d times within %gs)",
                     route.name, (sp.key or "")[:12], limit, window)
         raise ProxyError(429, f"loop_detected: this exact request was sent more than {limit} times within "
