@@ -373,8 +373,10 @@ async def test_status_state_and_threshold_event(operator, kube, lg_namespace):
         p = SimProxy(http, operator.url, sa_token(kube, ns), ns, start)
         p.allowance.used = Amount(40_000, 20_000)
         assert await p.report()
-    obj = wait_for(lambda: (lambda o: o if o["status"].get("state") == "Warning" else None)(get_budget(kube, ns)),
-                   what="state Warning")
+    # The conditions are a second write after the usage fields: wait for both.
+    obj = wait_for(lambda: (lambda o: o if o["status"].get("state") == "Warning" and any(
+        c["type"] == "ForecastExhausted" for c in o["status"].get("conditions") or []) else None)(get_budget(kube, ns)),
+                   what="state Warning and the ForecastExhausted condition")
     status = obj["status"]
     assert status["used"] == {"inputTokens": 40_000, "outputTokens": 20_000, "totalTokens": 60_000, "cost": "0"}
     assert status["percentUsed"] == 60 and status["remaining"] == {"tokens": 40_000}
