@@ -344,3 +344,82 @@ def test_wake_on_demand_hold_and_fallback(operator, kube, ns, tmp_path):
             assert 'outcome="held"' in metrics and 'outcome="fallback"' in metrics
         finally:
             proxy.stop()
+
+
+def conflict_condition(kube, ns: str, route: str = "chat") -> dict | None:
+    return next((c for c in (get_route(kube, ns, route).get("status") or {}).get("conditions", [])
+                 if c["type"] == "ScalingConflict"), None)
+
+
+def warning_events(kube, ns: str, reason: str, involved: str = "chat") -> list:
+    return [e for e in client.CoreV1Api(kube).list_namespaced_event(ns, field_selector=f"involvedObject.name={involved}").items
+            if e.reason == reason and e.type == "Warning"]
+
+
+SCALE_BY_LOAD = {"minReplicas": 1, "maxReplicas": 6, "targetInFlightPerReplica": 1, "scaleDownStabilization": "1s"}
+
+
+def test_kubectl_scale_is_a_foreign_writer_left_alone_until_forced(operator, kube, ns):
+    """`kubectl scale` writes through the scale subresource; Kubernetes 1.20 records no managedFields
+    for that (neither manager nor time), so the scaler sees only a count it did not write: the
+    writer is reported as unrecorded, the scaler stops overwriting, the annotation
+    spendwarden.io/scaling=force gives the count back to the scaler."""
+    create_deployment(kube, ns, "llama", replicas=1)
+    create_route(kube, ns, "chat", {"model": "chat", "defaultBackend": "llama", "backends": [backend(
+        "llama", "http://llama:8080/v1", "llama", SCALE_BY_LOAD)]})
+    apps = client.AppsV1Api(kube)
+    with LoadReporter(operator.url, sa_token(kube, ns), ns) as proxy:
+        proxy.load = 2
+        wait_for(lambda: deployment(kube, ns, "llama").spec.replicas == 2, what="2 replicas for 2 in flight")
+        apps.patch_namespaced_deployment_scale("llama", ns, {"spec": {"replicas": 5}}, field_manager="kubectl")
+        cond = wait_for(lambda: (lambda c: c if c and c["status"] == "True" else None)(conflict_condition(kube, ns)),
+                        what="ScalingConflict=True")
+        assert cond["reason"] == "ForeignReplicaWriter"
+        assert "did not record" in cond["message"] and "spendwarden.io/scaling=force" in cond["message"]
+        wait_for(lambda: scaling_status(kube, ns, "chat").get("foreignWriter") == "unrecorded", what="foreignWriter in status")
+        assert scaling_status(kube, ns, "chat")["reason"] == "Conflict"
+        wait_for(lambda: len(warning_events(kube, ns, "ScalingConflict")) == 1, what="one Warning Event")
+        time.sleep(2.0)  # 8 scaler ticks with 2 in flight
+        assert deployment(kube, ns, "llama").spec.replicas == 5, "the scaler no longer overwrites the count"
+        assert len(warning_events(kube, ns, "ScalingConflict")) == 1, "the Event is posted once"
+
+        apps.patch_namespaced_deployment("llama", ns, {"metadata": {"annotations": {"spendwarden.io/scaling": "force"}}})
+        wait_for(lambda: deployment(kube, ns, "llama").spec.replicas == 2, what="the scaler takes the count back")
+        wait_for(lambda: (conflict_condition(kube, ns) or {}).get("status") == "False", what="ScalingConflict=False")
+        assert "foreignWriter" not in scaling_status(kube, ns, "chat")
+
+
+def apply_deployment(kube, ns: str, name: str, manager: str, replicas: int | None) -> None:
+    """A GitOps tool syncing the Deployment with server-side apply (Argo CD, Flux)."""
+    spec: dict = {"selector": {"matchLabels": {"app": name}},
+                  "template": {"metadata": {"labels": {"app": name}},
+                               "spec": {"containers": [{"name": "server", "image": "llama.cpp:server"}]}}}
+    if replicas is not None:
+        spec["replicas"] = replicas
+    client.AppsV1Api(kube).patch_namespaced_deployment(
+        name, ns, {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns}, "spec": spec},
+        field_manager=manager, force=True, _content_type="application/apply-patch+yaml")
+
+
+def test_gitops_sync_of_replicas_is_named_and_left_alone_until_it_lets_go(operator, kube, ns):
+    """A manager that server-side-applies spec.replicas after the scaler wrote them is named from
+    managedFields; the conflict ends when its manifest no longer has replicas (it no longer owns
+    the field) and the scaler scales on demand again."""
+    apply_deployment(kube, ns, "llama", "argocd-controller", replicas=1)
+    create_route(kube, ns, "chat", {"model": "chat", "defaultBackend": "llama", "backends": [backend(
+        "llama", "http://llama:8080/v1", "llama", SCALE_BY_LOAD)]})
+    with LoadReporter(operator.url, sa_token(kube, ns), ns) as proxy:
+        proxy.load = 3
+        wait_for(lambda: deployment(kube, ns, "llama").spec.replicas == 3, what="3 replicas for 3 in flight")
+        apply_deployment(kube, ns, "llama", "argocd-controller", replicas=1)   # the sync (self-heal)
+        cond = wait_for(lambda: (lambda c: c if c and c["status"] == "True" else None)(conflict_condition(kube, ns)),
+                        what="ScalingConflict=True")
+        assert cond["reason"] == "ForeignReplicaWriter" and "field manager argocd-controller" in cond["message"], cond
+        assert any("argocd-controller" in e.message for e in warning_events(kube, ns, "ScalingConflict"))
+        time.sleep(2.0)
+        assert deployment(kube, ns, "llama").spec.replicas == 1, "the GitOps tool's count stands"
+        assert scaling_status(kube, ns, "chat")["foreignWriter"] == "argocd-controller"
+
+        apply_deployment(kube, ns, "llama", "argocd-controller", replicas=None)   # replicas dropped from git
+        wait_for(lambda: deployment(kube, ns, "llama").spec.replicas == 3, what="scaling on demand again")
+        wait_for(lambda: (conflict_condition(kube, ns) or {}).get("status") == "False", what="ScalingConflict=False")

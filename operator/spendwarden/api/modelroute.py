@@ -67,7 +67,8 @@ class WakeSettings(ApiModel):
 
 class BackendScaling(ApiModel):
     """Demand-driven replicas for the workload in deploymentRef (the operator sets them through the
-    scale subresource; it leaves alone a workload that an HorizontalPodAutoscaler targets)."""
+    scale subresource; it leaves alone a workload that an HorizontalPodAutoscaler targets or whose
+    replicas another writer set after it, except to hold it at 0 while cut off)."""
 
     minReplicas: int = Field(default=1, ge=0, le=1000, description="Replicas kept while there is any demand (or idleToZeroAfter is unset). Default 1.")
     maxReplicas: int = Field(ge=1, le=1000, description="Most replicas the operator sets.")
@@ -222,6 +223,7 @@ class BackendScalingStatus(ApiModel):
     inFlight: int | None = Field(default=None, description="Requests in flight through all proxies whose namespaces may use it.")
     reason: str | None = Field(default=None, description="Why the desired count is what it is (Demand, Idle, CutOff, Wake, Conflict, ...).")
     lastScaleTime: str | None = Field(default=None, description="When the scaler last changed the replicas.")
+    foreignWriter: str | None = Field(default=None, description="The field manager that set spec.replicas after the scaler (\"unrecorded\": a scale-subresource write, which Kubernetes before 1.21 does not record); the scaler leaves the replicas alone until it no longer owns them or the workload is annotated spendwarden.io/scaling=force.")
     periodStart: str | None = Field(default=None, description="Start of the accounting period of replicaHours.")
     replicaHours: str | None = Field(default=None, description="Replica-hours of the workload this period (decimal string).")
     cost: str | None = Field(default=None, description="replicaHours x costPerReplicaHour (decimal string).")
@@ -236,7 +238,7 @@ class ModelRouteStatus(ApiModel):
     ready: str | None = Field(default=None, description="True when the route is in the namespace's proxy configuration.")
     backendCount: int | None = Field(default=None, description="Number of backends.")
     backends: list[ResolvedBackend] = Field(default_factory=list, description="The backends the proxies use.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready condition; ScalingConflict when another autoscaler owns a scaled workload.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready condition; ScalingConflict when another autoscaler or writer owns a scaled workload's replicas.")
     scaling: list[BackendScalingStatus] = Field(default_factory=list, description="Scaled backends: replicas, demand, replica-hours and their cost (written by the scaler).")
 
 

@@ -6,8 +6,11 @@ each scaled workload is read, checked for another autoscaler, decided (scaling.p
 scaled; replica-hours are metered (scaling.capacity) and ModelRoute status.scaling written when
 something a person would look at changed (at least every `status_interval` for the hours).
 
-No fight: while a HorizontalPodAutoscaler targets the workload, its replicas are left alone and the
-routes that use it get the condition ScalingConflict=True and a Warning Event.
+No fight: while a HorizontalPodAutoscaler targets the workload, or another writer set its replicas
+after the scaler (metadata.managedFields and the changed count; scaling/owners.py has the policy),
+its replicas are left alone and the routes that use it get the condition ScalingConflict=True and a
+Warning Event. Budgets still win: a workload whose payers are all cut off is held at 0 regardless.
+The scaler writes as field manager spendwarden-scaler.
 
 Demand arrives in the ledger reports (`backends`, docs/ledger-protocol.md); a proxy holding a request
 for a workload at zero calls POST /v1/wake (same TokenReview auth, only its own namespace's routes).
@@ -35,6 +38,7 @@ from ..render.cutoff import BudgetCut, cut_routes
 from ..render.proxyconfig import validate_spec
 from ..scaling.capacity import MS_PER_HOUR, PeriodFn, ReplicaMeter, calendar_month
 from ..scaling.demand import BackendLoad, DemandBook, parse_backends
+from ..scaling.owners import SCALER_MANAGER, UNRECORDED, Ownership, ReplicaOwner, replica_owners
 from ..scaling.policy import Decision, Policy, ScaleState, decide
 from ..scaling.workloads import Use, WorkloadKey, allowed, demand, governing, uses_by_workload
 from . import cutoff, ledger_service
@@ -62,6 +66,7 @@ class WorkloadView:
     replicas: int
     available: int
     annotations: dict[str, str]
+    owners: tuple[ReplicaOwner, ...] = ()   # managedFields entries owning spec.replicas
 
 
 @dataclass
@@ -73,7 +78,8 @@ class Tracked:
     view: WorkloadView | None = None
     decision: Decision | None = None
     in_flight: int = 0
-    conflict: str | None = None      # the message while another autoscaler owns it
+    conflict: tuple[str, str] | None = None   # (reason, message) while another owner has the count
+    ownership: Ownership = field(default_factory=Ownership)
     missing: str | None = None       # the message while the workload cannot be read
     last_scale: str | None = None
 
@@ -81,7 +87,7 @@ class Tracked:
 @dataclass
 class RouteWrite:
     scaling: list[dict[str, Any]] | None = None
-    conflict: tuple[str, str] | None = None
+    conflict: tuple[str, str, str] | None = None
     at: float = 0.0
 
 
@@ -108,7 +114,8 @@ def read_workload(key: WorkloadKey) -> WorkloadView | None:
     available = (st.available_replicas if key.kind == "Deployment" else st.ready_replicas) or 0
     return WorkloadView(spec_replicas=obj.spec.replicas if obj.spec.replicas is not None else 1,
                         replicas=st.replicas or 0, available=available,
-                        annotations=dict(obj.metadata.annotations or {}))
+                        annotations=dict(obj.metadata.annotations or {}),
+                        owners=replica_owners(apps.api_client.sanitize_for_serialization(obj.metadata.managed_fields)))
 
 
 def hpa_targeting(key: WorkloadKey) -> str | None:
@@ -126,7 +133,7 @@ def hpa_targeting(key: WorkloadKey) -> str | None:
 
 def scale(key: WorkloadKey, replicas: int) -> None:
     patch = cutoff._scale_api(key.kind)[1]  # the one place that writes replica counts
-    patch(key.name, key.namespace, {"spec": {"replicas": replicas}})
+    patch(key.name, key.namespace, {"spec": {"replicas": replicas}}, field_manager=SCALER_MANAGER)
 
 
 def _get_route(namespace: str, name: str) -> dict[str, Any] | None:
@@ -312,17 +319,25 @@ class Scaler:
         tr.in_flight = wanted.in_flight
         tr.decision = decide(tr.state, policy, wanted, now)
         hpa = await asyncio.to_thread(hpa_targeting, wk)
-        tr.conflict = (f"HorizontalPodAutoscaler {hpa} targets {wk}: spendwarden leaves its replicas alone "
-                       "(delete the HPA or the route's scaling settings)") if hpa else None
-        if tr.conflict is None and view.spec_replicas != tr.decision.desired:
+        own = tr.ownership
+        if own.written is None and own.foreign is None:
+            own.foreign = self._persisted_foreign(wk)  # a conflict from before an operator restart
+        if own.observe(view.spec_replicas, view.owners, view.annotations, autoscaler=hpa is not None):
+            log.warning("%s: spec.replicas written by %s after the scaler: left alone", wk, own.foreign)
+        tr.conflict = (("HorizontalPodAutoscaler", f"HorizontalPodAutoscaler {hpa} targets {wk}: spendwarden leaves "
+                        "its replicas alone except at 0 while cut off (delete the HPA or the route's scaling settings)")
+                       if hpa else ("ForeignReplicaWriter", foreign_message(wk, own.foreign)) if own.foreign else None)
+        target = own.target(tr.decision.desired, wanted.cut_off, view.spec_replicas, tr.conflict is not None)
+        if target is not None and view.spec_replicas != target:
             try:
-                await asyncio.to_thread(scale, wk, tr.decision.desired)
+                await asyncio.to_thread(scale, wk, target)
             except Exception:
                 SCALE_WRITES.labels("error").inc()
                 raise
+            own.wrote(target, view.owners)
             SCALE_WRITES.labels("ok").inc()
             log.info("scaled %s from %d to %d replicas (%s, in flight %d)", wk, view.spec_replicas,
-                     tr.decision.desired, tr.decision.reason, wanted.in_flight)
+                     target, "Conflict" if tr.conflict and not wanted.cut_off else tr.decision.reason, wanted.in_flight)
             tr.last_scale = now_rfc3339()
         self._meter(wk, tr, gov, view.replicas)
         labels = (wk.namespace, f"{wk.kind}/{wk.name}")
@@ -357,6 +372,15 @@ class Scaler:
                     return 0
         return 0
 
+    def _persisted_foreign(self, wk: WorkloadKey) -> str | None:
+        """The foreign writer a route's status.scaling still names for the workload."""
+        for u in self.uses.get(wk, []):
+            obj, _ = self.routes.get((u.namespace, u.route), ({}, None))
+            for entry in (obj.get("status") or {}).get("scaling") or []:
+                if entry.get("workload") == str(wk) and entry.get("foreignWriter"):
+                    return str(entry["foreignWriter"])
+        return None
+
     def _forget(self, wk: WorkloadKey) -> None:
         self.tracked.pop(wk, None)
         labels = (wk.namespace, f"{wk.kind}/{wk.name}")
@@ -368,9 +392,9 @@ class Scaler:
 
     # status
 
-    def _route_entries(self) -> dict[tuple[str, str], tuple[list[dict[str, Any]], str | None]]:
-        """(namespace, route) -> (status.scaling entries, conflict message or None)."""
-        out: dict[tuple[str, str], tuple[list[dict[str, Any]], str | None]] = {}
+    def _route_entries(self) -> dict[tuple[str, str], tuple[list[dict[str, Any]], tuple[str, str] | None]]:
+        """(namespace, route) -> (status.scaling entries, (conflict reason, message) or None)."""
+        out: dict[tuple[str, str], tuple[list[dict[str, Any]], tuple[str, str] | None]] = {}
         for wk, uses in self.uses.items():
             tr = self.tracked.get(wk)
             for u in uses:
@@ -388,8 +412,10 @@ class Scaler:
                 else:
                     entry.update(replicas=view.replicas, availableReplicas=view.available, inFlight=tr.in_flight)
                     if tr.decision is not None:
-                        entry.update(desiredReplicas=tr.decision.desired,
-                                     reason="Conflict" if tr.conflict else tr.decision.reason)
+                        entry.update(desiredReplicas=tr.decision.desired, reason="Conflict" if tr.conflict
+                                     and tr.decision.reason != "CutOff" else tr.decision.reason)
+                    if tr.ownership.foreign:
+                        entry["foreignWriter"] = tr.ownership.foreign
                     if tr.last_scale:
                         entry["lastScaleTime"] = tr.last_scale
                     if tr.meter is not None:
@@ -410,12 +436,12 @@ class Scaler:
             if _material(w.scaling) != _material(entries) or now - w.at >= self.status_interval:
                 if await asyncio.to_thread(_patch_route_status, *key, {"status": {"scaling": entries}}):
                     w.scaling, w.at = entries, now
-            want = ("True", conflict) if conflict else ("False", "no other autoscaler targets the scaled workloads")
+            want = ("True", *conflict) if conflict else ("False", "NoConflict", "no other owner of the scaled workloads' replicas")
             if w.conflict != want:
                 if await self._set_conflict(key, want):
                     w.conflict = want
 
-    async def _set_conflict(self, key: tuple[str, str], want: tuple[str, str]) -> bool:
+    async def _set_conflict(self, key: tuple[str, str], want: tuple[str, str, str]) -> bool:
         route = await asyncio.to_thread(_get_route, *key)
         if route is None:
             return False
@@ -423,20 +449,28 @@ class Scaler:
         current = next((c for c in conditions if c.get("type") == CONFLICT), None)
         if current is None and want[0] == "False":
             return True  # never had a conflict: nothing to say
-        if current is not None and (current.get("status"), current.get("message")) == want:
+        if current is not None and (current.get("status"), current.get("reason"), current.get("message")) == want:
             return True
-        desired = set_condition(conditions, CONFLICT, want[0], "HorizontalPodAutoscaler" if want[0] == "True" else "NoConflict",
-                                want[1], (route.get("metadata") or {}).get("generation"))
+        desired = set_condition(conditions, CONFLICT, *want, (route.get("metadata") or {}).get("generation"))
         ops = ([{"op": "test", "path": "/status/conditions", "value": conditions}] if conditions else [])
         ops.append({"op": "add", "path": "/status/conditions", "value": desired})
         if not await asyncio.to_thread(_patch_route_status, *key, ops, True):
             return False  # the reconcile wrote meanwhile: next tick
         if want[0] == "True":
             try:
-                await asyncio.to_thread(_warn_route, route, CONFLICT, want[1])
+                await asyncio.to_thread(_warn_route, route, CONFLICT, want[2])
             except Exception as exc:  # noqa: BLE001
                 log.warning("cannot post the ScalingConflict event: %s", type(exc).__name__)
         return True
+
+
+def foreign_message(wk: WorkloadKey, manager: str) -> str:
+    """Stable for one writer (the condition and its one Event are not rewritten every tick)."""
+    who = ("a writer the apiserver did not record (a scale-subresource write such as kubectl scale)"
+           if manager == UNRECORDED else f"field manager {manager}")
+    until = ("" if manager == UNRECORDED else f" until {manager} no longer owns spec.replicas (e.g. drop replicas from its manifest) or")
+    return (f"{who} set the replicas of {wk} after spendwarden: the scaler leaves them alone except at 0 while cut off,"
+            f"{until} the workload is annotated spendwarden.io/scaling=force")
 
 
 def _material(entries: list[dict[str, Any]] | None) -> Any:
@@ -472,7 +506,9 @@ def _cut_checker() -> Any:
 def owns(namespace: str, kind: str, name: str) -> bool:
     """Whether the scaler owns this workload's replica count (some allowed route backend has scaling
     settings for it): then the cut-off leaves it to the scaler, whose desired count is 0 while every
-    route using it is cut off and follows demand again after the reset. One owner per workload."""
+    route using it is cut off and follows demand again after the reset. One owner per workload
+    (while an HPA or another writer has the count the scaler still holds it at 0 when cut off, and
+    gives that owner its count back after the reset: scaling/owners.py)."""
     scaler = SCALER
     if scaler is None:
         return False
