@@ -423,3 +423,31 @@ def test_gitops_sync_of_replicas_is_named_and_left_alone_until_it_lets_go(operat
         apply_deployment(kube, ns, "llama", "argocd-controller", replicas=None)   # replicas dropped from git
         wait_for(lambda: deployment(kube, ns, "llama").spec.replicas == 3, what="scaling on demand again")
         wait_for(lambda: (conflict_condition(kube, ns) or {}).get("status") == "False", what="ScalingConflict=False")
+
+
+def test_cut_off_wins_over_a_foreign_writer_whose_count_comes_back_at_the_reset(operator, kube, ns):
+    """Budgets win: a workload left to another writer still goes to zero when its namespace is cut
+    off, and gets that writer's count back at the reset (then is left alone again)."""
+    if time.time() % 60 > 40:  # leave time for the cut-off within the first window
+        time.sleep(61 - time.time() % 60)
+    create_deployment(kube, ns, "llama", replicas=1)
+    create_route(kube, ns, "chat", {"model": "chat", "defaultBackend": "llama", "backends": [backend(
+        "llama", "http://llama:8080/v1", "llama", SCALE_BY_LOAD)]})
+    budget = create_budget(kube, ns, "minute", {"window": "1m", "onExceeded": "CutOff", "limits": {"tokens": {"total": 1000}}})
+    period = budget["status"]["periodStart"]
+    wait_for(lambda: scaling_status(kube, ns, "chat").get("desiredReplicas") == 1, what="the scaler's first decision")
+    client.AppsV1Api(kube).patch_namespaced_deployment_scale("llama", ns, {"spec": {"replicas": 4}}, field_manager="kubectl")
+    wait_for(lambda: (conflict_condition(kube, ns) or {}).get("reason") == "ForeignReplicaWriter", what="the conflict")
+    with LoadReporter(operator.url, sa_token(kube, ns), ns) as proxy:
+        proxy.load = 1
+        spend = {"minute": {"periodStart": period, "used": {"inputTokens": 600, "outputTokens": 400, "cost": "0"},
+                            "held": {"inputTokens": 0, "outputTokens": 0, "cost": "0"}}}
+        assert proxy.post(spend).status_code == 200
+        wait_for(lambda: deployment(kube, ns, "llama").spec.replicas == 0, timeout=10, what="zero on cut-off")
+        wait_for(lambda: scaling_status(kube, ns, "chat").get("reason") == "CutOff", what="reason CutOff in status")
+        assert (conflict_condition(kube, ns) or {}).get("status") == "True", "still another writer's workload"
+        wait_for(lambda: get_budget(kube, ns, "minute")["status"]["ledger"]["periodStart"] != period, timeout=75,
+                 what="the reset")
+        wait_for(lambda: deployment(kube, ns, "llama").spec.replicas == 4, timeout=10, what="the writer's 4 back")
+        time.sleep(1.5)
+        assert deployment(kube, ns, "llama").spec.replicas == 4, "left alone again, not the load's 1"
