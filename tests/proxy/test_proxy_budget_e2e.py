@@ -82,12 +82,17 @@ def test_clamp_then_refuse_on_token_budget(start_proxy):
         assert all(r["max_tokens"] is not None for r in up.requests())
 
 
+def dear_and_cheap(up: MockUpstream) -> str:
+    """Route chat: backend big (the default, dear) and small (cheap: the downgrade)."""
+    return route_yaml("chat", "chat", [backend("big", up.openai_url, "gpt-big", price_in="10", price_out="30"),
+                                       backend("small", up.openai_url, "gpt-small", price_in="0.1", price_out="0.2")],
+                      default="big")
+
+
 def test_downgrade_and_alert_only(start_proxy):
     with MockUpstream(tokens=50) as up:
         cfg = stream_of(
-            route_yaml("chat", "chat", [backend("big", up.openai_url, "gpt-big", price_in="10", price_out="30"),
-                                        backend("small", up.openai_url, "gpt-small", price_in="0.1", price_out="0.2")],
-                       default="big"),
+            dear_and_cheap(up),
             route_yaml("free", "free", [backend("f", up.openai_url, "gpt-free")]),
             budget_yaml("dg", routes=["chat"], onExceeded="Downgrade", limits={"cost": {"amount": "0.002"}}),
             budget_yaml("alert", routes=["free"], onExceeded="AlertOnly", limits={"tokens": {"total": 10}}),
@@ -224,3 +229,25 @@ def test_sidecar_starts_before_its_config_exists(tmp_path):
             assert r.choices and proxy.log(2)[-1]["namespace"] == "team-b"
         finally:
             proxy.stop()
+
+
+def test_downgrade_past_the_limit_then_refusal_at_the_hard_ceiling(start_proxy):
+    with MockUpstream(tokens=50) as up:
+        cfg = stream_of(
+            dear_and_cheap(up),
+            budget_yaml("dg", routes=["chat"], onExceeded="Downgrade", limits={"tokens": {"total": 200}},
+                        downgrade={"hardCeiling": {"tokens": 400}}))
+        proxy = start_proxy(cfg)
+        client = openai.OpenAI(base_url=proxy.openai_url, api_key="x", max_retries=0)
+        backends = []
+        with pytest.raises(openai.RateLimitError) as e:
+            for _ in range(20):
+                r = client.chat.completions.with_raw_response.create(
+                    model="chat", max_tokens=50, messages=[{"role": "user", "content": "hello"}])
+                backends.append(r.headers["x-spendwarden-backend"])
+        assert "hard ceiling" in e.value.message and e.value.body["budget"] == "dg"
+        assert backends[0] == "big" and backends[-1] == "small" and backends == sorted(backends)  # big..., small...
+        spent = sum(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] for r in up.requests())
+        big = sum(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] for r in up.requests()
+                  if r["model"] == "gpt-big")
+        assert big <= 200 < spent <= 400  # the limit kept on the big backend, the ceiling overall

@@ -8,7 +8,7 @@ from spendwarden.proxy.config import compile_config, parse_config_text
 from spendwarden.proxy.errors import ProxyError
 
 
-def config(on_exceeded="CutOff", limits='{tokens: {total: 1000}}', window="24h"):
+def config(on_exceeded="CutOff", limits='{tokens: {total: 1000}}', window="24h", extra=""):
     text = f"""
 kind: ModelRoute
 metadata: {{name: chat}}
@@ -25,6 +25,7 @@ spec:
   window: {window}
   onExceeded: {on_exceeded}
   limits: {limits}
+  {extra}
 """
     cfg, _ = parse_config_text(text)
     return compile_config(cfg)

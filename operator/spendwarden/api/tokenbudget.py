@@ -1,6 +1,7 @@
 """TokenBudget: what one team/namespace may spend per period."""
 from __future__ import annotations
 
+from decimal import Decimal
 from enum import Enum
 
 from pydantic import Field, model_validator
@@ -114,6 +115,27 @@ class Alerting(ApiModel):
         return self
 
 
+class HardCeiling(ApiModel):
+    """Absolute per-period amounts beyond which even downgraded requests are refused."""
+
+    tokens: int | None = Field(default=None, ge=1, description="Maximum input + output tokens per period, downgraded requests included.")
+    cost: Money | None = Field(default=None, description="Maximum spend per period, downgraded requests included, in the limit's currency.")
+
+    @model_validator(mode="after")
+    def _one_set(self) -> "HardCeiling":
+        if self.tokens is None and self.cost is None:
+            raise ValueError("downgrade.hardCeiling needs tokens or cost (or both)")
+        return self
+
+
+class Downgrade(ApiModel):
+    """How far onExceeded: Downgrade may go past the limits."""
+
+    hardCeiling: HardCeiling | None = Field(default=None,
+                                            description="Past the limits requests go to the cheap backend until this "
+                                                        "ceiling, then they are refused like CutOff. None: no ceiling.")
+
+
 class TokenBudgetSpec(ApiModel):
     """What a team/namespace may spend per period, and what happens when it is spent."""
 
@@ -129,6 +151,7 @@ class TokenBudgetSpec(ApiModel):
     routes: list[str] = Field(default_factory=list, max_length=64,
                               description="Model aliases (ModelRoute spec.model) this budget covers; empty means every route of the namespace.")
     alerting: Alerting | None = Field(default=None, description="Extra alert destinations.")
+    downgrade: Downgrade | None = Field(default=None, description="Options of onExceeded: Downgrade (a hard ceiling).")
 
     @model_validator(mode="after")
     def _coherent(self) -> "TokenBudgetSpec":
@@ -143,7 +166,22 @@ class TokenBudgetSpec(ApiModel):
                 raise ValueError(f"threshold {t} is outside 1..100")
         if any(b <= a for a, b in zip(self.thresholds, self.thresholds[1:])):
             raise ValueError(f"thresholds must be strictly ascending, got {self.thresholds}")
+        self._check_hard_ceiling()
         return self
+
+    def _check_hard_ceiling(self) -> None:
+        hard = self.downgrade.hardCeiling if self.downgrade is not None else None
+        if hard is None:
+            return
+        if self.onExceeded is not OnExceeded.DOWNGRADE:
+            raise ValueError(f"downgrade.hardCeiling applies only with onExceeded: Downgrade, not {self.onExceeded.value}")
+        tokens, cost = self.limits.tokens, self.limits.cost
+        if hard.tokens is not None and tokens is not None and tokens.total is not None and hard.tokens < tokens.total:
+            raise ValueError(f"downgrade.hardCeiling.tokens ({hard.tokens}) is below limits.tokens.total ({tokens.total}): "
+                             "the ceiling is absolute and must be at least the limit")
+        if hard.cost is not None and cost is not None and Decimal(hard.cost) < Decimal(cost.amount):
+            raise ValueError(f"downgrade.hardCeiling.cost ({hard.cost}) is below limits.cost.amount ({cost.amount}): "
+                             "the ceiling is absolute and must be at least the limit")
 
 
 class Usage(ApiModel):

@@ -38,6 +38,14 @@ class Limits:
                    cost=Decimal(money.amount) if money else None)
 
 
+def hard_ceiling(spec: Any) -> Limits | None:
+    """onExceeded Downgrade's hard ceiling (a TokenBudgetSpec's downgrade.hardCeiling) as Limits."""
+    hard = spec.downgrade.hardCeiling if spec.downgrade is not None else None
+    if hard is None:
+        return None
+    return Limits(total_tokens=hard.tokens, cost=Decimal(hard.cost) if hard.cost is not None else None)
+
+
 class Amount:
     """Tokens and money, used or reserved. Immutable by convention (a plain slotted class: it is
     created several times per request, and frozen dataclasses are several times slower to build)."""

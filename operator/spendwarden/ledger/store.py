@@ -22,10 +22,10 @@ from ..api.common import now_rfc3339, set_condition
 from ..api.tokenbudget import BudgetState, TokenBudgetSpec
 from ..render.proxyconfig import validate_spec
 from ..render.status import budget_state, usage_fraction, usage_status
-from .allowance import Amount, Limits
+from .allowance import Amount, Limits, hard_ceiling
 from .breakdown import HISTORY_ROWS, Breakdown, PeriodBreakdown, parse_money
 from .forecast import BurnRate, projected_exhaustion, time_constant
-from .leases import BudgetLedger, Ceiling, LeaseSettings
+from .leases import BudgetLedger, Ceiling, LeaseSettings, ProxyAccount
 from .loops import LoopReport, parse_loops
 from .periods import current_period
 
@@ -48,6 +48,7 @@ class BudgetReport:
     want: Amount | None = None
     release_to: Ceiling | None = None
     breakdown: Breakdown | None = None  # optional (proxies before it simply send none)
+    hard_release_to: Ceiling | None = None  # the same for the hard-ceiling lease (Downgrade)
 
 
 @dataclass(slots=True)
@@ -137,7 +138,9 @@ def parse_report(body: Any) -> Report:
             held=_amount(entry.get("held") or {}, f"{where}.held"),
             want=_amount(entry["want"], f"{where}.want") if entry.get("want") is not None else None,
             release_to=_ceiling(entry["releaseTo"], f"{where}.releaseTo") if entry.get("releaseTo") is not None else None,
-            breakdown=_breakdown(entry.get("breakdown"), f"{where}.breakdown"))
+            breakdown=_breakdown(entry.get("breakdown"), f"{where}.breakdown"),
+            hard_release_to=(_ceiling(entry["hardReleaseTo"], f"{where}.hardReleaseTo")
+                             if entry.get("hardReleaseTo") is not None else None))
     try:
         loops = parse_loops(body.get("loops"))
     except ValueError as exc:
@@ -164,18 +167,41 @@ class PeriodLedger:
     raised: dict[str, int] = field(default_factory=dict)
     # Where the usage went, per (route, backend, tag): reports only, never enforcement.
     usage: PeriodBreakdown = field(default_factory=PeriodBreakdown)
+    # onExceeded Downgrade with downgrade.hardCeiling: a second lease ledger over the same reports,
+    # whose limits are the ceiling (downgraded requests spend past `ledger`'s limits, never past these).
+    hard: BudgetLedger | None = None
 
     def to_state(self) -> dict[str, Any]:
         out = {"periodStart": self.start, "periodEnd": self.end, **self.ledger.to_state()}
+        if self.hard is not None:
+            out["hard"] = self.hard.to_state()
         if self.usage:
             out["breakdown"] = self.usage.to_state()
         return out
 
     @classmethod
-    def from_state(cls, limits: Limits, data: dict[str, Any], settings: LeaseSettings | None) -> "PeriodLedger":
+    def from_state(cls, limits: Limits, data: dict[str, Any], settings: LeaseSettings | None,
+                   hard: Limits | None = None) -> "PeriodLedger":
         return cls(str(data["periodStart"]), str(data.get("periodEnd") or ""),
                    BudgetLedger.from_state(limits, data, settings),
-                   usage=PeriodBreakdown.from_state(data.get("breakdown")))
+                   usage=PeriodBreakdown.from_state(data.get("breakdown")),
+                   hard=BudgetLedger.from_state(hard, data.get("hard") or {}, settings) if hard is not None else None)
+
+    def set_hard(self, hard: Limits | None, settings: LeaseSettings) -> None:
+        """Follow a spec change of downgrade.hardCeiling."""
+        if hard is None:
+            self.hard = None
+        elif self.hard is None:
+            # Added mid-period: it starts from what every proxy has committed so far (their next
+            # cumulative reports continue from there), so nothing already spent is granted again.
+            self.hard = BudgetLedger(hard, settings)
+            self.hard.retired = self.ledger.retired
+            for pid, acct in self.ledger.proxies.items():
+                self.hard.proxies[pid] = ProxyAccount(
+                    used=acct.used, held=acct.held, ceiling=Ceiling.committed(hard, acct.used + acct.held),
+                    seq=acct.seq, expires_at=acct.expires_at)
+        else:
+            self.hard.limits = hard
 
     def total(self) -> dict[str, Any]:
         out = {"periodStart": self.start, "periodEnd": self.end, "used": usage_dict(self.ledger.used())}
@@ -211,6 +237,10 @@ class BudgetEntry:
         return Limits.from_spec(self.spec.limits)
 
     @property
+    def hard_limits(self) -> Limits | None:
+        return hard_ceiling(self.spec)
+
+    @property
     def dirty(self) -> bool:
         return self.version > self.persisted
 
@@ -241,6 +271,10 @@ class LedgerStore:
     def get(self, namespace: str, name: str) -> BudgetEntry | None:
         return self.entries.get((namespace, name))
 
+    def _period(self, limits: Limits, hard: Limits | None, start: str, end: str) -> PeriodLedger:
+        return PeriodLedger(start, end, BudgetLedger(limits, self.settings),
+                            hard=BudgetLedger(hard, self.settings) if hard is not None else None)
+
     def written_by_another(self, obj: dict[str, Any]) -> bool:
         """Whether another operator instance wrote this budget's ledger after we loaded it."""
         meta = obj.get("metadata") or {}
@@ -263,9 +297,10 @@ class LedgerStore:
         limits = Limits.from_spec(spec.limits)
         start, end = _periods(spec, now)
         saved = status.get("ledger") or {}
-        current, previous = PeriodLedger(start, end, BudgetLedger(limits, self.settings)), None
+        hard = hard_ceiling(spec)
+        current, previous = self._period(limits, hard, start, end), None
         history = [dict(h) for h in status.get("history") or []][:HISTORY_MAX]
-        stored = [PeriodLedger.from_state(limits, s, self.settings)
+        stored = [PeriodLedger.from_state(limits, s, self.settings, hard)
                   for s in (saved, saved.get("previous") or {}) if s.get("periodStart")]
         for pl in stored:
             if pl.start == start:
@@ -309,6 +344,9 @@ class LedgerStore:
                 for pl in (entry.current, entry.previous):
                     if pl is not None:
                         pl.ledger.limits = entry.limits
+            for pl in (entry.current, entry.previous):
+                if pl is not None:
+                    pl.set_hard(entry.hard_limits, self.settings)
             self.roll(entry, now)
             needs_write = True
         if entry.dirty:
@@ -335,7 +373,7 @@ class LedgerStore:
         if start <= entry.current.start:
             return False
         entry.previous = entry.current
-        entry.current = PeriodLedger(start, end, BudgetLedger(entry.limits, self.settings))
+        entry.current = self._period(entry.limits, entry.hard_limits, start, end)
         _record_history(entry, entry.previous)
         entry.announced, entry.exceeded_announced = 0, False
         entry.burn, entry.forecast_at, entry.forecast_named, entry.forecast_announced = None, None, None, False
@@ -350,6 +388,8 @@ class LedgerStore:
             # Only the open period expires proxies: a finished one keeps what was reported (its
             # history must not charge escrow of proxies that simply moved on to the new period).
             dead = entry.current.ledger.expire(now_ts)
+            if entry.current.hard is not None:
+                dead = sorted(set(dead) | set(entry.current.hard.expire(now_ts)))
             if dead:
                 entry.current.usage.retire(dead)
                 entry.changed()
@@ -368,10 +408,12 @@ class LedgerStore:
         if rep.period_start == cur.start:
             returning = proxy_id in cur.ledger.tombstones
             lease = cur.ledger.report(proxy_id, seq, rep.used, rep.held, rep.want, now_ts, rep.release_to)
+            hard = cur.hard.report(proxy_id, seq, rep.used, rep.held, rep.want, now_ts, rep.hard_release_to) \
+                if cur.hard is not None else None
             if not lease.duplicate:
                 cur.usage.report(proxy_id, rep.breakdown, returning)
                 version = entry.changed()
-                if lease.granted:
+                if lease.granted or hard is not None and hard.granted:
                     cur.raised[proxy_id] = version
                 _observe_burn(entry, now_ts)
         elif entry.previous is not None and rep.period_start == entry.previous.start:
@@ -386,6 +428,10 @@ class LedgerStore:
                 # proxy's in-flight requests settle into the new period).
                 acct = prev.ledger.proxies[proxy_id]
                 acct.ceiling = Ceiling.committed(entry.limits, acct.used)
+                if prev.hard is not None:
+                    prev.hard.report(proxy_id, seq, rep.used, rep.held, Amount(), now_ts)
+                    hard_acct = prev.hard.proxies[proxy_id]
+                    hard_acct.ceiling = Ceiling.committed(prev.hard.limits, hard_acct.used)
                 _record_history(entry, prev)
                 entry.changed()
             acct = cur.ledger.proxies.get(proxy_id)
@@ -393,28 +439,37 @@ class LedgerStore:
                 lease_ceiling, expires = acct.ceiling, acct.expires_at
             else:
                 lease = cur.ledger.report(proxy_id, seq, Amount(), Amount(), rep.want, now_ts)
+                hard = cur.hard.report(proxy_id, seq, Amount(), Amount(), rep.want, now_ts) if cur.hard is not None else None
                 version = entry.changed()
-                if lease.granted:
+                if lease.granted or hard is not None and hard.granted:
                     cur.raised[proxy_id] = version
                 lease_ceiling, expires = lease.ceiling, lease.expires_at
-            return self._answer(entry, lease_ceiling, expires), cur.raised.get(proxy_id, 0)
+            hard_acct = cur.hard.proxies.get(proxy_id) if cur.hard is not None else None
+            return (self._answer(entry, lease_ceiling, expires, hard_acct.ceiling if hard_acct is not None else None),
+                    cur.raised.get(proxy_id, 0))
         else:
             answer = self._answer(entry, None, None)
             answer["error"] = (f"period {rep.period_start[:40]} is not open; the current period starts "
                                f"{cur.start}")
             return answer, 0
-        return self._answer(entry, lease.ceiling, lease.expires_at), cur.raised.get(proxy_id, 0)
+        return (self._answer(entry, lease.ceiling, lease.expires_at, hard.ceiling if hard is not None else None),
+                cur.raised.get(proxy_id, 0))
 
-    def _answer(self, entry: BudgetEntry, ceiling: Ceiling | None, expires_at: float | None) -> dict[str, Any]:
+    def _answer(self, entry: BudgetEntry, ceiling: Ceiling | None, expires_at: float | None,
+                hard: Ceiling | None = None) -> dict[str, Any]:
         spec = entry.spec
         _, state = budget_state(spec, entry.fraction())
         out: dict[str, Any] = {}
         if ceiling is not None:
             out["ceiling"] = ceiling.to_state()
             out["expiresAt"] = expires_at
-        out.update({"periodStart": entry.current.start, "periodEnd": entry.current.end, "state": state.value,
+        if hard is not None:
+            out["hardCeiling"] = hard.to_state()
+        cur = entry.current
+        out.update({"periodStart": cur.start, "periodEnd": cur.end, "state": state.value,
                     "onExceeded": spec.onExceeded.value, "failMode": spec.failMode.value,
-                    "cutOff": spec.onExceeded.value == "CutOff" and entry.current.ledger.exhausted()})
+                    "cutOff": (spec.onExceeded.value == "CutOff" and cur.ledger.exhausted())
+                    or (cur.hard is not None and cur.hard.exhausted())})  # Downgrade past its hard ceiling
         return out
 
     def persisted(self, entry: BudgetEntry, version: int) -> None:

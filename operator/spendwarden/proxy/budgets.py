@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..api.tokenbudget import FailMode, OnExceeded
-from ..ledger.allowance import Allowance, Amount, Limits, clamp_output
+from ..ledger.allowance import Allowance, Amount, Limits, clamp_output, hard_ceiling
 from ..ledger.breakdown import Breakdown
 from ..ledger.periods import current_period
 from ..ledger.pricing import Prices, TokenUsage, cost
@@ -64,11 +64,27 @@ class BudgetState:
     period_end: datetime
     period_end_ts: float
     lease: LeaseView | None = None  # None: standalone
+    # Downgrade's hard ceiling as enforced now against used + reserved (None: no ceiling):
+    # standalone the spec's; with a ledger the hard lease (zero until granted).
+    hard: Limits | None = None
     # This period's usage per (route, backend, tag), cumulative like allowance.used (reported with it).
     breakdown: Breakdown = field(default_factory=Breakdown)
 
     def reset_at(self) -> str:
         return self.period_end.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def hard_view(self) -> Allowance | None:
+        """The allowance as the hard ceiling sees it (same usage and reservations)."""
+        if self.hard is None:
+            return None
+        return Allowance(self.hard, used=self.allowance.used, reserved=self.allowance.reserved)
+
+    def sync_hard(self) -> None:
+        whole = hard_ceiling(self.budget.spec)
+        if whole is None or self.lease is None or self.lease.local:
+            self.hard = whole
+        elif self.hard is None or _dims(zero_limits(self.hard)) != _dims(zero_limits(whole)):
+            self.hard = zero_limits(whole)  # nothing past the limit before the ledger grants it
 
 
 class LeaseShort(Exception):
@@ -132,6 +148,7 @@ class BudgetBook:
                     old.breakdown = Breakdown()
                     self.dirty = True
                 old.period_start, old.period_end, old.period_end_ts = start, end, end.timestamp()
+                old.sync_hard()
                 states[name] = old
                 continue
             used = Amount()
@@ -141,6 +158,7 @@ class BudgetBook:
             st = states[name] = BudgetState(b, Allowance(limits, used=used), start, end, end.timestamp())
             if self.ledger:
                 _lease_for(st, limits)
+            st.sync_hard()
         self.states = states
         self.dirty = True
 
@@ -190,34 +208,45 @@ class BudgetBook:
             if st.budget.on_exceeded is OnExceeded.DOWNGRADE and downgrade_to is not None \
                     and backend is not downgrade_to:
                 cap = st.allowance.max_output_tokens(backend.prices, input_tokens)
-                if st.lease is not None and st.lease.cut_off:
+                if st.lease is not None and st.lease.exceeded:
                     cap = -1  # the operator says the budget is spent: only the cheap backend is left
                 if cap is not None and cap < want * choices:
                     backend, downgraded = downgrade_to, True
                     break
         prices = backend.prices
         # CutOff budgets: clamp the output to what is affordable, or refuse.
+        # Downgrade budgets with a hard ceiling: the same, against the ceiling.
         tightest: BudgetState | None = None
         cap_total: int | None = None
+        by_hard = False
         for st in states:
+            caps = []
             if st.budget.on_exceeded is OnExceeded.CUT_OFF or (
                     st.budget.on_exceeded is OnExceeded.DOWNGRADE and downgrade_to is None):
-                cap = st.allowance.max_output_tokens(prices, input_tokens)
+                caps.append((st.allowance.max_output_tokens(prices, input_tokens), False))
+            hard = st.hard_view()
+            if hard is not None:
+                caps.append((hard.max_output_tokens(prices, input_tokens), True))
+            for cap, is_hard in caps:
                 if cap is not None and (cap_total is None or cap < cap_total):
-                    cap_total, tightest = cap, st
+                    cap_total, tightest, by_hard = cap, st, is_hard
         out = want
         if cap_total is not None:
             per_choice = cap_total // max(choices, 1)
             clamped = clamp_output(want, per_choice, MIN_USEFUL_OUTPUT)
             if clamped is None:
                 assert tightest is not None
-                raise budget_exceeded(tightest, now_ts)
+                raise budget_exceeded(tightest, now_ts, hard=by_hard)
             out = clamped
         amount = Amount.worst_case(prices, input_tokens, out * choices)
         adm = Admission(backend, out, downgraded=downgraded)
         for st in states:
             enforced = st.budget.on_exceeded is OnExceeded.CUT_OFF or (
                 st.budget.on_exceeded is OnExceeded.DOWNGRADE and downgrade_to is None)
+            hard = st.hard_view()
+            if hard is not None and not hard.covers(amount):  # cannot happen after the clamp either
+                self.release(adm)
+                raise budget_exceeded(st, now_ts, hard=True)
             rid = st.allowance.reserve(amount, force=not enforced)
             if rid is None:  # cannot happen after the clamp above; refuse rather than overspend
                 self.release(adm)
@@ -239,8 +268,8 @@ class BudgetBook:
             lease.last_admit = now_ts
             on = st.budget.on_exceeded
             enforced = on is OnExceeded.CUT_OFF or (on is OnExceeded.DOWNGRADE and downgrade_to is None)
-            if lease.cut_off and enforced:
-                raise budget_exceeded(st, now_ts)
+            if lease.cut_off and (enforced or st.hard is not None):
+                raise budget_exceeded(st, now_ts, hard=not enforced)
             if now_ts >= lease.valid_until:
                 if may_wait and not lease.down:
                     # Expired while the ledger still answers (the first lease is on its way): wait.
@@ -254,11 +283,16 @@ class BudgetBook:
                                 "enforcing the whole budget on this proxy's own accounting", st.budget.name)
                     lease.local = True
                     st.allowance.limits = lease.whole
+                    st.sync_hard()
                 continue
             if may_wait and on is not OnExceeded.ALERT_ONLY:
                 if worst is None:
                     worst = Amount.worst_case(backend.prices, input_tokens, output)
-                if not st.allowance.covers(worst):
+                # A Downgrade budget the operator calls Exceeded goes straight to the cheap backend:
+                # no round trip for a lease it will not get; only its hard ceiling can still grow.
+                past_limit = on is OnExceeded.DOWNGRADE and lease.exceeded
+                hard = st.hard_view()
+                if (not past_limit and not st.allowance.covers(worst)) or (hard is not None and not hard.covers(worst)):
                     short.append(st)
         if short:
             raise LeaseShort(short, worst if worst is not None else
@@ -320,9 +354,10 @@ class BudgetBook:
         self.save(fsync=True)
 
 
-def budget_exceeded(st: BudgetState, now_ts: float) -> ProxyError:
+def budget_exceeded(st: BudgetState, now_ts: float, hard: bool = False) -> ProxyError:
     lease = st.lease
-    if lease is not None and not (lease.local or lease.cut_off or lease.exceeded):
+    spent = lease is None or lease.local or lease.cut_off or (lease.exceeded and not hard)
+    if not spent:
         # Ledger mode, the budget is not spent: the rest is escrowed by other proxies' requests in
         # flight, which settle below their worst cases and give back. Worth retrying soon.
         return ProxyError(
@@ -331,8 +366,10 @@ def budget_exceeded(st: BudgetState, now_ts: float) -> ProxyError:
             code="budget_exceeded", headers={"Retry-After": "1", "x-should-retry": "true"},
             extra={"budget": st.budget.name, "reset_at": st.reset_at()})
     retry = max(1, math.ceil(st.period_end_ts - now_ts))
+    what = ("is past its limit and has reached its hard ceiling (downgrade.hardCeiling)" if hard
+            else "is exhausted")
     return ProxyError(
-        429, f"TokenBudget {st.budget.name!r} is exhausted for this period; it resets at {st.reset_at()}.",
+        429, f"TokenBudget {st.budget.name!r} {what} for this period; it resets at {st.reset_at()}.",
         code="budget_exceeded",
         # The SDKs retry 429s (twice, by default) unless told not to: pointless until the period resets.
         headers={"Retry-After": str(retry), "x-should-retry": "true" if retry <= 60 else "false"},
@@ -378,6 +415,8 @@ def _new_period_lease(st: BudgetState) -> None:
     lease.previous_breakdown = st.breakdown
     lease.ceiling, lease.valid_until, lease.local, lease.cut_off, lease.exceeded = None, 0.0, False, False, False
     st.allowance.limits = zero_limits(lease.whole)
+    if st.hard is not None:
+        st.hard = zero_limits(st.hard)
 
 
 def zero_limits(whole: Limits) -> Limits:

@@ -35,7 +35,7 @@ from ..ledger.allowance import Amount, Limits
 from ..ledger.leases import Ceiling
 from ..ledger.loops import LoopQueue
 from .backend_load import BackendLoads
-from .budgets import BudgetBook, BudgetState, LeaseShort, _dims
+from .budgets import BudgetBook, BudgetState, LeaseShort, _dims, zero_limits
 from .metrics import Metrics
 
 log = logging.getLogger("spendwarden.proxy.ledger")
@@ -123,6 +123,12 @@ def _same_period(value: Any, st: BudgetState) -> bool:
     except ValueError:
         return False
     return start == st.period_start
+
+
+def _lowered(ceiling: Limits, floor: Ceiling) -> Limits:
+    """`ceiling` lowered to `floor` in every dimension both have."""
+    return Limits(*(None if c is None else (min(c, f) if f is not None else c)
+                    for c, f in zip(_dims(ceiling), _dims(floor.as_limits()))))
 
 
 def _committed_ceiling(whole: Limits, a: Amount) -> Ceiling:
@@ -297,6 +303,9 @@ class LedgerClient:
                 release = self._release(st)
                 if release is not None:
                     entry["releaseTo"] = release
+                hard_release = self._release_hard(st)
+                if hard_release is not None:
+                    entry["hardReleaseTo"] = hard_release
             budgets[name] = entry
         body = {"proxyId": self.proxy_id, "namespace": self.namespace, "seq": self.seq, "budgets": budgets}
         if self.backends is not None and self.backends.keys:
@@ -311,12 +320,22 @@ class LedgerClient:
         assert lease is not None and lease.ceiling is not None
         lease.released_at = lease.last_admit
         a = st.allowance
-        floor = _committed_ceiling(lease.whole, a.used + a.reserved)
-        new = Limits(*(None if c is None else (min(c, f) if f is not None else c)
-                       for c, f in zip(_dims(lease.ceiling), _dims(floor.as_limits()))))
+        new = _lowered(lease.ceiling, _committed_ceiling(lease.whole, a.used + a.reserved))
         if new == lease.ceiling:
             return None
         st.allowance.limits = lease.ceiling = new  # lowered locally first
+        return Ceiling(*_dims(new)).to_state()
+
+    @staticmethod
+    def _release_hard(st: BudgetState) -> dict[str, Any] | None:
+        """The same for a Downgrade budget's hard-ceiling lease."""
+        if st.hard is None:
+            return None
+        a = st.allowance
+        new = _lowered(st.hard, _committed_ceiling(st.hard, a.used + a.reserved))
+        if new == st.hard:
+            return None
+        st.hard = new  # lowered locally first
         return Ceiling(*_dims(new)).to_state()
 
     # -- answers ------------------------------------------------------------------------------------
@@ -341,6 +360,7 @@ class LedgerClient:
             try:
                 ceiling = Ceiling.from_state(entry.get("ceiling") or {}).as_limits()
                 expires = float(entry["expiresAt"])
+                hard = Ceiling.from_state(entry["hardCeiling"]).as_limits() if entry.get("hardCeiling") else None
             except (KeyError, TypeError, ValueError, ArithmeticError):
                 _warn_once(f"bad:{name}", f"ledger: malformed lease for budget {name!r}: {entry!r}"[:300])
                 lease.down = True
@@ -350,6 +370,9 @@ class LedgerClient:
             lease.ceiling = ceiling
             lease.local = False
             st.allowance.limits = ceiling
+            if st.hard is not None:
+                # Nothing past the limit that this answer does not grant (also back from local mode).
+                st.hard = hard if hard is not None else zero_limits(st.hard)
             lease.valid_until = expires - self.margin
             cut = bool(entry.get("cutOff"))
             if cut != lease.cut_off:
