@@ -40,7 +40,7 @@ class ProxyProcess:
     def openai_url(self) -> str:
         return self.url + "/v1"
 
-    def start(self) -> "ProxyProcess":
+    def start(self, timeout: float = 20.0) -> "ProxyProcess":
         self.port, self.metrics_port = free_port(), free_port()
         args = [PYTHON, "-m", "spendwarden.cli", "proxy", "--config", str(self.config), "--port", str(self.port),
                 "--metrics-port", str(self.metrics_port), "--metrics-host", "127.0.0.1", *self.extra_args]
@@ -49,7 +49,7 @@ class ProxyProcess:
         env = {**os.environ, "SPENDWARDEN_SECRETS_DIR": str(self.workdir / "secrets"), **self.env}
         self.proc = subprocess.Popen(args, stdout=open(self.log_path, "ab"), stderr=open(self.err_path, "ab"),
                                      env=env, cwd=self.workdir)
-        deadline = time.time() + 20
+        deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"proxy exited with {self.proc.returncode}: {self.err_path.read_text()}")

@@ -427,3 +427,51 @@ async def test_loop_detections_ride_on_the_next_report_and_a_refusing_operator_o
         assert "refused a report with loop detections" in caplog.text
     finally:
         await client.close()
+
+
+async def test_a_short_request_gives_back_the_free_lease_and_says_what_it_needs():
+    clock = Clock()
+    c = config()
+    stub = LedgerStub(specs(c), clock=clock)
+    book, client, t, _ = make(stub, clock, c)
+    try:
+        route = c.routes["a"]
+        adm = await admit(book, client, route, inp=100, out=2000)
+        book.settle(adm, route.default.prices, TokenUsage(100, 100))
+        ceiling = book.states["closed"].allowance.limits.total_tokens
+        sent = len(t.sent)
+        # A request bigger than what is free here: the report asks with want and need, and gives
+        # back the free part (lowered locally before the report leaves).
+        book.release(await admit(book, client, route, inp=100, out=ceiling))
+        i = next(i for i in range(sent, len(t.sent)) if "want" in t.sent[i]["budgets"]["closed"])
+        entry = t.sent[i]["budgets"]["closed"]
+        assert entry["need"]["outputTokens"] == 16 and entry["want"]["outputTokens"] == ceiling
+        assert entry["releaseTo"] == {"total": 200} and t.limits_at_send[i]["closed"].total_tokens == 200
+    finally:
+        await client.close()
+
+
+async def test_the_operator_can_ask_for_faster_reports():
+    clock = Clock()
+    c = config()
+    stub = LedgerStub(specs(c), clock=clock)
+    answer, hint = stub.answer, {}
+
+    def hinting(body):
+        out = answer(body)
+        out["budgets"]["closed"].update(hint)
+        return out
+
+    stub.answer = hinting
+    book, client, t, _ = make(stub, clock, c, interval=0.3)
+    try:
+        await until(lambda: client.reports >= 1)
+        hint["reportInterval"] = 0.05  # e.g. the budget's last percent
+        await until(lambda: client.hinted_interval == 0.05, timeout=1)
+        n = len(t.sent)
+        await asyncio.sleep(0.3)
+        assert len(t.sent) - n >= 3  # about every 0.05 s instead of every 0.3 s
+        hint.clear()
+        await until(lambda: client.hinted_interval is None, timeout=1)
+    finally:
+        await client.close()

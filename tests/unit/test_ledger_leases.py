@@ -74,14 +74,16 @@ class LedgerMachine(RuleBasedStateMachine):
         p.local.settle(rid, actual)
         self.true_usage = self.true_usage + actual
 
-    @rule(data=st.data(), want_out=st.integers(0, 3000), deliver_now=st.booleans())
-    def report(self, data, want_out, deliver_now):
+    @rule(data=st.data(), want_out=st.integers(0, 3000), need_out=st.integers(0, 3000), deliver_now=st.booleans())
+    def report(self, data, want_out, need_out, deliver_now):
         live = self.live()
         if not live:
             return
         p = data.draw(st.sampled_from(live))
         seq, used, held = p.snapshot()
-        lease = self.ledger.report(p.pid, seq, used, held, amount(0, want_out) if want_out else None, self.now)
+        need = amount(0, min(need_out, want_out)) if want_out and need_out else None
+        lease = self.ledger.report(p.pid, seq, used, held, amount(0, want_out) if want_out else None, self.now,
+                                   need=need)
         if deliver_now:
             p.apply(lease.ceiling, lease.expires_at)
         else:
@@ -201,3 +203,51 @@ def test_state_round_trip():
     again = BudgetLedger.from_state(LIMITS, ledger.to_state())
     assert again.to_state() == ledger.to_state()
     assert all(again.committed(d) == ledger.committed(d) for d in DIMENSIONS)
+
+
+def test_a_need_is_granted_whole_or_not_at_all_and_given_back_fragments_pool():
+    ledger = BudgetLedger(Limits(total_tokens=1_000))
+    assert ledger.report("a", 1, Amount(), Amount(), amount(0, 600), now=0).ceiling.total == 600
+    assert ledger.report("b", 1, Amount(), Amount(), amount(0, 400), now=0).ceiling.total == 400
+    ledger.report("a", 2, amount(0, 500), Amount(), None, now=1)   # "a" has 100 free
+    ledger.report("b", 2, amount(0, 350), Amount(), None, now=1)   # "b" has 50 free
+    # "c" needs 120: nothing is unassigned, and a part of it would only strand a fragment.
+    c = ledger.report("c", 1, Amount(), Amount(), amount(0, 500), now=1, need=amount(0, 120))
+    assert not c.granted and c.ceiling.total == 0
+    # "a" cannot fit 120 either: it gives its 100 back with its need; still not enough for anyone.
+    a = ledger.report("a", 3, amount(0, 500), Amount(), amount(0, 120), now=1, release_to=Ceiling(total=500),
+                      need=amount(0, 120))
+    assert not a.granted and a.ceiling.total == 500
+    assert not ledger.exhausted()  # 150 are left: more than the 120 that is waiting
+    # "b" gives back its 50: the pool of 150 now covers one waiting request, whole.
+    b = ledger.report("b", 3, amount(0, 350), Amount(), amount(0, 120), now=1, release_to=Ceiling(total=350),
+                      need=amount(0, 120))
+    assert b.granted and b.ceiling.total >= 350 + 120
+    assert ledger.check_invariant() == []
+
+
+def test_spent_when_what_is_left_cannot_serve_the_smallest_waiting_request():
+    ledger = BudgetLedger(Limits(total_tokens=1_000), LeaseSettings(horizon=5))
+    ledger.report("a", 1, Amount(), Amount(), amount(0, 1000), now=0)
+    ledger.report("a", 2, amount(0, 500), amount(0, 440), None, now=1)
+    # A giant request that can never fit does not cut the budget off while a smaller one is waiting
+    # that would fit what is left (held by "a"'s request in flight, which may settle lower).
+    ledger.report("b", 1, Amount(), Amount(), amount(0, 100), now=2, need=amount(0, 100))
+    ledger.report("c", 1, Amount(), Amount(), amount(0, 5000), now=2, need=amount(0, 5000))
+    assert not ledger.exhausted() and ledger.exhausted_at is None
+    ledger.report("a", 3, amount(0, 940), Amount(), None, now=3)  # settled: 60 left, less than 100
+    ledger.report("b", 2, Amount(), Amount(), amount(0, 100), now=3.5, need=amount(0, 100))
+    assert ledger.exhausted() and ledger.exhausted_at == 3.5
+    again = BudgetLedger.from_state(ledger.limits, ledger.to_state())
+    assert again.exhausted() and again.exhausted_at == 3.5  # a restart keeps the cut-off and its start
+    # A raised limit lifts it.
+    ledger.limits = Limits(total_tokens=2_000)
+    ledger.report("b", 3, Amount(), Amount(), None, now=4)
+    assert not ledger.exhausted() and ledger.exhausted_at is None and ledger.spent_for is None
+
+
+def test_used_up_exactly_is_spent_too():
+    ledger = BudgetLedger(Limits(total_tokens=1_000))
+    ledger.report("a", 1, Amount(), Amount(), amount(0, 1000), now=0)
+    ledger.report("a", 2, amount(0, 1000), Amount(), None, now=7)
+    assert ledger.exhausted() and ledger.exhausted_at == 7

@@ -222,3 +222,25 @@ def test_forecast_of_a_huge_budget_barely_used_is_none_not_an_overflow():
     entry = store.load(budget({**SPEC, "limits": {"tokens": {"total": 10**12}}}), NOW)
     send(store, entry, body(1, used=(1, 0)))
     assert store.status(entry, NOW)["forecastExhaustion"] is None
+
+
+def test_the_last_percent_asks_for_faster_reports_and_a_spent_budget_cuts_off():
+    store = LedgerStore()
+    entry = store.load(budget({**SPEC, "onExceeded": "CutOff", "limits": {"tokens": {"total": 1000}}}), NOW)
+    answer, _ = send(store, entry, body(1, want=(0, 1000)))
+    assert "reportInterval" not in answer and answer["cutOff"] is False
+    answer, _ = send(store, entry, body(2, used=(0, 960)))
+    assert answer["reportInterval"] == 0.25 and answer["cutOff"] is False  # 96% used
+    # Another proxy needs 50 of the 40 left: nothing waiting can ever be served, the budget is spent.
+    answer, _ = send(store, entry, body(1, want=(0, 64), proxy="p2", need={"inputTokens": 0, "outputTokens": 50, "cost": "0"}))
+    assert answer["cutOff"] is True and "reportInterval" not in answer
+    assert store.status(entry, NOW)["ledger"]["exhaustedAt"] == TS
+
+
+def test_a_cut_off_answer_does_not_wait_for_the_group_commit():
+    store = LedgerStore()
+    entry = store.load(budget({**SPEC, "onExceeded": "CutOff", "limits": {"tokens": {"total": 1000}}}), NOW)
+    _, wait = send(store, entry, body(1, want=(0, 1000)))
+    assert wait > entry.persisted  # a grant: persisted before it is answered
+    answer, wait = send(store, entry, body(2, used=(0, 990), want=(0, 64), need={"inputTokens": 0, "outputTokens": 16, "cost": "0"}))
+    assert answer["cutOff"] is True and wait == 0  # ...but the news that it is spent goes at once

@@ -59,7 +59,9 @@ def test_openai_chat_non_stream_usage(up, oai):
     assert r.usage.completion_tokens == 5
     assert r.choices[0].finish_reason == "length"
     assert up.totals() == {"requests": 2, "responses_with_usage": 2, "prompt_tokens": 2 * EXPECTED_PROMPT,
-                           "completion_tokens": 21, "total_tokens": 2 * EXPECTED_PROMPT + 21, "cached_tokens": 0}
+                           "completion_tokens": 21, "total_tokens": 2 * EXPECTED_PROMPT + 21, "cached_tokens": 0,
+                           "billed_requests": 2, "billed_prompt_tokens": 2 * EXPECTED_PROMPT,
+                           "billed_completion_tokens": 21}
 
 
 def test_openai_chat_stream_with_and_without_usage(up, oai):
@@ -174,7 +176,12 @@ def test_disconnect_mid_stream(up, oai, ant):
     recs = up.requests()
     assert [r["completed"] for r in recs] == [False, False, False]
     assert all(r["usage"] is None for r in recs)
-    assert up.totals()["responses_with_usage"] == 0
+    t = up.totals()
+    assert t["responses_with_usage"] == 0
+    # ...but a provider bills what it generated, whether or not the client read it.
+    assert t["billed_requests"] == 3 and t["billed_prompt_tokens"] == 2 * EXPECTED_PROMPT + (
+        math.ceil(len(MESSAGES[1]["content"]) / 4) + 4 + 2)
+    assert t["billed_completion_tokens"] == 16 + 16 + 16
 
 
 def test_garbage_and_hang(up, oai):

@@ -32,6 +32,7 @@ from prometheus_client import Counter, Gauge
 from .. import GROUP, VERSION
 from ..api import tokenbudget
 from ..api.common import now_rfc3339
+from ..ledger.leases import LeaseSettings
 from ..ledger.loops import LoopAggregator
 from ..ledger.store import FORECAST_CONDITION, BudgetEntry, LedgerStore, ReportError, parse_report, replace_patch
 from ..render.status import LEDGER_FIELDS
@@ -65,6 +66,8 @@ class LedgerConfig:
     flush_interval: float = 2.0      # at most one write per dirty budget this often (grants excepted)
     review_ttl: float = 60.0         # how long a positive TokenReview answer is trusted
     commit_timeout: float = 10.0     # a grant not persisted by then is answered 503 (proxy retries)
+    lease_ttl: float = LeaseSettings.ttl      # tests shorten these: a killed proxy is charged after ttl + grace
+    lease_grace: float = LeaseSettings.grace
     # The operator's --namespace patterns (globs, "!" excludes); empty: all. Budgets elsewhere are not
     # watched, so their spec changes would go unseen: they are answered as unknown.
     namespaces: tuple[str, ...] = ()
@@ -84,7 +87,9 @@ class LedgerConfig:
                    addr=env.get("SPENDWARDEN_LEDGER_ADDR") or "0.0.0.0",
                    insecure=env.get("SPENDWARDEN_LEDGER_INSECURE", "").lower() in ("1", "true", "yes"),
                    metrics_port=int(env.get("SPENDWARDEN_METRICS_PORT") or 9090),
-                   flush_interval=float(env.get("SPENDWARDEN_LEDGER_FLUSH_INTERVAL") or 2.0))
+                   flush_interval=float(env.get("SPENDWARDEN_LEDGER_FLUSH_INTERVAL") or 2.0),
+                   lease_ttl=float(env.get("SPENDWARDEN_LEDGER_LEASE_TTL") or LeaseSettings.ttl),
+                   lease_grace=float(env.get("SPENDWARDEN_LEDGER_LEASE_GRACE") or LeaseSettings.grace))
 
 
 CONFIG = LedgerConfig.from_env()  # controller/run.py replaces it with the command line's
@@ -216,7 +221,7 @@ class _FlushState:
 class LedgerService:
     def __init__(self, config: LedgerConfig, store: LedgerStore | None = None):
         self.config = config
-        self.store = store or LedgerStore()
+        self.store = store or LedgerStore(LeaseSettings(ttl=config.lease_ttl, grace=config.lease_grace))
         self.reviewer = TokenReviewer(config.review_ttl)
         self._flush: dict[tuple[str, str], _FlushState] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}

@@ -52,7 +52,8 @@ Behaviours (all optional; later sources override earlier ones, field by field):
 Recorded per request (never message contents, never credential headers): path, api, model, stream,
 include_usage, max_tokens, status, the headers minus anything credential-like, the usage reported to
 the client (None when none was sent, e.g. a stream without include_usage or a disconnect) and whether
-the response completed. `totals` sums the usage actually reported.
+the response completed. `totals` sums the usage actually reported, and, as `billed_*`, the usage of
+every answer generated (what a provider bills, even when the client went away mid-stream).
 """
 from __future__ import annotations
 
@@ -225,7 +226,8 @@ class _State:
 
     def reset_totals(self) -> None:
         self.totals = {"requests": 0, "responses_with_usage": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                       "total_tokens": 0, "cached_tokens": 0}
+                       "total_tokens": 0, "cached_tokens": 0,
+                       "billed_requests": 0, "billed_prompt_tokens": 0, "billed_completion_tokens": 0}
 
 
 def _word_piece(i: int) -> str:
@@ -331,6 +333,16 @@ class _Handlers:
             }
             s.records.append(rec)
         return rec
+
+    def bill(self, usage: dict[str, int]) -> None:
+        """Bill a request the moment its answer is generated, as a provider does: whether the client
+        then reads all of it or goes away (a killed proxy) does not matter."""
+        s = self.s
+        with s.lock:
+            t = s.totals
+            t["billed_requests"] += 1
+            t["billed_prompt_tokens"] += usage["prompt_tokens"]
+            t["billed_completion_tokens"] += usage["completion_tokens"]
 
     def retract(self, rec: dict[str, Any]) -> None:
         """Undo the usage of a record whose response did not reach the client after all."""
@@ -441,6 +453,8 @@ class _Handlers:
             usage["prompt_tokens_details"] = {"cached_tokens": min(b.cached_tokens, p)}
         rec = {"prompt_tokens": p, "completion_tokens": c, "cached_tokens": min(b.cached_tokens or 0, p)}
         finish = "length" if hit else "stop"
+        if not b.garbage:
+            self.bill(rec)
         self.s.rid += 1
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-mock{self.s.rid}"
         created = int(time.time())
@@ -544,6 +558,7 @@ class _Handlers:
         body = _dumps({"object": "list", "model": req.get("model"),
                        "data": [{"object": "embedding", "index": i, "embedding": vec} for i in range(len(items))],
                        "usage": {"prompt_tokens": p, "total_tokens": p}})
+        self.bill({"prompt_tokens": p, "completion_tokens": 0})
         self.record(request, "openai", req, b, 200, {"prompt_tokens": p, "completion_tokens": 0, "cached_tokens": 0}, True)
         return web.Response(body=body, content_type=_JSON)
 
@@ -573,6 +588,8 @@ class _Handlers:
                  "cache_read_input_tokens": cached}
         rec = {"prompt_tokens": p, "completion_tokens": c, "cached_tokens": cached}
         stop = "max_tokens" if hit else "end_turn"
+        if not b.garbage:
+            self.bill(rec)
         self.s.rid += 1
         mid = f"msg_mock{self.s.rid}"
 

@@ -22,6 +22,15 @@ Leases expire: a proxy must stop admitting new requests at its lease's expiry un
 proxy silent for longer than expiry + grace is presumed dead: its whole escrow (the ceiling) is
 charged as used, because requests it had in flight may have been billed upstream. If it reports
 again after all (a partition), the charge is reconciled against its real cumulative usage.
+
+The end of a budget. A proxy that cannot fit a request asks with `want` (what its waiting requests
+would like) and `need` (the smallest of them, clamped to the least useful output), and gives back its
+own free escrow in the same report. A `need` is granted whole or not at all: a partial grant would
+only strand a fragment no request fits, while fragments given back collect in the pool until one
+fits. A budget is SPENT (exhausted: CutOff refuses everything) when it is used up in a limited
+dimension, or when what is left of it (limit - used, so even with every lease given back and every
+request in flight settled at nothing) is smaller than the smallest need any proxy could not get in
+the last `horizon` seconds: no request that is waiting can ever be served in this period.
 """
 from __future__ import annotations
 
@@ -125,6 +134,12 @@ class BudgetLedger:
         # Dead proxies' charges, kept for the period so a proxy that was only partitioned can be
         # reconciled when it reports again (proxy id -> what was charged for it).
         self.tombstones: dict[str, Amount] = {}
+        # When the budget was last found spent (unix time; None while it is not): when CutOff began.
+        self.exhausted_at: float | None = None
+        # Needs that could not be granted, per proxy: (when, need). The smallest recent one decides
+        # whether what is left can still serve anything; `spent_for` is the need that proved it could not.
+        self.unmet: dict[str, tuple[float, Amount]] = {}
+        self.spent_for: Amount | None = None
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -153,7 +168,9 @@ class BudgetLedger:
 
     def exhausted(self) -> bool:
         used = self.used()
-        return any(_limit(self.limits, d) is not None and _dim(used, d) >= _limit(self.limits, d) for d in DIMENSIONS)
+        if any(_limit(self.limits, d) is not None and _dim(used, d) >= _limit(self.limits, d) for d in DIMENSIONS):
+            return True
+        return self.spent_for is not None and _short_of(self.limits, used, self.spent_for)
 
     def check_invariant(self) -> list[str]:
         """Dimensions where committed exceeds the limit (only possible when providers over-bill)."""
@@ -162,12 +179,13 @@ class BudgetLedger:
     # -- the report ------------------------------------------------------------------------------
 
     def report(self, proxy_id: str, seq: int, used: Amount, held: Amount, want: Amount | None, now: float,
-               release_to: Ceiling | None = None) -> Lease:
+               release_to: Ceiling | None = None, need: Amount | None = None) -> Lease:
         """Apply one proxy report and answer with its lease.
 
         used: the proxy's cumulative settled usage this period; held: its reservations in flight;
         want: what it would like to be able to commit on top of used + held (None: size it for me);
-        release_to: the proxy has lowered its own ceiling to this and gives the rest back.
+        release_to: the proxy has lowered its own ceiling to this and gives the rest back;
+        need: the smallest waiting request (granted whole or not at all).
         """
         acct = self.proxies.get(proxy_id)
         if acct is None:
@@ -193,9 +211,46 @@ class BudgetLedger:
         if release_to is not None:
             acct.ceiling = _floor_ceiling(release_to, Ceiling.committed(self.limits, acct.used + acct.held))
 
-        granted = self._grant(proxy_id, acct, want)
+        if need is not None and not self._fits(proxy_id, acct, need):
+            # Nothing granted: the pool keeps what was given back until a waiting request fits it.
+            acct.ceiling = self._kept(acct)
+            granted = False
+            self.unmet[proxy_id] = (now, need)
+            self._check_spent(now)
+        else:
+            self.unmet.pop(proxy_id, None)
+            granted = self._grant(proxy_id, acct, need if want is None and need is not None else want)
         acct.expires_at = now + self.settings.ttl
+        self.note_exhaustion(now)
         return Lease(acct.ceiling, acct.expires_at, granted=granted, duplicate=False)
+
+    def _fits(self, proxy_id: str, acct: ProxyAccount, need: Amount) -> bool:
+        """Whether this proxy's free escrow plus the unassigned headroom covers `need` everywhere."""
+        committed_now = acct.used + acct.held
+        for dim in DIMENSIONS:
+            limit = _limit(self.limits, dim)
+            if limit is None:
+                continue
+            current = acct.ceiling.get(dim) or 0
+            floor = _dim(committed_now, dim)
+            base = max(current, floor)
+            available = max(limit - self.committed(dim, exclude=proxy_id) - base, 0) + max(current - floor, 0)
+            if available < _dim(need, dim):
+                return False
+        return True
+
+    def _kept(self, acct: ProxyAccount) -> Ceiling:
+        """The ceiling unchanged, except raised to cover what the proxy has committed (never lowered)."""
+        committed_now = acct.used + acct.held
+        return Ceiling(**{dim: (max(acct.ceiling.get(dim) or 0, _dim(committed_now, dim))
+                                if _limit(self.limits, dim) is not None else None) for dim in DIMENSIONS})
+
+    def _check_spent(self, now: float) -> None:
+        recent = [n for t, n in self.unmet.values() if t >= now - self.settings.horizon]
+        smallest = Amount(min(n.input_tokens for n in recent), min(n.output_tokens for n in recent),
+                          min(n.cost for n in recent))
+        if _short_of(self.limits, self.used(), smallest):
+            self.spent_for = smallest
 
     def _grant(self, proxy_id: str, acct: ProxyAccount, want: Amount | None) -> bool:
         committed_now = acct.used + acct.held
@@ -234,6 +289,15 @@ class BudgetLedger:
         wanted = _dim(want, dim) if want is not None else 0
         return min(target, max(cap, wanted))
 
+    def note_exhaustion(self, now: float) -> bool:
+        """Record when the budget became spent (or forget it: a raised limit). True if it is spent."""
+        spent = self.exhausted()
+        if not spent:
+            self.exhausted_at = self.spent_for = None
+        elif self.exhausted_at is None:
+            self.exhausted_at = now
+        return spent
+
     # -- time ------------------------------------------------------------------------------------
 
     def expire(self, now: float) -> list[str]:
@@ -241,9 +305,12 @@ class BudgetLedger:
         dead = [pid for pid, a in self.proxies.items() if now > a.expires_at + self.settings.grace]
         for pid in dead:
             acct = self.proxies.pop(pid)
+            self.unmet.pop(pid, None)
             charge = _escrow_as_amount(self.limits, acct)
             self.retired = self.retired + charge
             self.tombstones[pid] = charge
+        if dead:
+            self.note_exhaustion(now)
         return dead
 
     # -- persistence -----------------------------------------------------------------------------
@@ -255,6 +322,8 @@ class BudgetLedger:
                               "ceiling": a.ceiling.to_state(), "seq": a.seq, "expiresAt": a.expires_at}
                         for pid, a in sorted(self.proxies.items())},
             "tombstones": {pid: _amount_state(c) for pid, c in sorted(self.tombstones.items())},
+            "exhaustedAt": self.exhausted_at,
+            "spentFor": _amount_state(self.spent_for) if self.spent_for is not None else None,
         }
 
     @classmethod
@@ -266,7 +335,19 @@ class BudgetLedger:
                                                ceiling=Ceiling.from_state(a.get("ceiling") or {}), seq=int(a.get("seq", 0)),
                                                expires_at=float(a.get("expiresAt", 0.0)))
         ledger.tombstones = {pid: _amount_from(c) for pid, c in (data.get("tombstones") or {}).items()}
+        at = data.get("exhaustedAt")
+        ledger.exhausted_at = float(at) if at is not None else None
+        ledger.spent_for = _amount_from(data["spentFor"]) if data.get("spentFor") else None
         return ledger
+
+
+def _short_of(limits: Limits, used: Amount, need: Amount) -> bool:
+    """Whether what is left (limit - used) is below `need` in a limited dimension `need` asks for."""
+    for dim in DIMENSIONS:
+        limit, wanted = _limit(limits, dim), _dim(need, dim)
+        if limit is not None and wanted > 0 and limit - _dim(used, dim) < wanted:
+            return True
+    return False
 
 
 def _tightest_fraction(limits: Limits, delta: Amount) -> float:

@@ -32,6 +32,10 @@ from .periods import current_period
 HISTORY_MAX = 12
 MAX_ID = 128
 MAX_BUDGETS_PER_REPORT = 64
+# Proxies report every TAIL_REPORT_INTERVAL seconds (instead of about every second) once a budget is
+# TAIL_FRACTION used, so that a cut-off reaches all of them well within a second.
+TAIL_FRACTION = Decimal("0.95")
+TAIL_REPORT_INTERVAL = 0.25
 
 
 class ReportError(ValueError):
@@ -49,6 +53,7 @@ class BudgetReport:
     release_to: Ceiling | None = None
     breakdown: Breakdown | None = None  # optional (proxies before it simply send none)
     hard_release_to: Ceiling | None = None  # the same for the hard-ceiling lease (Downgrade)
+    need: Amount | None = None
 
 
 @dataclass(slots=True)
@@ -137,6 +142,7 @@ def parse_report(body: Any) -> Report:
             used=_amount(entry["used"], f"{where}.used"),
             held=_amount(entry.get("held") or {}, f"{where}.held"),
             want=_amount(entry["want"], f"{where}.want") if entry.get("want") is not None else None,
+            need=_amount(entry["need"], f"{where}.need") if entry.get("need") is not None else None,
             release_to=_ceiling(entry["releaseTo"], f"{where}.releaseTo") if entry.get("releaseTo") is not None else None,
             breakdown=_breakdown(entry.get("breakdown"), f"{where}.breakdown"),
             hard_release_to=(_ceiling(entry["hardReleaseTo"], f"{where}.hardReleaseTo")
@@ -407,7 +413,7 @@ class LedgerStore:
         cur = entry.current
         if rep.period_start == cur.start:
             returning = proxy_id in cur.ledger.tombstones
-            lease = cur.ledger.report(proxy_id, seq, rep.used, rep.held, rep.want, now_ts, rep.release_to)
+            lease = cur.ledger.report(proxy_id, seq, rep.used, rep.held, rep.want, now_ts, rep.release_to, rep.need)
             hard = cur.hard.report(proxy_id, seq, rep.used, rep.held, rep.want, now_ts, rep.hard_release_to) \
                 if cur.hard is not None else None
             if not lease.duplicate:
@@ -438,27 +444,37 @@ class LedgerStore:
             if acct is not None:
                 lease_ceiling, expires = acct.ceiling, acct.expires_at
             else:
-                lease = cur.ledger.report(proxy_id, seq, Amount(), Amount(), rep.want, now_ts)
+                lease = cur.ledger.report(proxy_id, seq, Amount(), Amount(), rep.want, now_ts, need=rep.need)
                 hard = cur.hard.report(proxy_id, seq, Amount(), Amount(), rep.want, now_ts) if cur.hard is not None else None
                 version = entry.changed()
                 if lease.granted or hard is not None and hard.granted:
                     cur.raised[proxy_id] = version
                 lease_ceiling, expires = lease.ceiling, lease.expires_at
             hard_acct = cur.hard.proxies.get(proxy_id) if cur.hard is not None else None
-            return (self._answer(entry, lease_ceiling, expires, hard_acct.ceiling if hard_acct is not None else None),
-                    cur.raised.get(proxy_id, 0))
+            return self._committed(entry, self._answer(entry, lease_ceiling, expires,
+                                                       hard_acct.ceiling if hard_acct is not None else None), proxy_id)
         else:
             answer = self._answer(entry, None, None)
             answer["error"] = (f"period {rep.period_start[:40]} is not open; the current period starts "
                                f"{cur.start}")
             return answer, 0
-        return (self._answer(entry, lease.ceiling, lease.expires_at, hard.ceiling if hard is not None else None),
-                cur.raised.get(proxy_id, 0))
+        return self._committed(entry, self._answer(entry, lease.ceiling, lease.expires_at,
+                                                   hard.ceiling if hard is not None else None), proxy_id)
+
+    @staticmethod
+    def _committed(entry: BudgetEntry, answer: dict[str, Any], proxy_id: str) -> tuple[dict[str, Any], int]:
+        """(answer, the version to persist before sending it). A cut-off answer goes at once: the
+        proxy admits nothing on a cut-off budget, so a ceiling in it that a crash might forget can
+        never be spent (lifting the cut-off takes a later answer, which carries the ceiling again)."""
+        if entry.spec.onExceeded.value == "CutOff" and entry.current.ledger.exhausted():
+            return answer, 0
+        return answer, entry.current.raised.get(proxy_id, 0)
 
     def _answer(self, entry: BudgetEntry, ceiling: Ceiling | None, expires_at: float | None,
                 hard: Ceiling | None = None) -> dict[str, Any]:
         spec = entry.spec
-        _, state = budget_state(spec, entry.fraction())
+        fraction = entry.fraction()
+        _, state = budget_state(spec, fraction)
         out: dict[str, Any] = {}
         if ceiling is not None:
             out["ceiling"] = ceiling.to_state()
@@ -470,6 +486,9 @@ class LedgerStore:
                     "onExceeded": spec.onExceeded.value, "failMode": spec.failMode.value,
                     "cutOff": (spec.onExceeded.value == "CutOff" and cur.ledger.exhausted())
                     or (cur.hard is not None and cur.hard.exhausted())})  # Downgrade past its hard ceiling
+        if not out["cutOff"] and fraction >= TAIL_FRACTION:
+            # The last few percent: every proxy must hear of the cut-off within a second of it.
+            out["reportInterval"] = TAIL_REPORT_INTERVAL
         return out
 
     def persisted(self, entry: BudgetEntry, version: int) -> None:

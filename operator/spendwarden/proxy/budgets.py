@@ -52,6 +52,7 @@ class LeaseView:
     last_admit: float = 0.0
     released_at: float = -1.0  # last_admit when the lease was last released (once per idle spell)
     want: Amount | None = None  # worst cases of requests waiting for a bigger lease (next report)
+    need: Amount | None = None  # the smallest of them, clamped to the least useful output
     previous: tuple[datetime, Amount] | None = None  # a finished period's final usage, not yet reported
     previous_breakdown: Breakdown | None = None  # ...and where it went (route, backend, tag)
 
@@ -91,9 +92,10 @@ class LeaseShort(Exception):
     """A request does not fit the current lease of these budgets (or there is no valid lease yet):
     ask the ledger for `amount` more and admit again (server.py waits a short while)."""
 
-    def __init__(self, states: list[BudgetState], amount: Amount):
+    def __init__(self, states: list[BudgetState], amount: Amount, need: Amount | None = None):
         super().__init__("lease too small")
-        self.states, self.amount = states, amount
+        # amount: the request's worst case; need: the least that would still admit it (output clamped)
+        self.states, self.amount, self.need = states, amount, need if need is not None else amount
 
 
 @dataclass(slots=True)
@@ -201,7 +203,8 @@ class BudgetBook:
         assert requested_output is not None
         want = requested_output
         if self.ledger:
-            self._lease_checks(states, backend, input_tokens, want * choices, downgrade_to, may_wait, now_ts)
+            self._lease_checks(states, backend, input_tokens, want * choices, downgrade_to, may_wait, now_ts,
+                               min(want, MIN_USEFUL_OUTPUT) * choices)
         downgraded = False
         # Downgrade budgets: when this request does not fit, move it to the cheap backend.
         for st in states:
@@ -258,7 +261,7 @@ class BudgetBook:
         return adm
 
     def _lease_checks(self, states: list[BudgetState], backend: BackendRt, input_tokens: int, output: int,
-                      downgrade_to: BackendRt | None, may_wait: bool, now_ts: float) -> None:
+                      downgrade_to: BackendRt | None, may_wait: bool, now_ts: float, least_output: int = 0) -> None:
         short: list[BudgetState] = []
         worst: Amount | None = None
         for st in states:
@@ -296,7 +299,8 @@ class BudgetBook:
                     short.append(st)
         if short:
             raise LeaseShort(short, worst if worst is not None else
-                             Amount.worst_case(backend.prices, input_tokens, output))
+                             Amount.worst_case(backend.prices, input_tokens, output),
+                             Amount.worst_case(backend.prices, input_tokens, min(least_output, output) or output))
 
     def release(self, adm: Admission) -> None:
         for st, rid in adm.holds:

@@ -5,9 +5,12 @@ LEASE instead of the whole budget: limits = the ceiling the operator granted, us
 cumulative usage in the period, reserved = its requests in flight. The request path stays
 synchronous (budgets.py); this module only moves numbers between the allowances and the operator:
 
-- one report (all budgets) about every second from a background task, and at once when a request
-  does not fit its lease (`want` = the worst cases of the requests waiting); a waiting request
-  is admitted again as soon as that report is answered (server.py waits at most `wait` seconds);
+- one report (all budgets) about every second from a background task (every `reportInterval` the
+  operator asks for: a budget in its last percent), and at once when a request does not fit its
+  lease (`want` = the worst cases of the requests waiting, `need` = the smallest of them with its
+  output clamped; the report also gives back this process's free escrow, which the request could
+  not use, so fragments of a nearly spent budget are pooled where one request fits); a waiting
+  request is admitted again as soon as that report is answered (server.py waits at most `wait` s);
 - a report is resent unchanged (same seq) until it is answered: usage is cumulative, so a retry or a
   lost answer can never count twice;
 - idle budgets give back what they do not use: the local ceiling is lowered FIRST, then reported
@@ -131,6 +134,10 @@ def _lowered(ceiling: Limits, floor: Ceiling) -> Limits:
                     for c, f in zip(_dims(ceiling), _dims(floor.as_limits()))))
 
 
+def _least(a: Amount, b: Amount) -> Amount:
+    return Amount(min(a.input_tokens, b.input_tokens), min(a.output_tokens, b.output_tokens), min(a.cost, b.cost))
+
+
 def _committed_ceiling(whole: Limits, a: Amount) -> Ceiling:
     return Ceiling(total=None if whole.total_tokens is None else a.total_tokens,
                    input=None if whole.input_tokens is None else a.input_tokens,
@@ -159,6 +166,7 @@ class LedgerClient:
         self.answered_seq = 0         # the last seq whose report was answered
         self.reports = 0
         self.failures = 0
+        self.hinted_interval: float | None = None  # the operator's reportInterval, if it asks for one
         self._kick: asyncio.Event | None = None
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
@@ -204,7 +212,7 @@ class LedgerClient:
         while True:
             try:
                 try:
-                    await asyncio.wait_for(self._kick.wait(), self.interval)
+                    await asyncio.wait_for(self._kick.wait(), min(self.interval, self.hinted_interval or self.interval))
                 except asyncio.TimeoutError:
                     pass
                 self._kick.clear()
@@ -287,7 +295,9 @@ class LedgerClient:
                 lease.previous_breakdown = None
                 if lease.want is not None:
                     entry["want"] = _amount(lease.want)
-                    lease.want = None
+                    if lease.need is not None:
+                        entry["need"] = _amount(lease.need)
+                    lease.want = lease.need = None
                 budgets[name] = entry
                 if self._kick is not None:
                     self._kick.set()
@@ -297,7 +307,15 @@ class LedgerClient:
                 entry["breakdown"] = st.breakdown.to_wire()
             if lease.want is not None:
                 entry["want"] = _amount(lease.want)
-                lease.want = None
+                if lease.need is not None:
+                    entry["need"] = _amount(lease.need)
+                lease.want = lease.need = None
+                if lease.ceiling is not None and not lease.local:
+                    # What is free here did not fit the request: pooled, it may fit one elsewhere (the
+                    # operator grants it straight back if it can cover the request).
+                    release = self._release(st)
+                    if release is not None:
+                        entry["releaseTo"] = release
             elif lease.ceiling is not None and not lease.local and (release_all or (
                     now - lease.last_admit >= self.idle_release and lease.released_at != lease.last_admit)):
                 release = self._release(st)
@@ -345,6 +363,13 @@ class LedgerClient:
         self.answered_seq = max(self.answered_seq, int(body["seq"]))
         if self.backends is not None:
             self.backends.apply(answer.get("backends"))
+        hints = [e.get("reportInterval") for e in answer["budgets"].values() if isinstance(e, dict)]
+        valid = [float(h) for h in hints if isinstance(h, (int, float)) and not isinstance(h, bool) and h > 0]
+        hinted = max(min(valid), self.min_gap) if valid else None
+        if hinted is not None and (self.hinted_interval is None or hinted < self.hinted_interval) \
+                and self._kick is not None:
+            self._kick.set()  # the loop may be sleeping out the longer interval: start the short one now
+        self.hinted_interval = hinted
         for name, entry in answer["budgets"].items():
             st = self.book.states.get(name)
             if st is None or st.lease is None or not isinstance(entry, dict):
@@ -409,6 +434,7 @@ class LedgerClient:
             lease = st.lease
             if lease is not None:
                 lease.want = short.amount if lease.want is None else lease.want + short.amount
+                lease.need = short.need if lease.need is None else _least(lease.need, short.need)
         # The next report built carries the want; the one in flight (if any) does not.
         need = self.seq + 1
         fut = asyncio.get_running_loop().create_future()
