@@ -38,7 +38,7 @@ MAX_TOKENS = 64
 # Lease timing for these tests: a killed proxy is presumed dead ttl + grace after its last report
 # (LeaseSettings' defaults, 10 + 20 s, would make the test wait half a minute).
 LEASE_TTL, LEASE_GRACE = 5.0, 3.0
-CUTOFF_TEST_BOUND = 3.0  # issue 4 asks p99 <= 1 s (bench/cutoff_latency.py); this proves the mechanism
+CUTOFF_TEST_BOUND = 5.0  # issue 4 asks p99 <= 1 s: bench/cutoff_latency.py; this only proves every proxy gets it
 _WORDS = ("alpha", "beta", "gamma", "delta", "omega", "ticket", "refund", "order")
 
 
