@@ -130,7 +130,7 @@ def _start_all(proxies: list[ProxyProcess]) -> None:
 
     def one(p: ProxyProcess) -> None:
         try:
-            p.start(timeout=60)  # eight at once on two shared cores
+            p.start(timeout=120)  # eight at once on two shared cores
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
