@@ -37,7 +37,7 @@ OUTPUT = 48           # tokens the mock generates per answer (below max_tokens: 
 MAX_TOKENS = 64
 # Lease timing for these tests: a killed proxy is presumed dead ttl + grace after its last report
 # (LeaseSettings' defaults, 10 + 20 s, would make the test wait half a minute).
-LEASE_TTL, LEASE_GRACE = 5.0, 3.0
+LEASE_TTL, LEASE_GRACE = 10.0, 3.0  # the default TTL: a loaded machine can delay reports by seconds
 CUTOFF_TEST_BOUND = 5.0  # issue 4 asks p99 <= 1 s: bench/cutoff_latency.py; this only proves every proxy gets it
 _WORDS = ("alpha", "beta", "gamma", "delta", "omega", "ticket", "refund", "order")
 
@@ -212,7 +212,7 @@ async def drive(rig: Rig, n: int, during=None, deadline: float = 90.0, extra: di
                     return
                 res.retried += 1
                 await asyncio.sleep(0.02)
-            elif resp.status_code == 503 and b"ledger_unreachable" in resp.content:
+            elif resp.status_code == 503 and b"ledger (operator) is unreachable" in resp.content:
                 res.unreachable += 1  # failMode Closed while the operator is down and the lease ran out
                 await asyncio.sleep(0.05)
             else:
