@@ -224,19 +224,21 @@ class BudgetLedger:
         self.note_exhaustion(now)
         return Lease(acct.ceiling, acct.expires_at, granted=granted, duplicate=False)
 
+    def _room(self, proxy_id: str, acct: ProxyAccount, dim: str, limit: Any) -> tuple[Any, Any, Any, Any]:
+        """(current ceiling, base, free escrow, unassigned headroom) of one proxy in one dimension."""
+        current = acct.ceiling.get(dim) or 0
+        floor = _dim(acct.used + acct.held, dim)
+        base = max(current, floor)  # in-flight reservations stay covered whatever happens
+        return current, base, max(current - floor, 0), max(limit - self.committed(dim, exclude=proxy_id) - base, 0)
+
     def _fits(self, proxy_id: str, acct: ProxyAccount, need: Amount) -> bool:
         """Whether this proxy's free escrow plus the unassigned headroom covers `need` everywhere."""
-        committed_now = acct.used + acct.held
         for dim in DIMENSIONS:
             limit = _limit(self.limits, dim)
-            if limit is None:
-                continue
-            current = acct.ceiling.get(dim) or 0
-            floor = _dim(committed_now, dim)
-            base = max(current, floor)
-            available = max(limit - self.committed(dim, exclude=proxy_id) - base, 0) + max(current - floor, 0)
-            if available < _dim(need, dim):
-                return False
+            if limit is not None:
+                _, _, free, headroom = self._room(proxy_id, acct, dim, limit)
+                if free + headroom < _dim(need, dim):
+                    return False
         return True
 
     def _kept(self, acct: ProxyAccount) -> Ceiling:
@@ -253,18 +255,13 @@ class BudgetLedger:
             self.spent_for = smallest
 
     def _grant(self, proxy_id: str, acct: ProxyAccount, want: Amount | None) -> bool:
-        committed_now = acct.used + acct.held
         raised = False
         new = Ceiling()
         for dim in DIMENSIONS:
             limit = _limit(self.limits, dim)
             if limit is None:
                 continue
-            current = acct.ceiling.get(dim) or 0
-            floor = _dim(committed_now, dim)
-            free = max(current - floor, 0)
-            base = max(current, floor)  # in-flight reservations stay covered whatever happens
-            headroom = max(limit - self.committed(dim, exclude=proxy_id) - base, 0)
+            current, base, free, headroom = self._room(proxy_id, acct, dim, limit)
             target = self._target(dim, limit, acct, want, headroom + free)
             extra = min(max(target - free, 0), headroom)
             if dim != "cost":
