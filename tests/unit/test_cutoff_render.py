@@ -146,12 +146,3 @@ def test_a_cut_budget_without_routes_still_cuts_the_namespace():
 
 def test_the_builder_is_deterministic():
     assert build([budget()]).policy == build([budget()]).policy
-
-
-def test_workloads_the_scaler_owns_are_left_to_it():
-    scaled = dict(backend("gpu", "http://gpu:8000/v1", {"name": "gpu"}),
-                  scaling={"minReplicas": 0, "maxReplicas": 2})
-    chat = route("chat", scaled, backend("llama", "http://llama:8080/v1", {"name": "llama"}))
-    d = build([budget()], routes=(chat,))
-    assert d.workloads == (Workload("Deployment", "llama"),)
-    assert "Deployment/gpu held at 0 by the scaler (backend scaling)" in d.message()

@@ -9,7 +9,6 @@ proxies refuse the covered routes of an exhausted CutOff budget; the other route
 the NetworkPolicy and the scale-to-zero take only what the cut routes use and NO still-allowed
 route uses: a host, an inference namespace or a workload shared with an allowed route stays open
 (reported in the message). The namespace label is set as soon as any CutOff budget is exhausted.
-Workloads of backends with `scaling` are left to the scaler, which holds them at zero itself.
 
 Where a backend is. The host of its URL decides:
   - an IP literal: denied as that address (/32, /128);
@@ -167,11 +166,6 @@ def desired_cut_off(namespace: str, budgets: Iterable[BudgetCut], routes: Sequen
         return DesiredCutOff(namespace, cut=False)
     notes: list[str] = []
 
-    # Workloads a backend scales with demand belong to the scaler (controller/scaler.py), which
-    # itself holds them at zero while their routes are cut off: not remembered and restored here too.
-    scaled = {Workload(b.deploymentRef.kind.value, b.deploymentRef.name) for r in routes for b in r.backends
-              if b.deploymentRef is not None and b.scaling is not None and (b.deploymentRef.namespace or namespace) == namespace}
-
     def uses(aliases: Iterable[str]) -> tuple[dict[Destination, list[str]], set[Workload]]:
         dests: dict[Destination, list[str]] = {}
         workloads: set[Workload] = set()
@@ -230,13 +224,10 @@ def desired_cut_off(namespace: str, budgets: Iterable[BudgetCut], routes: Sequen
     shared = sorted(cut_workloads & open_workloads)
     if shared:
         notes.append(f"{', '.join(w.key for w in shared)} also serve(s) a route still allowed: not scaled")
-    by_scaler = sorted((cut_workloads - open_workloads) & scaled)
-    if by_scaler:
-        notes.append(f"{', '.join(w.key for w in by_scaler)} held at 0 by the scaler (backend scaling)")
     out = DesiredCutOff(namespace, cut=True, budgets=tuple(cutting), cut_routes=tuple(sorted(cut_aliases)),
                         denied_addresses=tuple(sorted((_cidr(a) for a in denied_addresses), key=_sort_key)),
                         denied_namespaces=tuple(sorted(denied_namespaces)),
-                        workloads=tuple(sorted(cut_workloads - open_workloads - scaled)), notes=notes)
+                        workloads=tuple(sorted(cut_workloads - open_workloads)), notes=notes)
     if out.denied_addresses or out.denied_namespaces:
         out.policy = network_policy(out, settings)
     return out
