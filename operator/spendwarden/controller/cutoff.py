@@ -129,10 +129,28 @@ def _patch_namespace(namespace: str, labels: dict[str, Any] | None = None,
         _apis()[0].patch_namespace(namespace, {"metadata": meta})
 
 
-def apply_policy(manifest: dict[str, Any]) -> None:
+def _policy_matches(current: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    have, want = current.get("metadata") or {}, manifest["metadata"]
+    return (current.get("spec") == manifest["spec"]
+            and all((have.get(k) or {}).get(n) == v for k in ("labels", "annotations") for n, v in want[k].items())
+            and sorted(o.get("uid") for o in have.get("ownerReferences") or []) == sorted(o["uid"] for o in want["ownerReferences"]))
+
+
+def apply_policy(manifest: dict[str, Any]) -> bool:
+    """Server-side apply, unless the policy is already as desired: on 1.20 even a no-op apply writes
+    (managedFields' timestamps), and cut namespaces are re-applied every resync. True if written."""
     meta = manifest["metadata"]
-    _apis()[1].patch_namespaced_network_policy(meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER,
+    net = _apis()[1]
+    try:
+        current = net.api_client.sanitize_for_serialization(net.read_namespaced_network_policy(meta["name"], meta["namespace"]))
+        if _policy_matches(current, manifest):
+            return False
+    except Exception as exc:
+        if not _not_found(exc):
+            raise
+    net.patch_namespaced_network_policy(meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER,
                                                force=True, _content_type="application/apply-patch+yaml")
+    return True
 
 
 def delete_policy(namespace: str) -> bool:
