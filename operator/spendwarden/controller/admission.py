@@ -24,6 +24,7 @@ from .. import GROUP
 from ..api import modelroute, tokenbudget
 from ..render import injection
 from ..render.review import review
+from . import inventory
 from .bodies import plain
 from .webhooks import CertStore, WebhookServer, WebhookSettings
 
@@ -83,14 +84,12 @@ def _review(kind: str, body: kopf.Body, old: Any, namespace: str | None, routes_
         raise kopf.AdmissionError(result.error, code=422)
 
 
-def validate_modelroute(body: kopf.Body, old: Any, namespace: str | None, warnings: list[str],
-                        routes_by_namespace: Any = None, **_: Any) -> None:
-    _review(modelroute.KIND, body, old, namespace, routes_by_namespace, warnings)
+def validate_modelroute(body: kopf.Body, old: Any, namespace: str | None, warnings: list[str], **_: Any) -> None:
+    _review(modelroute.KIND, body, old, namespace, inventory.routes_by_namespace(), warnings)
 
 
-def validate_tokenbudget(body: kopf.Body, old: Any, namespace: str | None, warnings: list[str],
-                         routes_by_namespace: Any = None, **_: Any) -> None:
-    _review(tokenbudget.KIND, body, old, namespace, routes_by_namespace, warnings)
+def validate_tokenbudget(body: kopf.Body, old: Any, namespace: str | None, warnings: list[str], **_: Any) -> None:
+    _review(tokenbudget.KIND, body, old, namespace, inventory.routes_by_namespace(), warnings)
 
 
 def _lookup_namespace_labels(name: str) -> dict[str, str] | None:
@@ -115,7 +114,7 @@ def namespace_secrets(namespace: str, routes_by_namespace: Any) -> list[str]:
 
 
 def inject_proxy(body: kopf.Body, patch: kopf.Patch, namespace: str | None, namespace_labels: Any = None,
-                 routes_by_namespace: Any = None, **_: Any) -> None:
+                 **_: Any) -> None:
     pod = plain(body)
     ns = namespace or ""
     labels = _first(namespace_labels, ns)
@@ -128,7 +127,7 @@ def inject_proxy(body: kopf.Body, patch: kopf.Patch, namespace: str | None, name
     if not decision.inject:
         log.debug("pod %s: no proxy (%s)", who, decision.reason)
         return
-    secrets = namespace_secrets(ns, routes_by_namespace)
+    secrets = namespace_secrets(ns, inventory.routes_by_namespace())
     ops = injection.patch(pod, ns, INJECTION, secrets)
     # kopf builds the JSON Patch it returns by diffing the body before/after these functions.
     patch.fns.append(lambda raw: _apply(raw, ops))

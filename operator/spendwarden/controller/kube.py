@@ -1,7 +1,10 @@
 """The few Kubernetes API calls the operator makes, over the official client."""
 from __future__ import annotations
 
+import json
 import logging
+import socket
+from datetime import datetime, timezone
 from typing import Any
 
 from kubernetes import client, config
@@ -20,14 +23,23 @@ def api_client() -> client.ApiClient:
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        _api = client.ApiClient()
+        configuration = client.Configuration.get_default_copy()
+        # kopf's handler threads, the ledger's and cutoff's threads share it; the default (5 per CPU)
+        # made urllib3 discard and reopen TLS connections under load.
+        configuration.connection_pool_maxsize = 32
+        _api = client.ApiClient(configuration)
     return _api
+
+
+def read_json(response: Any) -> Any:
+    """The body of a `_preload_content=False` call: skips the client's slow model deserialisation."""
+    return json.loads(response.data)
 
 
 def patch_status(plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
     try:
         client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, plural, name, {"status": status})
+            GROUP, VERSION, namespace, plural, name, {"status": status}, _preload_content=False).data  # read: frees the connection
     except ApiException as exc:
         if exc.status != 404:  # deleted meanwhile: nothing to report on
             raise
@@ -44,24 +56,24 @@ def apply_configmap(manifest: dict[str, Any], attempts: int = 5) -> str:
     meta = manifest["metadata"]
     for attempt in range(attempts):
         try:
-            current = core.read_namespaced_config_map(meta["name"], meta["namespace"])
+            current = read_json(core.read_namespaced_config_map(meta["name"], meta["namespace"], _preload_content=False))
         except ApiException as exc:
             if exc.status != 404:
                 raise
             try:
-                core.create_namespaced_config_map(meta["namespace"], manifest)
+                core.create_namespaced_config_map(meta["namespace"], manifest, _preload_content=False).data  # read: frees the connection
                 return "created"
             except ApiException as create_exc:
                 if create_exc.status != 409 or attempt == attempts - 1:  # created meanwhile: replace it
                     raise
                 continue
-        owners_now = sorted((o.uid for o in current.metadata.owner_references or []))
+        owners_now = sorted(o["uid"] for o in current["metadata"].get("ownerReferences") or [])
         owners_want = sorted(o["uid"] for o in meta["ownerReferences"])
-        if current.data == manifest["data"] and owners_now == owners_want:
+        if current.get("data") == manifest["data"] and owners_now == owners_want:
             return "unchanged"
-        body = {**manifest, "metadata": {**meta, "resourceVersion": current.metadata.resource_version}}
+        body = {**manifest, "metadata": {**meta, "resourceVersion": current["metadata"]["resourceVersion"]}}
         try:
-            core.replace_namespaced_config_map(meta["name"], meta["namespace"], body)
+            core.replace_namespaced_config_map(meta["name"], meta["namespace"], body, _preload_content=False).data  # read: frees the connection
             return "updated"
         except ApiException as exc:
             if exc.status != 409 or attempt == attempts - 1:
@@ -75,3 +87,18 @@ def delete_configmap(namespace: str, name: str) -> None:
     except ApiException as exc:
         if exc.status != 404:
             raise
+
+
+def post_warning(obj: dict[str, Any], reason: str, message: str) -> None:
+    """A Warning Event on a CR (posted directly: kopf.warn only works inside kopf's handler context,
+    and renders run in the reconcile pool)."""
+    meta = obj["metadata"]
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    client.CoreV1Api(api_client()).create_namespaced_event(meta["namespace"], {
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": obj.get("apiVersion", f"{GROUP}/{VERSION}"), "kind": obj["kind"],
+                           "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
+        "reason": reason, "message": message[:1024], "type": "Warning",
+        "source": {"component": "spendwarden"}, "reportingComponent": "spendwarden.io/operator",
+        "reportingInstance": socket.gethostname(), "firstTimestamp": now, "lastTimestamp": now, "count": 1},
+        _preload_content=False).data

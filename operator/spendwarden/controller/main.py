@@ -1,16 +1,18 @@
 """kopf registration: every handler is a few lines that call reconcile/render.
 
 Both kinds are watched with raw event handlers (no per-object handler state, so nothing is
-written into users' objects besides status) and in-memory indexes, so a namespace render needs no
-API list call. Any event in a namespace re-renders the whole namespace: a route's validity can
-depend on its siblings (duplicate aliases), and the ConfigMap is one for all of them.
+written into users' objects besides status) into an in-memory inventory (controller/inventory.py),
+so a namespace render needs no API list call. Any event in a namespace re-renders the whole
+namespace: a route's validity can depend on its siblings (duplicate aliases), and the ConfigMap is
+one for all of them. Renders run in their own thread pool, one at a time per namespace, and skip
+namespaces whose inputs did not change (most events are status writes).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -19,13 +21,11 @@ from .. import GROUP, VERSION
 from ..api.common import now_rfc3339
 from ..api import modelroute, tokenbudget
 from . import admission  # noqa: F401  (webhooks; registers handlers only when enabled)
-from . import kube, ledger_service, reconcile  # ledger_service: the ledger API and metrics (registers handlers)
+from . import inventory, kube, ledger_service, reconcile  # ledger_service: the ledger API and metrics (registers handlers)
 from . import scaler  # noqa: F401  (demand-driven replicas of scaled backends; registers handlers)
 from .bodies import plain
 
 log = logging.getLogger(__name__)
-_pending: set[str] = set()
-_pending_lock = threading.Lock()
 LEDGER_URL = os.environ.get("SPENDWARDEN_LEDGER_URL") or None
 
 
@@ -41,55 +41,119 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.reconnect_backoff = 1.0
     settings.networking.request_timeout = 60
     settings.posting.level = logging.WARNING  # only our Warning Events, not kopf's chatter
-    settings.execution.max_workers = 8
+    settings.execution.max_workers = 8  # kopf's own sync handlers; reconciles have their own pool
 
 
-@kopf.index(GROUP, modelroute.PLURAL)
-def routes_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
-    return {namespace: plain(body)}
-
-
-@kopf.index(GROUP, tokenbudget.PLURAL)
-def budgets_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
-    return {namespace: plain(body)}
+_inventory = inventory.INVENTORY
+_pool: ThreadPoolExecutor | None = None
+# Reconciles at once: each mostly waits for the apiserver, so more threads than cores pay off.
+RECONCILE_WORKERS = int(os.environ.get("SPENDWARDEN_RECONCILE_WORKERS") or 16)
+_running: set[str] = set()   # namespaces being reconciled now (one run per namespace at a time)
+_dirty: set[str] = set()     # namespaces with events since their run started (or before the first listing)
 
 
 def _warn(obj: dict[str, Any], reason: str, message: str) -> None:
-    kopf.warn(obj, reason=reason, message=message)
-
-
-def _reconcile(namespace: str, routes_index: kopf.Index, budgets_index: kopf.Index) -> None:
-    # Coalesce: while a reconcile for this namespace waits for its lock, later events ride on it,
-    # because it snapshots the indexes only after taking the lock.
-    with _pending_lock:
-        if namespace in _pending:
-            return
-        _pending.add(namespace)
-
-    def snapshot() -> tuple[list[dict], list[dict]]:
-        with _pending_lock:
-            _pending.discard(namespace)
-        return (reconcile.objects_in(routes_index, namespace), reconcile.objects_in(budgets_index, namespace))
-
     try:
-        reconcile.reconcile_namespace(namespace, snapshot, _warn, LEDGER_URL, ledger_service.ledger_owns)
-    except Exception:
-        with _pending_lock:
-            _pending.discard(namespace)
-        # kopf does not retry raw event handlers: the reset loop retries the namespace instead.
-        _resets[namespace] = now_rfc3339()
-        raise
+        kube.post_warning(obj, reason, message)
+    except Exception as exc:  # noqa: BLE001 - the condition carries the message too
+        log.warning("cannot post a Warning Event: %s", type(exc).__name__)
+
+
+def _observe(event_type: str | None, body: kopf.Body) -> str:
+    namespace = _inventory.observe(event_type, plain(body))
+    _dirty.add(namespace)
+    if _inventory.complete():
+        _start(namespace)
+    return namespace
+
+
+def _start(namespace: str) -> None:
+    if namespace not in _running:
+        _running.add(namespace)
+        asyncio.get_running_loop().create_task(_run(namespace), name=f"reconcile-{namespace}")
+
+
+async def _run(namespace: str) -> None:
+    """Reconcile until no event arrived during the last run: any number of events while a run is
+    under way cost one more run, not one each."""
+    assert _pool is not None
+    loop = asyncio.get_running_loop()
+    try:
+        while namespace in _dirty:
+            _dirty.discard(namespace)
+            try:
+                await loop.run_in_executor(_pool, lambda: reconcile.reconcile_namespace(
+                    namespace, lambda: _inventory.in_namespace(namespace), _warn, LEDGER_URL,
+                    ledger_service.ledger_owns, only_if_changed=True))
+            except Exception:
+                log.exception("reconcile of namespace %s failed; retried by the reset loop", namespace)
+                _resets[namespace] = now_rfc3339()
+                break
+    finally:
+        _running.discard(namespace)
 
 
 @kopf.on.event(GROUP, modelroute.PLURAL)
-def modelroute_event(namespace: str, routes_by_namespace: kopf.Index, budgets_by_namespace: kopf.Index, **_: Any) -> None:
-    _reconcile(namespace, routes_by_namespace, budgets_by_namespace)
+async def modelroute_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+    _observe(event.get("type"), body)
 
 
 @kopf.on.event(GROUP, tokenbudget.PLURAL)
-def tokenbudget_event(namespace: str, routes_by_namespace: kopf.Index, budgets_by_namespace: kopf.Index, **_: Any) -> None:
-    _reconcile(namespace, routes_by_namespace, budgets_by_namespace)
-    _remember_reset(namespace, budgets_by_namespace)
+async def tokenbudget_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+    _remember_reset(_observe(event.get("type"), body))
+
+
+def _list_all() -> list[dict[str, Any]]:
+    """Every ModelRoute and TokenBudget in the watched namespaces, as the apiserver has them now."""
+    from kubernetes import client
+
+    api = client.CustomObjectsApi(kube.api_client())
+    items = [o for plural in (modelroute.PLURAL, tokenbudget.PLURAL)
+             for o in kube.read_json(api.list_cluster_custom_object(GROUP, VERSION, plural, _preload_content=False))["items"]]
+    return [o for o in items if ledger_service.CONFIG.serves(o["metadata"]["namespace"])]
+
+
+async def _await_first_listing() -> None:
+    """Open the gate once the watches delivered what existed at start-up, then render every namespace."""
+    for attempt in range(10):
+        try:
+            _inventory.expect(o["metadata"]["uid"] for o in await asyncio.to_thread(_list_all))
+            break
+        except Exception as exc:  # noqa: BLE001
+            log.warning("start-up list failed (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(min(2 ** attempt, 10))
+    else:
+        log.error("start-up list kept failing: rendering from what the watches delivered so far")
+        _inventory.expect([])
+    while not _inventory.complete():
+        await asyncio.sleep(0.1)
+        if _inventory.needs_recheck():
+            try:
+                _inventory.recheck(o["metadata"]["uid"] for o in await asyncio.to_thread(_list_all))
+            except Exception as exc:  # noqa: BLE001
+                log.warning("start-up re-list failed (%s)", type(exc).__name__)
+    log.info("first listing complete", extra={"namespaces": len(_inventory.namespaces())})
+    for namespace in _inventory.namespaces():
+        _dirty.add(namespace)
+        _start(namespace)
+    for namespace in list(_dirty):  # namespaces whose objects were all deleted meanwhile
+        _start(namespace)
+
+
+@kopf.on.startup()
+async def start_reconciler(memo: kopf.Memo, **_: Any) -> None:
+    global _pool
+    _pool = ThreadPoolExecutor(RECONCILE_WORKERS, thread_name_prefix="reconcile")
+    memo["first-listing"] = asyncio.create_task(_await_first_listing())
+
+
+@kopf.on.cleanup()
+async def stop_reconciler(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("first-listing")
+    if task is not None:
+        task.cancel()
+    if _pool is not None:
+        _pool.shutdown(wait=False, cancel_futures=True)
 
 
 # Period resets. Not a kopf timer: timers make kopf put a finalizer on every TokenBudget, which
@@ -100,8 +164,8 @@ _resets: dict[str, str] = {}
 ROLLOVER_INTERVAL = float(os.environ.get("SPENDWARDEN_ROLLOVER_INTERVAL", "15"))
 
 
-def _remember_reset(namespace: str, budgets_index: kopf.Index) -> None:
-    ends = [b.get("status", {}).get("periodEnd") for b in reconcile.objects_in(budgets_index, namespace)]
+def _remember_reset(namespace: str) -> None:
+    ends = [b.get("status", {}).get("periodEnd") for b in _inventory.in_namespace(namespace)[1]]
     ends = [e for e in ends if e]
     if ends:
         _resets[namespace] = min(ends)

@@ -21,6 +21,7 @@ from . import kube
 
 log = logging.getLogger(__name__)
 _locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+_done: dict[str, tuple] = {}  # namespace -> inputs_key of its last complete reconcile
 
 # (object, message) -> None; posts a Warning Event. Injected by the kopf layer.
 WarnFn = Callable[[dict[str, Any], str, str], None]
@@ -30,12 +31,35 @@ WarnFn = Callable[[dict[str, Any], str, str], None]
 LedgerOwnsFn = Callable[[str, str], bool]
 
 
+def inputs_key(objects: Iterable[dict[str, Any]]) -> tuple:
+    """What a namespace's render and statuses depend on: every object's identity, spec generation
+    and deletion, and a budget's usage while the reconcile derives its percentages from it (not once
+    the ledger keeps its accounts). Our own status writes and the ledger's flushes leave it unchanged."""
+    def usage(o: dict[str, Any]) -> str:
+        status = o.get("status") or {}
+        used = status.get("used") or {}
+        if o["kind"] != tokenbudget.KIND or status.get("ledger") or not any(v not in (0, "0") for v in used.values()):
+            return ""  # the zeros the reconcile itself writes are no news
+        return repr(used)
+    return tuple(sorted((o["kind"], o["metadata"]["name"], o["metadata"].get("uid"), o["metadata"].get("generation"),
+                         o["metadata"].get("deletionTimestamp") or "", usage(o)) for o in objects))
+
+
 def reconcile_namespace(namespace: str, snapshot: Callable[[], tuple[list[dict], list[dict]]],
                         warn: WarnFn, ledger_url: str | None = None,
-                        ledger_owns: LedgerOwnsFn | None = None) -> dict[str, Any]:
-    """Render and apply one namespace. `snapshot` returns (routes, budgets) as of now."""
+                        ledger_owns: LedgerOwnsFn | None = None, only_if_changed: bool = False) -> dict[str, Any]:
+    """Render and apply one namespace. `snapshot` returns (routes, budgets) as of now.
+
+    only_if_changed: skip it when the inputs are those of this process's last complete reconcile of
+    the namespace (the event path: most events are status writes, and each would otherwise cost an
+    apiserver read and a render). Period resets pass False: they change status with the same inputs.
+    """
     with _locks[namespace]:
         routes, budgets = snapshot()
+        key = inputs_key(routes + budgets)
+        if only_if_changed and _done.get(namespace) == key:
+            return {"configmap": "skipped", "problems": []}
+        _done.pop(namespace, None)  # set again only once this reconcile completed
         live_routes = [r for r in routes if not r["metadata"].get("deletionTimestamp")]
         live_budgets = [b for b in budgets if not b["metadata"].get("deletionTimestamp")]
         result = render_proxy_config(namespace, live_routes, live_budgets, ledger_url)
@@ -48,6 +72,8 @@ def reconcile_namespace(namespace: str, snapshot: Callable[[], tuple[list[dict],
         now = datetime.now(timezone.utc)
         for obj in live_routes + live_budgets:
             _update_status(obj, result.problem_for(obj["kind"], obj["metadata"]["name"]), now, warn, ledger_owns)
+        if live_routes or live_budgets:
+            _done[namespace] = key
         log.info("namespace reconciled", extra={"namespace": namespace, "configmap": outcome,
                                                 "routes": len(result.config.routes), "budgets": len(result.config.budgets),
                                                 "problems": len(result.problems)})
@@ -82,9 +108,3 @@ def _ready_message(status: dict[str, Any] | None) -> str | None:
         if cond.get("type") == "Ready" and cond.get("status") == "False":
             return cond.get("message")
     return None
-
-
-def objects_in(index: Any, namespace: str) -> list[dict[str, Any]]:
-    """Materialise one namespace's entries of a kopf index as plain dicts."""
-    store: Iterable[Any] = index.get(namespace, []) if index is not None else []
-    return [dict(body) for body in store]

@@ -69,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
     ledger_service.CONFIG.namespaces = tuple(args.namespace)
 
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    if not args.verbose:
+        # kopf logs each handled event at INFO ("Handler ... succeeded"): three lines per event,
+        # tens of thousands on a big cluster. Failures are WARNING/ERROR and still logged.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     asyncio.run(_serve(args))
     return 0
 
