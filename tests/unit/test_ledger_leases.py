@@ -183,6 +183,22 @@ def test_grants_follow_demand_and_leave_room_for_others():
     assert ledger.check_invariant() == []
 
 
+def test_a_lease_is_topped_up_only_once_half_of_it_is_spent():
+    # Each raise waits for a status write before it is answered: a top-up on every report would
+    # bound a busy budget's reports by apiserver round trips.
+    ledger = BudgetLedger(Limits(total_tokens=1_000_000), LeaseSettings(ttl=10))
+    first = ledger.report("a", 1, Amount(), Amount(), None, now=0)
+    assert first.granted and first.ceiling.total == 10_000  # min_share: 1% of the limit
+    for seq, used in enumerate((1_000, 3_000, 4_900), start=2):
+        lease = ledger.report("a", seq, amount(0, used), Amount(), None, now=seq * 100)
+        assert not lease.granted and lease.ceiling.total == 10_000
+    topped = ledger.report("a", 9, amount(0, 5_100), Amount(), None, now=900)
+    assert topped.granted and topped.ceiling.total == 15_100
+    # A request that does not fit what is free is answered with a raise at once.
+    asked = ledger.report("a", 10, amount(0, 14_000), Amount(), amount(0, 5_000), now=1000)
+    assert asked.granted and asked.ceiling.total - 14_000 >= 5_000
+
+
 def test_near_the_end_the_last_tokens_are_still_grantable():
     ledger = BudgetLedger(Limits(total_tokens=1_000))
     assert ledger.report("a", 1, Amount(), Amount(), amount(0, 990), now=0).ceiling.total == 990

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import kopf
+import orjson
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
@@ -306,7 +307,7 @@ class LedgerService:
         if isinstance(who, web.Response):
             return who
         try:
-            body = await request.json(loads=json.loads)
+            body = await request.json(loads=orjson.loads)  # orjson: the report path is the hot one
         except (ValueError, UnicodeDecodeError):
             return self._reject(400, "bad_request", "the body is not JSON")
         try:
@@ -334,7 +335,7 @@ class LedgerService:
                                      status=503)
         if backends:
             answer["backends"] = backends
-        return web.json_response(answer)
+        return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
     async def handle_wake(self, request: web.Request) -> web.Response:
         """POST /v1/wake {namespace, route, backend}: a proxy holds a request for a backend at zero."""

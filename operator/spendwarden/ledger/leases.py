@@ -263,7 +263,13 @@ class BudgetLedger:
                 continue
             current, base, free, headroom = self._room(proxy_id, acct, dim, limit)
             target = self._target(dim, limit, acct, want, headroom + free)
-            extra = min(max(target - free, 0), headroom)
+            if free >= _dim(want, dim) if want is not None else free * 2 >= target:
+                # Still half a slice free (or what was asked for): no top-up. Every raise must be
+                # persisted before it is answered, so topping up on each report would make every
+                # report wait for an apiserver write.
+                extra = 0
+            else:
+                extra = min(max(target - free, 0), headroom)
             if dim != "cost":
                 extra = int(extra)
             value = base + extra

@@ -273,6 +273,18 @@ class LedgerStore:
         # another one has written a ledger since it loaded it.
         self.writer = writer or uuid.uuid4().hex[:12]
         self.entries: dict[tuple[str, str], BudgetEntry] = {}
+        self._period_cache: dict[int, tuple[Any, int, tuple[str, str]]] = {}
+
+    def _periods_at(self, entry: BudgetEntry, now: datetime) -> tuple[str, str]:
+        """_periods, computed once per budget spec and second: every report rolls, and the time-zone
+        arithmetic was a tenth of the report path."""
+        second = int(now.timestamp())
+        hit = self._period_cache.get(id(entry))
+        if hit is not None and hit[0] is entry.spec and hit[1] == second:
+            return hit[2]
+        periods = _periods(entry.spec, now)
+        self._period_cache[id(entry)] = (entry.spec, second, periods)
+        return periods
 
     def get(self, namespace: str, name: str) -> BudgetEntry | None:
         return self.entries.get((namespace, name))
@@ -289,7 +301,9 @@ class LedgerStore:
         return entry is not None and bool(writer) and writer not in (self.writer, entry.loaded_writer)
 
     def forget(self, namespace: str, name: str) -> None:
-        self.entries.pop((namespace, name), None)
+        entry = self.entries.pop((namespace, name), None)
+        if entry is not None:
+            self._period_cache.pop(id(entry), None)
 
     # -- loading and watching ------------------------------------------------------------------------
 
@@ -375,7 +389,7 @@ class LedgerStore:
     def roll(self, entry: BudgetEntry, now: datetime) -> bool:
         """Start a new period if `now` is past the current one; the old one stays as `previous`
         (for late reports) until the next reset, its totals in history."""
-        start, end = _periods(entry.spec, now)
+        start, end = self._periods_at(entry, now)
         if start <= entry.current.start:
             return False
         entry.previous = entry.current
