@@ -22,7 +22,7 @@ GROUP, VERSION = "spendwarden.io", "v1alpha1"
 @pytest.fixture(scope="module")
 def operator(control_plane, tmp_path_factory):
     proc = OperatorProcess(str(control_plane.kubeconfig), tmp_path_factory.mktemp("operator") / "operator.log",
-                           extra_args=["--namespace", "op-*"], env={"SPENDWARDEN_ROLLOVER_INTERVAL": "1"})
+                           extra_args=["--namespace", "op-*"], env={"SPENDWARDEN_ROLLOVER_INTERVAL": "1", "SPENDWARDEN_DRIFT_INTERVAL": "1"})
     proc.start()
     yield proc
     proc.stop()
@@ -159,6 +159,21 @@ def test_invalid_cr_gets_condition_and_event_and_the_operator_stays_up(operator,
     wait_for(lambda: condition(get(kube, ns, "modelroutes", "broken"), "Ready")["status"] == "True", what="fixed route Ready")
     wait_for(lambda: sorted(r["name"] for r in proxy_config(kube, ns)[1]["routes"]) == ["broken", "good"],
              what="fixed route in the ConfigMap")
+
+
+def test_configmap_deleted_or_edited_by_hand_is_rendered_again(operator, kube, op_namespace):
+    # Nothing about the CRs changes, so only the operator's drift check can notice.
+    ns = op_namespace
+    create(kube, ns, "ModelRoute", "chat", GOOD_ROUTE)
+    _, rendered = wait_for(lambda: proxy_config(kube, ns), what="ConfigMap")
+    core = client.CoreV1Api(kube)
+
+    core.patch_namespaced_config_map(CONFIGMAP_NAME, ns, {"data": {CONFIG_KEY: json.dumps({**rendered, "routes": []})}})
+    wait_for(lambda: proxy_config(kube, ns)[1] == rendered, timeout=30, what="the edited ConfigMap restored")
+
+    core.delete_namespaced_config_map(CONFIGMAP_NAME, ns)
+    wait_for(lambda: proxy_config(kube, ns)[1] == rendered, timeout=30, what="the deleted ConfigMap rendered again")
+    assert operator.alive()
 
 
 def test_schema_violations_are_refused_by_the_apiserver(kube, op_namespace):

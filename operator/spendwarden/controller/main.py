@@ -20,6 +20,8 @@ import kopf
 from .. import GROUP, VERSION
 from ..api.common import now_rfc3339
 from ..api import modelroute, tokenbudget
+from ..api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME
+from ..render.proxyconfig import LABELS, config_hash
 from . import admission  # noqa: F401  (webhooks; registers handlers only when enabled)
 from . import inventory, kube, ledger_service, reconcile  # ledger_service: the ledger API and metrics (registers handlers)
 from . import scaler  # noqa: F401  (demand-driven replicas of scaled backends; registers handlers)
@@ -181,9 +183,40 @@ def _list_namespace(namespace: str) -> tuple[list[dict], list[dict]]:
                  for plural in (modelroute.PLURAL, tokenbudget.PLURAL))
 
 
+# Drift: a proxy ConfigMap deleted or edited by hand changes none of the CRs, so no event would
+# re-render it. One label-selected list per interval finds those namespaces.
+DRIFT_INTERVAL = float(os.environ.get("SPENDWARDEN_DRIFT_INTERVAL", "60"))
+
+
+def _live_config_hashes() -> dict[str, str]:
+    from kubernetes import client
+
+    selector = ",".join(f"{k}={v}" for k, v in LABELS.items())
+    items = kube.read_json(client.CoreV1Api(kube.api_client()).list_config_map_for_all_namespaces(
+        label_selector=selector, field_selector=f"metadata.name={CONFIGMAP_NAME}", _preload_content=False))["items"]
+    return {cm["metadata"]["namespace"]: config_hash((cm.get("data") or {}).get(CONFIG_KEY, "")) for cm in items}
+
+
+async def _repair_drift() -> None:
+    try:
+        present = await asyncio.to_thread(_live_config_hashes)
+    except Exception as exc:  # noqa: BLE001 - tried again at the next interval
+        log.warning("cannot list the proxy ConfigMaps to check for drift: %s", type(exc).__name__)
+        return
+    for namespace in reconcile.drifted(present):
+        log.warning("proxy ConfigMap deleted or edited outside spendwarden; rendering it again",
+                    extra={"namespace": namespace})
+        _dirty.add(namespace)
+        _start(namespace)
+
+
 async def _rollover_loop() -> None:
+    last_drift_check = asyncio.get_running_loop().time()
     while True:
         await asyncio.sleep(ROLLOVER_INTERVAL)
+        if asyncio.get_running_loop().time() - last_drift_check >= DRIFT_INTERVAL:
+            last_drift_check = asyncio.get_running_loop().time()
+            await _repair_drift()
         now = now_rfc3339()
         for namespace in [ns for ns, end in list(_resets.items()) if end <= now]:
             _resets.pop(namespace, None)

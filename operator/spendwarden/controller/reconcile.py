@@ -14,6 +14,7 @@ from typing import Any
 
 from ..api import modelroute, tokenbudget
 from ..api.proxyconfig import CONFIGMAP_NAME
+from ..render.proxyconfig import CONFIG_HASH
 from ..render.proxyconfig import configmap_manifest, render_proxy_config, validate_spec
 from ..render.status import (invalid_status, modelroute_status, reconcile_fields, status_differs,
                              tokenbudget_status)
@@ -22,6 +23,7 @@ from . import kube
 log = logging.getLogger(__name__)
 _locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 _done: dict[str, tuple] = {}  # namespace -> inputs_key of its last complete reconcile
+_hashes: dict[str, str] = {}  # namespace -> config hash of the ConfigMap its last reconcile applied
 
 # (object, message) -> None; posts a Warning Event. Injected by the kopf layer.
 WarnFn = Callable[[dict[str, Any], str, str], None]
@@ -64,8 +66,11 @@ def reconcile_namespace(namespace: str, snapshot: Callable[[], tuple[list[dict],
         live_budgets = [b for b in budgets if not b["metadata"].get("deletionTimestamp")]
         result = render_proxy_config(namespace, live_routes, live_budgets, ledger_url)
         if live_routes or live_budgets:
-            outcome = kube.apply_configmap(configmap_manifest(result.config, live_routes + live_budgets))
+            manifest = configmap_manifest(result.config, live_routes + live_budgets)
+            outcome = kube.apply_configmap(manifest)
+            _hashes[namespace] = manifest["metadata"]["annotations"][CONFIG_HASH]  # of the data applied
         else:
+            _hashes.pop(namespace, None)
             # Garbage collection removes it too; deleting now makes proxies stop at once.
             kube.delete_configmap(namespace, CONFIGMAP_NAME)
             outcome = "deleted"
@@ -78,6 +83,17 @@ def reconcile_namespace(namespace: str, snapshot: Callable[[], tuple[list[dict],
                                                 "routes": len(result.config.routes), "budgets": len(result.config.budgets),
                                                 "problems": len(result.problems)})
         return {"configmap": outcome, "problems": [p.message for p in result.problems]}
+
+
+def drifted(present: dict[str, str]) -> list[str]:
+    """Namespaces whose ConfigMap is gone or was changed by someone else since we applied it, given
+    `present`: namespace -> render.proxyconfig.config_hash of the live ConfigMap's data. They are forgotten, so their
+    next reconcile applies again even though their CRs did not change."""
+    out = [ns for ns, want in list(_hashes.items()) if present.get(ns) != want]
+    for ns in out:
+        _done.pop(ns, None)
+        _hashes.pop(ns, None)
+    return out
 
 
 def _update_status(obj: dict[str, Any], problem: Any, now: datetime, warn: WarnFn,

@@ -20,6 +20,7 @@ from ..api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME, BudgetEntry, LedgerSet
 from ..api.tokenbudget import TokenBudgetSpec
 
 LABELS = {"app.kubernetes.io/managed-by": "spendwarden", "app.kubernetes.io/component": "proxy-config"}
+CONFIG_HASH = "spendwarden.io/config-hash"
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,12 @@ def config_json(config: ProxyConfig) -> str:
     return json.dumps(config.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
 
 
+def config_hash(body: str) -> str:
+    """The short hash a ConfigMap's annotation carries; the operator also compares it with the live
+    data to notice a ConfigMap that was edited or deleted behind its back."""
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
 def configmap_manifest(config: ProxyConfig, owners: list[dict[str, Any]]) -> dict[str, Any]:
     """The ConfigMap holding the configuration, owned by every CR it was rendered from so that
     Kubernetes garbage-collects it once the last of them is deleted."""
@@ -115,7 +122,7 @@ def configmap_manifest(config: ProxyConfig, owners: list[dict[str, Any]]) -> dic
             "name": CONFIGMAP_NAME,
             "namespace": config.namespace,
             "labels": dict(LABELS),
-            "annotations": {"spendwarden.io/config-hash": hashlib.sha256(body.encode()).hexdigest()[:16]},
+            "annotations": {CONFIG_HASH: config_hash(body)},
             "ownerReferences": [owner_reference(o) for o in sorted(owners, key=lambda o: (o["kind"], _name(o)))],
         },
         "data": {CONFIG_KEY: body},
