@@ -54,20 +54,9 @@ def test_report_shows_cost_per_route_backend_and_tag_from_real_proxies(control_p
             "rules": [{"match": {"headers": [{"name": "x-tier", "value": "premium"}]}, "backend": "big"}]})
         _apply(kube, ns, "TokenBudget", "tokenbudgets", "monthly", {
             "period": {"type": "Monthly"}, "limits": {"cost": {"amount": "10.00"}}, "failMode": "Closed"})
-        cm = wait_for(lambda: (lambda c: c if c and c.data and json.loads(c.data["config.json"]).get("budgets")
-                               and json.loads(c.data["config.json"]).get("ledger", {}).get("url") else None)(
-            _configmap(kube, ns)), timeout=30, what="the rendered proxy config with the ledger URL")
-        config = tmp_path / "config.json"
-        config.write_text(cm.data["config.json"])
-        token = tmp_path / "token"
-        token.write_text(sa_token(kube, ns))
-        proxies = []
+        proxies: list[ProxyProcess] = []
         try:
-            for i in range(2):
-                work = tmp_path / f"p{i}"
-                work.mkdir()
-                proxies.append(ProxyProcess(config, work, env={"SPENDWARDEN_LEDGER_TOKEN_FILE": str(token)},
-                                            extra_args=["--namespace", ns]).start())
+            start_proxies(kube, ns, tmp_path, proxies)
             sent = [(0, "scenario=ticket", None)] * 3 + [(1, "scenario=summary,team=x", "premium")] * 2 + [(1, None, None)]
             for i, tags, tier in sent:
                 headers = {**({"x-spendwarden-tags": tags} if tags else {}), **({"x-tier": tier} if tier else {})}
@@ -112,6 +101,23 @@ def test_report_shows_cost_per_route_backend_and_tag_from_real_proxies(control_p
     csv_lines = _report(control_plane, ns, "-o", "csv").splitlines()
     assert csv_lines[0].startswith("namespace,budget,periodStart") and len(csv_lines) == 4
     assert _report(control_plane, ns, "--period", "previous").strip() == "No usage found."
+
+
+def start_proxies(kube, ns: str, tmp_path, into: list[ProxyProcess], count: int = 2) -> None:
+    """`count` proxy processes on the configuration the operator rendered for `ns` (with the ledger URL),
+    with a ServiceAccount token of `ns`; appended to `into` as they start, for the caller to stop."""
+    cm = wait_for(lambda: (lambda c: c if c and c.data and json.loads(c.data["config.json"]).get("budgets")
+                           and json.loads(c.data["config.json"]).get("ledger", {}).get("url") else None)(
+        _configmap(kube, ns)), timeout=30, what="the rendered proxy config with the ledger URL")
+    config = tmp_path / "config.json"
+    config.write_text(cm.data["config.json"])
+    token = tmp_path / "token"
+    token.write_text(sa_token(kube, ns))
+    for i in range(count):
+        work = tmp_path / f"p{i}"
+        work.mkdir()
+        into.append(ProxyProcess(config, work, env={"SPENDWARDEN_LEDGER_TOKEN_FILE": str(token)},
+                                 extra_args=["--namespace", ns]).start())
 
 
 def _configmap(kube, ns: str):

@@ -7,7 +7,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from spendwarden.ledger.allowance import Allowance, Amount, Limits
-from spendwarden.ledger.leases import DIMENSIONS, BudgetLedger, Ceiling, LeaseSettings
+from spendwarden.ledger.leases import DIMENSIONS, BudgetLedger, Ceiling, LeaseSettings, Shortfall
 
 LIMITS = Limits(total_tokens=10_000, output_tokens=6_000, cost=Decimal("1.00"))
 PRICE_IN, PRICE_OUT = Decimal("0.00002"), Decimal("0.0001")  # per token
@@ -143,6 +143,14 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.true_usage.cost <= LIMITS.cost
 
     @invariant()
+    def spent_is_level_triggered_and_survives_a_restart(self):
+        # A pure function of the persisted state and the limits: a restarted operator finds the same.
+        assert BudgetLedger.from_state(LIMITS, self.ledger.to_state()).shortfall() == self.ledger.shortfall()
+        short = self.ledger.shortfall()
+        if short is not None:  # never early: not even with every lease given back and in-flight settled at 0
+            assert short.left <= 0 if short.need is None else short.left < short.need
+
+    @invariant()
     def nothing_reported_is_lost(self):
         # Usage known to the ledger covers what every live proxy reported, plus dead proxies' escrow.
         used = self.ledger.used()
@@ -267,3 +275,11 @@ def test_used_up_exactly_is_spent_too():
     ledger.report("a", 1, Amount(), Amount(), amount(0, 1000), now=0)
     ledger.report("a", 2, amount(0, 1000), Amount(), None, now=7)
     assert ledger.exhausted() and ledger.exhausted_at == 7
+
+
+def test_a_request_larger_than_the_whole_limit_does_not_spend_the_budget():
+    ledger = BudgetLedger(Limits(total_tokens=1_000), LeaseSettings(horizon=5))
+    ledger.report("a", 1, Amount(), Amount(), amount(0, 5000), now=0, need=amount(4000, 16))
+    assert not ledger.exhausted()  # nothing used: it could never have fitted, the budget is not spent
+    ledger.report("a", 2, amount(0, 990), Amount(), amount(0, 100), now=1, need=amount(0, 16))
+    assert ledger.shortfall() == Shortfall("total", 10, 16)  # a request that fits a fresh budget does spend it

@@ -244,3 +244,36 @@ def test_a_cut_off_answer_does_not_wait_for_the_group_commit():
     assert wait > entry.persisted  # a grant: persisted before it is answered
     answer, wait = send(store, entry, body(2, used=(0, 990), want=(0, 64), need={"inputTokens": 0, "outputTokens": 16, "cost": "0"}))
     assert answer["cutOff"] is True and wait == 0  # ...but the news that it is spent goes at once
+
+
+def test_a_budget_spent_short_of_its_limit_is_exceeded_everywhere_and_a_raise_lifts_it():
+    """Proxies clamp the last requests: 3 tokens stay unspent and the waiting request needs 20. Not only
+    cutOff: state, the Exceeded condition, the BudgetExceeded Event and the forecast say so, also
+    after a restart; a raised limit turns all of it back."""
+    small = {**SPEC, "limits": {"tokens": {"total": 1000}}, "onExceeded": "CutOff"}
+    need = {"inputTokens": 4, "outputTokens": 16, "cost": "0"}
+    store = LedgerStore()
+    entry = store.load(budget(small), NOW)
+    send(store, entry, body(1, want=(0, 1000)))
+    answer, _ = send(store, entry, body(2, used=(400, 597), want=(4, 400), need=need))
+    assert answer["state"] == "Exceeded" and answer["cutOff"] is True
+    status = store.status(entry, NOW)
+    assert status["state"] == "Exceeded" and status["percentUsed"] == 99 and status["remaining"] == {"tokens": 3}
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Exceeded"]["status"] == "True" and conditions["Exceeded"]["reason"] == "TooLittleLeft"
+    assert "3 tokens left, less than the smallest waiting request needs (20 tokens)" in conditions["Exceeded"]["message"]
+    assert conditions["ForecastExhausted"]["reason"] == "Exhausted" and status["forecastExhaustion"] is None
+    events = dict(store.events(entry))
+    assert "exhausted (99%: 3 tokens left" in events["BudgetExceeded"]
+    assert store.status_gauges(entry) == (99, "Exceeded")
+
+    restarted = LedgerStore()
+    again = restarted.load(budget(small, **copy.deepcopy(status)), NOW + timedelta(seconds=5))
+    assert again.exhausted() and restarted.events(again) == []  # announced before the restart
+    assert restarted.status(again, NOW)["state"] == "Exceeded"
+    raised = {**small, "limits": {"tokens": {"total": 2000}}}
+    assert restarted.observe(budget(raised, **status), NOW) is again
+    after = restarted.status(again, NOW)
+    assert after["state"] == "Active" and after["ledger"].get("exhaustedAt") is None
+    assert {c["type"]: c["status"] for c in after["conditions"]}["Exceeded"] == "False"
+    assert send(restarted, again, body(3, used=(400, 597)))[0]["cutOff"] is False

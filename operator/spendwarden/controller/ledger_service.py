@@ -530,7 +530,7 @@ class LedgerService:
         PERCENT.labels(namespace=ns, budget=name).set(float(fraction * 100))
         for s in ("Active", "Warning", "Exceeded"):
             STATE.labels(namespace=ns, budget=name, state=s).set(1 if s == state else 0)
-        FORECAST.labels(namespace=ns, budget=name).set(1 if forecast_exceeded or fraction >= 1 else 0)
+        FORECAST.labels(namespace=ns, budget=name).set(1 if forecast_exceeded or entry.exhausted() else 0)
         cut = any(e.namespace == ns and e.spec.onExceeded.value == "CutOff" and e.current.ledger.exhausted()
                   for e in self.store.entries.values())
         CUT_OFF.labels(namespace=ns).set(1 if cut else 0)

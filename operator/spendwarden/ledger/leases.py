@@ -114,6 +114,16 @@ class Lease:
     duplicate: bool      # the report was a retry of one already applied
 
 
+@dataclass(frozen=True, slots=True)
+class Shortfall:
+    """Why a budget is spent: in `dim` what is left (limit - used) is `left`, below `need`, the
+    smallest request that could not be granted (None: the limit itself is reached)."""
+
+    dim: str
+    left: Any
+    need: Any = None
+
+
 @dataclass
 class LeaseSettings:
     ttl: float = 10.0                  # a lease's lifetime; proxies renew about every second
@@ -167,10 +177,21 @@ class BudgetLedger:
         return max(limit - self.committed(dim), 0)
 
     def exhausted(self) -> bool:
+        return self.shortfall() is not None
+
+    def shortfall(self) -> Shortfall | None:
+        """Why the budget is spent (module docstring: The end of a budget), or None while it is not."""
         used = self.used()
-        if any(_limit(self.limits, d) is not None and _dim(used, d) >= _limit(self.limits, d) for d in DIMENSIONS):
-            return True
-        return self.spent_for is not None and _short_of(self.limits, used, self.spent_for)
+        for d in DIMENSIONS:
+            limit = _limit(self.limits, d)
+            if limit is not None and _dim(used, d) >= limit:
+                return Shortfall(d, limit - _dim(used, d))
+        if self.spent_for is None:
+            return None
+        dim = _short_of(self.limits, used, self.spent_for)
+        if dim is None:
+            return None
+        return Shortfall(dim, _limit(self.limits, dim) - _dim(used, dim), _dim(self.spent_for, dim))
 
     def check_invariant(self) -> list[str]:
         """Dimensions where committed exceeds the limit (only possible when providers over-bill)."""
@@ -248,10 +269,14 @@ class BudgetLedger:
                                 if _limit(self.limits, dim) is not None else None) for dim in DIMENSIONS})
 
     def _check_spent(self, now: float) -> None:
-        recent = [n for t, n in self.unmet.values() if t >= now - self.settings.horizon]
+        # A request larger than the whole limit never fits, however much is left: it proves nothing.
+        recent = [n for t, n in self.unmet.values()
+                  if t >= now - self.settings.horizon and _short_of(self.limits, Amount(), n) is None]
+        if not recent:
+            return
         smallest = Amount(min(n.input_tokens for n in recent), min(n.output_tokens for n in recent),
                           min(n.cost for n in recent))
-        if _short_of(self.limits, self.used(), smallest):
+        if _short_of(self.limits, self.used(), smallest) is not None:
             self.spent_for = smallest
 
     def _grant(self, proxy_id: str, acct: ProxyAccount, want: Amount | None) -> bool:
@@ -344,13 +369,13 @@ class BudgetLedger:
         return ledger
 
 
-def _short_of(limits: Limits, used: Amount, need: Amount) -> bool:
-    """Whether what is left (limit - used) is below `need` in a limited dimension `need` asks for."""
+def _short_of(limits: Limits, used: Amount, need: Amount) -> str | None:
+    """The first limited dimension `need` asks for where what is left (limit - used) is below it."""
     for dim in DIMENSIONS:
         limit, wanted = _limit(limits, dim), _dim(need, dim)
         if limit is not None and wanted > 0 and limit - _dim(used, dim) < wanted:
-            return True
-    return False
+            return dim
+    return None
 
 
 def _tightest_fraction(limits: Limits, delta: Amount) -> float:

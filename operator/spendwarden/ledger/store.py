@@ -28,6 +28,7 @@ from .forecast import BurnRate, projected_exhaustion, time_constant
 from .leases import BudgetLedger, Ceiling, LeaseSettings, ProxyAccount
 from .loops import LoopReport, parse_loops
 from .periods import current_period
+from .pricing import format_money
 
 HISTORY_MAX = 12
 MAX_ID = 128
@@ -258,6 +259,25 @@ class BudgetEntry:
         fraction, _ = usage_fraction(self.spec, usage_dict(self.current.ledger.used()))
         return fraction
 
+    def exhausted(self) -> bool:
+        return self.current.ledger.exhausted()
+
+    def state(self) -> tuple[int, BudgetState]:
+        """(percent used, state): Exceeded whenever the ledger finds the budget spent, also short of its limit."""
+        return budget_state(self.spec, self.fraction(), self.exhausted())
+
+    def short_of(self) -> str | None:
+        """Why the budget is spent below its limit, in words (None: it is not, or the limit is reached)."""
+        short = self.current.ledger.shortfall()
+        if short is None or short.need is None:
+            return None
+        unit = {"total": "tokens", "input": "input tokens", "output": "output tokens"}.get(short.dim)
+        left, need = short.left, short.need
+        if unit is None:
+            unit = self.spec.limits.cost.currency if self.spec.limits.cost is not None else ""
+            left, need = format_money(left), format_money(need)
+        return f"{left} {unit} left, less than the smallest waiting request needs ({need} {unit})"
+
 
 def _periods(spec: TokenBudgetSpec, now: datetime) -> tuple[str, str]:
     start, end = current_period(spec, now)
@@ -364,6 +384,7 @@ class LedgerStore:
                 for pl in (entry.current, entry.previous):
                     if pl is not None:
                         pl.ledger.limits = entry.limits
+                entry.current.ledger.note_exhaustion(now.timestamp())  # a raise lifts it: status says so now
             for pl in (entry.current, entry.previous):
                 if pl is not None:
                     pl.set_hard(entry.hard_limits, self.settings)
@@ -488,7 +509,7 @@ class LedgerStore:
                 hard: Ceiling | None = None) -> dict[str, Any]:
         spec = entry.spec
         fraction = entry.fraction()
-        _, state = budget_state(spec, fraction)
+        _, state = entry.state()
         out: dict[str, Any] = {}
         if ceiling is not None:
             out["ceiling"] = ceiling.to_state()
@@ -518,7 +539,8 @@ class LedgerStore:
         """The ledger-owned status fields (render/status.LEDGER_FIELDS) and the conditions with
         Exceeded set, computed with the same function the reconcile uses."""
         used = usage_dict(entry.current.ledger.used())
-        out = usage_status(entry.spec, used, entry.conditions, entry.current.end, entry.generation, now)
+        out = usage_status(entry.spec, used, entry.conditions, entry.current.end, entry.generation, now,
+                           short_of=entry.short_of())
         ledger = {**entry.current.to_state(), "writer": self.writer}
         if entry.previous is not None:
             ledger["previous"] = entry.previous.to_state()
@@ -532,17 +554,17 @@ class LedgerStore:
 
     def events(self, entry: BudgetEntry) -> list[tuple[str, str]]:
         """(reason, message) for thresholds crossed since the last call; each crossing once."""
-        fraction = entry.fraction()
-        percent, _ = budget_state(entry.spec, fraction)
+        percent, state = entry.state()
         out = []
         crossed = max([t for t in entry.spec.thresholds if percent >= t], default=0)
         if crossed > entry.announced:
             entry.announced = crossed
             out.append(("ThresholdCrossed", f"{percent}% of budget {entry.name} used (threshold {crossed}%) "
                                             f"in the period ending {entry.current.end}"))
-        if fraction >= 1 and not entry.exceeded_announced:
+        if state == BudgetState.EXCEEDED and not entry.exceeded_announced:
             entry.exceeded_announced = True
-            out.append(("BudgetExceeded", f"budget {entry.name} exhausted ({percent}%); "
+            why = entry.short_of()
+            out.append(("BudgetExceeded", f"budget {entry.name} exhausted ({percent}%{': ' + why if why else ''}); "
                                           f"onExceeded={entry.spec.onExceeded.value} until {entry.current.end}"))
         if entry.forecast_at is not None and not entry.forecast_announced:
             entry.forecast_announced = True
@@ -553,7 +575,7 @@ class LedgerStore:
 
 
     def status_gauges(self, entry: BudgetEntry) -> tuple[int, str]:
-        percent, state = budget_state(entry.spec, entry.fraction())
+        percent, state = entry.state()
         return percent, state.value
 
 
@@ -592,6 +614,8 @@ def _observe_burn(entry: BudgetEntry, now_ts: float) -> None:
 def _forecast(entry: BudgetEntry, now: datetime) -> str | None:
     """When the budget runs out at the recent burn rate, if within the period."""
     cur = entry.current
+    if entry.exhausted():
+        return None  # already, possibly short of the limit, where a projection to 100% means nothing
     start, end = _ts(cur.start), _ts(cur.end)
     at = projected_exhaustion(entry.burn or BurnRate.at_period_start(start), float(entry.fraction()),
                               now.timestamp(), start, end)
@@ -614,7 +638,7 @@ def _forecast_condition(entry: BudgetEntry, conditions: list[dict], now: datetim
                              f"at the recent burn rate the budget runs out around {around}, before the period ends "
                              f"at {end}", entry.generation, now)
     entry.forecast_named = None
-    if entry.fraction() >= 1:
+    if entry.exhausted():
         return set_condition(conditions, FORECAST_CONDITION, "False", "Exhausted",
                              f"the budget is already exhausted until {end}", entry.generation, now)
     return set_condition(conditions, FORECAST_CONDITION, "False", "WithinPeriod",

@@ -363,10 +363,12 @@ def budget_exceeded(st: BudgetState, now_ts: float, hard: bool = False) -> Proxy
     spent = lease is None or lease.local or lease.cut_off or (lease.exceeded and not hard)
     if not spent:
         # Ledger mode, the budget is not spent: the rest is escrowed by other proxies' requests in
-        # flight, which settle below their worst cases and give back. Worth retrying soon.
+        # flight, which settle below their worst cases and give back, or too little for this request
+        # while smaller ones still fit. Worth retrying soon.
         return ProxyError(
             429, f"TokenBudget {st.budget.name!r} has no room for this request right now: what is left of it "
-                 f"is held by requests in flight; retry shortly (the budget resets at {st.reset_at()}).",
+                 f"is held by requests in flight or too little for this request; retry shortly (the budget "
+                 f"resets at {st.reset_at()}).",
             code="budget_exceeded", headers={"Retry-After": "1", "x-should-retry": "true"},
             extra={"budget": st.budget.name, "reset_at": st.reset_at()})
     retry = max(1, math.ceil(st.period_end_ts - now_ts))

@@ -105,24 +105,33 @@ def normalise_used(used: dict[str, Any] | None) -> dict[str, Any]:
             "totalTokens": int(used.get("totalTokens", 0)), "cost": str(used.get("cost", "0"))}
 
 
-def budget_state(spec: TokenBudgetSpec, fraction: Decimal) -> tuple[int, BudgetState]:
+def budget_state(spec: TokenBudgetSpec, fraction: Decimal, exhausted: bool | None = None) -> tuple[int, BudgetState]:
+    """Percent used and the state. `exhausted`: the ledger's verdict (ledger/leases.py shortfall: a
+    budget that stops short of its limit can be exhausted too); None: the limit reached."""
     percent = int(fraction * 100)
     crossed = [t for t in spec.thresholds if percent >= t]
-    state = BudgetState.EXCEEDED if fraction >= 1 else BudgetState.WARNING if crossed else BudgetState.ACTIVE
+    if exhausted is None:
+        exhausted = fraction >= 1
+    state = BudgetState.EXCEEDED if exhausted else BudgetState.WARNING if crossed else BudgetState.ACTIVE
     return percent, state
 
 
 def usage_status(spec: TokenBudgetSpec, used: dict[str, Any], conditions: list[dict], period_end: str,
-                 generation: int | None, now: datetime) -> dict[str, Any]:
+                 generation: int | None, now: datetime, short_of: str | None = None) -> dict[str, Any]:
     """The usage-derived fields (used, remaining, percentUsed, state, usedSummary) and the conditions
-    with Exceeded set: one function for the reconcile (before a ledger exists) and the ledger."""
+    with Exceeded set: one function for the reconcile (before a ledger exists) and the ledger.
+    `short_of`: the ledger found the budget exhausted below its limit, and says why."""
     used = normalise_used(used)
     fraction, remaining = usage_fraction(spec, used)
-    percent, state = budget_state(spec, fraction)
+    percent, state = budget_state(spec, fraction, True if short_of else None)
     used_parts = [f"{_fmt_tokens(used['totalTokens'])} tokens"] if spec.limits.tokens is not None else []
     if spec.limits.cost is not None:
         used_parts.append(f"{used['cost']} {spec.limits.cost.currency}")
-    if state == BudgetState.EXCEEDED:
+    if state == BudgetState.EXCEEDED and fraction < 1 and short_of:
+        conds = set_condition(conditions, "Exceeded", "True", "TooLittleLeft",
+                              f"{percent}% of the limit used: {short_of}; onExceeded={spec.onExceeded.value} "
+                              f"until {period_end}", generation, now)
+    elif state == BudgetState.EXCEEDED:
         conds = set_condition(conditions, "Exceeded", "True", "LimitReached",
                               f"{percent}% of the limit used; onExceeded={spec.onExceeded.value} until {period_end}",
                               generation, now)
