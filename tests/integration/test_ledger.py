@@ -41,12 +41,17 @@ class Operator:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.ledger_port}"
 
-    def start(self) -> None:
+    def start(self, timeout: float | None = None) -> None:
+        """`timeout`: for a restart on a loaded machine (OperatorProcess' default otherwise)."""
         self.runs += 1
         self.proc = OperatorProcess(self.kubeconfig, self.log_dir / f"operator-{self.runs}.log", extra_args=[
             "--namespace", self.pattern, "--ledger-port", str(self.ledger_port), "--metrics-port", str(self.metrics_port)], env=self.env)
-        self.proc.start()
-        wait_for(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, what="ledger /healthz")
+        if timeout is None:
+            self.proc.start()
+        else:
+            self.proc.start(timeout)
+        wait_for(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, timeout=timeout or 20,
+                 what="ledger /healthz")
 
     def kill(self) -> None:
         assert self.proc is not None and self.proc.proc is not None

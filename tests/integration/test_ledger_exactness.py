@@ -7,7 +7,9 @@ streaming (OpenAI chat), some not, some in the Anthropic format (natively and tr
 What the upstream billed is the truth: the mock bills a request's usage the moment it starts
 answering (as a provider does, whether or not the client reads it all), deterministically from the
 request's text (devtools/mock_upstream.py). Each run checks the final TokenBudget status against it.
-Runs use one budget each (b1, b2, b3) in one namespace served by one set of proxies."""
+Runs use one budget each (b1, b2, b3) in one namespace served by one set of proxies: run 1 plain
+(with forged reports), run 2 with the operator SIGKILLed and restarted, run 3 with one proxy
+SIGKILLed mid-stream (last: that proxy stays dead)."""
 from __future__ import annotations
 
 import asyncio
@@ -148,9 +150,11 @@ class RunResult:
     ok: int = 0
     retried: int = 0            # 429 "retry shortly": the rest of the budget was held by requests in flight
     unreachable: int = 0        # 503 ledger_unreachable
+    unreachable_at: list[float] = field(default_factory=list)  # when (time.time()) each was answered
     errors: list[str] = field(default_factory=list)
     first_cutoff: dict[int, float] = field(default_factory=dict)  # proxy index -> time of its first exhausted 429
     kinds: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0        # from the first request to the last proxy's cut-off
 
 
 async def _one(http: httpx.AsyncClient, base: str, kind: str, n: int, seed: int,
@@ -214,6 +218,7 @@ async def drive(rig: Rig, n: int, during=None, deadline: float = 90.0, extra: di
                 await asyncio.sleep(0.02)
             elif resp.status_code == 503 and b"ledger (operator) is unreachable" in resp.content:
                 res.unreachable += 1  # failMode Closed while the operator is down and the lease ran out
+                res.unreachable_at.append(time.time())
                 await asyncio.sleep(0.05)
             else:
                 res.errors.append(f"p{pi}: HTTP {resp.status_code} {resp.text[:200]}")
@@ -235,6 +240,7 @@ async def drive(rig: Rig, n: int, during=None, deadline: float = 90.0, extra: di
     finally:
         for h in https:
             await h.aclose()
+    res.seconds = time.monotonic() - (stop_at - deadline)
     return res
 
 
@@ -242,21 +248,23 @@ def _used(kube, ns: str, name: str) -> dict:
     return (get_budget(kube, ns, name).get("status") or {}).get("used") or {}
 
 
+def billed_since(rig: Rig, before: dict) -> dict:
+    """What the upstream billed since `before` (its totals then), as status.used's fields."""
+    t = rig.upstream.totals()
+    return {"inputTokens": t["billed_prompt_tokens"] - before["billed_prompt_tokens"],
+            "outputTokens": t["billed_completion_tokens"] - before["billed_completion_tokens"]}
+
+
 def settle_and_compare(rig: Rig, kube, name: str, billed_before: dict, timeout: float = 20.0) -> tuple[dict, dict]:
     """Wait until the proxies' final reports are persisted; returns (status.used, what was billed)."""
-    def billed() -> dict:
-        t = rig.upstream.totals()
-        return {"inputTokens": t["billed_prompt_tokens"] - billed_before["billed_prompt_tokens"],
-                "outputTokens": t["billed_completion_tokens"] - billed_before["billed_completion_tokens"]}
-
     time.sleep(0.5)  # the last streams' usage settles in the proxies
-    want = billed()
+    want = billed_since(rig, billed_before)
     try:
         wait_for(lambda: {k: _used(kube, rig.namespace, name).get(k) for k in want} == want, timeout=timeout,
                  what=f"{name}: status.used == billed {want}")
     except AssertionError:
         pass  # the assertions below say what differs
-    return _used(kube, rig.namespace, name), billed()
+    return _used(kube, rig.namespace, name), billed_since(rig, billed_before)
 
 
 def cutoff_latencies(rig: Rig, kube, name: str, res: RunResult) -> list[float]:
@@ -272,7 +280,7 @@ def report(label: str, used: dict, billed: dict, res: RunResult, lat: list[float
           f"  upstream billed {billed['inputTokens'] + billed['outputTokens']} (in {billed['inputTokens']}, "
           f"out {billed['outputTokens']})  overshoot {max(total - LIMIT, 0)}  ledger - billed "
           f"{total - billed['inputTokens'] - billed['outputTokens']}  requests ok {res.ok} {res.kinds} "
-          f"retried {res.retried} unreachable {res.unreachable} errors {len(res.errors)}")
+          f"retried {res.retried} unreachable {res.unreachable} errors {len(res.errors)}  in {res.seconds:.1f} s")
     if lat:
         print(f"[{label}] cut-off latency per proxy (s): " + " ".join(f"{x:.3f}" for x in lat)
               + f"  max {max(lat):.3f}  median {statistics.median(lat):.3f}")
@@ -342,3 +350,113 @@ def test_exact_under_8x64_concurrent_streams_and_forged_reports(rig, kube):
     assert all(seen.get(k) for k in ("401", "403", "replayed")), seen
     # Generous: CI runs everything on 2 shared cores; bench/cutoff_latency.py measures the real figure.
     assert len(lat) == N_PROXIES and max(lat) <= CUTOFF_TEST_BOUND, lat
+
+
+# Runs 2 and 3 wait out an operator restart or a dead proxy's lease: on a loaded machine a restart
+# alone took 28 s, so their deadlines are generous (they end as soon as every proxy is cut off).
+OUTAGE_DEADLINE = 300.0
+RESTART_TIMEOUT = 120.0
+
+
+def _ledger(kube, ns: str, name: str) -> dict:
+    return (get_budget(kube, ns, name).get("status") or {}).get("ledger") or {}
+
+
+def _in_flight(ledger: dict) -> int:
+    """Tokens the proxies still held in flight at their last persisted reports."""
+    return sum((a.get("held") or {}).get("inputTokens", 0) + (a.get("held") or {}).get("outputTokens", 0)
+               for a in (ledger.get("proxies") or {}).values())
+
+
+def test_exact_across_an_operator_sigkill_and_restart(rig, kube):
+    """As above on b2, with the operator SIGKILLed (no shutdown flush) at about a third of the budget
+    and restarted: the ledger resumes from TokenBudget status, the proxies' retried cumulative reports
+    lose nothing and count nothing twice. The operator stays down until the proxies' leases have run
+    out: they answer 503 ledger_unreachable (failMode Closed, the designed answer), counted apart
+    from errors, and only between the kill and shortly after the restart. By then the restarted
+    operator finds the proxies silent for longer than ttl + grace: it charges their escrow, then
+    reconciles each with its next cumulative report (nothing may remain of those charges)."""
+    before = rig.upstream.totals()
+    killed: list[float] = []
+    back: list[float] = []
+
+    async def kill_and_restart(res: RunResult) -> None:
+        while rig.upstream.totals()["billed_prompt_tokens"] - before["billed_prompt_tokens"] < LIMIT * 0.3:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(rig.operator.kill)
+        killed.append(time.time())
+        # The proxies spend their leases meanwhile; no proxy may go on past its lease's expiry.
+        give_up = time.monotonic() + LEASE_TTL + 60
+        while not res.unreachable:
+            assert time.monotonic() < give_up, "the proxies kept admitting requests past their leases' expiry"
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(rig.operator.start, RESTART_TIMEOUT)
+        back.append(time.time())
+
+    res = asyncio.run(drive(rig, 2, during=kill_and_restart, deadline=OUTAGE_DEADLINE))
+    wait_for(lambda: _in_flight(_ledger(kube, rig.namespace, "b2")) == 0, timeout=60,
+             what="b2: every proxy's final report (nothing held in flight)")
+    used, billed = settle_and_compare(rig, kube, "b2", before, timeout=60)
+    lat = cutoff_latencies(rig, kube, "b2", res)
+    report("run 2", used, billed, res, lat)
+    print(f"[run 2] operator down {back[0] - killed[0]:.1f} s; 503 ledger_unreachable answers {res.unreachable}"
+          + (f" from +{res.unreachable_at[0] - killed[0]:.1f} s to +{res.unreachable_at[-1] - killed[0]:.1f} s"
+             f" after the kill" if res.unreachable_at else ""))
+    assert killed and back and rig.operator.runs >= 2
+    assert not _ledger(kube, rig.namespace, "b2").get("tombstones")  # every charge was reconciled
+    assert not res.errors, res.errors[:10]
+    # 503 only while the ledger could not answer: after the kill, and before every proxy's next
+    # report after the restart was answered (reports retry at least every second).
+    assert all(killed[0] <= t <= back[0] + LEASE_TTL for t in res.unreachable_at), (killed, back, res.unreachable_at[-5:])
+    assert used["totalTokens"] <= LIMIT  # overshoot 0
+    assert {k: used[k] for k in billed} == billed  # nothing lost, nothing counted twice
+    assert used["totalTokens"] > LIMIT * 0.99
+    assert len(lat) == N_PROXIES
+
+
+def test_a_proxy_killed_mid_stream_is_charged_its_escrow(rig, kube):
+    """As above on b3, with one proxy SIGKILLed while its streams are in flight (each stream takes
+    ~0.1 s here). The upstream billed those streams, but the dead proxy never reports them: a safe
+    ledger charges the dead proxy's whole escrow (its ceiling, which covers everything it settled or had
+    in flight) once its lease has expired and the grace has passed (ttl + grace after its last report).
+    So the ledger may count MORE than was billed (the unused part of that escrow), never less, and
+    never more than the limit: upstream billed <= used <= limit. The rest of the budget is still
+    spent by the live proxies, which are all cut off in the end."""
+    before = rig.upstream.totals()
+    victim = rig.proxies[-1]
+    # The ledger knows proxies by the random id each process reports with: the victim's is the one
+    # that disappears from the ledger's accounts.
+    ids = set(wait_for(lambda: len(_ledger(kube, rig.namespace, "b3").get("proxies") or {}) == N_PROXIES
+                       and _ledger(kube, rig.namespace, "b3")["proxies"], timeout=30, what="b3: every proxy's account"))
+    assert not _ledger(kube, rig.namespace, "b3").get("tombstones")
+
+    killed: list[float] = []
+
+    async def kill_one(res: RunResult) -> None:
+        while rig.upstream.totals()["billed_prompt_tokens"] - before["billed_prompt_tokens"] < LIMIT * 0.3:
+            await asyncio.sleep(0.05)
+        victim.proc.kill()
+        killed.append(time.time())
+        await asyncio.to_thread(victim.proc.wait)
+
+    # The victim stays dead: this test runs last in the module.
+    res = asyncio.run(drive(rig, 3, during=kill_one, extra={"x-mock-chunk-delay-ms": "2"}, deadline=OUTAGE_DEADLINE))
+    victim_ids = wait_for(lambda: _ledger(kube, rig.namespace, "b3").get("tombstones"),
+                          timeout=LEASE_TTL + LEASE_GRACE + 30, what="the dead proxy charged its escrow")
+    wait_for(lambda: _in_flight(_ledger(kube, rig.namespace, "b3")) == 0, timeout=60,
+             what="b3: the live proxies' final reports (nothing held in flight)")
+    used, billed = _used(kube, rig.namespace, "b3"), billed_since(rig, before)
+    lat = cutoff_latencies(rig, kube, "b3", res)
+    report("run 3", used, billed, res, lat)
+    total_billed = billed["inputTokens"] + billed["outputTokens"]
+    spent_at = _ledger(kube, rig.namespace, "b3").get("exhaustedAt")
+    print(f"[run 3] ledger used - upstream billed = {used['totalTokens'] - total_billed} "
+          f"(the dead proxy's unused escrow; charged for {sorted(victim_ids)})"
+          + (f"; budget spent {spent_at - killed[0]:.1f} s after the kill (lease {LEASE_TTL:g} s + grace "
+             f"{LEASE_GRACE:g} s)" if spent_at and killed else ""))
+    assert killed
+    assert set(victim_ids) == ids - set(_ledger(kube, rig.namespace, "b3").get("proxies") or {}), victim_ids
+    assert len(victim_ids) == 1
+    assert not res.errors, res.errors[:10]
+    assert total_billed <= used["totalTokens"] <= LIMIT  # nothing billed goes uncounted; overshoot 0
+    assert len(lat) == N_PROXIES - 1  # every live proxy cut off: the budget was spent, not stranded
