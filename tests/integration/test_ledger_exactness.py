@@ -27,6 +27,7 @@ import pytest
 from kubernetes import client
 
 from spendwarden.devtools.mock_upstream import MockUpstream
+from spendwarden.proxy.budgets import MIN_USEFUL_OUTPUT
 
 from ..proxy.conftest import ProxyProcess
 from .operator_process import wait_for
@@ -176,7 +177,8 @@ async def _one(http: httpx.AsyncClient, base: str, kind: str, n: int, seed: int,
         if body["stream"]:
             assert raw.rstrip().endswith(b"[DONE]" if path.endswith("completions") else b'{"type":"message_stop"}'), raw[-200:]
         else:
-            assert json.loads(raw)["usage"]["completion_tokens"] == OUTPUT
+            # Fewer near the end of a lease: the proxy clamps max_tokens to what is left, never below 16.
+            assert MIN_USEFUL_OUTPUT <= json.loads(raw)["usage"]["completion_tokens"] <= OUTPUT, raw[-200:]
     return resp
 
 
@@ -356,6 +358,7 @@ def test_exact_under_8x64_concurrent_streams_and_forged_reports(rig, kube):
 # alone took 28 s, so their deadlines are generous (they end as soon as every proxy is cut off).
 OUTAGE_DEADLINE = 300.0
 RESTART_TIMEOUT = 120.0
+RECOVERY_BOUND = 30.0  # after the restart, until every proxy's lease is renewed
 
 
 def _ledger(kube, ns: str, name: str) -> dict:
@@ -405,9 +408,11 @@ def test_exact_across_an_operator_sigkill_and_restart(rig, kube):
     assert killed and back and rig.operator.runs >= 2
     assert not _ledger(kube, rig.namespace, "b2").get("tombstones")  # every charge was reconciled
     assert not res.errors, res.errors[:10]
-    # 503 only while the ledger could not answer: after the kill, and before every proxy's next
-    # report after the restart was answered (reports retry at least every second).
-    assert all(killed[0] <= t <= back[0] + LEASE_TTL for t in res.unreachable_at), (killed, back, res.unreachable_at[-5:])
+    # 503 only while the ledger could not answer: after the kill, and until each proxy's next report
+    # after the restart is answered (reports retry every second; generous for a loaded machine,
+    # where the first answers wait for TokenReviews and status writes: the last 503 came 0.7-3.2 s after it at load 15-18).
+    assert all(killed[0] <= t <= back[0] + RECOVERY_BOUND for t in res.unreachable_at), \
+        (killed, back, res.unreachable_at[-5:])
     assert used["totalTokens"] <= LIMIT  # overshoot 0
     assert {k: used[k] for k in billed} == billed  # nothing lost, nothing counted twice
     assert used["totalTokens"] > LIMIT * 0.99
