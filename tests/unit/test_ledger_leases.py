@@ -46,6 +46,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.pending: list[tuple[Proxy, tuple]] = []  # reports sent, answer not yet applied
         self.true_usage = Amount()                     # what the upstream really billed
+        self.resumed_at: float | None = None            # the last operator restart
 
     def live(self):
         return [p for p in self.proxies if p.alive]
@@ -130,7 +131,19 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([0.5, 3.0, 20.0]))
     def tick(self, seconds):
         self.now += seconds
-        self.ledger.expire(self.now)
+        dead = self.ledger.expire(self.now)
+        if self.resumed_at is not None and dead:  # silence while no operator listened is no evidence
+            assert self.now > self.resumed_at + self.ledger.settings.ttl + self.ledger.settings.grace
+
+    @rule(outage=st.sampled_from([1.0, 60.0]))
+    def restart(self, outage):
+        # The operator is killed (its state persisted, answers on the way lost) and restores the
+        # ledger `outage` seconds later; no proxy could report meanwhile.
+        self.pending.clear()
+        self.now += outage
+        self.ledger = BudgetLedger.from_state(LIMITS, self.ledger.to_state(), self.ledger.settings)
+        self.ledger.resume(self.now)
+        self.resumed_at = self.now
 
     @invariant()
     def committed_never_exceeds_the_limit(self):

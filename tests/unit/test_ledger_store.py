@@ -141,6 +141,26 @@ def test_silent_proxies_are_charged_their_escrow_and_cut_off_reported():
     assert answer["state"] == "Exceeded" and answer["cutOff"] is True
 
 
+def test_an_operator_outage_does_not_make_live_proxies_look_dead():
+    """Nobody can report while no operator listens: after a restart that took longer than lease +
+    grace, the restored proxies get a lease and the grace from the load before they are charged."""
+    store = LedgerStore()
+    entry = store.load(budget(), NOW)
+    answer, _ = send(store, entry, body(1, used=(100, 0), want=(0, 5000)))
+    ceiling = answer["ceiling"]["total"]
+    status = store.status(entry, NOW)
+    back = NOW + timedelta(seconds=60)  # the operator was down for a minute (ttl 10 s + grace 20 s)
+    restarted = LedgerStore()
+    again = restarted.load(budget(**copy.deepcopy(status)), back)
+    ledger = again.current.ledger
+    assert restarted.tick(back.timestamp() + 29, back + timedelta(seconds=29)) == []
+    assert "p1" in ledger.proxies and ledger.retired == Amount()
+    # A proxy that does not report within a lease + grace of the load is presumed dead as before.
+    later = back + timedelta(seconds=31)
+    assert restarted.tick(later.timestamp(), later) == [again]
+    assert "p1" not in ledger.proxies and ledger.retired.total_tokens == ceiling
+
+
 def test_replace_patch_removes_keys_that_disappeared():
     old = {"ledger": {"proxies": {"a": {"seq": 1}, "b": {"seq": 2}}}, "used": {"cost": "1"}}
     new = {"ledger": {"proxies": {"b": {"seq": 3}}}, "used": {"cost": "2"}}

@@ -150,6 +150,8 @@ class BudgetLedger:
         # whether what is left can still serve anything; `spent_for` is the need that proved it could not.
         self.unmet: dict[str, tuple[float, Amount]] = {}
         self.spent_for: Amount | None = None
+        # When this operator instance restored the ledger (None: it started it). Not persisted.
+        self.resumed_at: float | None = None
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -328,9 +330,22 @@ class BudgetLedger:
 
     # -- time ------------------------------------------------------------------------------------
 
+    def resume(self, now: float) -> None:
+        """A (re)started operator restored this ledger at `now`. While no operator listened, no
+        proxy could report, so silence before now proves nothing: every restored account gets a
+        full lease and the grace from now before it can be presumed dead (its escrow stays
+        reserved until then, so the invariant is untouched)."""
+        self.resumed_at = now
+
+    def _death_deadline(self, acct: ProxyAccount) -> float:
+        heard_until = acct.expires_at
+        if self.resumed_at is not None:
+            heard_until = max(heard_until, self.resumed_at + self.settings.ttl)
+        return heard_until + self.settings.grace
+
     def expire(self, now: float) -> list[str]:
         """Presume silent proxies dead; charge their whole escrow. Returns their ids."""
-        dead = [pid for pid, a in self.proxies.items() if now > a.expires_at + self.settings.grace]
+        dead = [pid for pid, a in self.proxies.items() if now > self._death_deadline(a)]
         for pid in dead:
             acct = self.proxies.pop(pid)
             self.unmet.pop(pid, None)

@@ -348,6 +348,11 @@ class LedgerStore:
                 current.end = current.end or end
             elif pl.start < start and (previous is None or pl.start > previous.start):
                 previous = pl
+        # The restored proxies could not report while no operator listened: their grace starts now.
+        # (Only the open period presumes proxies dead: see tick.)
+        for ledger in (current.ledger, current.hard):
+            if ledger is not None:
+                ledger.resume(now.timestamp())
         entry = BudgetEntry(meta.get("namespace", ""), meta.get("name", ""), spec, current, previous, history,
                             generation=meta.get("generation"), uid=meta.get("uid"), loaded_writer=saved.get("writer"),
                             conditions=list(status.get("conditions") or []))
