@@ -153,6 +153,10 @@ def test_an_operator_outage_does_not_make_live_proxies_look_dead():
     restarted = LedgerStore()
     again = restarted.load(budget(**copy.deepcopy(status)), back)
     ledger = again.current.ledger
+    # A hard ceiling added meanwhile (its second lease ledger starts from these proxies) waits too.
+    restarted.observe(budget({**SPEC, "onExceeded": "Downgrade", "downgrade": {"hardCeiling": {"tokens": 150_000}}}),
+                      back + timedelta(seconds=1))
+    assert again.current.hard is not None
     assert restarted.tick(back.timestamp() + 29, back + timedelta(seconds=29)) == []
     assert "p1" in ledger.proxies and ledger.retired == Amount()
     # A proxy that does not report within a lease + grace of the load is presumed dead as before.

@@ -203,6 +203,7 @@ class PeriodLedger:
             # cumulative reports continue from there), so nothing already spent is granted again.
             self.hard = BudgetLedger(hard, settings)
             self.hard.retired = self.ledger.retired
+            self.hard.resumed_at = self.ledger.resumed_at  # the same proxies, heard from since then
             for pid, acct in self.ledger.proxies.items():
                 self.hard.proxies[pid] = ProxyAccount(
                     used=acct.used, held=acct.held, ceiling=Ceiling.committed(hard, acct.used + acct.held),
