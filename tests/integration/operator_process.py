@@ -33,7 +33,8 @@ class OperatorProcess:
     def liveness_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/healthz"
 
-    def start(self, timeout: float = 30) -> "OperatorProcess":
+    # Generous: on a loaded 2-core machine (load average 17) Python's start-up alone took over 30 s.
+    def start(self, timeout: float = 90) -> "OperatorProcess":
         env = {**os.environ, "KUBECONFIG": self.kubeconfig, **self.env}
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
