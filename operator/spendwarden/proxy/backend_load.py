@@ -9,11 +9,8 @@ operator to wake it (POST /v1/wake), then holds or falls back (server.py).
 """
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any
 
-log = logging.getLogger("spendwarden.proxy.scaling")
 
 WAKE_PATH = "/v1/wake"
 
@@ -79,41 +76,23 @@ class Waker:
     """POST {ledger url}/v1/wake with the pod's token; returns the operator's answer or None."""
 
     def __init__(self, url: str, timeout: float = 5.0):
-        self.url = url.rstrip("/") + WAKE_PATH
-        self.timeout = timeout
-        self._session: Any = None
-        self._warned = 0.0
+        from .ledger_client import HttpTransport  # it imports this module
+
+        self.transport = HttpTransport(url, timeout, path=WAKE_PATH)
 
     async def __call__(self, namespace: str, route: str, backend: str) -> dict[str, Any] | None:
-        import aiohttp
-        import orjson
+        from .ledger_client import _warn_once
 
-        from .ledger_client import read_token
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
-                                                  cookie_jar=aiohttp.DummyCookieJar())
-        headers = {"Content-Type": "application/json"}
-        token = read_token()
-        if token:
-            headers["Authorization"] = "Bearer " + token
         try:
-            async with self._session.post(self.url, data=orjson.dumps(
-                    {"namespace": namespace, "route": route, "backend": backend}), headers=headers) as resp:
-                raw = await resp.read()
-                if resp.status == 200:
-                    answer = orjson.loads(raw)
-                    return answer if isinstance(answer, dict) else None
-                if time.monotonic() - self._warned > 60:
-                    self._warned = time.monotonic()
-                    log.warning("wake of %s/%s answered HTTP %s: %s", route, backend, resp.status, raw[:200])
+            status, answer = await self.transport({"namespace": namespace, "route": route, "backend": backend})
         except Exception as exc:  # noqa: BLE001 - unreachable: the caller keeps holding or falls back
-            if time.monotonic() - self._warned > 60:
-                self._warned = time.monotonic()
-                log.warning("wake of %s/%s failed: %s", route, backend, type(exc).__name__)
+            _warn_once("wake", f"wake of {route}/{backend} failed: {type(exc).__name__}")
+            return None
+        if status == 200 and answer is not None:
+            return answer
+        why = str((answer or {}).get("error", ""))[:200]
+        _warn_once("wake", f"wake of {route}/{backend} answered HTTP {status}: {why}")
         return None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.transport.close()

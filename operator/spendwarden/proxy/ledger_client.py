@@ -46,7 +46,7 @@ log = logging.getLogger("spendwarden.proxy.ledger")
 TOKEN_FILE_ENV = "SPENDWARDEN_LEDGER_TOKEN_FILE"
 REPORT_PATH = "/v1/report"
 
-# A transport posts one report body and returns (HTTP status, answer or None); raises OSError,
+# A transport posts one body and returns (HTTP status, the JSON object answered or None); raises OSError,
 # asyncio.TimeoutError or aiohttp.ClientError when the ledger cannot be reached.
 Transport = Callable[[dict[str, Any]], Awaitable[tuple[int, "dict[str, Any] | None"]]]
 
@@ -77,10 +77,10 @@ def _warn_once(key: str, message: str, every: float = 60.0, level: int = logging
 
 
 class HttpTransport:
-    """POST {url}/v1/report with the pod's token as Bearer (never logged)."""
+    """POST {url}{path} (the report by default) with the pod's token as Bearer (never logged)."""
 
-    def __init__(self, url: str, timeout: float = 5.0):
-        self.url = url.rstrip("/") + REPORT_PATH
+    def __init__(self, url: str, timeout: float = 5.0, path: str = REPORT_PATH):
+        self.url = url.rstrip("/") + path
         self.timeout = timeout
         self._session: Any = None
 
@@ -96,13 +96,12 @@ class HttpTransport:
             headers["Authorization"] = "Bearer " + token
         async with self._session.post(self.url, data=orjson.dumps(body), headers=headers) as resp:
             raw = await resp.read()
-            if resp.status != 200:
-                return resp.status, None
             try:
                 answer = orjson.loads(raw)
             except orjson.JSONDecodeError:
-                return 200, None
-            return 200, answer if isinstance(answer, dict) else None
+                return resp.status, None
+            # An error answer too: its "error" says why, for the log.
+            return resp.status, answer if isinstance(answer, dict) else None
 
     async def close(self) -> None:
         if self._session is not None:
