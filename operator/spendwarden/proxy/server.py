@@ -35,8 +35,8 @@ from .metrics import OTEL_PROVIDER, Metrics
 from . import spend
 from .translate import ChatStreamTranslator, StreamTranslator, chat_to_message, chat_to_messages, \
     error_to_anthropic, error_to_openai, message_to_chat, messages_to_chat
-from .wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, OPERATION, anthropic_usage, bad, check_request, \
-    event_data, openai_usage, split_events, usage_from_body
+from .wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, OPERATION, anthropic_stream_usage, bad, \
+    check_request, event_data, event_object, openai_usage, split_events, usage_from_body
 
 log = logging.getLogger("spendwarden.proxy")
 
@@ -880,7 +880,6 @@ class Proxy:
         complete = False
         failure: str | None = None
         client_gone = False
-        loads = orjson.loads
         capture = ctx.sp.capture if ctx.sp is not None else None  # for the response cache
         try:
             async for chunk in resp.content.iter_any():
@@ -896,57 +895,33 @@ class Proxy:
                             complete = True
                             keep.extend(translator.done())
                             continue
-                        try:
-                            obj = loads(data) if data else None
-                        except orjson.JSONDecodeError:
-                            obj = None
-                        if not isinstance(obj, dict):
+                        obj = event_object(data)
+                        if obj is None:
                             continue
                         if isinstance(obj.get("usage"), dict):
                             usage = openai_usage(obj["usage"])
                         keep.extend(_translated(translator, obj))
                         continue
                     if translator is not None:
-                        data = event_data(ev)
-                        try:
-                            obj = loads(data) if data else None
-                        except orjson.JSONDecodeError:
-                            obj = None
-                        if not isinstance(obj, dict):
+                        obj = event_object(event_data(ev))
+                        if obj is None:
                             continue
-                        kind = obj.get("type")
-                        if kind == "message_start":
-                            msg = obj.get("message")
-                            usage = anthropic_usage(msg.get("usage") if isinstance(msg, dict) else None)
-                        elif kind == "message_delta":
-                            usage = anthropic_usage(obj.get("usage"), usage)
-                        elif kind == "message_stop":
+                        usage = anthropic_stream_usage(obj, usage)
+                        if obj.get("type") == "message_stop":
                             complete = True
                         keep.extend(_translated(translator, obj))
                         continue
                     if anthropic:
                         head = ev[:48]
                         if b"message_start" in head or b"message_delta" in head:
-                            data = event_data(ev)
-                            try:
-                                obj = loads(data) if data else None
-                            except orjson.JSONDecodeError:
-                                obj = None
-                            if isinstance(obj, dict):
-                                if obj.get("type") == "message_start":
-                                    msg = obj.get("message")
-                                    usage = anthropic_usage(msg.get("usage") if isinstance(msg, dict) else None)
-                                elif obj.get("type") == "message_delta":
-                                    usage = anthropic_usage(obj.get("usage"), usage)
+                            obj = event_object(event_data(ev))
+                            if obj is not None:
+                                usage = anthropic_stream_usage(obj, usage)
                         elif b"message_stop" in head:
                             complete = True
                     elif b'"usage"' in ev:
-                        data = event_data(ev)
-                        try:
-                            obj = loads(data) if data else None
-                        except orjson.JSONDecodeError:
-                            obj = None
-                        if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                        obj = event_object(event_data(ev))
+                        if obj is not None and isinstance(obj.get("usage"), dict):
                             usage = openai_usage(obj["usage"])
                             if not client_usage and not obj.get("choices"):
                                 continue  # the usage chunk we asked for, not the client

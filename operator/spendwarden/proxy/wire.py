@@ -191,3 +191,24 @@ def event_data(event: bytes) -> bytes | None:
                 chunk = chunk[1:]
             data = chunk if data is None else data + b"\n" + chunk
     return data
+
+
+def event_object(data: bytes | None) -> dict[str, Any] | None:
+    """An event's data (event_data) as a JSON object; None for [DONE], garbage or anything else."""
+    try:
+        obj = orjson.loads(data) if data else None
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def anthropic_stream_usage(obj: dict[str, Any], usage: TokenUsage | None) -> TokenUsage | None:
+    """The usage so far after one Anthropic stream event: message_start carries the prompt's,
+    message_delta the output's (merged into what message_start said)."""
+    kind = obj.get("type")
+    if kind == "message_start":
+        msg = obj.get("message")
+        return anthropic_usage(msg.get("usage") if isinstance(msg, dict) else None)
+    if kind == "message_delta":
+        return anthropic_usage(obj.get("usage"), usage)
+    return usage
