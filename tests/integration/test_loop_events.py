@@ -16,8 +16,8 @@ from spendwarden.devtools.mock_upstream import MockUpstream
 from tests.proxy.conftest import ProxyProcess
 
 from .operator_process import wait_for
-from .test_ledger import GROUP, VERSION, Operator, sa_token
-from .test_report import _configmap
+from .test_ledger import Operator, sa_token
+from .test_report import _apply, _configmap
 
 PROMPT = [{"role": "user", "content": "call the tool again please"}]
 
@@ -29,11 +29,6 @@ def operator(control_plane, tmp_path_factory):
     op.start()
     yield op
     op.stop()
-
-
-def _apply(kube, ns: str, kind: str, plural: str, name: str, spec: dict) -> None:
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name}, "spec": spec}
-    client.CustomObjectsApi(kube).create_namespaced_custom_object(GROUP, VERSION, ns, plural, body)
 
 
 def _loop_events(kube, ns: str) -> list:
