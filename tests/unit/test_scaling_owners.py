@@ -49,6 +49,13 @@ def test_the_writer_is_named_by_the_owner_that_is_new_since_the_scalers_write():
     assert foreign_writer(Written(3, before), 0, two) == "rollouts-controller"
 
 
+def test_a_changed_count_under_a_declared_owner_names_it_also_within_the_same_second():
+    # Argo CD re-applies replicas=1 in the second of its first apply: managedFields reads the same.
+    argo = replica_owners([CREATOR, entry("argocd-controller", "Apply", "2026-01-01T00:05:00Z")])
+    assert foreign_writer(Written(3, argo), 1, argo) == "argocd-controller"
+    assert foreign_writer(Written(3, argo), 3, argo) is None, "the count the scaler wrote: no fight"
+
+
 def test_an_apply_of_replicas_is_foreign_even_with_the_same_count_an_update_of_other_fields_is_not():
     before = replica_owners([entry("helm", time="2026-01-01T00:00:00Z")])
     # helm upgraded the image: its entry's time moved, it still owns replicas, the count is the scaler's

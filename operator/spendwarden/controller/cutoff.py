@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import kopf
+from prometheus_client import Gauge
 
 from .. import GROUP, VERSION
 from ..api import modelroute, tokenbudget
@@ -45,6 +46,7 @@ REPLICAS_ANNOTATION = "spendwarden.io/replicas-before-cut-off"
 FIELD_MANAGER = "spendwarden"
 RESYNC = float(os.environ.get("SPENDWARDEN_CUTOFF_RESYNC") or 30)
 RETRY_MIN, RETRY_MAX = 2.0, 60.0
+CUT_OFF = Gauge("spendwarden_namespace_cut_off", "1 while a CutOff budget of the namespace is exhausted.", ["namespace"])
 
 
 def budget_cut(entry: BudgetEntry) -> BudgetCut:
@@ -333,12 +335,19 @@ class CutOffController:
         before = self.seen.get(key)
         self.seen[key] = cut
         if cut != before and (before is not None or cut.cut):
+            self._gauge(entry.namespace)
             self.notify(entry.namespace)
 
     def forget(self, namespace: str, name: str) -> None:
         before = self.seen.pop((namespace, name), None)
         if (before is not None and before.cut) or namespace in self.cut:
+            self._gauge(namespace)
             self.notify(namespace)
+
+    def _gauge(self, namespace: str) -> None:
+        """Set with the ledger change itself (not after the status flush), as the cut-off is."""
+        CUT_OFF.labels(namespace=namespace).set(
+            1 if any(cut.cut for (ns, _), cut in self.seen.items() if ns == namespace) else 0)
 
     def notify(self, namespace: str) -> None:
         if not self.started or not self.ledger.config.serves(namespace):

@@ -55,7 +55,6 @@ FORECAST = Gauge("spendwarden_budget_forecast_exceeded", "1 if the budget runs o
                  ["namespace", "budget"])
 LOOPS = Counter("spendwarden_loops_reported", "Requests proxies refused with 429 loop_detected, as they reported them.",
                 ["namespace", "route"])
-CUT_OFF = Gauge("spendwarden_namespace_cut_off", "1 while a CutOff budget of the namespace is exhausted.", ["namespace"])
 
 
 @dataclass
@@ -531,9 +530,6 @@ class LedgerService:
         for s in ("Active", "Warning", "Exceeded"):
             STATE.labels(namespace=ns, budget=name, state=s).set(1 if s == state else 0)
         FORECAST.labels(namespace=ns, budget=name).set(1 if forecast_exceeded or entry.exhausted() else 0)
-        cut = any(e.namespace == ns and e.spec.onExceeded.value == "CutOff" and e.current.ledger.exhausted()
-                  for e in self.store.entries.values())
-        CUT_OFF.labels(namespace=ns).set(1 if cut else 0)
 
     @staticmethod
     def _drop_gauges(namespace: str, name: str) -> None:

@@ -7,7 +7,8 @@ Policy (issue #5, "no fight with other owners"):
     not there, or not at that time, when the scaler last wrote. Managers named spendwarden* are ours.
   - Kubernetes 1.20 records NO managedFields for writes through the scale subresource (`kubectl
     scale`, HPAs, KEDA; verified on the test control plane: neither manager nor time changes), so such
-    a write is seen only as the changed count and named "unrecorded"; 1.21+ records the manager.
+    a write is seen only as the changed count and named "unrecorded" (or after the manager that
+    server-side-applies the count, if one does); 1.21+ records the manager.
   - Then the scaler writes nothing (condition ScalingConflict=True, reason ForeignReplicaWriter, one
     Warning Event) until the workload is annotated spendwarden.io/scaling=force (the scaler wins from
     then on) or the named manager no longer owns f:spec/f:replicas (an "unrecorded" writer cannot be
@@ -76,6 +77,12 @@ def foreign_writer(written: Written | None, replicas: int, owners: tuple[Replica
     applied = [o for o in new if o.operation == "Apply"]
     if replicas == written.replicas and not applied:
         return None   # an Update of other fields by an old owner of replicas bumps its time: no fight
+    if not new:
+        # No owner is new, yet the count changed: a scale-subresource write (unrecorded on 1.20), or a
+        # re-apply by a declared owner within the same second (managedFields time has 1 s
+        # resolution, so its entry reads unchanged). A foreign Apply owner declares the count and
+        # its next sync would set it anyway: it is the writer the scaler must not fight.
+        new = [o for o in owners if not is_own(o.manager) and o.operation == "Apply"]
     named = sorted(applied or new, key=lambda o: o.time or "")
     return named[-1].manager if named else UNRECORDED
 
