@@ -2,10 +2,12 @@
 proxy processes with real ServiceAccount tokens spend a CutOff budget through the operator's ledger;
 their clamped last requests leave a few tokens that no request fits. The budget becomes Exceeded
 (state, condition, BudgetExceeded Event), the namespace is cut off, both proxies refuse as
-"exhausted", and raising the limit lifts all of it."""
+"exhausted", and raising the limit lifts all of it. A huge prompt that cannot fit what is left does
+not spend the budget while the team's small requests still fit (no false cut-off)."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 import pytest
@@ -36,9 +38,21 @@ def _condition(status: dict, type_: str) -> dict:
     return next(c for c in status.get("conditions") or [] if c["type"] == type_)
 
 
-async def _ask(http: httpx.AsyncClient, proxy: ProxyProcess) -> tuple[int, str]:
+def _route_and_budget(kube, ns: str, up: MockUpstream) -> None:
+    """ModelRoute chat on the mock upstream and a CutOff TokenBudget of LIMIT tokens."""
+    _apply(kube, ns, "ModelRoute", "modelroutes", "chat", {
+        "model": "chat", "defaultBackend": "m", "backends": [
+            {"name": "m", "provider": "OpenAICompatible", "url": up.openai_url, "model": "m",
+             "pricing": {"input": "1", "output": "2"}}]})
+    _apply(kube, ns, "TokenBudget", "tokenbudgets", "monthly", {
+        "period": {"type": "Monthly"}, "limits": {"tokens": {"total": LIMIT}}, "onExceeded": "CutOff",
+        "failMode": "Closed"})
+
+
+async def _ask(http: httpx.AsyncClient, proxy: ProxyProcess, messages: list[dict] = PROMPT,
+               max_tokens: int = 400) -> tuple[int, str]:
     r = await http.post(proxy.openai_url + "/chat/completions", timeout=30,
-                        json={"model": "chat", "max_tokens": 400, "messages": PROMPT})
+                        json={"model": "chat", "max_tokens": max_tokens, "messages": messages})
     return r.status_code, (r.json().get("error") or {}).get("message", "") if r.status_code != 200 else ""
 
 
@@ -65,13 +79,7 @@ async def test_a_budget_that_stops_short_of_its_limit_is_exceeded_and_cut_off(co
     # prompt tokens than the proxy reserves: the budget can never end exactly at its limit.
     # Another loopback address: the cut-off never denies the apiserver's (127.0.0.1 here).
     with MockUpstream(host="127.0.0.2", tokens=100_000) as up:
-        _apply(kube, ns, "ModelRoute", "modelroutes", "chat", {
-            "model": "chat", "defaultBackend": "m", "backends": [
-                {"name": "m", "provider": "OpenAICompatible", "url": up.openai_url, "model": "m",
-                 "pricing": {"input": "1", "output": "2"}}]})
-        _apply(kube, ns, "TokenBudget", "tokenbudgets", "monthly", {
-            "period": {"type": "Monthly"}, "limits": {"tokens": {"total": LIMIT}}, "onExceeded": "CutOff",
-            "failMode": "Closed"})
+        _route_and_budget(kube, ns, up)
         proxies: list[ProxyProcess] = []
         try:
             start_proxies(kube, ns, tmp_path, proxies)
@@ -113,6 +121,57 @@ async def test_a_budget_that_stops_short_of_its_limit_is_exceeded_and_cut_off(co
                         raise AssertionError("a proxy still refuses after the raise")
             wait_for(lambda: (lambda s: s["state"] == "Active" and _condition(s, "Exceeded")["status"] == "False")(
                 get_budget(kube, ns)["status"]), what="the budget Active again, Exceeded False")
+        finally:
+            for p in proxies:
+                p.stop()
+
+
+async def test_a_budget_that_stops_only_a_huge_prompt_is_not_cut_off(control_plane, kube, operator, namespace,
+                                                                     tmp_path):
+    """The false cut-off: with 900 tokens left a 2,000-token prompt cannot fit, but the team's
+    ordinary requests (about 40 tokens at the least) still do. The huge one is refused as "retry
+    shortly"; the budget stays Active, the namespace is not cut off, small requests are served, and
+    only when not even the smallest admitted request fits is the budget spent (TooLittleLeft,
+    naming the small request's need, not the huge one's)."""
+    ns = namespace
+    core = client.CoreV1Api(kube)
+    huge = [{"role": "user", "content": "lorem " * 2000}]  # ~2,000 tokens: below the limit, above what is left
+    with MockUpstream(host="127.0.0.2", tokens=100_000) as up:
+        _route_and_budget(kube, ns, up)
+        proxies: list[ProxyProcess] = []
+        try:
+            start_proxies(kube, ns, tmp_path, proxies, count=1)
+            (proxy,) = proxies
+            async with httpx.AsyncClient() as http:
+                for _ in range(5):  # about 2,100 of the 3,000 tokens
+                    assert (await _ask(http, proxy)) == (200, "")
+                code, message = await _ask(http, proxy, huge, max_tokens=16)
+                assert code == 429 and "retry shortly" in message, message
+                billed = up.totals()["total_tokens"]
+                assert LIMIT - billed < 2000 < LIMIT
+                # The operator heard of the huge need (the proxy asked for it) and flushed its status.
+                status = wait_for(lambda: (lambda s: s if s.get("used", {}).get("totalTokens") == billed and any(
+                    "smallestAdmitted" in p for p in s["ledger"]["proxies"].values()) else None)(
+                    get_budget(kube, ns)["status"]), timeout=15, what=f"used {billed} tokens and smallestAdmitted")
+                await asyncio.sleep(2)  # a cut-off, were there one, would be well under way by now
+                status = get_budget(kube, ns)["status"]
+                assert status["state"] != "Exceeded" and _condition(status, "Exceeded")["status"] == "False"
+                assert policy(kube, ns) is None and not events(kube, ns, "BudgetExceeded")
+                assert "spendwarden.io/cut-off" not in (core.read_namespace(ns).metadata.labels or {})
+                assert operator.metric("spendwarden_namespace_cut_off", namespace=ns) == 0
+                assert (await _ask(http, proxy)) == (200, "")  # the team's ordinary requests go on
+
+            # Small requests until not even the smallest admitted one fits: now it is spent.
+            await _spend_until_refused(proxies)
+            billed = up.totals()["total_tokens"]
+            status = wait_for(lambda: (lambda s: s if s.get("used", {}).get("totalTokens") == billed and
+                                       _condition(s, "Exceeded")["status"] == "True" else None)(
+                get_budget(kube, ns)["status"]), timeout=15, what=f"used {billed} tokens and Exceeded")
+            exceeded = _condition(status, "Exceeded")
+            assert exceeded["reason"] == "TooLittleLeft", exceeded
+            need = int(re.search(r"smallest request needs \((\d+) tokens\)", exceeded["message"]).group(1))
+            assert need < 100 and LIMIT - billed < need, exceeded["message"]  # the small request, not the huge one
+            wait_for(lambda: policy(kube, ns) is not None, what="the cut-off NetworkPolicy")
         finally:
             for p in proxies:
                 p.stop()

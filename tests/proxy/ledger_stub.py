@@ -69,7 +69,8 @@ class LedgerStub:
                 release = Ceiling.from_state(e["releaseTo"]) if e.get("releaseTo") else None
                 if e["periodStart"] == _iso(start):
                     lease = ledger.report(pid, seq, _amount(e["used"]), _amount(e["held"]), _amount(e.get("want")),
-                                          now, release_to=release, need=_amount(e.get("need")))
+                                          now, release_to=release, need=_amount(e.get("need")),
+                                          smallest_admitted=_amount(e.get("smallestAdmitted")))
                     ceiling, expires = lease.ceiling, lease.expires_at
                 elif e["periodStart"] in self.periods[name]:
                     # Late numbers for a finished period count there; the lease is the current period's.

@@ -451,6 +451,44 @@ async def test_a_short_request_gives_back_the_free_lease_and_says_what_it_needs(
         await client.close()
 
 
+async def test_a_huge_prompt_that_cannot_fit_leaves_the_budget_open_for_the_small_requests():
+    """Every report carries the smallest request admitted this period (its least reservation): a
+    huge prompt that what is left cannot hold is refused as "retry shortly", the ledger does not
+    find the budget spent, and the team's small requests are still served. A new period starts
+    without it."""
+    clock = Clock()
+    c = config()
+    stub = LedgerStub(specs(c), clock=clock)
+    book, client, t, _ = make(stub, clock, c)
+    route = c.routes["a"]
+    small = Amount.worst_case(route.default.prices, 100, 16)
+    try:
+        for _ in range(4):  # 8,000 of the 10,000 tokens
+            book.settle(await admit(book, client, route, inp=100, out=1900), route.default.prices,
+                        TokenUsage(100, 1900))
+        await until(lambda: stub.used("closed").total_tokens == 8000)
+        assert t.sent[-1]["budgets"]["closed"]["smallestAdmitted"] == {
+            "inputTokens": 100, "outputTokens": 16, "cost": str(small.cost)}
+        assert "smallestAdmitted" not in t.sent[-1]["budgets"]["open"]  # nothing admitted there
+        with pytest.raises(ProxyError) as refused:
+            await admit(book, client, route, inp=5000, out=100)  # needs 5,016; 2,000 are left
+        assert refused.value.status == 429 and "retry shortly" in refused.value.message
+        ledger = stub.ledgers["closed"]
+        assert client.proxy_id in ledger.unmet and not ledger.exhausted()
+        book.settle(await admit(book, client, route, inp=100, out=500), route.default.prices, TokenUsage(100, 500))
+        assert not book.states["closed"].lease.exceeded and not ledger.exhausted()
+
+        clock.t += 86400  # the next period: the smallest admitted request belongs to the old one
+        book.roll()
+        assert book.states["closed"].lease.smallest_admitted is None
+        n = len(t.sent)
+        await until(lambda: any(b["budgets"]["closed"]["periodStart"] == _iso_of(book.states["closed"].period_start)
+                                for b in t.sent[n:]))
+        assert all("smallestAdmitted" not in b["budgets"]["closed"] for b in t.sent[n:])
+    finally:
+        await client.close()
+
+
 async def test_the_operator_can_ask_for_faster_reports():
     clock = Clock()
     c = config()

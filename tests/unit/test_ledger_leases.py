@@ -6,7 +6,7 @@ from decimal import Decimal
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from spendwarden.ledger.allowance import Allowance, Amount, Limits
+from spendwarden.ledger.allowance import Allowance, Amount, Limits, least
 from spendwarden.ledger.leases import DIMENSIONS, BudgetLedger, Ceiling, LeaseSettings, Shortfall
 
 LIMITS = Limits(total_tokens=10_000, output_tokens=6_000, cost=Decimal("1.00"))
@@ -27,6 +27,7 @@ class Proxy:
         self.inflight: dict[int, Amount] = {}
         self.alive = True
         self.expires_at = 0.0  # no lease yet: nothing may be admitted
+        self.smallest_admitted: Amount | None = None  # least reservation, as the proxy reports it
 
     def snapshot(self) -> tuple[int, Amount, Amount]:
         self.seq += 1
@@ -62,6 +63,7 @@ class LedgerMachine(RuleBasedStateMachine):
         rid = p.local.reserve(amount(inp, out))
         if rid is not None:
             p.inflight[rid] = amount(inp, out)
+            p.smallest_admitted = least(p.smallest_admitted, amount(inp, min(out, 16)))
 
     @rule(data=st.data(), frac=st.integers(0, 100))
     def settle(self, data, frac):
@@ -84,7 +86,7 @@ class LedgerMachine(RuleBasedStateMachine):
         seq, used, held = p.snapshot()
         need = amount(0, min(need_out, want_out)) if want_out and need_out else None
         lease = self.ledger.report(p.pid, seq, used, held, amount(0, want_out) if want_out else None, self.now,
-                                   need=need)
+                                   need=need, smallest_admitted=p.smallest_admitted)
         if deliver_now:
             p.apply(lease.ceiling, lease.expires_at)
         else:
@@ -296,3 +298,107 @@ def test_a_request_larger_than_the_whole_limit_does_not_spend_the_budget():
     assert not ledger.exhausted()  # nothing used: it could never have fitted, the budget is not spent
     ledger.report("a", 2, amount(0, 990), Amount(), amount(0, 100), now=1, need=amount(0, 16))
     assert ledger.shortfall() == Shortfall("total", 10, 16)  # a request that fits a fresh budget does spend it
+
+
+# -- the end of a budget: the smallest request the team makes (leases.py module docstring) ------------
+
+def _spend_to(ledger: BudgetLedger, pid: str, seq: int, used: Amount, now: float, admitted: Amount | None):
+    """A proxy that settled `used` and reports its smallest admitted request (None: an older proxy)."""
+    return ledger.report(pid, seq, used, Amount(), None, now, smallest_admitted=admitted)
+
+
+def test_one_huge_prompt_that_cannot_fit_does_not_spend_a_budget_whose_small_requests_still_fit():
+    ledger = BudgetLedger(Limits(total_tokens=300_000), LeaseSettings(horizon=5))
+    small = amount(500, 16)  # the team's ordinary request, as its least reservation
+    ledger.report("a", 1, Amount(), Amount(), amount(0, 300_000), now=0)
+    _spend_to(ledger, "a", 2, amount(200_000, 50_000), now=1, admitted=small)
+    # 50k left; a 200k prompt cannot fit (and is not larger than the whole limit, so it counts).
+    huge = ledger.report("b", 1, Amount(), Amount(), amount(200_000, 4096), now=2, need=amount(200_000, 16))
+    assert not huge.granted
+    assert not ledger.exhausted() and ledger.shortfall() is None and ledger.exhausted_at is None
+    # ...and the small requests are still served: "a" has room for them, and once it gives its free
+    # escrow back (idle), "b" is granted one too.
+    ledger.report("a", 3, amount(200_000, 50_000), Amount(), None, now=2.5, release_to=Ceiling(total=250_000),
+                  smallest_admitted=small)
+    assert ledger.report("b", 2, Amount(), Amount(), amount(500, 400), now=3, need=small).granted
+    assert not ledger.exhausted()
+
+
+def test_spent_once_not_even_the_smallest_admitted_request_fits():
+    ledger = BudgetLedger(Limits(total_tokens=300_000), LeaseSettings(horizon=5))
+    small = amount(500, 16)
+    ledger.report("a", 1, Amount(), Amount(), amount(0, 300_000), now=0)
+    _spend_to(ledger, "a", 2, amount(250_000, 49_600), now=1, admitted=small)  # 400 left: below 516
+    ledger.report("b", 1, Amount(), Amount(), amount(200_000, 4096), now=2, need=amount(200_000, 16))
+    assert ledger.exhausted() and ledger.exhausted_at == 2
+    # What it says: 400 left, and the smallest request the team makes needs 516 (not the huge one).
+    assert ledger.shortfall() == Shortfall("total", 400, 516)
+
+
+def test_a_team_that_only_sends_huge_requests_is_spent_when_none_fits():
+    ledger = BudgetLedger(Limits(total_tokens=1_000_000), LeaseSettings(horizon=5))
+    huge = amount(200_000, 16)
+    ledger.report("a", 1, Amount(), Amount(), amount(0, 1_000_000), now=0)
+    _spend_to(ledger, "a", 2, amount(800_000, 60_000), now=1, admitted=huge)  # 140k left
+    ledger.report("a", 3, amount(800_000, 60_000), Amount(), amount(200_000, 4096), now=2, need=huge,
+                  smallest_admitted=huge)
+    assert ledger.shortfall() == Shortfall("total", 140_000, 200_016)
+
+
+def test_an_older_proxy_without_smallest_admitted_keeps_the_old_rule():
+    # No proxy reports the field: the unmet needs alone decide, as before (the huge prompt spends it).
+    ledger = BudgetLedger(Limits(total_tokens=300_000), LeaseSettings(horizon=5))
+    ledger.report("a", 1, Amount(), Amount(), amount(0, 300_000), now=0)
+    _spend_to(ledger, "a", 2, amount(200_000, 50_000), now=1, admitted=None)
+    ledger.report("b", 1, Amount(), Amount(), amount(200_000, 4096), now=2, need=amount(200_000, 16))
+    assert ledger.shortfall() == Shortfall("total", 50_000, 200_016)
+    assert "smallestAdmitted" not in ledger.to_state()["proxies"]["a"]
+
+
+def test_smallest_admitted_is_a_cumulative_minimum_and_a_retry_changes_nothing():
+    ledger = BudgetLedger(Limits(total_tokens=10_000))
+    ledger.report("a", 1, Amount(), Amount(), None, now=0, smallest_admitted=amount(100, 16))
+    ledger.report("a", 2, Amount(), Amount(), None, now=1, smallest_admitted=amount(300, 8))
+    assert ledger.smallest_admitted() == Amount(100, 8, amount(100, 16).cost)  # per dimension
+    before = ledger.to_state()
+    assert ledger.report("a", 2, Amount(), Amount(), None, now=1, smallest_admitted=amount(1, 1)).duplicate
+    assert ledger.to_state() == before
+    ledger.report("b", 1, Amount(), Amount(), None, now=1, smallest_admitted=amount(50, 16))
+    assert ledger.smallest_admitted() == Amount(50, 8, amount(50, 16).cost)
+
+
+def test_the_cost_dimension_uses_the_cheapest_admitted_request():
+    # Cost only: 0.01 left. The team's premium requests need more, but it also sends requests to a
+    # cheap backend that still fit: not spent. Once the cheap one does not fit either, spent.
+    ledger = BudgetLedger(Limits(cost=Decimal("1.00")), LeaseSettings(horizon=5))
+    cheap = Amount(500, 16, Decimal("0.005"))
+    premium = Amount(500, 16, Decimal("0.05"))
+    ledger.report("a", 1, Amount(), Amount(), Amount(0, 0, Decimal("1.00")), now=0)
+    ledger.report("a", 2, Amount(1_000_000, 0, Decimal("0.99")), Amount(), None, now=1,
+                  smallest_admitted=least(premium, cheap))
+    ledger.report("b", 1, Amount(), Amount(), premium, now=2, need=premium)
+    assert not ledger.exhausted()
+    ledger.report("a", 3, Amount(1_000_000, 0, Decimal("0.996")), Amount(), None, now=3)
+    ledger.report("b", 2, Amount(), Amount(), premium, now=3, need=premium)
+    assert ledger.shortfall() == Shortfall("cost", Decimal("0.004"), Decimal("0.005"))
+
+
+def test_smallest_admitted_survives_a_restart_and_a_dead_proxy():
+    settings = LeaseSettings(ttl=10, grace=5, horizon=5)
+    ledger = BudgetLedger(Limits(total_tokens=300_000), settings)
+    small = amount(500, 16)
+    ledger.report("a", 1, Amount(), Amount(), amount(0, 300_000), now=0, smallest_admitted=small)
+    # "a" settled 250k and gave back most of its free escrow (its dead charge stays below the limit).
+    ledger.report("a", 2, amount(200_000, 50_000), Amount(), None, now=1, release_to=Ceiling(total=250_000),
+                  smallest_admitted=small)
+    state = ledger.to_state()
+    assert state["proxies"]["a"]["smallestAdmitted"] == {"inputTokens": 500, "outputTokens": 16, "cost": str(small.cost)}
+    again = BudgetLedger.from_state(ledger.limits, state, settings)
+    assert again.smallest_admitted() == small and again.to_state() == state
+    # "a" goes silent and is presumed dead: what it admitted still counts for the period.
+    assert again.expire(now=100) == ["a"]
+    assert again.smallest_admitted() == small
+    restored = BudgetLedger.from_state(again.limits, again.to_state(), settings)
+    assert restored.smallest_admitted() == small and restored.to_state() == again.to_state()
+    restored.report("b", 1, Amount(), Amount(), amount(200_000, 16), now=101, need=amount(200_000, 16))
+    assert not restored.exhausted()  # the huge prompt still cannot cut the team off

@@ -42,7 +42,11 @@ def test_parse_report_rejects_malformed_bodies_with_the_field_named():
                        ({**body(1), "budgets": {"m": {"used": {}}}}, "periodStart"),
                        ({**body(1), "budgets": {"m": {"periodStart": START, "used": {"inputTokens": "5"}}}}, "inputTokens"),
                        ({**body(1), "budgets": {"m": {"periodStart": START, "used": {"cost": "abc"}}}}, "cost"),
-                       ({**body(1), "budgets": {"m": {"periodStart": START, "used": {}, "releaseTo": {"x": 1}}}}, "releaseTo")]:
+                       ({**body(1), "budgets": {"m": {"periodStart": START, "used": {}, "releaseTo": {"x": 1}}}}, "releaseTo"),
+                       (body(1, smallestAdmitted=[1]), r"budgets\.monthly\.smallestAdmitted: must be an object"),
+                       (body(1, smallestAdmitted={"inputTokens": -1}), r"smallestAdmitted\.inputTokens: must be a non-negative"),
+                       (body(1, smallestAdmitted={"cost": "1e400x"}), r"smallestAdmitted\.cost"),
+                       (body(1, smallestAdmitted={"tokens": 5}), r"smallestAdmitted: unknown field")]:
         with pytest.raises(ReportError, match=field):
             parse_report(bad)
     rep = parse_report(body(3, used=(10, 5), want=(0, 100), releaseTo={"total": 40}))
@@ -285,7 +289,7 @@ def test_a_budget_spent_short_of_its_limit_is_exceeded_everywhere_and_a_raise_li
     assert status["state"] == "Exceeded" and status["percentUsed"] == 99 and status["remaining"] == {"tokens": 3}
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Exceeded"]["status"] == "True" and conditions["Exceeded"]["reason"] == "TooLittleLeft"
-    assert "3 tokens left, less than the smallest waiting request needs (20 tokens)" in conditions["Exceeded"]["message"]
+    assert "3 tokens left, less than the team's smallest request needs (20 tokens)" in conditions["Exceeded"]["message"]
     assert conditions["ForecastExhausted"]["reason"] == "Exhausted" and status["forecastExhaustion"] is None
     events = dict(store.events(entry))
     assert "exhausted (99%: 3 tokens left" in events["BudgetExceeded"]
@@ -301,3 +305,31 @@ def test_a_budget_spent_short_of_its_limit_is_exceeded_everywhere_and_a_raise_li
     assert after["state"] == "Active" and after["ledger"].get("exhaustedAt") is None
     assert {c["type"]: c["status"] for c in after["conditions"]}["Exceeded"] == "False"
     assert send(restarted, again, body(3, used=(400, 597)))[0]["cutOff"] is False
+
+
+def test_smallest_admitted_keeps_a_huge_prompt_from_cutting_the_team_off_also_after_a_restart():
+    """One proxy serves the team's small requests and reports the smallest it admitted; another
+    cannot fit a huge prompt into what is left. Not spent (no cutOff, state not Exceeded); the
+    minimum lives in status.ledger, so a restarted operator decides the same; once not even the
+    small request fits, the budget is spent and says so."""
+    spec = {**SPEC, "limits": {"tokens": {"total": 1000}}, "onExceeded": "CutOff"}
+    small = {"inputTokens": 20, "outputTokens": 16, "cost": "0"}
+    huge = {"inputTokens": 600, "outputTokens": 16, "cost": "0"}
+    store = LedgerStore()
+    entry = store.load(budget(spec), NOW)
+    send(store, entry, body(1, want=(0, 1000), smallestAdmitted=small))
+    send(store, entry, body(2, used=(400, 100), smallestAdmitted=small, releaseTo={"total": 500}))
+    answer, _ = send(store, entry, body(1, proxy="p2", want=(600, 400), need=huge))
+    assert answer["cutOff"] is False and answer["state"] != "Exceeded"  # 500 left: small ones still fit
+    status = store.status(entry, NOW)
+    assert status["ledger"]["proxies"]["p1"]["smallestAdmitted"] == small
+    restarted = LedgerStore()
+    again = restarted.load(budget(spec, **copy.deepcopy(status)), NOW + timedelta(seconds=1))
+    answer, _ = send(restarted, again, body(2, proxy="p2", want=(600, 400), need=huge), ts=TS + 1)
+    assert answer["cutOff"] is False and not again.exhausted()
+    # p1 settles all but 30 tokens: the small request (36) no longer fits either.
+    send(restarted, again, body(3, used=(700, 270), smallestAdmitted=small), ts=TS + 2)
+    answer, _ = send(restarted, again, body(3, proxy="p2", want=(600, 400), need=huge), ts=TS + 2)
+    assert answer["cutOff"] is True and answer["state"] == "Exceeded"
+    assert "30 tokens left, less than the team's smallest request needs (36 tokens)" in \
+        {c["type"]: c for c in restarted.status(again, NOW)["conditions"]}["Exceeded"]["message"]

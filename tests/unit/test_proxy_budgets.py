@@ -2,6 +2,7 @@ from decimal import Decimal
 
 import pytest
 
+from spendwarden.ledger.allowance import Amount, Limits
 from spendwarden.ledger.pricing import TokenUsage
 from spendwarden.proxy.budgets import BudgetBook
 from spendwarden.proxy.config import compile_config, parse_config_text
@@ -184,3 +185,43 @@ def test_reload_keeps_usage_unless_the_period_changes():
                                "pricing: {input: '1', output: '1'}}]}\n")
     book.sync(compile_config(cfg).budgets)
     assert book.states == {}
+
+
+def _leased_book(c, limits):
+    """A ledger-mode book whose budget holds a valid lease of `limits` (as the ledger client sets it)."""
+    clock = Clock()
+    book = BudgetBook(clock=clock)
+    book.ledger = True
+    book.sync(c.budgets)
+    st = book.states["b"]
+    st.lease.valid_until, st.lease.ceiling = clock() + 60, limits
+    st.allowance.limits = limits
+    return book, st
+
+
+def test_the_smallest_admitted_request_is_its_least_reservation_and_falls_per_dimension():
+    c = config(limits='{tokens: {total: 10000}}')
+    book, st = _leased_book(c, Limits(total_tokens=10_000))
+    route = c.routes["chat"]
+    big = route.backends["big"]
+    book.admit(route, big, 300, 500, 1, route.downgrade)
+    assert st.lease.smallest_admitted == Amount.worst_case(big.prices, 300, 16)  # output as a clamp may cut it
+    book.admit(route, big, 100, 8, 1, route.downgrade)
+    assert st.lease.smallest_admitted == Amount.worst_case(big.prices, 100, 8)
+    book.admit(route, big, 200, 4, 2, route.downgrade)  # 2 choices of 4: 8 output tokens
+    assert st.lease.smallest_admitted == Amount.worst_case(big.prices, 100, 8)
+
+
+def test_downgraded_and_alert_only_requests_are_not_what_a_budget_covers():
+    c = config("Downgrade", '{cost: {amount: "0.01"}}')
+    book, st = _leased_book(c, Limits(cost=Decimal("0.01")))
+    route = c.routes["chat"]
+    big = route.backends["big"]
+    assert book.admit(route, big, 100, 1000, 1, route.downgrade).downgraded  # past what the lease covers
+    assert st.lease.smallest_admitted is None
+    assert not book.admit(route, big, 100, 100, 1, route.downgrade).downgraded
+    assert st.lease.smallest_admitted == Amount.worst_case(big.prices, 100, 16)
+    c = config("AlertOnly")
+    book, st = _leased_book(c, Limits(total_tokens=1000))
+    book.admit(c.routes["chat"], big, 100, 100, 1, None)
+    assert st.lease.smallest_admitted is None

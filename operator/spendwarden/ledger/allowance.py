@@ -84,6 +84,13 @@ class Amount:
         return cls(input_tokens, max_output_tokens, worst_case_cost(prices, input_tokens, max_output_tokens))
 
 
+def least(a: Amount | None, b: Amount) -> Amount:
+    """The per-dimension minimum of two amounts (`a` None: `b`): a lower bound on both requests."""
+    if a is None:
+        return b
+    return Amount(min(a.input_tokens, b.input_tokens), min(a.output_tokens, b.output_tokens), min(a.cost, b.cost))
+
+
 @dataclass(slots=True)
 class Remaining:
     """What is left; None where there is no limit of that kind."""

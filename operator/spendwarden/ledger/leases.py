@@ -29,8 +29,18 @@ own free escrow in the same report. A `need` is granted whole or not at all: a p
 only strand a fragment no request fits, while fragments given back collect in the pool until one
 fits. A budget is SPENT (exhausted: CutOff refuses everything) when it is used up in a limited
 dimension, or when what is left of it (limit - used, so even with every lease given back and every
-request in flight settled at nothing) is smaller than the smallest need any proxy could not get in
-the last `horizon` seconds: no request that is waiting can ever be served in this period.
+request in flight settled at nothing) cannot cover the smallest request the team makes: in some
+limited dimension it is below the per-dimension minimum of
+  - the smallest need any proxy could not get in the last `horizon` seconds (at least one is
+    required: without a request refused for lack of budget nothing proves the budget spent), and
+  - the smallest request the proxies ADMITTED this period, measured like `need` (its least possible
+    reservation: prompt, least useful output, their cost), which each proxy reports as a cumulative
+    minimum (`smallest_admitted`; older proxies send none, and then the unmet needs alone decide).
+So one huge prompt that cannot fit what is left does not cut off a team whose ordinary requests
+still fit; a team whose every request is huge is spent once none fits. A need larger than the whole
+limit never fits however much is left: it proves nothing and is left out. The minima are taken per
+dimension (tokens from one request, cost from another, a zero-price backend's requests needing no
+money), so they never overstate what the team needs: spent comes late rather than falsely.
 """
 from __future__ import annotations
 
@@ -38,7 +48,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from .allowance import Amount, Limits
+from .allowance import Amount, Limits, least
 
 DIMENSIONS = ("total", "input", "output", "cost")
 
@@ -102,6 +112,9 @@ class ProxyAccount:
     # Recent spend rate in the budget's tightest dimension per second: sizes the next lease.
     rate: float = 0.0
     last_report_at: float | None = None
+    # The smallest request p admitted this period (its least possible reservation; None: none
+    # reported, e.g. an older proxy). The module docstring's end of a budget.
+    smallest_admitted: Amount | None = None
 
 
 @dataclass(slots=True)
@@ -117,7 +130,8 @@ class Lease:
 @dataclass(frozen=True, slots=True)
 class Shortfall:
     """Why a budget is spent: in `dim` what is left (limit - used) is `left`, below `need`, the
-    smallest request that could not be granted (None: the limit itself is reached)."""
+    smallest request the team makes (the smaller of the smallest one that could not be granted and
+    the smallest one admitted this period; None: the limit itself is reached)."""
 
     dim: str
     left: Any
@@ -144,10 +158,13 @@ class BudgetLedger:
         # Dead proxies' charges, kept for the period so a proxy that was only partitioned can be
         # reconciled when it reports again (proxy id -> what was charged for it).
         self.tombstones: dict[str, Amount] = {}
+        # The smallest request admitted this period by proxies presumed dead (their accounts are gone).
+        self.retired_admitted: Amount | None = None
         # When the budget was last found spent (unix time; None while it is not): when CutOff began.
         self.exhausted_at: float | None = None
-        # Needs that could not be granted, per proxy: (when, need). The smallest recent one decides
-        # whether what is left can still serve anything; `spent_for` is the need that proved it could not.
+        # Needs that could not be granted, per proxy: (when, need). With the smallest admitted request
+        # the smallest recent one decides whether what is left can still serve anything; `spent_for`
+        # is the least request that proved it could not.
         self.unmet: dict[str, tuple[float, Amount]] = {}
         self.spent_for: Amount | None = None
         # When this operator instance restored the ledger (None: it started it). Not persisted.
@@ -160,6 +177,14 @@ class BudgetLedger:
         for acct in self.proxies.values():
             total = total + acct.used
         return total
+
+    def smallest_admitted(self) -> Amount | None:
+        """The per-dimension minimum of the requests admitted this period (None: none reported)."""
+        smallest = self.retired_admitted
+        for acct in self.proxies.values():
+            if acct.smallest_admitted is not None:
+                smallest = least(smallest, acct.smallest_admitted)
+        return smallest
 
     def committed(self, dim: str, exclude: str | None = None) -> Any:
         """retired + sum of max(ceiling, used) in one dimension."""
@@ -202,13 +227,15 @@ class BudgetLedger:
     # -- the report ------------------------------------------------------------------------------
 
     def report(self, proxy_id: str, seq: int, used: Amount, held: Amount, want: Amount | None, now: float,
-               release_to: Ceiling | None = None, need: Amount | None = None) -> Lease:
+               release_to: Ceiling | None = None, need: Amount | None = None,
+               smallest_admitted: Amount | None = None) -> Lease:
         """Apply one proxy report and answer with its lease.
 
         used: the proxy's cumulative settled usage this period; held: its reservations in flight;
         want: what it would like to be able to commit on top of used + held (None: size it for me);
         release_to: the proxy has lowered its own ceiling to this and gives the rest back;
-        need: the smallest waiting request (granted whole or not at all).
+        need: the smallest waiting request (granted whole or not at all);
+        smallest_admitted: the proxy's smallest admitted request this period (cumulative minimum).
         """
         acct = self.proxies.get(proxy_id)
         if acct is None:
@@ -231,6 +258,8 @@ class BudgetLedger:
         acct.used = _max_amount(acct.used, used)  # cumulative: never moves backwards
         acct.held = held
         acct.last_report_at = now
+        if smallest_admitted is not None:
+            acct.smallest_admitted = least(acct.smallest_admitted, smallest_admitted)
         if release_to is not None:
             acct.ceiling = _floor_ceiling(release_to, Ceiling.committed(self.limits, acct.used + acct.held))
 
@@ -276,8 +305,9 @@ class BudgetLedger:
                   if t >= now - self.settings.horizon and _short_of(self.limits, Amount(), n) is None]
         if not recent:
             return
-        smallest = Amount(min(n.input_tokens for n in recent), min(n.output_tokens for n in recent),
-                          min(n.cost for n in recent))
+        smallest = self.smallest_admitted()
+        for unmet in recent:
+            smallest = least(smallest, unmet)
         if _short_of(self.limits, self.used(), smallest) is not None:
             self.spent_for = smallest
 
@@ -349,6 +379,8 @@ class BudgetLedger:
         for pid in dead:
             acct = self.proxies.pop(pid)
             self.unmet.pop(pid, None)
+            if acct.smallest_admitted is not None:
+                self.retired_admitted = least(self.retired_admitted, acct.smallest_admitted)
             charge = _escrow_as_amount(self.limits, acct)
             self.retired = self.retired + charge
             self.tombstones[pid] = charge
@@ -359,15 +391,16 @@ class BudgetLedger:
     # -- persistence -----------------------------------------------------------------------------
 
     def to_state(self) -> dict[str, Any]:
-        return {
+        out = {
             "retired": _amount_state(self.retired),
-            "proxies": {pid: {"used": _amount_state(a.used), "held": _amount_state(a.held),
-                              "ceiling": a.ceiling.to_state(), "seq": a.seq, "expiresAt": a.expires_at}
-                        for pid, a in sorted(self.proxies.items())},
+            "proxies": {pid: _account_state(a) for pid, a in sorted(self.proxies.items())},
             "tombstones": {pid: _amount_state(c) for pid, c in sorted(self.tombstones.items())},
             "exhaustedAt": self.exhausted_at,
             "spentFor": _amount_state(self.spent_for) if self.spent_for is not None else None,
         }
+        if self.retired_admitted is not None:
+            out["retiredSmallestAdmitted"] = _amount_state(self.retired_admitted)
+        return out
 
     @classmethod
     def from_state(cls, limits: Limits, data: dict[str, Any], settings: LeaseSettings | None = None) -> "BudgetLedger":
@@ -376,11 +409,13 @@ class BudgetLedger:
         for pid, a in (data.get("proxies") or {}).items():
             ledger.proxies[pid] = ProxyAccount(used=_amount_from(a.get("used") or {}), held=_amount_from(a.get("held") or {}),
                                                ceiling=Ceiling.from_state(a.get("ceiling") or {}), seq=int(a.get("seq", 0)),
-                                               expires_at=float(a.get("expiresAt", 0.0)))
+                                               expires_at=float(a.get("expiresAt", 0.0)),
+                                               smallest_admitted=_optional_amount(a.get("smallestAdmitted")))
         ledger.tombstones = {pid: _amount_from(c) for pid, c in (data.get("tombstones") or {}).items()}
         at = data.get("exhaustedAt")
         ledger.exhausted_at = float(at) if at is not None else None
-        ledger.spent_for = _amount_from(data["spentFor"]) if data.get("spentFor") else None
+        ledger.spent_for = _optional_amount(data.get("spentFor"))
+        ledger.retired_admitted = _optional_amount(data.get("retiredSmallestAdmitted"))
         return ledger
 
 
@@ -439,3 +474,15 @@ def _amount_state(a: Amount) -> dict[str, Any]:
 
 def _amount_from(data: dict[str, Any]) -> Amount:
     return Amount(int(data.get("inputTokens", 0)), int(data.get("outputTokens", 0)), Decimal(str(data.get("cost", "0"))))
+
+
+def _optional_amount(data: dict[str, Any] | None) -> Amount | None:
+    return _amount_from(data) if data else None
+
+
+def _account_state(a: ProxyAccount) -> dict[str, Any]:
+    out = {"used": _amount_state(a.used), "held": _amount_state(a.held), "ceiling": a.ceiling.to_state(),
+           "seq": a.seq, "expiresAt": a.expires_at}
+    if a.smallest_admitted is not None:
+        out["smallestAdmitted"] = _amount_state(a.smallest_admitted)
+    return out

@@ -55,6 +55,9 @@ class BudgetReport:
     breakdown: Breakdown | None = None  # optional (proxies before it simply send none)
     hard_release_to: Ceiling | None = None  # the same for the hard-ceiling lease (Downgrade)
     need: Amount | None = None
+    # Optional (older proxies send none): the smallest request this proxy admitted this period, as
+    # its least possible reservation; a cumulative minimum (leases.py, the end of a budget).
+    smallest_admitted: Amount | None = None
 
 
 @dataclass(slots=True)
@@ -144,6 +147,8 @@ def parse_report(body: Any) -> Report:
             held=_amount(entry.get("held") or {}, f"{where}.held"),
             want=_amount(entry["want"], f"{where}.want") if entry.get("want") is not None else None,
             need=_amount(entry["need"], f"{where}.need") if entry.get("need") is not None else None,
+            smallest_admitted=(_amount(entry["smallestAdmitted"], f"{where}.smallestAdmitted")
+                               if entry.get("smallestAdmitted") is not None else None),
             release_to=_ceiling(entry["releaseTo"], f"{where}.releaseTo") if entry.get("releaseTo") is not None else None,
             breakdown=_breakdown(entry.get("breakdown"), f"{where}.breakdown"),
             hard_release_to=(_ceiling(entry["hardReleaseTo"], f"{where}.hardReleaseTo")
@@ -277,7 +282,7 @@ class BudgetEntry:
         if unit is None:
             unit = self.spec.limits.cost.currency if self.spec.limits.cost is not None else ""
             left, need = format_money(left), format_money(need)
-        return f"{left} {unit} left, less than the smallest waiting request needs ({need} {unit})"
+        return f"{left} {unit} left, less than the team's smallest request needs ({need} {unit})"
 
 
 def _periods(spec: TokenBudgetSpec, now: datetime) -> tuple[str, str]:
@@ -454,7 +459,8 @@ class LedgerStore:
         cur = entry.current
         if rep.period_start == cur.start:
             returning = proxy_id in cur.ledger.tombstones
-            lease = cur.ledger.report(proxy_id, seq, rep.used, rep.held, rep.want, now_ts, rep.release_to, rep.need)
+            lease = cur.ledger.report(proxy_id, seq, rep.used, rep.held, rep.want, now_ts, rep.release_to, rep.need,
+                                      rep.smallest_admitted)
             hard = cur.hard.report(proxy_id, seq, rep.used, rep.held, rep.want, now_ts, rep.hard_release_to) \
                 if cur.hard is not None else None
             if not lease.duplicate:

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..api.tokenbudget import FailMode, OnExceeded
-from ..ledger.allowance import Allowance, Amount, Limits, clamp_output, hard_ceiling
+from ..ledger.allowance import Allowance, Amount, Limits, clamp_output, hard_ceiling, least
 from ..ledger.breakdown import Breakdown
 from ..ledger.periods import current_period
 from ..ledger.pricing import Prices, TokenUsage, cost
@@ -53,6 +53,9 @@ class LeaseView:
     released_at: float = -1.0  # last_admit when the lease was last released (once per idle spell)
     want: Amount | None = None  # worst cases of requests waiting for a bigger lease (next report)
     need: Amount | None = None  # the smallest of them, clamped to the least useful output
+    # The smallest request admitted this period, measured like `need` (cumulative minimum, reported
+    # with every report): the ledger finds the budget spent only when not even that fits.
+    smallest_admitted: Amount | None = None
     previous: tuple[datetime, Amount] | None = None  # a finished period's final usage, not yet reported
     previous_breakdown: Breakdown | None = None  # ...and where it went (route, backend, tag)
 
@@ -203,8 +206,7 @@ class BudgetBook:
         assert requested_output is not None
         want = requested_output
         if self.ledger:
-            self._lease_checks(states, backend, input_tokens, want * choices, downgrade_to, may_wait, now_ts,
-                               min(want, MIN_USEFUL_OUTPUT) * choices)
+            self._lease_checks(states, backend, input_tokens, want, choices, downgrade_to, may_wait, now_ts)
         downgraded = False
         # Downgrade budgets: when this request does not fit, move it to the cheap backend.
         for st in states:
@@ -258,10 +260,13 @@ class BudgetBook:
                                  else not st.allowance.covers(Amount())):
                 adm.over_budget.append(st.budget.name)
             adm.holds.append((st, rid))
+        if self.ledger:
+            _note_admitted(states, least_reservation(prices, input_tokens, want, choices), downgraded)
         return adm
 
-    def _lease_checks(self, states: list[BudgetState], backend: BackendRt, input_tokens: int, output: int,
-                      downgrade_to: BackendRt | None, may_wait: bool, now_ts: float, least_output: int = 0) -> None:
+    def _lease_checks(self, states: list[BudgetState], backend: BackendRt, input_tokens: int, want: int,
+                      choices: int, downgrade_to: BackendRt | None, may_wait: bool, now_ts: float) -> None:
+        output = want * choices
         short: list[BudgetState] = []
         worst: Amount | None = None
         for st in states:
@@ -300,7 +305,7 @@ class BudgetBook:
         if short:
             raise LeaseShort(short, worst if worst is not None else
                              Amount.worst_case(backend.prices, input_tokens, output),
-                             Amount.worst_case(backend.prices, input_tokens, min(least_output, output) or output))
+                             least_reservation(backend.prices, input_tokens, want, choices))
 
     def release(self, adm: Admission) -> None:
         for st, rid in adm.holds:
@@ -356,6 +361,28 @@ class BudgetBook:
                 st.allowance.charge_open_reservations()
                 self.dirty = True
         self.save(fsync=True)
+
+
+def least_reservation(prices: Prices, input_tokens: int, want: int, choices: int) -> Amount:
+    """The least a request may reserve and still be admitted: its prompt and, per choice, the output a
+    clamp may not go below (`need` in the ledger protocol)."""
+    return Amount.worst_case(prices, input_tokens, min(want, MIN_USEFUL_OUTPUT) * choices)
+
+
+def _note_admitted(states: list[BudgetState], need: Amount, downgraded: bool) -> None:
+    """Lower the leases' smallest admitted request to `need`. Not for AlertOnly budgets (they never
+    refuse), nor for a Downgrade budget's downgraded request (past its limit: not what it covers), nor
+    for a request that reserves no tokens at all (it fits any budget, so it proves nothing)."""
+    if need.total_tokens == 0:
+        return
+    for st in states:
+        lease, on = st.lease, st.budget.on_exceeded
+        if lease is None or on is OnExceeded.ALERT_ONLY or (downgraded and on is OnExceeded.DOWNGRADE):
+            continue
+        old = lease.smallest_admitted
+        if old is None or need.input_tokens < old.input_tokens or need.output_tokens < old.output_tokens \
+                or need.cost < old.cost:
+            lease.smallest_admitted = least(old, need)
 
 
 def budget_exceeded(st: BudgetState, now_ts: float, hard: bool = False) -> ProxyError:
@@ -420,6 +447,7 @@ def _new_period_lease(st: BudgetState) -> None:
     lease.previous = (st.period_start, st.allowance.used)
     lease.previous_breakdown = st.breakdown
     lease.ceiling, lease.valid_until, lease.local, lease.cut_off, lease.exceeded = None, 0.0, False, False, False
+    lease.smallest_admitted = None
     st.allowance.limits = zero_limits(lease.whole)
     if st.hard is not None:
         st.hard = zero_limits(st.hard)

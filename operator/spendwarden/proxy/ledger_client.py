@@ -11,6 +11,9 @@ synchronous (budgets.py); this module only moves numbers between the allowances 
   output clamped; the report also gives back this process's free escrow, which the request could
   not use, so fragments of a nearly spent budget are pooled where one request fits); a waiting
   request is admitted again as soon as that report is answered (server.py waits at most `wait` s);
+- every report carries `smallestAdmitted`, the least reservation of the smallest request admitted
+  this period: the ledger finds a budget spent only when not even that fits what is left, so one
+  huge request that cannot fit does not cut off a team whose ordinary requests still do;
 - a report is resent unchanged (same seq) until it is answered: usage is cumulative, so a retry or a
   lost answer can never count twice;
 - idle budgets give back what they do not use: the local ceiling is lowered FIRST, then reported
@@ -34,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from ..ledger.allowance import Amount, Limits
+from ..ledger.allowance import Amount, Limits, least
 from ..ledger.leases import Ceiling
 from ..ledger.loops import LoopQueue
 from .backend_load import BackendLoads
@@ -131,10 +134,6 @@ def _lowered(ceiling: Limits, floor: Ceiling) -> Limits:
     """`ceiling` lowered to `floor` in every dimension both have."""
     return Limits(*(None if c is None else (min(c, f) if f is not None else c)
                     for c, f in zip(_dims(ceiling), _dims(floor.as_limits()))))
-
-
-def _least(a: Amount, b: Amount) -> Amount:
-    return Amount(min(a.input_tokens, b.input_tokens), min(a.output_tokens, b.output_tokens), min(a.cost, b.cost))
 
 
 def _committed_ceiling(whole: Limits, a: Amount) -> Ceiling:
@@ -302,6 +301,9 @@ class LedgerClient:
                     self._kick.set()
                 continue
             entry = {"periodStart": _iso(st.period_start), "used": _amount(a.used), "held": _amount(a.reserved)}
+            if lease.smallest_admitted is not None:
+                # Cumulative like `used`, so sent every time: a restarted operator cannot miss it.
+                entry["smallestAdmitted"] = _amount(lease.smallest_admitted)
             if st.breakdown.rows:
                 entry["breakdown"] = st.breakdown.to_wire()
             if lease.want is not None:
@@ -433,7 +435,7 @@ class LedgerClient:
             lease = st.lease
             if lease is not None:
                 lease.want = short.amount if lease.want is None else lease.want + short.amount
-                lease.need = short.need if lease.need is None else _least(lease.need, short.need)
+                lease.need = least(lease.need, short.need)
         # The next report built carries the want; the one in flight (if any) does not.
         need = self.seq + 1
         fut = asyncio.get_running_loop().create_future()
