@@ -416,6 +416,11 @@ def main() -> int:
     t = time.monotonic()
     with ControlPlane(crds=[ROOT / "crds"]) as cp:
         res["control_plane_s"] = round(time.monotonic() - t, 1)
+        if args.pin:  # etcd, apiserver and controller-manager share the load's core: core 1 is the operator's
+            for proc in cp._procs:
+                if proc.popen is not None:
+                    subprocess.run(["taskset", "-a", "-p", "-c", LOAD_CORE, str(proc.popen.pid)], check=False,
+                                   capture_output=True)
         print(f"control plane up in {res['control_plane_s']} s; creating {args.namespaces} namespaces", flush=True)
         res["create_s"] = round(create_objects(cp, args.namespaces), 1)
         tokens = tokens_for(cp, min(args.token_namespaces, args.namespaces))

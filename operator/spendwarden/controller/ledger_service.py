@@ -40,10 +40,12 @@ from ..render.status import LEDGER_FIELDS
 from .alerts import WebhookSender, WebhookSettings
 from .bodies import plain
 from .cutoff import CutOffController
+from .ledger_http import LedgerHttpServer
 
 log = logging.getLogger(__name__)
 
 AUDIENCE = "spendwarden"
+MAX_BODY = 1 << 20  # a report names at most MAX_BUDGETS_PER_REPORT budgets: far below this
 SA_PREFIX = "system:serviceaccount:"
 
 REPORTS = Counter("spendwarden_ledger_reports_total", "Usage reports accepted from proxies.")
@@ -226,7 +228,7 @@ class LedgerService:
         self._flush: dict[tuple[str, str], _FlushState] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._unknown: dict[tuple[str, str], float] = {}  # short negative cache of missing budgets
-        self._runner: web.AppRunner | None = None
+        self._server: LedgerHttpServer | None = None
         self._ticker: asyncio.Task | None = None
         self._events: set[asyncio.Task] = set()
         self.loops = LoopAggregator()  # LoopDetected Events: at most one per route a minute
@@ -236,11 +238,17 @@ class LedgerService:
 
     # lifecycle
 
+    def routes(self) -> dict[str, dict[str, Any]]:
+        return {"/v1/report": {"POST": self.handle_report}, "/v1/wake": {"POST": self.handle_wake},
+                "/healthz": {"GET": self.handle_healthz}}
+
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 20)
-        app.router.add_post("/v1/report", self.handle_report)
-        app.router.add_post("/v1/wake", self.handle_wake)
-        app.router.add_get("/healthz", self.handle_healthz)
+        """The same handlers on an aiohttp app (tests, embedding); the operator serves them with
+        ledger_http, which costs a quarter of aiohttp's CPU per request."""
+        app = web.Application(client_max_size=MAX_BODY)
+        for path, methods in self.routes().items():
+            for method, handler in methods.items():
+                app.router.add_route(method, path, handler)
         return app
 
     async def start(self) -> None:
@@ -248,11 +256,8 @@ class LedgerService:
             log.warning("LEDGER AUTHENTICATION IS OFF (--ledger-insecure): anyone who can reach port %s can "
                         "report usage for any namespace and obtain budget grants. Never use this in a cluster.",
                         self.config.port)
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.addr, self.config.port)
-        await site.start()
-        self.port = self.config.port
+        self._server = LedgerHttpServer(self.routes(), max_body=MAX_BODY)
+        self.port = await self._server.start(self.config.addr, self.config.port)
         self._ticker = asyncio.create_task(self._tick_forever(), name="spendwarden-ledger-tick")
         await self.cutoff.start()
         log.info("ledger service listening", extra={"addr": self.config.addr, "port": self.config.port,
@@ -260,9 +265,9 @@ class LedgerService:
 
     async def stop(self) -> None:
         """Stop answering, then persist every dirty budget (the shutdown flush)."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
         if self._ticker is not None:
             self._ticker.cancel()
         await self.cutoff.stop()
@@ -306,7 +311,7 @@ class LedgerService:
         if isinstance(who, web.Response):
             return who
         try:
-            body = await request.json(loads=orjson.loads)  # orjson: the report path is the hot one
+            body = orjson.loads(await request.read())  # orjson on the bytes: the report path is the hot one
         except (ValueError, UnicodeDecodeError):
             return self._reject(400, "bad_request", "the body is not JSON")
         try:

@@ -83,6 +83,8 @@ async def _run(namespace: str) -> None:
     try:
         while namespace in _dirty:
             _dirty.discard(namespace)
+            if reconcile.up_to_date(namespace, lambda: _inventory.in_namespace(namespace)):
+                continue
             try:
                 await loop.run_in_executor(_pool, lambda: reconcile.reconcile_namespace(
                     namespace, lambda: _inventory.in_namespace(namespace), _warn, LEDGER_URL,

@@ -12,6 +12,7 @@ ceilings a restarted operator reads back then include every ceiling any proxy wa
 """
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -520,8 +521,8 @@ class LedgerStore:
     def _answer(self, entry: BudgetEntry, ceiling: Ceiling | None, expires_at: float | None,
                 hard: Ceiling | None = None) -> dict[str, Any]:
         spec = entry.spec
-        fraction = entry.fraction()
-        _, state = entry.state()
+        fraction, exhausted = entry.fraction(), entry.exhausted()
+        _, state = budget_state(spec, fraction, exhausted)
         out: dict[str, Any] = {}
         if ceiling is not None:
             out["ceiling"] = ceiling.to_state()
@@ -531,7 +532,7 @@ class LedgerStore:
         cur = entry.current
         out.update({"periodStart": cur.start, "periodEnd": cur.end, "state": state.value,
                     "onExceeded": spec.onExceeded.value, "failMode": spec.failMode.value,
-                    "cutOff": (spec.onExceeded.value == "CutOff" and cur.ledger.exhausted())
+                    "cutOff": (spec.onExceeded.value == "CutOff" and exhausted)
                     or (cur.hard is not None and cur.hard.exhausted())})  # Downgrade past its hard ceiling
         if not out["cutOff"] and fraction >= TAIL_FRACTION:
             # The last few percent: every proxy must hear of the cut-off within a second of it.
@@ -608,6 +609,7 @@ def _condition(conditions: Any, type_: str) -> Any:
 FORECAST_CONDITION = "ForecastExhausted"
 
 
+@functools.lru_cache(maxsize=256)  # period bounds: a few distinct strings, parsed on every report
 def _ts(rfc3339: str) -> float:
     return datetime.strptime(rfc3339, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
 

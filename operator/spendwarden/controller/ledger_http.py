@@ -1,0 +1,260 @@
+"""A minimal HTTP/1.1 server for the ledger API (the proxies' POST /v1/report, about once a second each).
+
+Why not aiohttp's web.Application, which the rest of the operator uses: per request it costs about
+80 µs of CPU before the handler runs (router, middlewares, request and response objects); this
+server costs about 18 µs (bench/README.md, "Ledger HTTP server"), and the report path is what the
+ledger's throughput target (issue #4: >= 5,000 reports/s) is made of. Handlers are the same
+coroutines as on an aiohttp app (LedgerService.app() serves them there, for tests and embedding):
+they take a request with `.headers.get()`, `await .read()` and `await .json()`, and return an
+aiohttp `web.Response`.
+
+What it speaks: HTTP/1.1 (and 1.0) requests with a Content-Length body (or none), keep-alive and
+pipelining (answers in order), `Connection: close`. What it refuses, each with a JSON error and the
+connection closed: a request line or headers over 16 KiB (431), a body over the limit (413),
+Transfer-Encoding (411: the proxies send Content-Length), anything unparseable (400). Unknown
+paths get 404, known paths with another method 405. A handler that raises answers 500; the server
+stays up. Idle keep-alive connections are closed after `idle_timeout`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD = 16 * 1024
+MAX_QUEUED = 32  # pipelined requests read ahead per connection before reading pauses
+
+
+class Headers:
+    """Case-insensitive lookup, as the handlers use aiohttp's."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: dict[str, str]):
+        self._items = items
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._items.get(name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._items
+
+
+class Request:
+    __slots__ = ("method", "path", "headers", "body")
+
+    def __init__(self, method: str, path: str, headers: Headers, body: bytes):
+        self.method, self.path, self.headers, self.body = method, path, headers, body
+
+    async def read(self) -> bytes:
+        return self.body
+
+    async def json(self, loads: Callable[[Any], Any] = json.loads) -> Any:
+        return loads(self.body)
+
+
+Handler = Callable[[Any], Awaitable[web.StreamResponse]]
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _reply(status: int, body: bytes, content_type: str, close: bool,
+           extra: list[tuple[str, str]] | None = None) -> bytes:
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Unknown"
+    head = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+    head += [f"{k}: {v}" for k, v in extra or ()]
+    if close:
+        head.append("Connection: close")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _error(status: int, message: str, close: bool) -> bytes:
+    return _reply(status, json.dumps({"error": message}).encode(), "application/json", close)
+
+
+_SKIP_HEADERS = frozenset(("content-type", "content-length", "transfer-encoding", "connection"))
+
+
+def _serialize(resp: web.StreamResponse, close: bool) -> bytes:
+    body = getattr(resp, "body", None) or b""
+    if not isinstance(body, bytes | bytearray):
+        raise TypeError(f"the ledger API answers with bytes bodies, not {type(body).__name__}")
+    content_type = resp.headers.get("Content-Type") or "application/octet-stream"
+    extra = [(k, v) for k, v in resp.headers.items() if k.lower() not in _SKIP_HEADERS]
+    return _reply(resp.status, bytes(body), content_type, close, extra)
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: LedgerHttpServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.queue: deque[Request | bytes] = deque()   # parsed requests, or a final error answer
+        self.worker: asyncio.Task | None = None
+        self.closing = False      # no more requests are read (an error, Connection: close, or EOF)
+        self.paused = False
+        self.last_active = time.monotonic()
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.closing = True
+        self.queue.clear()
+
+    def eof_received(self) -> bool:
+        self.closing = True
+        if self.worker is None or self.worker.done():
+            return False  # nothing in flight: let the transport close
+        return True       # answer what is in flight, then close
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.last_active = time.monotonic()
+        self.buffer += data
+        try:
+            self._parse()
+        except _BadRequest as exc:
+            self.closing = True
+            self.queue.append(_error(exc.status, str(exc), close=True))
+        if self.queue and (self.worker is None or self.worker.done()):
+            self.worker = asyncio.get_running_loop().create_task(self._work())
+        if len(self.queue) >= MAX_QUEUED and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    # -- parsing
+
+    def _parse(self) -> None:
+        buf = self.buffer
+        while not self.closing:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    raise _BadRequest(431, "request line and headers exceed 16 KiB")
+                return
+            if end > MAX_HEAD:
+                raise _BadRequest(431, "request line and headers exceed 16 KiB")
+            lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+            parts = lines[0].split(" ")
+            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+                raise _BadRequest(400, "malformed request line")
+            method, target, version = parts
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if not sep or not name or name != name.strip():
+                    raise _BadRequest(400, "malformed header line")
+                headers[name.lower()] = value.strip()
+            if "transfer-encoding" in headers:
+                raise _BadRequest(411, "send the body with Content-Length (Transfer-Encoding is not supported)")
+            length_text = headers.get("content-length", "0")
+            if not length_text.isdigit():
+                raise _BadRequest(400, "Content-Length: not a number")
+            length = int(length_text)
+            if length > self.server.max_body:
+                raise _BadRequest(413, f"the body exceeds {self.server.max_body} bytes")
+            if len(buf) < end + 4 + length:
+                return
+            body = bytes(buf[end + 4:end + 4 + length])
+            del buf[:end + 4 + length]
+            connection = headers.get("connection", "").lower()
+            if connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive"):
+                self.closing = True
+            self.queue.append(Request(method, target.partition("?")[0], Headers(headers), body))
+
+    # -- answering (in order)
+
+    async def _work(self) -> None:
+        while self.queue and self.transport is not None and not self.transport.is_closing():
+            item = self.queue.popleft()
+            last = self.closing and not self.queue
+            answer = item if isinstance(item, bytes) else await self._answer(item, last)
+            if self.transport.is_closing():
+                return
+            self.transport.write(answer)
+            self.last_active = time.monotonic()
+            if self.paused and len(self.queue) < MAX_QUEUED // 2:
+                self.paused = False
+                self.transport.resume_reading()
+        if self.closing and self.transport is not None:
+            self.transport.close()
+
+    async def _answer(self, request: Request, close: bool) -> bytes:
+        methods = self.server.routes.get(request.path)
+        if methods is None:
+            return _error(404, f"no such endpoint: {request.path[:100]}", close)
+        handler = methods.get(request.method)
+        if handler is None:
+            return _reply(405, json.dumps({"error": f"{request.method[:10]} is not allowed here"}).encode(),
+                          "application/json", close, [("Allow", ", ".join(sorted(methods)))])
+        try:
+            return _serialize(await handler(request), close)
+        except Exception:  # noqa: BLE001 - one bad request must not take the server down
+            log.exception("ledger API handler failed", extra={"path": request.path})
+            return _error(500, "internal error; retry", close)
+
+
+class LedgerHttpServer:
+    """Serves `routes` ({path: {method: handler}}) on host:port until stop()."""
+
+    def __init__(self, routes: dict[str, dict[str, Handler]], max_body: int = 1 << 20, idle_timeout: float = 75.0):
+        self.routes = routes
+        self.max_body = max_body
+        self.idle_timeout = idle_timeout
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        self._sweeper = loop.create_task(self._sweep())
+        return self._server.sockets[0].getsockname()[1]
+
+    async def _sweep(self) -> None:
+        """Close keep-alive connections idle for longer than idle_timeout (nothing in flight)."""
+        while True:
+            await asyncio.sleep(min(self.idle_timeout / 2, 10.0))
+            now = time.monotonic()
+            for conn in list(self.connections):
+                idle = conn.worker is None or conn.worker.done()
+                if idle and not conn.queue and now - conn.last_active > self.idle_timeout and conn.transport:
+                    conn.transport.close()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, let answers in flight finish (up to `grace` seconds), close the rest."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            self._server.close()
+        workers = [c.worker for c in self.connections if c.worker is not None and not c.worker.done()]
+        if workers:
+            await asyncio.wait(workers, timeout=grace)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
