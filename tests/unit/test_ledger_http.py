@@ -8,7 +8,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from spendwarden.controller.ledger_http import LedgerHttpServer
+from spendwarden.controller.ledger_http import LedgerHttpServer, Reply
 
 
 async def echo(request) -> web.Response:
@@ -25,7 +25,11 @@ async def boom(request) -> web.Response:
     raise RuntimeError("a bug")
 
 
-ROUTES = {"/echo": {"POST": echo}, "/slow": {"POST": slow}, "/boom": {"GET": boom},
+async def reply(request) -> Reply:
+    return Reply(201, b'{"fast": true}')
+
+
+ROUTES = {"/echo": {"POST": echo}, "/reply": {"POST": reply}, "/slow": {"POST": slow}, "/boom": {"GET": boom},
           "/health": {"GET": lambda r: asyncio.sleep(0, web.json_response({"ok": True}))}}
 
 
@@ -59,6 +63,8 @@ async def test_keep_alive_requests_are_answered_on_one_connection(server):
             assert r.status_code == 200 and r.json() == {"got": {"n": i}, "auth": "Bearer t"}
             assert r.headers["content-type"].startswith("application/json")
         assert (await http.get("/health")).json() == {"ok": True}
+        r = await http.post("/reply", content=b"")
+        assert (r.status_code, r.json(), r.headers["content-type"]) == (201, {"fast": True}, "application/json")
         assert len(server[0].connections) == 1
 
 

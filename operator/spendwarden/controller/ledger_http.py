@@ -6,7 +6,7 @@ server costs about 18 µs (bench/README.md, "Ledger HTTP server"), and the repor
 ledger's throughput target (issue #4: >= 5,000 reports/s) is made of. Handlers are the same
 coroutines as on an aiohttp app (LedgerService.app() serves them there, for tests and embedding):
 they take a request with `.headers.get()`, `await .read()` and `await .json()`, and return an
-aiohttp `web.Response`.
+aiohttp `web.Response` or, on the hot path, a `Reply` (cheaper to build).
 
 What it speaks: HTTP/1.1 (and 1.0) requests with a Content-Length body (or none), keep-alive and
 pipelining (answers in order), `Connection: close`. What it refuses, each with a JSON error and the
@@ -62,7 +62,26 @@ class Request:
         return loads(self.body)
 
 
-Handler = Callable[[Any], Awaitable[web.StreamResponse]]
+class Reply:
+    """A JSON answer, without the header machinery of a web.Response."""
+
+    __slots__ = ("status", "body")
+
+    def __init__(self, status: int, body: bytes):
+        self.status, self.body = status, body
+
+
+Handler = Callable[[Any], Awaitable["web.StreamResponse | Reply"]]
+
+
+def aiohttp_handler(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The handler for an aiohttp app: a Reply becomes a web.Response."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        answer = await handler(request)
+        if isinstance(answer, Reply):
+            return web.Response(status=answer.status, body=answer.body, content_type="application/json")
+        return answer
+    return handle
 
 
 class _BadRequest(Exception):
@@ -91,7 +110,9 @@ def _error(status: int, message: str, close: bool) -> bytes:
 _SKIP_HEADERS = frozenset(("content-type", "content-length", "transfer-encoding", "connection"))
 
 
-def _serialize(resp: web.StreamResponse, close: bool) -> bytes:
+def _serialize(resp: web.StreamResponse | Reply, close: bool) -> bytes:
+    if type(resp) is Reply:
+        return _reply(resp.status, resp.body, "application/json", close)
     body = getattr(resp, "body", None) or b""
     if not isinstance(body, bytes | bytearray):
         raise TypeError(f"the ledger API answers with bytes bodies, not {type(body).__name__}")

@@ -4,8 +4,8 @@ operator from a kopf startup handler, plus the operator's Prometheus metrics.
 Thin: hand-parsed bodies (ledger/store.parse_report), a TokenReview per ServiceAccount token (cached),
 then the pure store (ledger/store.py, over the lease core ledger/leases.py). What this module adds
 is I/O: loading a budget's persisted ledger from the apiserver before its first report is applied,
-writing it back (status.ledger + the usage fields) at most every FLUSH_INTERVAL per dirty budget and
-at shutdown, and the group commit: an answer that raises a ceiling waits until the state containing
+writing it back (status.ledger + the usage fields) at most every FLUSH_INTERVAL per dirty budget
+(longer when more budgets are dirty than MAX_WRITES_PER_SECOND allows at that interval) and at shutdown, and the group commit: an answer that raises a ceiling waits until the state containing
 that ceiling is persisted, so a restarted operator never grants the same headroom twice.
 
 The store is touched only from the event loop; apiserver calls run in threads.
@@ -40,7 +40,7 @@ from ..render.status import LEDGER_FIELDS
 from .alerts import WebhookSender, WebhookSettings
 from .bodies import plain
 from .cutoff import CutOffController
-from .ledger_http import LedgerHttpServer
+from .ledger_http import LedgerHttpServer, Reply, aiohttp_handler
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ class LedgerConfig:
     insecure: bool = False           # no authentication: standalone experiments only
     metrics_port: int = 9090         # 0: no metrics endpoint
     flush_interval: float = 2.0      # at most one write per dirty budget this often (grants excepted)
+    # ... and at most this many such writes a second in all: with many busy budgets each is written
+    # less often (200 busy budgets: every 4 s), so the apiserver's (and our own watch's) load is bounded.
+    max_writes_per_second: float = 50.0
     review_ttl: float = 60.0         # how long a positive TokenReview answer is trusted
     commit_timeout: float = 10.0     # a grant not persisted by then is answered 503 (proxy retries)
     lease_ttl: float = LeaseSettings.ttl      # tests shorten these: a killed proxy is charged after ttl + grace
@@ -90,6 +93,7 @@ class LedgerConfig:
                    insecure=env.get("SPENDWARDEN_LEDGER_INSECURE", "").lower() in ("1", "true", "yes"),
                    metrics_port=int(env.get("SPENDWARDEN_METRICS_PORT") or 9090),
                    flush_interval=float(env.get("SPENDWARDEN_LEDGER_FLUSH_INTERVAL") or 2.0),
+                   max_writes_per_second=float(env.get("SPENDWARDEN_LEDGER_MAX_WRITES_PER_SECOND") or 50.0),
                    lease_ttl=float(env.get("SPENDWARDEN_LEDGER_LEASE_TTL") or LeaseSettings.ttl),
                    lease_grace=float(env.get("SPENDWARDEN_LEDGER_LEASE_GRACE") or LeaseSettings.grace))
 
@@ -234,6 +238,7 @@ class LedgerService:
         self.loops = LoopAggregator()  # LoopDetected Events: at most one per route a minute
         self.alerts = WebhookSender(WebhookSettings.from_env())
         self.port: int | None = None
+        self.flush_interval = config.flush_interval  # stretched by the tick when many budgets are dirty
         self.cutoff = CutOffController(self)  # NetworkPolicy, label, scale-to-zero of exhausted CutOff budgets
 
     # lifecycle
@@ -248,7 +253,7 @@ class LedgerService:
         app = web.Application(client_max_size=MAX_BODY)
         for path, methods in self.routes().items():
             for method, handler in methods.items():
-                app.router.add_route(method, path, handler)
+                app.router.add_route(method, path, aiohttp_handler(handler))
         return app
 
     async def start(self) -> None:
@@ -339,7 +344,7 @@ class LedgerService:
                                      status=503)
         if backends:
             answer["backends"] = backends
-        return web.Response(body=orjson.dumps(answer), content_type="application/json")
+        return Reply(200, orjson.dumps(answer))  # not a web.Response: its headers cost more than the answer
 
     async def handle_wake(self, request: web.Request) -> web.Response:
         """POST /v1/wake {namespace, route, backend}: a proxy holds a request for a backend at zero."""
@@ -468,7 +473,7 @@ class LedgerService:
         if st.task is not None and not st.task.done():
             st.again = st.again or urgent
             return
-        if urgent or time.monotonic() - st.last >= self.config.flush_interval:
+        if urgent or time.monotonic() - st.last >= self.flush_interval:
             st.task = asyncio.create_task(self._flush_loop(entry), name=f"ledger-flush-{entry.namespace}/{entry.name}")
 
     async def _flush_loop(self, entry: BudgetEntry) -> None:
@@ -601,7 +606,10 @@ class LedgerService:
                 now_ts, now = time.time(), datetime.now(timezone.utc)
                 self.store.tick(now_ts, now)
                 self._announce_loops()  # refusals held back by the per-route interval
-                for entry in list(self.store.entries.values()):
+                dirty = [entry for entry in self.store.entries.values() if entry.dirty]
+                self.flush_interval = max(self.config.flush_interval,
+                                          len(dirty) / max(self.config.max_writes_per_second, 0.1))
+                for entry in dirty:
                     if entry.dirty:
                         # A grant still waiting (an earlier flush failed) is urgent.
                         urgent = any(pl is not None and pl.raised for pl in (entry.current, entry.previous))
