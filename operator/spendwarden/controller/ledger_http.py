@@ -127,7 +127,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.queue: deque[Request | bytes] = deque()   # parsed requests, or a final error answer
-        self.worker: asyncio.Task | None = None
+        self.worker: asyncio.Task | None = None      # one per connection, for its lifetime
+        self.wakeup: asyncio.Future | None = None    # set while the worker waits for a request
         self.closing = False      # no more requests are read (an error, Connection: close, or EOF)
         self.paused = False
         self.last_active = time.monotonic()
@@ -142,12 +143,22 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.closing = True
         self.queue.clear()
+        self._wake()  # an idle worker ends
 
     def eof_received(self) -> bool:
         self.closing = True
-        if self.worker is None or self.worker.done():
-            return False  # nothing in flight: let the transport close
-        return True       # answer what is in flight, then close
+        if self.busy:
+            return True   # answer what is in flight, then close
+        return False      # nothing in flight: let the transport close
+
+    @property
+    def busy(self) -> bool:
+        """A request is being answered or waits in the queue."""
+        return bool(self.queue) or (self.worker is not None and not self.worker.done() and self.wakeup is None)
+
+    def _wake(self) -> None:
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -159,8 +170,11 @@ class _Connection(asyncio.Protocol):
         except _BadRequest as exc:
             self.closing = True
             self.queue.append(_error(exc.status, str(exc), close=True))
-        if self.queue and (self.worker is None or self.worker.done()):
-            self.worker = asyncio.get_running_loop().create_task(self._work())
+        if self.queue:
+            if self.worker is None:  # a task per connection, not per request (a task costs ~5 µs)
+                self.worker = asyncio.get_running_loop().create_task(self._work())
+            else:
+                self._wake()
         if len(self.queue) >= MAX_QUEUED and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
@@ -208,7 +222,14 @@ class _Connection(asyncio.Protocol):
     # -- answering (in order)
 
     async def _work(self) -> None:
-        while self.queue and self.transport is not None and not self.transport.is_closing():
+        while self.transport is not None and not self.transport.is_closing():
+            if not self.queue:
+                if self.closing:
+                    break
+                self.wakeup = asyncio.get_running_loop().create_future()
+                await self.wakeup
+                self.wakeup = None
+                continue
             item = self.queue.popleft()
             last = self.closing and not self.queue
             answer = item if isinstance(item, bytes) else await self._answer(item, last)
@@ -219,7 +240,7 @@ class _Connection(asyncio.Protocol):
             if self.paused and len(self.queue) < MAX_QUEUED // 2:
                 self.paused = False
                 self.transport.resume_reading()
-        if self.closing and self.transport is not None:
+        if self.transport is not None:
             self.transport.close()
 
     async def _answer(self, request: Request, close: bool) -> bytes:
@@ -260,8 +281,7 @@ class LedgerHttpServer:
             await asyncio.sleep(min(self.idle_timeout / 2, 10.0))
             now = time.monotonic()
             for conn in list(self.connections):
-                idle = conn.worker is None or conn.worker.done()
-                if idle and not conn.queue and now - conn.last_active > self.idle_timeout and conn.transport:
+                if not conn.busy and now - conn.last_active > self.idle_timeout and conn.transport:
                     conn.transport.close()
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -270,12 +290,15 @@ class LedgerHttpServer:
             self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
-        workers = [c.worker for c in self.connections if c.worker is not None and not c.worker.done()]
+        workers = [c.worker for c in self.connections if c.busy and c.worker is not None]
         if workers:
             await asyncio.wait(workers, timeout=grace)
+        rest = [c.worker for c in self.connections if c.worker is not None]
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
+        if rest:
+            await asyncio.wait(rest, timeout=1.0)  # idle workers end once their connection is lost
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None

@@ -63,9 +63,11 @@ def _dim(amount: Amount, dim: str) -> Any:
     return amount.cost
 
 
+_LIMIT_FIELD = {"total": "total_tokens", "input": "input_tokens", "output": "output_tokens", "cost": "cost"}
+
+
 def _limit(limits: Limits, dim: str) -> Any:
-    return {"total": limits.total_tokens, "input": limits.input_tokens,
-            "output": limits.output_tokens, "cost": limits.cost}[dim]
+    return getattr(limits, _LIMIT_FIELD[dim])  # called ~17 times a report: no dict built per call
 
 
 @dataclass(slots=True)
