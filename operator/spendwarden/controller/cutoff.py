@@ -331,12 +331,8 @@ class CutOffController:
 
     def observe(self, entry: BudgetEntry) -> None:
         """A budget's ledger changed: re-examine its namespace if its part in a cut-off changed."""
-        key = (entry.namespace, entry.name)
+        key, cut = (entry.namespace, entry.name), budget_cut(entry)
         before = self.seen.get(key)
-        if before is not None and before.uid == entry.uid and before.routes == tuple(entry.spec.routes) and \
-                before.cut == (entry.spec.onExceeded == tokenbudget.OnExceeded.CUT_OFF and entry.current.ledger.exhausted()):
-            return  # nothing the cut-off depends on changed (the common case: called on every report)
-        cut = budget_cut(entry)
         self.seen[key] = cut
         if cut != before and (before is not None or cut.cut):
             self._gauge(entry.namespace)

@@ -611,10 +611,9 @@ class LedgerService:
                 self.flush_interval = max(self.config.flush_interval,
                                           len(dirty) / max(self.config.max_writes_per_second, 0.1))
                 for entry in dirty:
-                    if entry.dirty:
-                        # A grant still waiting (an earlier flush failed) is urgent.
-                        urgent = any(pl is not None and pl.raised for pl in (entry.current, entry.previous))
-                        self._request_flush(entry, urgent=urgent)
+                    # A grant still waiting (an earlier flush failed) is urgent.
+                    urgent = any(pl is not None and pl.raised for pl in (entry.current, entry.previous))
+                    self._request_flush(entry, urgent=urgent)
             except Exception:  # noqa: BLE001 - the next tick tries again
                 log.exception("ledger tick failed")
 

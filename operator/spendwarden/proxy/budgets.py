@@ -379,10 +379,7 @@ def _note_admitted(states: list[BudgetState], need: Amount, downgraded: bool) ->
         lease, on = st.lease, st.budget.on_exceeded
         if lease is None or on is OnExceeded.ALERT_ONLY or (downgraded and on is OnExceeded.DOWNGRADE):
             continue
-        old = lease.smallest_admitted
-        if old is None or need.input_tokens < old.input_tokens or need.output_tokens < old.output_tokens \
-                or need.cost < old.cost:
-            lease.smallest_admitted = least(old, need)
+        lease.smallest_admitted = least(lease.smallest_admitted, need)
 
 
 def budget_exceeded(st: BudgetState, now_ts: float, hard: bool = False) -> ProxyError:
