@@ -57,6 +57,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason="SPENDWARDEN_SKIP_INTEGRATION=1"))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failed test shows the end of each operator log it used: a timeout alone says nothing of why."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for name, value in getattr(item, "funcargs", {}).items():
+        tail = getattr(value, "tail", None)
+        if callable(tail):
+            try:
+                report.sections.append((f"log of fixture {name!r} (last 80 lines)", tail(80)))
+            except Exception as exc:  # noqa: BLE001 - the report must not fail on its garnish
+                report.sections.append((f"log of fixture {name!r}", f"unreadable: {exc}"))
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Obtain the binaries here, not in the fixture: a first build takes minutes and a fixture's set-up
     counts against the per-test timeout. Only when integration tests were selected to run."""

@@ -53,6 +53,9 @@ class Operator:
         wait_for(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, timeout=timeout or 20,
                  what="ledger /healthz")
 
+    def tail(self, n: int = 40) -> str:
+        return self.proc.tail(n) if self.proc is not None else ""
+
     def kill(self) -> None:
         assert self.proc is not None and self.proc.proc is not None
         self.proc.proc.kill()  # SIGKILL: no shutdown flush

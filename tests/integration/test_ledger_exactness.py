@@ -271,8 +271,14 @@ def settle_and_compare(rig: Rig, kube, name: str, billed_before: dict, timeout: 
 
 def cutoff_latencies(rig: Rig, kube, name: str, res: RunResult) -> list[float]:
     """Per proxy: from the moment the ledger found the budget spent to the proxy's first refusal
-    as exhausted (429 budget_exceeded, Retry-After = the period's end). Empty if never spent."""
-    spent = get_budget(kube, rig.namespace, name)["status"]["ledger"].get("exhaustedAt")
+    as exhausted (429 budget_exceeded, Retry-After = the period's end). Empty if never spent.
+    The ledger answers "spent" before its next status write (up to the flush interval later), so
+    once a proxy was cut off the status is given that long to show when."""
+    def exhausted_at() -> float | None:
+        return get_budget(kube, rig.namespace, name)["status"]["ledger"].get("exhaustedAt")
+
+    spent = (wait_for(exhausted_at, timeout=15, what=f"{name}: status.ledger.exhaustedAt")
+             if res.first_cutoff else exhausted_at())
     return [res.first_cutoff[pi] - spent for pi in sorted(res.first_cutoff)] if spent else []
 
 

@@ -15,6 +15,15 @@ from .. import GROUP, VERSION
 log = logging.getLogger(__name__)
 _api: client.ApiClient | None = None
 
+# (connect, read) seconds for every call that names no timeout of its own. The client's default is
+# none at all: one connection the apiserver never answers would hold a reconcile thread for good.
+REQUEST_TIMEOUT = (10.0, 60.0)
+
+
+class _ApiClient(client.ApiClient):
+    def call_api(self, method, url, header_params=None, body=None, post_params=None, _request_timeout=None):  # type: ignore[no-untyped-def]
+        return super().call_api(method, url, header_params, body, post_params, _request_timeout or REQUEST_TIMEOUT)
+
 
 def api_client() -> client.ApiClient:
     global _api
@@ -27,7 +36,7 @@ def api_client() -> client.ApiClient:
         # kopf's handler threads, the ledger's and cutoff's threads share it; the default (5 per CPU)
         # made urllib3 discard and reopen TLS connections under load.
         configuration.connection_pool_maxsize = 32
-        _api = client.ApiClient(configuration)
+        _api = _ApiClient(configuration)
     return _api
 
 
