@@ -40,7 +40,8 @@ def test_complete_once_everything_listed_at_start_up_was_delivered():
     inv = Inventory()
     inv.observe(None, obj("ModelRoute", "early"))  # the watch may deliver before the list returns
     assert not inv.complete()  # nothing known yet: never render from a partial view
-    inv.expect(["team-a/ModelRoute/early", "team-a/TokenBudget/monthly", "team-b/ModelRoute/chat"])
+    inv.expect([("team-a", "team-a/ModelRoute/early"), ("team-a", "team-a/TokenBudget/monthly"),
+                ("team-b", "team-b/ModelRoute/chat")])
     assert not inv.complete()
     inv.observe(None, obj("TokenBudget", "monthly"))
     inv.observe("DELETED", obj("ModelRoute", "chat", ns="team-b"))
@@ -50,10 +51,30 @@ def test_complete_once_everything_listed_at_start_up_was_delivered():
 def test_objects_deleted_before_the_watch_listed_them_are_rechecked():
     clock = Clock()
     inv = Inventory(relist_after=20, clock=clock)
-    inv.expect(["a", "gone"])
+    inv.expect([("team-a", "a"), ("team-b", "gone")])
     inv.observe(None, obj("ModelRoute", "chat", uid="a"))
     assert not inv.complete() and not inv.needs_recheck()
     clock.now = 20
     assert inv.needs_recheck()
-    inv.recheck(["a", "created-later"])
+    inv.recheck([("team-a", "a"), ("team-c", "created-later")])
     assert inv.complete() and not inv.needs_recheck()
+
+
+def test_each_namespace_is_complete_once_its_own_objects_arrived():
+    """One namespace whose objects never arrive holds back only itself."""
+    clock = Clock()
+    inv = Inventory(relist_after=20, clock=clock)
+    assert not inv.complete("team-a")  # the start-up list is not known yet
+    inv.expect([("team-a", "a1"), ("team-a", "a2"), ("stuck", "s1")])
+    assert not inv.complete("team-a") and not inv.complete("stuck")
+    assert inv.complete("team-new")  # nothing of it existed at start-up
+    inv.observe(None, obj("ModelRoute", "chat", uid="a1"))
+    assert not inv.complete("team-a")
+    inv.observe(None, obj("TokenBudget", "monthly", uid="a2"))
+    assert inv.complete("team-a") and not inv.complete()
+    assert inv.pending() == ["stuck"]
+    clock.now = 20
+    inv.recheck([("stuck", "s1")])  # it still exists: still waited for
+    assert not inv.complete("stuck") and inv.pending() == ["stuck"]
+    inv.recheck([])
+    assert inv.complete("stuck") and inv.complete() and inv.pending() == []

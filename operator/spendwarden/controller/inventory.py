@@ -9,12 +9,15 @@ namespace from half of its objects (a ConfigMap without its routes would reach t
 
 `complete`: the start-up list's object uids, each crossed off when its event (or a deletion) arrives;
 objects deleted between that list and the watch's own never arrive, so after `relist_after` seconds
-the remainder is checked against a fresh list. Thread-safe: events arrive on the event loop,
-snapshots are taken in reconcile threads.
+the remainder is checked against a fresh list. Kept per namespace: a namespace is rendered once its
+own objects have arrived, so one whose objects the watches never deliver (a namespace kopf stopped
+watching while it terminates) holds back only itself, never the others.
+Thread-safe: events arrive on the event loop, snapshots are taken in reconcile threads.
 """
 from __future__ import annotations
 
 import threading
+from collections import Counter
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,7 +27,8 @@ class Inventory:
     def __init__(self, relist_after: float = 20.0, clock: Callable[[], float] = time.monotonic):
         self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
         self._lock = threading.Lock()
-        self._expected: set[str] | None = None   # None: the start-up list is not known yet
+        self._expected: dict[str, str] | None = None  # uid -> namespace; None: the start-up list is not known yet
+        self._pending: Counter[str] = Counter()       # namespace -> how many of its expected uids are still out
         self._seen: set[str] = set()             # uids delivered before the start-up list was known
         self._since = clock()
         self.relist_after = relist_after
@@ -60,23 +64,35 @@ class Inventory:
 
     # -- completeness of the first listing
 
-    def expect(self, uids: Iterable[str]) -> None:
-        """The uids that existed at start-up (a list made before the watches started)."""
+    def expect(self, objects: Iterable[tuple[str, str]]) -> None:
+        """The (namespace, uid) of every object that existed at start-up (a list made before the
+        watches started)."""
         with self._lock:
-            self._expected = set(uids) - self._seen
+            self._expected = {uid: ns for ns, uid in objects if uid not in self._seen}
+            self._pending = Counter(self._expected.values())
             self._seen.clear()
             self._since = self.clock()
 
-    def recheck(self, existing: Iterable[str]) -> None:
-        """A fresh list: expected objects that no longer exist will never arrive."""
+    def recheck(self, existing: Iterable[tuple[str, str]]) -> None:
+        """A fresh list of (namespace, uid): expected objects that no longer exist will never arrive."""
         with self._lock:
             if self._expected is not None:
-                self._expected &= set(existing)
+                still = {uid for _, uid in existing}
+                self._expected = {uid: ns for uid, ns in self._expected.items() if uid in still}
+                self._pending = Counter(self._expected.values())
             self._since = self.clock()
 
-    def complete(self) -> bool:
+    def complete(self, namespace: str | None = None) -> bool:
+        """Whether the start-up listing has been delivered: in `namespace`, or everywhere."""
         with self._lock:
-            return self._expected is not None and not self._expected
+            if self._expected is None:
+                return False
+            return not self._expected if namespace is None else not self._pending.get(namespace)
+
+    def pending(self) -> list[str]:
+        """The namespaces still waiting for objects of the start-up list, sorted."""
+        with self._lock:
+            return sorted(ns for ns, n in self._pending.items() if n)
 
     def needs_recheck(self) -> bool:
         with self._lock:
@@ -88,7 +104,9 @@ class Inventory:
         if self._expected is None:
             self._seen.add(uid)
         else:
-            self._expected.discard(uid)
+            ns = self._expected.pop(uid, None)
+            if ns is not None:
+                self._pending[ns] -= 1
 
 
 class _RoutesView:

@@ -64,7 +64,7 @@ def _warn(obj: dict[str, Any], reason: str, message: str) -> None:
 def _observe(event_type: str | None, body: kopf.Body) -> str:
     namespace = _inventory.observe(event_type, plain(body))
     _dirty.add(namespace)
-    if _inventory.complete():
+    if _inventory.complete(namespace):
         _start(namespace)
     return namespace
 
@@ -107,21 +107,29 @@ async def tokenbudget_event(event: dict[str, Any], body: kopf.Body, **_: Any) ->
     _remember_reset(_observe(event.get("type"), body))
 
 
-def _list_all() -> list[dict[str, Any]]:
-    """Every ModelRoute and TokenBudget in the watched namespaces, as the apiserver has them now."""
+def _list_all() -> list[tuple[str, str]]:
+    """(namespace, uid) of every ModelRoute and TokenBudget in the watched namespaces, as the apiserver
+    has them now."""
     from kubernetes import client
 
     api = client.CustomObjectsApi(kube.api_client())
-    items = [o for plural in (modelroute.PLURAL, tokenbudget.PLURAL)
+    items = [o["metadata"] for plural in (modelroute.PLURAL, tokenbudget.PLURAL)
              for o in kube.read_json(api.list_cluster_custom_object(GROUP, VERSION, plural, _preload_content=False))["items"]]
-    return [o for o in items if ledger_service.CONFIG.serves(o["metadata"]["namespace"])]
+    return [(m["namespace"], m["uid"]) for m in items if ledger_service.CONFIG.serves(m["namespace"])]
+
+
+def _start_complete() -> None:
+    """Render every namespace with events whose start-up objects have all arrived."""
+    for namespace in list(_dirty):
+        if _inventory.complete(namespace):
+            _start(namespace)
 
 
 async def _await_first_listing() -> None:
-    """Open the gate once the watches delivered what existed at start-up, then render every namespace."""
+    """Learn what existed at start-up; each namespace is rendered once the watches delivered its part."""
     for attempt in range(10):
         try:
-            _inventory.expect(o["metadata"]["uid"] for o in await asyncio.to_thread(_list_all))
+            _inventory.expect(await asyncio.to_thread(_list_all))
             break
         except Exception as exc:  # noqa: BLE001
             log.warning("start-up list failed (%s); retrying", type(exc).__name__)
@@ -129,19 +137,20 @@ async def _await_first_listing() -> None:
     else:
         log.error("start-up list kept failing: rendering from what the watches delivered so far")
         _inventory.expect([])
+    _start_complete()
     while not _inventory.complete():
         await asyncio.sleep(0.1)
+        _start_complete()  # events mark namespaces dirty; this catches ones completed by a recheck
         if _inventory.needs_recheck():
             try:
-                _inventory.recheck(o["metadata"]["uid"] for o in await asyncio.to_thread(_list_all))
+                _inventory.recheck(await asyncio.to_thread(_list_all))
             except Exception as exc:  # noqa: BLE001
                 log.warning("start-up re-list failed (%s)", type(exc).__name__)
+            if pending := _inventory.pending():
+                log.warning("the watches have not delivered every object listed at start-up; these namespaces "
+                            "wait to be rendered", extra={"namespaces": pending[:20], "count": len(pending)})
+    _start_complete()
     log.info("first listing complete", extra={"namespaces": len(_inventory.namespaces())})
-    for namespace in _inventory.namespaces():
-        _dirty.add(namespace)
-        _start(namespace)
-    for namespace in list(_dirty):  # namespaces whose objects were all deleted meanwhile
-        _start(namespace)
 
 
 @kopf.on.startup()
