@@ -333,3 +333,25 @@ def test_smallest_admitted_keeps_a_huge_prompt_from_cutting_the_team_off_also_af
     assert answer["cutOff"] is True and answer["state"] == "Exceeded"
     assert "30 tokens left, less than the team's smallest request needs (36 tokens)" in \
         {c["type"]: c for c in restarted.status(again, NOW)["conditions"]}["Exceeded"]["message"]
+
+
+def test_the_report_paths_fraction_equals_the_status_fraction():
+    """amount_fraction is usage_fraction without the dict: they must never disagree."""
+    from hypothesis import given, settings, strategies as st
+
+    from spendwarden.ledger.store import amount_fraction, usage_dict
+    from spendwarden.render.status import usage_fraction
+
+    limits = [{"tokens": {"total": 100_000}}, {"tokens": {"input": 7, "output": 3}}, {"cost": {"amount": "0.30"}},
+              {"tokens": {"total": 5, "output": 2}, "cost": {"amount": "250.00", "currency": "EUR"}}]
+    specs = [validate_spec("TokenBudget", {"period": {"type": "Monthly"}, "limits": lim})[0] for lim in limits]
+    assert all(specs)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.sampled_from(specs), st.integers(0, 10**7), st.integers(0, 10**7),
+           st.decimals(min_value=0, max_value=10**6, places=9, allow_nan=False, allow_infinity=False))
+    def check(spec, inp, out, cost):
+        used = Amount(inp, out, cost)
+        assert amount_fraction(spec, used) == usage_fraction(spec, usage_dict(used))[0]
+
+    check()

@@ -205,12 +205,14 @@ class BudgetLedger:
             return None
         return max(limit - self.committed(dim), 0)
 
-    def exhausted(self) -> bool:
-        return self.shortfall() is not None
+    def exhausted(self, used: Amount | None = None) -> bool:
+        """`used`: this ledger's used() if the caller has it already (it sums every proxy's account)."""
+        return self.shortfall(used) is not None
 
-    def shortfall(self) -> Shortfall | None:
+    def shortfall(self, used: Amount | None = None) -> Shortfall | None:
         """Why the budget is spent (module docstring: The end of a budget), or None while it is not."""
-        used = self.used()
+        if used is None:
+            used = self.used()
         for d in DIMENSIONS:
             limit = _limit(self.limits, d)
             if limit is not None and _dim(used, d) >= limit:

@@ -84,15 +84,22 @@ def _money(value: Any, where: str) -> Decimal:
         raise ReportError(str(exc)) from None
 
 
+_AMOUNT_FIELDS = frozenset(("inputTokens", "outputTokens", "totalTokens", "cost"))
+_ZERO_COST = Decimal(0)
+
+
 def _amount(data: Any, where: str) -> Amount:
+    # Twice per report: the common case (plain non-negative ints, cost "0") builds no strings.
     if not isinstance(data, dict):
         raise ReportError(f"{where}: must be an object with inputTokens, outputTokens, cost")
-    unknown = set(data) - {"inputTokens", "outputTokens", "totalTokens", "cost"}
-    if unknown:
-        raise ReportError(f"{where}: unknown field(s) {sorted(unknown)[:5]}")
-    return Amount(_int(data.get("inputTokens", 0), f"{where}.inputTokens"),
-                  _int(data.get("outputTokens", 0), f"{where}.outputTokens"),
-                  _money(data.get("cost", "0"), f"{where}.cost"))
+    if not data.keys() <= _AMOUNT_FIELDS:
+        raise ReportError(f"{where}: unknown field(s) {sorted(set(data) - _AMOUNT_FIELDS)[:5]}")
+    inp, out, cost = data.get("inputTokens", 0), data.get("outputTokens", 0), data.get("cost", "0")
+    if type(inp) is not int or inp < 0:  # type(): a JSON true is a bool, not a token count
+        _int(inp, f"{where}.inputTokens")
+    if type(out) is not int or out < 0:
+        _int(out, f"{where}.outputTokens")
+    return Amount(inp, out, _ZERO_COST if cost == "0" else _money(cost, f"{where}.cost"))
 
 
 def _ceiling(data: Any, where: str) -> Ceiling:
@@ -163,6 +170,22 @@ def parse_report(body: Any) -> Report:
 
 
 # -- state ---------------------------------------------------------------------------------------------
+
+def amount_fraction(spec: TokenBudgetSpec, used: Amount) -> Decimal:
+    """render.status.usage_fraction's fraction, from an Amount: the report path's version, without
+    the status dict and the cost's round trip through a string."""
+    fractions: list[Decimal] = []
+    t = spec.limits.tokens
+    if t is not None:
+        for limit, value in ((t.total, used.total_tokens), (t.input, used.input_tokens), (t.output, used.output_tokens)):
+            if limit is not None:
+                fractions.append(Decimal(value) / limit)
+    cost = spec.limits.cost
+    if cost is not None:
+        limit = Decimal(cost.amount)
+        fractions.append(used.cost / limit if limit > 0 else Decimal(1))
+    return max(fractions)
+
 
 def usage_dict(amount: Amount) -> dict[str, Any]:
     """An Amount as the status' Usage fields."""
@@ -262,9 +285,9 @@ class BudgetEntry:
         self.version += 1
         return self.version
 
-    def fraction(self) -> Decimal:
-        fraction, _ = usage_fraction(self.spec, usage_dict(self.current.ledger.used()))
-        return fraction
+    def fraction(self, used: Amount | None = None) -> Decimal:
+        """The tightest limit's used fraction; `used`: the current ledger's used(), if at hand."""
+        return amount_fraction(self.spec, self.current.ledger.used() if used is None else used)
 
     def exhausted(self) -> bool:
         return self.current.ledger.exhausted()
@@ -514,14 +537,15 @@ class LedgerStore:
         """(answer, the version to persist before sending it). A cut-off answer goes at once: the
         proxy admits nothing on a cut-off budget, so a ceiling in it that a crash might forget can
         never be spent (lifting the cut-off takes a later answer, which carries the ceiling again)."""
-        if entry.spec.onExceeded.value == "CutOff" and entry.current.ledger.exhausted():
+        if entry.spec.onExceeded.value == "CutOff" and answer["state"] == BudgetState.EXCEEDED.value:  # = exhausted
             return answer, 0
         return answer, entry.current.raised.get(proxy_id, 0)
 
     def _answer(self, entry: BudgetEntry, ceiling: Ceiling | None, expires_at: float | None,
                 hard: Ceiling | None = None) -> dict[str, Any]:
         spec = entry.spec
-        fraction, exhausted = entry.fraction(), entry.exhausted()
+        used = entry.current.ledger.used()  # once: it sums every proxy's account
+        fraction, exhausted = entry.fraction(used), entry.current.ledger.exhausted(used)
         _, state = budget_state(spec, fraction, exhausted)
         out: dict[str, Any] = {}
         if ceiling is not None:
