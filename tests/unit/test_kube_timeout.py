@@ -40,23 +40,24 @@ def silent_server():
     listener.close()
 
 
-def test_a_call_without_its_own_timeout_gets_the_default(silent_server, monkeypatch):
-    monkeypatch.setattr(kube, "REQUEST_TIMEOUT", (1.0, 0.5))
-    configuration = client.Configuration(host=silent_server)
+def _core(url: str) -> client.CoreV1Api:
+    configuration = client.Configuration(host=url)
     configuration.retries = False
-    api = client.CoreV1Api(kube._ApiClient(configuration))
+    return client.CoreV1Api(kube._ApiClient(configuration))
+
+
+def _times_out_fast(call) -> None:
     start = time.monotonic()
     with pytest.raises(urllib3.exceptions.ReadTimeoutError):
-        api.read_namespace("default")
+        call()
     assert time.monotonic() - start < 5
+
+
+def test_a_call_without_its_own_timeout_gets_the_default(silent_server, monkeypatch):
+    monkeypatch.setattr(kube, "REQUEST_TIMEOUT", (1.0, 0.5))
+    _times_out_fast(lambda: _core(silent_server).read_namespace("default"))
 
 
 def test_a_call_naming_its_timeout_keeps_it(silent_server, monkeypatch):
-    monkeypatch.setattr(kube, "REQUEST_TIMEOUT", (1.0, 30.0))
-    configuration = client.Configuration(host=silent_server)
-    configuration.retries = False
-    api = client.CoreV1Api(kube._ApiClient(configuration))
-    start = time.monotonic()
-    with pytest.raises(urllib3.exceptions.ReadTimeoutError):
-        api.read_namespace("default", _request_timeout=(1.0, 0.3))
-    assert time.monotonic() - start < 5
+    monkeypatch.setattr(kube, "REQUEST_TIMEOUT", (1.0, 30.0))  # would outlast the bound below
+    _times_out_fast(lambda: _core(silent_server).read_namespace("default", _request_timeout=(1.0, 0.3)))
