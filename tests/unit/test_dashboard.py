@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import helm_python as helm
 import promql_parser as promql
@@ -19,6 +18,7 @@ import yaml
 from prometheus_client import Counter, Gauge, Histogram, Summary
 from prometheus_client.parser import text_string_to_metric_families
 
+from spendwarden.ledger.pricing import TokenUsage
 from spendwarden.proxy.metrics import BASE, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,7 +115,7 @@ def by_labels(expr: str) -> set[str]:
 def proxy_series_labels() -> dict[str, set[str]]:
     """Sample name -> label names, from a proxy Metrics with every family populated once."""
     m = Metrics()
-    usage = SimpleNamespace(input_tokens=10, output_tokens=5, cached_input_tokens=2)
+    usage = TokenUsage(input_tokens=10, output_tokens=5, cached_input_tokens=2, cache_write_tokens=3)
     base = tuple(f"x{i}" for i in range(len(BASE)))
     m.request(base, "USD", ("ns", "route", "backend", "chat", "ok", "200"), "ok", 0.1, usage, 0.01, 0.05, 0.001)
     m.tagged("ns", {"scenario": "ticket"}, "USD", 0.01)

@@ -225,3 +225,30 @@ def test_downgraded_and_alert_only_requests_are_not_what_a_budget_covers():
     book, st = _leased_book(c, Limits(total_tokens=1000))
     book.admit(c.routes["chat"], big, 100, 100, 1, None)
     assert st.lease.smallest_admitted is None
+
+
+def test_a_prompt_written_to_the_cache_never_overshoots_a_cost_budget():
+    # Anthropic bills a 1-hour cache write at 2x input: the reservation must price the prompt so.
+    cfg, _ = parse_config_text("""
+kind: ModelRoute
+metadata: {name: claude}
+spec:
+  model: claude
+  defaultBackend: sonnet
+  backends:
+  - {name: sonnet, provider: Anthropic, url: "http://x", model: sonnet, pricing: {input: "3", output: "15"}}
+---
+kind: TokenBudget
+metadata: {name: b}
+spec: {window: 24h, onExceeded: CutOff, limits: {cost: {amount: "0.0105"}}}
+""")
+    c = compile_config(cfg)
+    book = BudgetBook(clock=Clock())
+    book.sync(c.budgets)
+    route = c.routes["claude"]
+    sonnet = route.backends["sonnet"]
+    a = book.admit(route, sonnet, 1000, 1000, 1, None)
+    assert a.max_output == 300  # (0.0105 - 1000 x 6/1M) / (15/1M), not 500 at the plain input price
+    book.settle(a, sonnet.prices, TokenUsage(1000, a.max_output, 0, cache_write_tokens=1000, cache_write_1h_tokens=1000))
+    used = book.states["b"].allowance.used.cost
+    assert used == Decimal("0.0105")  # the whole budget, not a micro-dollar more

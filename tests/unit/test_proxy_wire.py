@@ -57,12 +57,36 @@ def test_openai_usage():
 def test_anthropic_usage_adds_cache_reads_and_writes_to_input():
     start = anthropic_usage({"input_tokens": 10, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 5,
                              "output_tokens": 1})
-    assert start == TokenUsage(45, 1, 30)
-    assert anthropic_usage({"output_tokens": 20}, start) == TokenUsage(45, 20, 30)
+    assert start == TokenUsage(45, 1, 30, 5)
+    assert anthropic_usage({"output_tokens": 20}, start) == TokenUsage(45, 20, 30, 5)
     # newer APIs repeat the input side in message_delta
     assert anthropic_usage({"input_tokens": 10, "cache_read_input_tokens": 30, "output_tokens": 20}, start) \
         == TokenUsage(40, 20, 30)
     assert anthropic_usage(None, start) == start
+
+
+def test_anthropic_usage_cache_writes_and_their_1h_part():
+    u = {"input_tokens": 10, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 500, "output_tokens": 7,
+         "cache_creation": {"ephemeral_5m_input_tokens": 200, "ephemeral_1h_input_tokens": 300}}
+    assert anthropic_usage(u) == TokenUsage(540, 7, 30, cache_write_tokens=500, cache_write_1h_tokens=300)
+    # older APIs: no cache_creation detail, every write is a 5-minute one
+    assert anthropic_usage({"input_tokens": 10, "cache_creation_input_tokens": 500, "output_tokens": 7}) \
+        == TokenUsage(510, 7, 0, 500, 0)
+    # non-int values are ignored, as for the other fields
+    assert anthropic_usage({"input_tokens": 10, "cache_creation_input_tokens": "500", "output_tokens": 7,
+                            "cache_creation": {"ephemeral_1h_input_tokens": 1.5}}) == TokenUsage(10, 7)
+    assert anthropic_usage({"input_tokens": 10, "cache_creation_input_tokens": 500, "output_tokens": 7,
+                            "cache_creation": {"ephemeral_1h_input_tokens": "300"}}) == TokenUsage(510, 7, 0, 500, 0)
+
+
+def test_anthropic_stream_keeps_the_cache_writes_of_message_start():
+    start = anthropic_usage({"input_tokens": 10, "cache_creation_input_tokens": 500, "output_tokens": 1,
+                             "cache_creation": {"ephemeral_5m_input_tokens": 200, "ephemeral_1h_input_tokens": 300}})
+    final = anthropic_usage({"output_tokens": 42}, start)
+    assert final == TokenUsage(510, 42, 0, 500, 300)
+    # a message_delta repeating the input side without the 1h detail keeps message_start's split
+    assert anthropic_usage({"input_tokens": 10, "cache_creation_input_tokens": 500, "output_tokens": 42}, start) \
+        == TokenUsage(510, 42, 0, 500, 300)
 
 
 def test_split_events_keeps_incomplete_tail():

@@ -28,6 +28,14 @@ class Pricing(ApiModel):
     input: Money = Field(description="Price per 1M input (prompt) tokens.")
     output: Money = Field(description="Price per 1M output (completion) tokens.")
     cachedInput: Money | None = Field(default=None, description="Price per 1M cached input tokens; default: the input price.")
+    cacheWrite: Money | None = Field(
+        default=None, description="Price per 1M prompt tokens written to the provider's prompt cache (Anthropic "
+                                  "cache_creation_input_tokens, 5-minute TTL); default: 1.25 x input for Anthropic "
+                                  "backends, the input price otherwise.")
+    cacheWrite1h: Money | None = Field(
+        default=None, description="Price per 1M prompt tokens written to the prompt cache with the 1-hour TTL "
+                                  "(Anthropic cache_creation.ephemeral_1h_input_tokens); default: 2 x input for "
+                                  "Anthropic backends, the input price otherwise.")
     currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$", description="ISO 4217 currency code. Default USD.")
 
 

@@ -196,7 +196,7 @@ def _backend(route_name: str, b: Any) -> BackendRt:
         else:
             headers["Authorization"] = f"Bearer {key}"
     return BackendRt(name=b.name, route=route_name, fmt=fmt, provider=provider.value,
-                     base_url=b.url.rstrip("/"), model=b.model, prices=Prices.from_spec(b.pricing),
+                     base_url=b.url.rstrip("/"), model=b.model, prices=Prices.from_spec(b.pricing, provider),
                      headers=headers, timeout=float(b.timeoutSeconds), max_context=b.maxContextTokens,
                      missing_credentials=missing,
                      wake=(b.scaling.wake.mode.value, parse_duration(b.scaling.wake.timeout).total_seconds())

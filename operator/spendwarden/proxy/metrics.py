@@ -33,7 +33,7 @@ OTHER = "(other)"
 
 BASE = ("namespace", "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
         "gen_ai_response_model", "route", "backend")
-TOKEN_TYPES = ("input", "output", "cached_input")
+TOKEN_TYPES = ("input", "output", "cached_input", "cache_write")
 
 
 class _Hist:
@@ -75,6 +75,14 @@ class _Series:
         self.overhead = _Hist(OVERHEAD_BUCKETS)
 
 
+def _observe_prompt_cache(s: _Series, usage: Any) -> None:
+    """The prompt's cache reads and writes (parts of its input tokens), only when there were any."""
+    if usage.cached_input_tokens:
+        s.tokens[2].observe(usage.cached_input_tokens)
+    if usage.cache_write_tokens:
+        s.tokens[3].observe(usage.cache_write_tokens)
+
+
 class _RequestCollector:
     def __init__(self, metrics: "Metrics"):
         self.m = metrics
@@ -84,7 +92,8 @@ class _RequestCollector:
 
     def collect(self) -> Iterator[Any]:
         series = list(self.m.series.items())
-        tok = HistogramMetricFamily("gen_ai_client_token_usage", "Tokens used per request (provider's numbers).",
+        tok = HistogramMetricFamily("gen_ai_client_token_usage", "Tokens used per request (provider's numbers; the "
+                                    "cached_input and cache_write types are parts of input).",
                                     labels=BASE + ("gen_ai_token_type",))
         cost = CounterMetricFamily("spendwarden_cost", "Money spent, priced with the backend's prices.",
                                    labels=BASE + ("currency",))
@@ -202,8 +211,7 @@ class Metrics:
             s = self.series[base] = _Series(backend.prices.currency)
         s.tokens[0].observe(usage.input_tokens)
         s.tokens[1].observe(usage.output_tokens)
-        if usage.cached_input_tokens:
-            s.tokens[2].observe(usage.cached_input_tokens)
+        _observe_prompt_cache(s, usage)
         s.cost += float(cost)
 
     def request(self, base: tuple[str, ...] | None, currency: str, req_key: tuple[str, ...], outcome: str,
@@ -219,8 +227,7 @@ class Metrics:
             s.tokens[0].observe(usage.input_tokens)
             if base[1] != "embeddings":
                 s.tokens[1].observe(usage.output_tokens)
-            if usage.cached_input_tokens:
-                s.tokens[2].observe(usage.cached_input_tokens)
+            _observe_prompt_cache(s, usage)
         if cost:
             s.cost += cost
         h = s.duration.get(outcome)

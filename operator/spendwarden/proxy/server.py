@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -966,8 +966,7 @@ class Proxy:
         if complete and failure is None and not client_gone:
             self._settle(ctx, backend, adm, usage)
         elif anthropic and usage is not None and ctx.max_output is not None:
-            self._settle(ctx, backend, adm, TokenUsage(usage.input_tokens, max(usage.output_tokens, ctx.max_output),
-                                                       usage.cached_input_tokens))
+            self._settle(ctx, backend, adm, replace(usage, output_tokens=max(usage.output_tokens, ctx.max_output)))
             ctx.partial = True
         else:
             self._settle(ctx, backend, adm, None)
@@ -1011,6 +1010,9 @@ class Proxy:
             line["input_tokens"] = u.input_tokens
             line["output_tokens"] = u.output_tokens
             line["cached_input_tokens"] = u.cached_input_tokens
+            if u.cache_write_tokens:
+                line["cache_write_tokens"] = u.cache_write_tokens
+                line["cache_write_1h_tokens"] = u.cache_write_1h_tokens
         if ctx.partial:
             line["usage_source"] = "upstream_input+reserved_output"
         elif not ctx.usage_known:

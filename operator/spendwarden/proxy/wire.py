@@ -1,6 +1,7 @@
 """Wire formats: request checks by hand (no pydantic per request), usage extraction, SSE events."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -148,11 +149,21 @@ def anthropic_usage(u: Any, base: TokenUsage | None = None) -> TokenUsage | None
     if base is not None and inp is None and read is None and write is None:
         if out is None:
             return base
-        return TokenUsage(base.input_tokens, out, base.cached_input_tokens)
+        return replace(base, output_tokens=out)
     if inp is None and out is None:
         return base
     total_in = (inp or 0) + (read or 0) + (write or 0)
-    return TokenUsage(total_in, out if out is not None else (base.output_tokens if base else 0), read or 0)
+    return TokenUsage(total_in, out if out is not None else (base.output_tokens if base else 0), read or 0,
+                      write or 0, _cache_write_1h(u.get("cache_creation"), base) if write else 0)
+
+
+def _cache_write_1h(detail: Any, base: TokenUsage | None) -> int:
+    """The 1-hour-TTL part of the cache writes (newer APIs' usage.cache_creation); when absent,
+    what message_start said, else none (all writes billed at the 5-minute price)."""
+    if isinstance(detail, dict):
+        v = detail.get("ephemeral_1h_input_tokens")
+        return v if type(v) is int else 0
+    return base.cache_write_1h_tokens if base is not None else 0
 
 
 def usage_from_body(fmt_anthropic: bool, raw: bytes) -> tuple[Any, TokenUsage | None]:
