@@ -105,6 +105,28 @@ def test_anthropic_messages_stream_and_not(up, proxy):
     assert Decimal(line["cost"]) == expected_cost(total_in, 7, 5, A_IN, A_OUT, A_CACHED)
 
 
+def test_anthropic_cache_writes_priced_at_one_and_a_quarter_input(up, proxy):
+    """Prompt tokens written to Anthropic's cache cost 1.25x input (no cacheWrite price set: the
+    Anthropic default), streamed or not, in the log's cost and in the token metrics."""
+    a_write = A_IN * Decimal("1.25")
+    client = an(proxy)
+    m = client.messages.create(model="claude", max_tokens=100, messages=[{"role": "user", "content": "cache me " * 20}],
+                               extra_headers={"x-mock-cache-write-tokens": "40", "x-mock-cached-tokens": "4"})
+    assert m.usage.cache_creation_input_tokens == 40
+    line = proxy.log(1)[-1]
+    total_in = m.usage.input_tokens + 40 + 4
+    assert line["input_tokens"] == total_in and line["cache_write_tokens"] == 40
+    assert Decimal(line["cost"]) == ((total_in - 44) * A_IN + 4 * A_CACHED + 40 * a_write + 12 * A_OUT) / 10**6
+    with client.messages.stream(model="claude", max_tokens=100, messages=[{"role": "user", "content": "again " * 20}],
+                                extra_headers={"x-mock-cache-write-tokens": "30"}) as s:
+        final = s.get_final_message()
+    line = proxy.log(2)[-1]
+    total_in = final.usage.input_tokens + 30
+    assert line["input_tokens"] == total_in and line["cache_write_tokens"] == 30
+    assert Decimal(line["cost"]) == ((total_in - 30) * A_IN + 30 * a_write + 12 * A_OUT) / 10**6
+    assert 'gen_ai_token_type="cache_write"' in proxy.metrics()
+
+
 def test_completions_embeddings_and_models(up, proxy):
     client = oa(proxy)
     c = client.completions.create(model="chat", prompt="Once upon", max_tokens=5)

@@ -46,6 +46,9 @@ def test_shared_price_list_fills_every_paid_backend_and_is_never_applied(built):
                 continue  # in-cluster models are priced per team
             for field in ("input", "output", "cachedInput"):
                 assert backend["pricing"][field] == prices[f"{backend['model']}.{field}"], (backend["name"], field)
+            for field in ("cacheWrite", "cacheWrite1h"):  # optional: listed only where the provider bills cache writes
+                listed = prices.get(f"{backend['model']}.{field}")
+                assert backend["pricing"].get(field) == listed, (backend["name"], field)
 
 
 def test_sample_app_is_selected_for_injection_and_sets_no_base_url_itself():

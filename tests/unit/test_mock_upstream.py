@@ -60,6 +60,7 @@ def test_openai_chat_non_stream_usage(up, oai):
     assert r.choices[0].finish_reason == "length"
     assert up.totals() == {"requests": 2, "responses_with_usage": 2, "prompt_tokens": 2 * EXPECTED_PROMPT,
                            "completion_tokens": 21, "total_tokens": 2 * EXPECTED_PROMPT + 21, "cached_tokens": 0,
+                           "cache_write_tokens": 0,
                            "billed_requests": 2, "billed_prompt_tokens": 2 * EXPECTED_PROMPT,
                            "billed_completion_tokens": 21}
 
@@ -107,6 +108,23 @@ def test_cached_tokens_and_explicit_usage(up, oai, ant):
     assert m.usage.input_tokens == prompt - 3 and m.usage.cache_read_input_tokens == 3
     t = up.totals()
     assert t["prompt_tokens"] == 1000 + prompt and t["cached_tokens"] == 7 and t["completion_tokens"] == 250 + 16
+
+
+def test_anthropic_cache_writes(up, ant):
+    prompt = chat_prompt_tokens(MESSAGES[1:])
+    m = ant.messages.create(model="claude-haiku-4-5", max_tokens=50, messages=MESSAGES[1:],
+                            extra_headers={"x-mock-cached-tokens": "3", "x-mock-cache-write-tokens": "5"})
+    # Anthropic semantics: input_tokens excludes the cache reads and writes, reported beside it
+    assert (m.usage.input_tokens, m.usage.cache_read_input_tokens, m.usage.cache_creation_input_tokens) == \
+        (prompt - 8, 3, 5)
+    assert (m.usage.cache_creation.ephemeral_5m_input_tokens, m.usage.cache_creation.ephemeral_1h_input_tokens) == (5, 0)
+    with ant.messages.stream(model="claude-haiku-4-5", max_tokens=50, messages=MESSAGES[1:],
+                             extra_headers={"x-mock-cache-write-tokens": str(prompt + 100)}) as s:
+        final = s.get_final_message()
+    assert (final.usage.input_tokens, final.usage.cache_creation_input_tokens) == (0, prompt)  # capped at the prompt
+    assert [r["usage"]["cache_write_tokens"] for r in up.requests()] == [5, prompt]
+    t = up.totals()
+    assert t["prompt_tokens"] == 2 * prompt and t["cached_tokens"] == 3 and t["cache_write_tokens"] == 5 + prompt
 
 
 def test_anthropic_non_stream(up, ant):

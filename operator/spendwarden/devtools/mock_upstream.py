@@ -27,6 +27,9 @@ Usage is deterministic and documented so that tests can predict it:
     cached tokens  = only when asked (behaviour `cached_tokens`): OpenAI reports it inside
                      prompt_tokens (usage.prompt_tokens_details.cached_tokens); Anthropic reports
                      input_tokens without it and cache_read_input_tokens = cached, as the real APIs do.
+    cache writes   = only when asked (behaviour `cache_write_tokens`), Anthropic only: input_tokens =
+                     prompt - cached - written, cache_creation_input_tokens = written and
+                     cache_creation = {"ephemeral_5m_input_tokens": written, "ephemeral_1h_input_tokens": 0}.
 
 Behaviours (all optional; later sources override earlier ones, field by field):
     server defaults (CLI flags / MockUpstream kwargs) < per-model behaviours (`model_behaviours`,
@@ -45,6 +48,8 @@ Behaviours (all optional; later sources override earlier ones, field by field):
     prompt_tokens    x-mock-prompt-tokens       report this prompt/input token count
     completion_tokens x-mock-completion-tokens  report this completion/output token count
     cached_tokens    x-mock-cached-tokens       report this many cached prompt tokens
+    cache_write_tokens x-mock-cache-write-tokens  Anthropic: report this many prompt tokens written to the
+                                                prompt cache (5-minute TTL)
     content          (script / per model only)  the answer's text instead of lorem ipsum (non-streamed answers)
     refusal          (script / per model only)  refuse: OpenAI message.refusal = this text (content null),
                                                 Anthropic stop_reason "refusal" with this text (non-streamed)
@@ -52,7 +57,8 @@ Behaviours (all optional; later sources override earlier ones, field by field):
 Recorded per request (never message contents, never credential headers): path, api, model, stream,
 include_usage, max_tokens, status, the headers minus anything credential-like, the usage reported to
 the client (None when none was sent, e.g. a stream without include_usage or a disconnect) and whether
-the response completed. `totals` sums the usage actually reported, and, as `billed_*`, the usage of
+the response completed (usage: prompt_tokens, the whole prompt, completion_tokens, cached_tokens and
+cache_write_tokens, the parts of the prompt read from and written to the cache). `totals` sums the usage actually reported, and, as `billed_*`, the usage of
 every answer generated (what a provider bills, even when the client went away mid-stream).
 """
 from __future__ import annotations
@@ -97,7 +103,7 @@ _WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing",
 _SECRET_MARKERS = ("auth", "key", "cookie", "secret", "token", "password")
 
 _INT_FIELDS = ("latency_ms", "chunk_delay_ms", "tokens", "status", "retry_after", "disconnect_after",
-               "prompt_tokens", "completion_tokens", "cached_tokens")
+               "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens")
 _BOOL_FIELDS = ("garbage", "hang")
 _STR_FIELDS = ("content", "refusal")
 
@@ -117,6 +123,7 @@ class Behaviour:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None
+    cache_write_tokens: int | None = None
     content: str | None = None
     refusal: str | None = None
 
@@ -226,7 +233,7 @@ class _State:
 
     def reset_totals(self) -> None:
         self.totals = {"requests": 0, "responses_with_usage": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                       "total_tokens": 0, "cached_tokens": 0,
+                       "total_tokens": 0, "cached_tokens": 0, "cache_write_tokens": 0,
                        "billed_requests": 0, "billed_prompt_tokens": 0, "billed_completion_tokens": 0}
 
 
@@ -314,6 +321,7 @@ class _Handlers:
                 t["completion_tokens"] += usage["completion_tokens"]
                 t["total_tokens"] += usage["prompt_tokens"] + usage["completion_tokens"]
                 t["cached_tokens"] += usage.get("cached_tokens", 0)
+                t["cache_write_tokens"] += usage.get("cache_write_tokens", 0)
             so = req.get("stream_options")
             rec = {
                 "seq": s.seq,
@@ -356,6 +364,7 @@ class _Handlers:
                 t["completion_tokens"] -= usage["completion_tokens"]
                 t["total_tokens"] -= usage["prompt_tokens"] + usage["completion_tokens"]
                 t["cached_tokens"] -= usage.get("cached_tokens", 0)
+                t["cache_write_tokens"] -= usage.get("cache_write_tokens", 0)
             rec["usage"] = None
             rec["completed"] = False
 
@@ -584,9 +593,11 @@ class _Handlers:
                 {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}}))
         p, n, c, hit = self.counts(b, cap, chat_prompt_tokens(req.get("messages") or [], req.get("system")))
         cached = min(b.cached_tokens or 0, p)
-        usage = {"input_tokens": p - cached, "output_tokens": c, "cache_creation_input_tokens": 0,
-                 "cache_read_input_tokens": cached}
-        rec = {"prompt_tokens": p, "completion_tokens": c, "cached_tokens": cached}
+        written = min(b.cache_write_tokens or 0, p - cached)
+        usage = {"input_tokens": p - cached - written, "output_tokens": c, "cache_creation_input_tokens": written,
+                 "cache_read_input_tokens": cached,
+                 "cache_creation": {"ephemeral_5m_input_tokens": written, "ephemeral_1h_input_tokens": 0}}
+        rec = {"prompt_tokens": p, "completion_tokens": c, "cached_tokens": cached, "cache_write_tokens": written}
         stop = "max_tokens" if hit else "end_turn"
         if not b.garbage:
             self.bill(rec)
