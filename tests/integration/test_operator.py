@@ -161,6 +161,30 @@ def test_invalid_cr_gets_condition_and_event_and_the_operator_stays_up(operator,
              what="fixed route in the ConfigMap")
 
 
+def test_a_budget_over_routes_priced_in_another_currency_is_flagged_and_still_enforced(operator, kube, op_namespace):
+    ns = op_namespace
+    euro = copy.deepcopy(GOOD_ROUTE)
+    for b in euro["backends"]:
+        b["pricing"]["currency"] = "EUR"
+    create(kube, ns, "ModelRoute", "euro", euro)
+    create(kube, ns, "TokenBudget", "usd", GOOD_BUDGET)  # cost limit in USD (the default)
+
+    budget = wait_for(lambda: (lambda o: o if (condition(o, "Ready") or {}).get("reason") == "CurrencyMismatch" else None)(
+        get(kube, ns, "tokenbudgets", "usd")), what="Ready=False CurrencyMismatch on the budget")
+    ready = condition(budget, "Ready")
+    assert ready["status"] == "False" and "ModelRoute 'euro' (EUR)" in ready["message"]
+    events = wait_for(lambda: [e for e in client.CoreV1Api(kube).list_namespaced_event(ns).items
+                               if e.reason == "CurrencyMismatch" and e.involved_object.name == "usd"], what="CurrencyMismatch Event")
+    assert events[0].type == "Warning"
+    _, config = wait_for(lambda: proxy_config(kube, ns), what="ConfigMap")
+    assert [b["name"] for b in config["budgets"]] == ["usd"]  # still enforced
+
+    fixed = copy.deepcopy(GOOD_BUDGET)
+    fixed["limits"]["cost"]["currency"] = "EUR"
+    custom(kube).patch_namespaced_custom_object(GROUP, VERSION, ns, "tokenbudgets", "usd", {"spec": fixed})
+    wait_for(lambda: condition(get(kube, ns, "tokenbudgets", "usd"), "Ready")["status"] == "True", what="budget Ready once fixed")
+
+
 def test_configmap_deleted_or_edited_by_hand_is_rendered_again(operator, kube, op_namespace):
     # Nothing about the CRs changes, so only the operator's drift check can notice.
     ns = op_namespace

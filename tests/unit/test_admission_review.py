@@ -126,3 +126,18 @@ def test_cert_store_rotates_the_files_locally():
     finally:
         store.cleanup()
     assert not store.dir.exists()
+
+
+def test_a_budget_whose_money_limit_cannot_add_up_its_routes_costs_is_refused():
+    eur = copy.deepcopy(GOOD_ROUTE)
+    for b in eur["backends"]:
+        b["pricing"]["currency"] = "EUR"
+    siblings = [route("chat"), obj("ModelRoute", "euro", {**eur, "model": "euro"})]
+    verdict = review("TokenBudget", obj("TokenBudget", "b", GOOD_BUDGET), None, siblings)
+    assert verdict.error and verdict.error.startswith("spec.limits.cost.currency: USD, but ModelRoute 'euro' (EUR)")
+    assert "still enforced" not in verdict.error  # refused: nothing is enforced yet
+    scoped = {**GOOD_BUDGET, "routes": ["chat"]}
+    assert review("TokenBudget", obj("TokenBudget", "b", scoped), None, siblings).error is None
+    euro_budget = copy.deepcopy(GOOD_BUDGET)
+    euro_budget["limits"]["cost"]["currency"] = "EUR"
+    assert "ModelRoute 'chat' (USD)" in review("TokenBudget", obj("TokenBudget", "b", euro_budget), None, siblings).error

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 from datetime import datetime, timezone
 
@@ -129,3 +130,25 @@ def test_condition_transition_time_is_stable_when_nothing_changes():
     assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
     assert ready["lastTransitionTime"] == "2026-11-23T00:00:00Z"
     assert broken["ready"] == "False"
+
+
+def _eur(spec: dict) -> dict:
+    out = copy.deepcopy(spec)
+    for b in out["backends"]:
+        b["pricing"]["currency"] = "EUR"
+    return out
+
+
+def test_a_budget_over_routes_priced_in_another_currency_is_reported_and_still_enforced():
+    eur_route = cr("ModelRoute", "euro", {**_eur(GOOD_ROUTE), "model": "euro"})
+    usd_budget = cr("TokenBudget", "monthly", GOOD_BUDGET)  # cost in USD (the default), all routes
+    result = render_proxy_config("team-a", [cr("ModelRoute", "chat", GOOD_ROUTE), eur_route], [usd_budget])
+    problem = result.problem_for("TokenBudget", "monthly")
+    assert problem is not None and problem.reason == "CurrencyMismatch"
+    assert "USD" in problem.message and "ModelRoute 'euro' (EUR)" in problem.message and "'chat'" not in problem.message
+    assert [b.name for b in result.config.budgets] == ["monthly"]  # left out, it would lift its limits
+    # A budget covering only same-currency routes, or without a money limit, is fine.
+    only_chat = cr("TokenBudget", "chat-only", {**GOOD_BUDGET, "routes": ["chat"]})
+    tokens_only = cr("TokenBudget", "tokens", {**GOOD_BUDGET, "limits": {"tokens": {"total": 5}}})
+    result = render_proxy_config("team-a", [cr("ModelRoute", "chat", GOOD_ROUTE), eur_route], [only_chat, tokens_only])
+    assert result.problems == []

@@ -112,12 +112,12 @@ def _update_status(obj: dict[str, Any], problem: Any, now: datetime, warn: WarnF
     owned = kind == tokenbudget.KIND and (bool((obj.get("status") or {}).get("ledger"))
                                           or (ledger_owns is not None and ledger_owns(ns, name)))
     if problem is not None:
-        desired = invalid_status(obj, problem.message, now)
+        desired = invalid_status(obj, problem.message, now, problem.reason)
         if kind == tokenbudget.KIND:
             desired = reconcile_fields(desired, owned)
         previous = _ready_message(obj.get("status"))
         if previous != problem.message:
-            warn(obj, "InvalidSpec", problem.message)
+            warn(obj, problem.reason, problem.message)
     else:
         spec, _ = validate_spec(kind, obj["spec"])
         desired = (modelroute_status(obj, spec, now) if kind == modelroute.KIND

@@ -28,6 +28,24 @@ class Problem:
     kind: str
     name: str
     message: str
+    reason: str = "InvalidSpec"  # the Ready=False condition's reason and the Warning Event's
+
+
+def currency_mismatch(budget: TokenBudgetSpec, routes: list[tuple[str, ModelRouteSpec]]) -> str | None:
+    """Why a budget's money limit cannot add up the costs of the routes it covers (None: it can).
+    Costs are summed as priced, never converted: a EUR limit over USD prices would compare USD with EUR."""
+    if budget.limits.cost is None:
+        return None
+    want = budget.limits.cost.currency
+    covered = [(name, spec) for name, spec in routes if not budget.routes or spec.model in budget.routes]
+    other = [(name, spec.backends[0].pricing.currency) for name, spec in covered
+             if spec.backends and spec.backends[0].pricing.currency != want]  # a route prices in one currency
+    if not other:
+        return None
+    named = ", ".join(f"ModelRoute {name!r} ({currency})" for name, currency in sorted(other))
+    return (f"spec.limits.cost.currency: {want}, but {named} price(s) in another currency; costs are never "
+            f"converted, so this budget would add them up as {want}. Price the routes in {want} or set the "
+            f"budget's currency to theirs (the budget is still enforced meanwhile)")
 
 
 @dataclass
@@ -90,10 +108,11 @@ def render_proxy_config(namespace: str, routes: list[dict[str, Any]], budgets: l
         if error:
             problems.append(Problem(tokenbudget.KIND, _name(obj), error))
             continue
-        unknown = [alias for alias in spec.routes if alias not in by_alias]
-        if unknown:
-            # Not fatal: a budget may be applied before its routes; it covers them once they exist.
-            pass
+        # A budget naming routes that do not exist yet is fine: GitOps may apply it before them.
+        mismatch = currency_mismatch(spec, [(r.name, r.spec) for r in valid_routes])
+        if mismatch:
+            # Reported, but the budget stays in force: leaving it out would lift every limit it sets.
+            problems.append(Problem(tokenbudget.KIND, _name(obj), mismatch, reason="CurrencyMismatch"))
         valid_budgets.append(BudgetEntry(name=_name(obj), spec=spec))
 
     config = ProxyConfig(namespace=namespace, routes=sorted(valid_routes, key=lambda r: r.spec.model),

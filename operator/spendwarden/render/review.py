@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api import modelroute, tokenbudget
-from .proxyconfig import validate_spec
+from .proxyconfig import currency_mismatch, validate_spec
 
 
 @dataclass
@@ -56,7 +56,12 @@ def review(kind: str, obj: Mapping[str, Any], old: Mapping[str, Any] | None,
                 return Review(error=f"spec.model: alias {spec.model!r} is already served by ModelRoute "
                                     f"{other['metadata']['name']!r}")
     if kind == tokenbudget.KIND and siblings is not None:
-        served = {a for a in (_valid_alias(s) for s in live) if a}
+        routes = [(s["metadata"]["name"], route) for s in live
+                  for route, error in [validate_spec(modelroute.KIND, s.get("spec"))] if not error]
+        mismatch = currency_mismatch(spec, routes)
+        if mismatch:
+            return Review(error=mismatch.removesuffix(" (the budget is still enforced meanwhile)"))
+        served = {route.model for _, route in routes}
         unknown = [a for a in spec.routes if a not in served]
         if unknown:
             # A warning, not a refusal: GitOps tools may apply the budget before its routes.

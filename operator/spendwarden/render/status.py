@@ -24,11 +24,11 @@ def _generation(obj: dict[str, Any]) -> int | None:
 SCALER_FIELDS = ("scaling",)
 
 
-def invalid_status(obj: dict[str, Any], message: str, now: datetime) -> dict[str, Any]:
+def invalid_status(obj: dict[str, Any], message: str, now: datetime, reason: str = "InvalidSpec") -> dict[str, Any]:
     """Status of an object whose spec the operator refuses: Ready=False with the exact reason."""
     status = {k: v for k, v in (obj.get("status") or {}).items() if k not in SCALER_FIELDS}
     status["observedGeneration"] = _generation(obj)
-    status["conditions"] = set_condition(status.get("conditions", []), "Ready", "False", "InvalidSpec",
+    status["conditions"] = set_condition(status.get("conditions", []), "Ready", "False", reason,
                                          message, _generation(obj), now)
     if obj.get("kind") == "ModelRoute":
         status["ready"] = "False"
