@@ -146,6 +146,7 @@ def test_a_budget_over_routes_priced_in_another_currency_is_reported_and_still_e
     problem = result.problem_for("TokenBudget", "monthly")
     assert problem is not None and problem.reason == "CurrencyMismatch"
     assert "USD" in problem.message and "ModelRoute 'euro' (EUR)" in problem.message and "'chat'" not in problem.message
+    assert problem.message.endswith("(the budget is still enforced meanwhile)")
     assert [b.name for b in result.config.budgets] == ["monthly"]  # left out, it would lift its limits
     # A budget covering only same-currency routes, or without a money limit, is fine.
     only_chat = cr("TokenBudget", "chat-only", {**GOOD_BUDGET, "routes": ["chat"]})

@@ -17,8 +17,8 @@ Thread-safe: events arrive on the event loop, snapshots are taken in reconcile t
 from __future__ import annotations
 
 import threading
-from collections import Counter
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 

@@ -45,7 +45,7 @@ def currency_mismatch(budget: TokenBudgetSpec, routes: list[tuple[str, ModelRout
     named = ", ".join(f"ModelRoute {name!r} ({currency})" for name, currency in sorted(other))
     return (f"spec.limits.cost.currency: {want}, but {named} price(s) in another currency; costs are never "
             f"converted, so this budget would add them up as {want}. Price the routes in {want} or set the "
-            f"budget's currency to theirs (the budget is still enforced meanwhile)")
+            f"budget's currency to theirs")
 
 
 @dataclass
@@ -112,7 +112,8 @@ def render_proxy_config(namespace: str, routes: list[dict[str, Any]], budgets: l
         mismatch = currency_mismatch(spec, [(r.name, r.spec) for r in valid_routes])
         if mismatch:
             # Reported, but the budget stays in force: leaving it out would lift every limit it sets.
-            problems.append(Problem(tokenbudget.KIND, _name(obj), mismatch, reason="CurrencyMismatch"))
+            problems.append(Problem(tokenbudget.KIND, _name(obj), f"{mismatch} (the budget is still enforced meanwhile)",
+                                    reason="CurrencyMismatch"))
         valid_budgets.append(BudgetEntry(name=_name(obj), spec=spec))
 
     config = ProxyConfig(namespace=namespace, routes=sorted(valid_routes, key=lambda r: r.spec.model),

@@ -60,7 +60,7 @@ def review(kind: str, obj: Mapping[str, Any], old: Mapping[str, Any] | None,
                   for route, error in [validate_spec(modelroute.KIND, s.get("spec"))] if not error]
         mismatch = currency_mismatch(spec, routes)
         if mismatch:
-            return Review(error=mismatch.removesuffix(" (the budget is still enforced meanwhile)"))
+            return Review(error=mismatch)
         served = {route.model for _, route in routes}
         unknown = [a for a in spec.routes if a not in served]
         if unknown:
