@@ -29,7 +29,7 @@ from .forecast import BurnRate, projected_exhaustion, time_constant
 from .leases import BudgetLedger, Ceiling, LeaseSettings, ProxyAccount
 from .loops import LoopReport, parse_loops
 from .periods import current_period
-from .pricing import format_money
+from .pricing import ZERO, format_money
 
 HISTORY_MAX = 12
 MAX_ID = 128
@@ -85,7 +85,6 @@ def _money(value: Any, where: str) -> Decimal:
 
 
 _AMOUNT_FIELDS = frozenset(("inputTokens", "outputTokens", "totalTokens", "cost"))
-_ZERO_COST = Decimal(0)
 
 
 def _amount(data: Any, where: str) -> Amount:
@@ -99,7 +98,7 @@ def _amount(data: Any, where: str) -> Amount:
         _int(inp, f"{where}.inputTokens")
     if type(out) is not int or out < 0:
         _int(out, f"{where}.outputTokens")
-    return Amount(inp, out, _ZERO_COST if cost == "0" else _money(cost, f"{where}.cost"))
+    return Amount(inp, out, ZERO if cost == "0" else _money(cost, f"{where}.cost"))
 
 
 def _ceiling(data: Any, where: str) -> Ceiling:
