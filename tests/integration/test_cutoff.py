@@ -147,7 +147,9 @@ async def test_cut_off_and_its_reversal_at_the_period_reset(operator, kube, team
     assert_cut(kube, ns, inference, "minute")
     assert operator.metric("spendwarden_namespace_cut_off", namespace=ns) == 1
     wait_for(lambda: lifted(kube, ns), timeout=75, interval=0.5, what="the cut-off lifted at the reset")
-    assert get_budget(kube, ns, "minute")["status"]["ledger"]["periodStart"] != start
+    # The lift follows the ledger's reset at once; its status write follows at the next flush (2 s).
+    wait_for(lambda: get_budget(kube, ns, "minute")["status"]["ledger"]["periodStart"] != start, timeout=10,
+             interval=0.3, what="status.ledger.periodStart of the new period")
     wait_for(lambda: events(kube, ns, "CutOffLifted"), what="CutOffLifted Event")
     wait_for(lambda: operator.metric("spendwarden_namespace_cut_off", namespace=ns) == 0, what="gauge back to 0")
 
