@@ -59,9 +59,15 @@ def test_anthropic_usage_adds_cache_reads_and_writes_to_input():
                              "output_tokens": 1})
     assert start == TokenUsage(45, 1, 30, 5)
     assert anthropic_usage({"output_tokens": 20}, start) == TokenUsage(45, 20, 30, 5)
-    # newer APIs repeat the input side in message_delta
+    # newer APIs repeat the input side in message_delta; what it leaves out (or sends as null) keeps
+    # message_start's value, what it sends supersedes it
     assert anthropic_usage({"input_tokens": 10, "cache_read_input_tokens": 30, "output_tokens": 20}, start) \
-        == TokenUsage(40, 20, 30)
+        == TokenUsage(45, 20, 30, 5)
+    assert anthropic_usage({"input_tokens": 10, "cache_creation_input_tokens": None, "output_tokens": 20}, start) \
+        == TokenUsage(45, 20, 30, 5)
+    assert anthropic_usage({"input_tokens": 12, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0,
+                            "output_tokens": 20}, start) == TokenUsage(12, 20)
+    assert anthropic_usage({"cache_read_input_tokens": 40, "output_tokens": 20}, start) == TokenUsage(55, 20, 40, 5)
     assert anthropic_usage(None, start) == start
 
 

@@ -137,7 +137,9 @@ def anthropic_usage(u: Any, base: TokenUsage | None = None) -> TokenUsage | None
     """Anthropic usage; `input_tokens` excludes cache reads/writes, which are added here.
 
     In a stream, message_start carries the input side and message_delta the cumulative output
-    (newer APIs repeat input fields there too); `base` is what message_start said.
+    (newer APIs repeat input fields there too); `base` is what message_start said, and a field the
+    delta leaves out (or sends as null) keeps its value: a delta without cache_creation_input_tokens
+    must not drop writes message_start reported, as that would bill them at nothing.
     """
     if not isinstance(u, dict):
         return base
@@ -152,6 +154,10 @@ def anthropic_usage(u: Any, base: TokenUsage | None = None) -> TokenUsage | None
         return replace(base, output_tokens=out)
     if inp is None and out is None:
         return base
+    if base is not None:
+        read = base.cached_input_tokens if read is None else read
+        write = base.cache_write_tokens if write is None else write
+        inp = base.input_tokens - base.cached_input_tokens - base.cache_write_tokens if inp is None else inp
     total_in = (inp or 0) + (read or 0) + (write or 0)
     return TokenUsage(total_in, out if out is not None else (base.output_tokens if base else 0), read or 0,
                       write or 0, _cache_write_1h(u.get("cache_creation"), base) if write else 0)
