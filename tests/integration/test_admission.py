@@ -264,6 +264,7 @@ def test_invalid_specs_are_refused_with_the_operators_message(control_plane, kub
     warned = control_plane.kubectl("apply", "-n", plain_ns, "-f", "-",
                                    input=_manifest("TokenBudget", "monthly", {**GOOD_BUDGET, "routes": ["nope"]}))
     assert "created" in warned.stdout
+    assert "Warning: spec.routes: no ModelRoute in this namespace serves 'nope' yet" in warned.stderr
 
     # An update that breaks a stored object is refused too, and the stored spec stays.
     broken = copy.deepcopy(GOOD_ROUTE)
@@ -285,6 +286,22 @@ def test_second_route_for_a_served_alias_is_refused(control_plane, kube, operato
     # The first one itself can still be updated.
     changed = {**GOOD_ROUTE, "fallbacks": []}
     control_plane.kubectl("apply", "-n", plain_ns, "-f", "-", input=_manifest("ModelRoute", "first", changed))
+
+
+def test_a_route_priced_in_another_currency_than_a_budget_is_accepted_with_a_warning(control_plane, operator, plain_ns,
+                                                                                       webhook_conf):
+    control_plane.kubectl("apply", "-n", plain_ns, "-f", "-", input=_manifest("ModelRoute", "chat", GOOD_ROUTE))
+    control_plane.kubectl("apply", "-n", plain_ns, "-f", "-", input=_manifest("TokenBudget", "team", GOOD_BUDGET))
+    euro = copy.deepcopy(GOOD_ROUTE)
+    for backend in euro["backends"]:
+        backend["pricing"]["currency"] = "EUR"
+    want = "Warning: spec.backends[].pricing.currency: EUR, but TokenBudget 'team' limits cost in USD"
+    # The operator's inventory must have seen the budget before it can warn.
+    wait_for(lambda: want in control_plane.kubectl("apply", "--dry-run=server", "-n", plain_ns, "-f", "-",
+                                                   input=_manifest("ModelRoute", "chat", euro)).stderr,
+             timeout=20, what="the currency warning")
+    applied = control_plane.kubectl("apply", "-n", plain_ns, "-f", "-", input=_manifest("ModelRoute", "chat", euro))
+    assert "configured" in applied.stdout and want in applied.stderr
 
 
 def test_webhook_configurations_point_at_the_operator(kube, operator, webhook_conf):

@@ -141,3 +141,25 @@ def test_a_budget_whose_money_limit_cannot_add_up_its_routes_costs_is_refused():
     euro_budget = copy.deepcopy(GOOD_BUDGET)
     euro_budget["limits"]["cost"]["currency"] = "EUR"
     assert "ModelRoute 'chat' (USD)" in review("TokenBudget", obj("TokenBudget", "b", euro_budget), None, siblings).error
+
+
+def test_a_route_priced_in_another_currency_than_a_budget_only_warns():
+    # Warned, not refused: a namespace moving to another currency changes routes and budgets, and
+    # the budget side is refused already, so refusing here too would block both orders.
+    eur = copy.deepcopy(GOOD_ROUTE)
+    for b in eur["backends"]:
+        b["pricing"]["currency"] = "EUR"
+    usd_budget = obj("TokenBudget", "team", GOOD_BUDGET)
+    verdict = review("ModelRoute", obj("ModelRoute", "chat", eur), None, [], [usd_budget])
+    assert verdict.error is None
+    assert verdict.warnings == ["spec.backends[].pricing.currency: EUR, but TokenBudget 'team' limits cost in USD; "
+                                "costs are never converted, so that budget reports CurrencyMismatch until both use "
+                                "one currency"]
+    assert review("ModelRoute", route("chat"), None, [], [usd_budget]).warnings == []
+    other_routes = obj("TokenBudget", "scoped", {**GOOD_BUDGET, "routes": ["other"]})
+    tokens_only = obj("TokenBudget", "tokens", {k: v for k, v in GOOD_BUDGET.items() if k != "limits"}
+                      | {"limits": {"tokens": {"total": 1000}}})
+    dying = copy.deepcopy(usd_budget)
+    dying["metadata"]["deletionTimestamp"] = "2026-01-03T00:00:00Z"
+    assert review("ModelRoute", obj("ModelRoute", "chat", eur), None, [], [other_routes, tokens_only, dying]).warnings == []
+    assert review("ModelRoute", obj("ModelRoute", "chat", eur), None, None, None).warnings == []

@@ -74,22 +74,23 @@ def namespace_labels(name: str, labels: Mapping[str, str], **_: Any) -> dict[str
     return {name: dict(labels)}
 
 
-def _review(kind: str, body: kopf.Body, old: Any, namespace: str | None, routes_by_namespace: Any,
-            warnings: list[str]) -> None:
-    siblings = list(routes_by_namespace.get(namespace, [])) if routes_by_namespace is not None and namespace else None
+def _review(kind: str, body: kopf.Body, old: Any, namespace: str | None, warnings: list[str]) -> None:
+    known = inventory.objects_by_namespace()
+    routes, budgets = known.in_namespace(namespace) if known is not None and namespace else (None, None)
     result = review(kind, plain(body), plain(old) if old is not None else None,
-                    [plain(s) for s in siblings] if siblings is not None else None)
+                    [plain(s) for s in routes] if routes is not None else None,
+                    [plain(b) for b in budgets] if budgets is not None else None)
     warnings.extend(result.warnings)
     if result.error:
         raise kopf.AdmissionError(result.error, code=422)
 
 
 def validate_modelroute(body: kopf.Body, old: Any, namespace: str | None, warnings: list[str], **_: Any) -> None:
-    _review(modelroute.KIND, body, old, namespace, inventory.routes_by_namespace(), warnings)
+    _review(modelroute.KIND, body, old, namespace, warnings)
 
 
 def validate_tokenbudget(body: kopf.Body, old: Any, namespace: str | None, warnings: list[str], **_: Any) -> None:
-    _review(tokenbudget.KIND, body, old, namespace, inventory.routes_by_namespace(), warnings)
+    _review(tokenbudget.KIND, body, old, namespace, warnings)
 
 
 def _lookup_namespace_labels(name: str) -> dict[str, str] | None:

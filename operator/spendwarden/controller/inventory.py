@@ -126,3 +126,9 @@ def routes_by_namespace() -> _RoutesView | None:
     """The watched routes by namespace for the admission webhooks; None (unknown) until the first
     listing is complete, as a sibling check against a partial view could let a duplicate through."""
     return _RoutesView(INVENTORY) if INVENTORY.complete() else None
+
+
+def objects_by_namespace() -> Inventory | None:
+    """The inventory for the admission webhooks' cross-object checks (`in_namespace`), on the same
+    terms as routes_by_namespace: None until the first listing is complete."""
+    return INVENTORY if INVENTORY.complete() else None

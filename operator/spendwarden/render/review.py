@@ -30,10 +30,29 @@ def _valid_alias(obj: Mapping[str, Any]) -> str | None:
     return None if error else spec.model
 
 
+def _route_currency_warnings(name: str, route: modelroute.ModelRouteSpec,
+                             budgets: Iterable[Mapping[str, Any]]) -> list[str]:
+    """A warning, not a refusal, unlike the budget side: moving a namespace to another currency means
+    changing routes and budgets, and refusing both orders would leave GitOps no way through."""
+    warnings = []
+    for obj in budgets:
+        budget, error = validate_spec(tokenbudget.KIND, obj.get("spec"))
+        if error or (obj.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        if currency_mismatch(budget, [(name, route)]):
+            warnings.append(f"spec.backends[].pricing.currency: {route.backends[0].pricing.currency}, but "
+                            f"TokenBudget {obj['metadata']['name']!r} limits cost in {budget.limits.cost.currency}; "
+                            f"costs are never converted, so that budget reports CurrencyMismatch until both "
+                            f"use one currency")
+    return warnings
+
+
 def review(kind: str, obj: Mapping[str, Any], old: Mapping[str, Any] | None,
-           siblings: Iterable[Mapping[str, Any]] | None = None) -> Review:
+           siblings: Iterable[Mapping[str, Any]] | None = None,
+           budgets: Iterable[Mapping[str, Any]] | None = None) -> Review:
     """`obj` is the object as it would be stored, `old` the stored one (UPDATE), `siblings` the
-    namespace's ModelRoutes the operator knows of (None: unknown, skip the cross-object checks)."""
+    namespace's ModelRoutes and `budgets` its TokenBudgets the operator knows of (None: unknown,
+    skip the cross-object checks)."""
     meta = obj.get("metadata") or {}
     if meta.get("deletionTimestamp"):
         return Review()  # finalizer removal on the way out must never be blocked
@@ -55,6 +74,8 @@ def review(kind: str, obj: Mapping[str, Any], old: Mapping[str, Any] | None,
                 # Same wording as the operator's condition (render_proxy_config).
                 return Review(error=f"spec.model: alias {spec.model!r} is already served by ModelRoute "
                                     f"{other['metadata']['name']!r}")
+    if kind == modelroute.KIND and budgets is not None:
+        return Review(warnings=_route_currency_warnings(name, spec, budgets))
     if kind == tokenbudget.KIND and siblings is not None:
         routes = [(s["metadata"]["name"], route) for s in live
                   for route, error in [validate_spec(modelroute.KIND, s.get("spec"))] if not error]
