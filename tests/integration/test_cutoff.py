@@ -150,6 +150,9 @@ async def test_cut_off_and_its_reversal_at_the_period_reset(operator, kube, team
     # The lift follows the ledger's reset at once; its status write follows at the next flush (2 s).
     wait_for(lambda: get_budget(kube, ns, "minute")["status"]["ledger"]["periodStart"] != start, timeout=10,
              interval=0.3, what="status.ledger.periodStart of the new period")
+    # The reconcile's fields follow at the reset too (the reset loop wakes at the period end).
+    wait_for(lambda: get_budget(kube, ns, "minute")["status"]["periodStart"] != start, timeout=10,
+             interval=0.3, what="status.periodStart of the new period")
     wait_for(lambda: events(kube, ns, "CutOffLifted"), what="CutOffLifted Event")
     wait_for(lambda: operator.metric("spendwarden_namespace_cut_off", namespace=ns) == 0, what="gauge back to 0")
 

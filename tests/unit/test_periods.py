@@ -3,10 +3,11 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import given, strategies as st
 
 from spendwarden.api.tokenbudget import PeriodType, TokenBudgetSpec
-from spendwarden.ledger.periods import calendar_period, current_period, rolling_period
+from spendwarden.ledger.periods import calendar_period, current_period, rolling_period, seconds_until_next_reset
 
 UTC = timezone.utc
 
@@ -59,3 +60,11 @@ def test_calendar_period_contains_now_and_starts_at_local_midnight(now, kind, zo
 def test_rolling_period_contains_now(now, seconds):
     start, end = rolling_period(timedelta(seconds=seconds), now)
     assert start <= now < end and end - start == timedelta(seconds=seconds)
+
+
+def test_the_reset_loop_wakes_at_the_earliest_period_end():
+    now = datetime(2026, 11, 22, 19, 9, 50, tzinfo=timezone.utc)
+    assert seconds_until_next_reset([], now, 15) == 15
+    assert seconds_until_next_reset(["2026-11-22T19:10:00Z", "2026-11-22T19:11:00Z"], now, 15) == pytest.approx(10.05)
+    assert seconds_until_next_reset(["2026-12-01T00:00:00Z"], now, 15) == 15
+    assert seconds_until_next_reset(["2026-11-22T19:09:00Z"], now, 15) == 1.0  # past: the next tick, not a spin

@@ -13,12 +13,14 @@ import asyncio
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import kopf
 
 from .. import GROUP, VERSION
 from ..api.common import now_rfc3339
+from ..ledger.periods import seconds_until_next_reset
 from ..api import modelroute, tokenbudget
 from ..api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME
 from ..render.proxyconfig import LABELS, config_hash
@@ -91,7 +93,7 @@ async def _run(namespace: str) -> None:
                     ledger_service.ledger_owns, only_if_changed=True))
             except Exception:
                 log.exception("reconcile of namespace %s failed; retried by the reset loop", namespace)
-                _resets[namespace] = now_rfc3339()
+                _resets[namespace] = _retry_at()
                 break
     finally:
         _running.discard(namespace)
@@ -177,6 +179,10 @@ _resets: dict[str, str] = {}
 ROLLOVER_INTERVAL = float(os.environ.get("SPENDWARDEN_ROLLOVER_INTERVAL", "15"))
 
 
+def _retry_at() -> str:
+    return now_rfc3339(datetime.now(timezone.utc) + timedelta(seconds=ROLLOVER_INTERVAL))
+
+
 def _remember_reset(namespace: str) -> None:
     ends = [b.get("status", {}).get("periodEnd") for b in _inventory.in_namespace(namespace)[1]]
     ends = [e for e in ends if e]
@@ -224,7 +230,8 @@ async def _repair_drift() -> None:
 async def _rollover_loop() -> None:
     last_drift_check = asyncio.get_running_loop().time()
     while True:
-        await asyncio.sleep(ROLLOVER_INTERVAL)
+        # Woken at the earliest period end, so status shows the new period at once.
+        await asyncio.sleep(seconds_until_next_reset(_resets.values(), datetime.now(timezone.utc), ROLLOVER_INTERVAL))
         if asyncio.get_running_loop().time() - last_drift_check >= DRIFT_INTERVAL:
             last_drift_check = asyncio.get_running_loop().time()
             await _repair_drift()
@@ -237,7 +244,7 @@ async def _rollover_loop() -> None:
                                         ledger_service.ledger_owns)
             except Exception:  # retried at the next tick; never let the loop die
                 log.exception("period reset of namespace %s failed", namespace)
-                _resets[namespace] = now
+                _resets[namespace] = _retry_at()
 
 
 @kopf.on.startup()

@@ -5,6 +5,7 @@ across a daylight-saving change is 23 or 25 hours long, as users expect of "dail
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
@@ -55,3 +56,14 @@ def current_period(spec: TokenBudgetSpec, now: datetime) -> tuple[datetime, date
         return calendar_period(spec.period.type, spec.period.timeZone, now)
     assert spec.window is not None  # the spec validator guarantees one of them
     return rolling_period(parse_duration(spec.window), now)
+
+
+def seconds_until_next_reset(ends: Iterable[str], now: datetime, longest: float, shortest: float = 1.0) -> float:
+    """How long the reset loop may sleep: until the earliest period end (RFC 3339) is due, so status
+    shows the new period at once rather than up to `longest` later, but never less than `shortest`
+    (an end already past is handled by the current tick)."""
+    earliest = min(ends, default=None)
+    if earliest is None:
+        return longest
+    due = datetime.fromisoformat(earliest.replace("Z", "+00:00")) - now
+    return min(longest, max(shortest, due.total_seconds() + 0.05))
