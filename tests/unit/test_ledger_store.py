@@ -305,6 +305,11 @@ def test_a_budget_spent_short_of_its_limit_is_exceeded_everywhere_and_a_raise_li
     assert after["state"] == "Active" and after["ledger"].get("exhaustedAt") is None
     assert {c["type"]: c["status"] for c in after["conditions"]}["Exceeded"] == "False"
     assert send(restarted, again, body(3, used=(400, 597)))[0]["cutOff"] is False
+    # Back below the thresholds, they are re-armed: spending through the raised limit is announced again.
+    assert restarted.events(again) == []
+    send(restarted, again, body(4, used=(1000, 1000)))
+    assert [r for r, _ in restarted.events(again)] == ["ThresholdCrossed", "BudgetExceeded"]
+    assert restarted.events(again) == []
 
 
 def test_smallest_admitted_keeps_a_huge_prompt_from_cutting_the_team_off_also_after_a_restart():

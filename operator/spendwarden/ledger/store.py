@@ -589,10 +589,15 @@ class LedgerStore:
         return out
 
     def events(self, entry: BudgetEntry) -> list[tuple[str, str]]:
-        """(reason, message) for thresholds crossed since the last call; each crossing once."""
+        """(reason, message) for thresholds crossed since the last call; each crossing once. A raised
+        limit that takes the budget back below a threshold (or out of Exceeded) re-arms it: crossing
+        it again in the same period is news again."""
         percent, state = entry.state()
         out = []
         crossed = max([t for t in entry.spec.thresholds if percent >= t], default=0)
+        entry.announced = min(entry.announced, crossed)
+        if state != BudgetState.EXCEEDED:
+            entry.exceeded_announced = False
         if crossed > entry.announced:
             entry.announced = crossed
             out.append(("ThresholdCrossed", f"{percent}% of budget {entry.name} used (threshold {crossed}%) "
