@@ -233,8 +233,10 @@ def run_story(kubeconfig: str, workdir: Path, keep: Callable[[], None] | None = 
             raise RuntimeError("the budget was not spent: no 429 after 12 rounds")
 
         step("The alerts: threshold Events on the TokenBudget (kubectl get events -n demo)")
-        events = _wait(lambda: [e for e in core.list_namespaced_event(NAMESPACE).items
-                                if e.reason in ("ThresholdCrossed", "BudgetExceeded")], 10, "threshold Events")
+        # Posted after the status flush that saw them; BudgetExceeded is the last to come.
+        events = _wait(lambda: (lambda evs: evs if any(e.reason == "BudgetExceeded" for e in evs) else None)(
+            [e for e in core.list_namespaced_event(NAMESPACE).items
+             if e.reason in ("ThresholdCrossed", "BudgetExceeded")]), 15, "threshold Events")
         for e in sorted(events, key=lambda e: e.metadata.creation_timestamp):
             print(f"  {e.type:<8} {e.reason:<17} {e.message}")
             if e.reason == "ThresholdCrossed":

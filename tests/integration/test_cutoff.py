@@ -17,7 +17,7 @@ from kubernetes import client
 from spendwarden.ledger.allowance import Amount
 
 from .operator_process import wait_for
-from .test_ledger import GROUP, VERSION, Operator, SimProxy, create_budget, get_budget, sa_token
+from .test_ledger import GROUP, VERSION, Operator, SimProxy, create_budget, create_minute_budget, get_budget, sa_token
 
 LIMIT = 10_000
 EXTERNAL_IP = "203.0.113.7"
@@ -141,8 +141,8 @@ async def test_cut_off_and_its_reversal_at_the_period_reset(operator, kube, team
     ns, inference = team
     if time.time() % 60 > 30:  # leave time to check the cut-off before the window rolls
         await asyncio.sleep(61 - time.time() % 60)
-    start = create_budget(kube, ns, "minute", {"window": "1m", "limits": {"tokens": {"total": LIMIT}},
-                                               "onExceeded": "CutOff"})["status"]["periodStart"]
+    start = create_minute_budget(kube, ns, "minute", {"window": "1m", "limits": {"tokens": {"total": LIMIT}},
+                                                      "onExceeded": "CutOff"}, need=20)["status"]["periodStart"]
     await spend_all(operator, kube, ns, start, "minute")
     assert_cut(kube, ns, inference, "minute")
     assert operator.metric("spendwarden_namespace_cut_off", namespace=ns) == 1

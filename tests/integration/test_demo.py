@@ -16,7 +16,9 @@ def test_the_demo_story(control_plane, kube, tmp_path):
     finally:
         client.CoreV1Api(kube).delete_namespace(demo.NAMESPACE, propagation_policy="Background")
     assert result.answered["premium"] >= 4 and result.answered["local"] >= 8
-    assert len(result.threshold_events) == 2  # 50% and 80%
+    # 50% and 80%, or one Event for 80% when one status flush saw both crossed
+    assert 1 <= len(result.threshold_events) <= 2
+    assert any("(threshold 80%)" in m for m in result.threshold_events), result.threshold_events
     assert result.refused and "'daily' is exhausted" in result.refused
     assert result.cut_off["networkPolicy"] == "spendwarden-cut-off" and result.cut_off["localReplicas"] == 0
     assert "egress denied to 127.0.0.2/32" in result.cut_off["event"]

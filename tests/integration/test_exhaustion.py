@@ -101,8 +101,10 @@ async def test_a_budget_that_stops_short_of_its_limit_is_exceeded_and_cut_off(co
             assert f"{LIMIT - billed} tokens left" in exceeded["message"]
             (event,) = wait_for(lambda: events(kube, ns, "BudgetExceeded"), what="the BudgetExceeded Event")
             assert event.type == "Warning" and f"{LIMIT - billed} tokens left" in event.message
-            wait_for(lambda: policy(kube, ns) is not None, what="the cut-off NetworkPolicy")
-            assert core.read_namespace(ns).metadata.labels["spendwarden.io/cut-off"] == "true"
+            # The policy is applied first, the namespace label right after it.
+            wait_for(lambda: policy(kube, ns) is not None
+                     and (core.read_namespace(ns).metadata.labels or {}).get("spendwarden.io/cut-off") == "true",
+                     what="the cut-off NetworkPolicy and namespace label")
             wait_for(lambda: events(kube, ns, "NamespaceCutOff"), what="the NamespaceCutOff Event")
             assert operator.metric("spendwarden_namespace_cut_off", namespace=ns) == 1
 

@@ -7,6 +7,7 @@ import asyncio
 import random
 import time
 import uuid
+from datetime import datetime
 from decimal import Decimal
 
 import httpx
@@ -121,6 +122,20 @@ def create_budget(kube, ns: str, name: str = "monthly", spec: dict | None = None
     # Generous: under load (2 cores, load average 17) the first reconcile took 13 s, once over 20 s.
     return wait_for(lambda: (lambda o: o if (o.get("status") or {}).get("periodStart") else None)(
         get_budget(kube, ns, name)), timeout=60, what="the reconcile's status")
+
+
+def create_minute_budget(kube, ns: str, name: str, spec: dict, need: float) -> dict:
+    """create_budget for a 1-minute window with at least `need` seconds of it left: when the create
+    took long enough to get close to the boundary, the next window's status is returned instead (a
+    test that spends in the old window would see its usage reset under it)."""
+    obj = create_budget(kube, ns, name, spec)
+    start = obj["status"]["periodStart"]
+    begins = datetime.fromisoformat(start.replace("Z", "+00:00")).timestamp()
+    if time.time() - begins <= 60 - need:
+        return obj
+    time.sleep(max(0.0, begins + 60.5 - time.time()))
+    return wait_for(lambda: (lambda o: o if o["status"]["periodStart"] != start else None)(get_budget(kube, ns, name)),
+                    timeout=30, what="the next 1-minute window's status")
 
 
 def get_budget(kube, ns: str, name: str = "monthly") -> dict:
@@ -283,7 +298,7 @@ async def test_replayed_seq_changes_nothing(operator, kube, lg_namespace):
         resp = await p.post(body)
         assert resp.status_code == 200 and resp.json()["seq"] == p.seq
         assert Ceiling.from_state(resp.json()["budgets"]["monthly"]["ceiling"]).total == p.max_ceiling
-    await asyncio.sleep(2.5)  # longer than a flush interval
+    await asyncio.sleep(4.0)  # two flush intervals: a late flush must not let a wrong write pass unseen
     again = get_budget(kube, ns)
     assert again["status"]["used"] == first["status"]["used"]
     assert again["status"]["ledger"]["proxies"][p.id]["seq"] == p.seq
@@ -490,7 +505,8 @@ async def test_period_rollover_keeps_history_and_late_reports(operator, kube, lg
     ns = lg_namespace
     if time.time() % 60 > 45:  # too close to a boundary to see the first period's usage
         await asyncio.sleep(61 - time.time() % 60)
-    obj = create_budget(kube, ns, "minute", {"window": "1m", "limits": {"tokens": {"total": 10_000}}, "thresholds": [50]})
+    obj = create_minute_budget(kube, ns, "minute", {"window": "1m", "limits": {"tokens": {"total": 10_000}},
+                                                    "thresholds": [50]}, need=15)
     first = obj["status"]["periodStart"]
     async with httpx.AsyncClient() as http:
         p = SimProxy(http, operator.url, sa_token(kube, ns), ns, first, budget="minute")

@@ -20,7 +20,7 @@ import pytest
 from kubernetes import client
 
 from .operator_process import wait_for
-from .test_ledger import GROUP, VERSION, Operator, create_budget, get_budget, sa_token
+from .test_ledger import GROUP, VERSION, Operator, create_budget, create_minute_budget, get_budget, sa_token
 
 LLAMA_PRICE = "3.60"
 
@@ -130,6 +130,12 @@ class LoadReporter:
         self._thread.join(5)
 
 
+def _reports(proxy: Any) -> float:
+    """Ledger reports the proxy has had answered (its report-duration histogram's count)."""
+    return sum(float(line.split()[-1]) for line in proxy.metrics().splitlines()
+               if line.startswith("spendwarden_ledger_report_duration_seconds_count"))
+
+
 def test_scaling_timeline_up_down_and_idle_to_zero(operator, kube, ns):
     """Up with load at once, down only after the stabilisation window, to zero after the idle period;
     replica-hours and their cost in status and metrics. Prints the timeline."""
@@ -223,7 +229,8 @@ def test_cut_off_scales_to_zero_and_back_at_the_reset(operator, kube, ns):
     create_deployment(kube, ns, "llama", replicas=1)
     create_route(kube, ns, "chat", {"model": "chat", "defaultBackend": "llama", "backends": [backend(
         "llama", "http://llama:8080/v1", "llama", {"minReplicas": 1, "maxReplicas": 3, "scaleDownStabilization": "1m"})]})
-    budget = create_budget(kube, ns, "minute", {"window": "1m", "onExceeded": "CutOff", "limits": {"tokens": {"total": 1000}}})
+    budget = create_minute_budget(kube, ns, "minute", {"window": "1m", "onExceeded": "CutOff",
+                                                       "limits": {"tokens": {"total": 1000}}}, need=20)
     period = budget["status"]["periodStart"]
     with LoadReporter(operator.url, sa_token(kube, ns), ns) as proxy:
         proxy.load = 9
@@ -311,7 +318,9 @@ def test_wake_on_demand_hold_and_fallback(operator, kube, ns, tmp_path):
             # The proxy learns from its reports' answers that both backends are at zero.
             wait_for(lambda: scaling_status(kube, ns, "chat").get("availableReplicas") == 0
                      and scaling_status(kube, ns, "fast", "qwen").get("availableReplicas") == 0, what="both at zero")
-            time.sleep(1.5)
+            # ... from a report sent after that: one in flight now may carry the older answer.
+            sent = _reports(proxy)
+            wait_for(lambda: _reports(proxy) >= sent + 3, what="the proxy's next reports answered")
 
             # Fallback: answered at once by mini; qwen is woken in the background.
             t = time.monotonic()
@@ -415,7 +424,9 @@ def test_gitops_sync_of_replicas_is_named_and_left_alone_until_it_lets_go(operat
         cond = wait_for(lambda: (lambda c: c if c and c["status"] == "True" else None)(conflict_condition(kube, ns)),
                         what="ScalingConflict=True")
         assert cond["reason"] == "ForeignReplicaWriter" and "field manager argocd-controller" in cond["message"], cond
-        assert any("argocd-controller" in e.message for e in warning_events(kube, ns, "ScalingConflict"))
+        # The Event is posted after the condition, in a call of its own.
+        wait_for(lambda: any("argocd-controller" in e.message for e in warning_events(kube, ns, "ScalingConflict")),
+                 what="the ScalingConflict Event naming argocd-controller")
         time.sleep(2.0)
         assert deployment(kube, ns, "llama").spec.replicas == 1, "the GitOps tool's count stands"
         assert scaling_status(kube, ns, "chat")["foreignWriter"] == "argocd-controller"
@@ -433,7 +444,8 @@ def test_cut_off_wins_over_a_foreign_writer_whose_count_comes_back_at_the_reset(
     create_deployment(kube, ns, "llama", replicas=1)
     create_route(kube, ns, "chat", {"model": "chat", "defaultBackend": "llama", "backends": [backend(
         "llama", "http://llama:8080/v1", "llama", SCALE_BY_LOAD)]})
-    budget = create_budget(kube, ns, "minute", {"window": "1m", "onExceeded": "CutOff", "limits": {"tokens": {"total": 1000}}})
+    budget = create_minute_budget(kube, ns, "minute", {"window": "1m", "onExceeded": "CutOff",
+                                                       "limits": {"tokens": {"total": 1000}}}, need=20)
     period = budget["status"]["periodStart"]
     wait_for(lambda: scaling_status(kube, ns, "chat").get("desiredReplicas") == 1, what="the scaler's first decision")
     client.AppsV1Api(kube).patch_namespaced_deployment_scale("llama", ns, {"spec": {"replicas": 4}}, field_manager="kubectl")

@@ -94,9 +94,11 @@ def test_four_proxies_share_budgets_through_the_ledger(cluster):
 
     # 1. 4 x 32 concurrent streams of ~210 tokens each on a 20k-token budget.
     results = asyncio.run(load("a", PER_PROXY))
-    served = sum(_served(p, "a") for p in proxies)
+    # A stream's access-log line is written after its last chunk reached the client.
     totals = up.totals()
-    assert served == totals["prompt_tokens"] + totals["completion_tokens"]
+    _wait(lambda: sum(_served(p, "a") for p in proxies) == totals["prompt_tokens"] + totals["completion_tokens"], 5,
+          "every stream in the access logs")
+    served = sum(_served(p, "a") for p in proxies)
     assert served <= LIMIT, served
     assert served > LIMIT * 0.6, served  # leases do not strand most of the budget
     assert results.count("ok") > 60 and results.count("429") > 0, results
@@ -120,6 +122,7 @@ def test_four_proxies_share_budgets_through_the_ledger(cluster):
 
     # 3. The ledger is back: the usage of the Open budget reaches it, Closed serves again.
     server.start()
+    _wait(lambda: sum(1 for p in proxies for x in p.log() if x.get("model") == "b") == 16, 5, "16 'b' access-log lines")
     served_b = sum(_served(p, "b") for p in proxies)
     _wait(lambda: stub.used("open").total_tokens == served_b, 5, "usage reconciled after the outage")
     _wait(lambda: _ok(client, "b"), 3, "Open on leases again")
