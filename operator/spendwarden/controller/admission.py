@@ -7,8 +7,8 @@ Registered only when enabled: kopf refuses to start with admission handlers but 
 Pod selection: kopf's managed webhook configurations carry an objectSelector (from `labels=`) but
 no namespaceSelector, and one selector could not express "namespace labelled OR pod labelled"
 anyway. So the Pod webhook matches all Pods and the handler decides (render/injection.decide),
-reading namespace labels from an in-memory index of namespaces (an API call only for a namespace
-the index has not seen yet). The price is one webhook call per Pod creation cluster-wide, hence
+reading namespace labels from an in-memory map kept by a namespace watch (an API call only for a
+namespace the watch has not delivered yet). The price is one webhook call per Pod creation cluster-wide, hence
 failurePolicy Ignore by default for it (see webhooks.WebhookSettings).
 """
 from __future__ import annotations
@@ -32,11 +32,6 @@ log = logging.getLogger(__name__)
 SETTINGS = WebhookSettings.from_env()
 _tasks: dict[str, Any] = {}
 
-
-
-def _first(index: Any, key: str | None) -> Any:
-    store = index.get(key) if index is not None and key is not None else None
-    return next(iter(store), None) if store else None
 
 
 async def configure_admission(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -70,8 +65,17 @@ async def stop_admission(**_: Any) -> None:
         store.cleanup()
 
 
-def namespace_labels(name: str, labels: Mapping[str, str], **_: Any) -> dict[str, dict[str, str]]:
-    return {name: dict(labels)}
+# Namespace name -> labels, kept by a plain event handler rather than a kopf.index: kopf holds every
+# handler of every kind until each object of an indexed kind has been indexed, and each one indexed
+# wakes all the waiting ones (quadratic: thousands of namespaces stalled the cold start).
+_namespace_labels: dict[str, dict[str, str]] = {}
+
+
+def remember_namespace_labels(event: Mapping[str, Any], name: str, labels: Mapping[str, str], **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        _namespace_labels.pop(name, None)
+    else:
+        _namespace_labels[name] = dict(labels)
 
 
 def _review(kind: str, body: kopf.Body, old: Any, namespace: str | None, warnings: list[str]) -> None:
@@ -94,7 +98,7 @@ def validate_tokenbudget(body: kopf.Body, old: Any, namespace: str | None, warni
 
 
 def _lookup_namespace_labels(name: str) -> dict[str, str] | None:
-    """For a namespace the index has not seen yet; `list` with a field selector because the
+    """For a namespace the watch has not delivered yet; `list` with a field selector because the
     operator's RBAC grants list/watch on namespaces, not get."""
     from kubernetes import client
 
@@ -114,11 +118,10 @@ def namespace_secrets(namespace: str, routes_by_namespace: Any) -> list[str]:
     return injection.referenced_secrets(render_proxy_config(namespace, routes, []).config) if routes else []
 
 
-def inject_proxy(body: kopf.Body, patch: kopf.Patch, namespace: str | None, namespace_labels: Any = None,
-                 **_: Any) -> None:
+def inject_proxy(body: kopf.Body, patch: kopf.Patch, namespace: str | None, **_: Any) -> None:
     pod = plain(body)
     ns = namespace or ""
-    labels = _first(namespace_labels, ns)
+    labels = _namespace_labels.get(ns)
     decision = injection.decide(pod, ns, labels, INJECTION)
     if not decision.inject and labels is None and decision.reason == "not selected":
         labels = _lookup_namespace_labels(ns)
@@ -143,7 +146,7 @@ def _apply(raw: Any, ops: list[dict[str, Any]]) -> None:
 if SETTINGS.enabled:
     kopf.on.startup(id="spendwarden-admission")(configure_admission)
     kopf.on.cleanup(id="spendwarden-admission")(stop_admission)
-    kopf.index("v1", "namespaces", id="namespace_labels")(namespace_labels)
+    kopf.on.event("v1", "namespaces", id="namespace-labels")(remember_namespace_labels)
     _validation = dict(operations=["CREATE", "UPDATE"],
                        ignore_failures=SETTINGS.validation_failure_policy == "Ignore")
     kopf.on.validate(GROUP, modelroute.PLURAL, id="validate-modelroute", **_validation)(validate_modelroute)
