@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 import pytest
 
 from spendwarden.api.tokenbudget import TokenBudgetSpec
+from spendwarden.controller.cutoff import budget_cut
 from spendwarden.ledger.pricing import TokenUsage
 from spendwarden.ledger.store import LedgerStore, parse_report
 from spendwarden.proxy.budgets import BudgetBook, LeaseShort
@@ -46,6 +47,7 @@ def test_ledger_grants_past_the_limit_only_up_to_the_hard_ceiling_then_cuts_off(
     assert a["ceiling"]["total"] + b["ceiling"]["total"] <= 1000
     a, _ = send(store, entry, body(2, used=(0, a["ceiling"]["total"]), want=(0, 600)))
     b, _ = send(store, entry, body(2, used=(0, b["ceiling"]["total"]), proxy="p2", want=(0, 600)))
+    assert not budget_cut(entry).cut  # past the limit, short of the hard ceiling: downgraded, not cut off
     assert b["state"] == "Warning" and b["ceiling"]["total"] + a["ceiling"]["total"] <= 1000
     assert a["hardCeiling"]["total"] + b["hardCeiling"]["total"] <= 1500
     assert entry.current.hard.check_invariant() == []
@@ -53,6 +55,7 @@ def test_ledger_grants_past_the_limit_only_up_to_the_hard_ceiling_then_cuts_off(
     a, _ = send(store, entry, body(3, used=(0, a["hardCeiling"]["total"])))
     b, _ = send(store, entry, body(3, used=(0, b["hardCeiling"]["total"]), proxy="p2"))
     assert entry.current.ledger.used().total_tokens == 1500 and b["cutOff"] is True and b["state"] == "Exceeded"
+    assert budget_cut(entry).cut  # ... and the namespace is cut off, as for onExceeded CutOff
     # Restart: the hard ledger comes back with every grant.
     again = LedgerStore().load(budget(DOWNGRADE, **copy.deepcopy(store.status(entry, NOW))), NOW)
     assert again.current.hard.committed("total") == entry.current.hard.committed("total") == 1500

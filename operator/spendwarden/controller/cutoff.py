@@ -50,8 +50,11 @@ CUT_OFF = Gauge("spendwarden_namespace_cut_off", "1 while a CutOff budget of the
 
 
 def budget_cut(entry: BudgetEntry) -> BudgetCut:
-    return BudgetCut(entry.name, entry.uid, tuple(entry.spec.routes),
-                     entry.spec.onExceeded == tokenbudget.OnExceeded.CUT_OFF and entry.current.ledger.exhausted())
+    """A CutOff budget spent, or a Downgrade budget spent to its hard ceiling: the proxies refuse in
+    both cases (the answer's cutOff), so the namespace is closed for what bypasses them as well."""
+    cur = entry.current
+    spent = entry.spec.onExceeded == tokenbudget.OnExceeded.CUT_OFF and cur.ledger.exhausted()
+    return BudgetCut(entry.name, entry.uid, tuple(entry.spec.routes), spent or (cur.hard is not None and cur.hard.exhausted()))
 
 
 def settings_from_env(env: Mapping[str, str] | None = None, apiserver_cidrs: tuple[str, ...] = ()) -> CutOffSettings:
