@@ -192,6 +192,18 @@ async def test_raising_the_limit_lifts_the_cut_off_also_across_a_restart(operato
     wait_for(lambda: lifted(kube, ns), timeout=30, interval=0.3, what="the cut-off lifted after the second raise")
 
 
+async def test_a_downgrade_budget_at_its_hard_ceiling_cuts_off_and_a_raised_ceiling_lifts_it(operator, kube, team):
+    ns, inference = team
+    spec = {"period": {"type": "Monthly"}, "limits": {"tokens": {"total": LIMIT // 2}}, "onExceeded": "Downgrade",
+            "downgrade": {"hardCeiling": {"tokens": LIMIT}}}
+    start = create_budget(kube, ns, "capped", spec)["status"]["periodStart"]
+    await spend_all(operator, kube, ns, start, "capped")  # LIMIT used: past the limit, at the hard ceiling
+    assert_cut(kube, ns, inference, "capped")
+    client.CustomObjectsApi(kube).patch_namespaced_custom_object(
+        GROUP, VERSION, ns, "tokenbudgets", "capped", {"spec": {"downgrade": {"hardCeiling": {"tokens": LIMIT * 2}}}})
+    wait_for(lambda: lifted(kube, ns), timeout=30, interval=0.3, what="the cut-off lifted after the raised ceiling")
+
+
 async def test_deleting_the_budget_lifts_the_cut_off(operator, kube, team):
     ns, inference = team
     start = create_budget(kube, ns, "gone", {"window": "24h", "limits": {"tokens": {"total": LIMIT}}})["status"]["periodStart"]

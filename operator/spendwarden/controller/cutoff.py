@@ -35,6 +35,7 @@ from prometheus_client import Gauge
 from .. import GROUP, VERSION
 from ..api import modelroute, tokenbudget
 from ..api.common import now_rfc3339
+from ..ledger.allowance import hard_ceiling
 from ..ledger.store import BudgetEntry
 from ..render.cutoff import (BUDGETS_ANNOTATION, NAME_LABEL, NAMESPACE_LABEL, POLICY_NAME, BudgetCut,
                              CutOffSettings, DesiredCutOff, Workload, desired_cut_off)
@@ -46,7 +47,8 @@ REPLICAS_ANNOTATION = "spendwarden.io/replicas-before-cut-off"
 FIELD_MANAGER = "spendwarden"
 RESYNC = float(os.environ.get("SPENDWARDEN_CUTOFF_RESYNC") or 30)
 RETRY_MIN, RETRY_MAX = 2.0, 60.0
-CUT_OFF = Gauge("spendwarden_namespace_cut_off", "1 while a CutOff budget of the namespace is exhausted.", ["namespace"])
+CUT_OFF = Gauge("spendwarden_namespace_cut_off", "1 while a CutOff budget of the namespace is exhausted (or a "
+                "Downgrade budget is at its hard ceiling).", ["namespace"])
 
 
 def budget_cut(entry: BudgetEntry) -> BudgetCut:
@@ -381,13 +383,14 @@ class CutOffController:
             self._ns.pop(namespace, None)
 
     async def budgets(self, namespace: str) -> list[BudgetCut]:
-        """The namespace's CutOff budgets as the ledger sees them; one with persisted usage that the
+        """The namespace's budgets that can cut it off (CutOff, Downgrade with a hard ceiling) as the
+        ledger sees them; one with persisted usage that the
         ledger has not loaded yet (just after a restart) is loaded first."""
         out = []
         for obj in await asyncio.to_thread(list_budgets, namespace):
             name = obj["metadata"]["name"]
             spec, problem = validate_spec(tokenbudget.KIND, obj.get("spec"))
-            if problem is not None or spec.onExceeded != tokenbudget.OnExceeded.CUT_OFF:
+            if problem is not None or (spec.onExceeded != tokenbudget.OnExceeded.CUT_OFF and hard_ceiling(spec) is None):
                 continue
             entry = self.ledger.store.get(namespace, name)
             if entry is None and (obj.get("status") or {}).get("ledger"):

@@ -1,4 +1,5 @@
-"""The namespace cut-off of an exhausted onExceeded=CutOff budget (issue #4), as desired state.
+"""The namespace cut-off of an exhausted onExceeded=CutOff budget (or a Downgrade one at its hard
+ceiling; issue #4), as desired state.
 
 Pure: budgets and validated routes in, a `DesiredCutOff` out (NetworkPolicy manifest, namespace
 label, workloads to hold at zero). DNS resolution and "is this a namespace?" are injected functions,
@@ -52,7 +53,7 @@ class BudgetCut:
     name: str
     uid: str | None
     routes: tuple[str, ...]  # spec.routes: the aliases covered; empty: every route
-    cut: bool                # onExceeded CutOff and the current period is exhausted
+    cut: bool                # onExceeded CutOff and the current period is exhausted (or Downgrade at its hard ceiling)
 
 
 @dataclass(frozen=True, order=True)
