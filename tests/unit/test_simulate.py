@@ -226,6 +226,14 @@ def test_access_log_lines_replay_recorded_usage_on_the_backend_that_served_them(
     (s,) = replay(Candidate("s", "s.yaml", {"chat": ModelRouteSpec.model_validate(route(
         backends=[route()["backends"][1]]))}), [line])
     assert s.backend == "strong" and s.cost == cost(STRONG_P, TokenUsage(1000, 200, 400))
+    # Logged prompt-cache writes are priced as writes (above input), not as plain input.
+    written = json.dumps({**json.loads(line), "cache_write_tokens": 300, "cache_write_1h_tokens": 100})
+    priced = {**MINI, "cacheWrite": "0.1875", "cacheWrite1h": "0.30"}
+    spec = route()
+    spec["backends"][0]["pricing"] = priced
+    (w,) = replay(Candidate("w", "w.yaml", {"chat": ModelRouteSpec.model_validate(spec)}), [written])
+    assert w.cost == cost(Prices.from_spec(priced), TokenUsage(1000, 200, 400, 300, 100))
+    assert w.cost > cost(Prices.from_spec(priced), TokenUsage(1000, 200, 400))
 
 
 def access(**fields) -> str:

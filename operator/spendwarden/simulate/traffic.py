@@ -53,6 +53,8 @@ class Recorded:
     input_tokens: int | None = None
     output_tokens: int | None = None
     cached_input_tokens: int | None = None
+    cache_write_tokens: int | None = None     # Anthropic prompt-cache writes (billed above input)
+    cache_write_1h_tokens: int | None = None  # the 1-hour-TTL part of them
     est_prompt_tokens: int | None = None
     max_output_tokens: int | None = None
     status: int | None = None
@@ -139,6 +141,8 @@ def _access_line(obj: dict[str, Any], index: int, line: int, where: str) -> Traf
     rec = Recorded(
         backend=_str(obj.get("backend")), input_tokens=_int(obj.get("input_tokens")),
         output_tokens=_int(obj.get("output_tokens")), cached_input_tokens=_int(obj.get("cached_input_tokens")),
+        cache_write_tokens=_int(obj.get("cache_write_tokens")),
+        cache_write_1h_tokens=_int(obj.get("cache_write_1h_tokens")),
         est_prompt_tokens=_int(obj.get("est_prompt_tokens")), max_output_tokens=_int(obj.get("max_output_tokens")),
         status=_int(obj.get("status")), outcome=_str(obj.get("outcome")), score=score, tier=_str(obj.get("tier")),
         escalated_from=_str(esc.get("from")), escalation_cause=_str(esc.get("cause")),
