@@ -34,7 +34,6 @@ from prometheus_client import Gauge
 
 from .. import GROUP, VERSION
 from ..api import modelroute, tokenbudget
-from ..api.common import now_rfc3339
 from ..ledger.allowance import hard_ceiling
 from ..ledger.store import BudgetEntry
 from ..render.cutoff import (BUDGETS_ANNOTATION, NAME_LABEL, NAMESPACE_LABEL, POLICY_NAME, BudgetCut,
@@ -234,17 +233,9 @@ def restore_replicas(namespace: str, keys: Iterable[str], remembered: dict[str, 
 
 
 def post_budget_event(namespace: str, name: str, uid: str | None, reason: str, message: str) -> None:
-    from kubernetes import client
-
     from . import kube
-    now = now_rfc3339()
-    involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": tokenbudget.KIND, "name": name, "namespace": namespace}
-    client.CoreV1Api(kube.api_client()).create_namespaced_event(namespace, {
-        "metadata": {"generateName": f"{name}.", "namespace": namespace},
-        "involvedObject": {**involved, **({"uid": uid} if uid else {})},
-        "reason": reason, "message": message[:1024], "type": "Warning",
-        "source": {"component": "spendwarden-cut-off"}, "reportingComponent": "spendwarden.io/cut-off",
-        "reportingInstance": socket.gethostname(), "firstTimestamp": now, "lastTimestamp": now, "count": 1})
+    kube.post_warning({"apiVersion": f"{GROUP}/{VERSION}", "kind": tokenbudget.KIND, "name": name, "namespace": namespace,
+                       **({"uid": uid} if uid else {})}, reason, message, component="cut-off")
 
 
 def apply_cut_off(desired: DesiredCutOff, namespace_obj: dict[str, Any], scaled: Iterable[str] = ()) -> list[str]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 from datetime import datetime, timezone
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -98,16 +100,33 @@ def delete_configmap(namespace: str, name: str) -> None:
             raise
 
 
-def post_warning(obj: dict[str, Any], reason: str, message: str) -> None:
-    """A Warning Event on a CR (posted directly: kopf.warn only works inside kopf's handler context,
-    and renders run in the reconcile pool)."""
+EVENT_ATTEMPTS = 3  # an Event is often the only place a cut-off or a conflict is told: a blip must not lose it
+
+
+def involved_object(obj: dict[str, Any]) -> dict[str, Any]:
     meta = obj["metadata"]
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    client.CoreV1Api(api_client()).create_namespaced_event(meta["namespace"], {
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-        "involvedObject": {"apiVersion": obj.get("apiVersion", f"{GROUP}/{VERSION}"), "kind": obj["kind"],
-                           "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
-        "reason": reason, "message": message[:1024], "type": "Warning",
-        "source": {"component": "spendwarden"}, "reportingComponent": "spendwarden.io/operator",
-        "reportingInstance": socket.gethostname(), "firstTimestamp": now, "lastTimestamp": now, "count": 1},
-        _preload_content=False).data
+    return {"apiVersion": obj.get("apiVersion", f"{GROUP}/{VERSION}"), "kind": obj["kind"], "name": meta["name"],
+            "namespace": meta["namespace"], **({"uid": meta["uid"]} if meta.get("uid") else {})}
+
+
+def post_warning(involved: dict[str, Any], reason: str, message: str, component: str = "operator",
+                 attempts: int = EVENT_ATTEMPTS, backoff: float = 0.5) -> None:
+    """A Warning Event on `involved` (involved_object()), posted directly: kopf.warn only works inside
+    kopf's handler context. Transient failures (429, 5xx, no connection) are retried with backoff;
+    the last one is raised. Blocking: call it from a thread."""
+    ns, now = involved["namespace"], datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {"metadata": {"generateName": f"{involved['name']}.", "namespace": ns}, "involvedObject": involved,
+            "reason": reason, "message": message[:1024], "type": "Warning",
+            "source": {"component": f"spendwarden-{component}"}, "reportingComponent": f"spendwarden.io/{component}",
+            "reportingInstance": socket.gethostname(), "firstTimestamp": now, "lastTimestamp": now, "count": 1}
+    for attempt in range(1, attempts + 1):
+        try:
+            client.CoreV1Api(api_client()).create_namespaced_event(ns, body, _preload_content=False).data
+            return
+        except ApiException as exc:
+            if attempt == attempts or not (exc.status in (0, 429) or exc.status >= 500):
+                raise
+        except (OSError, urllib3.exceptions.HTTPError):
+            if attempt == attempts:
+                raise
+        time.sleep(backoff * 2 ** (attempt - 1))

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from prometheus_client import Counter, Gauge
 
 from .. import GROUP, VERSION
 from ..api import tokenbudget
-from ..api.common import now_rfc3339
 from ..ledger.leases import LeaseSettings
 from ..ledger.loops import LoopAggregator
 from ..ledger.store import FORECAST_CONDITION, BudgetEntry, LedgerStore, ReportError, parse_report, replace_patch
@@ -199,18 +197,9 @@ def _patch_conditions(namespace: str, name: str, seen: list[dict] | None, desire
 
 
 def _post_event(entry: BudgetEntry, reason: str, message: str) -> None:
-    from kubernetes import client
-
     from . import kube
-    now = now_rfc3339()
-    client.CoreV1Api(kube.api_client()).create_namespaced_event(entry.namespace, {
-        "metadata": {"generateName": f"{entry.name}.", "namespace": entry.namespace},
-        "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": tokenbudget.KIND, "name": entry.name,
-                           "namespace": entry.namespace, "uid": entry.uid},
-        "reason": reason, "message": message, "type": "Warning",
-        "source": {"component": "spendwarden-ledger"}, "reportingComponent": "spendwarden.io/ledger",
-        "reportingInstance": socket.gethostname(),
-        "firstTimestamp": now, "lastTimestamp": now, "count": 1})
+    kube.post_warning({"apiVersion": f"{GROUP}/{VERSION}", "kind": tokenbudget.KIND, "name": entry.name,
+                       "namespace": entry.namespace, "uid": entry.uid}, reason, message, component="ledger")
 
 
 # -- the service -------------------------------------------------------------------------------------------

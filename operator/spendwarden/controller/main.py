@@ -58,7 +58,7 @@ _dirty: set[str] = set()     # namespaces with events since their run started (o
 
 def _warn(obj: dict[str, Any], reason: str, message: str) -> None:
     try:
-        kube.post_warning(obj, reason, message)
+        kube.post_warning(kube.involved_object(obj), reason, message)
     except Exception as exc:  # noqa: BLE001 - the condition carries the message too
         log.warning("cannot post a Warning Event: %s", type(exc).__name__)
 

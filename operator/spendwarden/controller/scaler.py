@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -168,18 +167,8 @@ def _patch_route_status(namespace: str, name: str, body: Any, json_patch: bool =
 
 
 def _warn_route(route: dict[str, Any], reason: str, message: str) -> None:
-    from kubernetes import client
-
     from . import kube
-    meta = route["metadata"]
-    now = now_rfc3339()
-    client.CoreV1Api(kube.api_client()).create_namespaced_event(meta["namespace"], {
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-        "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": modelroute.KIND, "name": meta["name"],
-                           "namespace": meta["namespace"], "uid": meta.get("uid")},
-        "reason": reason, "message": message, "type": "Warning",
-        "source": {"component": "spendwarden-scaler"}, "reportingComponent": "spendwarden.io/scaler",
-        "reportingInstance": socket.gethostname(), "firstTimestamp": now, "lastTimestamp": now, "count": 1})
+    kube.post_warning(kube.involved_object({**route, "kind": modelroute.KIND}), reason, message, component="scaler")
 
 
 # -- the scaler ------------------------------------------------------------------------------------------
