@@ -55,7 +55,8 @@ def budget_cut(entry: BudgetEntry) -> BudgetCut:
     both cases (the answer's cutOff), so the namespace is closed for what bypasses them as well."""
     cur = entry.current
     spent = entry.spec.onExceeded == tokenbudget.OnExceeded.CUT_OFF and cur.ledger.exhausted()
-    return BudgetCut(entry.name, entry.uid, tuple(entry.spec.routes), spent or (cur.hard is not None and cur.hard.exhausted()))
+    at_hard_ceiling = cur.hard is not None and cur.hard.exhausted()
+    return BudgetCut(entry.name, entry.uid, tuple(entry.spec.routes), spent or at_hard_ceiling)
 
 
 def settings_from_env(env: Mapping[str, str] | None = None, apiserver_cidrs: tuple[str, ...] = ()) -> CutOffSettings:
@@ -232,10 +233,12 @@ def restore_replicas(namespace: str, keys: Iterable[str], remembered: dict[str, 
         _remember(namespace, remembered)
 
 
-def post_budget_event(namespace: str, name: str, uid: str | None, reason: str, message: str) -> None:
+def post_budget_event(namespace: str, name: str, uid: str | None, reason: str, message: str,
+                      component: str = "cut-off") -> None:
+    """A Warning Event on a TokenBudget (the ledger's announcements use it too)."""
     from . import kube
     kube.post_warning({"apiVersion": f"{GROUP}/{VERSION}", "kind": tokenbudget.KIND, "name": name, "namespace": namespace,
-                       **({"uid": uid} if uid else {})}, reason, message, component="cut-off")
+                       **({"uid": uid} if uid else {})}, reason, message, component=component)
 
 
 def apply_cut_off(desired: DesiredCutOff, namespace_obj: dict[str, Any], scaled: Iterable[str] = ()) -> list[str]:
@@ -375,8 +378,8 @@ class CutOffController:
 
     async def budgets(self, namespace: str) -> list[BudgetCut]:
         """The namespace's budgets that can cut it off (CutOff, Downgrade with a hard ceiling) as the
-        ledger sees them; one with persisted usage that the
-        ledger has not loaded yet (just after a restart) is loaded first."""
+        ledger sees them; one with persisted usage that the ledger has not loaded yet (just after a
+        restart) is loaded first."""
         out = []
         for obj in await asyncio.to_thread(list_budgets, namespace):
             name = obj["metadata"]["name"]

@@ -37,7 +37,7 @@ from ..ledger.store import FORECAST_CONDITION, BudgetEntry, LedgerStore, ReportE
 from ..render.status import LEDGER_FIELDS
 from .alerts import WebhookSender, WebhookSettings
 from .bodies import plain
-from .cutoff import CutOffController
+from .cutoff import CutOffController, post_budget_event
 from .ledger_http import LedgerHttpServer, Reply, aiohttp_handler
 
 log = logging.getLogger(__name__)
@@ -197,9 +197,7 @@ def _patch_conditions(namespace: str, name: str, seen: list[dict] | None, desire
 
 
 def _post_event(entry: BudgetEntry, reason: str, message: str) -> None:
-    from . import kube
-    kube.post_warning({"apiVersion": f"{GROUP}/{VERSION}", "kind": tokenbudget.KIND, "name": entry.name,
-                       "namespace": entry.namespace, "uid": entry.uid}, reason, message, component="ledger")
+    post_budget_event(entry.namespace, entry.name, entry.uid, reason, message, component="ledger")
 
 
 # -- the service -------------------------------------------------------------------------------------------

@@ -20,9 +20,9 @@ import kopf
 
 from .. import GROUP, VERSION
 from ..api.common import now_rfc3339
-from ..ledger.periods import seconds_until_next_reset
 from ..api import modelroute, tokenbudget
 from ..api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME
+from ..ledger.periods import seconds_until_next_reset
 from ..render.proxyconfig import LABELS, config_hash
 from . import admission  # noqa: F401  (webhooks; registers handlers only when enabled)
 from . import inventory, kube, ledger_service, reconcile  # ledger_service: the ledger API and metrics (registers handlers)

@@ -60,8 +60,8 @@ def current_period(spec: TokenBudgetSpec, now: datetime) -> tuple[datetime, date
 
 def seconds_until_next_reset(ends: Iterable[str], now: datetime, longest: float, shortest: float = 1.0) -> float:
     """How long the reset loop may sleep: until the earliest period end (RFC 3339) is due, so status
-    shows the new period at once rather than up to `longest` later, but never less than `shortest`
-    (an end already past is handled by the current tick)."""
+    shows the new period at once rather than up to `longest` later, but never less than `shortest`:
+    an end still listed as past (a status event older than the reset's own write) must not spin it."""
     earliest = min(ends, default=None)
     if earliest is None:
         return longest

@@ -37,7 +37,7 @@ from ..proxy.wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
 from . import policy as pol
 from .candidates import Candidate
 from .outcomes import DEFAULT_OUTPUT_TOKENS, OK, REFUSAL_TOKENS, FailureModel, expected_output_tokens
-from .traffic import TrafficRequest
+from .traffic import Recorded, TrafficRequest
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -206,10 +206,7 @@ class Replay:
             cap = route.max_tokens_cap if cap is None else min(cap, route.max_tokens_cap)
         n_out = expected_output_tokens(rec.output_tokens, cap, self.settings.output_tokens,
                                        embeddings=req.api == EMBEDDINGS)
-        # The prompt cache as it was when logged (a batch body carries no such record).
-        cached_in = (rec.cached_input_tokens or 0) if body is None else 0
-        written = (rec.cache_write_tokens or 0) if body is None else 0
-        written_1h = (rec.cache_write_1h_tokens or 0) if body is None else 0
+        logged = rec if body is None else Recorded()  # the prompt cache as logged; a batch body has none
         attempts: list[Attempt] = []
         escalated = False
         if tiers and tier is not None and tier + 1 < len(tiers) and req.api != EMBEDDINGS:
@@ -219,8 +216,9 @@ class Replay:
                 escalated = True
                 tier += 1
                 backend = route.backends[tiers[tier].backend]
-        usage = TokenUsage(input_tokens=n_in, output_tokens=n_out, cached_input_tokens=cached_in,
-                           cache_write_tokens=written, cache_write_1h_tokens=written_1h)
+        usage = TokenUsage(input_tokens=n_in, output_tokens=n_out, cached_input_tokens=logged.cached_input_tokens or 0,
+                           cache_write_tokens=logged.cache_write_tokens or 0,
+                           cache_write_1h_tokens=logged.cache_write_1h_tokens or 0)
         attempts.append(Attempt(backend=backend.name, usage=usage, cost=cost(backend.prices, usage)))
         total = sum((a.cost for a in attempts), judge_cost)
         if cache is not None and key is not None:
