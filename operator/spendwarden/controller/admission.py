@@ -110,11 +110,11 @@ def _lookup_namespace_labels(name: str) -> dict[str, str] | None:
 INJECTION = injection.InjectionSettings.from_env()
 
 
-def namespace_secrets(namespace: str, routes_by_namespace: Any) -> list[str]:
-    """The Secrets the namespace's served routes reference, from the operator's index of routes
+def namespace_secrets(namespace: str, known: inventory.Inventory | None) -> list[str]:
+    """The Secrets the namespace's served routes reference, from the operator's inventory
     (rendered exactly as the ConfigMap is, so invalid routes do not add mounts)."""
     from ..render.proxyconfig import render_proxy_config
-    routes = [plain(r) for r in routes_by_namespace.get(namespace, [])] if routes_by_namespace is not None else []
+    routes = [plain(r) for r in known.in_namespace(namespace)[0]] if known is not None else []
     return injection.referenced_secrets(render_proxy_config(namespace, routes, []).config) if routes else []
 
 
@@ -131,7 +131,7 @@ def inject_proxy(body: kopf.Body, patch: kopf.Patch, namespace: str | None, **_:
     if not decision.inject:
         log.debug("pod %s: no proxy (%s)", who, decision.reason)
         return
-    secrets = namespace_secrets(ns, inventory.routes_by_namespace())
+    secrets = namespace_secrets(ns, inventory.objects_by_namespace())
     ops = injection.patch(pod, ns, INJECTION, secrets)
     # kopf builds the JSON Patch it returns by diffing the body before/after these functions.
     patch.fns.append(lambda raw: _apply(raw, ops))

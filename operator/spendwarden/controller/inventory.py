@@ -109,26 +109,10 @@ class Inventory:
                 self._pending[ns] -= 1
 
 
-class _RoutesView:
-    """Read access shaped like the kopf index it replaced: routes_by_namespace.get(ns, default)."""
-
-    def __init__(self, inventory: Inventory):
-        self._inventory = inventory
-
-    def get(self, namespace: str, default: Any = None) -> Any:
-        return self._inventory.in_namespace(namespace)[0] or default
-
-
 INVENTORY = Inventory()  # the operator's one inventory (controller/main.py fills it)
 
 
-def routes_by_namespace() -> _RoutesView | None:
-    """The watched routes by namespace for the admission webhooks; None (unknown) until the first
-    listing is complete, as a sibling check against a partial view could let a duplicate through."""
-    return _RoutesView(INVENTORY) if INVENTORY.complete() else None
-
-
 def objects_by_namespace() -> Inventory | None:
-    """The inventory for the admission webhooks' cross-object checks (`in_namespace`), on the same
-    terms as routes_by_namespace: None until the first listing is complete."""
+    """The inventory for the admission webhooks (`in_namespace`); None (unknown) until the first
+    listing is complete, as a sibling check against a partial view could let a duplicate through."""
     return INVENTORY if INVENTORY.complete() else None
