@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a fresh machine needs, idempotent: Debian packages, a venv outside the repo with the
-# project and its test dependencies, and the control-plane binaries (built once, then cached).
+# project and its test dependencies, and the local cluster's binaries (built once, then cached).
 # Source it (`. scripts/setup.sh`) to get $VENV and $SPENDWARDEN_CACHE; running it also works.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -42,9 +42,10 @@ if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# etcd + kube-apiserver + kube-controller-manager (built from Debian's source once, ~6-10 min).
+# The local cluster: Kubernetes 1.37 (control plane and a node), etcd, containerd, CoreDNS,
+# kube-router, built from Go modules once (12-20 min on 2 cores) and cached; Debian's runc and CNI plugins.
 if [ -z "${KUBEBUILDER_ASSETS:-}" ] && [ -z "${SPENDWARDEN_TEST_KUBECONFIG:-}" ]; then
-  export KUBEBUILDER_ASSETS=$(bash "$ROOT/scripts/control-plane-binaries.sh" | tail -1)
+  export KUBEBUILDER_ASSETS=$(bash "$ROOT/scripts/cluster/build.sh" | tail -1)
 fi
 export VENV PATH="$VENV/bin:$PATH"
 # The venv's editable install points at the checkout that first created it; this checkout's code

@@ -307,9 +307,9 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="spendwarden-demo-"))
-    step("Starting the local control plane (etcd + kube-apiserver + kube-controller-manager)")
-    with ControlPlane(crds=sorted((ROOT / "crds").glob("*.yaml"))) as cp:
-        print(f"control plane up in {time.monotonic() - started:.1f}s; export KUBECONFIG={cp.kubeconfig}")
+    step("Starting the local cluster (Kubernetes 1.37: control plane and a node)")
+    with ControlPlane(crds=sorted((ROOT / "crds").glob("*.yaml")), node=True) as cp:
+        print(f"cluster up in {time.monotonic() - started:.1f}s; export KUBECONFIG={cp.kubeconfig}")
 
         def keep() -> None:
             print(f"\nEverything keeps running. export KUBECONFIG={cp.kubeconfig}  (Ctrl-C to stop)")

@@ -1,4 +1,5 @@
-"""Integration tests: a real etcd + kube-apiserver + kube-controller-manager, started once per session.
+"""Integration tests: a real Kubernetes 1.37 cluster (etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler and one node: containerd, kubelet, kube-proxy, CoreDNS, kube-router), started once per session.
 
 Fixtures:
   control_plane  (session)  spendwarden.localcluster.ControlPlane, CRDs from crds/ installed
@@ -101,9 +102,9 @@ def control_plane(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
     if _binaries_error in config.stash:
         pytest.fail("cannot run the integration tests: the local control plane binaries are unavailable.\n"
                     f"{config.stash[_binaries_error]}\n"
-                    "Run scripts/control-plane-binaries.sh (or set KUBEBUILDER_ASSETS / TEST_ASSET_*), "
+                    "Run scripts/cluster/build.sh (or set KUBEBUILDER_ASSETS / TEST_ASSET_*), "
                     "or set SPENDWARDEN_SKIP_INTEGRATION=1 to skip these tests on purpose.", pytrace=False)
-    cp = ControlPlane(crds=[CRDS], binaries=config.stash.get(_binaries, None))
+    cp = ControlPlane(crds=[CRDS], binaries=config.stash.get(_binaries, None), node=True)
     t = time.monotonic()
     try:
         cp.start()
@@ -139,8 +140,8 @@ def _namespace_name(test_name: str) -> str:
 
 @pytest.fixture
 def namespace(kube, control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace, labelled spendwarden.io/test-namespace=<name> (1.20 has no automatic
-    kubernetes.io/metadata.name label, so use this one in namespaceSelectors)."""
+    """A fresh namespace, labelled spendwarden.io/test-namespace=<name>, with its default ServiceAccount
+    (ServiceAccount admission refuses Pods in a namespace until the controller has made it)."""
     from kubernetes import client
 
     control_plane.check()  # a crashed apiserver/controller-manager shows up as such, not as timeouts
@@ -148,6 +149,11 @@ def namespace(kube, control_plane: ControlPlane, request: pytest.FixtureRequest)
     core = client.CoreV1Api(kube)
     core.create_namespace({"metadata": {"name": name, "labels": {
         "spendwarden.io/test": "true", "spendwarden.io/test-namespace": name}}})
+    deadline = time.monotonic() + 30
+    while not core.list_namespaced_service_account(name, field_selector="metadata.name=default").items:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"namespace {name}: no default ServiceAccount after 30 s")
+        time.sleep(0.1)
     yield name
     try:  # the namespace controller deletes the contents in the background; no need to wait
         core.delete_namespace(name, propagation_policy="Background")

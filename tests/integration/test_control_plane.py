@@ -11,6 +11,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from spendwarden.localcluster import node as nodes
 from spendwarden.localcluster.controlplane import ControlPlane
 from .operator_process import wait_for
 
@@ -73,22 +74,38 @@ def test_schema_violation_is_rejected(kube, namespace: str):
 # --- kube-controller-manager -----------------------------------------------------------------------
 
 
-def test_deployment_gets_replicaset_and_pending_pods(kube, namespace: str):
+def test_deployment_gets_replicaset_and_running_pods(kube, namespace: str):
+    """controller-manager makes the ReplicaSet and Pods, the scheduler binds them to the node, and the
+    kubelet runs them (the pause image, imported into the node: no registry is reachable)."""
     apps, core = client.AppsV1Api(kube), client.CoreV1Api(kube)
     labels = {"app": "web"}
     dep = apps.create_namespaced_deployment(namespace, {
         "metadata": {"name": "web"},
         "spec": {"replicas": 2, "selector": {"matchLabels": labels},
                  "template": {"metadata": {"labels": labels},
-                              "spec": {"containers": [{"name": "web", "image": "example.invalid/web:1"}]}}}})
+                              "spec": {"containers": [{"name": "web", "image": nodes.PAUSE_IMAGE}]}}}})
 
     rs = wait_for(lambda: apps.list_namespaced_replica_set(namespace).items, what="ReplicaSet")[0]
     assert rs.metadata.owner_references[0].uid == dep.metadata.uid
     pods = wait_for(lambda: (p := core.list_namespaced_pod(namespace, label_selector="app=web").items)
-                    and len(p) == 2 and p, what="2 Pods")
+                    and len(p) == 2 and all(x.status.phase == "Running" for x in p) and p,
+                    timeout=60, what="2 running Pods")
     for pod in pods:
         assert pod.metadata.owner_references[0].uid == rs.metadata.uid
-        assert pod.status.phase == "Pending"  # no kubelet, no scheduler
+        assert pod.spec.node_name == nodes.NODE_NAME
+        assert pod.status.pod_ip and pod.status.pod_ip.startswith("10.244.0.")
+    assert len({p.status.pod_ip for p in pods}) == 2
+
+
+def test_an_image_not_in_the_node_fails_to_pull_at_once(kube, namespace: str):
+    """Every registry resolves to a closed local port: nothing is fetched from outside."""
+    core = client.CoreV1Api(kube)
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "absent"}, "spec": {
+        "containers": [{"name": "c", "image": "example.invalid/absent:1"}]}})
+    reason = wait_for(lambda: next((s.state.waiting.reason for s in (core.read_namespaced_pod(
+        "absent", namespace).status.container_statuses or []) if s.state.waiting and s.state.waiting.reason in (
+        "ErrImagePull", "ImagePullBackOff")), None), timeout=60, what="ErrImagePull")
+    assert reason in ("ErrImagePull", "ImagePullBackOff")
 
 
 def test_garbage_collection_of_owned_configmaps(kube, namespace: str):

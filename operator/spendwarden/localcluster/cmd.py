@@ -1,4 +1,4 @@
-"""`spendwarden local-cluster`: run etcd + kube-apiserver + kube-controller-manager locally until Ctrl-C.
+"""`spendwarden local-cluster`: run a local Kubernetes cluster (control plane and a node) until Ctrl-C.
 
     spendwarden local-cluster --kubeconfig-out /tmp/spendwarden.kubeconfig
     spendwarden local-cluster --print-binaries      # only obtain the binaries (CI set-up), print their dir
@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kubeconfig-out", metavar="PATH",
                         help="Also write the admin kubeconfig here (mode 0600; it holds a client key).")
     parser.add_argument("--print-binaries", action="store_true",
-                        help="Only find or build etcd/kube-apiserver/kube-controller-manager, print their paths, exit.")
+                        help="Only find or build the cluster's binaries, print their paths, exit.")
+    parser.add_argument("--no-node", action="store_true",
+                        help="Only the control plane: no kubelet, Pods stay Pending (needs no root).")
     parser.add_argument("--no-build", action="store_true",
                         help="Fail instead of building the binaries when they are missing.")
 
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
-    cp = ControlPlane(crds=crds, binaries=binaries, use_existing=False)
+    cp = ControlPlane(crds=crds, binaries=binaries, use_existing=False, node=not args.no_node)
     try:
         try:
             cp.start()
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
             shutil.copyfile(cp.kubeconfig, out)
             os.chmod(out, 0o600)
             kubeconfig = out
-        print(f"control plane ready in {cp.timings['total']:.1f}s at {cp.server}")
+        print(f"cluster ready in {cp.timings['total']:.1f}s at {cp.server}"
+              + (f" (node {cp.node.timings['total']:.1f}s)" if cp.node else ""))
         if cp.crd_names:
             print(f"CRDs: {', '.join(cp.crd_names)}")
         print(f"logs: {cp.dir}")

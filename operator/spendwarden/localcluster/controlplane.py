@@ -1,18 +1,19 @@
-"""A real local Kubernetes control plane: etcd + kube-apiserver + kube-controller-manager.
+"""A real local Kubernetes cluster: etcd + kube-apiserver + kube-controller-manager + kube-scheduler,
+and with node=True a node beside them (containerd, kubelet, kube-proxy, CoreDNS, kube-router: node.py).
 
-Modelled on controller-runtime's envtest (same binary discovery, same apiserver flags), plus
-kube-controller-manager so that Deployments get ReplicaSets and Pods, ownerReference garbage collection
-works, namespaces are really deleted and ServiceAccounts get created. There is no kubelet: Pods stay Pending.
+Modelled on controller-runtime's envtest (same binary discovery, same apiserver flags). All binaries
+are built from Go modules by scripts/cluster/build.sh (Kubernetes 1.37) and cached outside the repo.
+Without a node, Pods stay Pending; with one they run (only images imported into the node: no registry).
 
-    with ControlPlane(crds=["crds"]) as cp:
+    with ControlPlane(crds=["crds"], node=True) as cp:
         cp.kubectl("get", "tokenbudgets", "-A")
         api = cp.api_client()          # kubernetes.client.ApiClient
 
 Environment:
-  TEST_ASSET_ETCD, TEST_ASSET_KUBE_APISERVER, TEST_ASSET_KUBE_CONTROLLER_MANAGER  binary paths (as envtest)
+  TEST_ASSET_<NAME>                            a binary's path (as envtest: TEST_ASSET_KUBE_APISERVER, ...)
   KUBEBUILDER_ASSETS                           a directory holding the binaries (as envtest)
-  SPENDWARDEN_CACHE                            cache root (default ~/.cache/spendwarden), binaries in k8s-1.20.2/bin
-  SPENDWARDEN_CONTROL_PLANE_SCRIPT             the script that builds the binaries (default scripts/control-plane-binaries.sh)
+  SPENDWARDEN_CACHE                            cache root (default ~/.cache/spendwarden), binaries in cluster/<key>/bin
+  SPENDWARDEN_CONTROL_PLANE_SCRIPT             the script that builds the binaries (default scripts/cluster/build.sh)
   SPENDWARDEN_TEST_KUBECONFIG                  use this existing cluster instead of starting one
   USE_EXISTING_CLUSTER=true (+ KUBECONFIG)     the same, envtest's spelling
   SPENDWARDEN_CONTROL_PLANE_START_TIMEOUT      seconds (default 60; KUBEBUILDER_CONTROLPLANE_START_TIMEOUT too)
@@ -43,23 +44,26 @@ from typing import IO, Any
 import yaml
 
 from spendwarden.localcluster import certs
+from spendwarden.localcluster import node as nodes
 
-BINARY_NAMES = ("etcd", "kube-apiserver", "kube-controller-manager")
-K8S_VERSION_DIR = "k8s-1.20.2"
+CONTROL_PLANE_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+NODE_BINARIES = ("kubelet", "kube-proxy", "containerd", "containerd-shim-runc-v2", "ctr", "coredns", "kube-router",
+                 "pause")
+BINARY_NAMES = CONTROL_PLANE_BINARIES + NODE_BINARIES + ("kubectl", "helm")
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 # The audience of the apiserver's own tokens. It is NOT "spendwarden": a token minted for the proxies
 # (audience "spendwarden") must not be usable against the apiserver, as in a real cluster. Whoever
 # reviews such a token passes spec.audiences=["spendwarden"] in the TokenReview.
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
-SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
+SERVICE_CLUSTER_IP_RANGE = nodes.SERVICE_CIDR
 
-# Controllers that need nodes, a cloud or volumes: without a kubelet they only log errors and burn CPU.
-# csrsigning needs a signing CA we do not give it; horizontalpodautoscaling needs metrics.
-DISABLED_CONTROLLERS = (
-    "nodeipam", "nodelifecycle", "cloud-node-lifecycle", "route", "service", "ttl",
-    "attachdetach", "persistentvolume-binder", "persistentvolume-expander", "pv-protection", "pvc-protection",
-    "csrsigning", "horizontalpodautoscaling",
+# Without a node, controllers that need nodes or volumes only log errors and burn CPU; with one, all run.
+NODELESS_DISABLED_CONTROLLERS = (
+    "node-ipam-controller", "node-lifecycle-controller", "ttl-controller",
+    "persistentvolume-attach-detach-controller", "persistentvolume-binder-controller",
+    "persistentvolume-expander-controller", "persistentvolume-protection-controller",
+    "persistentvolumeclaim-protection-controller", "horizontal-pod-autoscaler-controller",
 )
 
 
@@ -75,13 +79,8 @@ class BinariesUnavailable(ControlPlaneError):
 # Binaries
 
 
-def cache_bin_dir() -> Path:
-    root = Path(os.environ.get("SPENDWARDEN_CACHE") or Path.home() / ".cache" / "spendwarden")
-    return root / K8S_VERSION_DIR / "bin"
-
-
 def binaries_script() -> Path:
-    return Path(os.environ.get("SPENDWARDEN_CONTROL_PLANE_SCRIPT") or REPO_ROOT / "scripts" / "control-plane-binaries.sh")
+    return Path(os.environ.get("SPENDWARDEN_CONTROL_PLANE_SCRIPT") or REPO_ROOT / "scripts" / "cluster" / "build.sh")
 
 
 def _is_exe(p: Path) -> bool:
@@ -103,7 +102,6 @@ def find_binaries(extra_dirs: Sequence[Path] = ()) -> tuple[dict[str, Path], dic
         if os.environ.get("KUBEBUILDER_ASSETS"):
             candidates.append(Path(os.environ["KUBEBUILDER_ASSETS"]) / name)
         candidates += [Path(d) / name for d in extra_dirs]
-        candidates.append(cache_bin_dir() / name)
         for c in candidates:
             if _is_exe(c):
                 found[name] = c
@@ -114,7 +112,8 @@ def find_binaries(extra_dirs: Sequence[Path] = ()) -> tuple[dict[str, Path], dic
 
 
 def ensure_binaries(build: bool = True, progress: IO[str] | None = None) -> dict[str, Path]:
-    """Find the binaries; if some are missing and `build`, run the build script (~6-10 min, once).
+    """Find the binaries: given by the environment, or the build script's (it builds what is missing,
+    12-20 min the first time, and only names its cache directory after that).
 
     The script's progress is copied line by line to `progress` (default sys.stderr).
     """
@@ -129,8 +128,7 @@ def ensure_binaries(build: bool = True, progress: IO[str] | None = None) -> dict
         raise BinariesUnavailable(f"missing {missing} and no build script at {script} "
                                   f"(set SPENDWARDEN_CONTROL_PLANE_SCRIPT or TEST_ASSET_*/KUBEBUILDER_ASSETS)")
     out = progress or sys.stderr
-    print(f"[spendwarden] {missing} not found; obtaining them with {script} (first time only, ~6-10 min)",
-          file=out, flush=True)
+    print(f"[spendwarden] obtaining {missing} with {script} (a first build takes 12-20 min)", file=out, flush=True)
     proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
@@ -144,7 +142,7 @@ def ensure_binaries(build: bool = True, progress: IO[str] | None = None) -> dict
     if rc != 0:
         tail = "\n".join(lines[-25:])
         raise BinariesUnavailable(f"{script} failed with exit code {rc}; last output:\n{tail}")
-    bin_dir = Path(lines[-1].strip()) if lines else cache_bin_dir()
+    bin_dir = Path(lines[-1].strip())
     found, searched = find_binaries(extra_dirs=[bin_dir])
     if searched:
         raise BinariesUnavailable(f"{script} finished but binaries are still missing: {searched}")
@@ -354,7 +352,7 @@ class ControlPlane:
 
     def __init__(self, *, crds: Sequence[str | os.PathLike] = (), binaries: dict[str, Path] | None = None,
                  existing_kubeconfig: str | None = None, use_existing: bool | None = None,
-                 controller_manager: bool = True, start_timeout: float | None = None,
+                 controller_manager: bool = True, node: bool = False, start_timeout: float | None = None,
                  stop_timeout: float | None = None, extra_apiserver_args: Sequence[str] = (),
                  extra_controller_manager_args: Sequence[str] = ()) -> None:
         """
@@ -363,6 +361,7 @@ class ControlPlane:
         binaries: name -> path; default: ensure_binaries() at start().
         existing_kubeconfig / use_existing: use an existing cluster; by default decided by the environment
           (SPENDWARDEN_TEST_KUBECONFIG, USE_EXISTING_CLUSTER=true).
+        node: also start a node (node.py), so that Pods run; one per machine.
         """
         if use_existing is None:
             existing_kubeconfig = existing_kubeconfig or existing_cluster_kubeconfig()
@@ -376,6 +375,8 @@ class ControlPlane:
         self.crds = list(crds)
         self.binaries = binaries
         self.with_controller_manager = controller_manager
+        self.with_node = node
+        self.node: nodes.Node | None = None
         self.start_timeout = start_timeout or _env_float(
             ["SPENDWARDEN_CONTROL_PLANE_START_TIMEOUT", "KUBEBUILDER_CONTROLPLANE_START_TIMEOUT"], 60)
         self.stop_timeout = stop_timeout or _env_float(
@@ -445,6 +446,9 @@ class ControlPlane:
             pass
 
     def _teardown(self) -> None:
+        if self.node is not None:
+            self.node.stop(self.stop_timeout)
+            self.node = None
         for p in reversed(self._procs):
             p.stop(self.stop_timeout)
         self._procs = []
@@ -473,11 +477,19 @@ class ControlPlane:
         ca = certs.CA("spendwarden-local-ca")
         client_ca = certs.CA("spendwarden-local-client-ca")
         ca_crt, _ = ca.pair.write(d, "ca")
-        serving_crt, serving_key = ca.serving(["localhost", "127.0.0.1"]).write(d, "apiserver")
+        self._ca = ca
+        self._client_ca = client_ca
+        hosts = ["localhost", "127.0.0.1"]
+        if self.with_node:  # pods reach the apiserver at the node's address, through the kubernetes Service
+            hosts += [nodes.NODE_IP, nodes.API_SERVICE_IP, "kubernetes", "kubernetes.default",
+                      "kubernetes.default.svc", f"kubernetes.default.svc.{nodes.CLUSTER_DOMAIN}"]
+        serving_crt, serving_key = ca.serving(hosts).write(d, "apiserver")
         client_ca_crt, _ = client_ca.pair.write(d, "client-ca")
         admin = client_ca.client("admin", ["system:masters"])
         admin_crt, admin_key = admin.write(d, "admin")
         kcm = client_ca.client("system:kube-controller-manager", ["system:masters"])
+        kubelet_client_crt, kubelet_client_key = client_ca.client(
+            "kube-apiserver-kubelet-client", ["system:masters"]).write(d, "apiserver-kubelet-client")
         sa_key, sa_pub = certs.write_signing_key(d, "sa")
         self.ca_file = ca_crt
         self.timings["certs"] = time.monotonic() - t
@@ -486,7 +498,7 @@ class ControlPlane:
         self.ports = {"etcd": etcd_port, "etcd-peer": peer_port, "kube-apiserver": api_port}
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         self.server = f"https://127.0.0.1:{api_port}"
-        self.logs = {n: d / f"{n}.log" for n in BINARY_NAMES}
+        self.logs = {n: d / f"{n}.log" for n in CONTROL_PLANE_BINARIES}
         env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG",)}
 
         etcd = _Process("etcd", [
@@ -501,24 +513,28 @@ class ControlPlane:
         apiserver = _Process("kube-apiserver", [
             str(self.binaries["kube-apiserver"]),
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", f"--secure-port={api_port}",
-            "--insecure-port=0",  # 1.20 still opens an unauthenticated port 8080 unless told not to
+            # With a node, pods reach it at the node's address (the bridge); without, loopback only.
+            f"--bind-address={'0.0.0.0' if self.with_node else '127.0.0.1'}", f"--secure-port={api_port}",
+            *([f"--advertise-address={nodes.NODE_IP}"] if self.with_node else []),
             f"--cert-dir={d}",  # unused (explicit files below) but keeps it from writing /var/run/kubernetes
             f"--tls-cert-file={serving_crt}", f"--tls-private-key-file={serving_key}",
             f"--client-ca-file={client_ca_crt}",
-            "--authorization-mode=RBAC",
+            "--authorization-mode=Node,RBAC",
+            f"--kubelet-client-certificate={kubelet_client_crt}", f"--kubelet-client-key={kubelet_client_key}",
+            # Webhooks and aggregated APIs are called at their endpoints' addresses, not through the
+            # Service IP: the apiserver does not depend on kube-proxy having programmed it.
+            "--enable-aggregator-routing=true",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
             "--allow-privileged=true",
             f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
             f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
             f"--service-account-key-file={sa_pub}",
             f"--service-account-signing-key-file={sa_key}",
-            # Webhooks are on by default in 1.20; said explicitly because the operator depends on them.
-            "--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
-            # ServiceAccount admission off, as in envtest: with it, a Pod in a namespace created a moment
-            # ago is rejected until the serviceaccount controller has made the 'default' SA (a race in
-            # every per-test namespace), and Pods get token volumes that no kubelet will ever mount.
-            "--disable-admission-plugins=ServiceAccount",
+            # Webhooks are on by default; said explicitly because the operator depends on them.
+            "--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook,NodeRestriction",
+            # Without a node, ServiceAccount admission is off, as in envtest: Pods would get token volumes
+            # that no kubelet mounts. With one, Pods get their projected tokens as in any cluster.
+            *([] if self.with_node else ["--disable-admission-plugins=ServiceAccount"]),
             "--profiling=false",
             *self.extra_apiserver_args,
         ], self.logs["kube-apiserver"])
@@ -554,11 +570,17 @@ class ControlPlane:
                 f"--service-account-private-key-file={sa_key}",  # token controller signs legacy SA secrets
                 f"--root-ca-file={ca_crt}",  # published as the kube-root-ca.crt ConfigMap and in SA secrets
                 "--leader-elect=false",
-                "--port=0", "--secure-port=0",  # no serving: nothing scrapes it, and no ports to collide
+                "--secure-port=0",  # no serving: nothing scrapes it, and no ports to collide
                 # false: all controllers act with this process's credentials (system:masters). True would
                 # make each controller wait for its own SA token first, adding seconds to the start.
                 "--use-service-account-credentials=false",
-                "--controllers=*," + ",".join("-" + c for c in DISABLED_CONTROLLERS),
+                "--controllers=" + ",".join(["*", *(() if self.with_node else
+                                                   ("-" + c for c in NODELESS_DISABLED_CONTROLLERS))]),
+                # the node gets its pod CIDR (10.244.0.0/24, the CNI bridge's subnet) from node-ipam
+                "--allocate-node-cidrs=true", f"--cluster-cidr={nodes.CLUSTER_CIDR}", "--node-cidr-mask-size=24",
+                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                # csrsigning signs with the client CA (kubelets' client CSRs, kubectl certificate approve)
+                f"--cluster-signing-cert-file={client_ca_crt}", f"--cluster-signing-key-file={d / 'client-ca.key'}",
                 # tests create many objects at once; the default 20 qps throttles ReplicaSet/GC work
                 "--kube-api-qps=100", "--kube-api-burst=200",
                 "--profiling=false",
@@ -573,9 +595,52 @@ class ControlPlane:
                        watch=self._procs)
             self.timings["controller-manager"] = time.monotonic() - t
 
+        scheduler = _Process("kube-scheduler", [
+            str(self.binaries["kube-scheduler"]),
+            f"--kubeconfig={self.client_kubeconfig('kube-scheduler', 'system:kube-scheduler')}",
+            "--leader-elect=false", "--secure-port=0", "--profiling=false",
+            "--kube-api-qps=100", "--kube-api-burst=200",
+        ], self.logs["kube-scheduler"])
+        self._procs.append(scheduler)
+        scheduler.start(env)
+
+        if self.with_node:
+            self.node = nodes.Node(self.binaries, _Process, _free_port, start_timeout=max(self.start_timeout, 120))
+            self.node.start(self, env)
+            self.timings.update({f"node-{k}": v for k, v in self.node.timings.items()})
+
+    # -- certificates and kubeconfigs for more clients (the node's components, tests) -------------
+
+    def client_kubeconfig(self, stem: str, user: str, groups: Sequence[str] = ()) -> Path:
+        """A kubeconfig for this cluster whose client certificate names user and groups."""
+        assert self.dir is not None
+        pair = self._client_ca.client(user, list(groups))
+        path = self.dir / f"{stem}.kubeconfig"
+        _write_private(path, yaml.safe_dump(_kubeconfig_doc(self.server, self._ca.pair.cert_pem, pair.cert_pem,
+                                                            pair.key_pem, "spendwarden-local", user)))
+        return path
+
+    def issue_serving(self, stem: str, hosts: list[str]) -> tuple[Path, Path]:
+        """A serving certificate signed by the cluster CA (the kubelet's, so the apiserver can verify it)."""
+        assert self.dir is not None
+        return self._ca.serving(hosts).write(self.dir, stem)
+
+    def apply(self, doc: dict) -> Any:
+        """Server-side apply one object as admin; returns the object."""
+        api = doc["apiVersion"]
+        base = f"/api/{api}" if "/" not in api else f"/apis/{api}"
+        plural = {"EndpointSlice": "endpointslices", "Service": "services"}.get(doc["kind"]) or doc["kind"].lower() + "s"
+        ns = doc["metadata"].get("namespace")
+        path = f"{base}/namespaces/{ns}/{plural}" if ns else f"{base}/{plural}"
+        status, body = self.request("PATCH", f"{path}/{doc['metadata']['name']}?fieldManager=spendwarden-localcluster"
+                                    "&force=true", doc, content_type="application/apply-patch+yaml")
+        if status >= 300:
+            raise ControlPlaneError(f"applying {doc['kind']} {doc['metadata']['name']} failed ({status}): {body}")
+        return body
+
     def check(self) -> None:
         """Raise ControlPlaneError (with the tail of its log) if one of the processes has exited."""
-        for p in self._procs:
+        for p in self._procs + (self.node.procs if self.node else []):
             if p.exited:
                 raise ControlPlaneError(f"{p.name} exited with code {p.popen.returncode}; "
                                         f"last lines of its log:\n{_tail(p.log)}")
@@ -647,7 +712,8 @@ class ControlPlane:
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run kubectl against this cluster; raises CalledProcessError (with stderr in it) when check fails."""
-        exe = os.environ.get("SPENDWARDEN_KUBECTL") or shutil.which("kubectl") or "/usr/bin/kubectl"
+        exe = (os.environ.get("SPENDWARDEN_KUBECTL") or (self.binaries or {}).get("kubectl")  # the server's release
+               or shutil.which("kubectl") or "/usr/bin/kubectl")
         res = subprocess.run([exe, *args], input=input, capture_output=True, text=True, env=self.env(),
                              timeout=timeout)
         if check and res.returncode != 0:
