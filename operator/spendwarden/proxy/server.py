@@ -35,8 +35,8 @@ from .metrics import OTEL_PROVIDER, Metrics
 from . import spend
 from .translate import ChatStreamTranslator, StreamTranslator, chat_to_message, chat_to_messages, \
     error_to_anthropic, error_to_openai, message_to_chat, messages_to_chat
-from .wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, OPERATION, anthropic_stream_usage, bad, \
-    check_request, event_data, event_object, openai_usage, split_events, usage_from_body
+from .wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, OPERATION, BadUsage, anthropic_stream_usage, bad, \
+    believed, check_request, event_data, event_object, openai_usage, split_events, usage_from_body
 
 log = logging.getLogger("spendwarden.proxy")
 
@@ -802,7 +802,8 @@ class Proxy:
             headers["x-spendwarden-cost"] = format_money(ctx.cost)
         return web.Response(status=status, body=raw, headers=headers, content_type="application/json")
 
-    def _settle(self, ctx: Ctx, backend: BackendRt, adm: Admission, usage: TokenUsage | None) -> None:
+    def _settle(self, ctx: Ctx, backend: BackendRt, adm: Admission, usage: TokenUsage | BadUsage | None) -> None:
+        usage = believed(usage, ctx.route, backend.name)
         if usage is None:
             ctx.usage_known = False
             self.book.settle(adm, backend.prices, None)
@@ -876,7 +877,7 @@ class Proxy:
             translator = StreamTranslator(ctx.alias or "", client_usage) if anthropic \
                 else ChatStreamTranslator(ctx.alias or "")
         buf = bytearray()
-        usage: TokenUsage | None = None
+        usage: TokenUsage | BadUsage | None = None
         complete = False
         failure: str | None = None
         client_gone = False
@@ -965,13 +966,14 @@ class Proxy:
         # the output at the whole reservation; otherwise the whole reservation.
         if complete and failure is None and not client_gone:
             self._settle(ctx, backend, adm, usage)
-        elif anthropic and usage is not None and ctx.max_output is not None:
+        elif anthropic and isinstance(usage, TokenUsage) and ctx.max_output is not None:
             self._settle(ctx, backend, adm, replace(usage, output_tokens=max(usage.output_tokens, ctx.max_output)))
             ctx.partial = True
-        else:
+        elif isinstance(usage, TokenUsage):
             self._settle(ctx, backend, adm, None)
-            if usage is not None:
-                ctx.usage = usage  # for the log: what was known when the stream broke
+            ctx.usage = usage  # for the log: what was known when the stream broke
+        else:
+            self._settle(ctx, backend, adm, usage)  # None or BadUsage: the reservation
         if not client_gone:
             try:
                 await out.write_eof()

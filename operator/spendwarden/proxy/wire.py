@@ -1,13 +1,16 @@
 """Wire formats: request checks by hand (no pydantic per request), usage extraction, SSE events."""
 from __future__ import annotations
 
-from dataclasses import replace
+import logging
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
 from ..ledger.pricing import TokenUsage
 from .errors import ProxyError
+
+log = logging.getLogger("spendwarden.proxy")
 
 # API kinds
 CHAT = "chat/completions"
@@ -117,37 +120,79 @@ def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool
 
 # -- usage ------------------------------------------------------------------------------------------
 
-def openai_usage(u: Any) -> TokenUsage | None:
+# More tokens than this in one answer cannot be real (the largest context windows hold about 10M):
+# such a count, a negative one or a non-integer is a broken upstream, and believing it would credit or
+# wreck the budget. The request is then charged as if usage were unknown: its whole reservation.
+MAX_REPORTED_TOKENS = 10**8
+
+
+@dataclass(frozen=True, slots=True)
+class BadUsage:
+    """Usage an upstream reported that cannot be right; `reason` names the field (never a value
+    the client sent: the log may say it)."""
+
+    reason: str
+
+
+class _Nonsense(Exception):
+    pass
+
+
+def _count(u: dict[str, Any], key: str) -> int | None:
+    """A token count of a usage object: None when absent (or null), _Nonsense when not believable."""
+    v = u.get(key)
+    if v is None:
+        return None
+    if type(v) is not int:
+        raise _Nonsense(f"{key} is a {type(v).__name__}, not an integer")
+    if v < 0:
+        raise _Nonsense(f"{key} is negative")
+    if v > MAX_REPORTED_TOKENS:
+        raise _Nonsense(f"{key} is above {MAX_REPORTED_TOKENS}")
+    return v
+
+
+def believed(usage: TokenUsage | BadUsage | None, route: str | None, backend: str) -> TokenUsage | None:
+    """The usage to settle: a BadUsage is logged (field and reason only) and settles as unknown."""
+    if isinstance(usage, BadUsage):
+        log.warning("route %s backend %s reported usage that cannot be right (%s): charging the reservation",
+                    route, backend, usage.reason)
+        return None
+    return usage
+
+
+def openai_usage(u: Any) -> TokenUsage | BadUsage | None:
     if not isinstance(u, dict):
         return None
-    inp = u.get("prompt_tokens")
-    out = u.get("completion_tokens", 0)
-    if type(inp) is not int:
-        return None
-    if type(out) is not int:
-        out = 0
-    cached = 0
-    details = u.get("prompt_tokens_details")
-    if isinstance(details, dict) and type(details.get("cached_tokens")) is int:
-        cached = details["cached_tokens"]
+    try:
+        inp = _count(u, "prompt_tokens")
+        if inp is None:
+            return None
+        out = _count(u, "completion_tokens") or 0  # embeddings report none
+        details = u.get("prompt_tokens_details")
+        cached = (_count(details, "cached_tokens") if isinstance(details, dict) else None) or 0
+    except _Nonsense as exc:
+        return BadUsage(str(exc))
     return TokenUsage(inp, out, cached)
 
 
-def anthropic_usage(u: Any, base: TokenUsage | None = None) -> TokenUsage | None:
+def anthropic_usage(u: Any, base: TokenUsage | BadUsage | None = None) -> TokenUsage | BadUsage | None:
     """Anthropic usage; `input_tokens` excludes cache reads/writes, which are added here.
 
     In a stream, message_start carries the input side and message_delta the cumulative output
     (newer APIs repeat input fields there too); `base` is what message_start said, and a field the
     delta leaves out (or sends as null) keeps its value: a delta without cache_creation_input_tokens
-    must not drop writes message_start reported, as that would bill them at nothing.
+    must not drop writes message_start reported, as that would bill them at nothing. Once a part of
+    the answer's usage was nonsense, the whole answer's is (`base` stays a BadUsage).
     """
-    if not isinstance(u, dict):
+    if not isinstance(u, dict) or isinstance(base, BadUsage):
         return base
-    def num(key: str) -> int | None:
-        v = u.get(key)
-        return v if type(v) is int else None
-    inp, read, write, out = num("input_tokens"), num("cache_read_input_tokens"), \
-        num("cache_creation_input_tokens"), num("output_tokens")
+    try:
+        inp, read, write, out = (_count(u, k) for k in ("input_tokens", "cache_read_input_tokens",
+                                                        "cache_creation_input_tokens", "output_tokens"))
+        write_1h = _cache_write_1h(u.get("cache_creation"), base)
+    except _Nonsense as exc:
+        return BadUsage(str(exc))
     if base is not None and inp is None and read is None and write is None:
         if out is None:
             return base
@@ -160,19 +205,18 @@ def anthropic_usage(u: Any, base: TokenUsage | None = None) -> TokenUsage | None
         inp = base.input_tokens - base.cached_input_tokens - base.cache_write_tokens if inp is None else inp
     total_in = (inp or 0) + (read or 0) + (write or 0)
     return TokenUsage(total_in, out if out is not None else (base.output_tokens if base else 0), read or 0,
-                      write or 0, _cache_write_1h(u.get("cache_creation"), base) if write else 0)
+                      write or 0, write_1h if write else 0)
 
 
 def _cache_write_1h(detail: Any, base: TokenUsage | None) -> int:
     """The 1-hour-TTL part of the cache writes (newer APIs' usage.cache_creation); when absent,
     what message_start said, else none (all writes billed at the 5-minute price)."""
     if isinstance(detail, dict):
-        v = detail.get("ephemeral_1h_input_tokens")
-        return v if type(v) is int else 0
+        return _count(detail, "ephemeral_1h_input_tokens") or 0
     return base.cache_write_1h_tokens if base is not None else 0
 
 
-def usage_from_body(fmt_anthropic: bool, raw: bytes) -> tuple[Any, TokenUsage | None]:
+def usage_from_body(fmt_anthropic: bool, raw: bytes) -> tuple[Any, TokenUsage | BadUsage | None]:
     """Parse a non-streamed response body; raises ValueError on garbage."""
     doc = orjson.loads(raw)
     if not isinstance(doc, dict):
@@ -219,7 +263,8 @@ def event_object(data: bytes | None) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def anthropic_stream_usage(obj: dict[str, Any], usage: TokenUsage | None) -> TokenUsage | None:
+def anthropic_stream_usage(obj: dict[str, Any], usage: TokenUsage | BadUsage | None
+                           ) -> TokenUsage | BadUsage | None:
     """The usage so far after one Anthropic stream event: message_start carries the prompt's,
     message_delta the output's (merged into what message_start said)."""
     kind = obj.get("type")
