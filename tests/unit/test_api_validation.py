@@ -44,6 +44,7 @@ BAD_ROUTES = [
     ("fallbacks", ["small", "ghost"], "fallbacks[1] names unknown backend 'ghost'"),
     ("backends.0.pricing.input", "-1", "spec.backends[0].pricing.input: String should match pattern"),
     ("backends.0.pricing.output", 0.6, "spec.backends[0].pricing.output: Input should be a valid string"),
+    ("backends.0.pricing.output", "9" * 16, "spec.backends[0].pricing.output: String should match pattern"),
     ("backends.0.provider", "Gemini", "spec.backends[0].provider: Input should be 'OpenAI', 'Anthropic' or 'OpenAICompatible'"),
     ("backends.0.url", "ftp://x", "spec.backends[0].url: String should match pattern"),
     ("backends.1.name", "small", "backend names must be unique, duplicated: small"),
@@ -69,6 +70,8 @@ BAD_BUDGETS = [
     ("limits.tokens.total", -5, "spec.limits.tokens.total: Input should be greater than or equal to 1"),
     ("limits.cost.amount", "ten", "spec.limits.cost.amount: String should match pattern"),
     ("limits.cost.amount", 10.5, "spec.limits.cost.amount: Input should be a valid string"),
+    ("limits.cost.amount", "1" + "0" * 15, "spec.limits.cost.amount: String should match pattern"),  # > 15 digits
+    ("limits.cost.amount", "1e999999", "spec.limits.cost.amount: String should match pattern"),
     ("limits.cost.currency", "usd", "spec.limits.cost.currency: String should match pattern"),
     ("onExceeded", "Explode", "spec.onExceeded: Input should be 'CutOff', 'Downgrade' or 'AlertOnly'"),
     ("failMode", "Maybe", "spec.failMode: Input should be 'Open' or 'Closed'"),
@@ -78,6 +81,7 @@ BAD_BUDGETS = [
 def test_good_specs_validate():
     assert validate_spec("ModelRoute", GOOD_ROUTE)[1] is None
     assert validate_spec("TokenBudget", GOOD_BUDGET)[1] is None
+    assert validate_spec("TokenBudget", with_change(GOOD_BUDGET, "limits.cost.amount", "9" * 15 + ".99"))[1] is None
 
 
 @pytest.mark.parametrize("path,value,expected", BAD_ROUTES, ids=[b[0] for b in BAD_ROUTES])

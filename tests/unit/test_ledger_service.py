@@ -154,6 +154,29 @@ async def test_http_answers_400_with_the_field_and_401_without_a_token(monkeypat
         await service.stop()
 
 
+async def test_http_answers_400_to_amounts_the_ledger_cannot_hold(monkeypatch):
+    """"1e9999999" overflowed the ledger's arithmetic (503) and "1e999999" went into status as a million
+    digits: both are a 400 naming the field, and nothing reaches the status."""
+    api = FakeApi(monkeypatch, delay=0)
+    api.obj["spec"]["limits"] = {"cost": {"amount": "5"}}
+    service = svc.LedgerService(svc.LedgerConfig(port=0))
+    service.config.insecure = True  # no TokenReview in this test
+    client = await _client(service)
+    try:
+        for cost in ("1e9999999", "1e999999"):
+            resp = await client.post("/v1/report", json={"proxyId": "p", "namespace": "team-a", "seq": 1, "budgets": {
+                "monthly": {"periodStart": current_start(), "used": {"cost": cost}, "want": {"cost": "0.01"}}}})
+            error = (await resp.json())["error"]
+            assert resp.status == 400 and "budgets.monthly.used.cost" in error and "at most" in error, error
+        resp = await client.post("/v1/report", json={"proxyId": "p", "namespace": "team-a", "seq": 1, "budgets": {
+            "monthly": {"periodStart": current_start(), "used": {"cost": "1.05E-7"}, "want": {"cost": "0.01"}}}})
+        assert resp.status == 200, await resp.text()
+    finally:
+        await client.close()
+        await service.stop()
+    assert all(len(str(w)) < 10_000 for w in api.writes)
+
+
 async def test_token_reviews_are_cached_by_hash_and_namespaces_enforced(monkeypatch):
     FakeApi(monkeypatch)
     calls = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -52,6 +53,28 @@ def test_parse_report_rejects_malformed_bodies_with_the_field_named():
     rep = parse_report(body(3, used=(10, 5), want=(0, 100), releaseTo={"total": 40}))
     assert rep.seq == 3 and rep.budgets["monthly"].used == Amount(10, 5)
     assert rep.budgets["monthly"].release_to.total == 40
+
+
+@pytest.mark.parametrize("cost", ["1e999999", "1e9999999", "1" + "0" * 18, "0E-999999", "1e-41", "1" * 100,
+                                  "NaN", "Infinity", "-0.5", 10**18])
+def test_report_amounts_are_bounded(cost):
+    """A cost the ledger could not store or add (decimal.Overflow, a megabyte in status): refused as a
+    ReportError (400) naming the field, in every amount, ceiling and breakdown row of a report."""
+    entry = body(1)["budgets"]["monthly"]
+    for where, change in [("used.cost", {"used": {**entry["used"], "cost": cost}}),
+                          ("releaseTo.cost", {"releaseTo": {"cost": cost}}),
+                          ("breakdown[0].cost", {"breakdown": [{"route": "r", "backend": "b", "cost": cost}]})]:
+        with pytest.raises(ReportError, match=re.escape(f"budgets.monthly.{where}")):
+            parse_report({**body(1), "budgets": {"monthly": {**entry, **change}}})
+
+
+def test_report_amounts_as_proxies_write_them_are_accepted():
+    # str(Decimal) of a proxy's cost may carry an exponent: bounded ones are fine
+    for cost, value in [("1.05E-7", Decimal("1.05E-7")), ("12.5", Decimal("12.5")), (7, Decimal(7)),
+                        ("9" * 18, Decimal("9" * 18)), ("1e-40", Decimal("1e-40")), ("0E+99", Decimal(0))]:
+        rep = parse_report({**body(1), "budgets": {"monthly": {**body(1)["budgets"]["monthly"],
+                                                                "used": {"cost": cost}}}})
+        assert rep.budgets["monthly"].used.cost == value
 
 
 def test_report_grants_waits_for_persistence_and_replays_change_nothing():

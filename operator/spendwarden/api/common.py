@@ -12,7 +12,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DECIMAL_PATTERN = r"^[0-9]+(\.[0-9]+)?$"
+# At most 15 integer digits: a sane maximum for any budget or price (ledger/breakdown.py bounds the
+# sums proxies report at 1e18).
+DECIMAL_PATTERN = r"^[0-9]{1,15}(\.[0-9]+)?$"
 DURATION_PATTERN = r"^([0-9]+(s|m|h|d|w))+$"
 
 Money = Annotated[
