@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -166,6 +167,26 @@ def test_silent_proxies_are_charged_their_escrow_and_cut_off_reported():
     answer, _ = send(store, entry, body(1, used=(1000, 0), proxy="p2", want=(0, 10)), ts=later)
     assert entry.current.ledger.check_invariant() == [] or entry.current.ledger.used().total_tokens >= 1000
     assert answer["state"] == "Exceeded" and answer["cutOff"] is True
+
+
+def test_thousands_of_short_lived_proxies_keep_the_status_small():
+    """3,000 proxy ids, each reporting a breakdown and then dying, made a 488 KB status patch (etcd's
+    request limit is 1.5 MiB): the records of the dead are bounded, their usage still counts."""
+    store = LedgerStore()
+    entry = store.load(budget({**SPEC, "limits": {"tokens": {"total": 10**9}}}), NOW)
+    row = {"route": "chat", "backend": "mini", "tag": "cron", "inputTokens": 10, "outputTokens": 5, "cost": "0",
+           "requests": 1}
+    t = TS
+    for i in range(3000):
+        pid = f"team-a-cron-{i:05d}-7c9f8d6b5-x2x4z"
+        send(store, entry, body(1, want=(0, 100), proxy=pid), ts=t)
+        send(store, entry, body(2, used=(10, 5), want=(0, 100), proxy=pid, breakdown=[row]), ts=t + 1)
+        t += 40
+        store.tick(t, NOW + timedelta(seconds=t - TS))
+    status = store.status(entry, NOW)
+    assert len(json.dumps(status)) < 128 * 1024
+    assert status["used"]["inputTokens"] == 3000 * 10
+    assert status["breakdown"][0]["inputTokens"] == 3000 * 10  # the rows of the dead still add up
 
 
 def test_an_operator_outage_does_not_make_live_proxies_look_dead():
