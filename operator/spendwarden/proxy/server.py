@@ -52,7 +52,9 @@ _DROP_HEADERS = frozenset((
     "authorization", "x-api-key", "api-key", "proxy-authorization", "cookie", "host", "content-length",
     "content-type", "accept", "accept-encoding", "connection", "keep-alive", "transfer-encoding", "te",
     "upgrade", "expect", "proxy-connection", "trailer"))
-_PASS_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "retry-after")
+_PASS_HEADERS = frozenset(("x-request-id", "request-id", "openai-processing-ms", "retry-after"))
+# The providers' rate-limit state, on answers and on their 429s: clients pace themselves by it.
+_PASS_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 
 
 class _Retry(Exception):
@@ -643,7 +645,7 @@ class Proxy:
             # The provider's own rate limit, after every fallback: pass it on so SDKs back off.
             ctx.status, ctx.outcome, ctx.error = 429, "upstream_error", last.reason
             return web.Response(status=429, body=self._client_error(ctx, last.body),
-                                content_type=last.content_type or "application/json", headers=last.headers)
+                                content_type=_ctype(last.content_type or ""), headers=last.headers)
         status = 504 if last.status == 504 else 502
         raise ProxyError(status, f"upstream failed for route {route.name!r}: {last.reason}"
                          + (f" (after {len(usable)} backends)" if len(usable) > 1 else ""),
@@ -743,12 +745,8 @@ class Proxy:
         return t
 
     def _resp_headers(self, ctx: Ctx, backend: BackendRt, upstream: Any) -> dict[str, str]:
-        h = {"x-spendwarden-route": ctx.route or "", "x-spendwarden-backend": backend.name}
-        for name in _PASS_HEADERS:
-            v = upstream.get(name)
-            if v is not None:
-                h[name] = v
-        return h
+        return {"x-spendwarden-route": ctx.route or "", "x-spendwarden-backend": backend.name,
+                **_passed_headers(upstream)}
 
     async def _unary(self, request: web.Request, ctx: Ctx, backend: BackendRt, adm: Admission,
                      payload: bytes, is_fallback: bool) -> web.Response:
@@ -776,8 +774,7 @@ class Proxy:
                          else f"connection failed: {type(exc).__name__}: {exc}"[:300]) from None
         ctx.upstream_time += time.perf_counter() - t_up
         if status == 429 or status >= 500:
-            raise _Retry(status, f"upstream status {status}", raw, ctype,
-                         {k: up_headers[k] for k in ("retry-after",) if k in up_headers})
+            raise _Retry(status, f"upstream status {status}", raw, ctype, _passed_headers(up_headers))
         headers = self._resp_headers(ctx, backend, up_headers)
         if status >= 300:
             # The provider refused the request (400, 401, 404, ...): nothing billed, pass it on.
@@ -836,8 +833,7 @@ class Proxy:
                     raw = b""
                 ctype = resp.headers.get("Content-Type", "application/json")
                 if status == 429 or status >= 500:
-                    raise _Retry(status, f"upstream status {status}", raw, ctype,
-                                 {k: resp.headers[k] for k in ("retry-after",) if k in resp.headers})
+                    raise _Retry(status, f"upstream status {status}", raw, ctype, _passed_headers(resp.headers))
                 self.book.release(adm)
                 ctx.status, ctx.outcome, ctx.error = status, "upstream_error", f"upstream status {status}"
                 return web.Response(status=status, body=self._client_error(ctx, raw),
@@ -1073,7 +1069,14 @@ def _translated(translator: Any, obj: dict[str, Any]) -> list[bytes]:
 
 
 def _ctype(ctype: str) -> str:
+    """An upstream Content-Type as aiohttp's content_type takes it: without parameters (a charset there
+    raises ValueError; OpenAI sends "application/json; charset=utf-8")."""
     return ctype.split(";")[0].strip() or "application/json"
+
+
+def _passed_headers(upstream: Any) -> dict[str, str]:
+    """The upstream answer's headers that reach the client (request ids, Retry-After, rate limits)."""
+    return {k: v for k, v in upstream.items() if k.lower() in _PASS_HEADERS or k.lower().startswith(_PASS_PREFIXES)}
 
 
 def raise_nofile_limit() -> None:
