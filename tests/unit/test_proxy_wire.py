@@ -36,6 +36,15 @@ def test_check_chat_ok():
     (EMBEDDINGS, {"model": "m", "input": []}, "input"),
     (MESSAGES, {"model": "m", "messages": [{"role": "user"}], "max_tokens": 5}, "content"),
     (MESSAGES, {"model": "m", "messages": [{"role": "user", "content": "x"}], "system": 5}, "system"),
+    # sizes no request can need: said as such, not as an exhausted budget (issue 16)
+    (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 10**9}, "'n' must be at most 128"),
+    (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**8 + 1},
+     "'max_tokens' must be at most 100000000"),
+    (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2**63},
+     "'max_completion_tokens' must be at most"),
+    (COMPLETIONS, {"model": "m", "prompt": "x", "n": 129}, "'n' must be at most 128"),
+    (COMPLETIONS, {"model": "m", "prompt": [[1]] * 2049}, "'prompt' holds 2049 prompts; at most 2048"),
+    (MESSAGES, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**12}, "at most"),
 ])
 def test_check_refuses_with_clear_400(api, body, needle):
     with pytest.raises(ProxyError) as e:
@@ -45,6 +54,8 @@ def test_check_refuses_with_clear_400(api, body, needle):
 
 def test_completions_choices_count_prompts():
     assert check_request(COMPLETIONS, {"model": "m", "prompt": ["a", "b"], "n": 2})[3] == 4
+    assert check_request(COMPLETIONS, {"model": "m", "prompt": ["a"] * 2048, "n": 128, "max_tokens": 10**8})[2:4] \
+        == (10**8, 2048 * 128)
     assert check_request(COMPLETIONS, {"model": "m", "prompt": [1, 2, 3]})[3] == 1
 
 

@@ -21,11 +21,22 @@ MESSAGES = "messages"
 OPERATION = {CHAT: "chat", COMPLETIONS: "text_completion", EMBEDDINGS: "embeddings", MESSAGES: "chat"}
 
 
+# More tokens than this in one answer cannot be real (the largest context windows hold about 10M):
+# such a count, a negative one or a non-integer is a broken upstream, and believing it would credit or
+# wreck the budget. The request is then charged as if usage were unknown: its whole reservation.
+MAX_REPORTED_TOKENS = 10**8
+# What one request may ask for. Past these its worst case is absurd, and the client was told that the
+# budget is exhausted (n = 10**9 on a barely used budget) instead of what is wrong with its request.
+MAX_CHOICES = 128  # n: OpenAI's own maximum
+MAX_PROMPTS = 2048  # prompts of one /v1/completions request
+MAX_OUTPUT_TOKENS = MAX_REPORTED_TOKENS  # max_tokens: no answer can be longer
+
+
 def bad(message: str, param: str | None = None, code: str = "invalid_request_error") -> ProxyError:
     return ProxyError(400, message, code=code, param=param)
 
 
-def _int_field(body: dict[str, Any], key: str, minimum: int = 1) -> int | None:
+def _int_field(body: dict[str, Any], key: str, maximum: int, minimum: int = 1) -> int | None:
     value = body.get(key)
     if value is None:
         return None
@@ -33,7 +44,20 @@ def _int_field(body: dict[str, Any], key: str, minimum: int = 1) -> int | None:
         raise bad(f"'{key}' must be an integer, got {type(value).__name__}", key, "invalid_type")
     if value < minimum:
         raise bad(f"'{key}' must be at least {minimum}, got {value}", key, "invalid_value")
+    if value > maximum:
+        raise bad(f"'{key}' must be at most {maximum}, got {value}", key, "invalid_value")
     return value
+
+
+def _prompts(prompt: Any) -> int:
+    """How many prompts a /v1/completions `prompt` holds: a list of strings or of token lists is
+    several, a string or one token list is one."""
+    if not (isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))):
+        return 1
+    if len(prompt) > MAX_PROMPTS:
+        raise bad(f"'prompt' holds {len(prompt)} prompts; at most {MAX_PROMPTS} per request", "prompt",
+                  "invalid_value")
+    return len(prompt)
 
 
 def _bool_field(body: dict[str, Any], key: str) -> bool:
@@ -86,11 +110,11 @@ def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool
     choices = 1
     if api == CHAT:
         _messages(body, anthropic=False)
-        out = _int_field(body, "max_completion_tokens")
-        legacy = _int_field(body, "max_tokens")
+        out = _int_field(body, "max_completion_tokens", MAX_OUTPUT_TOKENS)
+        legacy = _int_field(body, "max_tokens", MAX_OUTPUT_TOKENS)
         if out is None:
             out = legacy
-        choices = _int_field(body, "n") or 1
+        choices = _int_field(body, "n", MAX_CHOICES) or 1
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
             raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
@@ -98,9 +122,8 @@ def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool
         prompt = body.get("prompt")
         if not isinstance(prompt, (str, list)):
             raise bad("'prompt' must be a string or an array", "prompt", "invalid_type")
-        out = _int_field(body, "max_tokens")
-        choices = (_int_field(body, "n") or 1) * (len(prompt) if isinstance(prompt, list) and prompt
-                                                  and isinstance(prompt[0], (str, list)) else 1)
+        out = _int_field(body, "max_tokens", MAX_OUTPUT_TOKENS)
+        choices = (_int_field(body, "n", MAX_CHOICES) or 1) * _prompts(prompt)
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
             raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
@@ -111,7 +134,7 @@ def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool
         out = None
     else:  # Anthropic messages
         _messages(body, anthropic=True)
-        out = _int_field(body, "max_tokens")
+        out = _int_field(body, "max_tokens", MAX_OUTPUT_TOKENS)
         system = body.get("system")
         if system is not None and not isinstance(system, (str, list)):
             raise bad("'system' must be a string or an array of text blocks", "system", "invalid_type")
@@ -119,12 +142,6 @@ def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool
 
 
 # -- usage ------------------------------------------------------------------------------------------
-
-# More tokens than this in one answer cannot be real (the largest context windows hold about 10M):
-# such a count, a negative one or a non-integer is a broken upstream, and believing it would credit or
-# wreck the budget. The request is then charged as if usage were unknown: its whole reservation.
-MAX_REPORTED_TOKENS = 10**8
-
 
 @dataclass(frozen=True, slots=True)
 class BadUsage:
