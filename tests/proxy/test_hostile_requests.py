@@ -40,3 +40,37 @@ def test_absurd_request_sizes_get_a_400_naming_the_field_not_budget_exhausted(up
     ok = openai.OpenAI(base_url=budgeted.openai_url, api_key="unused", max_retries=0).chat.completions.create(
         model="chat", messages=MSGS, n=2)
     assert len(ok.choices) >= 1
+
+
+SECRET = "sk-live-0123456789abcdefSECRET"
+MALFORMED = [  # each a request aiohttp's own parser refuses, carrying a credential somewhere
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + SECRET.encode()
+    + b"\r\nthis is not a header\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nAuthorization Bearer " + SECRET.encode() + b"\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nx-api-key: " + SECRET.encode() + b"\x01\r\n\r\n",
+    b"GET /v1/models?key=" + SECRET.encode() + b" HTTP/1.1 garbage\r\n\r\n",
+    b"POST /v1/messages HTTP/1.1\r\nAuthorization: Bearer " + SECRET.encode() + b"\r\nContent-Length: -5\r\n\r\n",
+]
+
+
+def _send_raw(port: int, data: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_malformed_requests_leave_no_credential_in_the_logs(budgeted):
+    """aiohttp's parser logs the line it could not parse ("Invalid header value ... Authorization:
+    Bearer sk-..."): whatever a malformed request carries, no credential reaches the proxy's log."""
+    for data in MALFORMED:
+        _send_raw(budgeted.port, data)
+    assert budgeted.alive()
+    budgeted.stop()
+    logs = budgeted.stderr() + budgeted.log_path.read_text()
+    assert SECRET not in logs and SECRET[:16] not in logs, logs[-3000:]
+    assert logs.count("refused a malformed request from 127.0.0.1 with 400") == len(MALFORMED), logs[-3000:]
