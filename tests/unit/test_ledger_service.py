@@ -177,6 +177,40 @@ async def test_http_answers_400_to_amounts_the_ledger_cannot_hold(monkeypatch):
     assert all(len(str(w)) < 10_000 for w in api.writes)
 
 
+class _Review:
+    """What the kubernetes client returns for a TokenReview (only the fields the reviewer reads)."""
+
+    def __init__(self, authenticated=True, audiences=None, username="system:serviceaccount:team-a:proxy"):
+        user = type("User", (), {"username": username})()
+        self.status = type("Status", (), {"authenticated": authenticated, "user": user, "audiences": audiences})()
+
+
+def test_a_token_review_must_name_the_spendwarden_audience(monkeypatch):
+    """A TokenReview answered without audiences (an authenticator that ignores them, e.g. a webhook
+    one, or a token for any audience) proves nothing about who the token was issued for."""
+    from kubernetes import client
+
+    from spendwarden.controller import kube
+
+    answers, sent = [], []
+
+    class Api:
+        def __init__(self, _api_client):
+            pass
+
+        def create_token_review(self, body):
+            sent.append(body)
+            return answers.pop(0)
+
+    monkeypatch.setattr(client, "AuthenticationV1Api", Api)
+    monkeypatch.setattr(kube, "api_client", lambda: None)
+    reviewer = svc.TokenReviewer()
+    answers[:] = [_Review(audiences=None), _Review(audiences=[]), _Review(audiences=["https://kubernetes.default.svc"]),
+                  _Review(audiences=["spendwarden"]), _Review(authenticated=False, audiences=["spendwarden"])]
+    assert [reviewer._review_sync("t") for _ in range(5)] == [None, None, None, ("team-a", "proxy"), None]
+    assert all(b["spec"]["audiences"] == ["spendwarden"] for b in sent)
+
+
 async def test_token_reviews_are_cached_by_hash_and_namespaces_enforced(monkeypatch):
     FakeApi(monkeypatch)
     calls = []
