@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from spendwarden.devtools.mock_upstream import free_port
+from spendwarden.devtools.mock_upstream import MockUpstream, free_port
 
 PYTHON = sys.executable
 
@@ -93,6 +93,13 @@ class ProxyProcess:
 
     def stderr(self) -> str:
         return self.err_path.read_text()
+
+
+@pytest.fixture
+def up() -> Iterator[MockUpstream]:
+    """The mock upstream, answering 12 output tokens unless told otherwise."""
+    with MockUpstream(tokens=12) as u:
+        yield u
 
 
 @pytest.fixture

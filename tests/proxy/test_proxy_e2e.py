@@ -22,12 +22,6 @@ def expected_cost(inp: int, out: int, cached: int = 0, pin=IN, pout=OUT, pcached
 
 
 @pytest.fixture
-def up():
-    with MockUpstream(tokens=12) as u:
-        yield u
-
-
-@pytest.fixture
 def proxy(up, start_proxy):
     cfg = stream_of(
         route_yaml("chat", "chat", [backend("oa", up.openai_url, "gpt-4o-mini")]),

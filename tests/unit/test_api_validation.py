@@ -44,6 +44,7 @@ BAD_ROUTES = [
     ("fallbacks", ["small", "ghost"], "fallbacks[1] names unknown backend 'ghost'"),
     ("backends.0.pricing.input", "-1", "spec.backends[0].pricing.input: String should match pattern"),
     ("backends.0.pricing.output", 0.6, "spec.backends[0].pricing.output: Input should be a valid string"),
+    ("backends.0.pricing.output", "9" * 16, "spec.backends[0].pricing.output: String should match pattern"),
     ("backends.0.provider", "Gemini", "spec.backends[0].provider: Input should be 'OpenAI', 'Anthropic' or 'OpenAICompatible'"),
     ("backends.0.url", "ftp://x", "spec.backends[0].url: String should match pattern"),
     ("backends.1.name", "small", "backend names must be unique, duplicated: small"),
@@ -53,6 +54,14 @@ BAD_ROUTES = [
     ("backends.0.timeoutSeconds", 0, "spec.backends[0].timeoutSeconds: Input should be greater than or equal to 1"),
     ("backends.1.pricing.currency", "EUR", "all backends must price in one currency"),
     ("surprise", 1, "spec.surprise: Extra inputs are not permitted"),
+    ("backends.0.credentials", {"secretRef": {"name": "/some/other/dir"}},
+     "spec.backends[0].credentials.secretRef.name: String should match pattern"),
+    ("backends.0.credentials", {"secretRef": {"name": "../other"}}, "credentials.secretRef.name: String should match"),
+    ("backends.0.credentials", {"secretRef": {"name": "OpenAI"}}, "credentials.secretRef.name: String should match"),
+    ("backends.0.credentials", {"secretRef": {"name": "openai", "key": "../../etc/passwd"}},
+     "spec.backends[0].credentials.secretRef.key: String should match pattern"),
+    ("backends.0.credentials", {"secretRef": {"name": "openai", "key": ".."}}, "credentials.secretRef.key: String"),
+    ("backends.0.credentials", {"secretRef": {"name": "openai", "key": "..data"}}, "credentials.secretRef.key: String"),
     ("limits", {"maxTokens": 0}, "spec.limits.maxTokens: Input should be greater than or equal to 1"),
 ]
 
@@ -69,8 +78,12 @@ BAD_BUDGETS = [
     ("limits.tokens.total", -5, "spec.limits.tokens.total: Input should be greater than or equal to 1"),
     ("limits.cost.amount", "ten", "spec.limits.cost.amount: String should match pattern"),
     ("limits.cost.amount", 10.5, "spec.limits.cost.amount: Input should be a valid string"),
+    ("limits.cost.amount", "1" + "0" * 15, "spec.limits.cost.amount: String should match pattern"),  # > 15 digits
+    ("limits.cost.amount", "1e999999", "spec.limits.cost.amount: String should match pattern"),
     ("limits.cost.currency", "usd", "spec.limits.cost.currency: String should match pattern"),
     ("onExceeded", "Explode", "spec.onExceeded: Input should be 'CutOff', 'Downgrade' or 'AlertOnly'"),
+    ("alerting", {"webhookSecretRef": {"name": "a/b"}}, "spec.alerting.webhookSecretRef.name: String should match"),
+    ("alerting", {"webhookSecretRef": {"name": "hook", "key": "x/y"}}, "webhookSecretRef.key: String should match"),
     ("failMode", "Maybe", "spec.failMode: Input should be 'Open' or 'Closed'"),
 ]
 
@@ -78,6 +91,10 @@ BAD_BUDGETS = [
 def test_good_specs_validate():
     assert validate_spec("ModelRoute", GOOD_ROUTE)[1] is None
     assert validate_spec("TokenBudget", GOOD_BUDGET)[1] is None
+    assert validate_spec("TokenBudget", with_change(GOOD_BUDGET, "limits.cost.amount", "9" * 15 + ".99"))[1] is None
+    for name, key in [("openai", "apiKey"), ("team-a.openai-1", "API_KEY.v2"), ("o", ".hidden"), ("a" * 253, "k")]:
+        route = with_change(GOOD_ROUTE, "backends.0.credentials", {"secretRef": {"name": name, "key": key}})
+        assert validate_spec("ModelRoute", route)[1] is None, (name, key)
 
 
 @pytest.mark.parametrize("path,value,expected", BAD_ROUTES, ids=[b[0] for b in BAD_ROUTES])

@@ -91,6 +91,14 @@ def test_reserve_settle_and_remaining():
     assert not a.exhausted()
 
 
+def test_usage_never_credits_the_budget():
+    """A negative part of an actual (a broken upstream's numbers) counts as zero: settling can only add."""
+    a = Allowance(Limits(cost=Decimal("5")), used=Amount(10, 10, Decimal("0.01")))
+    rid = a.reserve(Amount(100, 100, Decimal("0.1")))
+    a.settle(rid, Amount(-10**12, 3, Decimal("-150000")))
+    assert a.used == Amount(10, 13, Decimal("0.01")) and a.reserved == Amount()
+
+
 def test_input_limit_blocks_prompt():
     a = Allowance(Limits(input_tokens=100))
     assert a.max_output_tokens(CHEAP, 101) == -1

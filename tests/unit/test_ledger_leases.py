@@ -1,13 +1,14 @@
 """The lease ledger: many proxies, one budget, never jointly over it."""
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from spendwarden.ledger.allowance import Allowance, Amount, Limits, least
-from spendwarden.ledger.leases import DIMENSIONS, BudgetLedger, Ceiling, LeaseSettings, Shortfall
+from spendwarden.ledger.leases import DIMENSIONS, MAX_TOMBSTONES, BudgetLedger, Ceiling, LeaseSettings, Shortfall
 
 LIMITS = Limits(total_tokens=10_000, output_tokens=6_000, cost=Decimal("1.00"))
 PRICE_IN, PRICE_OUT = Decimal("0.00002"), Decimal("0.0001")  # per token
@@ -192,6 +193,33 @@ def test_dead_proxy_is_charged_its_escrow_and_reconciled_if_it_returns():
     # A partitioned proxy that comes back: its own cumulative report replaces the charge.
     ledger.report("a", 3, amount(150, 600), Amount(), None, now=101)
     assert ledger.used() == amount(150, 600)
+
+
+def test_dead_proxies_leave_a_bounded_record_and_their_usage_still_counts():
+    """3,000 short-lived proxies (a CronJob's pods) made a 488 KB status: the oldest tombstones are
+    folded into `retired` alone, so the state stays small, used() stays exact, and the most recent
+    dead can still be reconciled, also after a restart."""
+    ledger = BudgetLedger(Limits(total_tokens=10**9), LeaseSettings(ttl=10, grace=5))
+    for i in range(3000):
+        pid = f"team-a-cron-{i:05d}-7c9f8d6b5-x2x4z"
+        ledger.report(pid, 1, Amount(), Amount(), amount(0, 100), now=i * 100)
+        ledger.report(pid, 2, amount(10, 5), Amount(), amount(0, 100), now=i * 100 + 1)
+        ledger.expire(now=i * 100 + 50)
+    charged = ledger.used()
+    assert charged == ledger.retired and charged.input_tokens == 3000 * 10  # every one still counts
+    assert len(ledger.tombstones) == MAX_TOMBSTONES and "team-a-cron-02999-7c9f8d6b5-x2x4z" in ledger.tombstones
+    state = ledger.to_state()
+    assert len(json.dumps(state)) < 64 * 1024
+    again = BudgetLedger.from_state(ledger.limits, json.loads(json.dumps(state, sort_keys=True)))
+    assert list(again.tombstones) == list(ledger.tombstones) and again.used() == charged
+    # the newest dead one comes back: its own report replaces its charge
+    back = "team-a-cron-02999-7c9f8d6b5-x2x4z"
+    before = again.tombstones[back][1]
+    again.report(back, 3, amount(10, 5), Amount(), None, now=300_100)
+    assert again.used() == charged - before + amount(10, 5)
+    # a status written before the bound (3,000 tombstones, no diedAt) is bounded when loaded
+    old = {**state, "tombstones": {f"p{i}": {"inputTokens": 1, "outputTokens": 0, "cost": "0"} for i in range(3000)}}
+    assert len(BudgetLedger.from_state(ledger.limits, old).tombstones) == MAX_TOMBSTONES
 
 
 def test_grants_follow_demand_and_leave_room_for_others():

@@ -154,6 +154,63 @@ async def test_http_answers_400_with_the_field_and_401_without_a_token(monkeypat
         await service.stop()
 
 
+async def test_http_answers_400_to_amounts_the_ledger_cannot_hold(monkeypatch):
+    """"1e9999999" overflowed the ledger's arithmetic (503) and "1e999999" went into status as a million
+    digits: both are a 400 naming the field, and nothing reaches the status."""
+    api = FakeApi(monkeypatch, delay=0)
+    api.obj["spec"]["limits"] = {"cost": {"amount": "5"}}
+    service = svc.LedgerService(svc.LedgerConfig(port=0))
+    service.config.insecure = True  # no TokenReview in this test
+    client = await _client(service)
+    try:
+        for cost in ("1e9999999", "1e999999"):
+            resp = await client.post("/v1/report", json={"proxyId": "p", "namespace": "team-a", "seq": 1, "budgets": {
+                "monthly": {"periodStart": current_start(), "used": {"cost": cost}, "want": {"cost": "0.01"}}}})
+            error = (await resp.json())["error"]
+            assert resp.status == 400 and "budgets.monthly.used.cost" in error and "at most" in error, error
+        resp = await client.post("/v1/report", json={"proxyId": "p", "namespace": "team-a", "seq": 1, "budgets": {
+            "monthly": {"periodStart": current_start(), "used": {"cost": "1.05E-7"}, "want": {"cost": "0.01"}}}})
+        assert resp.status == 200, await resp.text()
+    finally:
+        await client.close()
+        await service.stop()
+    assert all(len(str(w)) < 10_000 for w in api.writes)
+
+
+class _Review:
+    """What the kubernetes client returns for a TokenReview (only the fields the reviewer reads)."""
+
+    def __init__(self, authenticated=True, audiences=None, username="system:serviceaccount:team-a:proxy"):
+        user = type("User", (), {"username": username})()
+        self.status = type("Status", (), {"authenticated": authenticated, "user": user, "audiences": audiences})()
+
+
+def test_a_token_review_must_name_the_spendwarden_audience(monkeypatch):
+    """A TokenReview answered without audiences (an authenticator that ignores them, e.g. a webhook
+    one, or a token for any audience) proves nothing about who the token was issued for."""
+    from kubernetes import client
+
+    from spendwarden.controller import kube
+
+    answers, sent = [], []
+
+    class Api:
+        def __init__(self, _api_client):
+            pass
+
+        def create_token_review(self, body):
+            sent.append(body)
+            return answers.pop(0)
+
+    monkeypatch.setattr(client, "AuthenticationV1Api", Api)
+    monkeypatch.setattr(kube, "api_client", lambda: None)
+    reviewer = svc.TokenReviewer()
+    answers[:] = [_Review(audiences=None), _Review(audiences=[]), _Review(audiences=["https://kubernetes.default.svc"]),
+                  _Review(audiences=["spendwarden"]), _Review(authenticated=False, audiences=["spendwarden"])]
+    assert [reviewer._review_sync("t") for _ in range(5)] == [None, None, None, ("team-a", "proxy"), None]
+    assert all(b["spec"]["audiences"] == ["spendwarden"] for b in sent)
+
+
 async def test_token_reviews_are_cached_by_hash_and_namespaces_enforced(monkeypatch):
     FakeApi(monkeypatch)
     calls = []

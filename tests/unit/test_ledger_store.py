@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -52,6 +54,28 @@ def test_parse_report_rejects_malformed_bodies_with_the_field_named():
     rep = parse_report(body(3, used=(10, 5), want=(0, 100), releaseTo={"total": 40}))
     assert rep.seq == 3 and rep.budgets["monthly"].used == Amount(10, 5)
     assert rep.budgets["monthly"].release_to.total == 40
+
+
+@pytest.mark.parametrize("cost", ["1e999999", "1e9999999", "1" + "0" * 18, "0E-999999", "1e-41", "1" * 100,
+                                  "NaN", "Infinity", "-0.5", 10**18])
+def test_report_amounts_are_bounded(cost):
+    """A cost the ledger could not store or add (decimal.Overflow, a megabyte in status): refused as a
+    ReportError (400) naming the field, in every amount, ceiling and breakdown row of a report."""
+    entry = body(1)["budgets"]["monthly"]
+    for where, change in [("used.cost", {"used": {**entry["used"], "cost": cost}}),
+                          ("releaseTo.cost", {"releaseTo": {"cost": cost}}),
+                          ("breakdown[0].cost", {"breakdown": [{"route": "r", "backend": "b", "cost": cost}]})]:
+        with pytest.raises(ReportError, match=re.escape(f"budgets.monthly.{where}")):
+            parse_report({**body(1), "budgets": {"monthly": {**entry, **change}}})
+
+
+def test_report_amounts_as_proxies_write_them_are_accepted():
+    # str(Decimal) of a proxy's cost may carry an exponent: bounded ones are fine
+    for cost, value in [("1.05E-7", Decimal("1.05E-7")), ("12.5", Decimal("12.5")), (7, Decimal(7)),
+                        ("9" * 18, Decimal("9" * 18)), ("1e-40", Decimal("1e-40")), ("0E+99", Decimal(0))]:
+        rep = parse_report({**body(1), "budgets": {"monthly": {**body(1)["budgets"]["monthly"],
+                                                                "used": {"cost": cost}}}})
+        assert rep.budgets["monthly"].used.cost == value
 
 
 def test_report_grants_waits_for_persistence_and_replays_change_nothing():
@@ -143,6 +167,26 @@ def test_silent_proxies_are_charged_their_escrow_and_cut_off_reported():
     answer, _ = send(store, entry, body(1, used=(1000, 0), proxy="p2", want=(0, 10)), ts=later)
     assert entry.current.ledger.check_invariant() == [] or entry.current.ledger.used().total_tokens >= 1000
     assert answer["state"] == "Exceeded" and answer["cutOff"] is True
+
+
+def test_thousands_of_short_lived_proxies_keep_the_status_small():
+    """3,000 proxy ids, each reporting a breakdown and then dying, made a 488 KB status patch (etcd's
+    request limit is 1.5 MiB): the records of the dead are bounded, their usage still counts."""
+    store = LedgerStore()
+    entry = store.load(budget({**SPEC, "limits": {"tokens": {"total": 10**9}}}), NOW)
+    row = {"route": "chat", "backend": "mini", "tag": "cron", "inputTokens": 10, "outputTokens": 5, "cost": "0",
+           "requests": 1}
+    t = TS
+    for i in range(3000):
+        pid = f"team-a-cron-{i:05d}-7c9f8d6b5-x2x4z"
+        send(store, entry, body(1, want=(0, 100), proxy=pid), ts=t)
+        send(store, entry, body(2, used=(10, 5), want=(0, 100), proxy=pid, breakdown=[row]), ts=t + 1)
+        t += 40
+        store.tick(t, NOW + timedelta(seconds=t - TS))
+    status = store.status(entry, NOW)
+    assert len(json.dumps(status)) < 128 * 1024
+    assert status["used"]["inputTokens"] == 3000 * 10
+    assert status["breakdown"][0]["inputTokens"] == 3000 * 10  # the rows of the dead still add up
 
 
 def test_an_operator_outage_does_not_make_live_proxies_look_dead():

@@ -89,6 +89,29 @@ def test_missing_secret_is_flagged(monkeypatch, tmp_path):
     assert read_secret("openai-key", "apiKey") == "k"
 
 
+def test_a_secret_path_outside_the_secrets_directory_is_refused(monkeypatch, tmp_path, caplog):
+    """`name: /some/other/dir` made the proxy send that file's content as the Bearer key: whatever the
+    name and key (the model refuses such names, an older config may not), only files under the
+    secrets directory are read, symlinks resolved (the kubelet's ..data links stay inside)."""
+    secrets, outside = tmp_path / "secrets", tmp_path / "elsewhere"
+    (secrets / "openai" / "..2026_01_01").mkdir(parents=True)
+    (secrets / "openai" / "..2026_01_01" / "apiKey").write_text("sk-good\n")
+    (secrets / "openai" / "..data").symlink_to("..2026_01_01")
+    (secrets / "openai" / "apiKey").symlink_to("..data/apiKey")
+    outside.mkdir()
+    (outside / "apiKey").write_text("not-a-key")
+    (secrets / "escape").mkdir()
+    (secrets / "escape" / "apiKey").symlink_to(outside / "apiKey")
+    monkeypatch.setenv("SPENDWARDEN_SECRETS_DIR", str(secrets))
+    assert read_secret("openai", "apiKey") == "sk-good"
+    for name, key in [(str(outside), "apiKey"), ("../elsewhere", "apiKey"), ("openai", "../../elsewhere/apiKey"),
+                      ("escape", "apiKey"), ("openai", str(outside / "apiKey"))]:
+        monkeypatch.setenv("SPENDWARDEN_SECRET_" + "".join(c if c.isalnum() else "_" for c in f"{name}_{key}").upper(),
+                           "from-env")
+        assert read_secret(name, key) is None, (name, key)
+    assert "outside" in caplog.text and "not-a-key" not in caplog.text
+
+
 def test_parse_tags_is_bounded():
     assert parse_tags("scenario=ticket, team=x") == {"scenario": "ticket", "team": "x"}
     assert parse_tags("bad key=1,novalue,k=" + "v" * 65) is None

@@ -2,8 +2,9 @@ import pytest
 
 from spendwarden.ledger.pricing import TokenUsage
 from spendwarden.proxy.errors import ProxyError
-from spendwarden.proxy.wire import (CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, anthropic_usage, check_request,
-                                    event_data, openai_usage, split_events)
+from spendwarden.proxy.wire import (CHAT, COMPLETIONS, EMBEDDINGS, MAX_REPORTED_TOKENS, MESSAGES, BadUsage,
+                                    anthropic_stream_usage, anthropic_usage, check_request, event_data,
+                                    openai_usage, split_events)
 
 
 def test_check_chat_ok():
@@ -35,6 +36,15 @@ def test_check_chat_ok():
     (EMBEDDINGS, {"model": "m", "input": []}, "input"),
     (MESSAGES, {"model": "m", "messages": [{"role": "user"}], "max_tokens": 5}, "content"),
     (MESSAGES, {"model": "m", "messages": [{"role": "user", "content": "x"}], "system": 5}, "system"),
+    # sizes no request can need: said as such, not as an exhausted budget (issue 16)
+    (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 10**9}, "'n' must be at most 128"),
+    (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**8 + 1},
+     "'max_tokens' must be at most 100000000"),
+    (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2**63},
+     "'max_completion_tokens' must be at most"),
+    (COMPLETIONS, {"model": "m", "prompt": "x", "n": 129}, "'n' must be at most 128"),
+    (COMPLETIONS, {"model": "m", "prompt": [[1]] * 2049}, "'prompt' holds 2049 prompts; at most 2048"),
+    (MESSAGES, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**12}, "at most"),
 ])
 def test_check_refuses_with_clear_400(api, body, needle):
     with pytest.raises(ProxyError) as e:
@@ -44,6 +54,8 @@ def test_check_refuses_with_clear_400(api, body, needle):
 
 def test_completions_choices_count_prompts():
     assert check_request(COMPLETIONS, {"model": "m", "prompt": ["a", "b"], "n": 2})[3] == 4
+    assert check_request(COMPLETIONS, {"model": "m", "prompt": ["a"] * 2048, "n": 128, "max_tokens": 10**8})[2:4] \
+        == (10**8, 2048 * 128)
     assert check_request(COMPLETIONS, {"model": "m", "prompt": [1, 2, 3]})[3] == 1
 
 
@@ -51,7 +63,34 @@ def test_openai_usage():
     assert openai_usage({"prompt_tokens": 10, "completion_tokens": 5,
                          "prompt_tokens_details": {"cached_tokens": 4}}) == TokenUsage(10, 5, 4)
     assert openai_usage({"prompt_tokens": 7, "total_tokens": 7}) == TokenUsage(7, 0, 0)  # embeddings
-    assert openai_usage(None) is None and openai_usage({"prompt_tokens": "x"}) is None
+    assert openai_usage(None) is None and openai_usage({"completion_tokens": 3}) is None
+    assert openai_usage({"prompt_tokens": 7, "prompt_tokens_details": None}) == TokenUsage(7, 0, 0)
+
+
+NONSENSE = [-1, -10**12, MAX_REPORTED_TOKENS + 1, 10**40, 1.5, 10.0, "10", True, [], {}]
+
+
+@pytest.mark.parametrize("bad", NONSENSE, ids=repr)
+def test_nonsense_usage_is_bad_usage(bad):
+    """A negative, absurdly large or non-integer count in any field, in either format: BadUsage (the
+    request is then charged its reservation), naming the field."""
+    fine_oa = {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4}}
+    for key in ("prompt_tokens", "completion_tokens"):
+        got = openai_usage({**fine_oa, key: bad})
+        assert isinstance(got, BadUsage) and key in got.reason
+    assert isinstance(openai_usage({**fine_oa, "prompt_tokens_details": {"cached_tokens": bad}}), BadUsage)
+    fine_an = {"input_tokens": 10, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 2, "output_tokens": 1}
+    for key in fine_an:
+        got = anthropic_usage({**fine_an, key: bad})
+        assert isinstance(got, BadUsage) and key in got.reason
+        # in a stream: a nonsense message_delta, and anything after a nonsense message_start
+        start = anthropic_stream_usage({"type": "message_start", "message": {"usage": fine_an}}, None)
+        assert isinstance(anthropic_stream_usage({"type": "message_delta", "usage": {key: bad}}, start), BadUsage)
+        broken = anthropic_stream_usage({"type": "message_start", "message": {"usage": {**fine_an, key: bad}}}, None)
+        assert isinstance(broken, BadUsage)
+        assert anthropic_stream_usage({"type": "message_delta", "usage": {"output_tokens": 5}}, broken) is broken
+    assert isinstance(anthropic_usage({**fine_an, "cache_creation": {"ephemeral_1h_input_tokens": bad}}), BadUsage)
+    assert openai_usage({"prompt_tokens": MAX_REPORTED_TOKENS}) == TokenUsage(MAX_REPORTED_TOKENS, 0)
 
 
 def test_anthropic_usage_adds_cache_reads_and_writes_to_input():
@@ -78,11 +117,11 @@ def test_anthropic_usage_cache_writes_and_their_1h_part():
     # older APIs: no cache_creation detail, every write is a 5-minute one
     assert anthropic_usage({"input_tokens": 10, "cache_creation_input_tokens": 500, "output_tokens": 7}) \
         == TokenUsage(510, 7, 0, 500, 0)
-    # non-int values are ignored, as for the other fields
-    assert anthropic_usage({"input_tokens": 10, "cache_creation_input_tokens": "500", "output_tokens": 7,
-                            "cache_creation": {"ephemeral_1h_input_tokens": 1.5}}) == TokenUsage(10, 7)
-    assert anthropic_usage({"input_tokens": 10, "cache_creation_input_tokens": 500, "output_tokens": 7,
-                            "cache_creation": {"ephemeral_1h_input_tokens": "300"}}) == TokenUsage(510, 7, 0, 500, 0)
+    # non-int values cannot be believed (see test_nonsense_usage_is_bad_usage)
+    assert isinstance(anthropic_usage({"input_tokens": 10, "cache_creation_input_tokens": "500", "output_tokens": 7,
+                                       "cache_creation": {"ephemeral_1h_input_tokens": 1.5}}), BadUsage)
+    assert isinstance(anthropic_usage({"input_tokens": 10, "cache_creation_input_tokens": 500, "output_tokens": 7,
+                                       "cache_creation": {"ephemeral_1h_input_tokens": "300"}}), BadUsage)
 
 
 def test_anthropic_stream_keeps_the_cache_writes_of_message_start():

@@ -12,7 +12,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DECIMAL_PATTERN = r"^[0-9]+(\.[0-9]+)?$"
+# At most 15 integer digits: a sane maximum for any budget or price (ledger/breakdown.py bounds the
+# sums proxies report at 1e18).
+DECIMAL_PATTERN = r"^[0-9]{1,15}(\.[0-9]+)?$"
 DURATION_PATTERN = r"^([0-9]+(s|m|h|d|w))+$"
 
 Money = Annotated[
@@ -90,6 +92,15 @@ class LocalObjectReference(ApiModel):
     name: str = Field(min_length=1, max_length=253, description="Name of the object in the same namespace.")
 
 
+# Kubernetes' own syntax for a Secret's name (a DNS subdomain) and for a key of its data, except that a
+# key may not start with "..", as the kubelet's own entries in a Secret volume do. The proxy reads
+# <secrets dir>/<name>/<key>: neither can then name another directory ("/x", "..", "a/b").
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+SECRET_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
+SecretName = Annotated[str, Field(min_length=1, max_length=253, pattern=SECRET_NAME_PATTERN)]
+SecretKey = Annotated[str, Field(min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)]
+
+
 class SecretKeyRef(ApiModel):
-    name: str = Field(min_length=1, max_length=253, description="Name of the Secret in the route's namespace.")
-    key: str = Field(default="apiKey", min_length=1, max_length=253, description="Key in the Secret that holds the API key.")
+    name: SecretName = Field(description="Name of the Secret in the route's namespace.")
+    key: SecretKey = Field(default="apiKey", description="Key in the Secret that holds the API key.")

@@ -6,7 +6,7 @@ from enum import Enum
 
 from pydantic import Field, model_validator
 
-from .common import ApiModel, Condition, Duration, Money, parse_duration
+from .common import ApiModel, Condition, Duration, Money, SecretKey, SecretName, parse_duration
 
 KIND = "TokenBudget"
 PLURAL = "tokenbudgets"
@@ -92,10 +92,9 @@ class Limits(ApiModel):
 class WebhookSecretRef(ApiModel):
     """A Secret key in the budget's namespace that holds a webhook URL."""
 
-    name: str = Field(min_length=1, max_length=253,
-                      description="Name of the Secret in the budget's namespace (the chart lets the operator read only "
-                                  "Secrets named as its alerting.webhookSecretName value, default spendwarden-alerting).")
-    key: str = Field(default="url", min_length=1, max_length=253, description="Key in the Secret whose value is the URL. Default url.")
+    name: SecretName = Field(description="Name of the Secret in the budget's namespace (the chart lets the operator read "
+                             "only Secrets named as its alerting.webhookSecretName value, default spendwarden-alerting).")
+    key: SecretKey = Field(default="url", description="Key in the Secret whose value is the URL. Default url.")
 
 
 class Alerting(ApiModel):

@@ -132,7 +132,9 @@ class TokenReviewer:
             {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
              "spec": {"token": token, "audiences": [AUDIENCE]}})
         status = review.status
-        if not status or not status.authenticated or not status.user or AUDIENCE not in (status.audiences or [AUDIENCE]):
+        # The audience must be confirmed: an answer without audiences comes from an authenticator that
+        # ignored them, and then nothing says the token was issued for spendwarden.
+        if not status or not status.authenticated or not status.user or AUDIENCE not in (status.audiences or ()):
             return None
         username = status.user.username or ""
         if not username.startswith(SA_PREFIX):

@@ -40,6 +40,8 @@ Behaviours (all optional; later sources override earlier ones, field by field):
     chunk_delay_ms   x-mock-chunk-delay-ms      wait between stream events
     tokens           x-mock-tokens              output tokens to generate (before the max_tokens cap)
     status           x-mock-status              answer with this HTTP status and the provider's error body
+                                                (OpenAI's as "application/json; charset=utf-8"; a 429 with
+                                                the provider's x-ratelimit-* / anthropic-ratelimit-* headers)
     retry_after      x-mock-retry-after         Retry-After header value (seconds) on errors
     garbage          x-mock-garbage             200 with a non-JSON body (or non-JSON SSE data)
     disconnect_after x-mock-disconnect-after    close the connection after k stream events (non-stream:
@@ -274,6 +276,14 @@ _ANTHROPIC_ERRORS = {
     529: "overloaded_error",
 }
 _JSON = "application/json"
+# What the providers send with a 429 (values of a spent minute), for proxies to pass on.
+_OPENAI_RATE_LIMIT_HEADERS = {
+    "x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "120ms",
+    "x-ratelimit-limit-tokens": "200000", "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6s"}
+_ANTHROPIC_RATE_LIMIT_HEADERS = {
+    "anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "0",
+    "anthropic-ratelimit-requests-reset": "2030-01-01T00:00:01Z", "anthropic-ratelimit-tokens-limit": "40000",
+    "anthropic-ratelimit-tokens-remaining": "0", "anthropic-ratelimit-tokens-reset": "2030-01-01T00:00:06Z"}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -398,14 +408,20 @@ class _Handlers:
     @staticmethod
     def error(api: str, status: int, b: Behaviour) -> web.Response:
         headers = {"Retry-After": str(b.retry_after)} if b.retry_after is not None else (
-            {"Retry-After": "1"} if status == 429 else None)
+            {"Retry-After": "1"} if status == 429 else {})
         msg = f"mock upstream error {status}"
         if api == "anthropic":
             body = {"type": "error", "error": {"type": _ANTHROPIC_ERRORS.get(status, "api_error"), "message": msg}}
+            headers["Content-Type"] = _JSON
+            if status == 429:
+                headers.update(_ANTHROPIC_RATE_LIMIT_HEADERS)
         else:
             etype, code = _OPENAI_ERRORS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
             body = {"error": {"message": msg, "type": etype, "param": None, "code": code}}
-        return web.Response(status=status, body=_dumps(body), content_type=_JSON, headers=headers)
+            headers["Content-Type"] = _JSON + "; charset=utf-8"  # as OpenAI sends its errors
+            if status == 429:
+                headers.update(_OPENAI_RATE_LIMIT_HEADERS)
+        return web.Response(status=status, body=_dumps(body), headers=headers)
 
     @staticmethod
     async def disconnect_midway(request: web.Request, body: bytes) -> web.StreamResponse:

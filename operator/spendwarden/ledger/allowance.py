@@ -79,6 +79,12 @@ class Amount:
     def __repr__(self) -> str:
         return f"Amount({self.input_tokens}, {self.output_tokens}, {self.cost})"
 
+    def at_least_zero(self) -> "Amount":
+        """This amount with every negative part raised to zero."""
+        if self.input_tokens >= 0 and self.output_tokens >= 0 and self.cost >= 0:
+            return self
+        return Amount(max(self.input_tokens, 0), max(self.output_tokens, 0), max(self.cost, ZERO))
+
     @classmethod
     def worst_case(cls, prices: Prices, input_tokens: int, max_output_tokens: int) -> "Amount":
         return cls(input_tokens, max_output_tokens, worst_case_cost(prices, input_tokens, max_output_tokens))
@@ -199,7 +205,8 @@ class Allowance:
         held = self._open.pop(rid, None)
         if held is not None:
             self.reserved = self.reserved - held
-        self.used = self.used + actual
+        # Usage only ever adds: a negative part (a broken upstream's numbers) must not credit the budget.
+        self.used = self.used + actual.at_least_zero()
 
     def settle_reserved(self, rid: int) -> None:
         """Close `rid` charging the whole reservation (usage unknown: never charge nothing)."""

@@ -158,16 +158,31 @@ def _count(value: Any, where: str) -> int:
     return value
 
 
+# Amounts from the wire (proxies' str(Decimal), exponents included) are bounded so that the ledger can
+# add them without decimal.Overflow and write them to status in a few characters: below 10**18 (sums
+# of amounts specs can write, which have at most 15 integer digits) and at most 40 decimal places.
+MAX_MONEY = Decimal(10) ** 18
+MONEY_PLACES = 40
+_MONEY_TEXT = 64  # characters: more is not an amount within the bounds (and is not parsed at all)
+
+
 def parse_money(value: Any, where: str) -> Decimal:
-    """A non-negative decimal from a JSON string (or integer); ValueError naming `where`."""
+    """A bounded non-negative decimal from a JSON string (or integer); ValueError naming `where`."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError(f"{where}: must be a decimal string such as \"0.0123\"")
+    bounds = f"{where}: must be a non-negative decimal below 1e18 with at most {MONEY_PLACES} decimal places"
+    if isinstance(value, int):
+        if not 0 <= value < MAX_MONEY:  # checked first: str() of a huge int is slow (or refused)
+            raise ValueError(bounds)
+        return Decimal(value)
+    if len(value) > _MONEY_TEXT:
+        raise ValueError(f"{where}: {len(value)} characters; amounts have at most {_MONEY_TEXT}")
     try:
-        out = Decimal(str(value))
+        out = Decimal(value)
     except InvalidOperation:
-        raise ValueError(f"{where}: {str(value)[:40]!r} is not a decimal number") from None
-    if not out.is_finite() or out < 0:
-        raise ValueError(f"{where}: must be a finite non-negative decimal")
+        raise ValueError(f"{where}: {value[:40]!r} is not a decimal number") from None
+    if not out.is_finite() or out < 0 or out >= MAX_MONEY or out.as_tuple().exponent < -MONEY_PLACES:
+        raise ValueError(bounds)
     return out
 
 

@@ -51,6 +51,12 @@ from typing import Any
 from .allowance import Amount, Limits, least
 
 DIMENSIONS = ("total", "input", "output", "cost")
+# A tombstone lets a proxy presumed dead by mistake (a partition) be reconciled when it reports again.
+# Unbounded, every short-lived pod of a period left one in status: ~10,000 CronJob pods in a month
+# exceed etcd's 1.5 MiB request limit, and then no status write (so no grant) succeeds. Past the bound
+# the oldest go; their charge stays in `retired` (their usage still counts), and such a proxy, should
+# it still come back, counts as a new one: its usage until then counts twice (more, never less).
+MAX_TOMBSTONES = 256
 
 
 def _dim(amount: Amount, dim: str) -> Any:
@@ -158,8 +164,9 @@ class BudgetLedger:
         self.proxies: dict[str, ProxyAccount] = {}
         self.retired = Amount()
         # Dead proxies' charges, kept for the period so a proxy that was only partitioned can be
-        # reconciled when it reports again (proxy id -> what was charged for it).
-        self.tombstones: dict[str, Amount] = {}
+        # reconciled when it reports again (proxy id -> (when it was presumed dead, what was charged
+        # for it)), oldest first, at most MAX_TOMBSTONES.
+        self.tombstones: dict[str, tuple[float, Amount]] = {}
         # The smallest request admitted this period by proxies presumed dead (their accounts are gone).
         self.retired_admitted: Amount | None = None
         # When the budget was last found spent (unix time; None while it is not): when CutOff began.
@@ -243,7 +250,7 @@ class BudgetLedger:
         """
         acct = self.proxies.get(proxy_id)
         if acct is None:
-            charged = self.tombstones.pop(proxy_id, None)
+            _, charged = self.tombstones.pop(proxy_id, (None, None))
             if charged is not None:
                 # A presumed-dead proxy is back: its escrow moves from `retired` back to its account
                 # (committed stays the same), and its own cumulative report is the truth from now on.
@@ -387,10 +394,16 @@ class BudgetLedger:
                 self.retired_admitted = least(self.retired_admitted, acct.smallest_admitted)
             charge = _escrow_as_amount(self.limits, acct)
             self.retired = self.retired + charge
-            self.tombstones[pid] = charge
+            self.tombstones[pid] = (now, charge)
         if dead:
+            self._bound_tombstones()
             self.note_exhaustion(now)
         return dead
+
+    def _bound_tombstones(self) -> None:
+        """Forget the oldest tombstones past MAX_TOMBSTONES (their charge stays in `retired`)."""
+        for pid in list(self.tombstones)[:max(len(self.tombstones) - MAX_TOMBSTONES, 0)]:
+            del self.tombstones[pid]
 
     # -- persistence -----------------------------------------------------------------------------
 
@@ -398,7 +411,7 @@ class BudgetLedger:
         out = {
             "retired": _amount_state(self.retired),
             "proxies": {pid: _account_state(a) for pid, a in sorted(self.proxies.items())},
-            "tombstones": {pid: _amount_state(c) for pid, c in sorted(self.tombstones.items())},
+            "tombstones": {pid: {**_amount_state(c), "diedAt": at} for pid, (at, c) in sorted(self.tombstones.items())},
             "exhaustedAt": self.exhausted_at,
             "spentFor": _amount_state(self.spent_for) if self.spent_for is not None else None,
         }
@@ -415,7 +428,11 @@ class BudgetLedger:
                                                ceiling=Ceiling.from_state(a.get("ceiling") or {}), seq=int(a.get("seq", 0)),
                                                expires_at=float(a.get("expiresAt", 0.0)),
                                                smallest_admitted=_optional_amount(a.get("smallestAdmitted")))
-        ledger.tombstones = {pid: _amount_from(c) for pid, c in (data.get("tombstones") or {}).items()}
+        # Oldest first (status keeps no key order); records written before diedAt existed count as oldest.
+        stones = sorted(((float(c.get("diedAt") or 0.0), pid, _amount_from(c))
+                         for pid, c in (data.get("tombstones") or {}).items()), key=lambda t: (t[0], t[1]))
+        ledger.tombstones = {pid: (at, charge) for at, pid, charge in stones}
+        ledger._bound_tombstones()
         at = data.get("exhaustedAt")
         ledger.exhausted_at = float(at) if at is not None else None
         ledger.spent_for = _optional_amount(data.get("spentFor"))

@@ -85,9 +85,15 @@ def _env_name(name: str, key: str) -> str:
 
 
 def read_secret(name: str, key: str) -> str | None:
-    """The API key from `$SPENDWARDEN_SECRETS_DIR/<name>/<key>` or env SPENDWARDEN_SECRET_<NAME>_<KEY>."""
-    directory = os.environ.get("SPENDWARDEN_SECRETS_DIR", DEFAULT_SECRETS_DIR)
-    path = os.path.join(directory, name, key)
+    """The API key from `$SPENDWARDEN_SECRETS_DIR/<name>/<key>` or env SPENDWARDEN_SECRET_<NAME>_<KEY>.
+
+    None, whatever the environment says, for a name or key that leads out of the secrets directory
+    ("/etc", "..", a symlink out): the route must not send another file's content as its API key."""
+    directory = os.path.realpath(os.environ.get("SPENDWARDEN_SECRETS_DIR", DEFAULT_SECRETS_DIR))
+    path = os.path.realpath(os.path.join(directory, name, key))
+    if os.path.commonpath((directory, path)) != directory:
+        log.warning("secret %r key %r resolves outside %s: refused", name[:253], key[:253], directory)
+        return None
     try:
         with open(path, encoding="utf-8") as f:
             value = f.read().strip()

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -81,9 +82,29 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class ParserErrorRedactor(logging.Filter):
+    """aiohttp logs a request it cannot parse with the offending bytes in the exception's message (the
+    header line, `Authorization: Bearer sk-...` included; the request line, query included). Such a
+    record keeps only the kind of error: the text of that message up to its first colon or quote."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            kind = re.split(r"[:'\"]", str(exc.message).strip(), maxsplit=1)[0].strip()[:80]
+            record.msg, record.args = "refused a malformed request from %s with %s: %s", (
+                record.args[0] if isinstance(record.args, tuple) and record.args else "?", exc.code,
+                kind or type(exc).__name__)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"  # the client's error, not ours
+        return True
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.server").addFilter(ParserErrorRedactor())
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux

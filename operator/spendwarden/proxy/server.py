@@ -35,8 +35,8 @@ from .metrics import OTEL_PROVIDER, Metrics
 from . import spend
 from .translate import ChatStreamTranslator, StreamTranslator, chat_to_message, chat_to_messages, \
     error_to_anthropic, error_to_openai, message_to_chat, messages_to_chat
-from .wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, OPERATION, anthropic_stream_usage, bad, \
-    check_request, event_data, event_object, openai_usage, split_events, usage_from_body
+from .wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, OPERATION, BadUsage, anthropic_stream_usage, bad, \
+    believed, check_request, event_data, event_object, openai_usage, split_events, usage_from_body
 
 log = logging.getLogger("spendwarden.proxy")
 
@@ -52,7 +52,9 @@ _DROP_HEADERS = frozenset((
     "authorization", "x-api-key", "api-key", "proxy-authorization", "cookie", "host", "content-length",
     "content-type", "accept", "accept-encoding", "connection", "keep-alive", "transfer-encoding", "te",
     "upgrade", "expect", "proxy-connection", "trailer"))
-_PASS_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "retry-after")
+_PASS_HEADERS = frozenset(("x-request-id", "request-id", "openai-processing-ms", "retry-after"))
+# The providers' rate-limit state, on answers and on their 429s: clients pace themselves by it.
+_PASS_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 
 
 class _Retry(Exception):
@@ -643,7 +645,7 @@ class Proxy:
             # The provider's own rate limit, after every fallback: pass it on so SDKs back off.
             ctx.status, ctx.outcome, ctx.error = 429, "upstream_error", last.reason
             return web.Response(status=429, body=self._client_error(ctx, last.body),
-                                content_type=last.content_type or "application/json", headers=last.headers)
+                                content_type=_ctype(last.content_type or ""), headers=last.headers)
         status = 504 if last.status == 504 else 502
         raise ProxyError(status, f"upstream failed for route {route.name!r}: {last.reason}"
                          + (f" (after {len(usable)} backends)" if len(usable) > 1 else ""),
@@ -743,12 +745,8 @@ class Proxy:
         return t
 
     def _resp_headers(self, ctx: Ctx, backend: BackendRt, upstream: Any) -> dict[str, str]:
-        h = {"x-spendwarden-route": ctx.route or "", "x-spendwarden-backend": backend.name}
-        for name in _PASS_HEADERS:
-            v = upstream.get(name)
-            if v is not None:
-                h[name] = v
-        return h
+        return {"x-spendwarden-route": ctx.route or "", "x-spendwarden-backend": backend.name,
+                **_passed_headers(upstream)}
 
     async def _unary(self, request: web.Request, ctx: Ctx, backend: BackendRt, adm: Admission,
                      payload: bytes, is_fallback: bool) -> web.Response:
@@ -776,8 +774,7 @@ class Proxy:
                          else f"connection failed: {type(exc).__name__}: {exc}"[:300]) from None
         ctx.upstream_time += time.perf_counter() - t_up
         if status == 429 or status >= 500:
-            raise _Retry(status, f"upstream status {status}", raw, ctype,
-                         {k: up_headers[k] for k in ("retry-after",) if k in up_headers})
+            raise _Retry(status, f"upstream status {status}", raw, ctype, _passed_headers(up_headers))
         headers = self._resp_headers(ctx, backend, up_headers)
         if status >= 300:
             # The provider refused the request (400, 401, 404, ...): nothing billed, pass it on.
@@ -802,7 +799,8 @@ class Proxy:
             headers["x-spendwarden-cost"] = format_money(ctx.cost)
         return web.Response(status=status, body=raw, headers=headers, content_type="application/json")
 
-    def _settle(self, ctx: Ctx, backend: BackendRt, adm: Admission, usage: TokenUsage | None) -> None:
+    def _settle(self, ctx: Ctx, backend: BackendRt, adm: Admission, usage: TokenUsage | BadUsage | None) -> None:
+        usage = believed(usage, ctx.route, backend.name)
         if usage is None:
             ctx.usage_known = False
             self.book.settle(adm, backend.prices, None)
@@ -835,8 +833,7 @@ class Proxy:
                     raw = b""
                 ctype = resp.headers.get("Content-Type", "application/json")
                 if status == 429 or status >= 500:
-                    raise _Retry(status, f"upstream status {status}", raw, ctype,
-                                 {k: resp.headers[k] for k in ("retry-after",) if k in resp.headers})
+                    raise _Retry(status, f"upstream status {status}", raw, ctype, _passed_headers(resp.headers))
                 self.book.release(adm)
                 ctx.status, ctx.outcome, ctx.error = status, "upstream_error", f"upstream status {status}"
                 return web.Response(status=status, body=self._client_error(ctx, raw),
@@ -876,7 +873,7 @@ class Proxy:
             translator = StreamTranslator(ctx.alias or "", client_usage) if anthropic \
                 else ChatStreamTranslator(ctx.alias or "")
         buf = bytearray()
-        usage: TokenUsage | None = None
+        usage: TokenUsage | BadUsage | None = None
         complete = False
         failure: str | None = None
         client_gone = False
@@ -965,13 +962,14 @@ class Proxy:
         # the output at the whole reservation; otherwise the whole reservation.
         if complete and failure is None and not client_gone:
             self._settle(ctx, backend, adm, usage)
-        elif anthropic and usage is not None and ctx.max_output is not None:
+        elif anthropic and isinstance(usage, TokenUsage) and ctx.max_output is not None:
             self._settle(ctx, backend, adm, replace(usage, output_tokens=max(usage.output_tokens, ctx.max_output)))
             ctx.partial = True
-        else:
+        elif isinstance(usage, TokenUsage):
             self._settle(ctx, backend, adm, None)
-            if usage is not None:
-                ctx.usage = usage  # for the log: what was known when the stream broke
+            ctx.usage = usage  # for the log: what was known when the stream broke
+        else:
+            self._settle(ctx, backend, adm, usage)  # None or BadUsage: the reservation
         if not client_gone:
             try:
                 await out.write_eof()
@@ -1071,7 +1069,14 @@ def _translated(translator: Any, obj: dict[str, Any]) -> list[bytes]:
 
 
 def _ctype(ctype: str) -> str:
+    """An upstream Content-Type as aiohttp's content_type takes it: without parameters (a charset there
+    raises ValueError; OpenAI sends "application/json; charset=utf-8")."""
     return ctype.split(";")[0].strip() or "application/json"
+
+
+def _passed_headers(upstream: Any) -> dict[str, str]:
+    """The upstream answer's headers that reach the client (request ids, Retry-After, rate limits)."""
+    return {k: v for k, v in upstream.items() if k.lower() in _PASS_HEADERS or k.lower().startswith(_PASS_PREFIXES)}
 
 
 def raise_nofile_limit() -> None:

@@ -35,7 +35,7 @@ from ..spend import scorer
 from ..spend.loop import LoopDetector
 from .config import ANTHROPIC, BackendRt, RouteRt
 from .errors import ProxyError
-from .wire import CHAT, EMBEDDINGS, OPERATION, usage_from_body
+from .wire import CHAT, EMBEDDINGS, OPERATION, BadUsage, believed, usage_from_body
 
 log = logging.getLogger("spendwarden.proxy")
 
@@ -278,7 +278,9 @@ async def _judge(proxy: Any, ctx: Any, route: RouteRt, rs: RouteSpend, est: int 
                 result = "ok" if verdict is not None else "unparsed"
     except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError, TypeError, KeyError, AttributeError):
         pass
-    if usage is not None:
+    if isinstance(usage, BadUsage):  # it answered, but its numbers cannot be right: the reservation
+        proxy.book.settle(adm, b.prices, believed(usage, route.name, b.name))
+    elif usage is not None:
         proxy.book.settle(adm, b.prices, usage)
         proxy.metrics.attempt(ns, "chat", b, route, usage, cost(b.prices, usage))
     else:

@@ -1,13 +1,16 @@
 """Wire formats: request checks by hand (no pydantic per request), usage extraction, SSE events."""
 from __future__ import annotations
 
-from dataclasses import replace
+import logging
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
 from ..ledger.pricing import TokenUsage
 from .errors import ProxyError
+
+log = logging.getLogger("spendwarden.proxy")
 
 # API kinds
 CHAT = "chat/completions"
@@ -18,11 +21,22 @@ MESSAGES = "messages"
 OPERATION = {CHAT: "chat", COMPLETIONS: "text_completion", EMBEDDINGS: "embeddings", MESSAGES: "chat"}
 
 
+# More tokens than this in one answer cannot be real (the largest context windows hold about 10M):
+# such a count, a negative one or a non-integer is a broken upstream, and believing it would credit or
+# wreck the budget. The request is then charged as if usage were unknown: its whole reservation.
+MAX_REPORTED_TOKENS = 10**8
+# What one request may ask for. Past these its worst case is absurd, and the client was told that the
+# budget is exhausted (n = 10**9 on a barely used budget) instead of what is wrong with its request.
+MAX_CHOICES = 128  # n: OpenAI's own maximum
+MAX_PROMPTS = 2048  # prompts of one /v1/completions request
+MAX_OUTPUT_TOKENS = MAX_REPORTED_TOKENS  # max_tokens: no answer can be longer
+
+
 def bad(message: str, param: str | None = None, code: str = "invalid_request_error") -> ProxyError:
     return ProxyError(400, message, code=code, param=param)
 
 
-def _int_field(body: dict[str, Any], key: str, minimum: int = 1) -> int | None:
+def _int_field(body: dict[str, Any], key: str, maximum: int, minimum: int = 1) -> int | None:
     value = body.get(key)
     if value is None:
         return None
@@ -30,7 +44,20 @@ def _int_field(body: dict[str, Any], key: str, minimum: int = 1) -> int | None:
         raise bad(f"'{key}' must be an integer, got {type(value).__name__}", key, "invalid_type")
     if value < minimum:
         raise bad(f"'{key}' must be at least {minimum}, got {value}", key, "invalid_value")
+    if value > maximum:
+        raise bad(f"'{key}' must be at most {maximum}, got {value}", key, "invalid_value")
     return value
+
+
+def _prompts(prompt: Any) -> int:
+    """How many prompts a /v1/completions `prompt` holds: a list of strings or of token lists is
+    several, a string or one token list is one."""
+    if not (isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))):
+        return 1
+    if len(prompt) > MAX_PROMPTS:
+        raise bad(f"'prompt' holds {len(prompt)} prompts; at most {MAX_PROMPTS} per request", "prompt",
+                  "invalid_value")
+    return len(prompt)
 
 
 def _bool_field(body: dict[str, Any], key: str) -> bool:
@@ -83,11 +110,11 @@ def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool
     choices = 1
     if api == CHAT:
         _messages(body, anthropic=False)
-        out = _int_field(body, "max_completion_tokens")
-        legacy = _int_field(body, "max_tokens")
+        out = _int_field(body, "max_completion_tokens", MAX_OUTPUT_TOKENS)
+        legacy = _int_field(body, "max_tokens", MAX_OUTPUT_TOKENS)
         if out is None:
             out = legacy
-        choices = _int_field(body, "n") or 1
+        choices = _int_field(body, "n", MAX_CHOICES) or 1
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
             raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
@@ -95,9 +122,8 @@ def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool
         prompt = body.get("prompt")
         if not isinstance(prompt, (str, list)):
             raise bad("'prompt' must be a string or an array", "prompt", "invalid_type")
-        out = _int_field(body, "max_tokens")
-        choices = (_int_field(body, "n") or 1) * (len(prompt) if isinstance(prompt, list) and prompt
-                                                  and isinstance(prompt[0], (str, list)) else 1)
+        out = _int_field(body, "max_tokens", MAX_OUTPUT_TOKENS)
+        choices = (_int_field(body, "n", MAX_CHOICES) or 1) * _prompts(prompt)
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
             raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
@@ -108,7 +134,7 @@ def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool
         out = None
     else:  # Anthropic messages
         _messages(body, anthropic=True)
-        out = _int_field(body, "max_tokens")
+        out = _int_field(body, "max_tokens", MAX_OUTPUT_TOKENS)
         system = body.get("system")
         if system is not None and not isinstance(system, (str, list)):
             raise bad("'system' must be a string or an array of text blocks", "system", "invalid_type")
@@ -117,37 +143,73 @@ def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool
 
 # -- usage ------------------------------------------------------------------------------------------
 
-def openai_usage(u: Any) -> TokenUsage | None:
+@dataclass(frozen=True, slots=True)
+class BadUsage:
+    """Usage an upstream reported that cannot be right; `reason` names the field (never a value
+    the client sent: the log may say it)."""
+
+    reason: str
+
+
+class _Nonsense(Exception):
+    pass
+
+
+def _count(u: dict[str, Any], key: str) -> int | None:
+    """A token count of a usage object: None when absent (or null), _Nonsense when not believable."""
+    v = u.get(key)
+    if v is None:
+        return None
+    if type(v) is not int:
+        raise _Nonsense(f"{key} is a {type(v).__name__}, not an integer")
+    if v < 0:
+        raise _Nonsense(f"{key} is negative")
+    if v > MAX_REPORTED_TOKENS:
+        raise _Nonsense(f"{key} is above {MAX_REPORTED_TOKENS}")
+    return v
+
+
+def believed(usage: TokenUsage | BadUsage | None, route: str | None, backend: str) -> TokenUsage | None:
+    """The usage to settle: a BadUsage is logged (field and reason only) and settles as unknown."""
+    if isinstance(usage, BadUsage):
+        log.warning("route %s backend %s reported usage that cannot be right (%s): charging the reservation",
+                    route, backend, usage.reason)
+        return None
+    return usage
+
+
+def openai_usage(u: Any) -> TokenUsage | BadUsage | None:
     if not isinstance(u, dict):
         return None
-    inp = u.get("prompt_tokens")
-    out = u.get("completion_tokens", 0)
-    if type(inp) is not int:
-        return None
-    if type(out) is not int:
-        out = 0
-    cached = 0
-    details = u.get("prompt_tokens_details")
-    if isinstance(details, dict) and type(details.get("cached_tokens")) is int:
-        cached = details["cached_tokens"]
+    try:
+        inp = _count(u, "prompt_tokens")
+        if inp is None:
+            return None
+        out = _count(u, "completion_tokens") or 0  # embeddings report none
+        details = u.get("prompt_tokens_details")
+        cached = (_count(details, "cached_tokens") if isinstance(details, dict) else None) or 0
+    except _Nonsense as exc:
+        return BadUsage(str(exc))
     return TokenUsage(inp, out, cached)
 
 
-def anthropic_usage(u: Any, base: TokenUsage | None = None) -> TokenUsage | None:
+def anthropic_usage(u: Any, base: TokenUsage | BadUsage | None = None) -> TokenUsage | BadUsage | None:
     """Anthropic usage; `input_tokens` excludes cache reads/writes, which are added here.
 
     In a stream, message_start carries the input side and message_delta the cumulative output
     (newer APIs repeat input fields there too); `base` is what message_start said, and a field the
     delta leaves out (or sends as null) keeps its value: a delta without cache_creation_input_tokens
-    must not drop writes message_start reported, as that would bill them at nothing.
+    must not drop writes message_start reported, as that would bill them at nothing. Once a part of
+    the answer's usage was nonsense, the whole answer's is (`base` stays a BadUsage).
     """
-    if not isinstance(u, dict):
+    if not isinstance(u, dict) or isinstance(base, BadUsage):
         return base
-    def num(key: str) -> int | None:
-        v = u.get(key)
-        return v if type(v) is int else None
-    inp, read, write, out = num("input_tokens"), num("cache_read_input_tokens"), \
-        num("cache_creation_input_tokens"), num("output_tokens")
+    try:
+        inp, read, write, out = (_count(u, k) for k in ("input_tokens", "cache_read_input_tokens",
+                                                        "cache_creation_input_tokens", "output_tokens"))
+        write_1h = _cache_write_1h(u.get("cache_creation"), base)
+    except _Nonsense as exc:
+        return BadUsage(str(exc))
     if base is not None and inp is None and read is None and write is None:
         if out is None:
             return base
@@ -160,19 +222,18 @@ def anthropic_usage(u: Any, base: TokenUsage | None = None) -> TokenUsage | None
         inp = base.input_tokens - base.cached_input_tokens - base.cache_write_tokens if inp is None else inp
     total_in = (inp or 0) + (read or 0) + (write or 0)
     return TokenUsage(total_in, out if out is not None else (base.output_tokens if base else 0), read or 0,
-                      write or 0, _cache_write_1h(u.get("cache_creation"), base) if write else 0)
+                      write or 0, write_1h if write else 0)
 
 
 def _cache_write_1h(detail: Any, base: TokenUsage | None) -> int:
     """The 1-hour-TTL part of the cache writes (newer APIs' usage.cache_creation); when absent,
     what message_start said, else none (all writes billed at the 5-minute price)."""
     if isinstance(detail, dict):
-        v = detail.get("ephemeral_1h_input_tokens")
-        return v if type(v) is int else 0
+        return _count(detail, "ephemeral_1h_input_tokens") or 0
     return base.cache_write_1h_tokens if base is not None else 0
 
 
-def usage_from_body(fmt_anthropic: bool, raw: bytes) -> tuple[Any, TokenUsage | None]:
+def usage_from_body(fmt_anthropic: bool, raw: bytes) -> tuple[Any, TokenUsage | BadUsage | None]:
     """Parse a non-streamed response body; raises ValueError on garbage."""
     doc = orjson.loads(raw)
     if not isinstance(doc, dict):
@@ -219,7 +280,8 @@ def event_object(data: bytes | None) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def anthropic_stream_usage(obj: dict[str, Any], usage: TokenUsage | None) -> TokenUsage | None:
+def anthropic_stream_usage(obj: dict[str, Any], usage: TokenUsage | BadUsage | None
+                           ) -> TokenUsage | BadUsage | None:
     """The usage so far after one Anthropic stream event: message_start carries the prompt's,
     message_delta the output's (merged into what message_start said)."""
     kind = obj.get("type")
