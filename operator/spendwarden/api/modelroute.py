@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated
 
 from pydantic import ConfigDict, Field, model_validator
 
 from .common import (ZERO_DURATION_REGEX, ApiModel, Condition, Duration, LocalObjectReference, Money, SecretKeyRef, cel,
                      parse_duration)
-from .spend import SPEND_RULES, Escalation, Judge, LoopBreaker, ResponseCache, Tier, check_spend_references, known_backend
+from .spend import (SPEND_RULES, BackendRef, Escalation, Judge, LoopBreaker, ResponseCache, Tier, check_spend_references,
+                    known_backend)
 
 KIND = "ModelRoute"
 PLURAL = "modelroutes"
@@ -194,8 +194,8 @@ class ModelRouteSpec(ApiModel):
     backends: list[Backend] = Field(min_length=1, max_length=32, description="Upstreams that can serve the alias.")
     rules: list[Rule] = Field(default_factory=list, max_length=64, description="Routing rules, tried in order.")
     defaultBackend: str = Field(min_length=1, max_length=63, description="Backend for requests no rule matches.")
-    fallbacks: list[Annotated[str, Field(max_length=63)]] = Field(default_factory=list, max_length=16,
-                                 description="Backends tried in order when the chosen one fails (connect error, timeout, 5xx, 429).")
+    fallbacks: list[BackendRef] = Field(default_factory=list, max_length=16,
+                                        description="Backends tried in order when the chosen one fails (connect error, timeout, 5xx, 429).")
     downgradeBackend: str | None = Field(default=None, max_length=63,
                                          description="Backend used while a Downgrade budget is exceeded; default: the cheapest backend.")
     limits: RouteLimits | None = Field(default=None, description="Per-request caps.")

@@ -11,15 +11,17 @@ from ..spend.escalation import Cause
 from .common import ApiModel, Duration
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
+# A backend's name where a list refers to one; bounded like Backend.name, for the CEL cost estimate.
+BackendRef = Annotated[str, Field(max_length=63)]
 
 
 class Tier(ApiModel):
     """A class of backends for requests of similar difficulty; tiers are listed cheapest first."""
 
     name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN, description="Name of the tier (metrics, logs), e.g. small.")
-    backends: list[Annotated[str, Field(max_length=63)]] = Field(min_length=1, max_length=16,
-                                description="Backends (in spec.backends) serving the tier: the first is used, the "
-                                            "others when it fails (connect error, timeout, 5xx, 429).")
+    backends: list[BackendRef] = Field(min_length=1, max_length=16,
+                                       description="Backends (in spec.backends) serving the tier: the first is used, the "
+                                                   "others when it fails (connect error, timeout, 5xx, 429).")
     minScore: int = Field(default=0, ge=0, le=100,
                           description="Requests whose complexity score (0..100, computed locally from prompt length, "
                                       "code, reasoning cues, tools and conversation depth) reaches this use this tier "
@@ -108,5 +110,5 @@ def check_spend_references(spec: Any, known: set[str]) -> None:
         raise ValueError("escalation: needs at least two tiers (it retries on the next one)")
 
 
-__all__ = ["Tier", "Judge", "Escalation", "ResponseCache", "LoopBreaker", "check_spend_references", "known_backend",
+__all__ = ["BackendRef", "Tier", "Judge", "Escalation", "ResponseCache", "LoopBreaker", "check_spend_references", "known_backend",
            "SPEND_RULES"]

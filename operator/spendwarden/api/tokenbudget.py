@@ -185,8 +185,9 @@ class TokenBudgetSpec(ApiModel):
                                    description="CutOff refuses requests, Downgrade routes to the cheapest backend, AlertOnly only reports.")
     failMode: FailMode = Field(default=FailMode.OPEN,
                                description="What proxies do when the operator is unreachable and their lease has expired: Open goes on, Closed refuses.")
-    routes: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=64,
-                              description="Model aliases (ModelRoute spec.model) this budget covers; empty means every route of the namespace.")
+    routes: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=list, max_length=64,
+        description="Model aliases (ModelRoute spec.model) this budget covers; empty means every route of the namespace.")
     alerting: Alerting | None = Field(default=None, description="Extra alert destinations.")
     downgrade: Downgrade | None = Field(default=None, description="Options of onExceeded: Downgrade (a hard ceiling).")
 
