@@ -80,7 +80,8 @@ def test_sample_app_gets_the_sidecar_and_answers(kind_cluster: Kind) -> None:
     kind.kubectl("apply", "-k", str(ROOT / "examples" / "sample-app"))
     kind.kubectl("-n", TEAM, "rollout", "status", "deployment/ticket-summariser", "--timeout=300s")
     pod = json.loads(kind.kubectl("-n", TEAM, "get", "pods", "-l", "app=ticket-summariser", "-o", "json").stdout)["items"][0]
-    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    # The proxy is an init container (native sidecar) on Kubernetes 1.29+, a container before.
+    containers = {c["name"]: c for c in pod["spec"]["containers"] + (pod["spec"].get("initContainers") or [])}
     assert set(containers) == {"app", "spendwarden-proxy"}
     assert pod["metadata"]["labels"]["spendwarden.io/proxy"] == "injected"
     mounts = {m["mountPath"] for m in containers["spendwarden-proxy"]["volumeMounts"]}

@@ -42,15 +42,16 @@ def operator_ns(kube):
     client.CoreV1Api(kube).delete_namespace(name)
 
 
-@pytest.fixture(scope="module")
-def operator(control_plane, kube, tmp_path_factory, webhook_conf, operator_ns):
+def serve_webhooks(control_plane, kube, log_dir, webhook_conf, operator_ns, native_sidecar):
+    """The operator with its webhooks, as a fixture's generator; both configurations deleted after."""
     port = free_port()
-    proc = OperatorProcess(str(control_plane.kubeconfig), tmp_path_factory.mktemp("admission") / "operator.log",
+    proc = OperatorProcess(str(control_plane.kubeconfig), log_dir / "operator.log",
                            extra_args=["--namespace", "adm-*", "--webhooks", "--webhook-port", str(port)],
                            env={"SPENDWARDEN_WEBHOOK_CONFIGURATION": webhook_conf,
                                 "SPENDWARDEN_PROXY_IMAGE": IMAGE,
                                 "SPENDWARDEN_PROXY_PORT": "8787", "SPENDWARDEN_PROXY_METRICS_PORT": "9464",
                                 "SPENDWARDEN_POD_NAMESPACE": operator_ns,
+                                "SPENDWARDEN_NATIVE_SIDECAR": native_sidecar,
                                 "SPENDWARDEN_LOG_FORMAT": "plain"})
     proc.start()
     adm = client.AdmissionregistrationV1Api(kube)
@@ -68,6 +69,13 @@ def operator(control_plane, kube, tmp_path_factory, webhook_conf, operator_ns):
             except ApiException as e:
                 if e.status != 404:
                     raise
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, kube, tmp_path_factory, webhook_conf, operator_ns):
+    # The tests here check the plain container, on every cluster; test_native_sidecar.py the other shape.
+    yield from serve_webhooks(control_plane, kube, tmp_path_factory.mktemp("admission"), webhook_conf, operator_ns,
+                              native_sidecar="false")
 
 
 def _ns(kube, labels=None) -> str:
@@ -99,13 +107,12 @@ def _pod(name, labels=None, env=None, containers=None):
 def _ready_for_pods(kube, ns):
     """The apiserver learns of new webhook configurations asynchronously: wait until a dry-run
     Pod creation comes back injected."""
-    core = client.CoreV1Api(kube)
-    wait_for(lambda: any(c.name == injection.CONTAINER_NAME for c in core.create_namespaced_pod(
-        ns, _pod("probe"), dry_run="All").spec.containers), timeout=30, what="the mutating webhook")
+    wait_for(lambda: injection.injected_already(create_pod(kube, ns, _pod("probe"), dry_run="All")["spec"]),
+             timeout=30, what="the mutating webhook")
 
 
-def create_pod(kube, ns, body):
-    return kube.sanitize_for_serialization(client.CoreV1Api(kube).create_namespaced_pod(ns, body))
+def create_pod(kube, ns, body, **kwargs):
+    return kube.sanitize_for_serialization(client.CoreV1Api(kube).create_namespaced_pod(ns, body, **kwargs))
 
 
 def containers(pod):

@@ -143,6 +143,18 @@ def test_deployment_runs_one_operator_safely(chart):
     assert env["SPENDWARDEN_LEDGER_URL"] == f"http://spendwarden.{NS}.svc:8081"
     assert env["SPENDWARDEN_PROXY_PORT"] == "8787" and env["SPENDWARDEN_PROXY_METRICS_PORT"] == "9464"
     assert "SPENDWARDEN_WEBHOOK_PORT" not in env
+    assert env["SPENDWARDEN_NATIVE_SIDECAR"] == "auto"
+
+
+@pytest.mark.parametrize("native, expected", [("auto", "auto"), (True, "true"), (False, "false"),
+                                              ("true", "true"), ("false", "false")])
+def test_native_sidecar_value_reaches_the_operator(chart, native, expected):
+    """`--set sidecar.native=false` arrives as a boolean, `--set-string` as a string: both work, and
+    the operator accepts what the chart passes."""
+    from spendwarden.render import injection
+    env = {e["name"]: e.get("value") for e in container(render(chart, {"sidecar": {"native": native}}))["env"]}
+    assert env["SPENDWARDEN_NATIVE_SIDECAR"] == expected
+    assert injection.InjectionSettings.from_env(env).native_sidecar == expected
 
 
 def test_rendered_args_are_accepted_by_the_operator_cli(chart):
@@ -420,6 +432,7 @@ def test_prometheus_rule_needs_metrics(chart):
     ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "at '/metrics/serviceMonitor/interval'"),
     ({"metrics": {"podMonitor": {"interval": "often"}}}, "at '/metrics/podMonitor/interval'"),
     ({"metrics": {"podMonitor": {"namespaces": ["Team_A"]}}}, "at '/metrics/podMonitor/namespaces/0'"),
+    ({"sidecar": {"native": "sometimes"}}, "at '/sidecar/native'"),
 ])
 def test_schema_rejects_bad_values_with_a_clear_error(chart, values, message):
     with pytest.raises(helm.HelmValuesError) as excinfo:

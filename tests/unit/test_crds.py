@@ -54,3 +54,25 @@ def test_printer_columns():
     assert crds["TokenBudget"]["spec"]["names"]["shortNames"] == ["tb"]
     assert crds["ModelRoute"]["spec"]["names"]["shortNames"] == ["mr"]
     assert yaml.safe_load(render_yaml(crds["ModelRoute"]))["spec"]["scope"] == "Namespaced"
+
+
+def test_crds_without_cel_differ_only_by_the_rules(tmp_path):
+    """`spendwarden crds --no-cel --out DIR`: for apiservers before 1.23 (x-kubernetes-validations unknown)."""
+    import argparse
+
+    from spendwarden.api import crdcmd
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "x-kubernetes-validations"}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+
+    plain = all_crds(cel=False)
+    assert "x-kubernetes-validations" not in str(plain)
+    assert plain == strip(all_crds())
+    parser = argparse.ArgumentParser()
+    crdcmd.add_arguments(parser)
+    assert crdcmd.run(parser.parse_args(["--no-cel"])) == 2  # would overwrite crds/
+    assert crdcmd.run(parser.parse_args(["--no-cel", "--out", str(tmp_path)])) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(plain)
+    assert "x-kubernetes-validations" not in "".join(p.read_text() for p in tmp_path.iterdir())

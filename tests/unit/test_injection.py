@@ -17,8 +17,8 @@ def pod(labels=None, containers=None, **spec):
             "spec": {"containers": containers or [{"name": "app", "image": "app:1"}], **spec}}
 
 
-def injected(p, ns="team", settings=S):
-    return jsonpatch.apply_patch(p, inj.patch(p, ns, settings))
+def injected(p, ns="team", settings=S, native=False):
+    return jsonpatch.apply_patch(p, inj.patch(p, ns, settings, native=native))
 
 
 def names(p):
@@ -170,3 +170,112 @@ def test_secret_volume_names_are_valid_dns_labels_and_distinct():
     assert len(set(volumes)) == len(volumes)
     for v in volumes:
         assert len(v) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", v), v
+
+
+# -- native sidecars (Kubernetes 1.29+) ------------------------------------------------------------
+
+def test_plain_shape_is_unchanged_by_native_sidecar_support():
+    """Older clusters (and sidecar.native=false) keep exactly the container they always got."""
+    out = injected(pod())
+    proxy = out["spec"]["containers"][-1]
+    assert "restartPolicy" not in proxy and "startupProbe" not in proxy
+    assert "initContainers" not in out["spec"]
+
+
+def test_native_shape_is_the_first_init_container_restarting_always():
+    out = injected(pod(), native=True)
+    assert names(out) == ["app"]
+    [proxy] = out["spec"]["initContainers"]
+    assert proxy == {**inj.proxy_container("team", S), "restartPolicy": "Always", "startupProbe": proxy["startupProbe"]}
+    # The app containers start only once the proxy answers /healthz (which it does only once it listens).
+    assert proxy["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "sw-metrics"}
+    assert proxy["startupProbe"]["periodSeconds"] == 1
+    # Everything else the proxy needs is the same as for the plain shape.
+    plain = injected(pod())
+    assert out["spec"]["volumes"] == plain["spec"]["volumes"]
+    assert out["spec"]["containers"][0] == plain["spec"]["containers"][0]  # the app's env
+    assert out["metadata"] == plain["metadata"]
+
+
+def test_native_sidecar_goes_before_the_apps_own_init_containers():
+    out = injected(pod(initContainers=[{"name": "migrate", "image": "m:1"}]), native=True)
+    assert [c["name"] for c in out["spec"]["initContainers"]] == [inj.CONTAINER_NAME, "migrate"]
+    out = injected(pod(initContainers=[]), native=True)
+    assert [c["name"] for c in out["spec"]["initContainers"]] == [inj.CONTAINER_NAME]
+
+
+def test_native_sidecar_without_metrics_port_has_no_probes():
+    out = injected(pod(), settings=inj.InjectionSettings(image="i", metrics_port=0), native=True)
+    proxy = out["spec"]["initContainers"][0]
+    assert proxy["restartPolicy"] == "Always"
+    assert not {"startupProbe", "livenessProbe", "readinessProbe"} & set(proxy)
+
+
+@pytest.mark.parametrize("first, then", [(False, False), (False, True), (True, True), (True, False)])
+def test_a_pod_injected_in_either_shape_is_not_injected_again(first, then):
+    once = injected(pod(), native=first)
+    assert inj.patch(once, "team", S, native=then) == []
+    assert inj.decide(once, "team", {LABEL: "true"}, S).reason == "already injected"
+    # An app's own init container of that name counts too, as its own container always did.
+    own = pod(initContainers=[{"name": inj.CONTAINER_NAME, "image": "own:1"}])
+    assert inj.patch(own, "team", S, native=then) == []
+
+
+@pytest.mark.parametrize("mode, version, expected", [
+    ("auto", (1, 37), True),
+    ("auto", (1, 29), True),
+    ("auto", (1, 28), False),   # SidecarContainers alpha, off by default
+    ("auto", (1, 20), False),
+    ("auto", (2, 0), True),
+    ("auto", None, False),      # version unreadable: the shape that works everywhere
+    ("true", None, True),
+    ("false", (1, 37), False),
+])
+def test_use_native_sidecar(mode, version, expected):
+    asked = []
+
+    def server_version():
+        asked.append(1)
+        return version
+
+    assert inj.use_native_sidecar(mode, server_version) is expected
+    assert len(asked) == (1 if mode == "auto" else 0)  # a forced mode does not ask the apiserver
+
+
+@pytest.mark.parametrize("major, minor, git_version, expected", [
+    ("1", "37", "v1.37.0", (1, 37)),
+    ("1", "29+", "v1.29.3-eks-adc7111", (1, 29)),   # EKS, GKE
+    ("1+", "30+", "", (1, 30)),
+    ("", "", "v1.31.2+k3s1", (1, 31)),
+    ("", "", "", None),
+    ("x", "y", "garbage", None),
+])
+def test_parse_server_version(major, minor, git_version, expected):
+    assert inj.parse_server_version(major, minor, git_version) == expected
+
+
+def test_native_sidecar_setting_from_env():
+    assert inj.InjectionSettings.from_env({}).native_sidecar == "auto"
+    assert inj.InjectionSettings.from_env({"SPENDWARDEN_NATIVE_SIDECAR": " True "}).native_sidecar == "true"
+    assert inj.InjectionSettings.from_env({"SPENDWARDEN_NATIVE_SIDECAR": "false"}).native_sidecar == "false"
+    with pytest.raises(ValueError, match="auto, true or false"):
+        inj.InjectionSettings.from_env({"SPENDWARDEN_NATIVE_SIDECAR": "sometimes"})
+
+
+def test_operator_reads_the_apiserver_version_and_falls_back_to_the_plain_container(monkeypatch):
+    from types import SimpleNamespace
+
+    from kubernetes import client
+
+    from spendwarden.controller import admission, kube
+    monkeypatch.setattr(kube, "api_client", lambda: None)
+    monkeypatch.setattr(client, "VersionApi", lambda api: SimpleNamespace(
+        get_code=lambda: SimpleNamespace(major="1", minor="37", git_version="v1.37.0")))
+    assert admission._server_version() == (1, 37)
+
+    def unreachable():
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(client, "VersionApi", lambda api: SimpleNamespace(get_code=unreachable))
+    assert admission._server_version() is None
+    assert inj.use_native_sidecar("auto", admission._server_version) is False

@@ -8,7 +8,7 @@ import re
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +29,8 @@ Duration = Annotated[
 ]
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# A Duration that is zero (every part 0): for CEL rules, which cannot add up the parts.
+ZERO_DURATION_REGEX = "^(0+[smhdw])+$"
 
 
 def parse_duration(text: str) -> timedelta:
@@ -40,6 +42,18 @@ def parse_duration(text: str) -> timedelta:
 
 def to_decimal(amount: str) -> Decimal:
     return Decimal(amount)
+
+
+def cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    """json_schema_extra that carries (rule, message) pairs into the CRD as x-kubernetes-validations,
+    so the apiserver refuses such objects itself (Kubernetes 1.25+), webhook or not. Each repeats a
+    pydantic validator, which still serves the webhook, the CLI and apiservers without CEL.
+
+    Compatible with every apiserver that runs CEL: no messageExpression, reason or fieldPath, no
+    optionals; only Kubernetes' list library (isSorted) beyond standard CEL. A rule that iterates
+    needs maxItems on its lists and maxLength on the strings it compares, or the apiserver refuses
+    the CRD for its estimated cost."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
 
 
 class ApiModel(BaseModel):

@@ -12,6 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", action="append", default=None,
                         help="Directory to write into (repeatable). Default: crds/ (and charts/spendwarden/crds/ if present).")
     parser.add_argument("--check", action="store_true", help="Do not write; exit 1 if any file is stale.")
+    parser.add_argument("--no-cel", action="store_true",
+                        help="Leave out the CEL validation rules (x-kubernetes-validations), for Kubernetes before "
+                             "1.23, which refuses them; needs --out (crds/ keeps the rules).")
 
 
 def default_dirs() -> list[Path]:
@@ -24,10 +27,13 @@ def default_dirs() -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.no_cel and not args.out:
+        print("--no-cel needs --out: crds/ and the chart's copy keep the CEL rules", file=sys.stderr)
+        return 2
     dirs = [Path(d) for d in args.out] if args.out else default_dirs()
     stale = []
     for directory in dirs:
-        for filename, manifest in all_crds().items():
+        for filename, manifest in all_crds(cel=not args.no_cel).items():
             path = directory / filename
             text = render_yaml(manifest)
             if args.check:

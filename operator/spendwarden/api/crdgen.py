@@ -51,10 +51,22 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def openapi_schema(model: type) -> dict[str, Any]:
+def _without_cel(schema: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in schema.items() if k != "x-kubernetes-validations"}
+    if "properties" in out:
+        out["properties"] = {name: _without_cel(sub) for name, sub in out["properties"].items()}
+    if "items" in out:
+        out["items"] = _without_cel(out["items"])
+    return out
+
+
+def openapi_schema(model: type, cel: bool = True) -> dict[str, Any]:
     raw = model.model_json_schema(mode="validation", ref_template="#/$defs/{model}")
     defs = raw.pop("$defs", {})
     body = _structural(raw, defs)
+    if not cel:
+        # For apiservers before 1.23, which refuse the unknown x-kubernetes-validations.
+        body = _without_cel(body)
     props = body.setdefault("properties", {})
     props["apiVersion"] = {"type": "string", "description": "APIVersion of this object."}
     props["kind"] = {"type": "string", "description": "Kind of this object."}
@@ -65,7 +77,7 @@ def openapi_schema(model: type) -> dict[str, Any]:
     return body
 
 
-def crd(module: Any, model: type) -> dict[str, Any]:
+def crd(module: Any, model: type, cel: bool = True) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -81,17 +93,17 @@ def crd(module: Any, model: type) -> dict[str, Any]:
                 "storage": True,
                 "subresources": {"status": {}},
                 "additionalPrinterColumns": module.PRINTER_COLUMNS,
-                "schema": {"openAPIV3Schema": openapi_schema(model)},
+                "schema": {"openAPIV3Schema": openapi_schema(model, cel)},
             }],
         },
     }
 
 
-def all_crds() -> dict[str, dict[str, Any]]:
-    """File name -> CRD manifest."""
+def all_crds(cel: bool = True) -> dict[str, dict[str, Any]]:
+    """File name -> CRD manifest; cel=False leaves out the CEL validation rules."""
     return {
-        f"{GROUP}_{tokenbudget.PLURAL}.yaml": crd(tokenbudget, tokenbudget.TokenBudget),
-        f"{GROUP}_{modelroute.PLURAL}.yaml": crd(modelroute, modelroute.ModelRoute),
+        f"{GROUP}_{tokenbudget.PLURAL}.yaml": crd(tokenbudget, tokenbudget.TokenBudget, cel),
+        f"{GROUP}_{modelroute.PLURAL}.yaml": crd(modelroute, modelroute.ModelRoute, cel),
     }
 
 

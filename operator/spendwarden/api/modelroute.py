@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from .common import ApiModel, Condition, Duration, LocalObjectReference, Money, SecretKeyRef, parse_duration
-from .spend import Escalation, Judge, LoopBreaker, ResponseCache, Tier, check_spend_references
+from .common import (ZERO_DURATION_REGEX, ApiModel, Condition, Duration, LocalObjectReference, Money, SecretKeyRef, cel,
+                     parse_duration)
+from .spend import (SPEND_RULES, BackendRef, Escalation, Judge, LoopBreaker, ResponseCache, Tier, check_spend_references,
+                    known_backend)
 
 KIND = "ModelRoute"
 PLURAL = "modelroutes"
@@ -36,7 +38,7 @@ class Pricing(ApiModel):
         default=None, description="Price per 1M prompt tokens written to the prompt cache with the 1-hour TTL "
                                   "(Anthropic cache_creation.ephemeral_1h_input_tokens); default: 2 x input for "
                                   "Anthropic backends, the input price otherwise.")
-    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$", description="ISO 4217 currency code. Default USD.")
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$", max_length=3, description="ISO 4217 currency code. Default USD.")
 
 
 class Credentials(ApiModel):
@@ -58,6 +60,11 @@ class DeploymentRef(ApiModel):
     namespace: str | None = Field(default=None, max_length=63, description="Namespace of the workload; default: the route's namespace.")
 
 
+def longer_than_zero(field_name: str) -> dict:
+    """The CEL half of BackendScaling._bounds for one duration field."""
+    return cel((f"!self.matches('{ZERO_DURATION_REGEX}')", f"{field_name} must be longer than 0s"))
+
+
 class WakeMode(str, Enum):
     HOLD = "Hold"
     FALLBACK = "Fallback"
@@ -70,7 +77,8 @@ class WakeSettings(ApiModel):
     mode: WakeMode = Field(default=WakeMode.HOLD,
                            description="Hold: the request waits until a replica is available (up to timeout); "
                                        "Fallback: it goes to the route's next fallback at once. Default Hold.")
-    timeout: Duration = Field(default="60s", description="Hold: the longest a request waits for a replica, then 503. Default 60s.")
+    timeout: Duration = Field(default="60s", description="Hold: the longest a request waits for a replica, then 503. Default 60s.",
+                              json_schema_extra=longer_than_zero("wake.timeout"))
 
 
 class BackendScaling(ApiModel):
@@ -78,13 +86,18 @@ class BackendScaling(ApiModel):
     scale subresource; it leaves alone a workload that an HorizontalPodAutoscaler targets or whose
     replicas another writer set after it, except to hold it at 0 while cut off)."""
 
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas", "minReplicas must not be above maxReplicas")))
+
     minReplicas: int = Field(default=1, ge=0, le=1000, description="Replicas kept while there is any demand (or idleToZeroAfter is unset). Default 1.")
     maxReplicas: int = Field(ge=1, le=1000, description="Most replicas the operator sets.")
     targetInFlightPerReplica: int = Field(default=4, ge=1, le=100000,
                                           description="Concurrent requests one replica should serve: desired = ceil(in-flight / this). Default 4.")
-    scaleDownStabilization: Duration = Field(default="5m", description="Replicas go down only to the highest count wanted within this window (up at once). Default 5m.")
+    scaleDownStabilization: Duration = Field(default="5m", description="Replicas go down only to the highest count wanted within this window (up at once). Default 5m.",
+                                             json_schema_extra=longer_than_zero("scaleDownStabilization"))
     idleToZeroAfter: Duration | None = Field(default=None,
-                                             description="Scale to zero after this long without requests; woken by the next request. Default: never below minReplicas.")
+                                             description="Scale to zero after this long without requests; woken by the next request. Default: never below minReplicas.",
+                                             json_schema_extra=longer_than_zero("idleToZeroAfter"))
     wake: WakeSettings = Field(default_factory=WakeSettings, description="Requests that arrive while the workload is at zero.")
     costPerReplicaHour: Money | None = Field(default=None,
                                              description="What one replica costs per hour (decimal string, in the route's pricing currency); status reports replica-hours and their cost.")
@@ -102,6 +115,9 @@ class BackendScaling(ApiModel):
 
 class Backend(ApiModel):
     """One upstream that can serve the alias."""
+
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("!has(self.scaling) || has(self.deploymentRef)", "scaling needs deploymentRef (the workload to scale)")))
 
     name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN, description="Name of the backend, unique within the route.")
     provider: Provider = Field(description="Wire format of the upstream: OpenAI, Anthropic or OpenAICompatible (vLLM, llama.cpp, TGI, ...).")
@@ -125,6 +141,10 @@ class HeaderMatch(ApiModel):
 
 class RuleMatch(ApiModel):
     """Conditions of a rule; all that are set must hold."""
+
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("!has(self.minPromptTokens) || !has(self.maxPromptTokens) || self.minPromptTokens <= self.maxPromptTokens",
+         "minPromptTokens must not be above maxPromptTokens")))
 
     headers: list[HeaderMatch] = Field(default_factory=list, max_length=16, description="Headers that must match.")
     minPromptTokens: int | None = Field(default=None, ge=0, description="Estimated prompt tokens at least this many.")
@@ -150,12 +170,32 @@ class RouteLimits(ApiModel):
 class ModelRouteSpec(ApiModel):
     """How requests for the alias spec.model are served."""
 
+    # What _references and _spend_references check (no other object needed). Defaults apply
+    # before CEL runs, so pricing.currency and scaling.wake.mode are always set.
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("self.backends.all(b, self.backends.exists_one(o, o.name == b.name))",
+         "backend names must be unique within spec.backends"),
+        (known_backend("self.defaultBackend"), "defaultBackend must name a backend in spec.backends"),
+        ("!has(self.rules) || self.rules.all(r, " + known_backend("r.backend") + ")",
+         "each rules[].backend must name a backend in spec.backends"),
+        ("!has(self.fallbacks) || self.fallbacks.all(f, " + known_backend("f") + ")",
+         "each fallbacks[] entry must name a backend in spec.backends"),
+        ("!has(self.downgradeBackend) || " + known_backend("self.downgradeBackend"),
+         "downgradeBackend must name a backend in spec.backends"),
+        ("self.backends.all(b, b.pricing.currency == self.backends[0].pricing.currency)",
+         "all backends must price in one currency (spec.backends[].pricing.currency)"),
+        ("self.backends.all(b, !has(b.scaling) || !has(b.scaling.wake) || b.scaling.wake.mode != 'Fallback' || "
+         "(has(self.fallbacks) && self.fallbacks.exists(f, f != b.name)))",
+         "scaling.wake.mode Fallback needs spec.fallbacks to name another backend (requests go there while the "
+         "workload is at zero)"),
+        *SPEND_RULES))
+
     model: str = Field(min_length=1, max_length=256, description="The model alias apps ask for, e.g. \"chat\". Unique per namespace.")
     backends: list[Backend] = Field(min_length=1, max_length=32, description="Upstreams that can serve the alias.")
     rules: list[Rule] = Field(default_factory=list, max_length=64, description="Routing rules, tried in order.")
     defaultBackend: str = Field(min_length=1, max_length=63, description="Backend for requests no rule matches.")
-    fallbacks: list[str] = Field(default_factory=list, max_length=16,
-                                 description="Backends tried in order when the chosen one fails (connect error, timeout, 5xx, 429).")
+    fallbacks: list[BackendRef] = Field(default_factory=list, max_length=16,
+                                        description="Backends tried in order when the chosen one fails (connect error, timeout, 5xx, 429).")
     downgradeBackend: str | None = Field(default=None, max_length=63,
                                          description="Backend used while a Downgrade budget is exceeded; default: the cheapest backend.")
     limits: RouteLimits | None = Field(default=None, description="Per-request caps.")

@@ -3,7 +3,7 @@ escalation, a response cache and a loop breaker. Kept apart from modelroute.py's
 fields; ModelRouteSpec embeds them and calls check_spend_references from its validator."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -11,15 +11,17 @@ from ..spend.escalation import Cause
 from .common import ApiModel, Duration
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
+# A backend's name where a list refers to one; bounded like Backend.name, for the CEL cost estimate.
+BackendRef = Annotated[str, Field(max_length=63)]
 
 
 class Tier(ApiModel):
     """A class of backends for requests of similar difficulty; tiers are listed cheapest first."""
 
     name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN, description="Name of the tier (metrics, logs), e.g. small.")
-    backends: list[str] = Field(min_length=1, max_length=16,
-                                description="Backends (in spec.backends) serving the tier: the first is used, the "
-                                            "others when it fails (connect error, timeout, 5xx, 429).")
+    backends: list[BackendRef] = Field(min_length=1, max_length=16,
+                                       description="Backends (in spec.backends) serving the tier: the first is used, the "
+                                                   "others when it fails (connect error, timeout, 5xx, 429).")
     minScore: int = Field(default=0, ge=0, le=100,
                           description="Requests whose complexity score (0..100, computed locally from prompt length, "
                                       "code, reasoning cues, tools and conversation depth) reaches this use this tier "
@@ -63,6 +65,29 @@ class LoopBreaker(ApiModel):
     window: Duration = Field(default="1m", description="The window. Default 1m.")
 
 
+def known_backend(name: str) -> str:
+    """CEL on ModelRouteSpec: the backend name `name` (an expression) is in spec.backends."""
+    return f"self.backends.exists(b, b.name == {name})"
+
+
+_TWO_TIERS = "(has(self.tiers) && size(self.tiers) >= 2)"
+# check_spend_references in CEL, for ModelRouteSpec's x-kubernetes-validations (minScore defaults to 0,
+# enabled to true, so both are set when CEL runs).
+SPEND_RULES = [
+    ("!has(self.tiers) || self.tiers.all(t, self.tiers.exists_one(o, o.name == t.name))",
+     "tiers: names must be unique"),
+    ("!has(self.tiers) || self.tiers.all(t, t.backends.all(n, " + known_backend("n") + "))",
+     "each tiers[].backends[] entry must name a backend in spec.backends"),
+    ("!has(self.tiers) || (self.tiers.map(t, t.minScore).isSorted() && "
+     "self.tiers.all(t, self.tiers.exists_one(o, o.minScore == t.minScore)))",
+     "tiers go cheapest first: each tier's minScore must be above the previous tier's"),
+    ("!has(self.judge) || " + _TWO_TIERS, "judge: needs at least two tiers to decide between"),
+    ("!has(self.judge) || " + known_backend("self.judge.backend"), "judge.backend must name a backend in spec.backends"),
+    ("!has(self.escalation) || !self.escalation.enabled || " + _TWO_TIERS,
+     "escalation: needs at least two tiers (it retries on the next one); add tiers or set escalation.enabled false"),
+]
+
+
 def check_spend_references(spec: Any, known: set[str]) -> None:
     """Cross-field checks of the issue #7 fields; raises ValueError naming the field."""
     names = [t.name for t in spec.tiers]
@@ -85,4 +110,5 @@ def check_spend_references(spec: Any, known: set[str]) -> None:
         raise ValueError("escalation: needs at least two tiers (it retries on the next one)")
 
 
-__all__ = ["Tier", "Judge", "Escalation", "ResponseCache", "LoopBreaker", "check_spend_references"]
+__all__ = ["BackendRef", "Tier", "Judge", "Escalation", "ResponseCache", "LoopBreaker", "check_spend_references", "known_backend",
+           "SPEND_RULES"]

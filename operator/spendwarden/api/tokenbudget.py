@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from decimal import Decimal
 from enum import Enum
+from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from .common import ApiModel, Condition, Duration, Money, SecretKey, SecretName, parse_duration
+from .common import ApiModel, Condition, Duration, Money, SecretKey, SecretName, cel, parse_duration
 
 KIND = "TokenBudget"
 PLURAL = "tokenbudgets"
@@ -57,6 +58,10 @@ class Period(ApiModel):
 class TokenLimits(ApiModel):
     """Token limits for one period; any of them may be set."""
 
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("has(self.total) || has(self.input) || has(self.output)",
+         "limits.tokens needs at least one of total, input, output")))
+
     total: int | None = Field(default=None, ge=1, description="Maximum input + output tokens per period.")
     input: int | None = Field(default=None, ge=1, description="Maximum input (prompt) tokens per period.")
     output: int | None = Field(default=None, ge=1, description="Maximum output (completion) tokens per period.")
@@ -72,12 +77,15 @@ class CostLimit(ApiModel):
     """A money limit for one period."""
 
     amount: Money = Field(description="Maximum spend per period as a decimal string, e.g. \"250.00\".")
-    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$",
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$", max_length=3,
                           description="ISO 4217 currency code; must match the currency of the routes' prices. Default USD.")
 
 
 class Limits(ApiModel):
     """What may be spent per period: tokens and/or money. Whichever runs out first ends the period's allowance."""
+
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("has(self.tokens) || has(self.cost)", "limits needs tokens or cost (or both)")))
 
     tokens: TokenLimits | None = Field(default=None, description="Token limits.")
     cost: CostLimit | None = Field(default=None, description="Money limit, priced with each backend's prices.")
@@ -100,6 +108,10 @@ class WebhookSecretRef(ApiModel):
 class Alerting(ApiModel):
     """Where threshold alerts go besides Kubernetes Events and metrics."""
 
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("!(has(self.webhookURL) && has(self.webhookSecretRef))",
+         "alerting: set webhookURL or webhookSecretRef, not both")))
+
     webhookURL: str | None = Field(default=None, max_length=2048, pattern=r"^https?://",
                                    description="URL that receives a Slack-compatible JSON POST when a threshold is crossed, the "
                                                "budget is exhausted or forecast to run out. Anyone who can read the budget can read "
@@ -116,6 +128,9 @@ class Alerting(ApiModel):
 
 class HardCeiling(ApiModel):
     """Absolute per-period amounts beyond which even downgraded requests are refused."""
+
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("has(self.tokens) || has(self.cost)", "downgrade.hardCeiling needs tokens or cost (or both)")))
 
     tokens: int | None = Field(default=None, ge=1, description="Maximum input + output tokens per period, downgraded requests included.")
     cost: Money | None = Field(default=None, description="Maximum spend per period, downgraded requests included, in the limit's currency.")
@@ -135,20 +150,43 @@ class Downgrade(ApiModel):
                                                         "ceiling, then they are refused like CutOff. None: no ceiling.")
 
 
+_HARD = "has(self.downgrade) && has(self.downgrade.hardCeiling)"
+
+
 class TokenBudgetSpec(ApiModel):
     """What a team/namespace may spend per period, and what happens when it is spent."""
+
+    # What _coherent checks, except the window's 1m minimum (CEL cannot add up "1h30m"-style parts).
+    # The ceiling against the cost limit compares doubles: exact to about 15 digits, and the
+    # webhook and the operator compare the decimals exactly.
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("!(has(self.period) && has(self.window))", "set either period or window, not both"),
+        ("has(self.period) || has(self.window)", "one of period or window is required"),
+        (f"!({_HARD}) || !has(self.onExceeded) || self.onExceeded == 'Downgrade'",
+         "downgrade.hardCeiling applies only with onExceeded: Downgrade"),
+        (f"!({_HARD} && has(self.downgrade.hardCeiling.tokens) && has(self.limits.tokens) && "
+         "has(self.limits.tokens.total)) || self.downgrade.hardCeiling.tokens >= self.limits.tokens.total",
+         "downgrade.hardCeiling.tokens is below limits.tokens.total: the ceiling is absolute and must be at least the limit"),
+        (f"!({_HARD} && has(self.downgrade.hardCeiling.cost) && has(self.limits.cost)) || "
+         "double(self.downgrade.hardCeiling.cost) >= double(self.limits.cost.amount)",
+         "downgrade.hardCeiling.cost is below limits.cost.amount: the ceiling is absolute and must be at least the limit")))
 
     period: Period | None = Field(default=None, description="A calendar period. Exactly one of period and window must be set.")
     window: Duration | None = Field(default=None, description="A rolling window instead of a calendar period, e.g. \"24h\".")
     limits: Limits = Field(description="Token and/or cost limits per period.")
-    thresholds: list[int] = Field(default_factory=lambda: [50, 80, 95], max_length=10,
-                                  description="Percentages of the limit that raise an alert, ascending. Default 50, 80, 95.")
+    # 1..100 in the CRD's item schema only: _coherent's own message names the bad threshold.
+    thresholds: list[Annotated[int, Field(json_schema_extra={"minimum": 1, "maximum": 100})]] = Field(
+        default_factory=lambda: [50, 80, 95], max_length=10,
+        description="Percentages of the limit that raise an alert, ascending. Default 50, 80, 95.",
+        json_schema_extra=cel(("self.isSorted() && self.all(t, self.exists_one(u, u == t))",
+                               "thresholds must be strictly ascending, e.g. [50, 80, 95]")))
     onExceeded: OnExceeded = Field(default=OnExceeded.CUT_OFF,
                                    description="CutOff refuses requests, Downgrade routes to the cheapest backend, AlertOnly only reports.")
     failMode: FailMode = Field(default=FailMode.OPEN,
                                description="What proxies do when the operator is unreachable and their lease has expired: Open goes on, Closed refuses.")
-    routes: list[str] = Field(default_factory=list, max_length=64,
-                              description="Model aliases (ModelRoute spec.model) this budget covers; empty means every route of the namespace.")
+    routes: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=list, max_length=64,
+        description="Model aliases (ModelRoute spec.model) this budget covers; empty means every route of the namespace.")
     alerting: Alerting | None = Field(default=None, description="Extra alert destinations.")
     downgrade: Downgrade | None = Field(default=None, description="Options of onExceeded: Downgrade (a hard ceiling).")
 

@@ -35,6 +35,7 @@ _tasks: dict[str, Any] = {}
 
 
 async def configure_admission(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global NATIVE_SIDECAR
     if SETTINGS.in_cluster and not SETTINGS.namespace:
         raise kopf.PermanentError("SPENDWARDEN_WEBHOOK_SERVICE needs SPENDWARDEN_POD_NAMESPACE (the Secret's namespace)")
     store = CertStore(SETTINGS)
@@ -44,12 +45,15 @@ async def configure_admission(settings: kopf.OperatorSettings, **_: Any) -> None
         certfile=str(store.certfile), pkeyfile=str(store.certfile), cafile=str(store.cafile),
         service=SETTINGS.service_ref())
     settings.admission.managed = SETTINGS.configuration
+    NATIVE_SIDECAR = await asyncio.to_thread(injection.use_native_sidecar, INJECTION.native_sidecar, _server_version)
     _tasks["store"] = store
     _tasks["rotation"] = asyncio.create_task(store.keep_fresh(), name="spendwarden-webhook-certs")
     log.info("admission webhooks enabled", extra={
         "port": SETTINGS.port, "configuration": SETTINGS.configuration,
         "client": "service" if SETTINGS.in_cluster else f"https://{SETTINGS.host}:{SETTINGS.port}",
         "pod_failure_policy": SETTINGS.pod_failure_policy,
+        "proxy_shape": "native sidecar" if NATIVE_SIDECAR else "container",
+        "native_sidecar_setting": INJECTION.native_sidecar,
         "validation_failure_policy": SETTINGS.validation_failure_policy})
     if SETTINGS.pod_failure_policy == "Fail":
         log.warning("pod injection webhook has failurePolicy Fail: while the operator is unreachable, "
@@ -108,6 +112,27 @@ def _lookup_namespace_labels(name: str) -> dict[str, str] | None:
 
 
 INJECTION = injection.InjectionSettings.from_env()
+# Decided once at start (configure_admission): the proxy as a native sidecar, or as a plain container.
+NATIVE_SIDECAR = False
+
+
+def _server_version() -> tuple[int, int] | None:
+    """The apiserver's (major, minor) from GET /version (readable by every client); None, with a
+    warning, when it cannot be read: injection then keeps the plain container."""
+    from kubernetes import client
+
+    from . import kube
+    try:
+        info = client.VersionApi(kube.api_client()).get_code()
+        version = injection.parse_server_version(info.major, info.minor, info.git_version)
+    except Exception as exc:  # noqa: BLE001 - the plain container works on every cluster
+        log.warning("cannot read the apiserver version (%s): injecting the proxy as a plain container; "
+                    "set sidecar.native (SPENDWARDEN_NATIVE_SIDECAR) to choose", exc)
+        return None
+    if version is None:
+        log.warning("unrecognised apiserver version %r.%r (%s): injecting the proxy as a plain container; "
+                    "set sidecar.native (SPENDWARDEN_NATIVE_SIDECAR) to choose", info.major, info.minor, info.git_version)
+    return version
 
 
 def namespace_secrets(namespace: str, known: inventory.Inventory | None) -> list[str]:
@@ -132,10 +157,11 @@ def inject_proxy(body: kopf.Body, patch: kopf.Patch, namespace: str | None, **_:
         log.debug("pod %s: no proxy (%s)", who, decision.reason)
         return
     secrets = namespace_secrets(ns, inventory.objects_by_namespace())
-    ops = injection.patch(pod, ns, INJECTION, secrets)
+    ops = injection.patch(pod, ns, INJECTION, secrets, native=NATIVE_SIDECAR)
     # kopf builds the JSON Patch it returns by diffing the body before/after these functions.
     patch.fns.append(lambda raw: _apply(raw, ops))
-    log.info("pod %s: proxy injected (%s; secrets mounted: %s)", who, decision.reason, ", ".join(secrets) or "none")
+    log.info("pod %s: proxy injected as a %s (%s; secrets mounted: %s)", who,
+             "native sidecar" if NATIVE_SIDECAR else "container", decision.reason, ", ".join(secrets) or "none")
 
 
 def _apply(raw: Any, ops: list[dict[str, Any]]) -> None:

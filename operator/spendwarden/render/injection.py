@@ -1,6 +1,14 @@
 """Sidecar injection, pure: a Pod (as the apiserver sends it for admission) and settings in, whether
 to inject and the JSON Patch that does it out. The kopf handler (controller/admission.py) only
-looks up the namespace's labels and applies the patch.
+looks up the namespace's labels, decides once whether the cluster has native sidecars, and applies
+the patch.
+
+Two shapes of the same proxy container:
+* native sidecar (Kubernetes 1.29+): the first init container, `restartPolicy: Always`. The kubelet
+  starts the app containers only once its startupProbe passed, and stops it when they have exited,
+  so a Job's Pod completes;
+* plain container (older clusters, and the only shape before sidecar.native): appended to
+  `containers`.
 """
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ import copy
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +45,11 @@ ENV_OPENAI = "OPENAI_BASE_URL"
 ENV_ANTHROPIC = "ANTHROPIC_BASE_URL"
 ALWAYS_EXCLUDED = frozenset({"kube-system"})
 
+# sidecar.native / SPENDWARDEN_NATIVE_SIDECAR: auto asks the apiserver's version.
+NATIVE_SIDECAR_MODES = ("auto", "true", "false")
+# SidecarContainers is beta and on by default from 1.29 (GA in 1.33).
+NATIVE_SIDECAR_SINCE = (1, 29)
+
 DEFAULT_RESOURCES: dict[str, Any] = {
     "requests": {"cpu": "50m", "memory": "64Mi"},
     # No CPU limit: throttling the proxy adds latency to every LLM call; memory is capped.
@@ -54,6 +67,11 @@ class InjectionSettings:
     resources: Mapping[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_RESOURCES))
     token_expiration_seconds: int = 3600
     image_pull_policy: str | None = None
+    native_sidecar: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.native_sidecar not in NATIVE_SIDECAR_MODES:
+            raise ValueError(f"native sidecar mode must be auto, true or false, not {self.native_sidecar!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "InjectionSettings":
@@ -64,11 +82,34 @@ class InjectionSettings:
             port=int(env.get("SPENDWARDEN_PROXY_PORT") or 8787),
             metrics_port=int(env.get("SPENDWARDEN_PROXY_METRICS_PORT") or 9464),
             operator_namespace=env.get("SPENDWARDEN_POD_NAMESPACE") or None,
+            native_sidecar=(env.get("SPENDWARDEN_NATIVE_SIDECAR") or "auto").strip().lower(),
         )
 
     @property
     def excluded_namespaces(self) -> frozenset[str]:
         return ALWAYS_EXCLUDED | ({self.operator_namespace} if self.operator_namespace else set())
+
+
+def parse_server_version(major: str, minor: str, git_version: str = "") -> tuple[int, int] | None:
+    """(major, minor) from the apiserver's /version; managed clusters report minor as e.g. "29+",
+    some only gitVersion ("v1.29.3-eks-…"). None when it cannot be read."""
+    found = re.match(r"(\d+)\D*\.(\d+)", f"{major}.{minor}") or re.match(r"v?(\d+)\.(\d+)", git_version or "")
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def use_native_sidecar(mode: str, server_version: Callable[[], tuple[int, int] | None]) -> bool:
+    """Whether to inject the proxy as a native sidecar. `server_version` is only called in auto mode;
+    an unknown version keeps the plain container, which works on every cluster."""
+    if mode != "auto":
+        return mode == "true"
+    version = server_version()
+    return version is not None and version >= NATIVE_SIDECAR_SINCE
+
+
+def injected_already(spec: Mapping[str, Any]) -> bool:
+    """The proxy is in the Pod in either shape (or the app brought a container of that name)."""
+    return any(c.get("name") == CONTAINER_NAME
+               for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])])
 
 
 @dataclass(frozen=True)
@@ -84,7 +125,7 @@ def decide(pod: Mapping[str, Any], namespace: str, namespace_labels: Mapping[str
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     label = (meta.get("labels") or {}).get(INJECT_LABEL)
-    if any(c.get("name") == CONTAINER_NAME for c in spec.get("containers") or []):
+    if injected_already(spec):
         return Decision(False, "already injected")
     if label == "false":
         return Decision(False, f"opted out ({INJECT_LABEL}=false)")
@@ -135,7 +176,8 @@ def secret_mounts(secrets: list[str]) -> list[dict[str, Any]]:
     return [{"name": secret_volume_name(s), "mountPath": f"{SECRETS_DIR}/{s}", "readOnly": True} for s in secrets]
 
 
-def proxy_container(namespace: str, settings: InjectionSettings, secrets: list[str] = ()) -> dict[str, Any]:
+def proxy_container(namespace: str, settings: InjectionSettings, secrets: list[str] = (),
+                    native: bool = False) -> dict[str, Any]:
     ports = [{"name": "sw-proxy", "containerPort": settings.port, "protocol": "TCP"}]
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -171,6 +213,12 @@ def proxy_container(namespace: str, settings: InjectionSettings, secrets: list[s
         probe = {"httpGet": {"path": "/healthz", "port": "sw-metrics"}, "timeoutSeconds": 2}
         container["livenessProbe"] = {**probe, "periodSeconds": 10, "failureThreshold": 3}
         container["readinessProbe"] = {**probe, "periodSeconds": 5, "failureThreshold": 2}
+        if native:
+            # The kubelet starts the app containers once a native sidecar's startupProbe passed (a
+            # readinessProbe does not hold them): the proxy answers /healthz only after it listens.
+            container["startupProbe"] = {**probe, "periodSeconds": 1, "failureThreshold": 120}
+    if native:
+        container["restartPolicy"] = "Always"
     return container
 
 
@@ -192,8 +240,10 @@ def _escape(key: str) -> str:
 
 
 def patch(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings,
-          secrets: list[str] = ()) -> list[dict[str, Any]]:
-    """JSON Patch (RFC 6902) ops that add the proxy to `pod`; [] for a pod that already has it.
+          secrets: list[str] = (), native: bool = False) -> list[dict[str, Any]]:
+    """JSON Patch (RFC 6902) ops that add the proxy to `pod`; [] for a pod that already has it (in
+    either shape). `native`: as the first init container with restartPolicy Always (use_native_sidecar
+    decides), else appended to the containers.
 
     `secrets`: the Secrets the namespace's routes reference (referenced_secrets), mounted read-only
     where the proxy looks for API keys. The set is fixed when the Pod is created: a Secret that a
@@ -201,7 +251,7 @@ def patch(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings,
     do not)."""
     spec = pod.get("spec") or {}
     containers = spec.get("containers") or []
-    if any(c.get("name") == CONTAINER_NAME for c in containers):
+    if injected_already(spec):
         return []
     ops: list[dict[str, Any]] = []
     wanted_env = app_env(settings)
@@ -214,7 +264,14 @@ def patch(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings,
             ops.append({"op": "add", "path": f"/spec/containers/{i}/env", "value": missing})
         else:
             ops.extend({"op": "add", "path": f"/spec/containers/{i}/env/-", "value": e} for e in missing)
-    ops.append({"op": "add", "path": "/spec/containers/-", "value": proxy_container(namespace, settings, secrets)})
+    proxy = proxy_container(namespace, settings, secrets, native)
+    if not native:
+        ops.append({"op": "add", "path": "/spec/containers/-", "value": proxy})
+    elif spec.get("initContainers"):
+        # First, so the app's own init containers can already use it.
+        ops.append({"op": "add", "path": "/spec/initContainers/0", "value": proxy})
+    else:
+        ops.append({"op": "add", "path": "/spec/initContainers", "value": [proxy]})
     if not spec.get("serviceAccountName") and not spec.get("serviceAccount"):
         # A projected token needs a named ServiceAccount. The ServiceAccount admission plugin, which
         # runs before webhooks, normally sets "default"; apiservers without it (envtest-like) do not.
@@ -230,7 +287,8 @@ def patch(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings,
         ops.append({"op": "add", "path": "/metadata/labels", "value": {PROXY_LABEL: PROXY_LABEL_VALUE}})
     else:
         ops.append({"op": "add", "path": f"/metadata/labels/{_escape(PROXY_LABEL)}", "value": PROXY_LABEL_VALUE})
-    # `kubectl logs/exec` without -c keep meaning the app, not the sidecar appended after it.
+    # `kubectl logs/exec` without -c keep meaning the app, not the sidecar appended after it (a
+    # native sidecar is not among the containers, but the annotation does no harm there).
     annotations = (pod.get("metadata") or {}).get("annotations")
     default_key = "kubectl.kubernetes.io/default-container"
     if containers and (annotations or {}).get(default_key) is None:
