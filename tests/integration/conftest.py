@@ -104,7 +104,10 @@ def control_plane(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
                     f"{config.stash[_binaries_error]}\n"
                     "Run scripts/cluster/build.sh (or set KUBEBUILDER_ASSETS / TEST_ASSET_*), "
                     "or set SPENDWARDEN_SKIP_INTEGRATION=1 to skip these tests on purpose.", pytrace=False)
-    cp = ControlPlane(crds=[CRDS], binaries=config.stash.get(_binaries, None), node=True)
+    # SPENDWARDEN_TEST_NODE=0: the control plane alone (one node per machine; for a second session
+    # beside a running one, e.g. while debugging tests that need no running Pods).
+    cp = ControlPlane(crds=[CRDS], binaries=config.stash.get(_binaries, None),
+                      node=os.environ.get("SPENDWARDEN_TEST_NODE") != "0")
     t = time.monotonic()
     try:
         cp.start()

@@ -16,6 +16,8 @@ from kubernetes import client
 
 from spendwarden.ledger.allowance import Amount
 
+from spendwarden.localcluster.node import PAUSE_IMAGE
+
 from .operator_process import wait_for
 from .test_ledger import GROUP, VERSION, Operator, SimProxy, create_budget, create_minute_budget, get_budget, sa_token
 
@@ -45,7 +47,7 @@ def team(kube):
         "metadata": {"name": "llama"},
         "spec": {"replicas": 2, "selector": {"matchLabels": labels}, "template": {
             "metadata": {"labels": labels},
-            "spec": {"containers": [{"name": "llama", "image": "llama.cpp:server"}]}}}})
+            "spec": {"containers": [{"name": "llama", "image": PAUSE_IMAGE}]}}}})
     route = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelRoute", "metadata": {"name": "chat"}, "spec": {
         "model": "chat", "defaultBackend": "external", "backends": [
             {"name": "external", "provider": "OpenAI", "url": f"http://{EXTERNAL_IP}:8000/v1", "model": "m",
@@ -224,7 +226,7 @@ def test_applying_is_idempotent_and_a_manual_scale_up_survives_the_reversal(kube
     apps, core = client.AppsV1Api(kube), client.CoreV1Api(kube)
     apps.create_namespaced_stateful_set(ns, {"metadata": {"name": "embed"}, "spec": {
         "replicas": 1, "serviceName": "embed", "selector": {"matchLabels": {"app": "embed"}},
-        "template": {"metadata": {"labels": {"app": "embed"}}, "spec": {"containers": [{"name": "e", "image": "e5"}]}}}})
+        "template": {"metadata": {"labels": {"app": "embed"}}, "spec": {"containers": [{"name": "e", "image": PAUSE_IMAGE}]}}}})
     spec = ModelRouteSpec.model_validate({"model": "chat", "defaultBackend": "llama", "backends": [
         {"name": "llama", "provider": "OpenAICompatible", "url": "http://llama:8080/v1", "model": "m",
          "pricing": {"input": "0", "output": "0"}, "deploymentRef": {"name": "llama"}},

@@ -19,6 +19,8 @@ import httpx
 import pytest
 from kubernetes import client
 
+from spendwarden.localcluster.node import PAUSE_IMAGE
+
 from .operator_process import wait_for
 from .test_ledger import GROUP, VERSION, Operator, create_budget, create_minute_budget, get_budget, sa_token
 
@@ -48,23 +50,17 @@ def create_deployment(kube, ns: str, name: str, replicas: int, annotations: dict
         "metadata": {"name": name, "annotations": annotations or {}},
         "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
                  "template": {"metadata": {"labels": {"app": name}},
-                              "spec": {"containers": [{"name": "server", "image": "llama.cpp:server"}]}}}})
+                              "spec": {"containers": [{"name": "server", "image": PAUSE_IMAGE}]}}}})
 
 
 def deployment(kube, ns: str, name: str) -> Any:
     return client.AppsV1Api(kube).read_namespaced_deployment(name, ns)
 
 
-def mark_pods_ready(kube, ns: str, app: str) -> int:
-    """What a kubelet would do (there is none): report the workload's Pods Running and Ready."""
-    core = client.CoreV1Api(kube)
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    pods = core.list_namespaced_pod(ns, label_selector=f"app={app}").items
-    for p in pods:
-        core.patch_namespaced_pod_status(p.metadata.name, ns, {"status": {"phase": "Running", "conditions": [
-            {"type": "Ready", "status": "True", "lastTransitionTime": now},
-            {"type": "ContainersReady", "status": "True", "lastTransitionTime": now}]}})
-    return len(pods)
+def ready_pods(kube, ns: str, app: str) -> int:
+    """How many of the workload's Pods the kubelet reports Ready (the pause image: it runs at once)."""
+    pods = client.CoreV1Api(kube).list_namespaced_pod(ns, label_selector=f"app={app}").items
+    return sum(1 for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or []))
 
 
 def backend(name: str, url: str, workload: str | None = None, scaling: dict | None = None) -> dict:
@@ -194,9 +190,9 @@ def test_scaling_timeline_up_down_and_idle_to_zero(operator, kube, ns):
 
 def test_hpa_conflict_is_reported_and_left_alone(operator, control_plane, kube, ns):
     create_deployment(kube, ns, "llama", replicas=2)
-    # An HPA written in autoscaling/v2beta2 (the 1.20 API; the scaler lists them through autoscaling/v1).
-    status, _ = control_plane.request("POST", f"/apis/autoscaling/v2beta2/namespaces/{ns}/horizontalpodautoscalers", {
-        "apiVersion": "autoscaling/v2beta2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "llama-cpu"},
+    # An HPA written in autoscaling/v2 (the scaler lists them through autoscaling/v1).
+    status, _ = control_plane.request("POST", f"/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers", {
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "llama-cpu"},
         "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "llama"},
                  "minReplicas": 2, "maxReplicas": 6,
                  "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}}}]}})
@@ -289,7 +285,7 @@ def test_shared_backend_scales_on_the_namespaces_still_allowed(operator, kube, n
 
 def test_wake_on_demand_hold_and_fallback(operator, kube, ns, tmp_path):
     """A real proxy process in ledger mode. Hold: the request waits while the operator scales the
-    workload from zero and (the test, as a kubelet would) marks its Pod Ready, then it is served by
+    workload from zero and the kubelet starts its Pod and reports it Ready, then it is served by
     that backend. Fallback: the request is served by the fallback at once, and the workload wakes."""
     from spendwarden.devtools.mock_upstream import MockUpstream
     from tests.proxy.conftest import ProxyProcess
@@ -342,13 +338,13 @@ def test_wake_on_demand_hold_and_fallback(operator, kube, ns, tmp_path):
             caller = threading.Thread(target=call)
             caller.start()
             wait_for(lambda: deployment(kube, ns, "llama").spec.replicas == 1, what="llama scaled from zero by the wake")
-            wait_for(lambda: mark_pods_ready(kube, ns, "llama") == 1, what="the Pod created")  # kubelet's part
+            wait_for(lambda: ready_pods(kube, ns, "llama") == 1, timeout=60, what="the woken Pod Ready (kubelet)")
             t_ready = time.monotonic()
             caller.join(40)
             assert result["status"] == 200 and result["body"]["model"] == "llama", result
             assert result["seconds"] > 0.5
             print(f"\nwake (Hold): request held {result['seconds']:.2f}s in all, "
-                  f"served {time.monotonic() - t_ready:.2f}s after the Pod was marked Ready")
+                  f"served {time.monotonic() - t_ready:.2f}s after the Pod was seen Ready")
             metrics = httpx.get(f"http://127.0.0.1:{proxy.metrics_port}/metrics").text
             assert 'outcome="held"' in metrics and 'outcome="fallback"' in metrics
         finally:
@@ -369,9 +365,8 @@ SCALE_BY_LOAD = {"minReplicas": 1, "maxReplicas": 6, "targetInFlightPerReplica":
 
 
 def test_kubectl_scale_is_a_foreign_writer_left_alone_until_forced(operator, kube, ns):
-    """`kubectl scale` writes through the scale subresource; Kubernetes 1.20 records no managedFields
-    for that (neither manager nor time), so the scaler sees only a count it did not write: the
-    writer is reported as unrecorded, the scaler stops overwriting, the annotation
+    """`kubectl scale` writes through the scale subresource, which records its field manager: the
+    scaler sees a count it did not write, names the writer, stops overwriting; the annotation
     spendwarden.io/scaling=force gives the count back to the scaler."""
     create_deployment(kube, ns, "llama", replicas=1)
     create_route(kube, ns, "chat", {"model": "chat", "defaultBackend": "llama", "backends": [backend(
@@ -384,8 +379,9 @@ def test_kubectl_scale_is_a_foreign_writer_left_alone_until_forced(operator, kub
         cond = wait_for(lambda: (lambda c: c if c and c["status"] == "True" else None)(conflict_condition(kube, ns)),
                         what="ScalingConflict=True")
         assert cond["reason"] == "ForeignReplicaWriter"
-        assert "did not record" in cond["message"] and "spendwarden.io/scaling=force" in cond["message"]
-        wait_for(lambda: scaling_status(kube, ns, "chat").get("foreignWriter") == "unrecorded", what="foreignWriter in status")
+        assert "field manager kubectl set the replicas" in cond["message"], cond["message"]
+        assert "spendwarden.io/scaling=force" in cond["message"]
+        wait_for(lambda: scaling_status(kube, ns, "chat").get("foreignWriter") == "kubectl", what="foreignWriter in status")
         assert scaling_status(kube, ns, "chat")["reason"] == "Conflict"
         wait_for(lambda: len(warning_events(kube, ns, "ScalingConflict")) == 1, what="one Warning Event")
         time.sleep(2.0)  # 8 scaler ticks with 2 in flight
@@ -402,7 +398,7 @@ def apply_deployment(kube, ns: str, name: str, manager: str, replicas: int | Non
     """A GitOps tool syncing the Deployment with server-side apply (Argo CD, Flux)."""
     spec: dict = {"selector": {"matchLabels": {"app": name}},
                   "template": {"metadata": {"labels": {"app": name}},
-                               "spec": {"containers": [{"name": "server", "image": "llama.cpp:server"}]}}}
+                               "spec": {"containers": [{"name": "server", "image": PAUSE_IMAGE}]}}}
     if replicas is not None:
         spec["replicas"] = replicas
     client.AppsV1Api(kube).patch_namespaced_deployment(

@@ -143,16 +143,23 @@ def _serve(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 in a Pod, where the Service connects from outside")
     p.add_argument("--alias", default=DEFAULT_ALIAS)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--write-tiny-model", action="store_true",
+                   help="write the tiny GGUF model to --model first (a Pod has no test process to make it)")
     args = p.parse_args(argv)
+    if args.write_tiny_model:
+        from .tiny_gguf import write
+
+        write(args.model)
 
     params = xlc.CommonParams()
     params.model.path = args.model
     params.model_alias = {args.alias}
-    params.hostnames = ["127.0.0.1"]
+    params.hostnames = [args.host]
     params.port = args.port
     params.n_parallel = args.parallel
     params.n_ctx = args.ctx * args.parallel  # the context is split evenly between the slots
