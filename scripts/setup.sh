@@ -47,7 +47,8 @@ fi
 if [ -z "${KUBEBUILDER_ASSETS:-}" ] && [ -z "${SPENDWARDEN_TEST_KUBECONFIG:-}" ]; then
   export KUBEBUILDER_ASSETS=$(bash "$ROOT/scripts/cluster/build.sh" | tail -1)
 fi
-export VENV PATH="$VENV/bin:$PATH"
+# The cluster's kubectl and helm (the server's release) come before the machine's own.
+export VENV PATH="$VENV/bin${KUBEBUILDER_ASSETS:+:$KUBEBUILDER_ASSETS}:$PATH"
 # The venv's editable install points at the checkout that first created it; this checkout's code
 # must win (a second clone, a git worktree), in this shell and in every process it starts.
 export PYTHONPATH="$ROOT/operator${PYTHONPATH:+:$PYTHONPATH}"

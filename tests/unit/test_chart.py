@@ -471,8 +471,8 @@ def test_schema_declares_every_value_and_closes_the_top_level():
 # -- the image the chart runs ---------------------------------------------------------------------------
 
 def test_chart_and_dockerfile_agree(chart):
-    """The Dockerfile cannot be built here (no container engine); its contract with the chart is
-    checked as text: the numeric non-root USER, the entrypoint the args are appended to."""
+    """The Dockerfile's contract with the chart, checked as text in a second (tests/integration/e2e
+    builds the image and runs it under the chart): the numeric non-root USER, the entrypoint."""
     lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
     instructions = [line for line in lines if line and not line.startswith("#")]
     user = [line.split()[1] for line in instructions if line.startswith("USER ")][-1]

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Also write the admin kubeconfig here (mode 0600; it holds a client key).")
     parser.add_argument("--print-binaries", action="store_true",
                         help="Only find or build the cluster's binaries, print their paths, exit.")
+    parser.add_argument("--load-image", action="append", default=[], metavar="ARCHIVE",
+                        help="Import an OCI/docker image archive into the node (repeatable), e.g. the one "
+                             "scripts/build-image.sh prints: no registry is reachable, so pods run only these.")
     parser.add_argument("--no-node", action="store_true",
                         help="Only the control plane: no kubelet, Pods stay Pending (needs no root).")
     parser.add_argument("--no-build", action="store_true",
@@ -62,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
         except ControlPlaneError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        for archive in args.load_image:
+            if cp.node is None:
+                print("error: --load-image needs the node (drop --no-node)", file=sys.stderr)
+                return 2
+            cp.node.import_image(Path(archive).expanduser())
+            print(f"imported {archive} into the node")
         kubeconfig = cp.kubeconfig
         if args.kubeconfig_out:
             out = Path(args.kubeconfig_out).expanduser().resolve()

@@ -521,6 +521,8 @@ class ControlPlane:
             f"--client-ca-file={client_ca_crt}",
             "--authorization-mode=Node,RBAC",
             f"--kubelet-client-certificate={kubelet_client_crt}", f"--kubelet-client-key={kubelet_client_key}",
+            # exec, logs, port-forward: dial the kubelet at the node's IP (its name is in no DNS).
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             # Webhooks and aggregated APIs are called at their endpoints' addresses, not through the
             # Service IP: the apiserver does not depend on kube-proxy having programmed it.
             "--enable-aggregator-routing=true",
