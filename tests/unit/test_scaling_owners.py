@@ -127,3 +127,25 @@ def test_budgets_win_over_another_writer_and_its_count_comes_back_after_the_rese
     # no other owner: the scaler's decision (0 while cut off) and nothing remembered
     own = Ownership(before_cut=3)
     assert own.target(0, True, 2, False) == 0 and own.before_cut is None
+
+
+def test_the_scalers_cut_off_write_is_not_the_named_writer_letting_go():
+    # Kubernetes 1.22+: kubectl scale is recorded (subresource scale, no time), and the scaler's own
+    # write through the scale subresource then takes f:spec/f:replicas off kubectl.
+    own = Ownership()
+    own.observe(1, replica_owners([CREATOR]), {})
+    kubectl = replica_owners([entry("kubectl", time=None, subresource="scale")])
+    assert own.observe(4, kubectl, {}) and own.foreign == "kubectl"
+    assert own.target(0, True, 4, True) == 0 and own.before_cut == 4
+    own.wrote(0, kubectl)
+    assert not own.observe(0, (), {}) and own.foreign == "kubectl", "our write moved the field, kubectl did not let go"
+    assert own.target(1, False, 0, True) == 4, "the reset: kubectl's count back"
+    own.wrote(4, ())
+    assert not own.observe(4, (), {}) and own.foreign == "kubectl"
+    assert own.target(1, False, 4, True) is None, "then left alone again"
+    # kubectl writes again: it owns the count again, and is seen to let go from then on
+    assert not own.observe(3, kubectl, {}) and not own.overwritten
+    assert not own.observe(3, replica_owners([entry("argocd-controller", "Apply")]), {}) and own.foreign is None
+    # the annotation ends it while overwritten too
+    own = Ownership(foreign="kubectl", overwritten=True)
+    assert not own.observe(0, (), FORCE) and own.foreign is None and not own.overwritten

@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
                    log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN)
     if args.webhooks:  # controller/admission.py reads its settings from the environment
         os.environ["SPENDWARDEN_WEBHOOK_PORT"] = str(args.webhook_port)
-    from . import ledger_service, main  # noqa: F401  (registers the handlers)
+    from . import kopf_namespaces, ledger_service, main  # noqa: F401  (main: registers the handlers)
+
+    kopf_namespaces.install()
 
     ledger_service.CONFIG = ledger_service.LedgerConfig.from_env()
     ledger_service.CONFIG.port = args.ledger_port

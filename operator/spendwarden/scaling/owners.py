@@ -12,7 +12,10 @@ Policy (issue #5, "no fight with other owners"):
   - Then the scaler writes nothing (condition ScalingConflict=True, reason ForeignReplicaWriter, one
     Warning Event) until the workload is annotated spendwarden.io/scaling=force (the scaler wins from
     then on) or the named manager no longer owns f:spec/f:replicas (an "unrecorded" writer cannot be
-    seen to leave: only the annotation ends that conflict).
+    seen to leave: only the annotation ends that conflict). Nor can a writer whose count the scaler
+    itself wrote over (a cut-off's 0, the give-back): the apiserver moves f:spec/f:replicas off the
+    other manager on that write, which is not the other manager letting go. Until it writes the
+    count again, only the annotation ends that conflict too.
   - Budgets win over any other writer (an HPA included): while every namespace paying for the
     workload is cut off the scaler holds it at 0, remembering the other writer's count, and puts that
     count back after the reset. A cut-off team keeps no GPU warm, whoever set the replicas; at 0 an
@@ -87,10 +90,13 @@ def foreign_writer(written: Written | None, replicas: int, owners: tuple[Replica
     return named[-1].manager if named else UNRECORDED
 
 
-def still_foreign(manager: str, owners: tuple[ReplicaOwner, ...], annotations: Mapping[str, str] | None) -> bool:
+def still_foreign(manager: str, owners: tuple[ReplicaOwner, ...], annotations: Mapping[str, str] | None,
+                  overwritten: bool = False) -> bool:
+    """`overwritten`: the scaler wrote the count since the manager last did, so its ownership is gone
+    from managedFields whether or not it let go."""
     if forced(annotations):
         return False
-    return manager == UNRECORDED or any(o.manager == manager for o in owners)
+    return manager == UNRECORDED or overwritten or any(o.manager == manager for o in owners)
 
 
 @dataclass(slots=True)
@@ -100,13 +106,17 @@ class Ownership:
     written: Written | None = None
     foreign: str | None = None       # the other writer's manager while the scaler leaves it alone
     before_cut: int | None = None    # the other owner's count while a budget cut holds it at 0
+    overwritten: bool = False        # the scaler wrote over the foreign writer's count (see still_foreign)
 
     def observe(self, replicas: int, owners: tuple[ReplicaOwner, ...], annotations: Mapping[str, str] | None,
                 autoscaler: bool = False) -> bool:
         """A fresh read of the workload. Returns True when a foreign writer is newly detected.
         `autoscaler`: an HPA targets it (reported as such; its writes are not foreign writes)."""
-        if self.foreign is not None and not still_foreign(self.foreign, owners, annotations):
+        if self.foreign is not None and any(o.manager == self.foreign for o in owners):
+            self.overwritten = False   # it owns the count again: its letting go would show
+        if self.foreign is not None and not still_foreign(self.foreign, owners, annotations, self.overwritten):
             self.foreign, self.written = None, None   # recovered: the scaler takes the count from here
+            self.overwritten = False
         if self.written is None or autoscaler or forced(annotations):
             self.written = Written(replicas, owners)  # what later reads are compared with
             return False
@@ -132,3 +142,5 @@ class Ownership:
 
     def wrote(self, replicas: int, owners: tuple[ReplicaOwner, ...]) -> None:
         self.written = Written(replicas, owners)
+        if self.foreign is not None:
+            self.overwritten = True
