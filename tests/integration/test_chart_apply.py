@@ -85,7 +85,8 @@ MONITORING_CRDS = [
                            "labels": _STR_MAP, "annotations": _STR_MAP}}}}}}}}),
 ]
 
-CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "MutatingWebhookConfiguration",
+                  "ValidatingWebhookConfiguration"}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def release(control_plane, namespace):
     (the namespace fixture takes care of the namespaced ones)."""
     name = f"sw-{uuid.uuid4().hex[:6]}"
     yield name
-    for kind in ("clusterrolebinding", "clusterrole"):
+    for kind in ("clusterrolebinding", "clusterrole", "mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
         control_plane.kubectl("delete", kind, "-l", f"app.kubernetes.io/instance={name}",
                               "--ignore-not-found", "--wait=false", check=False)
 

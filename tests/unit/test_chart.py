@@ -319,8 +319,9 @@ def test_custom_values_render(chart):
     objects = render(chart, CUSTOM)
     kinds = sorted(k for k, _ in objects if k != "NOTES")
     # rbac.create false: no roles or bindings; serviceAccount.create with a custom name.
+    # webhooks.enabled: the two webhook configurations are the release's (helm uninstall removes them).
     assert kinds == sorted(["Deployment", "ServiceAccount", "Service", "Service", "ServiceMonitor", "PrometheusRule",
-                            "ConfigMap"])
+                            "ConfigMap", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"])
     assert one(objects, "ServiceAccount")["metadata"]["name"] == "warden"
     pod = one(objects, "Deployment")["spec"]["template"]
     assert pod["spec"]["serviceAccountName"] == "warden"
@@ -483,3 +484,13 @@ def test_chart_and_dockerfile_agree(chart):
     cmd = json.loads([line for line in instructions if line.startswith("CMD ")][-1][len("CMD "):])
     assert entrypoint[-1] == "spendwarden" and cmd == ["operator"]
     assert sum(line.startswith("FROM ") for line in instructions) >= 2  # multi-stage: no build tools at run time
+
+
+def test_webhook_configurations_are_the_releases_and_empty_until_the_operator_fills_them(chart):
+    """helm uninstall must remove them: left behind, the validating one (Fail) refused every change."""
+    objects = render(chart, {"webhooks": {"enabled": True, "configurationName": "hooks.example"}})
+    for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+        cfg = one(objects, kind)
+        assert cfg["metadata"]["name"] == "hooks.example" and cfg["webhooks"] == []
+        assert cfg["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    assert not of_kind(render(chart, {}), "MutatingWebhookConfiguration")
