@@ -102,3 +102,22 @@ def test_proxy_knows_a_backend_is_at_zero_only_from_the_operator():
     assert not loads.at_zero("chat/llama")              # an HPA owns it: not ours to wake
     loads.apply({"chat/llama": {"replicas": 1, "availableReplicas": 1}})
     assert not loads.at_zero("chat/llama")
+
+
+async def test_a_woken_backend_counts_as_reachable_only_once_it_takes_a_connection():
+    """The hold ends when the backend's address accepts a connection, not when the operator reports
+    the replica available (its Service's endpoints follow readiness by a moment)."""
+    import asyncio
+    import socket
+
+    from spendwarden.proxy.backend_load import accepts_connections
+
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    assert await accepts_connections(f"http://127.0.0.1:{port}/v1")
+    server.close()
+    await server.wait_closed()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert not await accepts_connections(f"http://127.0.0.1:{closed}/v1")

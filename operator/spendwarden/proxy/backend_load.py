@@ -9,7 +9,9 @@ operator to wake it (POST /v1/wake), then holds or falls back (server.py).
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+from urllib.parse import urlsplit
 
 
 WAKE_PATH = "/v1/wake"
@@ -96,3 +98,17 @@ class Waker:
 
     async def close(self) -> None:
         await self.transport.close()
+
+
+async def accepts_connections(base_url: str, timeout: float = 1.0) -> bool:
+    """Whether the backend's address takes a TCP connection now. A replica the operator reports
+    available is not yet reachable through its Service: the EndpointSlice and the node's Service
+    rules follow its readiness by up to a second or so, and a request sent into that gap fails."""
+    u = urlsplit(base_url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(u.hostname, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True

@@ -29,7 +29,7 @@ from ..api.proxyconfig import ProxyConfig
 from .config import ANTHROPIC, OPENAI, BackendRt, Compiled, ConfigError, RouteRt, compile_config, \
     parse_config_text, secrets_fingerprint
 from .errors import ProxyError, error_body, stream_error_event
-from .backend_load import BackendLoads, Waker
+from .backend_load import BackendLoads, Waker, accepts_connections
 from .ledger_client import LedgerClient
 from .metrics import OTEL_PROVIDER, Metrics
 from . import spend
@@ -687,7 +687,7 @@ class Proxy:
                 self.loads.apply({backend.load_key: answer})
             waited = time.monotonic() - t0
             self.loads.queued(backend.load_key, waited)
-            if not self.loads.at_zero(backend.load_key):
+            if not self.loads.at_zero(backend.load_key) and await accepts_connections(backend.base_url):
                 self.metrics.wakes.labels(*labels, "held").inc()
                 return True
             if waited >= timeout:
