@@ -7,6 +7,8 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/testbed/bin:$PATH
+# llama.cpp's wheel links the OpenMP runtime, which the slim base lacks.
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/testbed \
  && /opt/testbed/bin/pip install "openai>=1.40,<4" "anthropic>=0.40,<3" "xllamacpp>=2025.1" "gguf>=0.10,<1" \
       "numpy" "pyyaml>=6,<7"
