@@ -59,14 +59,35 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
             terminalreporter.write_line(f"{name}: {seconds:.1f}s")
 
 
-def _build_image(name: str, dockerfile: Path, capman: Any) -> Path:
-    """scripts/build-image.sh, its progress shown live (a first build takes minutes)."""
-    with capman.global_and_fixture_disabled():
-        res = subprocess.run(["bash", str(ROOT / "scripts" / "build-image.sh"), name, str(dockerfile)],
-                             stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+def _build_image(name: str, dockerfile: Path) -> Path:
+    """scripts/build-image.sh; its progress goes to the terminal (a first build takes minutes)."""
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "build-image.sh"), name, str(dockerfile)],
+                         stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     if res.returncode != 0:
-        pytest.fail(f"building {name} failed (exit {res.returncode}); see the build's output above", pytrace=False)
+        raise RuntimeError(f"building {name} failed (exit {res.returncode}); see the build's output above")
     return Path(res.stdout.strip().splitlines()[-1])
+
+
+_archives = pytest.StashKey[dict]()
+_archives_error = pytest.StashKey[str]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the images here, as the integration conftest builds the cluster's binaries: a first
+    build takes about 8 minutes, and a fixture's set-up counts against the per-test timeout."""
+    config = session.config
+    here = Path(__file__).parent
+    if config.option.collectonly or not any(here in Path(str(i.path)).resolve().parents for i in session.items):
+        return
+    capman = config.pluginmanager.getplugin("capturemanager")
+    t = time.monotonic()
+    try:
+        with capman.global_and_fixture_disabled():
+            config.stash[_archives] = {IMAGE: _build_image(IMAGE, ROOT / "Dockerfile"),
+                                       TESTBED: _build_image(TESTBED, here / "testbed.Dockerfile")}
+    except RuntimeError as e:
+        config.stash[_archives_error] = str(e)
+    record(config, "images built or taken from the cache", time.monotonic() - t)
 
 
 @pytest.fixture(scope="session")
@@ -78,12 +99,10 @@ def node(control_plane: ControlPlane) -> Node:
 
 @pytest.fixture(scope="session")
 def images(node: Node, request: pytest.FixtureRequest) -> dict[str, str]:
-    """Both images built (or taken from the cache) and imported into the node."""
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    t = time.monotonic()
-    built = {IMAGE: _build_image(IMAGE, ROOT / "Dockerfile", capman),
-             TESTBED: _build_image(TESTBED, Path(__file__).parent / "testbed.Dockerfile", capman)}
-    record(request.config, "images built or taken from the cache", time.monotonic() - t)
+    """Both images (built at collection) imported into the node."""
+    if _archives_error in request.config.stash:
+        pytest.fail(request.config.stash[_archives_error], pytrace=False)
+    built = request.config.stash[_archives]
     t = time.monotonic()
     for name, archive in built.items():
         node.import_image(archive)
