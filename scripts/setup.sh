@@ -43,7 +43,7 @@ if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
 fi
 
 # The local cluster: Kubernetes 1.37 (control plane and a node), etcd, containerd, CoreDNS,
-# kube-router, built from Go modules once (12-20 min on 2 cores) and cached; Debian's runc and CNI plugins.
+# kube-router, built from Go modules once (25-35 min on 2 cores) and cached; Debian's runc and CNI plugins.
 if [ -z "${KUBEBUILDER_ASSETS:-}" ] && [ -z "${SPENDWARDEN_TEST_KUBECONFIG:-}" ]; then
   export KUBEBUILDER_ASSETS=$(bash "$ROOT/scripts/cluster/build.sh" | tail -1)
 fi

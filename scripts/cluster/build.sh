@@ -9,7 +9,7 @@
 # directory's files, so a version change builds into a new directory and an unchanged one is reused.
 # Prints that bin directory on the last line of stdout; progress goes to stderr.
 #
-# About 12-20 minutes on 2 cores the first time (most of it Kubernetes), then nothing.
+# About 25-35 minutes on 2 cores the first time (Kubernetes about half of it), then nothing.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${SPENDWARDEN_CACHE:-$HOME/.cache/spendwarden}

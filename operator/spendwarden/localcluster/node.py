@@ -39,6 +39,7 @@ PAUSE_IMAGE = "registry.k8s.io/pause:3.10.2"
 CNI_BIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 ISOLATION_CHAIN = "SPENDWARDEN-NODE-ISOLATION"
 K8S_NAMESPACE = "k8s.io"  # containerd's namespace for the CRI's images and containers
+STATE_DIR = Path("/run/spendwarden-node")  # containerd's socket and state: gone at a reboot, like its tasks
 
 
 class NodeError(RuntimeError):
@@ -260,17 +261,6 @@ def dns_objects() -> list[dict[str, Any]]:
 # Images
 
 
-def import_image(ctr: Path, socket: Path, archive: Path) -> None:
-    """Import an OCI/docker archive into the CRI's namespace, where the kubelet looks for images."""
-    run(str(ctr), "--address", str(socket), "-n", K8S_NAMESPACE, "images", "import", "--no-unpack=false",
-        "--all-platforms", str(archive), timeout=600)
-
-
-def image_names(ctr: Path, socket: Path) -> set[str]:
-    out = run(str(ctr), "--address", str(socket), "-n", K8S_NAMESPACE, "images", "ls", "-q").stdout
-    return set(out.split())
-
-
 def pause_image_archive(pause_binary: Path, out: Path) -> Path:
     """The sandbox image as an OCI archive, built with buildah from scratch around the static pause."""
     if out.exists() and out.stat().st_mtime >= pause_binary.stat().st_mtime:
@@ -379,18 +369,18 @@ class Node:
 
     # -- helpers the control plane and the tests use -------------------------------------------
 
-    def ctr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    def ctr(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        """containerd's own client, in the CRI's namespace (where the kubelet's images and containers are)."""
         assert self.socket is not None
         return run(str(self.binaries["ctr"]), "--address", str(self.socket), "-n", K8S_NAMESPACE, *args,
-                   timeout=timeout)
+                   timeout=timeout, check=check)
 
     def import_image(self, archive: Path) -> None:
-        assert self.socket is not None
-        import_image(self.binaries["ctr"], self.socket, archive)
+        """Import an OCI/docker archive where the kubelet looks for images."""
+        self.ctr("images", "import", "--all-platforms", str(archive), timeout=600)
 
     def has_image(self, name: str) -> bool:
-        assert self.socket is not None
-        return name in image_names(self.binaries["ctr"], self.socket)
+        return name in self.ctr("images", "ls", "-q").stdout.split()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -411,7 +401,7 @@ class Node:
         setup_network()
         self.timings["network"] = time.monotonic() - t0
 
-        state = Path("/run/spendwarden-node")
+        state = STATE_DIR
         shutil.rmtree(state, ignore_errors=True)
         state.mkdir(parents=True)
         self.socket = state / "containerd.sock"
@@ -426,7 +416,7 @@ class Node:
         path_env = {**env, "PATH": f"{self.binaries['containerd'].parent}:{env.get('PATH', '/usr/bin:/bin')}"}
         t = time.monotonic()
         containerd = self._spawn("containerd", [str(self.binaries["containerd"]), "--config", str(cfg)], path_env)
-        wait_until("containerd's socket", lambda: self.socket.exists() and self.ctr("version").returncode == 0,
+        wait_until("containerd's socket", lambda: self.socket.exists() and self.ctr("version", check=False).returncode == 0,
                    30, alive=lambda: self._alive([containerd]))
         self.timings["containerd"] = time.monotonic() - t
 
@@ -435,7 +425,7 @@ class Node:
             self.import_image(pause_image_archive(self.binaries["pause"], self.root / "pause.oci.tar"))
         self.timings["pause-image"] = time.monotonic() - t
 
-        ca, client_ca = cp.dir / "ca.crt", cp.dir / "client-ca.crt"
+        client_ca = cp.dir / "client-ca.crt"
         resolv = d / "resolv.conf"
         # Pods with dnsPolicy Default get this: no upstream resolver, since nothing outside is reachable.
         resolv.write_text("options ndots:1\n")
@@ -522,17 +512,14 @@ class Node:
 
     def _remove_pods(self) -> None:
         """Kill and delete every CRI container and sandbox, so that no pod outlives its cluster."""
-        tasks = self.ctr("tasks", "ls", "-q").stdout.split() if self.socket else []
+        tasks = self.ctr("tasks", "ls", "-q").stdout.split()
         for task in tasks:
-            run(str(self.binaries["ctr"]), "--address", str(self.socket), "-n", K8S_NAMESPACE, "tasks", "kill",
-                "-s", "SIGKILL", task, check=False)
+            self.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False)
         for task in tasks:
-            run(str(self.binaries["ctr"]), "--address", str(self.socket), "-n", K8S_NAMESPACE, "tasks", "delete",
-                "-f", task, check=False)
+            self.ctr("tasks", "delete", "-f", task, check=False)
         containers = self.ctr("containers", "ls", "-q").stdout.split()
         if containers:
-            run(str(self.binaries["ctr"]), "--address", str(self.socket), "-n", K8S_NAMESPACE, "containers", "rm",
-                *containers, check=False)
+            self.ctr("containers", "rm", *containers, check=False)
 
     def _clean_leftovers(self) -> None:
         # Shims of a killed containerd keep their containers running: end them by their cgroup.
@@ -541,7 +528,7 @@ class Node:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
-        unmount_below(Path("/run/spendwarden-node"))
+        unmount_below(STATE_DIR)
         if self.dir is not None:
             unmount_below(self.dir)
         teardown_network()
