@@ -105,10 +105,14 @@ def test_report_shows_cost_per_route_backend_and_tag_from_real_proxies(control_p
 
 def start_proxies(kube, ns: str, tmp_path, into: list[ProxyProcess], count: int = 2) -> None:
     """`count` proxy processes on the configuration the operator rendered for `ns` (with the ledger URL),
-    with a ServiceAccount token of `ns`; appended to `into` as they start, for the caller to stop."""
-    cm = wait_for(lambda: (lambda c: c if c and c.data and json.loads(c.data["config.json"]).get("budgets")
-                           and json.loads(c.data["config.json"]).get("ledger", {}).get("url") else None)(
-        _configmap(kube, ns)), timeout=30, what="the rendered proxy config with the ledger URL")
+    with a ServiceAccount token of `ns`; appended to `into` as they start, for the caller to stop.
+    The config must hold the routes as well as the budgets: the operator watches each kind on its own
+    stream, so a render can have seen the budget before the route created just before it."""
+    def rendered(c):
+        cfg = json.loads(c.data["config.json"]) if c and c.data else {}
+        return c if cfg.get("budgets") and cfg.get("routes") and cfg.get("ledger", {}).get("url") else None
+    cm = wait_for(lambda: rendered(_configmap(kube, ns)), timeout=30,
+                  what="the rendered proxy config with its routes, budgets and the ledger URL")
     config = tmp_path / "config.json"
     config.write_text(cm.data["config.json"])
     token = tmp_path / "token"
