@@ -216,6 +216,7 @@ def run_story(kubeconfig: str, workdir: Path, keep: Callable[[], None] | None = 
             return custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "tokenbudgets", "daily")
 
         step("Traffic: each round two routine tickets (local) and one urgent ticket (premium); live status")
+        failures: dict[str, int] = {}   # what was neither answered nor refused for the budget, for the error
         for round_no in range(1, 13):
             codes = []
             for urgent, scenario in ((False, "ticket-summary"), (False, "ticket-summary"), (True, "escalation")):
@@ -225,12 +226,17 @@ def run_story(kubeconfig: str, workdir: Path, keep: Callable[[], None] | None = 
                     result.answered[detail] = result.answered.get(detail, 0) + 1
                 elif status == 429:
                     result.refused = detail
+                else:
+                    key = f"{status} {detail[:200]}"
+                    failures[key] = failures.get(key, 0) + 1
             time.sleep(1.2)  # a report (1 s) and a status flush later, the line below is current
             print(f"round {round_no:>2}: {' '.join(str(c) for c in codes)}   {_status_line(budget())}", flush=True)
             if result.refused and all(c == 429 for c in codes):
                 break
         if not result.refused:
-            raise RuntimeError("the budget was not spent: no 429 after 12 rounds")
+            seen = "; ".join(f"{n}x {k}" for k, n in failures.items()) or "none"
+            raise RuntimeError(f"the budget was not spent: no 429 after 12 rounds (answered {result.answered}, "
+                               f"failed: {seen}; budget: {_status_line(budget())}; logs in {workdir})")
 
         step("The alerts: threshold Events on the TokenBudget (kubectl get events -n demo)")
         # Posted after the status flush that saw them; BudgetExceeded is the last to come.

@@ -13,6 +13,10 @@ from spendwarden import demo
 def test_the_demo_story(control_plane, kube, tmp_path):
     try:
         result = demo.run_story(str(control_plane.kubeconfig), tmp_path)
+    except Exception:
+        for log in sorted(tmp_path.glob("*.log")):  # what the operator and proxy said, for the failure report
+            print(f"--- last lines of {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+        raise
     finally:
         client.CoreV1Api(kube).delete_namespace(demo.NAMESPACE, propagation_policy="Background")
     assert result.answered["premium"] >= 4 and result.answered["local"] >= 8

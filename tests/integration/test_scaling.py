@@ -351,6 +351,54 @@ def test_wake_on_demand_hold_and_fallback(operator, kube, ns, tmp_path):
             proxy.stop()
 
 
+def test_a_refused_connection_to_a_scaled_backend_is_held_as_a_wake_not_a_502(operator, kube, ns, tmp_path):
+    """The operator's answer says a replica serves, but nothing listens (scaled down, or not Ready,
+    since the proxy's last report): the request is held as at zero and served once a server is up,
+    instead of failing with 502 "connection refused"."""
+    from spendwarden.devtools.mock_upstream import MockUpstream, free_port
+    from tests.proxy.conftest import ProxyProcess
+
+    create_deployment(kube, ns, "llama", replicas=1)
+    port = free_port()
+    token = tmp_path / "token"
+    token.write_text(sa_token(kube, ns))
+    routes = [{"name": "chat", "spec": {"model": "chat", "defaultBackend": "llama", "backends": [backend(
+        "llama", f"http://127.0.0.1:{port}/v1", "llama",
+        {"minReplicas": 0, "maxReplicas": 1, "scaleDownStabilization": "1s", "idleToZeroAfter": "1h",
+         "wake": {"mode": "Hold", "timeout": "30s"}})]}}]
+    create_route(kube, ns, "chat", routes[0]["spec"])
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"namespace": ns, "routes": routes, "ledger": {"url": operator.url}}))
+    work = tmp_path / "proxy"
+    work.mkdir()
+    proxy = ProxyProcess(config, work, env={"SPENDWARDEN_LEDGER_TOKEN_FILE": str(token)}).start()
+    try:
+        wait_for(lambda: scaling_status(kube, ns, "chat").get("availableReplicas") == 1, timeout=60,
+                 what="the pause replica Ready")
+        sent = _reports(proxy)
+        wait_for(lambda: _reports(proxy) >= sent + 3, what="the proxy's next reports answered (available 1)")
+        result: dict = {}
+
+        def call() -> None:
+            resp = httpx.post(proxy.openai_url + "/chat/completions", timeout=60,
+                              json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
+            result.update(status=resp.status_code, body=resp.json())
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        caller.join(2.0)
+        assert caller.is_alive(), f"answered at once instead of held: {result}"
+        with MockUpstream(port=port, tokens=5):
+            caller.join(30)
+            assert result.get("status") == 200 and result["body"]["model"] == "llama", result
+        # The idle floor: minReplicas 0 with idleToZeroAfter 1h keeps the replica (not 0 after 1 s).
+        assert deployment(kube, ns, "llama").spec.replicas == 1
+        metrics = httpx.get(f"http://127.0.0.1:{proxy.metrics_port}/metrics").text
+        assert 'outcome="held"' in metrics
+    finally:
+        proxy.stop()
+
+
 def conflict_condition(kube, ns: str, route: str = "chat") -> dict | None:
     return next((c for c in (get_route(kube, ns, route).get("status") or {}).get("conditions", [])
                  if c["type"] == "ScalingConflict"), None)

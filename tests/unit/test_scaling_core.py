@@ -51,6 +51,29 @@ def test_idle_to_zero_after_the_idle_period_only():
     assert decide(s, P, Demand(1), 1001).desired == 1      # demand is back
 
 
+def test_min_zero_with_idle_to_zero_keeps_one_replica_until_the_idle_period_has_passed():
+    """minReplicas 0 says "may reach zero": with idleToZeroAfter set only the idle period takes it
+    there, not the (much shorter) stabilisation window."""
+    policy = Policy(0, 2, 1, 1, 10)
+    s = ScaleState.new(0, replicas=1)
+    assert decide(s, policy, Demand(1), 0).desired == 1
+    assert [decide(s, policy, Demand(0), t).desired for t in (2, 5, 9.9)] == [1, 1, 1]
+    assert decide(s, policy, Demand(0), 10).desired == 0
+    # Without idleToZeroAfter, minReplicas 0 is the floor after the stabilisation window.
+    no_idle = Policy(0, 2, 1, 1, None)
+    s = ScaleState.new(0, replicas=1)
+    decide(s, no_idle, Demand(1), 0)
+    assert decide(s, no_idle, Demand(0), 2).desired == 0
+
+
+def test_an_operator_finding_a_workload_at_zero_does_not_wake_it():
+    policy = Policy(0, 2, 1, 1, 3600)
+    s = ScaleState.new(100, replicas=0)
+    assert decide(s, policy, Demand(0), 100).desired == 0
+    s = ScaleState.new(100, replicas=1)   # one found running is kept for the idle period
+    assert decide(s, policy, Demand(0), 100).desired == 1
+
+
 def test_no_idle_to_zero_without_the_setting():
     s = ScaleState.new(0)
     never = Policy(1, 5, 4, 60, None)

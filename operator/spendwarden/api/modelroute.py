@@ -89,7 +89,7 @@ class BackendScaling(ApiModel):
     model_config = ConfigDict(json_schema_extra=cel(
         ("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas", "minReplicas must not be above maxReplicas")))
 
-    minReplicas: int = Field(default=1, ge=0, le=1000, description="Replicas kept while there is any demand (or idleToZeroAfter is unset). Default 1.")
+    minReplicas: int = Field(default=1, ge=0, le=1000, description="Fewest replicas the operator sets. With idleToZeroAfter set, at least 1 is kept until that idle period has passed, then 0. Default 1.")
     maxReplicas: int = Field(ge=1, le=1000, description="Most replicas the operator sets.")
     targetInFlightPerReplica: int = Field(default=4, ge=1, le=100000,
                                           description="Concurrent requests one replica should serve: desired = ceil(in-flight / this). Default 4.")

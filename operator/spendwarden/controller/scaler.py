@@ -291,8 +291,8 @@ class Scaler:
 
     async def _one(self, wk: WorkloadKey, uses: list[Use], load: dict, is_cut: Any) -> None:
         now = time.time()
-        tr = self.tracked.setdefault(wk, Tracked(ScaleState.new(now)))
         view = await asyncio.to_thread(read_workload, wk)
+        tr = self.tracked.setdefault(wk, Tracked(ScaleState.new(now, view.spec_replicas if view else None)))
         if view is None:
             tr.view, tr.decision = None, None
             tr.missing = f"{wk} not found"

@@ -65,6 +65,11 @@ class BackendLoads:
             if key in self.keys and isinstance(entry, dict):
                 self.state[key] = entry
 
+    def assume_at_zero(self, key: str) -> None:
+        """A connection was refused: treat it as at zero until the operator's next answer says otherwise."""
+        if key in self.keys and not (self.state.get(key) or {}).get("conflict"):
+            self.state[key] = {**self.state.get(key, {}), "availableReplicas": 0}
+
     def at_zero(self, key: str) -> bool:
         """Known to have no available replica (unknown: assume it serves, as without an operator)."""
         entry = self.state.get(key)

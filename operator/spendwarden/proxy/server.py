@@ -590,7 +590,11 @@ class Proxy:
             spend.start_capture(ctx, route)
         last: _Retry | None = None
         tag = tag_of(ctx.tags)
-        for i, backend in enumerate(usable):
+        rewoken: set[str] = set()
+        i = -1
+        while i + 1 < len(usable):
+            i += 1
+            backend = usable[i]
             self._count_in_flight(ctx, backend)
             if backend.wake is not None and self.loads.at_zero(backend.load_key) \
                     and not await self._replica_ready(ctx, route, backend, i + 1 < len(usable)):
@@ -636,6 +640,15 @@ class Proxy:
                     raise
                 self.book.release(adm)  # no-op when the attempt already settled
                 last = exc
+                if (backend.wake is not None and self.waker is not None and backend.name not in rewoken
+                        and exc.reason.startswith("connection failed")):
+                    # The operator's last answer (up to a report old) said it serves, but nothing
+                    # listens: scaled down or not Ready since. Wake and hold as at zero, then again.
+                    rewoken.add(backend.name)
+                    self.loads.assume_at_zero(backend.load_key)
+                    log.info("route %s backend %s refused the connection: waking it", route.name, backend.name)
+                    i -= 1
+                    continue
                 self.metrics.fallbacks.labels(cfg.namespace, route.name, backend.name,
                                               exc.reason.split(":")[0][:40]).inc()
                 log.warning("route %s backend %s failed: %s%s", route.name, backend.name, exc.reason,

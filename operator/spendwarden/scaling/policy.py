@@ -6,8 +6,10 @@
 so replicas go up at once and down only once a lower count has been enough for the whole window
 (the HorizontalPodAutoscaler's rule). Two cases skip the window: every namespace that pays for the
 workload is cut off (0 at once: a cut-off team keeps no GPU warm), and no request for
-`idleToZeroAfter` (0; the idle period is itself the stabilisation). A wake request (a proxy holding
-a request for a workload at zero) counts as demand for one replica.
+`idleToZeroAfter` (0; the idle period is itself the stabilisation). With `idleToZeroAfter` set, that
+is the only way to zero: until the idle period has passed the floor is one replica, whatever
+minReplicas says (minReplicas 0 means "may reach zero", not "zero after the stabilisation window").
+A wake request (a proxy holding a request for a workload at zero) counts as demand for one replica.
 """
 from __future__ import annotations
 
@@ -59,9 +61,10 @@ class ScaleState:
     cut_off: bool = False
 
     @classmethod
-    def new(cls, now: float) -> "ScaleState":
+    def new(cls, now: float, replicas: int | None = None) -> "ScaleState":
         # A fresh operator counts as activity: nothing goes idle-to-zero before a full idle period.
-        return cls(last_active=now)
+        # A workload it finds at zero is already idle: a restart must not wake every scaled-down model.
+        return cls(last_active=float("-inf") if replicas == 0 else now)
 
     def wake(self, now: float) -> None:
         self.wake_at = now
@@ -70,7 +73,9 @@ class ScaleState:
 
 def raw_replicas(policy: Policy, in_flight: int) -> int:
     wanted = math.ceil(in_flight / policy.target) if in_flight > 0 else 0
-    return min(policy.max_replicas, max(policy.min_replicas, wanted))
+    # Idle-to-zero owns the way down to zero; before it, an idle workload keeps one replica.
+    floor = max(policy.min_replicas, 1) if policy.idle_to_zero is not None else policy.min_replicas
+    return min(policy.max_replicas, max(floor, wanted))
 
 
 def decide(state: ScaleState, policy: Policy, demand: Demand, now: float) -> Decision:
