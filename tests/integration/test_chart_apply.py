@@ -197,13 +197,14 @@ def test_the_service_account_gets_exactly_the_rbac_it_needs(chart, control_plane
         ("create", "events", "", team, None, None),
         ("create", "events", "events.k8s.io", team, None, None),
         ("create", "configmaps", "", team, None, None),
-        ("delete", "configmaps", "", team, None, None),
+        *((v, "configmaps", "", team, None, "spendwarden-proxy") for v in ("get", "update", "delete")),
+        ("list", "configmaps", "", None, None, "spendwarden-proxy"),  # the drift check, all namespaces
         ("list", "namespaces", "", None, None, None),
         ("patch", "namespaces", "", None, None, team),
         ("watch", "customresourcedefinitions", "apiextensions.k8s.io", None, None, None),
         ("get", "namespaces", "", None, None, team),
         *(((v, "networkpolicies", "networking.k8s.io", team, None, n) for v, n in (
-            ("get", "spendwarden-cut-off"), ("list", None), ("create", None), ("patch", "spendwarden-cut-off"),
+            ("get", "spendwarden-cut-off"), ("create", None), ("patch", "spendwarden-cut-off"),
             ("delete", "spendwarden-cut-off")))),
         *((v, w, "apps", team, "scale", None) for v in ("get", "patch") for w in ("deployments", "statefulsets")),
         ("get", "deployments", "apps", team, None, None),
@@ -227,6 +228,12 @@ def test_the_service_account_gets_exactly_the_rbac_it_needs(chart, control_plane
         ("update", "leases", "coordination.k8s.io", team, None, None),  # leases only at home
         ("patch", "validatingwebhookconfigurations", "admissionregistration.k8s.io", None, None, "another-webhook"),
         ("create", "customresourcedefinitions", "apiextensions.k8s.io", None, None, None),
+        # Of ConfigMaps and NetworkPolicies only its own: spendwarden-proxy and spendwarden-cut-off.
+        *((v, "configmaps", "", team, None, "kube-root-ca.crt") for v in ("get", "update", "patch", "delete")),
+        ("list", "configmaps", "", team, None, None),
+        ("watch", "configmaps", "", team, None, "spendwarden-proxy"),
+        *((v, "networkpolicies", "networking.k8s.io", team, None, "default-deny") for v in ("get", "patch", "delete")),
+        ("list", "networkpolicies", "networking.k8s.io", team, None, None),
     ]
     wrong = [("allowed", a) for a in allowed if not can(kube, user, namespace, *a)]
     wrong += [("denied", d) for d in denied if can(kube, user, namespace, *d)]

@@ -230,11 +230,11 @@ NEEDED_CLUSTER = {
     *(("spendwarden.io", r, v) for r in ("tokenbudgets/status", "modelroutes/status") for v in ("patch", "update")),
     ("", "events", "create"), ("", "events", "patch"),
     ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
-    *(("", "configmaps", v) for v in ("get", "list", "watch", "create", "update", "patch", "delete")),
+    *(("", "configmaps", v) for v in ("get", "list", "create", "update", "delete")),
     *(("", "namespaces", v) for v in ("get", "list", "watch", "patch")),
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
-    *(("networking.k8s.io", "networkpolicies", v) for v in ("get", "list", "create", "patch", "delete")),
+    *(("networking.k8s.io", "networkpolicies", v) for v in ("get", "create", "patch", "delete")),
     *(("apps", r, v) for r in ("deployments/scale", "statefulsets/scale") for v in ("get", "patch")),
     ("apps", "deployments", "get"), ("apps", "statefulsets", "get"), ("autoscaling", "horizontalpodautoscalers", "list"),
     ("authentication.k8s.io", "tokenreviews", "create"),
@@ -290,6 +290,11 @@ def test_rbac_writes_are_limited_to_named_objects_where_the_api_allows(chart):
     webhook_rules = [r for r in one(objects, "ClusterRole")["rules"] if r["apiGroups"] == ["admissionregistration.k8s.io"]]
     # "create" cannot be limited by name in Kubernetes RBAC; everything else is.
     assert all(r["verbs"] == ["create"] or r.get("resourceNames") == ["sw.example.com"] for r in webhook_rules)
+    # Of ConfigMaps and NetworkPolicies only the operator's own: spendwarden-proxy, spendwarden-cut-off.
+    own = {"configmaps": ["spendwarden-proxy"], "networkpolicies": ["spendwarden-cut-off"]}
+    for rule in one(objects, "ClusterRole")["rules"]:
+        for resource in set(rule["resources"]) & set(own):
+            assert rule["verbs"] == ["create"] or rule.get("resourceNames") == own[resource], rule
     secret_rules = [r for r in one(objects, "Role")["rules"] if r["resources"] == ["secrets"]]
     assert all(r["verbs"] == ["create"] or r.get("resourceNames") == ["spendwarden-webhook-tls"] for r in secret_rules)
     env = {e["name"]: e.get("value") for e in container(objects)["env"]}
