@@ -105,10 +105,38 @@ def test_default_render_objects(chart):
     objects = render(chart)
     kinds = sorted(k for k, _ in objects if k != "NOTES")
     assert kinds == sorted(["Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
-                            "RoleBinding", "Service", "ConfigMap"])  # ConfigMap: the Grafana dashboard
+                            "RoleBinding", "Service", "ConfigMap",  # ConfigMap: the Grafana dashboard
+                            "NetworkPolicy"])
     for obj in objects.values():
         if "metadata" in obj and obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
             assert obj["metadata"]["namespace"] == NS, obj["kind"]
+
+
+def test_network_policy_opens_the_ledger_to_pods_and_metrics_only_to_monitoring(chart):
+    def rules(values=None) -> dict[str, list | None]:
+        objects = render(chart, values)
+        policy = one(objects, "NetworkPolicy")
+        deployment = one(objects, "Deployment")
+        assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        named = {p["name"] for p in container(objects)["ports"]}
+        out = {}
+        for rule in policy["spec"]["ingress"]:
+            [port] = rule["ports"]
+            assert port["port"] in named, port  # a named port of the operator's container
+            out[port["port"]] = rule.get("from")
+        return out
+
+    monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    # Default: the ledger from every namespace's Pods, metrics from "monitoring", nothing else
+    # (healthz only from the node, which NetworkPolicy always allows).
+    assert rules() == {"ledger": [{"namespaceSelector": {}}], "metrics": monitoring}
+    # The webhook port from any source: the apiserver is not a Pod.
+    assert rules({"webhooks": {"enabled": True}})["webhook"] is None
+    assert "metrics" not in rules({"networkPolicy": {"enabled": True, "metricsFrom": []}})
+    peers = [{"podSelector": {"matchLabels": {"app": "prometheus"}}, "namespaceSelector": {}}]
+    assert rules({"networkPolicy": {"enabled": True, "metricsFrom": peers}})["metrics"] == peers
+    assert not of_kind(render(chart, {"networkPolicy": {"enabled": False}}), "NetworkPolicy")
 
 
 def test_deployment_runs_one_operator_safely(chart):
@@ -326,7 +354,8 @@ def test_custom_values_render(chart):
     # rbac.create false: no roles or bindings; serviceAccount.create with a custom name.
     # webhooks.enabled: the two webhook configurations are the release's (helm uninstall removes them).
     assert kinds == sorted(["Deployment", "ServiceAccount", "Service", "Service", "ServiceMonitor", "PrometheusRule",
-                            "ConfigMap", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"])
+                            "ConfigMap", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration",
+                            "NetworkPolicy"])
     assert one(objects, "ServiceAccount")["metadata"]["name"] == "warden"
     pod = one(objects, "Deployment")["spec"]["template"]
     assert pod["spec"]["serviceAccountName"] == "warden"

@@ -182,6 +182,12 @@ def test_an_injected_app_reaches_the_upstream_through_its_sidecar_and_the_ledger
     # The ledger (in the operator Pod) counted them: the sidecar reported with its projected token.
     wait_for(lambda: used_tokens(c) >= sent, 60, f"the budget's status to count {sent} tokens")
     assert used_tokens(c) == sent
+    # The chart's NetworkPolicy (kube-router enforces it): a team Pod reaches the ledger port, not
+    # the unauthenticated metrics, which only namespace "monitoring" may scrape.
+    service = f"{RELEASE}-spendwarden.{RELEASE_NS}.svc.cluster.local"
+    name = pod["metadata"]["name"]
+    assert c.exec_python(TEAM_NS, name, APP, DIRECT_CONNECT.format(host=service, port=8081))["connected"]
+    assert not c.exec_python(TEAM_NS, name, APP, DIRECT_CONNECT.format(host=service, port=9090))["connected"]
 
 
 # --- 3. a ModelRoute change reaches the running sidecar ----------------------------------------------
