@@ -149,3 +149,23 @@ async def test_a_report_answers_replicas_only_of_workloads_shared_with_its_names
         assert (await r.json())["backends"]["chat/llama"] == {"replicas": 3, "availableReplicas": 2}
     finally:
         await client.close()
+
+
+async def test_another_namespace_reusing_a_proxy_id_does_not_replace_its_demand(monkeypatch):
+    """The demand book was keyed by proxyId alone: team-b reporting team-a's proxyId (visible in
+    team-a's budget status) replaced team-a's in-flight numbers, scaling its backend down."""
+    client, s = await _client(monkeypatch)
+    mine = {"proxyId": "p1", "namespace": "team-a", "seq": 1, "budgets": {}, "backends": {"chat/llama": {"inFlight": 3}}}
+    theirs = {**mine, "namespace": "team-b", "seq": 10**9, "backends": {"chat/llama": {"inFlight": 0}}}
+    try:
+        assert (await client.post("/v1/report", json=mine, headers={"Authorization": "Bearer token-a"})).status == 200
+        assert (await client.post("/v1/report", json=theirs, headers={"Authorization": "Bearer token-b"})).status == 200
+        assert s.book.load(time.time())[("team-a", "chat/llama")].in_flight == 3
+    finally:
+        await client.close()
+    book = scaler.DemandBook(ttl=5, max_proxies=10)
+    for i in range(50):  # one namespace's many proxy ids stay within its own cap
+        book.record(f"x{i}", "team-b", {"chat/llama": scaler.BackendLoad(1, 0)}, now=100)
+    book.record("p1", "team-a", {"chat/llama": scaler.BackendLoad(2, 0)}, now=100)
+    assert book.load(100) == {("team-b", "chat/llama"): scaler.BackendLoad(10, 0),
+                              ("team-a", "chat/llama"): scaler.BackendLoad(2, 0)}

@@ -550,7 +550,7 @@ class LedgerService:
     def _take_loops(self, report: Any) -> None:
         """Count a report's loop-breaker refusals (once: a retry resends the same seq) and announce them."""
         ns = report.namespace
-        if not report.loops or not self.config.serves(ns) or not self.loops.accept(report.proxy_id, report.seq):
+        if not report.loops or not self.config.serves(ns) or not self.loops.accept(ns, report.proxy_id, report.seq):
             return
         for loop in report.loops:
             LOOPS.labels(namespace=ns, route=self.loops.route_label(ns, loop.route)).inc(loop.refused)
