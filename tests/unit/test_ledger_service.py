@@ -255,3 +255,40 @@ async def test_a_budget_with_a_persisted_ledger_is_loaded_when_seen(monkeypatch)
     assert entry is not None and entry.previous is not None and entry.history[0]["used"]["totalTokens"] == 5
     await service.stop()
     assert api.obj["status"]["used"]["totalTokens"] == 0  # the reset was written
+
+
+async def test_unknown_budget_names_cost_a_bounded_number_of_gets_and_no_lasting_state(monkeypatch):
+    """50 reports of 64 names that do not exist cost 3,200 GETs in series (66 s) and grew two dicts
+    by an entry per name for good. Now: at most MAX_LOOKUPS_PER_REPORT GETs a report, in parallel,
+    a name found missing is not asked again within the TTL, and the negative cache is bounded."""
+    api = FakeApi(monkeypatch, delay=0)
+    gets: list[str] = []
+
+    def get(namespace, name):
+        gets.append(name)
+        time.sleep(0.02)  # an apiserver round trip
+        return copy.deepcopy(api.obj) if name == "monthly" else None
+
+    monkeypatch.setattr(svc, "_get_budget", get)
+    service = svc.LedgerService(svc.LedgerConfig(port=0))
+    service._unknown = svc.ExpiringMap(svc.UNKNOWN_TTL, 100)
+    start = current_start()
+
+    def body(seq, names):
+        return parse_report({"proxyId": "p1", "namespace": "team-a", "seq": seq, "budgets": {
+            n: {"periodStart": start, "used": {}, "want": {"outputTokens": 10}} for n in names}})
+
+    names = [f"ghost-{i}" for i in range(63)] + ["monthly"]
+    began = time.monotonic()
+    answers = [await service.apply(body(seq, names)) for seq in range(1, 51)]
+    assert len(gets) == 64, "each name asked once"
+    assert answers[0]["budgets"]["ghost-0"] == {"error": "unknown budget"}
+    assert answers[0]["budgets"]["monthly"] == svc.NOT_LOADED  # past the per-report lookups: next time
+    assert "ceiling" in answers[-1]["budgets"]["monthly"]        # the real budget is served
+    assert time.monotonic() - began < 10  # 4 rounds of 16 parallel GETs, not 64 in series
+    gets.clear()
+    for seq in range(51, 101):  # fresh names in every report: the GETs are capped, the state bounded
+        await service.apply(body(seq, [f"new-{seq}-{i}" for i in range(64)]))
+    assert len(gets) == 50 * svc.MAX_LOOKUPS_PER_REPORT
+    assert len(service._unknown) <= 100 and not service._loading
+    await service.stop()

@@ -9,6 +9,12 @@ writing it back (status.ledger + the usage fields) at most every FLUSH_INTERVAL 
 that ceiling is persisted, so a restarted operator never grants the same headroom twice.
 
 The store is touched only from the event loop; apiserver calls run in threads.
+
+Budget names come from the proxies, so a name not loaded yet costs a GET: at most
+MAX_LOOKUPS_PER_REPORT of them per report (the others are answered "not loaded yet" and looked up by
+later reports), MAX_CONCURRENT_LOADS at a time in all, and a name found missing is remembered for
+UNKNOWN_TTL seconds in a map of at most MAX_UNKNOWN names (a budget's watch event forgets it at
+once). Nothing else is kept per name that does not exist.
 """
 from __future__ import annotations
 
@@ -38,12 +44,18 @@ from ..render.status import LEDGER_FIELDS
 from .alerts import WebhookSender, WebhookSettings
 from .bodies import plain
 from .cutoff import CutOffController, post_budget_event
+from .expiring import ExpiringMap
 from .ledger_http import LedgerHttpServer, Reply, aiohttp_handler
 
 log = logging.getLogger(__name__)
 
 AUDIENCE = "spendwarden"
 MAX_BODY = 1 << 20  # a report names at most MAX_BUDGETS_PER_REPORT budgets: far below this
+MAX_LOOKUPS_PER_REPORT = 16   # names of a report not loaded yet that are looked up in the apiserver
+MAX_CONCURRENT_LOADS = 4      # budget GETs at a time: flushes keep threads of their own
+UNKNOWN_TTL = 10.0            # a missing budget's watch event clears it sooner
+MAX_UNKNOWN = 4096
+NOT_LOADED = {"error": "budget not loaded yet (too many new names in one report); the next report loads it"}
 SA_PREFIX = "system:serviceaccount:"
 
 REPORTS = Counter("spendwarden_ledger_reports_total", "Usage reports accepted from proxies.")
@@ -219,8 +231,10 @@ class LedgerService:
         self.store = store or LedgerStore(LeaseSettings(ttl=config.lease_ttl, grace=config.lease_grace))
         self.reviewer = TokenReviewer(config.review_ttl)
         self._flush: dict[tuple[str, str], _FlushState] = {}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._unknown: dict[tuple[str, str], float] = {}  # short negative cache of missing budgets
+        self._loading: dict[tuple[str, str], asyncio.Task] = {}  # in flight only: one GET per name
+        self._load_slots = asyncio.Semaphore(MAX_CONCURRENT_LOADS)
+        self._unknown: ExpiringMap[tuple[str, str], bool] = ExpiringMap(UNKNOWN_TTL, MAX_UNKNOWN)
+        self._events_seen = 0  # a budget event during a GET may be its creation: no negative then
         self._server: LedgerHttpServer | None = None
         self._ticker: asyncio.Task | None = None
         self._events: set[asyncio.Task] = set()
@@ -367,7 +381,12 @@ class LedgerService:
         """Apply a parsed, authorised report; answers once its grants are persisted."""
         ns = report.namespace
         get = self.store.get  # loaded budgets without a coroutine each: the common case
-        entries = {name: get(ns, name) or await self._entry(ns, name) for name in report.budgets}
+        entries: dict[str, BudgetEntry | None] = {name: get(ns, name) for name in report.budgets}
+        missing = [n for n, e in entries.items() if e is None and self._may_exist(ns, n)]
+        skipped = set(missing[MAX_LOOKUPS_PER_REPORT:])
+        if missing:  # in parallel: a report naming many new budgets waits for one GET, not for all in series
+            looked_up = missing[:MAX_LOOKUPS_PER_REPORT]
+            entries.update(zip(looked_up, await asyncio.gather(*(self._entry(ns, n) for n in looked_up))))
         # From here to the last report() call there is no await: the report is applied atomically.
         now_ts, now = time.time(), datetime.now(timezone.utc)
         answers: dict[str, Any] = {}
@@ -375,7 +394,7 @@ class LedgerService:
         for name, rep in report.budgets.items():
             entry = entries[name]
             if entry is None:
-                answers[name] = {"error": "unknown budget"}
+                answers[name] = NOT_LOADED if name in skipped else {"error": "unknown budget"}
                 continue
             answers[name], wait = self.store.report(entry, report.proxy_id, report.seq, rep, now_ts, now)
             self.cutoff.observe(entry)  # at once, not after the flush: the cut-off latency
@@ -393,22 +412,33 @@ class LedgerService:
     def owns(self, namespace: str, name: str) -> bool:
         return self.store.get(namespace, name) is not None
 
+    def _may_exist(self, namespace: str, name: str) -> bool:
+        """Whether a name not loaded is worth a GET: served, and not found missing lately."""
+        return self.config.serves(namespace) and self._unknown.get((namespace, name)) is None
+
     async def _entry(self, namespace: str, name: str) -> BudgetEntry | None:
         """The budget's entry, loaded with its persisted ledger before it is first used."""
-        key = (namespace, name)
         entry = self.store.get(namespace, name)
-        if entry is not None:
+        if entry is not None or not self._may_exist(namespace, name):
             return entry
-        if not self.config.serves(namespace) or self._unknown.get(key, 0) > time.monotonic():
-            return None
-        async with self._locks.setdefault(key, asyncio.Lock()):
+        key = (namespace, name)
+        task = self._loading.get(key)
+        if task is None:  # concurrent reports naming it share one GET
+            task = self._loading[key] = asyncio.ensure_future(self._load(namespace, name))
+            task.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _load(self, namespace: str, name: str) -> BudgetEntry | None:
+        async with self._load_slots:
             entry = self.store.get(namespace, name)
             if entry is not None:
                 return entry
+            seen = self._events_seen
             obj = await asyncio.to_thread(_get_budget, namespace, name)
             entry = self.store.load(plain(obj), datetime.now(timezone.utc)) if obj is not None else None
             if entry is None:
-                self._unknown[key] = time.monotonic() + 1.0  # proxies' configs may be a second ahead
+                if seen == self._events_seen:
+                    self._unknown.put((namespace, name), True)
                 return None
             status = obj.get("status") or {}
             self._state(entry).last_written = {k: status.get(k) for k in LEDGER_FIELDS}
@@ -428,7 +458,8 @@ class LedgerService:
             self._drop_gauges(ns, name)
             self.cutoff.forget(ns, name)
             return
-        self._unknown.pop((ns, name), None)
+        self._unknown.pop((ns, name))
+        self._events_seen += 1
         if self.store.written_by_another(obj):
             writer = obj["status"]["ledger"]["writer"]
             # Another operator instance wrote this ledger (only one may serve it: the chart runs one
