@@ -11,7 +11,9 @@ aiohttp `web.Response` or, on the hot path, a `Reply` (cheaper to build).
 What it speaks: HTTP/1.1 (and 1.0) requests with a Content-Length body (or none), keep-alive and
 pipelining (answers in order), `Connection: close`. What it refuses, each with a JSON error and the
 connection closed: a request line or headers over 16 KiB (431), a body over the limit (413),
-Transfer-Encoding (411: the proxies send Content-Length), anything unparseable (400). Unknown
+Transfer-Encoding (411: the proxies send Content-Length), a bare LF line ending (400, at once:
+proxies send CRLF), anything unparseable (400), a request not complete `request_timeout` seconds
+after its first byte (408: a client trickling bytes must not hold a connection forever). Unknown
 paths get 404, known paths with another method 405. A handler that raises answers 500; the server
 stays up. Idle keep-alive connections are closed after `idle_timeout`.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD = 16 * 1024
 MAX_QUEUED = 32  # pipelined requests read ahead per connection before reading pauses
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class Headers:
@@ -132,6 +136,7 @@ class _Connection(asyncio.Protocol):
         self.closing = False      # no more requests are read (an error, Connection: close, or EOF)
         self.paused = False
         self.last_active = time.monotonic()
+        self.started: float | None = None  # first byte of the request being read; None between requests
 
     # -- asyncio.Protocol
 
@@ -163,34 +168,57 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.last_active = time.monotonic()
+        self.last_active = now = time.monotonic()
+        if not self.buffer:
+            self.started = now
         self.buffer += data
         try:
-            self._parse()
+            if self._parse():  # what is left of the chunk began a new request
+                self.started = now if self.buffer else None
         except _BadRequest as exc:
-            self.closing = True
-            self.queue.append(_error(exc.status, str(exc), close=True))
+            self._fail(exc.status, str(exc))
+        self._schedule()
+        if len(self.queue) >= MAX_QUEUED and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _schedule(self) -> None:
         if self.queue:
             if self.worker is None:  # a task per connection, not per request (a task costs ~5 µs)
                 self.worker = asyncio.get_running_loop().create_task(self._work())
             else:
                 self._wake()
-        if len(self.queue) >= MAX_QUEUED and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+
+    def _fail(self, status: int, message: str) -> None:
+        """The last answer on this connection: nothing more is read."""
+        self.closing = True
+        self.started = None
+        self.buffer.clear()
+        self.queue.append(_error(status, message, close=True))
+
+    def expire(self, timeout: float) -> None:
+        """The request being read took too long (the sweeper's call)."""
+        self._fail(408, f"the request was not complete within {timeout:g} s of its first byte")
+        self._schedule()
 
     # -- parsing
 
-    def _parse(self) -> None:
+    def _parse(self) -> int:
+        """Parse the complete requests in the buffer into the queue; how many."""
         buf = self.buffer
+        parsed = 0
         while not self.closing:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
+                if _BARE_LF.search(buf, 0, MAX_HEAD):  # else such a head waits for a CRLF that never comes
+                    raise _BadRequest(400, "malformed request: line endings must be CRLF")
                 if len(buf) > MAX_HEAD:
                     raise _BadRequest(431, "request line and headers exceed 16 KiB")
-                return
+                return parsed
             if end > MAX_HEAD:
                 raise _BadRequest(431, "request line and headers exceed 16 KiB")
+            if _BARE_LF.search(buf, 0, end):
+                raise _BadRequest(400, "malformed request: line endings must be CRLF")
             lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
             parts = lines[0].split(" ")
             if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
@@ -211,13 +239,15 @@ class _Connection(asyncio.Protocol):
             if length > self.server.max_body:
                 raise _BadRequest(413, f"the body exceeds {self.server.max_body} bytes")
             if len(buf) < end + 4 + length:
-                return
+                return parsed
             body = bytes(buf[end + 4:end + 4 + length])
+            parsed += 1
             del buf[:end + 4 + length]
             connection = headers.get("connection", "").lower()
             if connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive"):
                 self.closing = True
             self.queue.append(Request(method, target.partition("?")[0], Headers(headers), body))
+        return parsed
 
     # -- answering (in order)
 
@@ -239,6 +269,8 @@ class _Connection(asyncio.Protocol):
             self.last_active = time.monotonic()
             if self.paused and len(self.queue) < MAX_QUEUED // 2:
                 self.paused = False
+                if self.buffer:
+                    self.started = time.monotonic()  # time spent paused is ours, not the client's
                 self.transport.resume_reading()
         if self.transport is not None:
             self.transport.close()
@@ -261,10 +293,12 @@ class _Connection(asyncio.Protocol):
 class LedgerHttpServer:
     """Serves `routes` ({path: {method: handler}}) on host:port until stop()."""
 
-    def __init__(self, routes: dict[str, dict[str, Handler]], max_body: int = 1 << 20, idle_timeout: float = 75.0):
+    def __init__(self, routes: dict[str, dict[str, Handler]], max_body: int = 1 << 20, idle_timeout: float = 75.0,
+                 request_timeout: float = 10.0):
         self.routes = routes
         self.max_body = max_body
         self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout  # head and body, from the request's first byte
         self.connections: set[_Connection] = set()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task | None = None
@@ -276,12 +310,15 @@ class LedgerHttpServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def _sweep(self) -> None:
-        """Close keep-alive connections idle for longer than idle_timeout (nothing in flight)."""
+        """Close keep-alive connections idle for longer than idle_timeout (nothing in flight), and
+        answer 408 to requests still being read request_timeout after their first byte."""
         while True:
-            await asyncio.sleep(min(self.idle_timeout / 2, 10.0))
+            await asyncio.sleep(min(self.idle_timeout / 2, self.request_timeout / 2, 5.0))
             now = time.monotonic()
             for conn in list(self.connections):
-                if not conn.busy and now - conn.last_active > self.idle_timeout and conn.transport:
+                if conn.started is not None and not (conn.paused or conn.closing) and now - conn.started > self.request_timeout:
+                    conn.expire(self.request_timeout)
+                elif not conn.busy and now - conn.last_active > self.idle_timeout and conn.transport:
                     conn.transport.close()
 
     async def stop(self, grace: float = 5.0) -> None:

@@ -80,6 +80,7 @@ class LedgerConfig:
     # less often (200 busy budgets: every 4 s), so the apiserver's (and our own watch's) load is bounded.
     max_writes_per_second: float = 50.0
     review_ttl: float = 60.0         # how long a positive TokenReview answer is trusted
+    request_timeout: float = 10.0    # a request's head and body, from its first byte (then 408)
     commit_timeout: float = 10.0     # a grant not persisted by then is answered 503 (proxy retries)
     lease_ttl: float = LeaseSettings.ttl      # tests shorten these: a killed proxy is charged after ttl + grace
     lease_grace: float = LeaseSettings.grace
@@ -104,6 +105,7 @@ class LedgerConfig:
                    metrics_port=int(env.get("SPENDWARDEN_METRICS_PORT") or 9090),
                    flush_interval=float(env.get("SPENDWARDEN_LEDGER_FLUSH_INTERVAL") or 2.0),
                    max_writes_per_second=float(env.get("SPENDWARDEN_LEDGER_MAX_WRITES_PER_SECOND") or 50.0),
+                   request_timeout=float(env.get("SPENDWARDEN_LEDGER_REQUEST_TIMEOUT") or 10.0),
                    lease_ttl=float(env.get("SPENDWARDEN_LEDGER_LEASE_TTL") or LeaseSettings.ttl),
                    lease_grace=float(env.get("SPENDWARDEN_LEDGER_LEASE_GRACE") or LeaseSettings.grace))
 
@@ -264,7 +266,7 @@ class LedgerService:
             log.warning("LEDGER AUTHENTICATION IS OFF (--ledger-insecure): anyone who can reach port %s can "
                         "report usage for any namespace and obtain budget grants. Never use this in a cluster.",
                         self.config.port)
-        self._server = LedgerHttpServer(self.routes(), max_body=MAX_BODY)
+        self._server = LedgerHttpServer(self.routes(), max_body=MAX_BODY, request_timeout=self.config.request_timeout)
         self.port = await self._server.start(self.config.addr, self.config.port)
         self._ticker = asyncio.create_task(self._tick_forever(), name="spendwarden-ledger-tick")
         await self.cutoff.start()
