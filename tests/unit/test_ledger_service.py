@@ -292,3 +292,68 @@ async def test_unknown_budget_names_cost_a_bounded_number_of_gets_and_no_lasting
     assert len(gets) == 50 * svc.MAX_LOOKUPS_PER_REPORT
     assert len(service._unknown) <= 100 and not service._loading
     await service.stop()
+
+
+async def test_a_flood_of_unknown_tokens_neither_starves_known_callers_nor_is_reviewed_twice(monkeypatch):
+    """Refusals were not cached and reviews ran on the threads that persist grants: 1,500 connections
+    of garbage tokens made legitimate grants take 5-10 s (some 503). Now a refused token is not
+    reviewed again within the negative TTL, reviews have their own bounded pool (more unknown tokens
+    than MAX_PENDING_REVIEWS at once: 503 at once), and a cached token's grant does not wait on it."""
+    import aiohttp
+
+    FakeApi(monkeypatch, delay=0)
+    reviewer = svc.TokenReviewer(max_pending=16)
+    reviews, running, peak = [], [0], [0]
+
+    def review_sync(token):
+        reviews.append(token)
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.3)  # a slow apiserver
+            return ("team-a", "proxy") if token == "good-token" else None
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(reviewer, "_review_sync", review_sync)
+    service = svc.LedgerService(svc.LedgerConfig(port=0))
+    service.reviewer = reviewer
+    client = await _client(service)
+    start = current_start()
+
+    def body(proxy):
+        return {"proxyId": proxy, "namespace": "team-a", "seq": 1, "budgets": {"monthly": {
+            "periodStart": start, "used": {}, "want": {"outputTokens": 100}}}}
+
+    url = str(client.make_url("/v1/report"))
+    try:
+        async with aiohttp.ClientSession() as legit:
+            async def grant(i):
+                began = time.monotonic()
+                async with legit.post(url, json=body(f"good-{i}"), headers={"Authorization": "Bearer good-token"}) as r:
+                    assert r.status == 200 and "ceiling" in (await r.json())["budgets"]["monthly"]
+                return time.monotonic() - began
+
+            await grant(0)  # the token is now known good
+            statuses = []
+
+            async def garbage(i):
+                async with client.post("/v1/report", json=body("x"), headers={"Authorization": f"Bearer junk-{i}"}) as r:
+                    statuses.append(r.status)
+
+            flood = asyncio.gather(*(garbage(i) for i in range(200)))
+            await asyncio.sleep(0.1)
+            took = [await grant(i) for i in range(1, 6)]
+            await flood
+        assert max(took) < 2.0, took
+        assert set(statuses) <= {401, 503} and 401 in statuses
+        assert peak[0] <= svc.REVIEW_WORKERS and len(reviewer._pending) == 0
+        reviews.clear()
+        for _ in range(20):  # one refused token, again and again: one review
+            resp = await client.post("/v1/report", json=body("x"), headers={"Authorization": "Bearer junk-again"})
+            assert resp.status == 401
+        assert reviews == ["junk-again"]
+        assert all("junk" not in k for k in reviewer._refused._items)  # hashes only
+    finally:
+        await client.close()
+        await service.stop()

@@ -1,7 +1,8 @@
 """The ledger service: `POST /v1/report` (docs/ledger-protocol.md) and `GET /healthz`, served by the
 operator from a kopf startup handler, plus the operator's Prometheus metrics.
 
-Thin: hand-parsed bodies (ledger/store.parse_report), a TokenReview per ServiceAccount token (cached),
+Thin: hand-parsed bodies (ledger/store.parse_report), a TokenReview per ServiceAccount token (cached
+both ways, on a bounded pool of its own: TokenReviewer),
 then the pure store (ledger/store.py, over the lease core ledger/leases.py). What this module adds
 is I/O: loading a budget's persisted ledger from the apiserver before its first report is applied,
 writing it back (status.ledger + the usage fields) at most every FLUSH_INTERVAL per dirty budget
@@ -26,6 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -57,6 +59,9 @@ UNKNOWN_TTL = 10.0            # a missing budget's watch event clears it sooner
 MAX_UNKNOWN = 4096
 NOT_LOADED = {"error": "budget not loaded yet (too many new names in one report); the next report loads it"}
 SA_PREFIX = "system:serviceaccount:"
+NEGATIVE_REVIEW_TTL = 10.0    # a refused token is refused again without a review for this long
+REVIEW_WORKERS = 4            # TokenReview threads, apart from the threads that persist grants
+MAX_PENDING_REVIEWS = 64      # distinct unknown tokens under review at once; more: 503 at once
 
 REPORTS = Counter("spendwarden_ledger_reports_total", "Usage reports accepted from proxies.")
 REJECTED = Counter("spendwarden_ledger_rejected_total", "Ledger requests refused, by reason.", ["reason"])
@@ -129,14 +134,41 @@ SCALING_HOOKS = ScalingHooks()
 
 # -- authentication ------------------------------------------------------------------------------------
 
-class TokenReviewer:
-    """ServiceAccount tokens -> (namespace, serviceaccount) through TokenReview, positive answers
-    cached per token hash (tokens themselves are never stored or logged)."""
+class ReviewBusy(Exception):
+    """MAX_PENDING_REVIEWS reviews of unknown tokens are under way: refuse at once (503), not queue."""
 
-    def __init__(self, ttl: float = 60.0, max_entries: int = 10_000):
+
+class TokenReviewer:
+    """ServiceAccount tokens -> (namespace, serviceaccount) through TokenReview, answers cached per
+    token hash (tokens themselves are never stored or logged): positive ones for `ttl`, refusals for
+    `negative_ttl` in a bounded map, so a token that failed once costs no second review soon.
+
+    Reviews run on a pool of their own (`workers` threads, at most `max_pending` distinct tokens
+    under review, concurrent requests with one token share its review): a flood of unknown tokens
+    then waits on that pool only, never on the threads that persist grants, and a cached token is
+    answered without waiting at all."""
+
+    def __init__(self, ttl: float = 60.0, max_entries: int = 10_000, negative_ttl: float = NEGATIVE_REVIEW_TTL,
+                 workers: int = REVIEW_WORKERS, max_pending: int = MAX_PENDING_REVIEWS):
         self.ttl = min(ttl, 60.0)
         self.max_entries = max_entries
+        self.max_pending = max_pending
         self._cache: dict[str, tuple[float, str, str]] = {}
+        self._refused: ExpiringMap[str, bool] = ExpiringMap(negative_ttl, max_entries)
+        self._pending: dict[str, asyncio.Future] = {}
+        self._workers = workers
+        self._pool: ThreadPoolExecutor | None = None  # made on first use: most tests never review
+
+    @staticmethod
+    def key(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    def cached(self, key: str) -> tuple[str, str] | bool | None:
+        """(namespace, serviceaccount) of a token known good, False for one known bad, None: unknown."""
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1], hit[2]
+        return False if self._refused.get(key) else None
 
     def _review_sync(self, token: str) -> tuple[str, str] | None:
         from kubernetes import client
@@ -157,19 +189,39 @@ class TokenReviewer:
         return (ns, sa) if ns and sa else None
 
     async def review(self, token: str) -> tuple[str, str] | None:
-        key = hashlib.sha256(token.encode()).hexdigest()
+        key = self.key(token)
+        hit = self.cached(key)
+        if hit is not None:
+            return hit or None
+        future = self._pending.get(key)
+        if future is None:
+            if len(self._pending) >= self.max_pending:
+                raise ReviewBusy()
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="spendwarden-tokenreview")
+            future = asyncio.get_running_loop().run_in_executor(self._pool, self._review_sync, token)
+            self._pending[key] = future
+            future.add_done_callback(lambda f: self._settle(key, f))
+        return await asyncio.shield(future)  # errors propagate: 503, not 401
+
+    def _settle(self, key: str, future: asyncio.Future) -> None:
+        self._pending.pop(key, None)
+        if future.cancelled() or future.exception() is not None:
+            return  # the apiserver failed, not the token: nothing to remember
+        who = future.result()
+        if who is None:
+            self._refused.put(key, True)
+            return
         now = time.monotonic()
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1], hit[2]
-        who = await asyncio.to_thread(self._review_sync, token)  # errors propagate: 503, not 401
-        if who is not None:
+        if len(self._cache) >= self.max_entries:
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
             if len(self._cache) >= self.max_entries:
-                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
-                if len(self._cache) >= self.max_entries:
-                    self._cache.clear()
-            self._cache[key] = (now + self.ttl, who[0], who[1])
-        return who
+                self._cache.clear()
+        self._cache[key] = (now + self.ttl, who[0], who[1])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 # -- apiserver I/O (in threads) ---------------------------------------------------------------------------
@@ -288,6 +340,7 @@ class LedgerService:
             if entry.dirty:
                 await self._flush_once(entry)
         await self.alerts.close()
+        self.reviewer.close()
         log.info("ledger state persisted at shutdown", extra={"budgets": len(self.store.entries)})
 
     # HTTP
@@ -309,6 +362,8 @@ class LedgerService:
             return self._reject(401, "missing_token", "a Bearer ServiceAccount token with audience spendwarden is required")
         try:
             who = await self.reviewer.review(token.strip())
+        except ReviewBusy:  # a flood of unknown tokens: counted, not logged per request
+            return self._reject(503, "review_busy", "too many unknown tokens under review; retry")
         except Exception as exc:  # noqa: BLE001 - the apiserver is unreachable: retryable, not the proxy's fault
             log.warning("TokenReview failed: %s", type(exc).__name__)
             return self._reject(503, "review_failed", "cannot verify the token now; retry")
