@@ -357,3 +357,125 @@ async def test_a_flood_of_unknown_tokens_neither_starves_known_callers_nor_is_re
     finally:
         await client.close()
         await service.stop()
+
+
+# -- the ledger's own HTTP server, bounded against callers that are not proxies -------------------------
+
+async def _served(monkeypatch, **config) -> tuple[svc.LedgerService, int, list[str]]:
+    """The real service on its ledger_http server on 127.0.0.1 (apiserver faked, no cut-off loop)."""
+    FakeApi(monkeypatch, delay=0)
+    reviews: list[str] = []
+    service = svc.LedgerService(svc.LedgerConfig(port=0, addr="127.0.0.1", **config))
+
+    def review_sync(token):
+        reviews.append(token)
+        time.sleep(0.05)
+        return ("team-a", "proxy") if token == "good-token" else None
+
+    monkeypatch.setattr(service.reviewer, "_review_sync", review_sync)
+
+    async def no_cutoff():
+        return None
+
+    monkeypatch.setattr(service.cutoff, "start", no_cutoff)
+    await service.start()
+    return service, service.port, reviews
+
+
+async def _exchange(port: int, data: bytes, wait: float = 3.0) -> bytes:
+    """Send `data`, read until the server closes (or `wait` passes)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    out = b""
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), wait)
+            if not chunk:
+                break
+            out += chunk
+    except (TimeoutError, ConnectionError):
+        pass
+    writer.close()
+    return out
+
+
+def _head(path: str, length: int, auth: str | None, method: str = "POST") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: x", f"Content-Length: {length}"]
+    lines += [f"Authorization: {auth}"] if auth is not None else []
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _report(start: str, pad: int = 0) -> bytes:
+    import json
+    return json.dumps({"proxyId": "p1", "namespace": "team-a", "seq": 1, "pad": "x" * pad, "budgets": {
+        "monthly": {"periodStart": start, "used": {}, "want": {"outputTokens": 10}}}}).encode()
+
+
+async def test_a_large_body_is_read_only_for_a_token_known_good_or_reviewed_first(monkeypatch):
+    """Bodies up to 1 MiB were read (and 32 requests queued) before the token was looked at. Now the
+    head alone is answered 401 without a token, with one of the wrong syntax, or one refused before;
+    an unknown token's large body waits for its review; a public path takes only a small body."""
+    service, port, reviews = await _served(monkeypatch)
+    big = 1 << 20
+    try:
+        for auth in (None, "Basic abc", "Bearer ", "Bearer a b", "Bearer " + "x" * 9000):
+            out = await _exchange(port, _head("/v1/report", big, auth))  # the head only: no body is sent
+            assert out.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in out, (auth, out[:80])
+        assert reviews == []
+        out = await _exchange(port, _head("/v1/report", big, "Bearer junk"))  # reviewed before its body
+        assert out.startswith(b"HTTP/1.1 401 ") and reviews == ["junk"]
+        out = await _exchange(port, _head("/v1/report", big, "Bearer junk") * 32)  # refused before: no review
+        assert out.count(b"HTTP/1.1 401 ") == 1 and reviews == ["junk"]
+        out = await _exchange(port, _head("/healthz", 100_000, None, "GET"))
+        assert out.startswith(b"HTTP/1.1 413 ")
+        body = _report(current_start(), pad=100_000)  # a big report of a token not known yet: served after its review
+        out = await _exchange(port, _head("/v1/report", len(body), "Bearer good-token") + body, wait=1.0)
+        assert out.startswith(b"HTTP/1.1 200 ") and b'"ceiling"' in out, out[:200]
+        assert reviews == ["junk", "good-token"]
+    finally:
+        await service.stop()
+
+
+async def test_connections_are_bounded_and_a_silent_one_holds_its_slot_only_briefly(monkeypatch):
+    """No connection limit: 30 connections of queued 1 MiB bodies took the operator from 186 to 602 MB.
+    Now at most max_connections; one more is answered 503 and closed at once, and a connection that
+    sends nothing is closed at request_timeout, so proxies get their slots back."""
+    service, port, _ = await _served(monkeypatch, max_connections=20, request_timeout=1.0)
+    try:
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+        await asyncio.sleep(0.1)
+        began = time.monotonic()
+        out = await _exchange(port, b"")
+        assert out.startswith(b"HTTP/1.1 503 ") and b"too many connections" in out and time.monotonic() - began < 1.0
+        assert len(service._server.connections) == 20 and service._server.refused == 1
+        for reader, _ in silent:  # closed with a 408 at the deadline (the sweep runs every 0.5 s)
+            assert (await asyncio.wait_for(reader.read(), 4.0)).startswith(b"HTTP/1.1 408 ")
+        for _, writer in silent:
+            writer.close()
+        body = _report(current_start())
+        out = await _exchange(port, _head("/v1/report", len(body), "Bearer good-token") + body, wait=1.0)
+        assert out.startswith(b"HTTP/1.1 200 ")
+    finally:
+        await service.stop()
+
+
+async def test_pipelined_requests_read_ahead_are_bounded(monkeypatch):
+    """32 pipelined requests (of up to 1 MiB each) were read ahead per connection; now MAX_QUEUED and
+    at most max_body bytes of bodies, and all are still answered in order."""
+    from spendwarden.controller import ledger_http
+    service, port, _ = await _served(monkeypatch)
+    seen: list[int] = []
+    handler = service.handle_healthz
+
+    async def healthz(request):
+        seen.append(max(len(c.queue) for c in service._server.connections))
+        await asyncio.sleep(0.01)
+        return await handler(request)
+
+    service._server.routes["/healthz"]["GET"] = healthz
+    try:
+        out = await _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 40, wait=1.0)
+        assert out.count(b"HTTP/1.1 200 ") == 40
+        assert max(seen) <= ledger_http.MAX_QUEUED < 32
+    finally:
+        await service.stop()

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +48,7 @@ from .alerts import WebhookSender, WebhookSettings
 from .bodies import plain
 from .cutoff import CutOffController, post_budget_event
 from .expiring import ExpiringMap
-from .ledger_http import LedgerHttpServer, Reply, aiohttp_handler
+from .ledger_http import PUBLIC, REVIEW, TRUSTED, Admission, Headers, LedgerHttpServer, Reply, aiohttp_handler
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,17 @@ SA_PREFIX = "system:serviceaccount:"
 NEGATIVE_REVIEW_TTL = 10.0    # a refused token is refused again without a review for this long
 REVIEW_WORKERS = 4            # TokenReview threads, apart from the threads that persist grants
 MAX_PENDING_REVIEWS = 64      # distinct unknown tokens under review at once; more: 503 at once
+_BEARER = re.compile(r"[A-Za-z0-9._~+/=-]{1,8192}")  # RFC 6750 b64token; a projected JWT is ~1 KiB
+AUTHENTICATED = frozenset(("/v1/report", "/v1/wake"))
+MISSING_TOKEN = "a Bearer ServiceAccount token with audience spendwarden is required"
+INVALID_TOKEN = "the token is not a valid ServiceAccount token for audience spendwarden"
+
+
+def bearer_token(header: str) -> str | None:
+    """The token of an `Authorization: Bearer` header, None if absent or not a token's syntax."""
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and _BEARER.fullmatch(token) else None
 
 REPORTS = Counter("spendwarden_ledger_reports_total", "Usage reports accepted from proxies.")
 REJECTED = Counter("spendwarden_ledger_rejected_total", "Ledger requests refused, by reason.", ["reason"])
@@ -85,6 +97,7 @@ class LedgerConfig:
     # less often (200 busy budgets: every 4 s), so the apiserver's (and our own watch's) load is bounded.
     max_writes_per_second: float = 50.0
     review_ttl: float = 60.0         # how long a positive TokenReview answer is trusted
+    max_connections: int = 4096      # to the ledger port at once (about one per proxy); more: 503, closed
     request_timeout: float = 10.0    # a request's head and body, from its first byte (then 408)
     commit_timeout: float = 10.0     # a grant not persisted by then is answered 503 (proxy retries)
     lease_ttl: float = LeaseSettings.ttl      # tests shorten these: a killed proxy is charged after ttl + grace
@@ -111,6 +124,7 @@ class LedgerConfig:
                    flush_interval=float(env.get("SPENDWARDEN_LEDGER_FLUSH_INTERVAL") or 2.0),
                    max_writes_per_second=float(env.get("SPENDWARDEN_LEDGER_MAX_WRITES_PER_SECOND") or 50.0),
                    request_timeout=float(env.get("SPENDWARDEN_LEDGER_REQUEST_TIMEOUT") or 10.0),
+                   max_connections=int(env.get("SPENDWARDEN_LEDGER_MAX_CONNECTIONS") or 4096),
                    lease_ttl=float(env.get("SPENDWARDEN_LEDGER_LEASE_TTL") or LeaseSettings.ttl),
                    lease_grace=float(env.get("SPENDWARDEN_LEDGER_LEASE_GRACE") or LeaseSettings.grace))
 
@@ -318,7 +332,9 @@ class LedgerService:
             log.warning("LEDGER AUTHENTICATION IS OFF (--ledger-insecure): anyone who can reach port %s can "
                         "report usage for any namespace and obtain budget grants. Never use this in a cluster.",
                         self.config.port)
-        self._server = LedgerHttpServer(self.routes(), max_body=MAX_BODY, request_timeout=self.config.request_timeout)
+        self._server = LedgerHttpServer(self.routes(), max_body=MAX_BODY, request_timeout=self.config.request_timeout,
+                                        max_connections=self.config.max_connections, admit=self.admit,
+                                        verify=self.verify)
         self.port = await self._server.start(self.config.addr, self.config.port)
         self._ticker = asyncio.create_task(self._tick_forever(), name="spendwarden-ledger-tick")
         await self.cutoff.start()
@@ -352,23 +368,45 @@ class LedgerService:
         REJECTED.labels(reason=reason).inc()
         return web.json_response({"error": message}, status=status)
 
+    def admit(self, path: str, headers: Headers) -> Admission:
+        """ledger_http's judgement of a head before its body is read: no review here, only the header's
+        syntax and a cached verdict (the handler still authenticates every request)."""
+        if self.config.insecure:
+            return TRUSTED
+        if path not in AUTHENTICATED:
+            return PUBLIC
+        token = bearer_token(headers.get("authorization", ""))
+        if token is None:
+            REJECTED.labels(reason="missing_token").inc()
+            return 401, MISSING_TOKEN
+        verdict = self.reviewer.cached(self.reviewer.key(token))
+        if verdict is False:
+            REJECTED.labels(reason="invalid_token").inc()
+            return 401, INVALID_TOKEN
+        return REVIEW if verdict is None else TRUSTED
+
+    async def verify(self, headers: Headers) -> None:
+        """Review a head's token before its large body is read (the verdict is cached either way)."""
+        token = bearer_token(headers.get("authorization", ""))
+        if token is not None:
+            await self.reviewer.review(token)
+
     async def _authenticate(self, request: web.Request) -> tuple[str, str] | None | web.Response:
         """(namespace, serviceaccount) of the Bearer token; None with --ledger-insecure; or the refusal."""
         if self.config.insecure:
             return None
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return self._reject(401, "missing_token", "a Bearer ServiceAccount token with audience spendwarden is required")
+        token = bearer_token(request.headers.get("Authorization", ""))
+        if token is None:
+            return self._reject(401, "missing_token", MISSING_TOKEN)
         try:
-            who = await self.reviewer.review(token.strip())
+            who = await self.reviewer.review(token)
         except ReviewBusy:  # a flood of unknown tokens: counted, not logged per request
             return self._reject(503, "review_busy", "too many unknown tokens under review; retry")
         except Exception as exc:  # noqa: BLE001 - the apiserver is unreachable: retryable, not the proxy's fault
             log.warning("TokenReview failed: %s", type(exc).__name__)
             return self._reject(503, "review_failed", "cannot verify the token now; retry")
         if who is None:
-            return self._reject(401, "invalid_token", "the token is not a valid ServiceAccount token for audience spendwarden")
+            return self._reject(401, "invalid_token", INVALID_TOKEN)
         return who
 
     async def handle_report(self, request: web.Request) -> web.Response:
