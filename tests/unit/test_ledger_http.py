@@ -129,3 +129,57 @@ async def test_stop_lets_an_answer_in_flight_finish(server):
         assert (await pending).status_code == 200
         with pytest.raises(httpx.ConnectError):
             await http.post(f"http://127.0.0.1:{port}/echo", json=1)
+
+
+async def _trickle(port: int, first: bytes, data: bytes, every: float, within: float) -> tuple[bytes, float]:
+    """Send `first`, then `data` a byte at a time; what the server answered and when it closed (or `within`)."""
+    began = asyncio.get_running_loop().time()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(first)
+    out = b""
+    try:
+        for i in range(10**6):
+            if i < len(data) and not out:  # once answered, only read
+                writer.write(data[i:i + 1])
+            try:
+                chunk = await asyncio.wait_for(reader.read(4096), every)
+            except TimeoutError:
+                chunk = None
+            if chunk == b"":
+                break
+            out += chunk or b""
+            if asyncio.get_running_loop().time() - began > within:
+                break
+    finally:
+        writer.close()
+    return out, asyncio.get_running_loop().time() - began
+
+
+@pytest.mark.parametrize("first, data", [(b"", post("/echo", b'{"n": 1}')),                  # a slow head
+                                         (post("/echo", b"x" * 400)[:-400], b"x" * 400)],    # a slow body
+                         ids=["head", "body"])
+async def test_a_request_trickled_byte_by_byte_gets_408_at_its_deadline(first, data):
+    """The idle timer restarted at every byte: one byte every few seconds kept a connection (and its
+    buffer) forever. A request now has request_timeout from its first byte, however it trickles."""
+    srv = LedgerHttpServer(ROUTES, max_body=1000, idle_timeout=1.0, request_timeout=0.6)
+    port = await srv.start("127.0.0.1", 0)
+    try:
+        out, took = await _trickle(port, first, data, every=0.15, within=4.0)
+        assert out.startswith(b"HTTP/1.1 408 ") and b"within 0.6 s of its first byte" in out, out
+        assert took < 3.0
+        async with httpx.AsyncClient() as http:  # others still served
+            assert (await http.post(f"http://127.0.0.1:{port}/echo", json=1)).json()["got"] == 1
+    finally:
+        await srv.stop()
+
+
+@pytest.mark.parametrize("data", [b"GET /health HTTP/1.1\n\n", b"GET /health HTTP/1.1\nHost: x\n",
+                                  b"GET /health HTTP/1.1\r\nHost: x\n\r\n"])
+async def test_bare_lf_line_endings_are_refused_at_once(server, data):
+    """A head ending in bare LFs waited for a CRLF CRLF that never came, unanswered until the idle
+    timeout closed it: now a 400 at once."""
+    _, port = server
+    began = asyncio.get_running_loop().time()
+    out = await raw(port, data)
+    assert out.startswith(b"HTTP/1.1 400 ") and b"line endings must be CRLF" in out, out
+    assert asyncio.get_running_loop().time() - began < 0.5  # before the fixture's 0.6 s idle timeout

@@ -97,8 +97,8 @@ def test_aggregator_posts_at_once_then_at_most_one_event_per_route_and_interval_
 
 def test_aggregator_takes_a_resent_report_once_and_caps_route_labels():
     agg = LoopAggregator()
-    assert agg.accept("p1", 5) and not agg.accept("p1", 5) and not agg.accept("p1", 4) and agg.accept("p1", 6)
-    assert agg.accept("p2", 1)
+    assert agg.accept("ns", "p1", 5) and not agg.accept("ns", "p1", 5) and not agg.accept("ns", "p1", 4)
+    assert agg.accept("ns", "p1", 6) and agg.accept("ns", "p2", 1)
     labels = {agg.route_label("ns", f"r{i}") for i in range(100)}
     assert len(labels) == 65 and "(other)" in labels and agg.route_label("ns", "r0") == "r0"
     assert agg.route_label("ns2", "r99") == "r99"
@@ -131,3 +131,33 @@ async def test_service_posts_loop_detected_on_the_budgets_covering_the_route_onc
     assert sorted((n, r) for n, r, _ in events) == [("all", "LoopDetected"), ("chat", "LoopDetected")]
     assert "4 request(s) refused" in events[0][2]
     assert svc.LOOPS.labels(namespace="team-a", route="chat")._value.get() - before == 4
+
+
+async def test_one_namespace_can_neither_fill_the_route_cap_nor_reuse_a_proxy_id_to_silence_another(monkeypatch):
+    """Loop state was keyed globally: a namespace sending many routes filled the one cap and other
+    namespaces' loops went unannounced; one reporting another's proxyId (visible in its budget's
+    status) with a larger seq made that proxy's later loops look like resends."""
+    events: list[tuple[str, str]] = []
+    objs = {("team-a", "all"): _budget("all", [])}
+    monkeypatch.setattr(svc, "_get_budget", lambda ns, name: copy.deepcopy(objs.get((ns, name))))
+    monkeypatch.setattr(svc, "_patch_status", lambda *a: None)
+    monkeypatch.setattr(svc, "_patch_conditions", lambda *a: True)
+    monkeypatch.setattr(svc, "_post_event", lambda entry, reason, message: events.append((entry.namespace, message)))
+    service = svc.LedgerService(svc.LedgerConfig(port=0))
+    service.loops = LoopAggregator(max_routes=32)
+
+    def body(ns, proxy, seq, routes):
+        return parse_report({"proxyId": proxy, "namespace": ns, "seq": seq, "budgets": {"all": {
+            "periodStart": "2000-01-01T00:00:00Z", "used": {}}}, "loops": [loop(route=r) for r in routes]})
+
+    for seq in range(1, 11):  # 160 routes from one namespace: it alone hits the cap
+        await service.apply(body("evil", "x", seq, [f"r{seq}-{i}" for i in range(MAX_PER_REPORT)]))
+    assert sum(1 for ns, _ in service.loops._routes if ns == "evil") == 32
+    await service.apply(body("team-a", "p1", 1, ["chat"]))
+    await service.apply(body("evil", "p1", 10**9, ["chat"]))  # team-a's proxy id, a huge seq
+    for _ in range(2):
+        service.loops._routes[("team-a", "chat")].last_event = -math.inf  # the interval has passed
+        await service.apply(body("team-a", "p1", 2, ["chat"]))
+    for task in list(service._events):
+        await task
+    assert [ns for ns, _ in events] == ["team-a", "team-a"]  # the first report and seq 2, once

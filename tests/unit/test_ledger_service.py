@@ -255,3 +255,227 @@ async def test_a_budget_with_a_persisted_ledger_is_loaded_when_seen(monkeypatch)
     assert entry is not None and entry.previous is not None and entry.history[0]["used"]["totalTokens"] == 5
     await service.stop()
     assert api.obj["status"]["used"]["totalTokens"] == 0  # the reset was written
+
+
+async def test_unknown_budget_names_cost_a_bounded_number_of_gets_and_no_lasting_state(monkeypatch):
+    """50 reports of 64 names that do not exist cost 3,200 GETs in series (66 s) and grew two dicts
+    by an entry per name for good. Now: at most MAX_LOOKUPS_PER_REPORT GETs a report, in parallel,
+    a name found missing is not asked again within the TTL, and the negative cache is bounded."""
+    api = FakeApi(monkeypatch, delay=0)
+    gets: list[str] = []
+
+    def get(namespace, name):
+        gets.append(name)
+        time.sleep(0.02)  # an apiserver round trip
+        return copy.deepcopy(api.obj) if name == "monthly" else None
+
+    monkeypatch.setattr(svc, "_get_budget", get)
+    service = svc.LedgerService(svc.LedgerConfig(port=0))
+    service._unknown = svc.ExpiringMap(svc.UNKNOWN_TTL, 100)
+    start = current_start()
+
+    def body(seq, names):
+        return parse_report({"proxyId": "p1", "namespace": "team-a", "seq": seq, "budgets": {
+            n: {"periodStart": start, "used": {}, "want": {"outputTokens": 10}} for n in names}})
+
+    names = [f"ghost-{i}" for i in range(63)] + ["monthly"]
+    began = time.monotonic()
+    answers = [await service.apply(body(seq, names)) for seq in range(1, 51)]
+    assert len(gets) == 64, "each name asked once"
+    assert answers[0]["budgets"]["ghost-0"] == {"error": "unknown budget"}
+    assert answers[0]["budgets"]["monthly"] == svc.NOT_LOADED  # past the per-report lookups: next time
+    assert "ceiling" in answers[-1]["budgets"]["monthly"]        # the real budget is served
+    assert time.monotonic() - began < 10  # 4 rounds of 16 parallel GETs, not 64 in series
+    gets.clear()
+    for seq in range(51, 101):  # fresh names in every report: the GETs are capped, the state bounded
+        await service.apply(body(seq, [f"new-{seq}-{i}" for i in range(64)]))
+    assert len(gets) == 50 * svc.MAX_LOOKUPS_PER_REPORT
+    assert len(service._unknown) <= 100 and not service._loading
+    await service.stop()
+
+
+async def test_a_flood_of_unknown_tokens_neither_starves_known_callers_nor_is_reviewed_twice(monkeypatch):
+    """Refusals were not cached and reviews ran on the threads that persist grants: 1,500 connections
+    of garbage tokens made legitimate grants take 5-10 s (some 503). Now a refused token is not
+    reviewed again within the negative TTL, reviews have their own bounded pool (more unknown tokens
+    than MAX_PENDING_REVIEWS at once: 503 at once), and a cached token's grant does not wait on it."""
+    import aiohttp
+
+    FakeApi(monkeypatch, delay=0)
+    reviewer = svc.TokenReviewer(max_pending=16)
+    reviews, running, peak = [], [0], [0]
+
+    def review_sync(token):
+        reviews.append(token)
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.3)  # a slow apiserver
+            return ("team-a", "proxy") if token == "good-token" else None
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(reviewer, "_review_sync", review_sync)
+    service = svc.LedgerService(svc.LedgerConfig(port=0))
+    service.reviewer = reviewer
+    client = await _client(service)
+    start = current_start()
+
+    def body(proxy):
+        return {"proxyId": proxy, "namespace": "team-a", "seq": 1, "budgets": {"monthly": {
+            "periodStart": start, "used": {}, "want": {"outputTokens": 100}}}}
+
+    url = str(client.make_url("/v1/report"))
+    try:
+        async with aiohttp.ClientSession() as legit:
+            async def grant(i):
+                began = time.monotonic()
+                async with legit.post(url, json=body(f"good-{i}"), headers={"Authorization": "Bearer good-token"}) as r:
+                    assert r.status == 200 and "ceiling" in (await r.json())["budgets"]["monthly"]
+                return time.monotonic() - began
+
+            await grant(0)  # the token is now known good
+            statuses = []
+
+            async def garbage(i):
+                async with client.post("/v1/report", json=body("x"), headers={"Authorization": f"Bearer junk-{i}"}) as r:
+                    statuses.append(r.status)
+
+            flood = asyncio.gather(*(garbage(i) for i in range(200)))
+            await asyncio.sleep(0.1)
+            took = [await grant(i) for i in range(1, 6)]
+            await flood
+        assert max(took) < 2.0, took
+        assert set(statuses) <= {401, 503} and 401 in statuses
+        assert peak[0] <= svc.REVIEW_WORKERS and len(reviewer._pending) == 0
+        reviews.clear()
+        for _ in range(20):  # one refused token, again and again: one review
+            resp = await client.post("/v1/report", json=body("x"), headers={"Authorization": "Bearer junk-again"})
+            assert resp.status == 401
+        assert reviews == ["junk-again"]
+        assert all("junk" not in k for k in reviewer._refused._items)  # hashes only
+    finally:
+        await client.close()
+        await service.stop()
+
+
+# -- the ledger's own HTTP server, bounded against callers that are not proxies -------------------------
+
+async def _served(monkeypatch, **config) -> tuple[svc.LedgerService, int, list[str]]:
+    """The real service on its ledger_http server on 127.0.0.1 (apiserver faked, no cut-off loop)."""
+    FakeApi(monkeypatch, delay=0)
+    reviews: list[str] = []
+    service = svc.LedgerService(svc.LedgerConfig(port=0, addr="127.0.0.1", **config))
+
+    def review_sync(token):
+        reviews.append(token)
+        time.sleep(0.05)
+        return ("team-a", "proxy") if token == "good-token" else None
+
+    monkeypatch.setattr(service.reviewer, "_review_sync", review_sync)
+
+    async def no_cutoff():
+        return None
+
+    monkeypatch.setattr(service.cutoff, "start", no_cutoff)
+    await service.start()
+    return service, service.port, reviews
+
+
+async def _exchange(port: int, data: bytes, wait: float = 3.0) -> bytes:
+    """Send `data`, read until the server closes (or `wait` passes)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    out = b""
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), wait)
+            if not chunk:
+                break
+            out += chunk
+    except (TimeoutError, ConnectionError):
+        pass
+    writer.close()
+    return out
+
+
+def _head(path: str, length: int, auth: str | None, method: str = "POST") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: x", f"Content-Length: {length}"]
+    lines += [f"Authorization: {auth}"] if auth is not None else []
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _report(start: str, pad: int = 0) -> bytes:
+    import json
+    return json.dumps({"proxyId": "p1", "namespace": "team-a", "seq": 1, "pad": "x" * pad, "budgets": {
+        "monthly": {"periodStart": start, "used": {}, "want": {"outputTokens": 10}}}}).encode()
+
+
+async def test_a_large_body_is_read_only_for_a_token_known_good_or_reviewed_first(monkeypatch):
+    """Bodies up to 1 MiB were read (and 32 requests queued) before the token was looked at. Now the
+    head alone is answered 401 without a token, with one of the wrong syntax, or one refused before;
+    an unknown token's large body waits for its review; a public path takes only a small body."""
+    service, port, reviews = await _served(monkeypatch)
+    big = 1 << 20
+    try:
+        for auth in (None, "Basic abc", "Bearer ", "Bearer a b", "Bearer " + "x" * 9000):
+            out = await _exchange(port, _head("/v1/report", big, auth))  # the head only: no body is sent
+            assert out.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in out, (auth, out[:80])
+        assert reviews == []
+        out = await _exchange(port, _head("/v1/report", big, "Bearer junk"))  # reviewed before its body
+        assert out.startswith(b"HTTP/1.1 401 ") and reviews == ["junk"]
+        out = await _exchange(port, _head("/v1/report", big, "Bearer junk") * 32)  # refused before: no review
+        assert out.count(b"HTTP/1.1 401 ") == 1 and reviews == ["junk"]
+        out = await _exchange(port, _head("/healthz", 100_000, None, "GET"))
+        assert out.startswith(b"HTTP/1.1 413 ")
+        body = _report(current_start(), pad=100_000)  # a big report of a token not known yet: served after its review
+        out = await _exchange(port, _head("/v1/report", len(body), "Bearer good-token") + body, wait=1.0)
+        assert out.startswith(b"HTTP/1.1 200 ") and b'"ceiling"' in out, out[:200]
+        assert reviews == ["junk", "good-token"]
+    finally:
+        await service.stop()
+
+
+async def test_connections_are_bounded_and_a_silent_one_holds_its_slot_only_briefly(monkeypatch):
+    """No connection limit: 30 connections of queued 1 MiB bodies took the operator from 186 to 602 MB.
+    Now at most max_connections; one more is answered 503 and closed at once, and a connection that
+    sends nothing is closed at request_timeout, so proxies get their slots back."""
+    service, port, _ = await _served(monkeypatch, max_connections=20, request_timeout=1.0)
+    try:
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+        await asyncio.sleep(0.1)
+        began = time.monotonic()
+        out = await _exchange(port, b"")
+        assert out.startswith(b"HTTP/1.1 503 ") and b"too many connections" in out and time.monotonic() - began < 1.0
+        assert len(service._server.connections) == 20 and service._server.refused == 1
+        for reader, _ in silent:  # closed with a 408 at the deadline (the sweep runs every 0.5 s)
+            assert (await asyncio.wait_for(reader.read(), 4.0)).startswith(b"HTTP/1.1 408 ")
+        for _, writer in silent:
+            writer.close()
+        body = _report(current_start())
+        out = await _exchange(port, _head("/v1/report", len(body), "Bearer good-token") + body, wait=1.0)
+        assert out.startswith(b"HTTP/1.1 200 ")
+    finally:
+        await service.stop()
+
+
+async def test_pipelined_requests_read_ahead_are_bounded(monkeypatch):
+    """32 pipelined requests (of up to 1 MiB each) were read ahead per connection; now MAX_QUEUED and
+    at most max_body bytes of bodies, and all are still answered in order."""
+    from spendwarden.controller import ledger_http
+    service, port, _ = await _served(monkeypatch)
+    seen: list[int] = []
+    handler = service.handle_healthz
+
+    async def healthz(request):
+        seen.append(max(len(c.queue) for c in service._server.connections))
+        await asyncio.sleep(0.01)
+        return await handler(request)
+
+    service._server.routes["/healthz"]["GET"] = healthz
+    try:
+        out = await _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 40, wait=1.0)
+        assert out.count(b"HTTP/1.1 200 ") == 40
+        assert max(seen) <= ledger_http.MAX_QUEUED < 32
+    finally:
+        await service.stop()

@@ -121,3 +121,51 @@ async def test_a_woken_backend_counts_as_reachable_only_once_it_takes_a_connecti
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     assert not await accepts_connections(f"http://127.0.0.1:{closed}/v1")
+
+
+async def test_a_report_answers_replicas_only_of_workloads_shared_with_its_namespace(monkeypatch):
+    """A route may name a workload of any namespace in deploymentRef: the report's answer must not
+    tell that team the workload's replica counts unless the workload is shared with it (the wake
+    endpoint's rule), or any team could watch another's capacity."""
+    import copy
+
+    other = copy.deepcopy(ROUTE)
+    other["spec"]["backends"][0]["deploymentRef"] = {"name": "gpu", "namespace": "inference"}
+    client, s = await _client(monkeypatch)
+    s.observe_route("MODIFIED", other)
+    (wk,) = s.uses
+    assert str(wk) == "Deployment/inference/gpu"
+    s.tracked[wk] = scaler.Tracked(scaler.ScaleState.new(time.time()),
+                                   view=scaler.WorkloadView(spec_replicas=3, replicas=3, available=2, annotations={}))
+    body = {"proxyId": "p", "namespace": "team-a", "seq": 1, "budgets": {},
+            "backends": {"chat/llama": {"inFlight": 1}}}
+    auth = {"Authorization": "Bearer token-a"}
+    try:
+        r = await client.post("/v1/report", json=body, headers=auth)
+        assert r.status == 200 and "backends" not in await r.json()
+        s.tracked[wk].view.annotations["spendwarden.io/scaling-shared-with"] = "team-a"
+        r = await client.post("/v1/report", json={**body, "seq": 2}, headers=auth)
+        assert r.status == 200
+        assert (await r.json())["backends"]["chat/llama"] == {"replicas": 3, "availableReplicas": 2}
+    finally:
+        await client.close()
+
+
+async def test_another_namespace_reusing_a_proxy_id_does_not_replace_its_demand(monkeypatch):
+    """The demand book was keyed by proxyId alone: team-b reporting team-a's proxyId (visible in
+    team-a's budget status) replaced team-a's in-flight numbers, scaling its backend down."""
+    client, s = await _client(monkeypatch)
+    mine = {"proxyId": "p1", "namespace": "team-a", "seq": 1, "budgets": {}, "backends": {"chat/llama": {"inFlight": 3}}}
+    theirs = {**mine, "namespace": "team-b", "seq": 10**9, "backends": {"chat/llama": {"inFlight": 0}}}
+    try:
+        assert (await client.post("/v1/report", json=mine, headers={"Authorization": "Bearer token-a"})).status == 200
+        assert (await client.post("/v1/report", json=theirs, headers={"Authorization": "Bearer token-b"})).status == 200
+        assert s.book.load(time.time())[("team-a", "chat/llama")].in_flight == 3
+    finally:
+        await client.close()
+    book = scaler.DemandBook(ttl=5, max_proxies=10)
+    for i in range(50):  # one namespace's many proxy ids stay within its own cap
+        book.record(f"x{i}", "team-b", {"chat/llama": scaler.BackendLoad(1, 0)}, now=100)
+    book.record("p1", "team-a", {"chat/llama": scaler.BackendLoad(2, 0)}, now=100)
+    assert book.load(100) == {("team-b", "chat/llama"): scaler.BackendLoad(10, 0),
+                              ("team-a", "chat/llama"): scaler.BackendLoad(2, 0)}

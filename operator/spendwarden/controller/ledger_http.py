@@ -11,15 +11,27 @@ aiohttp `web.Response` or, on the hot path, a `Reply` (cheaper to build).
 What it speaks: HTTP/1.1 (and 1.0) requests with a Content-Length body (or none), keep-alive and
 pipelining (answers in order), `Connection: close`. What it refuses, each with a JSON error and the
 connection closed: a request line or headers over 16 KiB (431), a body over the limit (413),
-Transfer-Encoding (411: the proxies send Content-Length), anything unparseable (400). Unknown
+Transfer-Encoding (411: the proxies send Content-Length), a bare LF line ending (400, at once:
+proxies send CRLF), anything unparseable (400), a request not complete `request_timeout` seconds
+after its first byte (408: a client trickling bytes must not hold a connection forever). Unknown
 paths get 404, known paths with another method 405. A handler that raises answers 500; the server
 stays up. Idle keep-alive connections are closed after `idle_timeout`.
+
+Bounds against callers that are not proxies: at most `max_connections` at once (one more is answered
+503 and closed at once); a connection's first request has `request_timeout` from the connect, so a
+silent one does not hold a slot; at most MAX_QUEUED requests or `max_body` bytes of bodies are read
+ahead per connection. With an `admit` hook (LedgerService.admit) each head is judged before its body
+is read: refused at once (a missing or malformed token, one known bad: 401, and the connection
+closed), TRUSTED (a token known good: bodies up to `max_body`), REVIEW (a token not known yet: a body
+over `max_unverified_body` is read only once `verify` has reviewed the token) or PUBLIC (no token
+needed: bodies up to `max_unverified_body`, more is a 413).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -31,7 +43,11 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 16 * 1024
-MAX_QUEUED = 32  # pipelined requests read ahead per connection before reading pauses
+MAX_QUEUED = 8   # pipelined requests read ahead per connection before reading pauses (proxies send one at a time)
+MAX_UNVERIFIED_BODY = 16 * 1024  # a report of a few budgets; a bigger one waits for its token's review
+TRUSTED, REVIEW, PUBLIC = "trusted", "review", "public"
+Admission = str | tuple[int, str]   # one of the three, or the refusal (status, message)
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class Headers:
@@ -130,13 +146,24 @@ class _Connection(asyncio.Protocol):
         self.worker: asyncio.Task | None = None      # one per connection, for its lifetime
         self.wakeup: asyncio.Future | None = None    # set while the worker waits for a request
         self.closing = False      # no more requests are read (an error, Connection: close, or EOF)
-        self.paused = False
+        self.paused = False       # reading paused: the queue is full
+        self.verifying = False    # reading paused: the head waits for its token's review
+        self.reviewed = False     # that review is done: its head is judged for the last time
+        self.queued_bytes = 0
         self.last_active = time.monotonic()
+        # The deadline's start: the connect, then the first byte of each request; None between requests.
+        self.started: float | None = self.last_active
 
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if len(self.server.connections) >= self.server.max_connections:
+            self.server.refused += 1
+            self.closing = True
+            transport.write(_error(503, "too many connections to the ledger; retry", close=True))  # type: ignore[attr-defined]
+            transport.close()
+            return
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -163,34 +190,69 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.last_active = time.monotonic()
+        self.last_active = now = time.monotonic()
+        if not self.buffer and self.started is None:
+            self.started = now
         self.buffer += data
         try:
-            self._parse()
+            if self._parse():  # what is left of the chunk began a new request
+                self.started = now if self.buffer else None
         except _BadRequest as exc:
-            self.closing = True
-            self.queue.append(_error(exc.status, str(exc), close=True))
+            self._fail(exc.status, str(exc))
+        self._schedule()
+        self._flow(len(self.queue) >= MAX_QUEUED or self.queued_bytes >= self.server.max_body)
+
+    def _flow(self, full: bool = False) -> None:
+        """Pause reading while the queue is full or a head waits for its review; resume after."""
+        if full:
+            self.paused = True  # only the worker, having answered, unpauses
+        if self.transport is None or self.closing:
+            return
+        if self.paused or self.verifying:
+            self.transport.pause_reading()
+        elif not self.transport.is_reading():
+            if self.buffer:
+                self.started = time.monotonic()  # time spent paused is ours, not the client's
+            self.transport.resume_reading()
+
+    def _schedule(self) -> None:
         if self.queue:
             if self.worker is None:  # a task per connection, not per request (a task costs ~5 µs)
                 self.worker = asyncio.get_running_loop().create_task(self._work())
             else:
                 self._wake()
-        if len(self.queue) >= MAX_QUEUED and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+
+    def _fail(self, status: int, message: str) -> None:
+        """The last answer on this connection: nothing more is read."""
+        self.closing = True
+        self.started = None
+        self.buffer.clear()
+        self.queue.append(_error(status, message, close=True))
+
+    def expire(self, timeout: float) -> None:
+        """The request being read took too long (the sweeper's call)."""
+        self._fail(408, f"the request was not complete within {timeout:g} s of its first byte")
+        self._schedule()
 
     # -- parsing
 
-    def _parse(self) -> None:
+    def _parse(self) -> int:
+        """Parse the complete requests in the buffer into the queue; how many."""
         buf = self.buffer
-        while not self.closing:
+        parsed = 0
+        # The rest stays in the buffer (reading pauses) until the worker has answered some.
+        while not self.closing and len(self.queue) < MAX_QUEUED and self.queued_bytes < self.server.max_body:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
+                if _BARE_LF.search(buf, 0, MAX_HEAD):  # else such a head waits for a CRLF that never comes
+                    raise _BadRequest(400, "malformed request: line endings must be CRLF")
                 if len(buf) > MAX_HEAD:
                     raise _BadRequest(431, "request line and headers exceed 16 KiB")
-                return
+                return parsed
             if end > MAX_HEAD:
                 raise _BadRequest(431, "request line and headers exceed 16 KiB")
+            if _BARE_LF.search(buf, 0, end):
+                raise _BadRequest(400, "malformed request: line endings must be CRLF")
             lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
             parts = lines[0].split(" ")
             if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
@@ -210,14 +272,47 @@ class _Connection(asyncio.Protocol):
             length = int(length_text)
             if length > self.server.max_body:
                 raise _BadRequest(413, f"the body exceeds {self.server.max_body} bytes")
+            path = target.partition("?")[0]
+            if self.server.admit is not None and not self._admitted(path, Headers(headers), length):
+                return parsed  # the token is under review; reading resumes after it
             if len(buf) < end + 4 + length:
-                return
+                return parsed
             body = bytes(buf[end + 4:end + 4 + length])
+            parsed += 1
+            self.queued_bytes += length
+            self.reviewed = False
             del buf[:end + 4 + length]
             connection = headers.get("connection", "").lower()
             if connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive"):
                 self.closing = True
-            self.queue.append(Request(method, target.partition("?")[0], Headers(headers), body))
+            self.queue.append(Request(method, path, Headers(headers), body))
+        return parsed
+
+    def _admitted(self, path: str, headers: Headers, length: int) -> bool:
+        """Whether the body may be read now; raises the refusal; False: a review was started."""
+        verdict = self.server.admit(path, headers)  # type: ignore[misc]
+        if isinstance(verdict, tuple):
+            raise _BadRequest(*verdict)
+        if verdict == TRUSTED or length <= self.server.max_unverified_body:
+            return True
+        if verdict == PUBLIC:
+            raise _BadRequest(413, f"the body exceeds {self.server.max_unverified_body} bytes")
+        if self.reviewed or self.server.verify is None:  # reviewed, and still not known: not now
+            raise _BadRequest(503, "cannot verify the token now; retry")
+        self.verifying = True
+        self._flow()
+        asyncio.get_running_loop().create_task(self._verify(headers))
+        return False
+
+    async def _verify(self, headers: Headers) -> None:
+        try:
+            await self.server.verify(headers)  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - judged again below: unknown still, so a 503
+            pass
+        self.verifying, self.reviewed = False, True
+        if self.closing:
+            return
+        self.data_received(b"")  # the same head again, now with the verdict cached
 
     # -- answering (in order)
 
@@ -231,15 +326,17 @@ class _Connection(asyncio.Protocol):
                 self.wakeup = None
                 continue
             item = self.queue.popleft()
+            if type(item) is Request:
+                self.queued_bytes -= len(item.body)
             last = self.closing and not self.queue
             answer = item if isinstance(item, bytes) else await self._answer(item, last)
             if self.transport.is_closing():
                 return
             self.transport.write(answer)
             self.last_active = time.monotonic()
-            if self.paused and len(self.queue) < MAX_QUEUED // 2:
+            if self.paused and len(self.queue) < MAX_QUEUED // 2 and self.queued_bytes < self.server.max_body:
                 self.paused = False
-                self.transport.resume_reading()
+                self.data_received(b"")  # parse what was left in the buffer, then read on
         if self.transport is not None:
             self.transport.close()
 
@@ -261,10 +358,19 @@ class _Connection(asyncio.Protocol):
 class LedgerHttpServer:
     """Serves `routes` ({path: {method: handler}}) on host:port until stop()."""
 
-    def __init__(self, routes: dict[str, dict[str, Handler]], max_body: int = 1 << 20, idle_timeout: float = 75.0):
+    def __init__(self, routes: dict[str, dict[str, Handler]], max_body: int = 1 << 20, idle_timeout: float = 75.0,
+                 request_timeout: float = 10.0, max_connections: int = 4096,
+                 admit: Callable[[str, Headers], Admission] | None = None,
+                 verify: Callable[[Headers], Awaitable[object]] | None = None,
+                 max_unverified_body: int = MAX_UNVERIFIED_BODY):
         self.routes = routes
         self.max_body = max_body
+        self.max_connections = max_connections
+        self.refused = 0  # connections refused at max_connections
+        self.admit, self.verify = admit, verify
+        self.max_unverified_body = min(max_unverified_body, max_body)
         self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout  # head and body, from the request's first byte
         self.connections: set[_Connection] = set()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task | None = None
@@ -276,12 +382,16 @@ class LedgerHttpServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def _sweep(self) -> None:
-        """Close keep-alive connections idle for longer than idle_timeout (nothing in flight)."""
+        """Close keep-alive connections idle for longer than idle_timeout (nothing in flight), and
+        answer 408 to requests still being read request_timeout after their first byte."""
         while True:
-            await asyncio.sleep(min(self.idle_timeout / 2, 10.0))
+            await asyncio.sleep(min(self.idle_timeout / 2, self.request_timeout / 2, 5.0))
             now = time.monotonic()
             for conn in list(self.connections):
-                if not conn.busy and now - conn.last_active > self.idle_timeout and conn.transport:
+                if (conn.started is not None and not (conn.paused or conn.verifying or conn.closing)
+                        and now - conn.started > self.request_timeout):
+                    conn.expire(self.request_timeout)
+                elif not conn.busy and now - conn.last_active > self.idle_timeout and conn.transport:
                     conn.transport.close()
 
     async def stop(self, grace: float = 5.0) -> None:

@@ -1,7 +1,8 @@
 """The ledger service: `POST /v1/report` (docs/ledger-protocol.md) and `GET /healthz`, served by the
 operator from a kopf startup handler, plus the operator's Prometheus metrics.
 
-Thin: hand-parsed bodies (ledger/store.parse_report), a TokenReview per ServiceAccount token (cached),
+Thin: hand-parsed bodies (ledger/store.parse_report), a TokenReview per ServiceAccount token (cached
+both ways, on a bounded pool of its own: TokenReviewer),
 then the pure store (ledger/store.py, over the lease core ledger/leases.py). What this module adds
 is I/O: loading a budget's persisted ledger from the apiserver before its first report is applied,
 writing it back (status.ledger + the usage fields) at most every FLUSH_INTERVAL per dirty budget
@@ -9,6 +10,12 @@ writing it back (status.ledger + the usage fields) at most every FLUSH_INTERVAL 
 that ceiling is persisted, so a restarted operator never grants the same headroom twice.
 
 The store is touched only from the event loop; apiserver calls run in threads.
+
+Budget names come from the proxies, so a name not loaded yet costs a GET: at most
+MAX_LOOKUPS_PER_REPORT of them per report (the others are answered "not loaded yet" and looked up by
+later reports), MAX_CONCURRENT_LOADS at a time in all, and a name found missing is remembered for
+UNKNOWN_TTL seconds in a map of at most MAX_UNKNOWN names (a budget's watch event forgets it at
+once). Nothing else is kept per name that does not exist.
 """
 from __future__ import annotations
 
@@ -18,8 +25,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -38,13 +47,33 @@ from ..render.status import LEDGER_FIELDS
 from .alerts import WebhookSender, WebhookSettings
 from .bodies import plain
 from .cutoff import CutOffController, post_budget_event
-from .ledger_http import LedgerHttpServer, Reply, aiohttp_handler
+from .expiring import ExpiringMap
+from .ledger_http import PUBLIC, REVIEW, TRUSTED, Admission, Headers, LedgerHttpServer, Reply, aiohttp_handler
 
 log = logging.getLogger(__name__)
 
 AUDIENCE = "spendwarden"
 MAX_BODY = 1 << 20  # a report names at most MAX_BUDGETS_PER_REPORT budgets: far below this
+MAX_LOOKUPS_PER_REPORT = 16   # names of a report not loaded yet that are looked up in the apiserver
+MAX_CONCURRENT_LOADS = 4      # budget GETs at a time: flushes keep threads of their own
+UNKNOWN_TTL = 10.0            # a missing budget's watch event clears it sooner
+MAX_UNKNOWN = 4096
+NOT_LOADED = {"error": "budget not loaded yet (too many new names in one report); the next report loads it"}
 SA_PREFIX = "system:serviceaccount:"
+NEGATIVE_REVIEW_TTL = 10.0    # a refused token is refused again without a review for this long
+REVIEW_WORKERS = 4            # TokenReview threads, apart from the threads that persist grants
+MAX_PENDING_REVIEWS = 64      # distinct unknown tokens under review at once; more: 503 at once
+_BEARER = re.compile(r"[A-Za-z0-9._~+/=-]{1,8192}")  # RFC 6750 b64token; a projected JWT is ~1 KiB
+AUTHENTICATED = frozenset(("/v1/report", "/v1/wake"))
+MISSING_TOKEN = "a Bearer ServiceAccount token with audience spendwarden is required"
+INVALID_TOKEN = "the token is not a valid ServiceAccount token for audience spendwarden"
+
+
+def bearer_token(header: str) -> str | None:
+    """The token of an `Authorization: Bearer` header, None if absent or not a token's syntax."""
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and _BEARER.fullmatch(token) else None
 
 REPORTS = Counter("spendwarden_ledger_reports_total", "Usage reports accepted from proxies.")
 REJECTED = Counter("spendwarden_ledger_rejected_total", "Ledger requests refused, by reason.", ["reason"])
@@ -68,6 +97,8 @@ class LedgerConfig:
     # less often (200 busy budgets: every 4 s), so the apiserver's (and our own watch's) load is bounded.
     max_writes_per_second: float = 50.0
     review_ttl: float = 60.0         # how long a positive TokenReview answer is trusted
+    max_connections: int = 4096      # to the ledger port at once (about one per proxy); more: 503, closed
+    request_timeout: float = 10.0    # a request's head and body, from its first byte (then 408)
     commit_timeout: float = 10.0     # a grant not persisted by then is answered 503 (proxy retries)
     lease_ttl: float = LeaseSettings.ttl      # tests shorten these: a killed proxy is charged after ttl + grace
     lease_grace: float = LeaseSettings.grace
@@ -92,6 +123,8 @@ class LedgerConfig:
                    metrics_port=int(env.get("SPENDWARDEN_METRICS_PORT") or 9090),
                    flush_interval=float(env.get("SPENDWARDEN_LEDGER_FLUSH_INTERVAL") or 2.0),
                    max_writes_per_second=float(env.get("SPENDWARDEN_LEDGER_MAX_WRITES_PER_SECOND") or 50.0),
+                   request_timeout=float(env.get("SPENDWARDEN_LEDGER_REQUEST_TIMEOUT") or 10.0),
+                   max_connections=int(env.get("SPENDWARDEN_LEDGER_MAX_CONNECTIONS") or 4096),
                    lease_ttl=float(env.get("SPENDWARDEN_LEDGER_LEASE_TTL") or LeaseSettings.ttl),
                    lease_grace=float(env.get("SPENDWARDEN_LEDGER_LEASE_GRACE") or LeaseSettings.grace))
 
@@ -115,14 +148,41 @@ SCALING_HOOKS = ScalingHooks()
 
 # -- authentication ------------------------------------------------------------------------------------
 
-class TokenReviewer:
-    """ServiceAccount tokens -> (namespace, serviceaccount) through TokenReview, positive answers
-    cached per token hash (tokens themselves are never stored or logged)."""
+class ReviewBusy(Exception):
+    """MAX_PENDING_REVIEWS reviews of unknown tokens are under way: refuse at once (503), not queue."""
 
-    def __init__(self, ttl: float = 60.0, max_entries: int = 10_000):
+
+class TokenReviewer:
+    """ServiceAccount tokens -> (namespace, serviceaccount) through TokenReview, answers cached per
+    token hash (tokens themselves are never stored or logged): positive ones for `ttl`, refusals for
+    `negative_ttl` in a bounded map, so a token that failed once costs no second review soon.
+
+    Reviews run on a pool of their own (`workers` threads, at most `max_pending` distinct tokens
+    under review, concurrent requests with one token share its review): a flood of unknown tokens
+    then waits on that pool only, never on the threads that persist grants, and a cached token is
+    answered without waiting at all."""
+
+    def __init__(self, ttl: float = 60.0, max_entries: int = 10_000, negative_ttl: float = NEGATIVE_REVIEW_TTL,
+                 workers: int = REVIEW_WORKERS, max_pending: int = MAX_PENDING_REVIEWS):
         self.ttl = min(ttl, 60.0)
         self.max_entries = max_entries
+        self.max_pending = max_pending
         self._cache: dict[str, tuple[float, str, str]] = {}
+        self._refused: ExpiringMap[str, bool] = ExpiringMap(negative_ttl, max_entries)
+        self._pending: dict[str, asyncio.Future] = {}
+        self._workers = workers
+        self._pool: ThreadPoolExecutor | None = None  # made on first use: most tests never review
+
+    @staticmethod
+    def key(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    def cached(self, key: str) -> tuple[str, str] | bool | None:
+        """(namespace, serviceaccount) of a token known good, False for one known bad, None: unknown."""
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1], hit[2]
+        return False if self._refused.get(key) else None
 
     def _review_sync(self, token: str) -> tuple[str, str] | None:
         from kubernetes import client
@@ -143,19 +203,39 @@ class TokenReviewer:
         return (ns, sa) if ns and sa else None
 
     async def review(self, token: str) -> tuple[str, str] | None:
-        key = hashlib.sha256(token.encode()).hexdigest()
+        key = self.key(token)
+        hit = self.cached(key)
+        if hit is not None:
+            return hit or None
+        future = self._pending.get(key)
+        if future is None:
+            if len(self._pending) >= self.max_pending:
+                raise ReviewBusy()
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="spendwarden-tokenreview")
+            future = asyncio.get_running_loop().run_in_executor(self._pool, self._review_sync, token)
+            self._pending[key] = future
+            future.add_done_callback(lambda f: self._settle(key, f))
+        return await asyncio.shield(future)  # errors propagate: 503, not 401
+
+    def _settle(self, key: str, future: asyncio.Future) -> None:
+        self._pending.pop(key, None)
+        if future.cancelled() or future.exception() is not None:
+            return  # the apiserver failed, not the token: nothing to remember
+        who = future.result()
+        if who is None:
+            self._refused.put(key, True)
+            return
         now = time.monotonic()
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1], hit[2]
-        who = await asyncio.to_thread(self._review_sync, token)  # errors propagate: 503, not 401
-        if who is not None:
+        if len(self._cache) >= self.max_entries:
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
             if len(self._cache) >= self.max_entries:
-                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
-                if len(self._cache) >= self.max_entries:
-                    self._cache.clear()
-            self._cache[key] = (now + self.ttl, who[0], who[1])
-        return who
+                self._cache.clear()
+        self._cache[key] = (now + self.ttl, who[0], who[1])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 # -- apiserver I/O (in threads) ---------------------------------------------------------------------------
@@ -219,8 +299,10 @@ class LedgerService:
         self.store = store or LedgerStore(LeaseSettings(ttl=config.lease_ttl, grace=config.lease_grace))
         self.reviewer = TokenReviewer(config.review_ttl)
         self._flush: dict[tuple[str, str], _FlushState] = {}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._unknown: dict[tuple[str, str], float] = {}  # short negative cache of missing budgets
+        self._loading: dict[tuple[str, str], asyncio.Task] = {}  # in flight only: one GET per name
+        self._load_slots = asyncio.Semaphore(MAX_CONCURRENT_LOADS)
+        self._unknown: ExpiringMap[tuple[str, str], bool] = ExpiringMap(UNKNOWN_TTL, MAX_UNKNOWN)
+        self._events_seen = 0  # a budget event during a GET may be its creation: no negative then
         self._server: LedgerHttpServer | None = None
         self._ticker: asyncio.Task | None = None
         self._events: set[asyncio.Task] = set()
@@ -250,7 +332,9 @@ class LedgerService:
             log.warning("LEDGER AUTHENTICATION IS OFF (--ledger-insecure): anyone who can reach port %s can "
                         "report usage for any namespace and obtain budget grants. Never use this in a cluster.",
                         self.config.port)
-        self._server = LedgerHttpServer(self.routes(), max_body=MAX_BODY)
+        self._server = LedgerHttpServer(self.routes(), max_body=MAX_BODY, request_timeout=self.config.request_timeout,
+                                        max_connections=self.config.max_connections, admit=self.admit,
+                                        verify=self.verify)
         self.port = await self._server.start(self.config.addr, self.config.port)
         self._ticker = asyncio.create_task(self._tick_forever(), name="spendwarden-ledger-tick")
         await self.cutoff.start()
@@ -272,6 +356,7 @@ class LedgerService:
             if entry.dirty:
                 await self._flush_once(entry)
         await self.alerts.close()
+        self.reviewer.close()
         log.info("ledger state persisted at shutdown", extra={"budgets": len(self.store.entries)})
 
     # HTTP
@@ -283,21 +368,45 @@ class LedgerService:
         REJECTED.labels(reason=reason).inc()
         return web.json_response({"error": message}, status=status)
 
+    def admit(self, path: str, headers: Headers) -> Admission:
+        """ledger_http's judgement of a head before its body is read: no review here, only the header's
+        syntax and a cached verdict (the handler still authenticates every request)."""
+        if self.config.insecure:
+            return TRUSTED
+        if path not in AUTHENTICATED:
+            return PUBLIC
+        token = bearer_token(headers.get("authorization", ""))
+        if token is None:
+            REJECTED.labels(reason="missing_token").inc()
+            return 401, MISSING_TOKEN
+        verdict = self.reviewer.cached(self.reviewer.key(token))
+        if verdict is False:
+            REJECTED.labels(reason="invalid_token").inc()
+            return 401, INVALID_TOKEN
+        return REVIEW if verdict is None else TRUSTED
+
+    async def verify(self, headers: Headers) -> None:
+        """Review a head's token before its large body is read (the verdict is cached either way)."""
+        token = bearer_token(headers.get("authorization", ""))
+        if token is not None:
+            await self.reviewer.review(token)
+
     async def _authenticate(self, request: web.Request) -> tuple[str, str] | None | web.Response:
         """(namespace, serviceaccount) of the Bearer token; None with --ledger-insecure; or the refusal."""
         if self.config.insecure:
             return None
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return self._reject(401, "missing_token", "a Bearer ServiceAccount token with audience spendwarden is required")
+        token = bearer_token(request.headers.get("Authorization", ""))
+        if token is None:
+            return self._reject(401, "missing_token", MISSING_TOKEN)
         try:
-            who = await self.reviewer.review(token.strip())
+            who = await self.reviewer.review(token)
+        except ReviewBusy:  # a flood of unknown tokens: counted, not logged per request
+            return self._reject(503, "review_busy", "too many unknown tokens under review; retry")
         except Exception as exc:  # noqa: BLE001 - the apiserver is unreachable: retryable, not the proxy's fault
             log.warning("TokenReview failed: %s", type(exc).__name__)
             return self._reject(503, "review_failed", "cannot verify the token now; retry")
         if who is None:
-            return self._reject(401, "invalid_token", "the token is not a valid ServiceAccount token for audience spendwarden")
+            return self._reject(401, "invalid_token", INVALID_TOKEN)
         return who
 
     async def handle_report(self, request: web.Request) -> web.Response:
@@ -367,7 +476,12 @@ class LedgerService:
         """Apply a parsed, authorised report; answers once its grants are persisted."""
         ns = report.namespace
         get = self.store.get  # loaded budgets without a coroutine each: the common case
-        entries = {name: get(ns, name) or await self._entry(ns, name) for name in report.budgets}
+        entries: dict[str, BudgetEntry | None] = {name: get(ns, name) for name in report.budgets}
+        missing = [n for n, e in entries.items() if e is None and self._may_exist(ns, n)]
+        skipped = set(missing[MAX_LOOKUPS_PER_REPORT:])
+        if missing:  # in parallel: a report naming many new budgets waits for one GET, not for all in series
+            looked_up = missing[:MAX_LOOKUPS_PER_REPORT]
+            entries.update(zip(looked_up, await asyncio.gather(*(self._entry(ns, n) for n in looked_up))))
         # From here to the last report() call there is no await: the report is applied atomically.
         now_ts, now = time.time(), datetime.now(timezone.utc)
         answers: dict[str, Any] = {}
@@ -375,7 +489,7 @@ class LedgerService:
         for name, rep in report.budgets.items():
             entry = entries[name]
             if entry is None:
-                answers[name] = {"error": "unknown budget"}
+                answers[name] = NOT_LOADED if name in skipped else {"error": "unknown budget"}
                 continue
             answers[name], wait = self.store.report(entry, report.proxy_id, report.seq, rep, now_ts, now)
             self.cutoff.observe(entry)  # at once, not after the flush: the cut-off latency
@@ -393,22 +507,33 @@ class LedgerService:
     def owns(self, namespace: str, name: str) -> bool:
         return self.store.get(namespace, name) is not None
 
+    def _may_exist(self, namespace: str, name: str) -> bool:
+        """Whether a name not loaded is worth a GET: served, and not found missing lately."""
+        return self.config.serves(namespace) and self._unknown.get((namespace, name)) is None
+
     async def _entry(self, namespace: str, name: str) -> BudgetEntry | None:
         """The budget's entry, loaded with its persisted ledger before it is first used."""
-        key = (namespace, name)
         entry = self.store.get(namespace, name)
-        if entry is not None:
+        if entry is not None or not self._may_exist(namespace, name):
             return entry
-        if not self.config.serves(namespace) or self._unknown.get(key, 0) > time.monotonic():
-            return None
-        async with self._locks.setdefault(key, asyncio.Lock()):
+        key = (namespace, name)
+        task = self._loading.get(key)
+        if task is None:  # concurrent reports naming it share one GET
+            task = self._loading[key] = asyncio.ensure_future(self._load(namespace, name))
+            task.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _load(self, namespace: str, name: str) -> BudgetEntry | None:
+        async with self._load_slots:
             entry = self.store.get(namespace, name)
             if entry is not None:
                 return entry
+            seen = self._events_seen
             obj = await asyncio.to_thread(_get_budget, namespace, name)
             entry = self.store.load(plain(obj), datetime.now(timezone.utc)) if obj is not None else None
             if entry is None:
-                self._unknown[key] = time.monotonic() + 1.0  # proxies' configs may be a second ahead
+                if seen == self._events_seen:
+                    self._unknown.put((namespace, name), True)
                 return None
             status = obj.get("status") or {}
             self._state(entry).last_written = {k: status.get(k) for k in LEDGER_FIELDS}
@@ -428,7 +553,8 @@ class LedgerService:
             self._drop_gauges(ns, name)
             self.cutoff.forget(ns, name)
             return
-        self._unknown.pop((ns, name), None)
+        self._unknown.pop((ns, name))
+        self._events_seen += 1
         if self.store.written_by_another(obj):
             writer = obj["status"]["ledger"]["writer"]
             # Another operator instance wrote this ledger (only one may serve it: the chart runs one
@@ -550,7 +676,7 @@ class LedgerService:
     def _take_loops(self, report: Any) -> None:
         """Count a report's loop-breaker refusals (once: a retry resends the same seq) and announce them."""
         ns = report.namespace
-        if not report.loops or not self.config.serves(ns) or not self.loops.accept(report.proxy_id, report.seq):
+        if not report.loops or not self.config.serves(ns) or not self.loops.accept(ns, report.proxy_id, report.seq):
             return
         for loop in report.loops:
             LOOPS.labels(namespace=ns, route=self.loops.route_label(ns, loop.route)).inc(loop.refused)

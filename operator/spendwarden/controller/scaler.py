@@ -213,9 +213,15 @@ class Scaler:
         answer: dict[str, Any] = {}
         for key in backends:
             found = self._find(namespace, key)
-            if found is not None:
+            # The wake endpoint's rule: replica counts of a workload of another namespace only where
+            # it is shared with this one (else any team could watch another's capacity).
+            if found is not None and self._shared(*found):
                 answer[key] = self._backend_answer(*found)
         return answer
+
+    def _shared(self, wk: WorkloadKey, use: Use) -> bool:
+        tr = self.tracked.get(wk)
+        return allowed(wk, use, tr.view.annotations if tr is not None and tr.view is not None else None)
 
     def _find(self, namespace: str, key: str) -> tuple[WorkloadKey, Use] | None:
         for wk, uses in self.uses.items():
@@ -242,7 +248,7 @@ class Scaler:
             raise WakeError(404, f"route {route!r} backend {backend!r} of namespace {namespace} is not a scaled backend")
         wk, use = found
         tr = self.tracked.setdefault(wk, Tracked(ScaleState.new(time.time())))
-        if not allowed(wk, use, tr.view.annotations if tr.view else None):
+        if not self._shared(wk, use):
             raise WakeError(403, f"{wk} is not shared with namespace {namespace} (annotation spendwarden.io/scaling-shared-with)")
         tr.state.wake(time.time())
         await self.tick()

@@ -5,7 +5,9 @@ Pure, shared by both sides of the ledger protocol (docs/ledger-protocol.md, `loo
   report, bounded; `take()` hands the next report at most MAX_PER_REPORT entries;
 - `parse_loops` (operator): the optional `loops` field of a report, validated;
 - `LoopAggregator` (operator): per (namespace, route) at most one Event per `interval`; refusals in
-  between are summed into the next one, so a runaway loop cannot flood the apiserver.
+  between are summed into the next one, so a runaway loop cannot flood the apiserver. Its state is
+  keyed and capped per namespace (MAX_ROUTES_PER_NAMESPACE routes, MAX_PROXIES_PER_NAMESPACE proxy
+  ids), so one namespace can neither fill a shared cap nor reuse another's proxyId to silence it.
 
 Only hashes travel: never the prompt.
 """
@@ -23,6 +25,8 @@ EVENT_INTERVAL = 60.0   # seconds between two LoopDetected Events of one route
 MAX_NAME = 253
 MAX_SHOWN = 3           # request hashes and pods named in one Event message
 MAX_ROUTE_LABELS = 64   # per namespace in the operator's metric; more become OTHER
+MAX_ROUTES_PER_NAMESPACE = 256     # routes with refusals not yet announced; more are not announced
+MAX_PROXIES_PER_NAMESPACE = 1_000  # last seqs remembered; the least recently seen is forgotten
 OTHER = "(other)"
 
 
@@ -140,23 +144,28 @@ class _Route:
 
 
 class LoopAggregator:
-    def __init__(self, interval: float = EVENT_INTERVAL, max_routes: int = 10_000, max_proxies: int = 10_000):
+    def __init__(self, interval: float = EVENT_INTERVAL, max_routes: int = MAX_ROUTES_PER_NAMESPACE,
+                 max_proxies: int = MAX_PROXIES_PER_NAMESPACE):
         self.interval = interval
-        self.max_routes = max_routes
-        self.max_proxies = max_proxies
+        self.max_routes = max_routes    # per namespace
+        self.max_proxies = max_proxies  # per namespace
         self._routes: dict[tuple[str, str], _Route] = {}
-        self._seqs: OrderedDict[str, int] = OrderedDict()  # proxy id -> last seq whose loops were taken
+        self._route_count: dict[str, int] = {}  # namespace -> its entries in _routes
+        # namespace -> proxy id -> last seq whose loops were taken. Per namespace: a proxyId is
+        # visible in a budget's status, and another namespace's reports must not advance its seq.
+        self._seqs: dict[str, OrderedDict[str, int]] = {}
         self._labels: dict[str, set[str]] = {}
 
-    def accept(self, proxy_id: str, seq: int) -> bool:
+    def accept(self, namespace: str, proxy_id: str, seq: int) -> bool:
         """False for a report already taken in (a retry resends the same seq and loops)."""
-        last = self._seqs.get(proxy_id)
+        seqs = self._seqs.setdefault(namespace, OrderedDict())
+        last = seqs.get(proxy_id)
         if last is not None and seq <= last:
             return False
-        self._seqs[proxy_id] = seq
-        self._seqs.move_to_end(proxy_id)
-        if len(self._seqs) > self.max_proxies:
-            self._seqs.popitem(last=False)
+        seqs[proxy_id] = seq
+        seqs.move_to_end(proxy_id)
+        if len(seqs) > self.max_proxies:
+            seqs.popitem(last=False)
         return True
 
     def route_label(self, namespace: str, route: str) -> str:
@@ -173,8 +182,10 @@ class LoopAggregator:
         key = (namespace, loop.route)
         r = self._routes.get(key)
         if r is None:
-            if len(self._routes) >= self.max_routes:
-                return
+            count = self._route_count.get(namespace, 0)
+            if count >= self.max_routes:
+                return  # still counted in the metric; only this namespace goes without Events
+            self._route_count[namespace] = count + 1
             r = self._routes[key] = _Route(loop.model)
         r.model, r.max_repeats, r.window = loop.model, loop.max_repeats, loop.window
         r.refused += loop.refused
@@ -191,6 +202,9 @@ class LoopAggregator:
                 continue
             if not r.refused:
                 del self._routes[key]  # quiet for a whole interval: forget it
+                self._route_count[key[0]] -= 1
+                if not self._route_count[key[0]]:
+                    del self._route_count[key[0]]
                 continue
             out.append(LoopNotice(key[0], key[1], r.model, r.refused, _message(key[1], r)))
             r.last_event, r.refused, r.requests, r.pods = now, 0, [], []

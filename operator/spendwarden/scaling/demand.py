@@ -3,13 +3,16 @@
 Each proxy reports, per scaled backend ("<ModelRoute name>/<backend name>"), the most requests it
 had in flight since its previous report (held wake requests included) and the longest queueing
 time. The book keeps each proxy's latest numbers; a proxy silent for `ttl` seconds no longer counts
-(a killed pod must not keep replicas up).
+(a killed pod must not keep replicas up). Proxies are keyed by (namespace, proxyId), at most
+MAX_PROXIES_PER_NAMESPACE per namespace: a proxyId is visible in a budget's status, and a report of
+another namespace naming it must not replace that proxy's demand.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 MAX_BACKENDS_PER_REPORT = 256
+MAX_PROXIES_PER_NAMESPACE = 1_000  # fresh proxies counted; a new one past this is not
 
 
 class BackendsError(ValueError):
@@ -56,22 +59,28 @@ class _ProxyLoad:
 @dataclass
 class DemandBook:
     ttl: float = 5.0
-    _proxies: dict[str, _ProxyLoad] = field(default_factory=dict)
+    max_proxies: int = MAX_PROXIES_PER_NAMESPACE
+    _proxies: dict[str, dict[str, _ProxyLoad]] = field(default_factory=dict)  # namespace -> proxy id ->
 
     def record(self, proxy_id: str, namespace: str, backends: dict[str, BackendLoad], now: float) -> None:
-        self._proxies[proxy_id] = _ProxyLoad(namespace, now, backends)
+        proxies = self._proxies.setdefault(namespace, {})
+        if proxy_id in proxies or len(proxies) < self.max_proxies:
+            proxies[proxy_id] = _ProxyLoad(namespace, now, backends)
 
-    def forget(self, proxy_id: str) -> None:
-        self._proxies.pop(proxy_id, None)
+    def forget(self, namespace: str, proxy_id: str) -> None:
+        self._proxies.get(namespace, {}).pop(proxy_id, None)
 
     def prune(self, now: float) -> None:
-        for pid in [p for p, load in self._proxies.items() if now - load.at > self.ttl]:
-            del self._proxies[pid]
+        for ns, proxies in list(self._proxies.items()):
+            for pid in [p for p, load in proxies.items() if now - load.at > self.ttl]:
+                del proxies[pid]
+            if not proxies:
+                del self._proxies[ns]
 
     def load(self, now: float) -> dict[tuple[str, str], BackendLoad]:
         """(namespace, "<route>/<backend>") -> in-flight summed over fresh proxies, longest queue."""
         out: dict[tuple[str, str], BackendLoad] = {}
-        for load in self._proxies.values():
+        for load in (load for proxies in self._proxies.values() for load in proxies.values()):
             if now - load.at > self.ttl:
                 continue
             for key, bl in load.backends.items():
