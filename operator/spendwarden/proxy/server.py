@@ -31,6 +31,7 @@ from .config import ANTHROPIC, OPENAI, BackendRt, Compiled, ConfigError, RouteRt
 from .errors import ProxyError, error_body, stream_error_event
 from .backend_load import BackendLoads, Waker, accepts_connections
 from .ledger_client import LedgerClient
+from .limits import DEFAULT_BODY_TIMEOUT, read_body
 from .metrics import OTEL_PROVIDER, Metrics
 from . import spend
 from .translate import ChatStreamTranslator, StreamTranslator, chat_to_message, chat_to_messages, \
@@ -135,8 +136,9 @@ def select_backend(route: RouteRt, headers: Any, est: int | None, tools: bool) -
 class Proxy:
     def __init__(self, config_path: str, namespace: str | None = None, state_file: str | None = None,
                  max_body: int = DEFAULT_MAX_BODY, access_log: Any = None, poll_interval: float = 1.0,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS):
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, body_timeout: float = DEFAULT_BODY_TIMEOUT):
         self.config_path = config_path
+        self.body_timeout = body_timeout
         self.default_max_tokens = default_max_tokens
         self.namespace_arg = namespace
         self.max_body = max_body
@@ -384,13 +386,15 @@ class Proxy:
         free), or answered with the proxy's own estimate when the alias has no Anthropic backend."""
         assert self.compiled is not None and self.session is not None
         try:
-            raw = await request.read()
+            raw = await read_body(request, self.max_body, self.body_timeout)
             body = orjson.loads(raw)
             if not isinstance(body, dict) or not isinstance(body.get("model"), str):
                 raise ValueError("the body must be a JSON object with a string 'model'")
-        except (ValueError, web.HTTPRequestEntityTooLarge) as exc:
+        except ValueError as exc:
             return web.Response(status=400, content_type="application/json",
                                 body=error_body(ANTHROPIC, 400, f"invalid request: {exc}"))
+        except ProxyError as exc:
+            return self._refusal(ANTHROPIC, exc)
         route = self.compiled.routes.get(body["model"])
         if route is None:
             return web.Response(status=404, content_type="application/json", body=error_body(
@@ -444,8 +448,7 @@ class Proxy:
             resp = await self._serve_escalating(request, ctx)
         except ProxyError as exc:
             ctx.status, ctx.outcome, ctx.error = exc.status, exc.outcome, exc.message
-            resp = web.Response(status=exc.status, headers=exc.headers, content_type="application/json",
-                                body=error_body(fmt, exc.status, exc.message, exc.code, exc.param, exc.extra))
+            resp = self._refusal(fmt, exc)
         except Exception as exc:  # a bug: answer 500 in the provider's shape, stay up
             log.exception("internal error")
             ctx.status, ctx.outcome, ctx.error = 500, "upstream_error", f"internal error: {type(exc).__name__}"
@@ -454,6 +457,14 @@ class Proxy:
         finally:
             self._count_in_flight(ctx, None)
         self._record(ctx)
+        return resp
+
+    @staticmethod
+    def _refusal(fmt: str, exc: ProxyError) -> web.Response:
+        resp = web.Response(status=exc.status, headers=exc.headers, content_type="application/json",
+                            body=error_body(fmt, exc.status, exc.message, exc.code, exc.param, exc.extra))
+        if exc.status == 408:
+            resp.force_close()  # a client too slow to send its body does not keep the connection
         return resp
 
     async def _serve_escalating(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -504,14 +515,7 @@ class Proxy:
         api, fmt = ctx.api, ctx.fmt
         cfg = self.compiled
         assert cfg is not None
-        if request.content_length is not None and request.content_length > self.max_body:
-            raise ProxyError(413, f"request body of {request.content_length} bytes exceeds the limit of "
-                                  f"{self.max_body} bytes", code="request_too_large")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise ProxyError(413, f"request body exceeds the limit of {self.max_body} bytes",
-                             code="request_too_large") from None
+        raw = await read_body(request, self.max_body, self.body_timeout)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
