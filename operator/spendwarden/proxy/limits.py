@@ -1,8 +1,10 @@
-"""What a slow or hostile client may hold of the proxy: deadlines for the request head and body.
+"""What a slow or hostile client may hold of the proxy: deadlines for the request head and body, and
+a bound on the request bodies held in memory at once.
 
 aiohttp itself only has a keep-alive timer (an hour in 3.14), which does not restart while a head
 trickles in, and no deadline at all for a body: a client sending a byte every few seconds held a
-connection, and its buffer, indefinitely (issue 16).
+connection, and its buffer, indefinitely; 20 partial 8 MiB bodies took a sidecar above its memory
+limit (issue 16).
 """
 from __future__ import annotations
 
@@ -24,6 +26,14 @@ DEFAULT_HEAD_TIMEOUT = 10.0
 # From the end of the head to the end of the body: an 8 MiB body at about 2 Mbit/s; an app on the
 # pod's loopback sends it in milliseconds.
 DEFAULT_BODY_TIMEOUT = 30.0
+# Request bodies held at once, across connections: four bodies of the default 8 MiB limit. A body
+# costs about three times its size while it is served (the bytes, the parsed JSON, the payload sent
+# upstream): some 100 MB, which with the proxy's own 60-150 MB stays under the sidecar's 256Mi.
+DEFAULT_BODY_MEMORY = 32 * 1024 * 1024
+# The first bytes of every body are not counted: a connection costs about as much in aiohttp's and
+# the kernel's buffers anyway, and ordinary chat requests fit in it, so a flood of large bodies that
+# fills the pool still lets them through.
+UNCOUNTED_BODY_BYTES = 64 * 1024
 
 
 class SlowClientGuard(RequestHandler):
@@ -113,21 +123,73 @@ class GuardedAppRunner(web.AppRunner):
         return server
 
 
-async def read_body(request: web.Request, max_body: int, timeout: float) -> bytes:
-    """The request body, within `max_body` bytes (413) and `timeout` seconds from the end of the
-    head (408; the caller closes the connection: the rest of the body is not wanted)."""
-    if request.content_length is not None and request.content_length > max_body:
-        raise ProxyError(413, f"request body of {request.content_length} bytes exceeds the limit of "
-                              f"{max_body} bytes", code="request_too_large")
+class BodyMemory:
+    """The bytes of request bodies held in memory, across connections, against one limit."""
+
+    def __init__(self, limit: int = DEFAULT_BODY_MEMORY):
+        self.limit = limit
+        self.used = 0
+
+    def hold(self) -> "BodyHold":
+        return BodyHold(self)
+
+    def busy(self) -> ProxyError:
+        return ProxyError(503, f"the proxy holds {self.limit / 2**20:g} MiB of request bodies already (its limit "
+                               "for all requests at once): retry shortly", code="proxy_busy",
+                          headers={"Retry-After": "1"})
+
+
+class BodyHold:
+    """What one request holds of the BodyMemory; release() when the request is done."""
+
+    __slots__ = ("memory", "n")
+
+    def __init__(self, memory: BodyMemory):
+        self.memory, self.n = memory, 0
+
+    def grow_to(self, size: int) -> bool:
+        want = max(size - UNCOUNTED_BODY_BYTES, 0) - self.n
+        if want <= 0:
+            return True
+        if self.memory.used + want > self.memory.limit:
+            return False
+        self.memory.used += want
+        self.n += want
+        return True
+
+    def release(self) -> None:
+        self.memory.used -= self.n
+        self.n = 0
+
+
+async def read_body(request: web.Request, max_body: int, timeout: float, hold: BodyHold) -> bytearray:
+    """The request body, within `max_body` bytes (413), what `hold`'s BodyMemory has left (503) and
+    `timeout` seconds from the end of the head (408; the caller closes the connection: the rest of
+    the body is not wanted). The caller releases `hold` once the body is no longer needed."""
+    declared = request.content_length
+    if declared is not None and declared > max_body:
+        raise ProxyError(413, f"request body of {declared} bytes exceeds the limit of {max_body} bytes",
+                         code="request_too_large")
+    if declared is not None and not hold.grow_to(declared):
+        raise hold.memory.busy()  # before reading any of it
+    body = bytearray()
     try:
         async with asyncio.timeout(timeout if timeout > 0 else None):
-            return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise ProxyError(413, f"request body exceeds the limit of {max_body} bytes",
-                         code="request_too_large") from None
+            # By hand, not request.read(): each chunk is counted before it is kept (a chunked body
+            # declares no length), and a refused body is dropped at once.
+            while chunk := await request.content.readany():
+                size = len(body) + len(chunk)
+                if size > max_body:
+                    raise ProxyError(413, f"request body exceeds the limit of {max_body} bytes",
+                                     code="request_too_large")
+                if not hold.grow_to(size):
+                    raise hold.memory.busy()
+                body += chunk
+        return body
     except TimeoutError:
         raise ProxyError(408, f"the request body did not arrive within {timeout:g}s (the proxy's body "
                               "deadline)", code="request_timeout") from None
 
 
-__all__ = ["DEFAULT_BODY_TIMEOUT", "DEFAULT_HEAD_TIMEOUT", "GuardedAppRunner", "SlowClientGuard", "read_body"]
+__all__ = ["DEFAULT_BODY_MEMORY", "DEFAULT_BODY_TIMEOUT", "DEFAULT_HEAD_TIMEOUT", "UNCOUNTED_BODY_BYTES", "BodyHold",
+           "BodyMemory", "GuardedAppRunner", "SlowClientGuard", "read_body"]

@@ -10,7 +10,7 @@ import re
 import signal
 import sys
 
-from .limits import DEFAULT_BODY_TIMEOUT, DEFAULT_HEAD_TIMEOUT
+from .limits import DEFAULT_BODY_MEMORY, DEFAULT_BODY_TIMEOUT, DEFAULT_HEAD_TIMEOUT, UNCOUNTED_BODY_BYTES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=float(os.environ.get("SPENDWARDEN_BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT)),
                         help="Seconds a client has to send a request body, from the end of its head; later: "
                              f"408 and the connection is closed (default {DEFAULT_BODY_TIMEOUT:g}; 0 disables).")
+    parser.add_argument("--max-buffered-bytes", type=int,
+                        default=int(os.environ.get("SPENDWARDEN_MAX_BUFFERED_BYTES", DEFAULT_BODY_MEMORY)),
+                        help="Request bodies held in memory at once, across connections, not counting the "
+                             f"first {UNCOUNTED_BODY_BYTES // 1024} KiB of each; a body beyond it gets 503 and "
+                             f"Retry-After (default {DEFAULT_BODY_MEMORY // 2**20} MiB).")
     parser.add_argument("--default-max-tokens", type=int,
                         default=int(os.environ.get("SPENDWARDEN_DEFAULT_MAX_TOKENS", 4096)),
                         help="Output cap sent upstream when the client gave none, the route has no "
@@ -56,7 +61,7 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         proxy = Proxy(args.config, namespace=args.namespace, state_file=args.state_file,
                       max_body=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
-                      body_timeout=args.body_timeout)
+                      body_timeout=args.body_timeout, body_memory=args.max_buffered_bytes)
     except ConfigError as exc:
         print(f"spendwarden proxy: {exc}", file=sys.stderr)
         return 2

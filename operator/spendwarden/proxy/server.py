@@ -31,7 +31,7 @@ from .config import ANTHROPIC, OPENAI, BackendRt, Compiled, ConfigError, RouteRt
 from .errors import ProxyError, error_body, stream_error_event
 from .backend_load import BackendLoads, Waker, accepts_connections
 from .ledger_client import LedgerClient
-from .limits import DEFAULT_BODY_TIMEOUT, read_body
+from .limits import DEFAULT_BODY_MEMORY, DEFAULT_BODY_TIMEOUT, BodyHold, BodyMemory, read_body
 from .metrics import OTEL_PROVIDER, Metrics
 from . import spend
 from .translate import ChatStreamTranslator, StreamTranslator, chat_to_message, chat_to_messages, \
@@ -97,6 +97,7 @@ class Ctx:
     partial: bool = False  # usage = the provider's input numbers + the reserved output
     sp: Any = None  # spend.SpendReq when the route has tiers, a cache or a loop breaker
     load_key: str | None = None  # the scaled backend this request counts as in flight to
+    raw: bytes | bytearray = b""  # the request body (read once; an escalation parses it again)
 
 
 def parse_tags(value: str | None) -> dict[str, str] | None:
@@ -136,9 +137,11 @@ def select_backend(route: RouteRt, headers: Any, est: int | None, tools: bool) -
 class Proxy:
     def __init__(self, config_path: str, namespace: str | None = None, state_file: str | None = None,
                  max_body: int = DEFAULT_MAX_BODY, access_log: Any = None, poll_interval: float = 1.0,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS, body_timeout: float = DEFAULT_BODY_TIMEOUT):
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                 body_memory: int = DEFAULT_BODY_MEMORY):
         self.config_path = config_path
         self.body_timeout = body_timeout
+        self.bodies = BodyMemory(body_memory)
         self.default_max_tokens = default_max_tokens
         self.namespace_arg = namespace
         self.max_body = max_body
@@ -384,9 +387,16 @@ class Proxy:
     async def count_tokens(self, request: web.Request) -> web.StreamResponse:
         """Anthropic's token counting: forwarded to the alias's Anthropic backend (not metered: it is
         free), or answered with the proxy's own estimate when the alias has no Anthropic backend."""
+        hold = self.bodies.hold()
+        try:
+            return await self._count_tokens(request, hold)
+        finally:
+            hold.release()
+
+    async def _count_tokens(self, request: web.Request, hold: BodyHold) -> web.StreamResponse:
         assert self.compiled is not None and self.session is not None
         try:
-            raw = await read_body(request, self.max_body, self.body_timeout)
+            raw = await read_body(request, self.max_body, self.body_timeout, hold)
             body = orjson.loads(raw)
             if not isinstance(body, dict) or not isinstance(body.get("model"), str):
                 raise ValueError("the body must be a JSON object with a string 'model'")
@@ -444,7 +454,9 @@ class Proxy:
 
     async def serve(self, request: web.Request, api: str, fmt: str) -> web.StreamResponse:
         ctx = Ctx(api=api, fmt=fmt, t0=time.perf_counter())
+        hold = self.bodies.hold()
         try:
+            ctx.raw = await read_body(request, self.max_body, self.body_timeout, hold)
             resp = await self._serve_escalating(request, ctx)
         except ProxyError as exc:
             ctx.status, ctx.outcome, ctx.error = exc.status, exc.outcome, exc.message
@@ -455,6 +467,7 @@ class Proxy:
             resp = web.Response(status=500, content_type="application/json",
                                 body=error_body(fmt, 500, "internal proxy error"))
         finally:
+            hold.release()
             self._count_in_flight(ctx, None)
         self._record(ctx)
         return resp
@@ -515,9 +528,8 @@ class Proxy:
         api, fmt = ctx.api, ctx.fmt
         cfg = self.compiled
         assert cfg is not None
-        raw = await read_body(request, self.max_body, self.body_timeout)
         try:
-            body = orjson.loads(raw)
+            body = orjson.loads(ctx.raw)
         except orjson.JSONDecodeError as exc:
             raise bad(f"malformed JSON in request body: {exc}", None, "invalid_json") from None
         alias, stream, client_out, choices, tools = check_request(api, body)
