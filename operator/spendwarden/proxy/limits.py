@@ -1,10 +1,10 @@
 """What a slow or hostile client may hold of the proxy: deadlines for the request head and body, and
-a bound on the request bodies held in memory at once.
+a bound on the request bodies held in memory at once; and what an upstream answer may: its size.
 
 aiohttp itself only has a keep-alive timer (an hour in 3.14), which does not restart while a head
 trickles in, and no deadline at all for a body: a client sending a byte every few seconds held a
 connection, and its buffer, indefinitely; 20 partial 8 MiB bodies took a sidecar above its memory
-limit (issue 16).
+limit; a 20 MiB upstream answer was read whole (issue 16).
 """
 from __future__ import annotations
 
@@ -34,6 +34,28 @@ DEFAULT_BODY_MEMORY = 32 * 1024 * 1024
 # the kernel's buffers anyway, and ordinary chat requests fit in it, so a flood of large bodies that
 # fills the pool still lets them through.
 UNCOUNTED_BODY_BYTES = 64 * 1024
+# A non-streamed upstream answer is read and parsed whole (its usage is in it), which costs about
+# twice its size. Chat and messages answers stay below 1 MiB even at 128K output tokens; embeddings
+# batches are the large ones: 1,000 inputs of 1,536 dimensions in base64 (the OpenAI SDK's default
+# encoding) are about 8 MiB. Larger batches, or float encoding (some 3.5 times larger), need more.
+DEFAULT_MAX_ANSWER = 16 * 1024 * 1024
+
+
+class AnswerTooLarge(Exception):
+    pass
+
+
+async def read_answer(resp: Any, limit: int) -> bytes:
+    """An upstream (aiohttp.ClientResponse) answer's body, or AnswerTooLarge once it passes `limit`
+    bytes (counted decompressed): the rest is not read."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise AnswerTooLarge
+    body = bytearray()
+    while chunk := await resp.content.readany():
+        if len(body) + len(chunk) > limit:
+            raise AnswerTooLarge
+        body += chunk
+    return bytes(body)
 
 
 class SlowClientGuard(RequestHandler):
@@ -191,5 +213,6 @@ async def read_body(request: web.Request, max_body: int, timeout: float, hold: B
                               "deadline)", code="request_timeout") from None
 
 
-__all__ = ["DEFAULT_BODY_MEMORY", "DEFAULT_BODY_TIMEOUT", "DEFAULT_HEAD_TIMEOUT", "UNCOUNTED_BODY_BYTES", "BodyHold",
-           "BodyMemory", "GuardedAppRunner", "SlowClientGuard", "read_body"]
+__all__ = ["DEFAULT_BODY_MEMORY", "DEFAULT_BODY_TIMEOUT", "DEFAULT_HEAD_TIMEOUT", "DEFAULT_MAX_ANSWER",
+           "UNCOUNTED_BODY_BYTES", "AnswerTooLarge", "BodyHold", "BodyMemory", "GuardedAppRunner", "SlowClientGuard",
+           "read_answer", "read_body"]

@@ -10,7 +10,8 @@ import re
 import signal
 import sys
 
-from .limits import DEFAULT_BODY_MEMORY, DEFAULT_BODY_TIMEOUT, DEFAULT_HEAD_TIMEOUT, UNCOUNTED_BODY_BYTES
+from .limits import DEFAULT_BODY_MEMORY, DEFAULT_BODY_TIMEOUT, DEFAULT_HEAD_TIMEOUT, DEFAULT_MAX_ANSWER, \
+    UNCOUNTED_BODY_BYTES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Request bodies held in memory at once, across connections, not counting the "
                              f"first {UNCOUNTED_BODY_BYTES // 1024} KiB of each; a body beyond it gets 503 and "
                              f"Retry-After (default {DEFAULT_BODY_MEMORY // 2**20} MiB).")
+    parser.add_argument("--max-response-bytes", type=int,
+                        default=int(os.environ.get("SPENDWARDEN_MAX_RESPONSE_BYTES", DEFAULT_MAX_ANSWER)),
+                        help="Largest non-streamed upstream answer (and stream event) read; a larger one gets "
+                             "502 and, when the upstream billed it, the request's reservation is charged "
+                             f"(default {DEFAULT_MAX_ANSWER // 2**20} MiB).")
     parser.add_argument("--default-max-tokens", type=int,
                         default=int(os.environ.get("SPENDWARDEN_DEFAULT_MAX_TOKENS", 4096)),
                         help="Output cap sent upstream when the client gave none, the route has no "
@@ -61,7 +67,8 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         proxy = Proxy(args.config, namespace=args.namespace, state_file=args.state_file,
                       max_body=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
-                      body_timeout=args.body_timeout, body_memory=args.max_buffered_bytes)
+                      body_timeout=args.body_timeout, body_memory=args.max_buffered_bytes,
+                      max_answer=args.max_response_bytes)
     except ConfigError as exc:
         print(f"spendwarden proxy: {exc}", file=sys.stderr)
         return 2

@@ -31,7 +31,8 @@ from .config import ANTHROPIC, OPENAI, BackendRt, Compiled, ConfigError, RouteRt
 from .errors import ProxyError, error_body, stream_error_event
 from .backend_load import BackendLoads, Waker, accepts_connections
 from .ledger_client import LedgerClient
-from .limits import DEFAULT_BODY_MEMORY, DEFAULT_BODY_TIMEOUT, BodyHold, BodyMemory, read_body
+from .limits import DEFAULT_BODY_MEMORY, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_ANSWER, AnswerTooLarge, BodyHold, \
+    BodyMemory, read_answer, read_body
 from .metrics import OTEL_PROVIDER, Metrics
 from . import spend
 from .translate import ChatStreamTranslator, StreamTranslator, chat_to_message, chat_to_messages, \
@@ -138,8 +139,9 @@ class Proxy:
     def __init__(self, config_path: str, namespace: str | None = None, state_file: str | None = None,
                  max_body: int = DEFAULT_MAX_BODY, access_log: Any = None, poll_interval: float = 1.0,
                  default_max_tokens: int = DEFAULT_MAX_TOKENS, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-                 body_memory: int = DEFAULT_BODY_MEMORY):
+                 body_memory: int = DEFAULT_BODY_MEMORY, max_answer: int = DEFAULT_MAX_ANSWER):
         self.config_path = config_path
+        self.max_answer = max_answer
         self.body_timeout = body_timeout
         self.bodies = BodyMemory(body_memory)
         self.default_max_tokens = default_max_tokens
@@ -417,11 +419,11 @@ class Proxy:
                 async with self.session.post(url, data=orjson.dumps({**body, "model": backend.model}),
                                              headers=self._headers(request, backend, False),
                                              timeout=self._timeout(backend, False)) as resp:
-                    data = await resp.read()
+                    data = await read_answer(resp, self.max_answer)
                     if resp.status in (200, 400):  # else (no such endpoint, 5xx, ...): estimate
                         return web.Response(status=resp.status, body=data,
                                             content_type=_ctype(resp.headers.get("Content-Type", "")))
-            except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+            except (asyncio.TimeoutError, aiohttp.ClientError, OSError, AnswerTooLarge):
                 pass  # fall back to the estimate
         try:
             est = await self._estimate(MESSAGES, body)
@@ -788,7 +790,16 @@ class Proxy:
                                          timeout=self._timeout(backend, False)) as resp:
                 got_headers = True
                 status = resp.status
-                raw = await resp.read()
+                try:
+                    raw = await read_answer(resp, self.max_answer)
+                except AnswerTooLarge:
+                    resp.close()  # the rest is not read: the connection cannot be reused
+                    ctx.upstream_time += time.perf_counter() - t_up
+                    if status < 300:
+                        # Billed, usage unknown (it is in the part not read): charge the reservation.
+                        self.book.settle(adm, backend.prices, None)
+                        ctx.usage_known = False
+                    raise _Retry(502, self._too_large(backend, status)) from None
                 ctype = resp.headers.get("Content-Type", "application/json")
                 up_headers = resp.headers
         except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -828,6 +839,11 @@ class Proxy:
             headers["x-spendwarden-cost"] = format_money(ctx.cost)
         return web.Response(status=status, body=raw, headers=headers, content_type="application/json")
 
+    def _too_large(self, backend: BackendRt, status: int) -> str:
+        return (f"backend {backend.name!r} answered (status {status}) with more than {self.max_answer} bytes, the "
+                "proxy's limit for an answer it reads whole (--max-response-bytes)"
+                + ("; its usage is unknown: the request's reservation is charged" if status < 300 else ""))
+
     def _settle(self, ctx: Ctx, backend: BackendRt, adm: Admission, usage: TokenUsage | BadUsage | None) -> None:
         usage = believed(usage, ctx.route, backend.name)
         if usage is None:
@@ -857,9 +873,11 @@ class Proxy:
             status = resp.status
             if status != 200:
                 try:
-                    raw = await resp.read()
+                    raw = await read_answer(resp, self.max_answer)
                 except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
                     raw = b""
+                except AnswerTooLarge:
+                    raise _Retry(502, self._too_large(backend, status)) from None
                 ctype = resp.headers.get("Content-Type", "application/json")
                 if status == 429 or status >= 500:
                     raise _Retry(status, f"upstream status {status}", raw, ctype, _passed_headers(resp.headers))
@@ -911,6 +929,10 @@ class Proxy:
             async for chunk in resp.content.iter_any():
                 buf += chunk
                 events = split_events(buf)
+                if len(buf) > self.max_answer:  # an event that never ends is not kept whole either
+                    failure = (f"upstream sent a stream event of more than {self.max_answer} bytes, the proxy's "
+                               "limit (--max-response-bytes)")
+                    break
                 if not events:
                     continue
                 keep: list[bytes] = []
@@ -965,7 +987,7 @@ class Proxy:
                     except (ConnectionError, RuntimeError):
                         client_gone = True
                         break
-            if not client_gone and buf.strip():
+            if not client_gone and failure is None and buf.strip():
                 if capture is not None:
                     capture += buf
                 try:
