@@ -51,17 +51,87 @@ def test_nonsense_usage_charges_the_reservation_and_never_credits(guarded, fmt, 
         assert r.status_code == 200, r.text
     lines = proxy.log(len(NONSENSE))
     assert [x["usage_source"] for x in lines] == ["reservation"] * len(NONSENSE)
-    pin, pout = PRICES[fmt]
-    reserved_in = sum(x["est_prompt_tokens"] + x["est_prompt_tokens"] // 10 + 4 for x in lines)
-    reserved_out = sum(x["max_output_tokens"] for x in lines)
     assert proxy.alive()
     proxy.stop()
-    used = json.loads(state_file.read_text())["budgets"]["b"]
-    assert (used["inputTokens"], used["outputTokens"]) == (reserved_in, reserved_out)
-    assert Decimal(used["cost"]) == (reserved_in * pin + reserved_out * pout) / 10**6
+    _assert_charged(lines, fmt, state_file)
     err = proxy.stderr()
     assert err.count("usage that cannot be right") == len(NONSENSE)
     assert "secret prompt" not in err
+
+
+def _assert_charged(lines: list[dict], fmt: str, state_file) -> None:
+    """The budget holds exactly what the requests logged were charged: the usage the upstream reported,
+    or, when it is unknown, the reservation (prompt estimate + 10% + 4 at the input price, the output
+    cap at the output price). The proxy must have stopped (the state file is then written)."""
+    pin, pout = PRICES[fmt]
+    want_in = want_out = 0
+    want_cost = Decimal(0)
+    for x in lines:
+        if x["usage_source"] == "reservation":
+            n_in, n_out = x["est_prompt_tokens"] + x["est_prompt_tokens"] // 10 + 4, x["max_output_tokens"]
+            want_cost += (n_in * pin + n_out * pout) / 10**6
+        else:
+            n_in, n_out = x["input_tokens"], x["output_tokens"]
+            want_cost += Decimal(x["cost"])
+        want_in, want_out = want_in + n_in, want_out + n_out
+    used = json.loads(state_file.read_text())["budgets"]["b"]
+    assert (used["inputTokens"], used["outputTokens"], Decimal(used["cost"])) == (want_in, want_out, want_cost)
+
+
+MAX_ANSWER = 1024 * 1024
+HUGE = 20 * 1024 * 1024
+
+
+@pytest.fixture
+def bounded(start_proxy, tmp_path):
+    """As `guarded`, with a 1 MiB bound on the answers the proxy reads whole."""
+    with MockUpstream(tokens=10) as up:
+        a_in, a_out = PRICES["anthropic"]
+        claude = backend("an", up.url, "claude-haiku", provider="Anthropic", price_in=str(a_in), price_out=str(a_out))
+        claude["pricing"].update(cacheWrite=str(a_in), cacheWrite1h=str(a_in))
+        cfg = stream_of(route_yaml("chat", "chat", [backend("oa", up.openai_url)]),
+                        route_yaml("claude", "claude", [claude]),
+                        budget_yaml("b", limits={"tokens": {"total": 10**7}, "cost": {"amount": "5"}}))
+        yield up, start_proxy(cfg, state_file=tmp_path / "state.json",
+                              env={"SPENDWARDEN_MAX_RESPONSE_BYTES": str(MAX_ANSWER)}), tmp_path / "state.json"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("fmt", ["openai", "anthropic"])
+def test_a_huge_unary_answer_is_not_read_whole_it_gets_a_502_naming_the_bound_and_charges_the_reservation(
+        bounded, fmt, chunked):
+    from .test_body_flood import rss_mb
+
+    up, proxy, state_file = bounded
+    assert _post(proxy, fmt, False, {}).status_code == 200  # warm: the encoder is loaded
+    before = rss_mb(proxy.proc.pid)
+    headers = {"x-mock-pad-bytes": str(HUGE), **({"x-mock-chunked": "1"} if chunked else {})}
+    r = _post(proxy, fmt, False, headers)
+    grown = rss_mb(proxy.proc.pid) - before
+    assert r.status_code == 502, r.text[:300]
+    msg = r.json()["error"]["message"]
+    assert f"more than {MAX_ANSWER} bytes" in msg and "--max-response-bytes" in msg and "reservation" in msg, msg
+    assert grown < 12, grown  # read whole, the 20 MiB answer and its parse took some 40 MB
+    lines = proxy.log(2)
+    assert (lines[-1]["status"], lines[-1]["usage_source"]) == (502, "reservation")
+    assert _post(proxy, fmt, False, {}).status_code == 200  # alive, and serving
+    lines = proxy.log(3)
+    proxy.stop()
+    _assert_charged(lines, fmt, state_file)
+
+
+@pytest.mark.parametrize("fmt", ["openai", "anthropic"])
+def test_a_stream_event_larger_than_the_bound_ends_the_stream_with_an_error_and_charges_the_reservation(bounded, fmt):
+    up, proxy, state_file = bounded
+    r = _post(proxy, fmt, True, {"x-mock-pad-bytes": str(HUGE)})
+    assert r.status_code == 200  # the stream had begun
+    assert f"more than {MAX_ANSWER} bytes" in r.text and "--max-response-bytes" in r.text, r.text[:300]
+    assert "p" * 1000 not in r.text
+    lines = proxy.log(1)
+    assert lines[-1]["usage_source"] == "reservation"
+    assert proxy.alive()
+    proxy.stop()
+    _assert_charged(lines, fmt, state_file)
 
 
 def _chat(client: openai.OpenAI, model: str, stream: bool) -> None:

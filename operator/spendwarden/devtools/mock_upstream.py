@@ -52,6 +52,9 @@ Behaviours (all optional; later sources override earlier ones, field by field):
     cached_tokens    x-mock-cached-tokens       report this many cached prompt tokens
     cache_write_tokens x-mock-cache-write-tokens  Anthropic: report this many prompt tokens written to the
                                                 prompt cache (5-minute TTL)
+    pad_bytes        x-mock-pad-bytes           make the answer this many bytes larger: a non-streamed answer gets
+                                                an "x_mock_padding" string field, a stream a leading SSE comment
+    chunked          x-mock-chunked             send a non-streamed answer chunked, without Content-Length
     content          (script / per model only)  the answer's text instead of lorem ipsum (non-streamed answers)
     refusal          (script / per model only)  refuse: OpenAI message.refusal = this text (content null),
                                                 Anthropic stop_reason "refusal" with this text (non-streamed)
@@ -105,8 +108,8 @@ _WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing",
 _SECRET_MARKERS = ("auth", "key", "cookie", "secret", "token", "password")
 
 _INT_FIELDS = ("latency_ms", "chunk_delay_ms", "tokens", "status", "retry_after", "disconnect_after",
-               "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens")
-_BOOL_FIELDS = ("garbage", "hang")
+               "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "pad_bytes")
+_BOOL_FIELDS = ("garbage", "hang", "chunked")
 _STR_FIELDS = ("content", "refusal")
 
 
@@ -126,6 +129,8 @@ class Behaviour:
     completion_tokens: int | None = None
     cached_tokens: int | None = None
     cache_write_tokens: int | None = None
+    pad_bytes: int | None = None
+    chunked: bool | None = None
     content: str | None = None
     refusal: str | None = None
 
@@ -432,6 +437,24 @@ class _Handlers:
         _close(request)
         return resp
 
+    @staticmethod
+    async def answer(request: web.Request, body: bytes, b: Behaviour) -> web.StreamResponse:
+        """A non-streamed 200 answer, padded and chunked when asked."""
+        if b.pad_bytes:
+            body = body[:-1] + b',"x_mock_padding":"' + b"p" * b.pad_bytes + b'"}'
+        if not b.chunked:
+            return web.Response(body=body, content_type=_JSON)
+        resp = web.StreamResponse(status=200, headers={"Content-Type": _JSON})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        try:
+            for i in range(0, len(body), 65536):
+                await resp.write(body[i:i + 65536])
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass  # the client stopped reading (a proxy refusing a large answer)
+        return resp
+
     def counts(self, b: Behaviour, cap: Any, prompt_tokens: int) -> tuple[int, int, int, bool]:
         """(prompt tokens reported, tokens generated, completion tokens reported, cap hit)."""
         want = b.tokens if b.tokens is not None else DEFAULT_TOKENS
@@ -503,7 +526,7 @@ class _Handlers:
                 self.record(request, "openai", req, b, 200, None, False)
                 return await self.disconnect_midway(request, body)
             self.record(request, "openai", req, b, 200, rec, True)
-            return web.Response(body=body, content_type=_JSON)
+            return await self.answer(request, body, b)
 
         so = req.get("stream_options")
         include_usage = isinstance(so, dict) and bool(so.get("include_usage"))
@@ -535,6 +558,8 @@ class _Handlers:
                       usage: dict[str, int] | None) -> web.StreamResponse:
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
         await resp.prepare(request)
+        if b.pad_bytes:
+            events = [b": " + b"p" * b.pad_bytes + b"\n\n", *events]
         k = b.disconnect_after
         delay = (b.chunk_delay_ms or 0) / 1000
         # Recorded just before the last event goes out, so that a client that has read the whole
@@ -633,7 +658,7 @@ class _Handlers:
                 self.record(request, "anthropic", req, b, 200, None, False)
                 return await self.disconnect_midway(request, body)
             self.record(request, "anthropic", req, b, 200, rec, True)
-            return web.Response(body=body, content_type=_JSON)
+            return await self.answer(request, body, b)
 
         def ev(name: bytes, data: bytes) -> bytes:
             return b"event: " + name + b"\ndata: " + data + b"\n\n"

@@ -13,6 +13,7 @@ _TYPES = {
     400: ("invalid_request_error", "invalid_request_error"),
     404: ("invalid_request_error", "not_found_error"),
     405: ("invalid_request_error", "invalid_request_error"),
+    408: ("invalid_request_error", "timeout_error"),
     413: ("invalid_request_error", "request_too_large"),
     429: ("budget_exceeded", "budget_exceeded"),
     500: ("server_error", "api_error"),

@@ -10,6 +10,9 @@ import re
 import signal
 import sys
 
+from .limits import DEFAULT_BODY_MEMORY, DEFAULT_BODY_TIMEOUT, DEFAULT_HEAD_TIMEOUT, DEFAULT_MAX_ANSWER, \
+    UNCOUNTED_BODY_BYTES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True,
@@ -24,8 +27,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Where budget usage is kept across restarts (standalone). Default: not persisted.")
     parser.add_argument("--namespace", default=os.environ.get("SPENDWARDEN_NAMESPACE"),
                         help="Namespace for attribution (default: from the configuration).")
-    parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
+    parser.add_argument("--max-body-bytes", type=int,
+                        default=int(os.environ.get("SPENDWARDEN_MAX_BODY_BYTES", 8 * 1024 * 1024)),
                         help="Larger request bodies get 413 (default 8 MiB).")
+    parser.add_argument("--head-timeout", type=float,
+                        default=float(os.environ.get("SPENDWARDEN_HEAD_TIMEOUT", DEFAULT_HEAD_TIMEOUT)),
+                        help="Seconds a client has to send a request head, from the connection's start or "
+                             "the request's first byte; later: 408 and the connection is closed (default "
+                             f"{DEFAULT_HEAD_TIMEOUT:g}; 0 disables).")
+    parser.add_argument("--body-timeout", type=float,
+                        default=float(os.environ.get("SPENDWARDEN_BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT)),
+                        help="Seconds a client has to send a request body, from the end of its head; later: "
+                             f"408 and the connection is closed (default {DEFAULT_BODY_TIMEOUT:g}; 0 disables).")
+    parser.add_argument("--max-buffered-bytes", type=int,
+                        default=int(os.environ.get("SPENDWARDEN_MAX_BUFFERED_BYTES", DEFAULT_BODY_MEMORY)),
+                        help="Request bodies held in memory at once, across connections, not counting the "
+                             f"first {UNCOUNTED_BODY_BYTES // 1024} KiB of each; a body beyond it gets 503 and "
+                             f"Retry-After (default {DEFAULT_BODY_MEMORY // 2**20} MiB).")
+    parser.add_argument("--max-response-bytes", type=int,
+                        default=int(os.environ.get("SPENDWARDEN_MAX_RESPONSE_BYTES", DEFAULT_MAX_ANSWER)),
+                        help="Largest non-streamed upstream answer (and stream event) read; a larger one gets "
+                             "502 and, when the upstream billed it, the request's reservation is charged "
+                             f"(default {DEFAULT_MAX_ANSWER // 2**20} MiB).")
     parser.add_argument("--default-max-tokens", type=int,
                         default=int(os.environ.get("SPENDWARDEN_DEFAULT_MAX_TOKENS", 4096)),
                         help="Output cap sent upstream when the client gave none, the route has no "
@@ -37,12 +60,15 @@ async def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from .config import ConfigError
+    from .limits import GuardedAppRunner
     from .server import Proxy, raise_nofile_limit
 
     raise_nofile_limit()
     try:
         proxy = Proxy(args.config, namespace=args.namespace, state_file=args.state_file,
-                      max_body=args.max_body_bytes, default_max_tokens=args.default_max_tokens)
+                      max_body=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
+                      body_timeout=args.body_timeout, body_memory=args.max_buffered_bytes,
+                      max_answer=args.max_response_bytes)
     except ConfigError as exc:
         print(f"spendwarden proxy: {exc}", file=sys.stderr)
         return 2
@@ -51,7 +77,8 @@ async def serve(args: argparse.Namespace) -> int:
             "no --state-file: budget usage is kept in memory only and lost on restart")
     runners = []
     try:
-        runner = web.AppRunner(proxy.app(), access_log=None, handle_signals=False, shutdown_timeout=10)
+        runner = GuardedAppRunner(proxy.app(), head_timeout=args.head_timeout, access_log=None,
+                                  handle_signals=False, shutdown_timeout=10)
         await runner.setup()
         runners.append(runner)
         await web.TCPSite(runner, args.host, args.port, backlog=2048, reuse_address=True).start()

@@ -31,6 +31,8 @@ from .config import ANTHROPIC, OPENAI, BackendRt, Compiled, ConfigError, RouteRt
 from .errors import ProxyError, error_body, stream_error_event
 from .backend_load import BackendLoads, Waker, accepts_connections
 from .ledger_client import LedgerClient
+from .limits import DEFAULT_BODY_MEMORY, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_ANSWER, AnswerTooLarge, BodyHold, \
+    BodyMemory, read_answer, read_body
 from .metrics import OTEL_PROVIDER, Metrics
 from . import spend
 from .translate import ChatStreamTranslator, StreamTranslator, chat_to_message, chat_to_messages, \
@@ -96,6 +98,7 @@ class Ctx:
     partial: bool = False  # usage = the provider's input numbers + the reserved output
     sp: Any = None  # spend.SpendReq when the route has tiers, a cache or a loop breaker
     load_key: str | None = None  # the scaled backend this request counts as in flight to
+    raw: bytes | bytearray = b""  # the request body (read once; an escalation parses it again)
 
 
 def parse_tags(value: str | None) -> dict[str, str] | None:
@@ -135,8 +138,12 @@ def select_backend(route: RouteRt, headers: Any, est: int | None, tools: bool) -
 class Proxy:
     def __init__(self, config_path: str, namespace: str | None = None, state_file: str | None = None,
                  max_body: int = DEFAULT_MAX_BODY, access_log: Any = None, poll_interval: float = 1.0,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS):
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                 body_memory: int = DEFAULT_BODY_MEMORY, max_answer: int = DEFAULT_MAX_ANSWER):
         self.config_path = config_path
+        self.max_answer = max_answer
+        self.body_timeout = body_timeout
+        self.bodies = BodyMemory(body_memory)
         self.default_max_tokens = default_max_tokens
         self.namespace_arg = namespace
         self.max_body = max_body
@@ -382,15 +389,24 @@ class Proxy:
     async def count_tokens(self, request: web.Request) -> web.StreamResponse:
         """Anthropic's token counting: forwarded to the alias's Anthropic backend (not metered: it is
         free), or answered with the proxy's own estimate when the alias has no Anthropic backend."""
+        hold = self.bodies.hold()
+        try:
+            return await self._count_tokens(request, hold)
+        finally:
+            hold.release()
+
+    async def _count_tokens(self, request: web.Request, hold: BodyHold) -> web.StreamResponse:
         assert self.compiled is not None and self.session is not None
         try:
-            raw = await request.read()
+            raw = await read_body(request, self.max_body, self.body_timeout, hold)
             body = orjson.loads(raw)
             if not isinstance(body, dict) or not isinstance(body.get("model"), str):
                 raise ValueError("the body must be a JSON object with a string 'model'")
-        except (ValueError, web.HTTPRequestEntityTooLarge) as exc:
+        except ValueError as exc:
             return web.Response(status=400, content_type="application/json",
                                 body=error_body(ANTHROPIC, 400, f"invalid request: {exc}"))
+        except ProxyError as exc:
+            return self._refusal(ANTHROPIC, exc)
         route = self.compiled.routes.get(body["model"])
         if route is None:
             return web.Response(status=404, content_type="application/json", body=error_body(
@@ -403,11 +419,11 @@ class Proxy:
                 async with self.session.post(url, data=orjson.dumps({**body, "model": backend.model}),
                                              headers=self._headers(request, backend, False),
                                              timeout=self._timeout(backend, False)) as resp:
-                    data = await resp.read()
+                    data = await read_answer(resp, self.max_answer)
                     if resp.status in (200, 400):  # else (no such endpoint, 5xx, ...): estimate
                         return web.Response(status=resp.status, body=data,
                                             content_type=_ctype(resp.headers.get("Content-Type", "")))
-            except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+            except (asyncio.TimeoutError, aiohttp.ClientError, OSError, AnswerTooLarge):
                 pass  # fall back to the estimate
         try:
             est = await self._estimate(MESSAGES, body)
@@ -440,20 +456,30 @@ class Proxy:
 
     async def serve(self, request: web.Request, api: str, fmt: str) -> web.StreamResponse:
         ctx = Ctx(api=api, fmt=fmt, t0=time.perf_counter())
+        hold = self.bodies.hold()
         try:
+            ctx.raw = await read_body(request, self.max_body, self.body_timeout, hold)
             resp = await self._serve_escalating(request, ctx)
         except ProxyError as exc:
             ctx.status, ctx.outcome, ctx.error = exc.status, exc.outcome, exc.message
-            resp = web.Response(status=exc.status, headers=exc.headers, content_type="application/json",
-                                body=error_body(fmt, exc.status, exc.message, exc.code, exc.param, exc.extra))
+            resp = self._refusal(fmt, exc)
         except Exception as exc:  # a bug: answer 500 in the provider's shape, stay up
             log.exception("internal error")
             ctx.status, ctx.outcome, ctx.error = 500, "upstream_error", f"internal error: {type(exc).__name__}"
             resp = web.Response(status=500, content_type="application/json",
                                 body=error_body(fmt, 500, "internal proxy error"))
         finally:
+            hold.release()
             self._count_in_flight(ctx, None)
         self._record(ctx)
+        return resp
+
+    @staticmethod
+    def _refusal(fmt: str, exc: ProxyError) -> web.Response:
+        resp = web.Response(status=exc.status, headers=exc.headers, content_type="application/json",
+                            body=error_body(fmt, exc.status, exc.message, exc.code, exc.param, exc.extra))
+        if exc.status == 408:
+            resp.force_close()  # a client too slow to send its body does not keep the connection
         return resp
 
     async def _serve_escalating(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -504,16 +530,8 @@ class Proxy:
         api, fmt = ctx.api, ctx.fmt
         cfg = self.compiled
         assert cfg is not None
-        if request.content_length is not None and request.content_length > self.max_body:
-            raise ProxyError(413, f"request body of {request.content_length} bytes exceeds the limit of "
-                                  f"{self.max_body} bytes", code="request_too_large")
         try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise ProxyError(413, f"request body exceeds the limit of {self.max_body} bytes",
-                             code="request_too_large") from None
-        try:
-            body = orjson.loads(raw)
+            body = orjson.loads(ctx.raw)
         except orjson.JSONDecodeError as exc:
             raise bad(f"malformed JSON in request body: {exc}", None, "invalid_json") from None
         alias, stream, client_out, choices, tools = check_request(api, body)
@@ -772,7 +790,16 @@ class Proxy:
                                          timeout=self._timeout(backend, False)) as resp:
                 got_headers = True
                 status = resp.status
-                raw = await resp.read()
+                try:
+                    raw = await read_answer(resp, self.max_answer)
+                except AnswerTooLarge:
+                    resp.close()  # the rest is not read: the connection cannot be reused
+                    ctx.upstream_time += time.perf_counter() - t_up
+                    if status < 300:
+                        # Billed, usage unknown (it is in the part not read): charge the reservation.
+                        self.book.settle(adm, backend.prices, None)
+                        ctx.usage_known = False
+                    raise _Retry(502, self._too_large(backend, status)) from None
                 ctype = resp.headers.get("Content-Type", "application/json")
                 up_headers = resp.headers
         except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -812,6 +839,11 @@ class Proxy:
             headers["x-spendwarden-cost"] = format_money(ctx.cost)
         return web.Response(status=status, body=raw, headers=headers, content_type="application/json")
 
+    def _too_large(self, backend: BackendRt, status: int) -> str:
+        return (f"backend {backend.name!r} answered (status {status}) with more than {self.max_answer} bytes, the "
+                "proxy's limit for an answer it reads whole (--max-response-bytes)"
+                + ("; its usage is unknown: the request's reservation is charged" if status < 300 else ""))
+
     def _settle(self, ctx: Ctx, backend: BackendRt, adm: Admission, usage: TokenUsage | BadUsage | None) -> None:
         usage = believed(usage, ctx.route, backend.name)
         if usage is None:
@@ -841,9 +873,11 @@ class Proxy:
             status = resp.status
             if status != 200:
                 try:
-                    raw = await resp.read()
+                    raw = await read_answer(resp, self.max_answer)
                 except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
                     raw = b""
+                except AnswerTooLarge:
+                    raise _Retry(502, self._too_large(backend, status)) from None
                 ctype = resp.headers.get("Content-Type", "application/json")
                 if status == 429 or status >= 500:
                     raise _Retry(status, f"upstream status {status}", raw, ctype, _passed_headers(resp.headers))
@@ -895,6 +929,10 @@ class Proxy:
             async for chunk in resp.content.iter_any():
                 buf += chunk
                 events = split_events(buf)
+                if len(buf) > self.max_answer:  # an event that never ends is not kept whole either
+                    failure = (f"upstream sent a stream event of more than {self.max_answer} bytes, the proxy's "
+                               "limit (--max-response-bytes)")
+                    break
                 if not events:
                     continue
                 keep: list[bytes] = []
@@ -949,7 +987,7 @@ class Proxy:
                     except (ConnectionError, RuntimeError):
                         client_gone = True
                         break
-            if not client_gone and buf.strip():
+            if not client_gone and failure is None and buf.strip():
                 if capture is not None:
                     capture += buf
                 try:
