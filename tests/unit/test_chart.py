@@ -237,6 +237,18 @@ def test_ledger_and_metrics_can_be_turned_off(chart, monkeypatch):
     assert ledger_service.LedgerConfig.from_env({"SPENDWARDEN_LEDGER_PORT": "0"}).port == 0
 
 
+def test_ledger_limits_reach_the_operator(chart):
+    def config(values=None) -> ledger_service.LedgerConfig:
+        env = {e["name"]: e.get("value") for e in container(render(chart, values))["env"]}
+        return ledger_service.LedgerConfig.from_env(env)
+
+    default, code_default = config(), ledger_service.LedgerConfig()
+    assert (default.max_connections, default.request_timeout) == (code_default.max_connections, code_default.request_timeout)
+    # A large integer must not render as 1e+06 (int() of that fails at the operator's start).
+    custom = config({"ledger": {"maxConnections": 1000000, "requestTimeoutSeconds": 2.5}})
+    assert (custom.max_connections, custom.request_timeout) == (1000000, 2.5)
+
+
 def test_cut_off_cluster_cidrs_reach_the_operator(chart):
     from spendwarden.controller.cutoff import settings_from_env
 
@@ -461,6 +473,8 @@ def test_prometheus_rule_needs_metrics(chart):
     ({"watchNamespaces": "team-a"}, "at '/watchNamespaces': got string, want array"),
     ({"watchNamespaces": ["Team_A"]}, "at '/watchNamespaces/0'"),
     ({"ledger": {"port": 70000}}, "at '/ledger/port'"),
+    ({"ledger": {"maxConnections": 0}}, "at '/ledger/maxConnections'"),
+    ({"ledger": {"requestTimeoutSeconds": 0}}, "at '/ledger/requestTimeoutSeconds'"),
     ({"cutOff": {"clusterCIDRs": ["10.244.0.0"]}}, "at '/cutOff/clusterCIDRs/0'"),
     ({"logFormat": "yaml"}, "at '/logFormat'"),
     ({"rbac": {"create": "yes"}}, "at '/rbac/create': got string, want boolean"),
