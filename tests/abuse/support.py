@@ -1,0 +1,58 @@
+"""What the abuse tests share: hypothesis settings, the error shapes, judging an answer."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+
+from . import kinds
+
+# Reproducible in CI: derandomized (the examples are a function of the test's code), no example
+# database, no deadline (2 loaded cores), few examples (the whole suite in a few minutes).
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None, print_blob=False,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                       HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+
+def openai_error(doc: Any) -> bool:
+    err = doc.get("error") if isinstance(doc, dict) else None
+    return isinstance(err, dict) and isinstance(err.get("message"), str) and bool(err["message"]) \
+        and isinstance(err.get("type"), str)
+
+
+def anthropic_error(doc: Any) -> bool:
+    err = doc.get("error") if isinstance(doc, dict) else None
+    return isinstance(doc, dict) and doc.get("type") == "error" and isinstance(err, dict) \
+        and isinstance(err.get("type"), str) and isinstance(err.get("message"), str) and bool(err["message"])
+
+
+def ledger_error(doc: Any) -> bool:
+    return isinstance(doc, dict) and isinstance(doc.get("error"), str) and bool(doc["error"])
+
+
+SHAPES = {"openai": openai_error, "anthropic": anthropic_error, "ledger": ledger_error}
+
+
+def judge(surface: str, kind: str, shape: str, status: int, body: bytes, must_refuse: bool,
+          upstream_involved: bool = True) -> str:
+    """Record and return the outcome of one example (kinds.CLEAR, HANDLED or CRASH):
+
+    CLEAR    a 4xx whose body is the error shape
+    HANDLED  a 2xx where refusing is not required, or (upstream involved) a 502/503/504 in the shape
+    CRASH    anything else"""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    shaped = SHAPES[shape](doc)
+    if 400 <= status < 500 and shaped:
+        outcome = kinds.CLEAR
+    elif 200 <= status < 300 and not must_refuse:
+        outcome = kinds.HANDLED
+    elif upstream_involved and status in (502, 503, 504) and shaped:
+        outcome = kinds.HANDLED
+    else:
+        outcome = kinds.CRASH
+    kinds.record(surface, kind, outcome)
+    return outcome
