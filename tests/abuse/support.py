@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from . import kinds
 
@@ -56,3 +57,18 @@ def judge(surface: str, kind: str, shape: str, status: int, body: bytes, must_re
         outcome = kinds.CRASH
     kinds.record(surface, kind, outcome)
     return outcome
+
+
+json_leaf = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) \
+    | st.text(max_size=16)
+# Any JSON value, small: the shapes a careless client puts where an object, a number or a string belongs.
+json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
+
+
+def is_json(text: str | bytes) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tests.proxy.test_body_flood import rss_mb
 
 from . import kinds
-from .support import FUZZ, judge
+from .support import FUZZ, is_json, json_value, judge
 
 MSGS = [{"role": "user", "content": "hi"}]
 # What the abuse may add to the RSS the proxy had after its first request: a leak of a few KB per
@@ -56,10 +56,6 @@ CHECKED: dict[str, dict[str, tuple[Any, bool]]] = {
 }
 INT_FIELDS = ("max_tokens", "max_completion_tokens", "n")
 
-json_leaf = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) \
-    | st.text(max_size=20)
-json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4)
-                          | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 
 
 def _dumps(body: Any) -> bytes:
@@ -104,7 +100,7 @@ def body_case(draw: st.DrawFn, endpoint: str) -> tuple[str, bytes, bool]:
                                 "deep-nesting", "random-object", "unknown-model", "unknown-fields",
                                 "duplicate-keys", "utf16-bom"]))
     if how == "not-json":
-        text = draw(st.text(min_size=1, max_size=60).filter(lambda t: not _is_json(t)))
+        text = draw(st.text(min_size=1, max_size=60).filter(lambda t: not is_json(t)))
         return how, text.encode("utf-8", "surrogatepass"), True
     if how == "invalid-utf8":
         bad = draw(st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\x80"]))
@@ -133,13 +129,6 @@ def body_case(draw: st.DrawFn, endpoint: str) -> tuple[str, bytes, bool]:
         return how, valid[:-1] + b', "model": 12345}', True
     return how, "\ufeff".encode("utf-16") + valid.decode().encode("utf-16-le"), True
 
-
-def _is_json(t: str) -> bool:
-    try:
-        json.loads(t)
-    except ValueError:
-        return False
-    return True
 
 
 HEADER_CASES = {  # kind -> headers sent with a valid body; none of them is reason to refuse it
