@@ -72,3 +72,25 @@ def is_json(text: str | bytes) -> bool:
     except ValueError:
         return False
     return True
+
+
+class LoopThread:
+    """An event loop in a thread of its own, so that sync (hypothesis) tests can drive in-process
+    servers over HTTP: `call(coro)` runs a coroutine there and returns its result."""
+
+    def __init__(self, name: str):
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)

@@ -5,10 +5,8 @@ what is wrong (or a 200 where the report is odd but acceptable), never a 5xx; th
 the ledger's invariant holds, and what it would write into the budget's status stays bounded."""
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
-import threading
 import time
 from typing import Any, Iterator
 
@@ -22,7 +20,7 @@ from spendwarden.ledger.leases import _dim
 from tests.support.ledger_fake import FakeApi
 
 from . import kinds
-from .support import FUZZ, is_json, json_value, judge
+from .support import FUZZ, LoopThread, is_json, json_value, judge
 
 GOOD = "Bearer good-token"  # reviewed as team-a's proxy
 INT64 = 2**63 - 1
@@ -42,22 +40,17 @@ class Ledger:
             return None
 
         monkeypatch.setattr(self.service.cutoff, "start", no_cutoff)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="ledger", daemon=True)
+        self.thread = LoopThread("ledger")
+        self.call = self.thread.call
 
     def start(self) -> "Ledger":
-        self.thread.start()
         self.call(self.service.start())
         self.url = f"http://127.0.0.1:{self.service.port}"
         return self
 
-    def call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
     def stop(self) -> None:
         self.call(self.service.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        self.thread.close()
 
     def post(self, body: bytes, auth: str | None = GOOD, path: str = "/v1/report") -> httpx.Response:
         headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth is not None else {})}

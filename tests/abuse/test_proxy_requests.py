@@ -114,7 +114,9 @@ def body_case(draw: st.DrawFn, endpoint: str) -> tuple[str, bytes, bool]:
         return how, b"", True
     if how == "deep-nesting":
         depth = draw(st.sampled_from([600, 2000, 100_000]))
-        return how, b'{"model": "chat", "messages": ' + b"[" * depth + b"]" * depth + b"}", True
+        # orjson parses up to 1024 levels; count_tokens then estimates what it can count (nothing)
+        return how, b'{"model": "chat", "messages": ' + b"[" * depth + b"]" * depth + b"}", \
+            endpoint != "count_tokens" or depth > 1024
     if how == "random-object":
         return how, _dumps(draw(st.dictionaries(st.text(max_size=10), json_value, max_size=6))), True
     if how == "unknown-model":
