@@ -57,7 +57,7 @@ def test_parse_report_rejects_malformed_bodies_with_the_field_named():
 
 
 @pytest.mark.parametrize("cost", ["1e999999", "1e9999999", "1" + "0" * 18, "0E-999999", "1e-41", "1" * 100,
-                                  "NaN", "Infinity", "-0.5", 10**18])
+                                  "NaN", "Infinity", "-0.5", 10**18, " 1", "1_000", "\u0661", "\uff11", "1 "])
 def test_report_amounts_are_bounded(cost):
     """A cost the ledger could not store or add (decimal.Overflow, a megabyte in status): refused as a
     ReportError (400) naming the field, in every amount, ceiling and breakdown row of a report."""
@@ -67,6 +67,20 @@ def test_report_amounts_are_bounded(cost):
                           ("breakdown[0].cost", {"breakdown": [{"route": "r", "backend": "b", "cost": cost}]})]:
         with pytest.raises(ReportError, match=re.escape(f"budgets.monthly.{where}")):
             parse_report({**body(1), "budgets": {"monthly": {**entry, **change}}})
+
+
+@pytest.mark.parametrize("where", ["used.inputTokens", "want.outputTokens", "releaseTo.total", "breakdown[0].inputTokens"])
+def test_report_token_counts_are_bounded_below_int64(where):
+    """2**63 tokens (orjson reads integers up to 2**64 - 1) made the answer unserialisable (500), and
+    sums of such counts cannot be written to status (int64): a 400 naming the field."""
+    entry = body(1)["budgets"]["monthly"]
+    part, _, key = where.partition(".")
+    change = ({"breakdown": [{"route": "r", "backend": "b", "inputTokens": 2**63}]} if part.startswith("breakdown")
+              else {part: {**(entry.get(part) or {}), key: 2**63}})
+    with pytest.raises(ReportError, match=re.escape(f"budgets.monthly.{where}: must be a non-negative integer and "
+                                                    "at most 1000000000000000")):
+        parse_report({**body(1), "budgets": {"monthly": {**entry, **change}}})
+    assert parse_report({**body(1), "budgets": {"monthly": {**entry, "used": {"inputTokens": 10**15}}}})
 
 
 def test_report_amounts_as_proxies_write_them_are_accepted():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 import os
 import shutil
@@ -95,11 +96,14 @@ class WebhookSettings:
 
 
 class WebhookServer(kopf.WebhookServer):
-    """kopf's server, with two adaptations:
+    """kopf's server, with three adaptations:
 
     * in-cluster it hands kopf a `service:` client config instead of kopf's URL one;
     * it fills a Pod's metadata.namespace from the request: for CREATE the apiserver runs mutating
-      webhooks before it sets the namespace on the object, and the injection needs it.
+      webhooks before it sets the namespace on the object, and the injection needs it;
+    * it refuses a malformed AdmissionReview with a 400 naming what is wrong: kopf answered a body
+      that is not UTF-8, is nested too deep, or has a request, resource or object of another type
+      with a 500 (and a traceback in the operator's log).
     """
 
     def __init__(self, *, service: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
@@ -118,6 +122,47 @@ class WebhookServer(kopf.WebhookServer):
 
         async for config in super().__call__(with_namespace):
             yield service_client_config(config, self.service) if self.service else config
+
+    @staticmethod
+    async def _serve(fn: Any, request: Any) -> Any:
+        import aiohttp.web
+
+        problem = review_problem(await request.read())
+        if problem is not None:
+            raise aiohttp.web.HTTPBadRequest(reason=f"malformed AdmissionReview: {problem}")
+        return await kopf.WebhookServer._serve(fn, request)
+
+
+def review_problem(raw: bytes) -> str | None:
+    """What makes `raw` no AdmissionReview kopf can serve, or None (kopf itself then refuses a
+    review without userInfo or object, and one for a resource it does not serve)."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "the body is not UTF-8"
+    except RecursionError:
+        return "the body is nested too deep"
+    except ValueError:
+        return "the body is not JSON"
+    if not isinstance(data, dict):
+        return f"the body must be an object, not {type(data).__name__}"
+    payload = data.get("request")
+    if not isinstance(payload, dict):
+        return "request: must be an object"
+    resource = payload.get("resource")
+    if not isinstance(resource, dict) or not all(isinstance(resource.get(k), str) for k in ("group", "version",
+                                                                                            "resource")):
+        return "request.resource: must be an object with group, version and resource strings"
+    for key in ("object", "oldObject", "userInfo"):
+        if payload.get(key) is not None and not isinstance(payload[key], dict):
+            return f"request.{key}: must be an object"
+    for key in ("object", "oldObject"):  # the apiserver always sends an object's metadata
+        if payload.get(key) is not None and not isinstance(payload[key].get("metadata"), dict):
+            return f"request.{key}.metadata: must be an object"
+    for key in ("uid", "operation", "namespace", "subResource"):
+        if payload.get(key) is not None and not isinstance(payload[key], str):
+            return f"request.{key}: must be a string"
+    return None
 
 
 def service_client_config(config: Mapping[str, Any], service: Mapping[str, Any]) -> dict[str, Any]:

@@ -55,6 +55,9 @@ Behaviours (all optional; later sources override earlier ones, field by field):
     pad_bytes        x-mock-pad-bytes           make the answer this many bytes larger: a non-streamed answer gets
                                                 an "x_mock_padding" string field, a stream a leading SSE comment
     chunked          x-mock-chunked             send a non-streamed answer chunked, without Content-Length
+    usage_json       x-mock-usage-json          non-streamed answers: the "usage" object replaced by this JSON text
+                                                verbatim (any value: "null", "-3", '{"prompt_tokens": "x"}');
+                                                "absent" leaves "usage" out (what is recorded is unchanged)
     content          (script / per model only)  the answer's text instead of lorem ipsum (non-streamed answers)
     refusal          (script / per model only)  refuse: OpenAI message.refusal = this text (content null),
                                                 Anthropic stop_reason "refusal" with this text (non-streamed)
@@ -110,7 +113,8 @@ _SECRET_MARKERS = ("auth", "key", "cookie", "secret", "token", "password")
 _INT_FIELDS = ("latency_ms", "chunk_delay_ms", "tokens", "status", "retry_after", "disconnect_after",
                "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "pad_bytes")
 _BOOL_FIELDS = ("garbage", "hang", "chunked")
-_STR_FIELDS = ("content", "refusal")
+_STR_FIELDS = ("content", "refusal", "usage_json")
+_HEADER_STR_FIELDS = ("usage_json",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +137,7 @@ class Behaviour:
     chunked: bool | None = None
     content: str | None = None
     refusal: str | None = None
+    usage_json: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Behaviour":
@@ -318,7 +323,8 @@ class _Handlers:
                 hdr[k[7:].lower().replace("-", "_")] = v
         if hdr:
             try:
-                b = Behaviour.from_dict({k: v for k, v in hdr.items() if k in _INT_FIELDS or k in _BOOL_FIELDS}).over(b)
+                b = Behaviour.from_dict({k: v for k, v in hdr.items()
+                                         if k in _INT_FIELDS or k in _BOOL_FIELDS or k in _HEADER_STR_FIELDS}).over(b)
             except ValueError as exc:  # a typo in a test's header should say so, not 500
                 raise web.HTTPBadRequest(text=f"bad x-mock-* header: {exc}") from exc
         return b
@@ -520,8 +526,8 @@ class _Handlers:
             else:
                 choice = {"index": 0, "text": _text(n), "logprobs": None, "finish_reason": finish}
                 obj = "text_completion"
-            body = _dumps({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
-                           "usage": usage, "system_fingerprint": None})
+            body = _dumps(_with_usage({"id": rid, "object": obj, "created": created, "model": model,
+                                       "choices": [choice], "usage": usage, "system_fingerprint": None}, b))
             if b.disconnect_after is not None:
                 self.record(request, "openai", req, b, 200, None, False)
                 return await self.disconnect_midway(request, body)
@@ -605,9 +611,9 @@ class _Handlers:
         items = inp if isinstance(inp, list) and inp and not all(isinstance(x, int) for x in inp) else [inp]
         p = b.prompt_tokens if b.prompt_tokens is not None else text_tokens(inp)
         vec: Any = _EMBEDDING_B64 if req.get("encoding_format") == "base64" else _EMBEDDING
-        body = _dumps({"object": "list", "model": req.get("model"),
-                       "data": [{"object": "embedding", "index": i, "embedding": vec} for i in range(len(items))],
-                       "usage": {"prompt_tokens": p, "total_tokens": p}})
+        body = _dumps(_with_usage({"object": "list", "model": req.get("model"), "data": [
+            {"object": "embedding", "index": i, "embedding": vec} for i in range(len(items))],
+            "usage": {"prompt_tokens": p, "total_tokens": p}}, b))
         self.bill({"prompt_tokens": p, "completion_tokens": 0})
         self.record(request, "openai", req, b, 200, {"prompt_tokens": p, "completion_tokens": 0, "cached_tokens": 0}, True)
         return web.Response(body=body, content_type=_JSON)
@@ -650,10 +656,10 @@ class _Handlers:
                 self.record(request, "anthropic", req, b, 200, None, True)
                 return web.Response(body=b"<html>upstream exploded</html>", content_type=_JSON)
             text = b.refusal or (b.content if b.content is not None else _text(n))
-            body = _dumps({"id": mid, "type": "message", "role": "assistant", "model": model,
-                           "content": [{"type": "text", "text": text}],
-                           "stop_reason": "refusal" if b.refusal else stop,
-                           "stop_sequence": None, "usage": usage})
+            body = _dumps(_with_usage({"id": mid, "type": "message", "role": "assistant", "model": model,
+                                       "content": [{"type": "text", "text": text}],
+                                       "stop_reason": "refusal" if b.refusal else stop,
+                                       "stop_sequence": None, "usage": usage}, b))
             if b.disconnect_after is not None:
                 self.record(request, "anthropic", req, b, 200, None, False)
                 return await self.disconnect_midway(request, body)
@@ -714,6 +720,17 @@ class _Handlers:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+
+def _with_usage(doc: dict[str, Any], b: Behaviour) -> dict[str, Any]:
+    """A non-streamed answer with its usage replaced as behaviour `usage_json` says."""
+    if b.usage_json is None:
+        return doc
+    if b.usage_json == "absent":
+        doc.pop("usage", None)
+    else:
+        doc["usage"] = json.loads(b.usage_json)
+    return doc
 
 
 def _close(request: web.Request) -> None:

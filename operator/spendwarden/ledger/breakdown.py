@@ -13,6 +13,7 @@ so an app sending a new tag value per request cannot grow a report or a status o
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -117,10 +118,10 @@ class Breakdown:
             if not isinstance(item, dict):
                 raise ValueError(f"{at}: must be an object")
             key = tuple(_text(item.get(f, ""), f"{at}.{f}") for f in FIELDS)
-            row = Row(_count(item.get("inputTokens", 0), f"{at}.inputTokens"),
-                      _count(item.get("outputTokens", 0), f"{at}.outputTokens"),
+            row = Row(wire_count(item.get("inputTokens", 0), f"{at}.inputTokens"),
+                      wire_count(item.get("outputTokens", 0), f"{at}.outputTokens"),
                       parse_money(item.get("cost", "0"), f"{at}.cost"),
-                      _count(item.get("requests", 0), f"{at}.requests"))
+                      wire_count(item.get("requests", 0), f"{at}.requests"))
             out.rows.setdefault(key, Row()).add(row)  # type: ignore[arg-type]
         return out
 
@@ -152,10 +153,19 @@ def _text(value: Any, where: str) -> str:
     return value
 
 
-def _count(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{where}: must be a non-negative integer")
+# Token and request counts from the wire: far above any real period's (a quadrillion), so that the
+# ledger's sums over thousands of proxies stay within int64, what the apiserver stores. A count of
+# 2**63 made the answer unserialisable (500) and the status unwritable.
+MAX_WIRE_COUNT = 10**15
+
+
+def wire_count(value: Any, where: str, minimum: int = 0) -> int:
+    """A count from a report: an integer (not a bool) from `minimum` to MAX_WIRE_COUNT."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_WIRE_COUNT:
+        what = "a non-negative integer" if minimum == 0 else f"an integer of at least {minimum}"
+        raise ValueError(f"{where}: must be {what} and at most {MAX_WIRE_COUNT}")
     return value
+
 
 
 # Amounts from the wire (proxies' str(Decimal), exponents included) are bounded so that the ledger can
@@ -164,6 +174,9 @@ def _count(value: Any, where: str) -> int:
 MAX_MONEY = Decimal(10) ** 18
 MONEY_PLACES = 40
 _MONEY_TEXT = 64  # characters: more is not an amount within the bounds (and is not parsed at all)
+
+
+_MONEY_SYNTAX = re.compile(r"-?[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?")
 
 
 def parse_money(value: Any, where: str) -> Decimal:
@@ -177,6 +190,10 @@ def parse_money(value: Any, where: str) -> Decimal:
         return Decimal(value)
     if len(value) > _MONEY_TEXT:
         raise ValueError(f"{where}: {len(value)} characters; amounts have at most {_MONEY_TEXT}")
+    # Decimal() also takes spaces, underscores and any script's digits (" 1", "1_000", "١"): what a
+    # proxy writes (str(Decimal)) is ASCII digits, a point and an exponent only.
+    if not _MONEY_SYNTAX.fullmatch(value):
+        raise ValueError(f"{where}: {value[:40]!r} is not a decimal number")
     try:
         out = Decimal(value)
     except InvalidOperation:

@@ -18,6 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from .breakdown import wire_count
+
 MAX_PER_REPORT = 16     # entries in one report; more is a 400
 MAX_QUEUED = 64         # distinct (route, request) a proxy remembers between reports; more are dropped
 HASH_CHARS = 12         # of the request hash (spend.cache.request_key): enough to tell loops apart
@@ -89,9 +91,7 @@ def _text(value: Any, where: str, required: bool = True) -> str | None:
 
 
 def _count(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: must be a positive integer")
-    return value
+    return wire_count(value, where, minimum=1)
 
 
 def parse_loops(data: Any, where: str = "loops") -> list[LoopReport]:

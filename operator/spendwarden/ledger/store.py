@@ -24,7 +24,7 @@ from ..api.tokenbudget import BudgetState, TokenBudgetSpec
 from ..render.proxyconfig import validate_spec
 from ..render.status import budget_state, usage_fraction, usage_status
 from .allowance import Amount, Limits, hard_ceiling
-from .breakdown import HISTORY_ROWS, Breakdown, PeriodBreakdown, parse_money
+from .breakdown import HISTORY_ROWS, MAX_WIRE_COUNT, Breakdown, PeriodBreakdown, parse_money, wire_count
 from .forecast import BurnRate, projected_exhaustion, time_constant
 from .leases import BudgetLedger, Ceiling, LeaseSettings, ProxyAccount
 from .loops import LoopReport, parse_loops
@@ -72,9 +72,10 @@ class Report:
 
 def _int(value: Any, where: str) -> int:
     # bool is an int in Python; a JSON true is not a token count.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ReportError(f"{where}: must be a non-negative integer")
-    return value
+    try:
+        return wire_count(value, where)
+    except ValueError as exc:
+        raise ReportError(str(exc)) from None
 
 
 def _money(value: Any, where: str) -> Decimal:
@@ -94,9 +95,9 @@ def _amount(data: Any, where: str) -> Amount:
     if not data.keys() <= _AMOUNT_FIELDS:
         raise ReportError(f"{where}: unknown field(s) {sorted(set(data) - _AMOUNT_FIELDS)[:5]}")
     inp, out, cost = data.get("inputTokens", 0), data.get("outputTokens", 0), data.get("cost", "0")
-    if type(inp) is not int or inp < 0:  # type(): a JSON true is a bool, not a token count
+    if type(inp) is not int or not 0 <= inp <= MAX_WIRE_COUNT:  # type(): a JSON true is a bool, not a count
         _int(inp, f"{where}.inputTokens")
-    if type(out) is not int or out < 0:
+    if type(out) is not int or not 0 <= out <= MAX_WIRE_COUNT:
         _int(out, f"{where}.outputTokens")
     return Amount(inp, out, ZERO if cost == "0" else _money(cost, f"{where}.cost"))
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
+
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from .config import ANTHROPIC, OPENAI
 from .errors import ProxyError, error_body
@@ -56,6 +59,14 @@ async def read_answer(resp: Any, limit: int) -> bytes:
             raise AnswerTooLarge
         body += chunk
     return bytes(body)
+
+
+def parser_error_kind(exc: HttpProcessingError) -> str:
+    """What kind of parse error `exc` is, without the bytes aiohttp quotes in its message (the header
+    line, `Authorization: Bearer sk-...` included; the request line, query included): the text of
+    that message up to its first colon or quote."""
+    kind = re.split(r"[:'\"]", str(exc.message).strip(), maxsplit=1)[0].strip()[:80]
+    return kind or type(exc).__name__
 
 
 class SlowClientGuard(RequestHandler):
@@ -123,6 +134,22 @@ class SlowClientGuard(RequestHandler):
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
                                  b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         self.force_close()  # the transport sends what is buffered, then closes
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse (or whose handler raised) is plain text
+        that quotes the offending line: the SDKs cannot read it, and it echoes a credential into
+        whatever logs the answer. The same status in the API's error shape instead."""
+        super().handle_error(request, status, exc, message)  # logs (redacted: run.ParserErrorRedactor)
+        if status < 500 and isinstance(exc, HttpProcessingError):
+            text = f"malformed HTTP request ({parser_error_kind(exc)})"
+        else:
+            text = "internal proxy error" if status >= 500 else f"malformed HTTP request ({status})"
+        resp = web.Response(status=status, body=error_body(self._head_fmt, status, text,
+                                                           code="malformed_request" if status < 500 else None),
+                            content_type="application/json")
+        resp.force_close()
+        return resp
 
 
 class _GuardedServer(web.Server):
@@ -208,6 +235,13 @@ async def read_body(request: web.Request, max_body: int, timeout: float, hold: B
                     raise hold.memory.busy()
                 body += chunk
         return body
+    except (HttpProcessingError, RequestPayloadError) as exc:  # a body its Content-Encoding does not
+        cause = exc if isinstance(exc, HttpProcessingError) else exc.__cause__  # decode, a bad chunk size
+        why = parser_error_kind(cause) if isinstance(cause, HttpProcessingError) else "malformed payload"
+        # The rest is not wanted (the answer closes the connection): marked read, or aiohttp, draining
+        # it after the answer, would meet the error again and log it as unhandled.
+        request.content.feed_eof()
+        raise ProxyError(400, f"the request body cannot be read ({why})", code="invalid_body") from None
     except TimeoutError:
         raise ProxyError(408, f"the request body did not arrive within {timeout:g}s (the proxy's body "
                               "deadline)", code="request_timeout") from None

@@ -6,7 +6,6 @@ import asyncio
 import gc
 import logging
 import os
-import re
 import signal
 import sys
 
@@ -117,12 +116,13 @@ class ParserErrorRedactor(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from aiohttp.http_exceptions import HttpProcessingError
 
+        from .limits import parser_error_kind
+
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            kind = re.split(r"[:'\"]", str(exc.message).strip(), maxsplit=1)[0].strip()[:80]
             record.msg, record.args = "refused a malformed request from %s with %s: %s", (
                 record.args[0] if isinstance(record.args, tuple) and record.args else "?", exc.code,
-                kind or type(exc).__name__)
+                parser_error_kind(exc))
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.WARNING, "WARNING"  # the client's error, not ours
         return True

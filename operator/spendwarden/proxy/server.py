@@ -478,8 +478,10 @@ class Proxy:
     def _refusal(fmt: str, exc: ProxyError) -> web.Response:
         resp = web.Response(status=exc.status, headers=exc.headers, content_type="application/json",
                             body=error_body(fmt, exc.status, exc.message, exc.code, exc.param, exc.extra))
-        if exc.status == 408:
-            resp.force_close()  # a client too slow to send its body does not keep the connection
+        if exc.status == 408 or exc.code == "invalid_body":
+            # a client too slow to send its body does not keep the connection; nor one whose body
+            # cannot be decoded (the rest of it is not read: aiohttp would fail again draining it)
+            resp.force_close()
         return resp
 
     async def _serve_escalating(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
