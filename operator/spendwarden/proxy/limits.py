@@ -13,7 +13,6 @@ import logging
 import re
 from typing import Any
 
-
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
