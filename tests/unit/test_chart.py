@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import helm_python as helm
@@ -424,6 +425,51 @@ def test_pod_monitor_scrapes_the_injected_proxies(chart):
     only = one(render(chart, {"metrics": {"podMonitor": {"enabled": True, "namespaces": ["team-a", "team-b"]}}}),
                "PodMonitor")
     assert only["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+
+
+def test_proxy_limits_resources_and_log_level_reach_every_injected_sidecar(chart):
+    """chart values -> the operator's env -> InjectionSettings -> the sidecar's env -> the proxy's own
+    argument parser: each value arrives as the proxy reads it (1000000 not as 1e+06)."""
+    from spendwarden.proxy import run as proxy_run
+    from spendwarden.render import injection
+
+    def sidecar(values):
+        env = {e["name"]: e.get("value") for e in container(render(chart, values))["env"] if "value" in e}
+        return injection.proxy_container("team", injection.InjectionSettings.from_env(env))
+
+    default = sidecar(None)
+    assert default["resources"] == injection.DEFAULT_RESOURCES
+    assert {e["name"] for e in default["env"]} == {"SPENDWARDEN_LEDGER_TOKEN_FILE", "SPENDWARDEN_SECRETS_DIR"}
+    limits = {"headTimeoutSeconds": 2.5, "bodyTimeoutSeconds": 0, "maxBodyBytes": 1000000,
+              "maxBufferedBytes": 64 * 2**20, "maxResponseBytes": 4 * 2**20}
+    resources = {"requests": {"cpu": "20m", "memory": "48Mi"}, "limits": {"memory": "96Mi"}}
+    proxy = sidecar({"proxy": {"limits": limits, "resources": resources, "logLevel": "WARNING"}})
+    assert proxy["resources"] == resources
+    env = {e["name"]: e["value"] for e in proxy["env"]}
+    parser = argparse.ArgumentParser()
+    old = dict(os.environ)
+    try:
+        os.environ.update(env)
+        proxy_run.add_arguments(parser)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert proxy["args"][0] == "proxy"
+    args = parser.parse_args(proxy["args"][1:])  # the sidecar's command line, as injected
+    assert (args.head_timeout, args.body_timeout, args.max_body_bytes, args.max_buffered_bytes,
+            args.max_response_bytes, args.log_level) == (2.5, 0.0, 1000000, 64 * 2**20, 4 * 2**20, "WARNING")
+
+
+def test_only_the_listed_proxy_settings_reach_tenant_pods():
+    from spendwarden.render import injection
+    settings = injection.InjectionSettings.from_env({"SPENDWARDEN_SIDECAR_HEAD_TIMEOUT": "3",
+                                                     "SPENDWARDEN_SIDECAR_LEDGER_TOKEN": "secret",
+                                                     "SPENDWARDEN_LEDGER_URL": "http://x"})
+    assert settings.env == (("SPENDWARDEN_HEAD_TIMEOUT", "3"),)
+    with pytest.raises(ValueError, match="SPENDWARDEN_PROXY_RESOURCES is not JSON"):
+        injection.InjectionSettings.from_env({"SPENDWARDEN_PROXY_RESOURCES": "{memory: 1Gi"})
+    with pytest.raises(ValueError, match="must be {requests"):
+        injection.InjectionSettings.from_env({"SPENDWARDEN_PROXY_RESOURCES": '{"memory": "1Gi"}'})
 
 
 CONTRACT_METRICS = {"spendwarden_budget_percent_used", "spendwarden_budget_state", "spendwarden_budget_forecast_exceeded",

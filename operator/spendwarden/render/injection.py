@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -57,6 +58,29 @@ DEFAULT_RESOURCES: dict[str, Any] = {
 }
 
 
+# Proxy settings the chart (proxy.limits, proxy.logLevel) sets for every injected sidecar: the
+# operator's SPENDWARDEN_SIDECAR_<NAME> becomes the sidecar's SPENDWARDEN_<NAME> (proxy/run.py reads
+# them). A fixed list: nothing else of the operator's environment reaches tenant Pods.
+SIDECAR_ENV = ("HEAD_TIMEOUT", "BODY_TIMEOUT", "MAX_BODY_BYTES", "MAX_BUFFERED_BYTES", "MAX_RESPONSE_BYTES",
+               "LOG_LEVEL")
+SIDECAR_ENV_PREFIX = "SPENDWARDEN_SIDECAR_"
+
+
+def sidecar_resources(raw: str | None) -> dict[str, Any]:
+    """The sidecar's resources from SPENDWARDEN_PROXY_RESOURCES (JSON, the chart's proxy.resources);
+    empty: DEFAULT_RESOURCES. A value the operator cannot use stops it at start-up, with the reason."""
+    if not raw or not raw.strip() or raw.strip() in ("{}", "null"):
+        return copy.deepcopy(DEFAULT_RESOURCES)
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"SPENDWARDEN_PROXY_RESOURCES is not JSON: {exc}") from None
+    if not isinstance(value, dict) or set(value) - {"requests", "limits"} or not all(
+            isinstance(v, dict) and all(isinstance(q, (str, int)) for q in v.values()) for v in value.values()):
+        raise ValueError("SPENDWARDEN_PROXY_RESOURCES must be {requests: {...}, limits: {...}} of quantities")
+    return value
+
+
 @dataclass(frozen=True)
 class InjectionSettings:
     image: str
@@ -68,6 +92,7 @@ class InjectionSettings:
     token_expiration_seconds: int = 3600
     image_pull_policy: str | None = None
     native_sidecar: str = "auto"
+    env: tuple[tuple[str, str], ...] = ()  # (name, value) set on the sidecar: SIDECAR_ENV names only
 
     def __post_init__(self) -> None:
         if self.native_sidecar not in NATIVE_SIDECAR_MODES:
@@ -83,6 +108,9 @@ class InjectionSettings:
             metrics_port=int(env.get("SPENDWARDEN_PROXY_METRICS_PORT") or 9464),
             operator_namespace=env.get("SPENDWARDEN_POD_NAMESPACE") or None,
             native_sidecar=(env.get("SPENDWARDEN_NATIVE_SIDECAR") or "auto").strip().lower(),
+            resources=sidecar_resources(env.get("SPENDWARDEN_PROXY_RESOURCES")),
+            env=tuple((f"SPENDWARDEN_{name}", env[SIDECAR_ENV_PREFIX + name]) for name in SIDECAR_ENV
+                      if env.get(SIDECAR_ENV_PREFIX + name)),
         )
 
     @property
@@ -186,7 +214,8 @@ def proxy_container(namespace: str, settings: InjectionSettings, secrets: list[s
         "args": ["proxy", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--port", str(settings.port),
                  "--metrics-port", str(settings.metrics_port), "--namespace", namespace],
         "env": [{"name": "SPENDWARDEN_LEDGER_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_FILE}"},
-                {"name": "SPENDWARDEN_SECRETS_DIR", "value": SECRETS_DIR}],
+                {"name": "SPENDWARDEN_SECRETS_DIR", "value": SECRETS_DIR},
+                *({"name": name, "value": value} for name, value in settings.env)],
         "ports": ports,
         "resources": copy.deepcopy(dict(settings.resources)),
         "volumeMounts": [

@@ -38,6 +38,7 @@ def helm_values_args() -> list[str]:
     return ["--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never",
             "--set", "webhooks.enabled=true", "--set", f"webhooks.configurationName={WEBHOOK_CONFIG}",
             "--set", "watchNamespaces[0]=e2e-*", "--set", "logFormat=plain",
+            "--set", "proxy.limits.headTimeoutSeconds=15", "--set", "proxy.limits.maxBodyBytes=4000000",
             "--set", f"cutOff.clusterCIDRs[0]={CLUSTER_CIDRS[0]}", "--set", f"cutOff.clusterCIDRs[1]={CLUSTER_CIDRS[1]}"]
 
 
@@ -171,6 +172,11 @@ def test_an_injected_app_reaches_the_upstream_through_its_sidecar_and_the_ledger
     names = [x["name"] for x in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]]
     assert "spendwarden-proxy" in names, names
     assert pod["metadata"]["labels"].get("spendwarden.io/proxy") == "injected"
+    sidecar = next(x for x in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+                   if x["name"] == "spendwarden-proxy")
+    sidecar_env = {e["name"]: e.get("value") for e in sidecar.get("env") or []}
+    # The chart's proxy.limits reach the sidecar (and it runs Ready with them).
+    assert (sidecar_env.get("SPENDWARDEN_HEAD_TIMEOUT"), sidecar_env.get("SPENDWARDEN_MAX_BODY_BYTES")) == ("15", "4000000")
     app = next(x for x in pod["spec"]["containers"] if x["name"] == APP)
     env = {e["name"]: e.get("value") for e in app.get("env") or []}
     assert env["OPENAI_BASE_URL"] == "http://127.0.0.1:8787/v1"
