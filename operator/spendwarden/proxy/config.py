@@ -73,7 +73,11 @@ def parse_config_text(text: str, namespace: str | None = None) -> tuple[ProxyCon
         raise ConfigError("no ProxyConfig and no ModelRoute/TokenBudget manifests found")
     ns = namespace or next((o.get("metadata", {}).get("namespace") for o in routes + budgets
                             if o.get("metadata", {}).get("namespace")), None) or "default"
-    result = render_proxy_config(ns, routes, budgets)
+    from ..prices.resolve import NO_CATALOG
+
+    # No catalog: genai-prices is the operator's, never loaded into a proxy. Routes whose backends
+    # lack prices are left out with a warning saying so (`spendwarden render` resolves them).
+    result = render_proxy_config(ns, routes, budgets, prices=NO_CATALOG)
     warnings = [f"{p.kind} {p.name!r} ignored: {p.message}" for p in result.problems]
     return result.config, warnings
 
@@ -189,6 +193,11 @@ class Compiled:
 
 def _backend(route_name: str, b: Any) -> BackendRt:
     provider = Provider(b.provider)
+    if b.pricing is None or b.pricing.input is None or b.pricing.output is None:
+        # The operator resolves every price before it writes the configuration; a hand-written one
+        # must carry them too: the proxy has no catalog, and a missing price is never a zero.
+        raise ConfigError(f"route {route_name!r}: backend {b.name!r} has no input and output prices "
+                          f"(the operator or `spendwarden render` fill them in from the catalog)")
     fmt = ANTHROPIC if provider is Provider.ANTHROPIC else OPENAI
     headers: dict[str, str] = {}
     missing = None
