@@ -1,5 +1,5 @@
 """Default prices from the genai-prices catalog, the cluster's pinned prices and the routes' own
-pricing, field by field; the unknown-model error.
+pricing, field by field; the unknown-model error; `spendwarden prices`; simulate agreeing.
 
 Catalog numbers are read from the installed package in each test (through its own public
 calc_price), never hard-coded: a new genai-prices release may change them."""
@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 from genai_prices import Usage, calc_price
 
+from spendwarden.cli import main
 from spendwarden.ledger.pricing import Prices, TokenUsage, cost
 from spendwarden.prices import catalog, pins
 from spendwarden.prices.resolve import PINNED, ROUTE, UNKNOWN_PRICES
 from spendwarden.proxy.config import compile_config
 from spendwarden.render.proxyconfig import render_proxy_config
 from spendwarden.render.status import modelroute_status
+from spendwarden.simulate.candidates import load_candidate
 
 OPENAI_MODEL, ANTHROPIC_MODEL, TIERED_MODEL = "gpt-4o-mini", "claude-3-5-haiku-latest", "claude-sonnet-4-5"
 M = 1_000_000
@@ -232,3 +234,42 @@ def test_the_proxy_refuses_a_config_whose_backend_has_no_prices():
     cfg.routes[0].spec.backends[0].pricing = None
     with pytest.raises(Exception, match="backend 'b' has no input and output prices"):
         compile_config(cfg)
+
+
+def test_prices_command_prints_catalog_and_pinned_prices(tmp_path: Path, capsys):
+    want = catalog_prices(OPENAI_MODEL, "openai")
+    assert main(["prices", OPENAI_MODEL, "-o", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["provider"], r["model"]) for r in rows] == [("OpenAI", OPENAI_MODEL)]
+    assert Decimal(rows[0]["input"]) == want["input"] and Decimal(rows[0]["output"]) == want["output"]
+    assert rows[0]["source"] == CATALOG and isinstance(rows[0]["input"], str)
+    pinned = tmp_path / "prices.yaml"
+    pinned.write_text(f'pinned: [{{provider: OpenAI, model: {OPENAI_MODEL}, output: "0.5"}},'
+                      f' {{provider: OpenAI, model: bad}}]')
+    assert main(["prices", OPENAI_MODEL, "--provider", "OpenAI", "--prices", str(pinned)]) == 0
+    out, err = capsys.readouterr()
+    header, line = out.splitlines()[:2]
+    assert header.split() == ["PROVIDER", "MODEL", "INPUT", "OUTPUT", "CACHED-INPUT", "CACHE-WRITE",
+                              "CACHE-WRITE-1H", "CURRENCY", "SOURCE"]
+    cells = line.split()
+    assert cells[:4] == ["OpenAI", OPENAI_MODEL, str(want["input"]).rstrip("0").rstrip("."), "0.5"]
+    assert cells[-1] == f"{PINNED}+{CATALOG}"
+    assert "pinned[1] (OpenAI bad) ignored" in err
+    assert main(["prices", "no-such-model"]) == 1
+    assert "no prices for 'no-such-model'" in capsys.readouterr().err
+    assert main(["prices", "--provider", "Anthropic", "-o", "json"]) == 0
+    models = {r["model"] for r in json.loads(capsys.readouterr().out)}
+    assert ANTHROPIC_MODEL in models or "claude-3-5-haiku" in " ".join(models)
+
+
+def test_simulate_prices_backends_as_the_operator_does(tmp_path: Path):
+    path = tmp_path / "route.yaml"
+    spec = route("chat", None, backend(pricing={"output": "0.5"}), backend("big", "Anthropic", ANTHROPIC_MODEL))
+    path.write_text(json.dumps(spec))
+    cand = load_candidate(str(path))
+    _, specs = rendered(spec)
+    assert [b.pricing for b in cand.routes["chat"].backends] == [b.pricing for b in specs["chat"].backends]
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(json.dumps(route("local", None, backend(provider="OpenAICompatible", model="x"))))
+    with pytest.raises(Exception, match="no input or output price for OpenAICompatible model 'x'"):
+        load_candidate(str(unknown))
