@@ -197,13 +197,13 @@ def test_the_watcher_notices_a_changed_file_and_only_then(tmp_path: Path):
     assert watcher.poll() is False  # same prices, nothing to re-render
 
 
-def test_the_catalog_works_offline_and_the_proxy_never_imports_it(tmp_path: Path):
-    """No socket may open while prices are looked up; the proxy's load path (a ProxyConfig, or
-    manifests in standalone mode) compiles without genai-prices in sys.modules."""
+def test_the_catalog_works_offline_and_the_sidecar_never_imports_it():
+    """No socket may open while prices are looked up; a sidecar's load path (the ProxyConfig the
+    operator rendered) compiles without genai-prices in sys.modules. Standalone manifests resolve as
+    the operator does, importing the catalog then."""
     result, _ = rendered(route("chat", None, backend()))
     config_json = json.dumps(result.config.model_dump(mode="json", exclude_none=True))
-    manifests = "---\n" + json.dumps(route("chat", None, backend(pricing={"input": "1", "output": "2"})))
-    unpriced = json.dumps(route("other", None, backend()))
+    manifests = "---\n" + json.dumps(route("chat", None, backend()))
     code = textwrap.dedent(f"""
         import socket, sys
         def refuse(*a, **k): raise AssertionError("network used")
@@ -213,19 +213,16 @@ def test_the_catalog_works_offline_and_the_proxy_never_imports_it(tmp_path: Path
         import spendwarden.proxy.server, spendwarden.proxy.run
         cfg, _ = parse_config_text({config_json!r})
         compile_config(cfg)
-        cfg, warnings = parse_config_text({manifests!r} + "\\n---\\n" + {unpriced!r})
-        assert [r.name for r in cfg.routes] == ["chat"], cfg
-        assert "no catalog here" in warnings[0], warnings
-        assert "genai_prices" not in sys.modules, "the proxy imported genai-prices"
-        from spendwarden.prices import catalog
-        entry = catalog.lookup("OpenAI", {OPENAI_MODEL!r})
-        assert entry is not None and "genai_prices" in sys.modules
-        print("ok")
+        assert "genai_prices" not in sys.modules, "the sidecar path imported genai-prices"
+        cfg, warnings = parse_config_text({manifests!r})
+        assert warnings == [] and cfg.routes[0].spec.backends[0].pricing.input is not None, warnings
+        assert "genai_prices" in sys.modules
+        print(cfg.routes[0].spec.backends[0].pricing.input)
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    assert Decimal(out.stdout.strip()) == catalog_prices(OPENAI_MODEL, "openai")["input"]
 
 
 def test_the_proxy_refuses_a_config_whose_backend_has_no_prices():

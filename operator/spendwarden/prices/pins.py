@@ -87,14 +87,13 @@ def load_pins(path: str) -> tuple[Pins, list[str]]:
     return parse_pins(text, path)
 
 
-def book_for(pins: Pins, with_catalog: bool = True) -> PriceBook:
-    """A PriceBook over `pins` and (by default) the catalog; its key changes with either."""
+def book_for(pins: Pins) -> PriceBook:
+    """A PriceBook over `pins` and the catalog; its key changes with either."""
     from . import catalog
 
     digest = hashlib.sha256(repr(sorted((k, sorted(e.values.items()), e.currency) for k, e in pins.items()))
                             .encode()).hexdigest()[:16]
-    return PriceBook(pins=pins, catalog=catalog.lookup if with_catalog else None,
-                     key=f"{catalog.source() if with_catalog else 'none'}:{digest}")
+    return PriceBook(pins=pins, catalog=catalog.lookup, key=f"{catalog.source()}:{digest}")
 
 
 class PinWatcher:

@@ -1,7 +1,7 @@
 """Resolving a backend's prices: route pricing > pinned price > catalog, field by field.
 
-Pure: the catalog is a lookup function handed in (prices/catalog.py is the operator's), so the proxy's
-standalone path resolves with no catalog at all and never imports genai-prices.
+Pure: the catalog is a lookup function handed in (prices/catalog.py's), so importing this module
+imports no genai-prices.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def pin_key(provider: str, model: str) -> tuple[str, str]:
 @dataclass(frozen=True)
 class PriceBook:
     """What prices a render may use besides the routes' own: pins by (provider, model), and the catalog
-    (None: none, as on the proxy's standalone path). `key` changes whenever the prices do, so that a
+    (None: none). `key` changes whenever the prices do, so that a
     reconcile with new prices is never mistaken for one already done."""
 
     pins: Mapping[tuple[str, str], PriceEntry] = field(default_factory=dict)
@@ -58,8 +58,6 @@ class PriceBook:
             out.append(entry)
         return out
 
-
-NO_CATALOG = PriceBook()
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,7 @@ def resolve_backend(backend: Backend, book: PriceBook, where: str = "backend") -
     missing = [k for k in REQUIRED if k not in values]
     if missing:
         if book.catalog is None:
-            known = "no catalog here: the proxy looks up none, the operator and `spendwarden render` do"
+            known = "no catalog in use"
         elif backend.provider is Provider.OPENAI_COMPATIBLE:
             known = "the catalog has no OpenAICompatible models"
         else:

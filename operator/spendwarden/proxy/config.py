@@ -73,11 +73,10 @@ def parse_config_text(text: str, namespace: str | None = None) -> tuple[ProxyCon
         raise ConfigError("no ProxyConfig and no ModelRoute/TokenBudget manifests found")
     ns = namespace or next((o.get("metadata", {}).get("namespace") for o in routes + budgets
                             if o.get("metadata", {}).get("namespace")), None) or "default"
-    from ..prices.resolve import NO_CATALOG
-
-    # No catalog: genai-prices is the operator's, never loaded into a proxy. Routes whose backends
-    # lack prices are left out with a warning saying so (`spendwarden render` resolves them).
-    result = render_proxy_config(ns, routes, budgets, prices=NO_CATALOG)
+    # Standalone use (a policy folder on a laptop or in CI): prices resolve as the operator resolves
+    # them, so genai-prices is imported here, on first need. A sidecar never takes this path: it
+    # reads the ProxyConfig the operator rendered, with every price already filled in.
+    result = render_proxy_config(ns, routes, budgets)
     warnings = [f"{p.kind} {p.name!r} ignored: {p.message}" for p in result.problems]
     return result.config, warnings
 
