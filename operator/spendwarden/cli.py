@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "local-cluster": ("spendwarden.localcluster.cmd", "Start the local control plane (etcd + kube-apiserver + kube-controller-manager)."),
     "status": ("spendwarden.status_cmd", "Show budgets: usage bar, spent / limit, state, forecast, reset time."),
     "report": ("spendwarden.report_cmd", "Cost and tokens per namespace, route, backend and tag, per period."),
+    "prices": ("spendwarden.prices_cmd", "Effective prices per 1M tokens (catalog, pinned) and their source."),
     "simulate": ("spendwarden.simulate_cmd", "Replay a traffic log against candidate ModelRoutes offline: cost, escalations, cache hits, budget run-out."),
     "demo": ("spendwarden.demo", "Run the demo on a local control plane: operator, examples, status."),
     "mock-upstream": ("spendwarden.devtools.mock_upstream", "Run the mock OpenAI/Anthropic upstream (tests, demo, benchmarks)."),

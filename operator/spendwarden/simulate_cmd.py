@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", metavar="FILE", help="A TokenBudget manifest: when would it run out?")
     parser.add_argument("--traffic", required=True, metavar="FILE",
                         help="The proxy's JSON access log, or OpenAI/Anthropic batch JSONL.")
+    parser.add_argument("--prices", metavar="FILE",
+                        help="Pinned prices (the operator's spendwarden-prices file) over the catalog, as the "
+                             "operator resolves them; default: the routes' pricing, then the genai-prices catalog.")
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table", help="Output format.")
     parser.add_argument("--plot", metavar="FILE", help="Draw cost over time per candidate (.svg, or .png with matplotlib).")
     parser.add_argument("--start", metavar="TIME",
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from .simulate.replay import Settings
     from .simulate.report import cumulative, table
     from .simulate.traffic import TrafficError, parse_time, read_traffic
+    from .prices_cmd import PinsError, pinned_book
 
     if args.per_day is not None and args.per_day < 1:
         return _fail("--per-day must be at least 1")
@@ -57,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         start = parse_time(args.start, "--start") if args.start else \
             datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-        candidates = load_candidates(args.route)
+        candidates = load_candidates(args.route, pinned_book(args.prices))
         budget = load_budget(args.budget) if args.budget else None
         requests = read_traffic(args.traffic)
-    except (CandidateError, TrafficError) as exc:
+    except (CandidateError, TrafficError, PinsError) as exc:
         return _fail(str(exc))
     assert start is not None
     if budget is not None:

@@ -20,9 +20,19 @@ GROUP, VERSION = "spendwarden.io", "v1alpha1"
 
 
 @pytest.fixture(scope="module")
-def operator(control_plane, tmp_path_factory):
+def prices_file(tmp_path_factory):
+    """The operator's pinned prices (the chart mounts them from the spendwarden-prices ConfigMap)."""
+    path = tmp_path_factory.mktemp("prices") / "prices.yaml"
+    path.write_text("pinned: []\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, tmp_path_factory, prices_file):
     proc = OperatorProcess(str(control_plane.kubeconfig), tmp_path_factory.mktemp("operator") / "operator.log",
-                           extra_args=["--namespace", "op-*"], env={"SPENDWARDEN_ROLLOVER_INTERVAL": "1", "SPENDWARDEN_DRIFT_INTERVAL": "1"})
+                           extra_args=["--namespace", "op-*"], env={"SPENDWARDEN_ROLLOVER_INTERVAL": "1", "SPENDWARDEN_DRIFT_INTERVAL": "1",
+                                                                    "SPENDWARDEN_PRICES_FILE": str(prices_file),
+                                                                    "SPENDWARDEN_PRICES_POLL_INTERVAL": "1"})
     proc.start()
     yield proc
     proc.stop()
@@ -162,6 +172,59 @@ def test_invalid_cr_gets_condition_and_event_and_the_operator_stays_up(operator,
     wait_for(lambda: condition(get(kube, ns, "modelroutes", "second"), "Ready")["status"] == "True", what="fixed route Ready")
     wait_for(lambda: sorted(r["name"] for r in proxy_config(kube, ns)[1]["routes"]) == ["good", "second"],
              what="fixed route in the ConfigMap")
+
+
+def test_catalog_prices_an_unknown_model_is_not_ready_until_pinned(operator, kube, op_namespace, prices_file):
+    """A backend without pricing gets the catalog's prices in the ConfigMap and its source in status;
+    an in-cluster model nobody prices is Ready=False UnknownPrices with a Warning Event, and its
+    route is not served, until the platform pins its prices in the operator's file."""
+    from spendwarden.prices import catalog
+
+    ns = op_namespace
+    cloud = {"model": "cloud", "defaultBackend": "mini",
+             "backends": [{"name": "mini", "provider": "OpenAI", "url": "https://api.openai.com/v1", "model": "gpt-4o-mini",
+                           "pricing": {"output": "0.5"}}]}
+    local = {"model": "local", "defaultBackend": "llama",
+             "backends": [{"name": "llama", "provider": "OpenAICompatible", "url": "http://llama.inference:8080/v1",
+                           "model": "in-house-llm"}]}
+    create(kube, ns, "ModelRoute", "cloud", cloud)
+    create(kube, ns, "ModelRoute", "local", local)
+
+    listed = catalog.lookup("OpenAI", "gpt-4o-mini").values
+    ready = wait_for(lambda: (lambda o: o if (condition(o, "Ready") or {}).get("status") == "True" else None)(
+        get(kube, ns, "modelroutes", "cloud")), what="cloud route Ready")
+    shown = ready["status"]["backends"][0]["pricing"]
+    assert (shown["input"], shown["output"]) == (listed["input"], "0.5")
+    assert shown["source"] == f"route+{catalog.source()}" and shown["sources"]["output"] == "route"
+    _, config = wait_for(lambda: proxy_config(kube, ns), what="ConfigMap")
+    assert [r["name"] for r in config["routes"]] == ["cloud"]
+    assert config["routes"][0]["spec"]["backends"][0]["pricing"]["input"] == listed["input"]
+
+    unpriced = wait_for(lambda: (lambda o: o if condition(o, "Ready") else None)(get(kube, ns, "modelroutes", "local")),
+                        what="Ready condition on the unpriced route")
+    cond = condition(unpriced, "Ready")
+    assert cond["status"] == "False" and cond["reason"] == "UnknownPrices"
+    assert "no input or output price for OpenAICompatible model 'in-house-llm'" in cond["message"]
+
+    def warning():
+        events = client.CoreV1Api(kube).list_namespaced_event(ns).items
+        return next((e.message for e in events if e.type == "Warning" and e.reason == "UnknownPrices"
+                     and e.involved_object.name == "local"), None)
+    assert "in-house-llm" in wait_for(warning, what="UnknownPrices Event")
+
+    # The platform team pins it: no CR changes, yet the namespace is rendered again.
+    prices_file.write_text('pinned:\n  - {provider: OpenAICompatible, model: in-house-llm, input: "0.01", output: "0.02"}\n'
+                           '  - {provider: OpenAI, model: not-a-price}\n')
+    try:
+        wait_for(lambda: sorted(r["name"] for r in proxy_config(kube, ns)[1]["routes"]) == ["cloud", "local"],
+                 what="the pinned route in the ConfigMap")
+        fixed = wait_for(lambda: (lambda o: o if condition(o, "Ready")["status"] == "True" else None)(
+            get(kube, ns, "modelroutes", "local")), what="pinned route Ready")
+        assert fixed["status"]["backends"][0]["pricing"]["source"] == "pinned"
+        assert fixed["status"]["backends"][0]["pricing"]["output"] == "0.02"
+        assert operator.alive()
+    finally:
+        prices_file.write_text("pinned: []\n")
 
 
 def test_a_budget_over_routes_priced_in_another_currency_is_flagged_and_still_enforced(operator, kube, op_namespace):

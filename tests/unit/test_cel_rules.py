@@ -187,6 +187,10 @@ VALID = [
                                     "wake": {"mode": "Fallback", "timeout": "1s"}}},
                        GOOD_ROUTE["backends"][1]]}),
     (MR, {**GOOD_ROUTE, "escalation": {"enabled": False}}),
+    # Prices from the catalog or a pin: pricing left out, or only some fields of it set; the one
+    # currency rule compares only the backends that set pricing.
+    (MR, {**GOOD_ROUTE, "backends": [{k: v for k, v in GOOD_ROUTE["backends"][0].items() if k != "pricing"},
+                                     {**GOOD_ROUTE["backends"][1], "pricing": {"output": "12", "currency": "EUR"}}]}),
 ]
 
 

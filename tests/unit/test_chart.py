@@ -107,6 +107,7 @@ def test_default_render_objects(chart):
     kinds = sorted(k for k, _ in objects if k != "NOTES")
     assert kinds == sorted(["Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
                             "RoleBinding", "Service", "ConfigMap",  # ConfigMap: the Grafana dashboard
+                            "ConfigMap",  # and the pinned prices
                             "NetworkPolicy"])
     for obj in objects.values():
         if "metadata" in obj and obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
@@ -184,6 +185,26 @@ def test_native_sidecar_value_reaches_the_operator(chart, native, expected):
     env = {e["name"]: e.get("value") for e in container(render(chart, {"sidecar": {"native": native}}))["env"]}
     assert env["SPENDWARDEN_NATIVE_SIDECAR"] == expected
     assert injection.InjectionSettings.from_env(env).native_sidecar == expected
+
+
+def test_pinned_prices_are_a_configmap_mounted_where_the_operator_reads_them(chart):
+    from spendwarden.prices import pins
+
+    pinned = [{"provider": "OpenAI", "model": "gpt-4.1", "input": "1.60", "output": "6.40"},
+              {"provider": "OpenAICompatible", "model": "llama-3.1-8b", "input": "0", "output": "0"}]
+    objects = render(chart, {"prices": {"pinned": pinned, "pollIntervalSeconds": 2}})
+    cm = objects[("ConfigMap", "spendwarden-prices")]
+    found, warnings = pins.parse_pins(cm["data"]["prices.yaml"])
+    assert warnings == [] and sorted(found) == [("OpenAI", "gpt-4.1"), ("OpenAICompatible", "llama-3.1-8b")]
+    assert found[("OpenAI", "gpt-4.1")].values == {"input": "1.60", "output": "6.40"}  # strings stay strings
+    c = container(objects)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "prices")
+    assert env[pins.ENV] == f"{mount['mountPath']}/prices.yaml" and env["SPENDWARDEN_PRICES_POLL_INTERVAL"] == "2"
+    volume = next(v for v in one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == "prices")
+    assert volume["configMap"]["name"] == cm["metadata"]["name"]
+    # By default nothing is pinned, and the file still parses.
+    assert pins.parse_pins(render(chart)[("ConfigMap", "spendwarden-prices")]["data"]["prices.yaml"]) == ({}, [])
 
 
 def test_rendered_args_are_accepted_by_the_operator_cli(chart):
@@ -367,7 +388,7 @@ def test_custom_values_render(chart):
     # rbac.create false: no roles or bindings; serviceAccount.create with a custom name.
     # webhooks.enabled: the two webhook configurations are the release's (helm uninstall removes them).
     assert kinds == sorted(["Deployment", "ServiceAccount", "Service", "Service", "ServiceMonitor", "PrometheusRule",
-                            "ConfigMap", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration",
+                            "ConfigMap", "ConfigMap", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration",
                             "NetworkPolicy"])
     assert one(objects, "ServiceAccount")["metadata"]["name"] == "warden"
     pod = one(objects, "Deployment")["spec"]["template"]
@@ -528,6 +549,10 @@ def test_prometheus_rule_needs_metrics(chart):
     ({"metrics": {"podMonitor": {"interval": "often"}}}, "at '/metrics/podMonitor/interval'"),
     ({"metrics": {"podMonitor": {"namespaces": ["Team_A"]}}}, "at '/metrics/podMonitor/namespaces/0'"),
     ({"sidecar": {"native": "sometimes"}}, "at '/sidecar/native'"),
+    ({"prices": {"pinned": [{"provider": "OpenAI", "model": "gpt-4.1", "input": 1.6}]}},
+     "at '/prices/pinned/0/input': got number, want string"),
+    ({"prices": {"pinned": [{"provider": "Mistral", "model": "large", "input": "1"}]}}, "at '/prices/pinned/0/provider'"),
+    ({"prices": {"pinned": [{"model": "gpt-4.1", "input": "1"}]}}, "at '/prices/pinned/0'"),
 ])
 def test_schema_rejects_bad_values_with_a_clear_error(chart, values, message):
     with pytest.raises(helm.HelmValuesError) as excinfo:

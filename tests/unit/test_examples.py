@@ -36,19 +36,23 @@ def test_every_team_renders_without_problems(built):
         assert render_proxy_config(ns, rs, bs).problems == [], ns
 
 
-def test_shared_price_list_fills_every_paid_backend_and_is_never_applied(built):
+def test_cloud_backends_take_catalog_prices_and_no_price_is_copied_by_kustomize(built):
+    """The catalog prices OpenAI and Anthropic models, so examples/ copies no prices around; in-cluster
+    models, which the catalog cannot know, carry their own."""
+    from spendwarden.prices import catalog
+
     docs = [d for d in yaml.safe_load_all(built) if d]
-    assert not [d for d in docs if d["kind"] == "ConfigMap"], "the price list is local-config: never applied"
-    prices = yaml.safe_load((EXAMPLES / "shared" / "prices.yaml").read_text())["data"]
-    for route in (d for d in docs if d["kind"] == "ModelRoute"):
-        for backend in route["spec"]["backends"]:
+    assert not [d for d in docs if d["kind"] == "ConfigMap"]
+    for kustomization in EXAMPLES.rglob("kustomization.yaml"):
+        assert "replacements" not in yaml.safe_load(kustomization.read_text()), kustomization
+    routes = [d for d in docs if d["kind"] == "ModelRoute"]
+    for route in routes:
+        result = render_proxy_config(route["metadata"]["namespace"], [route], [])
+        for backend, shown in zip(route["spec"]["backends"], result.prices[route["metadata"]["name"]]):
             if backend["provider"] == "OpenAICompatible":
-                continue  # in-cluster models are priced per team
-            for field in ("input", "output", "cachedInput"):
-                assert backend["pricing"][field] == prices[f"{backend['model']}.{field}"], (backend["name"], field)
-            for field in ("cacheWrite", "cacheWrite1h"):  # optional: listed only where the provider bills cache writes
-                listed = prices.get(f"{backend['model']}.{field}")
-                assert backend["pricing"].get(field) == listed, (backend["name"], field)
+                assert "pricing" in backend and shown["source"] == "route", backend["name"]
+            else:
+                assert "pricing" not in backend and shown["source"] == catalog.source(), backend["name"]
 
 
 def test_sample_app_is_selected_for_injection_and_sets_no_base_url_itself():

@@ -16,6 +16,7 @@ SINGULAR = "modelroute"
 SHORT_NAMES = ["mr"]
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
+CATALOG_CURRENCY = "USD"  # genai-prices prices in USD
 
 
 class Provider(str, Enum):
@@ -25,10 +26,12 @@ class Provider(str, Enum):
 
 
 class Pricing(ApiModel):
-    """Prices per 1M tokens, as decimal strings."""
+    """Prices per 1M tokens, as decimal strings. Each field that is unset comes from the cluster's
+    pinned prices (the operator's spendwarden-prices ConfigMap), then from the genai-prices catalog
+    for OpenAI and Anthropic models: setting only output keeps the pinned or catalog input price."""
 
-    input: Money = Field(description="Price per 1M input (prompt) tokens.")
-    output: Money = Field(description="Price per 1M output (completion) tokens.")
+    input: Money | None = Field(default=None, description="Price per 1M input (prompt) tokens; default: pinned, then catalog.")
+    output: Money | None = Field(default=None, description="Price per 1M output (completion) tokens; default: pinned, then catalog.")
     cachedInput: Money | None = Field(default=None, description="Price per 1M cached input tokens; default: the input price.")
     cacheWrite: Money | None = Field(
         default=None, description="Price per 1M prompt tokens written to the provider's prompt cache (Anthropic "
@@ -124,12 +127,19 @@ class Backend(ApiModel):
     url: str = Field(pattern=r"^https?://", max_length=2048,
                      description="Base URL of the upstream API, e.g. https://api.openai.com/v1 or http://vllm.inference:8000/v1.")
     model: str = Field(min_length=1, max_length=256, description="Model name sent upstream, e.g. gpt-4o-mini.")
-    pricing: Pricing = Field(description="Prices per 1M tokens.")
+    pricing: Pricing | None = Field(default=None, description="Prices per 1M tokens; each unset field comes from the cluster's "
+                                                      "pinned prices, then the genai-prices catalog (OpenAI and Anthropic models). "
+                                                      "OpenAICompatible backends need pricing or a pin.")
     credentials: Credentials | None = Field(default=None, description="API key for the upstream; none for unauthenticated in-cluster servers.")
     deploymentRef: DeploymentRef | None = Field(default=None, description="The workload serving this backend, for scaling.")
     scaling: BackendScaling | None = Field(default=None, description="Scale the deploymentRef workload with demand; needs deploymentRef.")
     timeoutSeconds: int = Field(default=120, ge=1, le=3600, description="Upstream timeout for one request (seconds). Default 120.")
     maxContextTokens: int | None = Field(default=None, ge=1, description="Context window of the upstream model; prompts above it skip this backend.")
+
+    @property
+    def currency(self) -> str:
+        """The currency of the backend's own pricing; without one, USD (the catalog's)."""
+        return self.pricing.currency if self.pricing is not None else CATALOG_CURRENCY
 
 
 class HeaderMatch(ApiModel):
@@ -171,7 +181,7 @@ class ModelRouteSpec(ApiModel):
     """How requests for the alias spec.model are served."""
 
     # What _references and _spend_references check (no other object needed). Defaults apply
-    # before CEL runs, so pricing.currency and scaling.wake.mode are always set.
+    # before CEL runs, so pricing.currency (where pricing is set) and scaling.wake.mode are always set.
     model_config = ConfigDict(json_schema_extra=cel(
         ("self.backends.all(b, self.backends.exists_one(o, o.name == b.name))",
          "backend names must be unique within spec.backends"),
@@ -182,7 +192,8 @@ class ModelRouteSpec(ApiModel):
          "each fallbacks[] entry must name a backend in spec.backends"),
         ("!has(self.downgradeBackend) || " + known_backend("self.downgradeBackend"),
          "downgradeBackend must name a backend in spec.backends"),
-        ("self.backends.all(b, b.pricing.currency == self.backends[0].pricing.currency)",
+        ("self.backends.all(b, !has(b.pricing) || self.backends.all(o, !has(o.pricing) || "
+         "o.pricing.currency == b.pricing.currency))",
          "all backends must price in one currency (spec.backends[].pricing.currency)"),
         ("self.backends.all(b, !has(b.scaling) || !has(b.scaling.wake) || b.scaling.wake.mode != 'Fallback' || "
          "(has(self.fallbacks) && self.fallbacks.exists(f, f != b.name)))",
@@ -240,7 +251,7 @@ class ModelRouteSpec(ApiModel):
             check(f"fallbacks[{i}]", name)
         if self.downgradeBackend is not None:
             check("downgradeBackend", self.downgradeBackend)
-        currencies = {b.pricing.currency for b in self.backends}
+        currencies = {b.pricing.currency for b in self.backends if b.pricing is not None}
         if len(currencies) > 1:
             raise ValueError(f"all backends must price in one currency, got {', '.join(sorted(currencies))}")
         return self
@@ -251,6 +262,23 @@ class ModelRouteSpec(ApiModel):
         return self
 
 
+class EffectivePricing(ApiModel):
+    """The prices the proxies charge for a backend, per 1M tokens, and where each came from."""
+
+    input: str = Field(description="Price per 1M input tokens (decimal string).")
+    output: str = Field(description="Price per 1M output tokens (decimal string).")
+    cachedInput: str = Field(description="Price per 1M cached input tokens (decimal string).")
+    cacheWrite: str = Field(description="Price per 1M prompt-cache write tokens, 5-minute TTL (decimal string).")
+    cacheWrite1h: str = Field(description="Price per 1M prompt-cache write tokens, 1-hour TTL (decimal string).")
+    currency: str = Field(description="ISO 4217 currency code.")
+    source: str = Field(description="Where the prices come from: route, pinned, catalog:genai-prices/<version>, or "
+                                    "several joined with + when fields come from different places.")
+    sources: dict[str, str] = Field(default_factory=dict,
+                                    description="Per price field, its source (route, pinned, catalog:..., or default: "
+                                                "derived from the input price).")
+    note: str | None = Field(default=None, description="What the catalog prices that the proxies do not (long-context tiers).")
+
+
 class ResolvedBackend(ApiModel):
     """A backend as the proxies use it."""
 
@@ -258,6 +286,7 @@ class ResolvedBackend(ApiModel):
     provider: Provider = Field(description="Wire format.")
     model: str = Field(description="Upstream model.")
     url: str = Field(description="Upstream base URL.")
+    pricing: EffectivePricing | None = Field(default=None, description="The effective prices and their source.")
 
 
 class BackendScalingStatus(ApiModel):

@@ -23,6 +23,7 @@ from ..api.common import now_rfc3339
 from ..api import modelroute, tokenbudget
 from ..api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME
 from ..ledger.periods import seconds_until_next_reset
+from ..prices import pins
 from ..render.proxyconfig import LABELS, config_hash
 from . import admission  # noqa: F401  (webhooks; registers handlers only when enabled)
 from . import inventory, kube, ledger_service, reconcile  # ledger_service: the ledger API and metrics (registers handlers)
@@ -159,6 +160,7 @@ async def _await_first_listing() -> None:
 async def start_reconciler(memo: kopf.Memo, **_: Any) -> None:
     global _pool
     _pool = ThreadPoolExecutor(RECONCILE_WORKERS, thread_name_prefix="reconcile")
+    await asyncio.to_thread(_reload_prices)  # the pinned prices, before the first render
     memo["first-listing"] = asyncio.create_task(_await_first_listing())
 
 
@@ -247,13 +249,43 @@ async def _rollover_loop() -> None:
                 _resets[namespace] = _retry_at()
 
 
+# Pinned prices: the file the chart mounts from the ConfigMap spendwarden-prices. Polled, since a
+# ConfigMap volume changes without any event; a change re-renders every namespace (reconcile's
+# inputs include the prices' key, so none is skipped as up to date).
+PRICES_POLL_INTERVAL = float(os.environ.get("SPENDWARDEN_PRICES_POLL_INTERVAL", "5"))
+_pins = pins.PinWatcher(os.environ.get(pins.ENV) or None)
+
+
+def _reload_prices() -> bool:
+    changed = _pins.poll()
+    if changed:
+        pins.use(_pins.book)
+    return changed
+
+
+async def _prices_loop() -> None:
+    while True:
+        await asyncio.sleep(PRICES_POLL_INTERVAL)
+        try:
+            changed = await asyncio.to_thread(_reload_prices)
+        except Exception:  # noqa: BLE001 - never let the loop die; the old prices stay in force
+            log.exception("cannot reload the pinned prices")
+            continue
+        if changed:
+            log.info("pinned prices changed; rendering every namespace again")
+            _dirty.update(_inventory.namespaces())
+            _start_complete()
+
+
 @kopf.on.startup()
-async def start_rollover(memo: kopf.Memo, **_: Any) -> None:
+async def start_loops(memo: kopf.Memo, **_: Any) -> None:
     memo["rollover"] = asyncio.create_task(_rollover_loop())
+    memo["prices"] = asyncio.create_task(_prices_loop())
 
 
 @kopf.on.cleanup()
-async def stop_rollover(memo: kopf.Memo, **_: Any) -> None:
-    task = memo.get("rollover")
-    if task is not None:
-        task.cancel()
+async def stop_loops(memo: kopf.Memo, **_: Any) -> None:
+    for name in ("rollover", "prices"):
+        task = memo.get(name)
+        if task is not None:
+            task.cancel()

@@ -14,6 +14,8 @@ from typing import Any
 
 from ..api import modelroute, tokenbudget
 from ..api.proxyconfig import CONFIGMAP_NAME
+from ..prices import pins
+from ..prices.resolve import PriceBook
 from ..render.proxyconfig import CONFIG_HASH
 from ..render.proxyconfig import configmap_manifest, render_proxy_config, validate_spec
 from ..render.status import (invalid_status, modelroute_status, reconcile_fields, status_differs,
@@ -47,31 +49,40 @@ def inputs_key(objects: Iterable[dict[str, Any]]) -> tuple:
                          o["metadata"].get("deletionTimestamp") or "", usage(o)) for o in objects))
 
 
-def up_to_date(namespace: str, snapshot: Callable[[], tuple[list[dict], list[dict]]]) -> bool:
+def _key(routes: list[dict], budgets: list[dict], prices: PriceBook) -> tuple:
+    # The prices count as an input: new pinned prices re-render every namespace.
+    return inputs_key(routes + budgets) + (prices.key,)
+
+
+def up_to_date(namespace: str, snapshot: Callable[[], tuple[list[dict], list[dict]]],
+               prices: PriceBook | None = None) -> bool:
     """Whether the last complete reconcile had these inputs: lets the event path skip a ledger
     flush's echo without a trip to the reconcile threads (hundreds a second under ledger load)."""
     routes, budgets = snapshot()
-    return _done.get(namespace) == inputs_key(routes + budgets)
+    return _done.get(namespace) == _key(routes, budgets, prices or pins.current())
 
 
 def reconcile_namespace(namespace: str, snapshot: Callable[[], tuple[list[dict], list[dict]]],
                         warn: WarnFn, ledger_url: str | None = None,
-                        ledger_owns: LedgerOwnsFn | None = None, only_if_changed: bool = False) -> dict[str, Any]:
+                        ledger_owns: LedgerOwnsFn | None = None, only_if_changed: bool = False,
+                        prices: PriceBook | None = None) -> dict[str, Any]:
     """Render and apply one namespace. `snapshot` returns (routes, budgets) as of now.
 
     only_if_changed: skip it when the inputs are those of this process's last complete reconcile of
     the namespace (the event path: most events are status writes, and each would otherwise cost an
     apiserver read and a render). Period resets pass False: they change status with the same inputs.
+    prices: pins and catalog for unset prices; default: the process's (prices/pins.py current).
     """
+    prices = prices or pins.current()
     with _locks[namespace]:
         routes, budgets = snapshot()
-        key = inputs_key(routes + budgets)
+        key = _key(routes, budgets, prices)
         if only_if_changed and _done.get(namespace) == key:
             return {"configmap": "skipped", "problems": []}
         _done.pop(namespace, None)  # set again only once this reconcile completed
         live_routes = [r for r in routes if not r["metadata"].get("deletionTimestamp")]
         live_budgets = [b for b in budgets if not b["metadata"].get("deletionTimestamp")]
-        result = render_proxy_config(namespace, live_routes, live_budgets, ledger_url)
+        result = render_proxy_config(namespace, live_routes, live_budgets, ledger_url, prices)
         if live_routes or live_budgets:
             manifest = configmap_manifest(result.config, live_routes + live_budgets)
             outcome = kube.apply_configmap(manifest)
@@ -83,7 +94,8 @@ def reconcile_namespace(namespace: str, snapshot: Callable[[], tuple[list[dict],
             outcome = "deleted"
         now = datetime.now(timezone.utc)
         for obj in live_routes + live_budgets:
-            _update_status(obj, result.problem_for(obj["kind"], obj["metadata"]["name"]), now, warn, ledger_owns)
+            _update_status(obj, result.problem_for(obj["kind"], obj["metadata"]["name"]), now, warn, ledger_owns,
+                           result.prices.get(obj["metadata"]["name"]) if obj["kind"] == modelroute.KIND else None)
         if live_routes or live_budgets:
             _done[namespace] = key
         log.info("namespace reconciled", extra={"namespace": namespace, "configmap": outcome,
@@ -104,7 +116,7 @@ def drifted(present: dict[str, str]) -> list[str]:
 
 
 def _update_status(obj: dict[str, Any], problem: Any, now: datetime, warn: WarnFn,
-                   ledger_owns: LedgerOwnsFn | None = None) -> None:
+                   ledger_owns: LedgerOwnsFn | None = None, prices: list[dict[str, Any]] | None = None) -> None:
     kind, name, ns = obj["kind"], obj["metadata"]["name"], obj["metadata"]["namespace"]
     plural = modelroute.PLURAL if kind == modelroute.KIND else tokenbudget.PLURAL
     # The ledger owns the usage fields once it keeps the budget's accounts: its persisted state in
@@ -120,7 +132,7 @@ def _update_status(obj: dict[str, Any], problem: Any, now: datetime, warn: WarnF
             warn(obj, problem.reason, problem.message)
     else:
         spec, _ = validate_spec(kind, obj["spec"])
-        desired = (modelroute_status(obj, spec, now) if kind == modelroute.KIND
+        desired = (modelroute_status(obj, spec, now, prices) if kind == modelroute.KIND
                    else tokenbudget_status(obj, spec, now, ledger_owned=owned))
     if status_differs(obj.get("status"), desired):
         kube.patch_status(plural, ns, name, desired)

@@ -73,6 +73,9 @@ def parse_config_text(text: str, namespace: str | None = None) -> tuple[ProxyCon
         raise ConfigError("no ProxyConfig and no ModelRoute/TokenBudget manifests found")
     ns = namespace or next((o.get("metadata", {}).get("namespace") for o in routes + budgets
                             if o.get("metadata", {}).get("namespace")), None) or "default"
+    # Standalone use (a policy folder on a laptop or in CI): prices resolve as the operator resolves
+    # them, so genai-prices is imported here, on first need. A sidecar never takes this path: it
+    # reads the ProxyConfig the operator rendered, with every price already filled in.
     result = render_proxy_config(ns, routes, budgets)
     warnings = [f"{p.kind} {p.name!r} ignored: {p.message}" for p in result.problems]
     return result.config, warnings
@@ -189,6 +192,11 @@ class Compiled:
 
 def _backend(route_name: str, b: Any) -> BackendRt:
     provider = Provider(b.provider)
+    if b.pricing is None or b.pricing.input is None or b.pricing.output is None:
+        # The operator resolves every price before it writes the configuration; a hand-written one
+        # must carry them too: the proxy has no catalog, and a missing price is never a zero.
+        raise ConfigError(f"route {route_name!r}: backend {b.name!r} has no input and output prices "
+                          f"(the operator or `spendwarden render` fill them in from the catalog)")
     fmt = ANTHROPIC if provider is Provider.ANTHROPIC else OPENAI
     headers: dict[str, str] = {}
     missing = None

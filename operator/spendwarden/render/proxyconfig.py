@@ -18,6 +18,7 @@ from ..api import modelroute, tokenbudget
 from ..api.modelroute import ModelRouteSpec
 from ..api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME, BudgetEntry, LedgerSettings, ProxyConfig, RouteEntry
 from ..api.tokenbudget import TokenBudgetSpec
+from ..prices.resolve import UNKNOWN_PRICES, PriceBook, resolve_route
 
 LABELS = {"app.kubernetes.io/managed-by": "spendwarden", "app.kubernetes.io/component": "proxy-config"}
 CONFIG_HASH = "spendwarden.io/config-hash"
@@ -31,6 +32,11 @@ class Problem:
     reason: str = "InvalidSpec"  # the Ready=False condition's reason and the Warning Event's
 
 
+def route_currency(spec: ModelRouteSpec) -> str:
+    """The currency a route prices in: its backends' own pricing's, else the catalog's."""
+    return next((b.currency for b in spec.backends if b.pricing is not None), modelroute.CATALOG_CURRENCY)
+
+
 def currency_mismatch(budget: TokenBudgetSpec, routes: list[tuple[str, ModelRouteSpec]]) -> str | None:
     """Why a budget's money limit cannot add up the costs of the routes it covers (None: it can).
     Costs are summed as priced, never converted: a EUR limit over USD prices would compare USD with EUR."""
@@ -38,8 +44,8 @@ def currency_mismatch(budget: TokenBudgetSpec, routes: list[tuple[str, ModelRout
         return None
     want = budget.limits.cost.currency
     covered = [(name, spec) for name, spec in routes if not budget.routes or spec.model in budget.routes]
-    other = [(name, spec.backends[0].pricing.currency) for name, spec in covered
-             if spec.backends and spec.backends[0].pricing.currency != want]  # a route prices in one currency
+    other = [(name, route_currency(spec)) for name, spec in covered
+             if spec.backends and route_currency(spec) != want]  # a route prices in one currency
     if not other:
         return None
     named = ", ".join(f"ModelRoute {name!r} ({currency})" for name, currency in sorted(other))
@@ -52,6 +58,7 @@ def currency_mismatch(budget: TokenBudgetSpec, routes: list[tuple[str, ModelRout
 class RenderResult:
     config: ProxyConfig
     problems: list[Problem] = field(default_factory=list)
+    prices: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # route -> effective prices per backend
 
     def problem_for(self, kind: str, name: str) -> Problem | None:
         return next((p for p in self.problems if p.kind == kind and p.name == name), None)
@@ -85,8 +92,15 @@ def _name(obj: dict[str, Any]) -> str:
 
 
 def render_proxy_config(namespace: str, routes: list[dict[str, Any]], budgets: list[dict[str, Any]],
-                        ledger_url: str | None = None) -> RenderResult:
+                        ledger_url: str | None = None, prices: PriceBook | None = None) -> RenderResult:
+    """`prices`: pins and catalog for the fields routes leave unset; default: the process's
+    (prices/pins.py current: the operator's pins and the genai-prices catalog)."""
+    if prices is None:
+        from ..prices import pins
+
+        prices = pins.current()
     problems: list[Problem] = []
+    effective: dict[str, list[dict[str, Any]]] = {}
     valid_routes: list[RouteEntry] = []
     by_alias: dict[str, str] = {}
     for obj in sorted(routes, key=lambda o: (o.get("metadata", {}).get("creationTimestamp") or "", _name(o))):
@@ -94,6 +108,11 @@ def render_proxy_config(namespace: str, routes: list[dict[str, Any]], budgets: l
         if error:
             problems.append(Problem(modelroute.KIND, _name(obj), error))
             continue
+        priced = resolve_route(spec, prices)
+        if isinstance(priced, str):
+            problems.append(Problem(modelroute.KIND, _name(obj), priced, reason=UNKNOWN_PRICES))
+            continue
+        spec, effective[_name(obj)] = priced
         # Two routes for one alias would make routing depend on list order: the older one wins.
         if spec.model in by_alias:
             problems.append(Problem(modelroute.KIND, _name(obj),
@@ -118,7 +137,7 @@ def render_proxy_config(namespace: str, routes: list[dict[str, Any]], budgets: l
 
     config = ProxyConfig(namespace=namespace, routes=sorted(valid_routes, key=lambda r: r.spec.model),
                          budgets=valid_budgets, ledger=LedgerSettings(url=ledger_url))
-    return RenderResult(config=config, problems=problems)
+    return RenderResult(config=config, problems=problems, prices=effective)
 
 
 def config_json(config: ProxyConfig) -> str:

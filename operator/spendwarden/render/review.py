@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api import modelroute, tokenbudget
-from .proxyconfig import currency_mismatch, validate_spec
+from .proxyconfig import currency_mismatch, route_currency, validate_spec
 
 
 @dataclass
@@ -40,7 +40,7 @@ def _route_currency_warnings(name: str, route: modelroute.ModelRouteSpec,
         if error or (obj.get("metadata") or {}).get("deletionTimestamp"):
             continue
         if currency_mismatch(budget, [(name, route)]):
-            warnings.append(f"spec.backends[].pricing.currency: {route.backends[0].pricing.currency}, but "
+            warnings.append(f"spec.backends[].pricing.currency: {route_currency(route)}, but "
                             f"TokenBudget {obj['metadata']['name']!r} limits cost in {budget.limits.cost.currency}; "
                             f"costs are never converted, so that budget reports CurrencyMismatch until both "
                             f"use one currency")

@@ -35,13 +35,18 @@ def invalid_status(obj: dict[str, Any], message: str, now: datetime, reason: str
     return status
 
 
-def modelroute_status(obj: dict[str, Any], spec: ModelRouteSpec, now: datetime) -> dict[str, Any]:
+def modelroute_status(obj: dict[str, Any], spec: ModelRouteSpec, now: datetime,
+                      prices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`prices`: the effective prices per backend, in spec order (render.proxyconfig RenderResult.prices)."""
     status = {k: v for k, v in (obj.get("status") or {}).items() if k not in SCALER_FIELDS}
+    backends = [{"name": b.name, "provider": b.provider.value, "model": b.model, "url": b.url} for b in spec.backends]
+    for entry, pricing in zip(backends, prices or []):
+        entry["pricing"] = pricing
     status.update({
         "observedGeneration": _generation(obj),
         "ready": "True",
         "backendCount": len(spec.backends),
-        "backends": [{"name": b.name, "provider": b.provider.value, "model": b.model, "url": b.url} for b in spec.backends],
+        "backends": backends,
     })
     message = f"alias {spec.model!r} served by {len(spec.backends)} backend(s), default {spec.defaultBackend!r}"
     status["conditions"] = set_condition(status.get("conditions", []), "Ready", "True", "Rendered", message,

@@ -56,7 +56,7 @@ def uses_by_workload(routes: Iterable[tuple[str, str, ModelRouteSpec]]) -> dict[
             if ref is None:
                 continue
             key = WorkloadKey(ref.kind.value, ref.namespace or ns, ref.name)
-            out.setdefault(key, []).append(Use(ns, name, spec.model, b.name, b.scaling, b.pricing.currency))
+            out.setdefault(key, []).append(Use(ns, name, spec.model, b.name, b.scaling, b.currency))
     for uses in out.values():
         uses.sort(key=lambda u: (u.namespace, u.route, u.backend))
     return out

@@ -16,6 +16,8 @@ from pydantic import ValidationError
 from ..api import modelroute, tokenbudget
 from ..api.modelroute import ModelRouteSpec
 from ..api.tokenbudget import TokenBudgetSpec
+from ..prices import pins
+from ..prices.resolve import PriceBook, resolve_route
 from ..render.proxyconfig import explain_validation_error
 
 
@@ -95,11 +97,17 @@ def _validate(path: str, kind: str, name: str, spec: Any, model: Any) -> Any:
         raise CandidateError(f"{path}: {kind} {name!r} is invalid: {explain_validation_error(exc)}") from None
 
 
-def load_candidate(path: str) -> Candidate:
+def load_candidate(path: str, prices: PriceBook | None = None) -> Candidate:
+    """`prices`: pins and catalog for the prices the routes leave unset, resolved as the operator does
+    (default: the catalog alone)."""
     routes: dict[str, ModelRouteSpec] = {}
     names = []
+    book = prices if prices is not None else pins.current()
     for name, raw in _objects(path, modelroute.KIND):
-        spec = _validate(path, modelroute.KIND, name, raw, ModelRouteSpec)
+        priced = resolve_route(_validate(path, modelroute.KIND, name, raw, ModelRouteSpec), book)
+        if isinstance(priced, str):
+            raise CandidateError(f"{path}: {modelroute.KIND} {name!r}: {priced}")
+        spec = priced[0]
         if spec.model in routes:
             raise CandidateError(f"{path}: two ModelRoutes serve the alias {spec.model!r}")
         routes[spec.model] = spec
@@ -108,9 +116,9 @@ def load_candidate(path: str) -> Candidate:
     return Candidate(name=label, path=path, routes=routes)
 
 
-def load_candidates(paths: list[str]) -> list[Candidate]:
+def load_candidates(paths: list[str], prices: PriceBook | None = None) -> list[Candidate]:
     """Candidates in command-line order; names made unique (file name appended when two clash)."""
-    cands = [load_candidate(p) for p in paths]
+    cands = [load_candidate(p, prices) for p in paths]
     seen: dict[str, int] = {}
     out = []
     for c in cands:
