@@ -283,18 +283,31 @@ def test_shared_backend_scales_on_the_namespaces_still_allowed(operator, kube, n
             core.delete_namespace(t)
 
 
+def ledger_proxy(operator, kube, ns: str, tmp_path, routes: list[dict]) -> Any:
+    """The routes created as ModelRoutes and served by a real proxy process in ledger mode, with a
+    ServiceAccount token of `ns` (the caller stops it)."""
+    from tests.proxy.conftest import ProxyProcess
+
+    for r in routes:
+        create_route(kube, ns, r["name"], r["spec"])
+    token = tmp_path / "token"
+    token.write_text(sa_token(kube, ns))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"namespace": ns, "routes": routes, "ledger": {"url": operator.url}}))
+    work = tmp_path / "proxy"
+    work.mkdir()
+    return ProxyProcess(config, work, env={"SPENDWARDEN_LEDGER_TOKEN_FILE": str(token)}).start()
+
+
 def test_wake_on_demand_hold_and_fallback(operator, kube, ns, tmp_path):
     """A real proxy process in ledger mode. Hold: the request waits while the operator scales the
     workload from zero and the kubelet starts its Pod and reports it Ready, then it is served by
     that backend. Fallback: the request is served by the fallback at once, and the workload wakes."""
     from spendwarden.devtools.mock_upstream import MockUpstream
-    from tests.proxy.conftest import ProxyProcess
 
     zero = {"minReplicas": 0, "maxReplicas": 2, "scaleDownStabilization": "1s", "idleToZeroAfter": "1h"}
     create_deployment(kube, ns, "llama", replicas=0)
     create_deployment(kube, ns, "qwen", replicas=0)
-    token = tmp_path / "token"
-    token.write_text(sa_token(kube, ns))
     with MockUpstream(tokens=5) as up:
         routes = [
             {"name": "chat", "spec": {"model": "chat", "defaultBackend": "llama", "backends": [backend(
@@ -303,13 +316,7 @@ def test_wake_on_demand_hold_and_fallback(operator, kube, ns, tmp_path):
                 backend("qwen", up.openai_url, "qwen", {**zero, "wake": {"mode": "Fallback"}}),
                 backend("mini", up.openai_url)]}},
         ]
-        for r in routes:
-            create_route(kube, ns, r["name"], r["spec"])
-        config = tmp_path / "config.json"
-        config.write_text(json.dumps({"namespace": ns, "routes": routes, "ledger": {"url": operator.url}}))
-        work = tmp_path / "proxy"
-        work.mkdir()
-        proxy = ProxyProcess(config, work, env={"SPENDWARDEN_LEDGER_TOKEN_FILE": str(token)}).start()
+        proxy = ledger_proxy(operator, kube, ns, tmp_path, routes)
         try:
             # The proxy learns from its reports' answers that both backends are at zero.
             wait_for(lambda: scaling_status(kube, ns, "chat").get("availableReplicas") == 0
@@ -356,22 +363,14 @@ def test_a_refused_connection_to_a_scaled_backend_is_held_as_a_wake_not_a_502(op
     since the proxy's last report): the request is held as at zero and served once a server is up,
     instead of failing with 502 "connection refused"."""
     from spendwarden.devtools.mock_upstream import MockUpstream, free_port
-    from tests.proxy.conftest import ProxyProcess
 
     create_deployment(kube, ns, "llama", replicas=1)
     port = free_port()
-    token = tmp_path / "token"
-    token.write_text(sa_token(kube, ns))
     routes = [{"name": "chat", "spec": {"model": "chat", "defaultBackend": "llama", "backends": [backend(
         "llama", f"http://127.0.0.1:{port}/v1", "llama",
         {"minReplicas": 0, "maxReplicas": 1, "scaleDownStabilization": "1s", "idleToZeroAfter": "1h",
          "wake": {"mode": "Hold", "timeout": "30s"}})]}}]
-    create_route(kube, ns, "chat", routes[0]["spec"])
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({"namespace": ns, "routes": routes, "ledger": {"url": operator.url}}))
-    work = tmp_path / "proxy"
-    work.mkdir()
-    proxy = ProxyProcess(config, work, env={"SPENDWARDEN_LEDGER_TOKEN_FILE": str(token)}).start()
+    proxy = ledger_proxy(operator, kube, ns, tmp_path, routes)
     try:
         wait_for(lambda: scaling_status(kube, ns, "chat").get("availableReplicas") == 1, timeout=60,
                  what="the pause replica Ready")
