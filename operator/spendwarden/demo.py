@@ -50,7 +50,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,
+          detail: Callable[[], str] | None = None) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -60,7 +61,25 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: flo
         if value:
             return value
         time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" ({detail()})" if detail else ""))
+
+
+def _rendered_with_route_and_budget(core: Any) -> Any:
+    cm = core.read_namespaced_config_map("spendwarden-proxy", NAMESPACE)
+    rendered = json.loads((cm.data or {}).get("config.json") or "{}")
+    routes = {r.get("name") for r in rendered.get("routes") or []}
+    budgets = {b.get("name") for b in rendered.get("budgets") or []}
+    return cm if "chat" in routes and "daily" in budgets else None
+
+
+def _route_conditions(custom: Any) -> str:
+    try:
+        route = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "modelroutes", "chat")
+    except Exception as exc:  # noqa: BLE001 - the message is for a failure report
+        return f"ModelRoute chat unreadable: {exc}"
+    conditions = (route.get("status") or {}).get("conditions") or []
+    return "ModelRoute chat: " + ("; ".join(f"{c.get('type')}={c.get('status')} {c.get('reason')}: {c.get('message')}"
+                                            for c in conditions) or "no conditions yet")
 
 
 @dataclass
@@ -182,8 +201,11 @@ def run_story(kubeconfig: str, workdir: Path, keep: Callable[[], None] | None = 
         import yaml
         subprocess.run(["kubectl", "apply", "-f", "-"], input=yaml.safe_dump_all(manifests), env=env, text=True,
                        check=True)
-        cm = _wait(lambda: (lambda c: c if c.data and json.loads(c.data["config.json"]).get("budgets") else None)(
-            core.read_namespaced_config_map("spendwarden-proxy", NAMESPACE)), 30, "the rendered proxy configuration")
+        # The budget and the route are reconciled independently: a render holding only one of them is a
+        # normal intermediate state, and this proxy reads its copy once, so wait for both.
+        cm = _wait(lambda: _rendered_with_route_and_budget(core), 30,
+                   "the rendered proxy configuration with route chat and budget daily",
+                   detail=lambda: _route_conditions(custom))
         config_path = workdir / "config.json"
         config_path.write_text(cm.data["config.json"])
         token = core.create_namespaced_service_account_token("app", NAMESPACE, {
