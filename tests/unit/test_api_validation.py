@@ -4,8 +4,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-
-from spendwarden.render.proxyconfig import validate_spec
+from spendwarden.api.validation import validate_spec
 
 GOOD_ROUTE = {
     "model": "chat",

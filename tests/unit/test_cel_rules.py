@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from spendwarden.api.crdgen import all_crds
-from spendwarden.render.proxyconfig import validate_spec
+from spendwarden.api.validation import validate_spec
 
 from .cel_cases import CASES, MR, TB, TWO_TIERS, Case, spec_of
 from .test_api_validation import GOOD_BUDGET, GOOD_ROUTE

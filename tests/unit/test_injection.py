@@ -147,7 +147,7 @@ def test_referenced_secrets_are_those_of_served_routes_only():
 
 
 def test_patch_mounts_each_referenced_secret_read_only_where_the_proxy_reads_keys():
-    from spendwarden.proxy.config import DEFAULT_SECRETS_DIR
+    from spendwarden import SECRETS_DIR as DEFAULT_SECRETS_DIR
     out = jsonpatch.apply_patch(pod(), inj.patch(pod(), "team", S, ["anthropic", "openai"]))
     vols = {v["name"]: v for v in out["spec"]["volumes"]}
     assert vols["sw-secret-openai"] == {"name": "sw-secret-openai", "secret": {"secretName": "openai", "optional": True}}

@@ -21,8 +21,8 @@ def report(proxy, seq, want=2000, used=0, start=START):
 
 def current_start():
     from spendwarden.api.common import now_rfc3339
+    from spendwarden.api.validation import validate_spec
     from spendwarden.ledger.periods import current_period
-    from spendwarden.render.proxyconfig import validate_spec
     return now_rfc3339(current_period(validate_spec("TokenBudget", OBJ["spec"])[0], datetime.now(timezone.utc))[0])
 
 
@@ -150,7 +150,6 @@ def test_a_token_review_must_name_the_spendwarden_audience(monkeypatch):
     """A TokenReview answered without audiences (an authenticator that ignores them, e.g. a webhook
     one, or a token for any audience) proves nothing about who the token was issued for."""
     from kubernetes import client
-
     from spendwarden.controller import kube
 
     answers, sent = [], []

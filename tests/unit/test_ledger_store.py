@@ -8,11 +8,20 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-
+from spendwarden.api.validation import validate_spec
 from spendwarden.ledger.allowance import Amount
-from spendwarden.ledger.store import LedgerStore, ReportError, parse_report, replace_patch
-from spendwarden.render.status import LEDGER_FIELDS, reconcile_fields, status_differs, tokenbudget_status
-from spendwarden.render.proxyconfig import validate_spec
+from spendwarden.ledger.store import (
+    LedgerStore,
+    ReportError,
+    parse_report,
+    replace_patch,
+)
+from spendwarden.render.status import (
+    LEDGER_FIELDS,
+    reconcile_fields,
+    status_differs,
+    tokenbudget_status,
+)
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 TS = NOW.timestamp()
@@ -400,10 +409,10 @@ def test_smallest_admitted_keeps_a_huge_prompt_from_cutting_the_team_off_also_af
 
 def test_the_report_paths_fraction_equals_the_status_fraction():
     """amount_fraction is usage_fraction without the dict: they must never disagree."""
-    from hypothesis import given, settings, strategies as st
-
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
     from spendwarden.ledger.store import amount_fraction, usage_dict
-    from spendwarden.render.status import usage_fraction
+    from spendwarden.ledger.usage import usage_fraction
 
     limits = [{"tokens": {"total": 100_000}}, {"tokens": {"input": 7, "output": 3}}, {"cost": {"amount": "0.30"}},
               {"tokens": {"total": 5, "output": 2}, "cost": {"amount": "250.00", "currency": "EUR"}}]

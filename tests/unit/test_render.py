@@ -5,9 +5,17 @@ import json
 from datetime import datetime, timezone
 
 from spendwarden.api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME, ProxyConfig
-from spendwarden.render.proxyconfig import configmap_manifest, load_manifests, render_proxy_config
-from spendwarden.render.status import invalid_status, modelroute_status, tokenbudget_status
-from spendwarden.render.proxyconfig import validate_spec
+from spendwarden.api.validation import validate_spec
+from spendwarden.render.proxyconfig import (
+    configmap_manifest,
+    load_manifests,
+    render_proxy_config,
+)
+from spendwarden.render.status import (
+    invalid_status,
+    modelroute_status,
+    tokenbudget_status,
+)
 
 from .test_api_validation import GOOD_BUDGET, GOOD_ROUTE
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-
 from spendwarden.api.modelroute import ModelRouteSpec, WakeMode
-from spendwarden.render.proxyconfig import validate_spec
+from spendwarden.api.validation import validate_spec
 from spendwarden.render.status import modelroute_status
 
 ROUTE = {

@@ -21,15 +21,22 @@ from typing import Any
 
 from ..api.common import now_rfc3339, set_condition
 from ..api.tokenbudget import BudgetState, TokenBudgetSpec
-from ..render.proxyconfig import validate_spec
-from ..render.status import budget_state, usage_fraction, usage_status
+from ..api.validation import validate_spec
 from .allowance import Amount, Limits, hard_ceiling
-from .breakdown import HISTORY_ROWS, MAX_WIRE_COUNT, Breakdown, PeriodBreakdown, parse_money, wire_count
+from .breakdown import (
+    HISTORY_ROWS,
+    MAX_WIRE_COUNT,
+    Breakdown,
+    PeriodBreakdown,
+    parse_money,
+    wire_count,
+)
 from .forecast import BurnRate, projected_exhaustion, time_constant
 from .leases import BudgetLedger, Ceiling, LeaseSettings, ProxyAccount
 from .loops import LoopReport, parse_loops
 from .periods import current_period
 from .pricing import ZERO, format_money
+from .usage import budget_state, usage_status
 
 HISTORY_MAX = 12
 MAX_ID = 128

@@ -62,7 +62,7 @@ def parse_pins(text: str, where: str = "pinned prices") -> tuple[Pins, list[str]
         try:
             entry = PinnedPrice.model_validate(item)
         except ValidationError as exc:
-            from ..render.proxyconfig import explain_validation_error
+            from ..api.validation import explain_validation_error
 
             warnings.append(f"{where}: {name} ignored: {explain_validation_error(exc).replace('spec', 'entry')}")
             continue

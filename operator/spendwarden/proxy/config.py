@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import SECRETS_DIR
 from ..api.common import parse_duration
 from ..api.modelroute import ModelRouteSpec, Provider
 from ..api.proxyconfig import ProxyConfig
@@ -22,7 +23,7 @@ from ..ledger.pricing import Prices
 
 log = logging.getLogger("spendwarden.proxy")
 
-DEFAULT_SECRETS_DIR = "/var/run/spendwarden/secrets"
+DEFAULT_SECRETS_DIR = SECRETS_DIR
 
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
@@ -62,7 +63,7 @@ def parse_config_text(text: str, namespace: str | None = None) -> tuple[ProxyCon
         try:
             return ProxyConfig.model_validate(doc), []
         except ValidationError as exc:
-            from ..render.proxyconfig import explain_validation_error
+            from ..api.validation import explain_validation_error
 
             raise ConfigError(f"invalid ProxyConfig: {explain_validation_error(exc)}") from exc
     # A stream of manifests.

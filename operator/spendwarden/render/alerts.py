@@ -13,7 +13,8 @@ from datetime import datetime
 from typing import Any
 
 from ..api.tokenbudget import TokenBudgetSpec
-from .status import budget_state, limit_summary, usage_fraction, usage_status
+from ..ledger.usage import budget_state, usage_fraction, usage_status
+from .status import limit_summary
 
 # Attachment colour per announcement: amber for an early warning, red once the budget is spent.
 COLOURS = {"ThresholdCrossed": "#f2c744", "ForecastExhaustion": "#f2c744", "BudgetExceeded": "#d40e0d"}

@@ -21,9 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import GROUP
+from .. import GROUP, SECRETS_DIR
 from ..api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME, ProxyConfig
-from ..proxy.config import DEFAULT_SECRETS_DIR
 
 INJECT_LABEL = f"{GROUP}/inject"
 # Set on injected Pods: what the chart's PodMonitor selects (and `kubectl get pods -l` finds).
@@ -37,7 +36,6 @@ CONFIG_DIR = "/etc/spendwarden/config"
 TOKEN_DIR = "/var/run/secrets/spendwarden"
 TOKEN_FILE = "token"
 # Where the proxy reads ModelRoute credentials (proxy/config.read_secret): <dir>/<secret>/<key>.
-SECRETS_DIR = DEFAULT_SECRETS_DIR
 SECRET_VOLUME_PREFIX = "sw-secret-"
 TOKEN_AUDIENCE = "spendwarden"
 # The image's user (Dockerfile USER 10001); numeric so the kubelet can verify runAsNonRoot.

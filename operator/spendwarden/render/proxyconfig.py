@@ -11,13 +11,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
 from .. import API_VERSION
 from ..api import modelroute, tokenbudget
 from ..api.modelroute import ModelRouteSpec
-from ..api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME, BudgetEntry, LedgerSettings, ProxyConfig, RouteEntry
+from ..api.proxyconfig import (
+    CONFIG_KEY,
+    CONFIGMAP_NAME,
+    BudgetEntry,
+    LedgerSettings,
+    ProxyConfig,
+    RouteEntry,
+)
 from ..api.tokenbudget import TokenBudgetSpec
+from ..api.validation import validate_spec
 from ..prices.resolve import UNKNOWN_PRICES, PriceBook, resolve_route
 
 LABELS = {"app.kubernetes.io/managed-by": "spendwarden", "app.kubernetes.io/component": "proxy-config"}
@@ -62,29 +69,6 @@ class RenderResult:
 
     def problem_for(self, kind: str, name: str) -> Problem | None:
         return next((p for p in self.problems if p.kind == kind and p.name == name), None)
-
-
-def explain_validation_error(exc: ValidationError) -> str:
-    """One line per error, with the field path as users write it (spec.backends[0].pricing.input)."""
-    lines = []
-    for err in exc.errors():
-        path = "spec"
-        for part in err["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else f".{part}"
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{path}: {msg}" if err["loc"] else f"spec: {msg}")
-    return "; ".join(lines)
-
-
-def validate_spec(kind: str, spec: Any) -> tuple[Any, str | None]:
-    """(parsed spec, None) or (None, message)."""
-    model = ModelRouteSpec if kind == modelroute.KIND else TokenBudgetSpec
-    if not isinstance(spec, dict):
-        return None, "spec: must be an object"
-    try:
-        return model.model_validate(spec), None
-    except ValidationError as exc:
-        return None, explain_validation_error(exc)
 
 
 def _name(obj: dict[str, Any]) -> str:

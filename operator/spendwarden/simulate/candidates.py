@@ -16,9 +16,9 @@ from pydantic import ValidationError
 from ..api import modelroute, tokenbudget
 from ..api.modelroute import ModelRouteSpec
 from ..api.tokenbudget import TokenBudgetSpec
+from ..api.validation import explain_validation_error
 from ..prices import pins
 from ..prices.resolve import PriceBook, resolve_route
-from ..render.proxyconfig import explain_validation_error
 
 
 class CandidateError(ValueError):
