@@ -60,7 +60,7 @@ def test_crds_without_cel_differ_only_by_the_rules(tmp_path):
     """`spendwarden crds --no-cel --out DIR`: for apiservers before 1.23 (x-kubernetes-validations unknown)."""
     import argparse
 
-    from spendwarden.api import crdcmd
+    from spendwarden.cli import crds as crdcmd
 
     def strip(node):
         if isinstance(node, dict):

@@ -6,8 +6,8 @@ import json
 import sys
 from typing import Any
 
-from . import GROUP, VERSION
-from .render.budget_table import rows, table
+from .. import GROUP, VERSION
+from ..render.budget_table import rows, table
 
 
 def add_scope_arguments(parser: argparse.ArgumentParser, outputs: list[str]) -> None:

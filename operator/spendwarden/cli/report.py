@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .render.report import PERIODS, report_rows, table, to_csv
-from .status_cmd import add_scope_arguments, list_budgets
+from ..render.report import PERIODS, report_rows, table, to_csv
+from .status import add_scope_arguments, list_budgets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .controlplane import REPO_ROOT, BinariesUnavailable, ControlPlane, ControlPlaneError, ensure_binaries
+from ..localcluster.controlplane import REPO_ROOT, BinariesUnavailable, ControlPlane, ControlPlaneError, ensure_binaries
 
 
 def default_crd_dirs() -> list[str]:

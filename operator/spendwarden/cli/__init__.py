@@ -1,4 +1,5 @@
-"""The `spendwarden` command: one entry point, one module per subcommand.
+"""The `spendwarden` command: one entry point, one module per subcommand (here, or for the two runtimes
+their own run modules).
 
 Each subcommand's module exposes `add_arguments(parser)` and `run(args) -> int`, imported lazily so
 that `spendwarden crds` does not pay for kopf or aiohttp.
@@ -12,13 +13,13 @@ import sys
 SUBCOMMANDS = {
     "operator": ("spendwarden.controller.run", "Run the operator (control plane)."),
     "proxy": ("spendwarden.proxy.run", "Run the sidecar proxy (data plane), in a pod or standalone."),
-    "crds": ("spendwarden.api.crdcmd", "Write the CRD manifests generated from the API models."),
-    "render": ("spendwarden.render_cmd", "Render the proxy configuration for manifests in files (offline)."),
-    "local-cluster": ("spendwarden.localcluster.cmd", "Start the local control plane (etcd + kube-apiserver + kube-controller-manager)."),
-    "status": ("spendwarden.status_cmd", "Show budgets: usage bar, spent / limit, state, forecast, reset time."),
-    "report": ("spendwarden.report_cmd", "Cost and tokens per namespace, route, backend and tag, per period."),
-    "prices": ("spendwarden.prices_cmd", "Effective prices per 1M tokens (catalog, pinned) and their source."),
-    "simulate": ("spendwarden.simulate_cmd", "Replay a traffic log against candidate ModelRoutes offline: cost, escalations, cache hits, budget run-out."),
+    "crds": ("spendwarden.cli.crds", "Write the CRD manifests generated from the API models."),
+    "render": ("spendwarden.cli.render", "Render the proxy configuration for manifests in files (offline)."),
+    "local-cluster": ("spendwarden.cli.local_cluster", "Start the local control plane (etcd + kube-apiserver + kube-controller-manager)."),
+    "status": ("spendwarden.cli.status", "Show budgets: usage bar, spent / limit, state, forecast, reset time."),
+    "report": ("spendwarden.cli.report", "Cost and tokens per namespace, route, backend and tag, per period."),
+    "prices": ("spendwarden.cli.prices", "Effective prices per 1M tokens (catalog, pinned) and their source."),
+    "simulate": ("spendwarden.cli.simulate", "Replay a traffic log against candidate ModelRoutes offline: cost, escalations, cache hits, budget run-out."),
     "demo": ("spendwarden.demo", "Run the demo on a local control plane: operator, examples, status."),
     "mock-upstream": ("spendwarden.devtools.mock_upstream", "Run the mock OpenAI/Anthropic upstream (tests, demo, benchmarks)."),
 }
@@ -38,6 +39,3 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return int(args._module.run(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

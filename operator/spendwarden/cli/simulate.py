@@ -15,7 +15,7 @@ import json
 import sys
 from datetime import datetime, timezone
 
-from .simulate.outcomes import DEFAULT_OUTPUT_TOKENS, FailureModel
+from ..simulate.outcomes import DEFAULT_OUTPUT_TOKENS, FailureModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,14 +45,14 @@ def _fail(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .simulate import simulate, summarize_all
-    from .simulate.budget import currency_problem
-    from .simulate.candidates import CandidateError, load_budget, load_candidates
-    from .simulate.plot import PlotError, plot
-    from .simulate.replay import Settings
-    from .simulate.report import cumulative, table
-    from .simulate.traffic import TrafficError, parse_time, read_traffic
-    from .prices_cmd import PinsError, pinned_book
+    from ..simulate import simulate, summarize_all
+    from ..simulate.budget import currency_problem
+    from ..simulate.candidates import CandidateError, load_budget, load_candidates
+    from ..simulate.plot import PlotError, plot
+    from ..simulate.replay import Settings
+    from ..simulate.report import cumulative, table
+    from ..simulate.traffic import TrafficError, parse_time, read_traffic
+    from .prices import PinsError, pinned_book
 
     if args.per_day is not None and args.per_day < 1:
         return _fail("--per-day must be at least 1")

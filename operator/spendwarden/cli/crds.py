@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .crdgen import all_crds, render_yaml
+from ..api.crdgen import all_crds, render_yaml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

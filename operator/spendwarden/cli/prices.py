@@ -28,7 +28,7 @@ class PinsError(Exception):
 def pinned_book(path: str | None) -> Any:
     """The PriceBook of the pins in `path` over the catalog (the catalog alone without a path).
     Bad entries are warned about on stderr and left out, as the operator does."""
-    from .prices import pins
+    from ..prices import pins
 
     if path is None:
         return pins.current()
@@ -53,9 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def price_rows(model: str | None, provider: str | None, book: Any) -> list[dict[str, Any]]:
     """One row per (provider, model) with prices: `model` under each provider (or `provider`), or
     every catalog and pinned model."""
-    from .api.modelroute import Backend
-    from .prices import catalog
-    from .prices.resolve import effective, resolve_backend
+    from ..api.modelroute import Backend
+    from ..prices import catalog
+    from ..prices.resolve import effective, resolve_backend
 
     providers = [provider] if provider else list(PROVIDER_NAMES)
     if model is not None:

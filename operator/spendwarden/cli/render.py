@@ -10,7 +10,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .render.proxyconfig import config_json, load_manifests, render_proxy_config
+from ..render.proxyconfig import config_json, load_manifests, render_proxy_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
