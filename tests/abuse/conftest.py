@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from spendwarden.devtools.mock_upstream import MockUpstream
-from tests.proxy.test_body_flood import rss_mb
 from tests.proxy.conftest import ProxyProcess, backend, budget_yaml, route_yaml, stream_of
+from tests.support.memory import rss_mb
 
 
 @pytest.fixture(scope="module")

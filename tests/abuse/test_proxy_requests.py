@@ -14,7 +14,7 @@ import httpx
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.proxy.test_body_flood import rss_mb
+from tests.support.memory import rss_mb
 
 from . import kinds
 from .support import FUZZ, is_json, json_value, judge

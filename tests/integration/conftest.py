@@ -5,6 +5,7 @@ Fixtures:
   control_plane  (session)  spendwarden.localcluster.ControlPlane, CRDs from crds/ installed
   kube           (session)  kubernetes.client.ApiClient (admin, system:masters)
   namespace      (function) name of a fresh namespace, deleted after the test
+  lg_namespace, own_namespace (function) fresh lg-* / lk-* namespaces for tests with a ledger operator
 
 Everything under tests/integration is marked `integration` (deselect with -m "not integration").
 Missing binaries make the tests FAIL, never skip, so CI cannot pass without running them; set
@@ -171,3 +172,25 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         terminalreporter.write_sep("-", "spendwarden control plane")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+def _prefixed_namespace(kube, prefix: str) -> Iterator[str]:
+    from kubernetes import client
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(kube)
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.fixture
+def lg_namespace(kube) -> Iterator[str]:
+    """Watched by test_ledger's module operator (lg-*)."""
+    yield from _prefixed_namespace(kube, "lg")
+
+
+@pytest.fixture
+def own_namespace(kube) -> Iterator[str]:
+    """For tests with their own operator (watching lk-*), away from the module operator's lg-*."""
+    yield from _prefixed_namespace(kube, "lk")

@@ -20,9 +20,9 @@ from kubernetes.client.rest import ApiException
 from spendwarden.controller.webhooks import ensure_secret
 from spendwarden.render import injection
 from spendwarden.tls import WebhookTLS
+from tests.support.operator_process import OperatorProcess, free_port, wait_for
 
 from ..unit.test_api_validation import GOOD_BUDGET, GOOD_ROUTE
-from .operator_process import OperatorProcess, free_port, wait_for
 
 GROUP, VERSION = "spendwarden.io", "v1alpha1"
 IMAGE = "registry.example/spendwarden:test"

@@ -16,9 +16,8 @@ import pytest
 from kubernetes import client
 
 from spendwarden.ledger.allowance import Amount
-
-from .operator_process import wait_for
-from .test_ledger import Operator, SimProxy, create_budget, get_budget, own_namespace, sa_token  # noqa: F401 - a fixture
+from tests.support.ledger_cluster import Operator, SimProxy, create_budget, get_budget, sa_token
+from tests.support.operator_process import wait_for
 
 FAST_ALERTS = {"SPENDWARDEN_ALERT_ATTEMPTS": "3", "SPENDWARDEN_ALERT_BACKOFF": "0.05", "SPENDWARDEN_ALERT_TIMEOUT": "2",
                "SPENDWARDEN_LEDGER_FLUSH_INTERVAL": "0.5"}

@@ -5,7 +5,6 @@ ServiceAccount do exactly what it needs, checked by the apiserver's own authoriz
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 
@@ -13,7 +12,8 @@ import helm_python as helm
 import pytest
 import yaml
 from kubernetes import client
-from .operator_process import wait_for
+
+from tests.support.operator_process import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "spendwarden"

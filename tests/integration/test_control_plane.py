@@ -13,7 +13,7 @@ from kubernetes import client
 
 from spendwarden.localcluster import node as nodes
 from spendwarden.localcluster.controlplane import ControlPlane
-from .operator_process import wait_for
+from tests.support.operator_process import wait_for
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 

@@ -15,11 +15,19 @@ import pytest
 from kubernetes import client
 
 from spendwarden.ledger.allowance import Amount
-
 from spendwarden.localcluster.node import PAUSE_IMAGE
-
-from .operator_process import wait_for
-from .test_ledger import GROUP, VERSION, Operator, SimProxy, create_budget, create_minute_budget, get_budget, sa_token
+from tests.support.cluster import cut_off_policy, events
+from tests.support.ledger_cluster import (
+    GROUP,
+    VERSION,
+    Operator,
+    SimProxy,
+    create_budget,
+    create_minute_budget,
+    get_budget,
+    sa_token,
+)
+from tests.support.operator_process import wait_for
 
 LIMIT = 10_000
 EXTERNAL_IP = "203.0.113.7"
@@ -64,21 +72,12 @@ def team(kube):
         core.delete_namespace(name)
 
 
-def policy(kube, ns: str):
-    try:
-        return client.NetworkingV1Api(kube).read_namespaced_network_policy("spendwarden-cut-off", ns)
-    except client.ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
 
 
 def replicas(kube, ns: str) -> int:
     return client.AppsV1Api(kube).read_namespaced_deployment_scale("llama", ns).spec.replicas or 0  # 0 is omitted
 
 
-def events(kube, ns: str, reason: str) -> list:
-    return [e for e in client.CoreV1Api(kube).list_namespaced_event(ns).items if e.reason == reason]
 
 
 async def spend_all(operator: Operator, kube, ns: str, start: str, budget: str) -> float:
@@ -87,7 +86,7 @@ async def spend_all(operator: Operator, kube, ns: str, start: str, budget: str) 
 
     def watch() -> None:
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and policy(kube, ns) is None:
+        while time.monotonic() < deadline and cut_off_policy(kube, ns) is None:
             time.sleep(0.01)
         seen.append(time.perf_counter())
 
@@ -100,7 +99,7 @@ async def spend_all(operator: Operator, kube, ns: str, start: str, budget: str) 
         t0 = time.perf_counter()
         assert await p.report()
     await watcher
-    assert policy(kube, ns) is not None, "no NetworkPolicy within 20 s"
+    assert cut_off_policy(kube, ns) is not None, "no NetworkPolicy within 20 s"
     latency = seen[0] - t0
     print(f"\ncut-off latency, exhausting report -> NetworkPolicy on the apiserver: {latency * 1000:.0f} ms")
     assert latency < 5  # one report round trip and a few apiserver writes; generous for 2 shared cores
@@ -111,7 +110,7 @@ def assert_cut(kube, ns: str, inference: str, budget: str) -> None:
     core = client.CoreV1Api(kube)
     # The policy comes first (fastest effect), then the label, then the scale-down.
     wait_for(lambda: replicas(kube, ns) == 0, what="llama scaled to 0")
-    spec = policy(kube, ns).spec
+    spec = cut_off_policy(kube, ns).spec
     assert spec.pod_selector.match_labels is None and spec.pod_selector.match_expressions is None  # every pod
     assert spec.policy_types == ["Egress"]
     dns, addresses, namespaces = spec.egress
@@ -135,7 +134,7 @@ def assert_cut(kube, ns: str, inference: str, budget: str) -> None:
 
 def lifted(kube, ns: str) -> bool:
     meta = client.CoreV1Api(kube).read_namespace(ns).metadata
-    return (policy(kube, ns) is None and "spendwarden.io/cut-off" not in (meta.labels or {})
+    return (cut_off_policy(kube, ns) is None and "spendwarden.io/cut-off" not in (meta.labels or {})
             and "spendwarden.io/replicas-before-cut-off" not in (meta.annotations or {}) and replicas(kube, ns) == 2)
 
 
@@ -176,7 +175,7 @@ async def test_raising_the_limit_lifts_the_cut_off_also_across_a_restart(operato
     custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "tokenbudgets", "monthly",
                                           {"spec": {"limits": {"tokens": {"total": LIMIT * 2}}}})
     await asyncio.sleep(1)
-    assert policy(kube, ns) is not None  # nothing lifts it but the operator
+    assert cut_off_policy(kube, ns) is not None  # nothing lifts it but the operator
     operator.start()
     wait_for(lambda: lifted(kube, ns), timeout=30, interval=0.3, what="the cut-off lifted after the raise")
     (event,) = wait_for(lambda: events(kube, ns, "CutOffLifted"), what="CutOffLifted Event")
@@ -188,7 +187,7 @@ async def test_raising_the_limit_lifts_the_cut_off_also_across_a_restart(operato
         p = SimProxy(http, operator.url, sa_token(kube, ns), ns, start, budget="monthly")
         p.allowance.used = Amount(LIMIT // 2, LIMIT // 2)
         assert await p.report()
-    wait_for(lambda: policy(kube, ns) is not None and replicas(kube, ns) == 0, what="cut off again")
+    wait_for(lambda: cut_off_policy(kube, ns) is not None and replicas(kube, ns) == 0, what="cut off again")
     custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "tokenbudgets", "monthly",
                                           {"spec": {"limits": {"tokens": {"total": LIMIT * 3}}}})
     wait_for(lambda: lifted(kube, ns), timeout=30, interval=0.3, what="the cut-off lifted after the second raise")
@@ -218,7 +217,8 @@ async def test_deleting_the_budget_lifts_the_cut_off(operator, kube, team):
 def test_applying_is_idempotent_and_a_manual_scale_up_survives_the_reversal(kube, team, monkeypatch):
     """controller/cutoff.apply_cut_off on its own against the apiserver (no operator process)."""
     from spendwarden.api.modelroute import ModelRouteSpec
-    from spendwarden.controller import cutoff, kube as kube_module
+    from spendwarden.controller import cutoff
+    from spendwarden.controller import kube as kube_module
     from spendwarden.render.cutoff import BudgetCut, desired_cut_off
 
     monkeypatch.setattr(kube_module, "_api", kube)
@@ -248,11 +248,11 @@ def test_applying_is_idempotent_and_a_manual_scale_up_survives_the_reversal(kube
     assert json.loads(core.read_namespace(ns).metadata.annotations["spendwarden.io/replicas-before-cut-off"]) == {
         "Deployment/llama": 2, "StatefulSet/embed": 1}
     assert replicas(kube, ns) == 0 and not apps.read_namespaced_stateful_set_scale("embed", ns).spec.replicas
-    versions = (core.read_namespace(ns).metadata.resource_version, policy(kube, ns).metadata.resource_version,
+    versions = (core.read_namespace(ns).metadata.resource_version, cut_off_policy(kube, ns).metadata.resource_version,
                 core.read_namespace(inference).metadata.resource_version)
     time.sleep(1.1)  # a second later: on 1.20 a no-op server-side apply would still write managedFields' time
     assert apply(True)[1] == []  # level-triggered: the same state again writes nothing
-    assert versions == (core.read_namespace(ns).metadata.resource_version, policy(kube, ns).metadata.resource_version,
+    assert versions == (core.read_namespace(ns).metadata.resource_version, cut_off_policy(kube, ns).metadata.resource_version,
                         core.read_namespace(inference).metadata.resource_version)
 
     apps.patch_namespaced_deployment_scale("llama", ns, {"spec": {"replicas": 5}})  # someone's decision: kept

@@ -15,11 +15,9 @@ from kubernetes import client
 
 from spendwarden.devtools.mock_upstream import MockUpstream
 from tests.proxy.conftest import ProxyProcess
-
-from .operator_process import wait_for
-from .test_cutoff import events, policy
-from .test_ledger import GROUP, VERSION, Operator, get_budget
-from .test_report import _apply, start_proxies
+from tests.support.cluster import apply_custom, cut_off_policy, events, start_proxies
+from tests.support.ledger_cluster import GROUP, VERSION, Operator, get_budget
+from tests.support.operator_process import wait_for
 
 LIMIT = 3000
 PROMPT = [{"role": "user", "content": "Summarise the incident report in three sentences, please."}]
@@ -40,11 +38,11 @@ def _condition(status: dict, type_: str) -> dict:
 
 def _route_and_budget(kube, ns: str, up: MockUpstream) -> None:
     """ModelRoute chat on the mock upstream and a CutOff TokenBudget of LIMIT tokens."""
-    _apply(kube, ns, "ModelRoute", "modelroutes", "chat", {
+    apply_custom(kube, ns, "ModelRoute", "modelroutes", "chat", {
         "model": "chat", "defaultBackend": "m", "backends": [
             {"name": "m", "provider": "OpenAICompatible", "url": up.openai_url, "model": "m",
              "pricing": {"input": "1", "output": "2"}}]})
-    _apply(kube, ns, "TokenBudget", "tokenbudgets", "monthly", {
+    apply_custom(kube, ns, "TokenBudget", "tokenbudgets", "monthly", {
         "period": {"type": "Monthly"}, "limits": {"tokens": {"total": LIMIT}}, "onExceeded": "CutOff",
         "failMode": "Closed"})
 
@@ -102,7 +100,7 @@ async def test_a_budget_that_stops_short_of_its_limit_is_exceeded_and_cut_off(co
             (event,) = wait_for(lambda: events(kube, ns, "BudgetExceeded"), what="the BudgetExceeded Event")
             assert event.type == "Warning" and f"{LIMIT - billed} tokens left" in event.message
             # The policy is applied first, the namespace label right after it.
-            wait_for(lambda: policy(kube, ns) is not None
+            wait_for(lambda: cut_off_policy(kube, ns) is not None
                      and (core.read_namespace(ns).metadata.labels or {}).get("spendwarden.io/cut-off") == "true",
                      what="the cut-off NetworkPolicy and namespace label")
             wait_for(lambda: events(kube, ns, "NamespaceCutOff"), what="the NamespaceCutOff Event")
@@ -111,7 +109,7 @@ async def test_a_budget_that_stops_short_of_its_limit_is_exceeded_and_cut_off(co
             # The limit is raised: the cut-off is lifted and both proxies serve again.
             client.CustomObjectsApi(kube).patch_namespaced_custom_object(
                 GROUP, VERSION, ns, "tokenbudgets", "monthly", {"spec": {"limits": {"tokens": {"total": LIMIT * 2}}}})
-            wait_for(lambda: policy(kube, ns) is None and "spendwarden.io/cut-off" not in (
+            wait_for(lambda: cut_off_policy(kube, ns) is None and "spendwarden.io/cut-off" not in (
                 core.read_namespace(ns).metadata.labels or {}), timeout=30, what="the cut-off lifted")
             async with httpx.AsyncClient() as http:
                 for p in proxies:
@@ -158,7 +156,7 @@ async def test_a_budget_that_stops_only_a_huge_prompt_is_not_cut_off(control_pla
                 await asyncio.sleep(2)  # a cut-off, were there one, would be well under way by now
                 status = get_budget(kube, ns)["status"]
                 assert status["state"] != "Exceeded" and _condition(status, "Exceeded")["status"] == "False"
-                assert policy(kube, ns) is None and not events(kube, ns, "BudgetExceeded")
+                assert cut_off_policy(kube, ns) is None and not events(kube, ns, "BudgetExceeded")
                 assert "spendwarden.io/cut-off" not in (core.read_namespace(ns).metadata.labels or {})
                 assert operator.metric("spendwarden_namespace_cut_off", namespace=ns) == 0
                 assert (await _ask(http, proxy)) == (200, "")  # the team's ordinary requests go on
@@ -173,7 +171,7 @@ async def test_a_budget_that_stops_only_a_huge_prompt_is_not_cut_off(control_pla
             assert exceeded["reason"] == "TooLittleLeft", exceeded
             need = int(re.search(r"smallest request needs \((\d+) tokens\)", exceeded["message"]).group(1))
             assert need < 100 and LIMIT - billed < need, exceeded["message"]  # the small request, not the huge one
-            wait_for(lambda: policy(kube, ns) is not None, what="the cut-off NetworkPolicy")
+            wait_for(lambda: cut_off_policy(kube, ns) is not None, what="the cut-off NetworkPolicy")
         finally:
             for p in proxies:
                 p.stop()

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from kubernetes import client
 
-from .operator_process import OperatorProcess, free_port, wait_for
-from .test_ledger import create_budget, get_budget, sa_token
+from tests.support.ledger_cluster import create_budget, get_budget, sa_token
+from tests.support.operator_process import OperatorProcess, free_port, wait_for
 
 LEASE_SECONDS = 4
 PATTERN = "le-*"

@@ -28,10 +28,10 @@ from kubernetes import client
 
 from spendwarden.devtools.mock_upstream import MockUpstream
 from spendwarden.proxy.budgets import MIN_USEFUL_OUTPUT
+from tests.support.ledger_cluster import GROUP, VERSION, Operator, get_budget, sa_token
+from tests.support.operator_process import wait_for
 
 from ..proxy.conftest import ProxyProcess
-from .operator_process import wait_for
-from .test_ledger import GROUP, VERSION, Operator, get_budget, sa_token
 
 LIMIT = 1_000_000
 N_PROXIES = 8

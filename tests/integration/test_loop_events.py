@@ -14,10 +14,9 @@ from kubernetes import client
 
 from spendwarden.devtools.mock_upstream import MockUpstream
 from tests.proxy.conftest import ProxyProcess
-
-from .operator_process import wait_for
-from .test_ledger import Operator, sa_token
-from .test_report import _apply, _configmap
+from tests.support.cluster import apply_custom, proxy_configmap
+from tests.support.ledger_cluster import Operator, sa_token
+from tests.support.operator_process import wait_for
 
 PROMPT = [{"role": "user", "content": "call the tool again please"}]
 
@@ -40,17 +39,17 @@ def test_loop_detected_posts_one_event_per_route_on_the_covering_budgets(control
     ns = namespace
     with MockUpstream(tokens=5) as up:
         for name in ("chat", "code"):
-            _apply(kube, ns, "ModelRoute", "modelroutes", name, {
+            apply_custom(kube, ns, "ModelRoute", "modelroutes", name, {
                 "model": name, "defaultBackend": "mini", "loopBreaker": {"maxRepeats": 2, "window": "1m"},
                 "backends": [{"name": "mini", "provider": "OpenAI", "url": up.openai_url, "model": "gpt-4o-mini",
                               "pricing": {"input": "0.15", "output": "0.60"}}]})
-        _apply(kube, ns, "TokenBudget", "tokenbudgets", "monthly", {
+        apply_custom(kube, ns, "TokenBudget", "tokenbudgets", "monthly", {
             "period": {"type": "Monthly"}, "limits": {"cost": {"amount": "10.00"}}})
-        _apply(kube, ns, "TokenBudget", "tokenbudgets", "code-only", {
+        apply_custom(kube, ns, "TokenBudget", "tokenbudgets", "code-only", {
             "period": {"type": "Monthly"}, "limits": {"cost": {"amount": "10.00"}}, "routes": ["code"]})
 
         def rendered():
-            cm = _configmap(kube, ns)
+            cm = proxy_configmap(kube, ns)
             cfg = json.loads(cm.data["config.json"]) if cm and cm.data else {}
             return cm if len(cfg.get("budgets") or []) == 2 and len(cfg.get("routes") or []) == 2 \
                 and (cfg.get("ledger") or {}).get("url") else None

@@ -12,9 +12,9 @@ from kubernetes.client.rest import ApiException
 
 from spendwarden.api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME
 from spendwarden.render.proxyconfig import configmap_manifest, render_proxy_config
+from tests.support.operator_process import OperatorProcess, wait_for
 
 from ..unit.test_api_validation import GOOD_BUDGET, GOOD_ROUTE
-from .operator_process import OperatorProcess, wait_for
 
 GROUP, VERSION = "spendwarden.io", "v1alpha1"
 

@@ -9,10 +9,9 @@ import sys
 
 import pytest
 
-from tests.proxy.test_prometheus import Prometheus, prometheus_binary
-from tests.unit.test_dashboard import NS, dashboard_queries, load_dashboard, render_docs, rule_queries, substitute
-
-from .operator_process import OperatorProcess, free_port
+from tests.support.dashboard import NS, dashboard_queries, load_dashboard, render_docs, rule_queries, substitute
+from tests.support.operator_process import OperatorProcess, free_port
+from tests.support.prometheus import Prometheus, prometheus_binary
 
 JOB = "spendwarden"  # the chart's Service (= fullname) for release "spendwarden", as in rule_queries()
 

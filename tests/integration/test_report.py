@@ -12,13 +12,12 @@ from decimal import Decimal
 
 import openai
 import pytest
-from kubernetes import client
 
 from spendwarden.devtools.mock_upstream import MockUpstream
 from tests.proxy.conftest import ProxyProcess
-
-from .operator_process import wait_for
-from .test_ledger import GROUP, VERSION, Operator, get_budget, sa_token
+from tests.support.cluster import apply_custom, start_proxies
+from tests.support.ledger_cluster import Operator, get_budget
+from tests.support.operator_process import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +29,6 @@ def operator(control_plane, tmp_path_factory):
     op.stop()
 
 
-def _apply(kube, ns: str, kind: str, plural: str, name: str, spec: dict) -> None:
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name}, "spec": spec}
-    client.CustomObjectsApi(kube).create_namespaced_custom_object(GROUP, VERSION, ns, plural, body)
 
 
 def _report(control_plane, ns: str, *args: str) -> str:
@@ -49,10 +45,10 @@ def test_report_shows_cost_per_route_backend_and_tag_from_real_proxies(control_p
                      "pricing": {"input": price_in, "output": price_out}}
                     for name, model, price_in, price_out in (("mini", "gpt-4o-mini", "0.15", "0.60"),
                                                              ("big", "gpt-4o", "2.50", "10.00"))]
-        _apply(kube, ns, "ModelRoute", "modelroutes", "chat", {
+        apply_custom(kube, ns, "ModelRoute", "modelroutes", "chat", {
             "model": "chat", "backends": backends, "defaultBackend": "mini",
             "rules": [{"match": {"headers": [{"name": "x-tier", "value": "premium"}]}, "backend": "big"}]})
-        _apply(kube, ns, "TokenBudget", "tokenbudgets", "monthly", {
+        apply_custom(kube, ns, "TokenBudget", "tokenbudgets", "monthly", {
             "period": {"type": "Monthly"}, "limits": {"cost": {"amount": "10.00"}}, "failMode": "Closed"})
         proxies: list[ProxyProcess] = []
         try:
@@ -103,31 +99,5 @@ def test_report_shows_cost_per_route_backend_and_tag_from_real_proxies(control_p
     assert _report(control_plane, ns, "--period", "previous").strip() == "No usage found."
 
 
-def start_proxies(kube, ns: str, tmp_path, into: list[ProxyProcess], count: int = 2) -> None:
-    """`count` proxy processes on the configuration the operator rendered for `ns` (with the ledger URL),
-    with a ServiceAccount token of `ns`; appended to `into` as they start, for the caller to stop.
-    The config must hold the routes as well as the budgets: the operator watches each kind on its own
-    stream, so a render can have seen the budget before the route created just before it."""
-    def rendered(c):
-        cfg = json.loads(c.data["config.json"]) if c and c.data else {}
-        return c if cfg.get("budgets") and cfg.get("routes") and cfg.get("ledger", {}).get("url") else None
-    cm = wait_for(lambda: rendered(_configmap(kube, ns)), timeout=30,
-                  what="the rendered proxy config with its routes, budgets and the ledger URL")
-    config = tmp_path / "config.json"
-    config.write_text(cm.data["config.json"])
-    token = tmp_path / "token"
-    token.write_text(sa_token(kube, ns))
-    for i in range(count):
-        work = tmp_path / f"p{i}"
-        work.mkdir()
-        into.append(ProxyProcess(config, work, env={"SPENDWARDEN_LEDGER_TOKEN_FILE": str(token)},
-                                 extra_args=["--namespace", ns]).start())
 
 
-def _configmap(kube, ns: str):
-    try:
-        return client.CoreV1Api(kube).read_namespaced_config_map("spendwarden-proxy", ns)
-    except client.ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise

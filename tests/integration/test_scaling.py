@@ -20,9 +20,16 @@ import pytest
 from kubernetes import client
 
 from spendwarden.localcluster.node import PAUSE_IMAGE
-
-from .operator_process import wait_for
-from .test_ledger import GROUP, VERSION, Operator, create_budget, create_minute_budget, get_budget, sa_token
+from tests.support.ledger_cluster import (
+    GROUP,
+    VERSION,
+    Operator,
+    create_budget,
+    create_minute_budget,
+    get_budget,
+    sa_token,
+)
+from tests.support.operator_process import wait_for
 
 LLAMA_PRICE = "3.60"
 

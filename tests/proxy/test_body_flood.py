@@ -6,10 +6,11 @@ import json
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.support.memory import rss_mb
 
 from .conftest import backend, route_yaml
 
@@ -21,11 +22,6 @@ BODY_TIMEOUT = 4.0
 RSS_BOUND_MB = 72
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def _partial_body(port: int, answers: list[bytes], sent: list[int]) -> None:

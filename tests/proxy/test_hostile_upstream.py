@@ -100,7 +100,7 @@ def bounded(start_proxy, tmp_path):
 @pytest.mark.parametrize("fmt", ["openai", "anthropic"])
 def test_a_huge_unary_answer_is_not_read_whole_it_gets_a_502_naming_the_bound_and_charges_the_reservation(
         bounded, fmt, chunked):
-    from .test_body_flood import rss_mb
+    from tests.support.memory import rss_mb
 
     up, proxy, state_file = bounded
     assert _post(proxy, fmt, False, {}).status_code == 200  # warm: the encoder is loaded

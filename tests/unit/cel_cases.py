@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from typing import NamedTuple
 
-from .test_api_validation import DELETE, GOOD_BUDGET, GOOD_ROUTE, with_change
+from tests.support.manifests import DELETE, GOOD_BUDGET, GOOD_ROUTE, with_change
 
 TB, MR = "TokenBudget", "ModelRoute"
 LLAMA = {"kind": "Deployment", "name": "llama"}

@@ -9,8 +9,7 @@ import pytest
 from spendwarden.controller.webhooks import WebhookSettings, service_client_config
 from spendwarden.render.review import review
 from spendwarden.tls import WebhookTLS, issue_webhook_tls, webhook_tls_problem
-
-from .test_api_validation import GOOD_BUDGET, GOOD_ROUTE
+from tests.support.manifests import GOOD_BUDGET, GOOD_ROUTE
 
 
 def obj(kind, name, spec, ts="2026-01-01T00:00:00Z", **meta):

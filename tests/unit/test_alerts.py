@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from spendwarden.api.tokenbudget import Alerting, TokenBudgetSpec
 from spendwarden.controller.alerts import WebhookSender, WebhookSettings
 from spendwarden.render.alerts import alert_for, slack_payload
-from tests.integration.operator_process import free_port
+from tests.support.operator_process import free_port
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 END = "2026-12-01T00:00:00Z"

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from spendwarden.api.crdgen import all_crds
 from spendwarden.api.validation import validate_spec
+from tests.support.manifests import GOOD_BUDGET, GOOD_ROUTE
 
 from .cel_cases import CASES, MR, TB, TWO_TIERS, Case, spec_of
-from .test_api_validation import GOOD_BUDGET, GOOD_ROUTE
 
 ROOT = Path(__file__).resolve().parents[2]
 IDS = [c.id for c in CASES]

@@ -8,8 +8,7 @@ import pytest
 
 from spendwarden.ledger.forecast import BurnRate, projected_exhaustion, time_constant
 from spendwarden.ledger.store import LedgerStore
-
-from .test_ledger_store import NOW, SPEC, TS, body, budget, send
+from tests.support.ledger_store import NOW, SPEC, TS, body, budget, send
 
 DAY = 86400.0
 START_TS = datetime(2026, 11, 1, tzinfo=timezone.utc).timestamp()

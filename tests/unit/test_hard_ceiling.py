@@ -17,8 +17,8 @@ from spendwarden.proxy.budgets import BudgetBook, LeaseShort
 from spendwarden.proxy.errors import ProxyError
 from spendwarden.proxy.ledger_client import LedgerClient
 from tests.support.clock import Clock
+from tests.support.ledger_store import NOW, TS, body, budget, send
 
-from .test_ledger_store import NOW, TS, body, budget, send
 from .test_proxy_budgets import config
 
 DOWNGRADE = {"period": {"type": "Monthly"}, "limits": {"tokens": {"total": 1000}}, "thresholds": [50], "onExceeded": "Downgrade",

@@ -13,8 +13,7 @@ import pytest
 from spendwarden.ledger.allowance import Amount
 from spendwarden.ledger.breakdown import MAX_ROWS, OTHER, Breakdown, PeriodBreakdown, merged, tag_of
 from spendwarden.ledger.store import LedgerStore, ReportError, parse_report
-
-from .test_ledger_store import END, NOW, START, TS, body, budget, send
+from tests.support.ledger_store import END, NOW, START, TS, body, budget, send
 
 
 def rows(b: Breakdown) -> dict:

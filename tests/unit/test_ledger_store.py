@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
+
 from spendwarden.api.validation import validate_spec
 from spendwarden.ledger.allowance import Amount
 from spendwarden.ledger.store import (
@@ -22,30 +23,7 @@ from spendwarden.render.status import (
     status_differs,
     tokenbudget_status,
 )
-
-NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
-TS = NOW.timestamp()
-START, END = "2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z"
-SPEC = {"period": {"type": "Monthly"}, "limits": {"tokens": {"total": 100_000}}, "thresholds": [50, 80]}
-
-
-def budget(spec=SPEC, **status):
-    return {"apiVersion": "spendwarden.io/v1alpha1", "kind": "TokenBudget",
-            "metadata": {"name": "monthly", "namespace": "team-a", "uid": "u1", "generation": 1},
-            "spec": spec, **({"status": status} if status else {})}
-
-
-def body(seq, used=(0, 0), held=(0, 0), want=None, start=START, proxy="p1", **extra):
-    entry = {"periodStart": start, "used": {"inputTokens": used[0], "outputTokens": used[1], "cost": "0"},
-             "held": {"inputTokens": held[0], "outputTokens": held[1], "cost": "0"}, **extra}
-    if want is not None:
-        entry["want"] = {"inputTokens": want[0], "outputTokens": want[1], "cost": "0"}
-    return {"proxyId": proxy, "namespace": "team-a", "seq": seq, "budgets": {"monthly": entry}}
-
-
-def send(store, entry, b, ts=TS, now=NOW):
-    rep = parse_report(b)
-    return store.report(entry, rep.proxy_id, rep.seq, rep.budgets["monthly"], ts, now)
+from tests.support.ledger_store import END, NOW, SPEC, START, TS, body, budget, send
 
 
 def test_parse_report_rejects_malformed_bodies_with_the_field_named():
@@ -411,6 +389,7 @@ def test_the_report_paths_fraction_equals_the_status_fraction():
     """amount_fraction is usage_fraction without the dict: they must never disagree."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
+
     from spendwarden.ledger.store import amount_fraction, usage_dict
     from spendwarden.ledger.usage import usage_fraction
 

@@ -16,8 +16,7 @@ from spendwarden.render.status import (
     modelroute_status,
     tokenbudget_status,
 )
-
-from .test_api_validation import GOOD_BUDGET, GOOD_ROUTE
+from tests.support.manifests import GOOD_BUDGET, GOOD_ROUTE
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from spendwarden.api.validation import validate_spec
 from spendwarden.proxy.config import compile_config
 from spendwarden.proxy.spend import carry_over
 from spendwarden.render.proxyconfig import config_json, render_proxy_config
 from spendwarden.spend.escalation import Cause
-
-from .test_api_validation import GOOD_ROUTE
+from tests.support.manifests import GOOD_ROUTE
 
 TIERED = {**GOOD_ROUTE, "rules": [], "fallbacks": [],
           "tiers": [{"name": "small", "backends": ["small"]}, {"name": "large", "backends": ["big"], "minScore": 40}]}
