@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .simulate.outcomes import DEFAULT_OUTPUT_TOKENS, FailureModel
 
@@ -45,6 +45,7 @@ def _fail(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .prices_cmd import PinsError, pinned_book
     from .simulate import simulate, summarize_all
     from .simulate.budget import currency_problem
     from .simulate.candidates import CandidateError, load_budget, load_candidates
@@ -52,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
     from .simulate.replay import Settings
     from .simulate.report import cumulative, table
     from .simulate.traffic import TrafficError, parse_time, read_traffic
-    from .prices_cmd import PinsError, pinned_book
 
     if args.per_day is not None and args.per_day < 1:
         return _fail("--per-day must be at least 1")
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--output-tokens must not be negative")
     try:
         start = parse_time(args.start, "--start") if args.start else \
-            datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+            datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         candidates = load_candidates(args.route, pinned_book(args.prices))
         budget = load_budget(args.budget) if args.budget else None
         requests = read_traffic(args.traffic)

@@ -80,7 +80,7 @@ class FaultInjector:
         async with self._session.post(f"{self.mock.url}{request.path}", data=raw, headers=headers) as up:
             return web.Response(status=up.status, body=await up.read(), content_type=up.content_type)
 
-    def start(self) -> "FaultInjector":
+    def start(self) -> FaultInjector:
         async def make_app() -> Any:
             import aiohttp
             from aiohttp import web
@@ -100,7 +100,7 @@ class FaultInjector:
     def stop(self) -> None:
         self._server.stop()
 
-    def __enter__(self) -> "FaultInjector":
+    def __enter__(self) -> FaultInjector:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

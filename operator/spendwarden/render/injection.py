@@ -97,7 +97,7 @@ class InjectionSettings:
             raise ValueError(f"native sidecar mode must be auto, true or false, not {self.native_sidecar!r}")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "InjectionSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> InjectionSettings:
         env = os.environ if env is None else env
         from .. import __version__
         return cls(

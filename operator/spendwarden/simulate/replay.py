@@ -22,14 +22,15 @@ start). Nothing here reads a clock or the network; the tokenizer is the only thi
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any
 
 from ..api.modelroute import ModelRouteSpec
 from ..api.proxyconfig import ProxyConfig, RouteEntry
-from ..ledger.pricing import ZERO, Prices, TokenUsage, cost
+from ..ledger.pricing import ZERO, TokenUsage, cost
 from ..proxy import tokens as tok
 from ..proxy.config import RouteRt, compile_config
 from ..proxy.server import TAG_HEADER, select_backend
@@ -39,7 +40,7 @@ from .candidates import Candidate
 from .outcomes import DEFAULT_OUTPUT_TOKENS, OK, REFUSAL_TOKENS, FailureModel, expected_output_tokens
 from .traffic import Recorded, TrafficRequest
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)

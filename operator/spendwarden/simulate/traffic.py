@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any
 
 from ..proxy.wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
 
@@ -105,7 +106,7 @@ def parse_time(value: Any, where: str) -> datetime | None:
     if value is None:
         return None
     if type(value) in (int, float):
-        return datetime.fromtimestamp(value, tz=timezone.utc)
+        return datetime.fromtimestamp(value, tz=UTC)
     if isinstance(value, str):
         try:
             t = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -113,7 +114,7 @@ def parse_time(value: Any, where: str) -> datetime | None:
             raise TrafficError(f"{where}: time {value!r} is neither Unix seconds nor RFC 3339") from None
         if t.tzinfo is None:
             raise TrafficError(f"{where}: time {value!r} has no UTC offset (write e.g. 2026-01-05T09:00:00Z)")
-        return t.astimezone(timezone.utc)
+        return t.astimezone(UTC)
     raise TrafficError(f"{where}: time must be a number or a string, got {type(value).__name__}")
 
 
