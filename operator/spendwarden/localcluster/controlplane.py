@@ -399,7 +399,7 @@ class ControlPlane:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -409,7 +409,7 @@ class ControlPlane:
     def running(self) -> bool:
         return self._started
 
-    def start(self) -> "ControlPlane":
+    def start(self) -> ControlPlane:
         if self._started:
             return self
         t0 = time.monotonic()
@@ -424,11 +424,11 @@ class ControlPlane:
                 try:
                     self._start_local()
                     break
-                except _PortTaken:
+                except _PortTaken as err:
                     # Another process grabbed a port between our probe and the bind: new ports, try again.
                     self._teardown()
                     if attempt == 2:
-                        raise ControlPlaneError("ports kept being taken by other processes; gave up after 3 tries")
+                        raise ControlPlaneError("ports kept being taken by other processes; gave up after 3 tries") from err
                 except BaseException:
                     self._teardown()
                     raise
@@ -442,7 +442,7 @@ class ControlPlane:
         self._started = False
         try:
             atexit.unregister(self.stop)
-        except Exception:  # pragma: no cover - interpreter shutting down
+        except Exception:  # noqa: BLE001  # pragma: no cover - interpreter shutting down
             pass
 
     def _teardown(self) -> None:
