@@ -198,7 +198,8 @@ def parse_money(value: Any, where: str) -> Decimal:
         out = Decimal(value)
     except InvalidOperation:
         raise ValueError(f"{where}: {value[:40]!r} is not a decimal number") from None
-    if not out.is_finite() or out < 0 or out >= MAX_MONEY or out.as_tuple().exponent < -MONEY_PLACES:
+    exponent = out.as_tuple().exponent  # an int once finite ('n', 'N', 'F' for NaN, sNaN, infinity)
+    if not out.is_finite() or out < 0 or out >= MAX_MONEY or not isinstance(exponent, int) or exponent < -MONEY_PLACES:
         raise ValueError(bounds)
     return out
 

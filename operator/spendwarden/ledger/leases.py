@@ -316,8 +316,8 @@ class BudgetLedger:
                   if t >= now - self.settings.horizon and _short_of(self.limits, Amount(), n) is None]
         if not recent:
             return
-        smallest = self.smallest_admitted()
-        for unmet in recent:
+        smallest = least(self.smallest_admitted(), recent[0])
+        for unmet in recent[1:]:
             smallest = least(smallest, unmet)
         if _short_of(self.limits, self.used(), smallest) is not None:
             self.spent_for = smallest

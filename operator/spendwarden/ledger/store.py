@@ -189,8 +189,8 @@ def amount_fraction(spec: TokenBudgetSpec, used: Amount) -> Decimal:
                 fractions.append(Decimal(value) / limit)
     cost = spec.limits.cost
     if cost is not None:
-        limit = Decimal(cost.amount)
-        fractions.append(used.cost / limit if limit > 0 else Decimal(1))
+        cost_limit = Decimal(cost.amount)
+        fractions.append(used.cost / cost_limit if cost_limit > 0 else Decimal(1))
     return max(fractions)
 
 
@@ -248,7 +248,7 @@ class PeriodLedger:
             self.hard.limits = hard
 
     def total(self) -> dict[str, Any]:
-        out = {"periodStart": self.start, "periodEnd": self.end, "used": usage_dict(self.ledger.used())}
+        out: dict[str, Any] = {"periodStart": self.start, "periodEnd": self.end, "used": usage_dict(self.ledger.used())}
         rows = self.usage.merged(HISTORY_ROWS).to_wire()
         if rows:
             out["breakdown"] = rows
@@ -510,12 +510,12 @@ class LedgerStore:
                 prev.usage.report(proxy_id, rep.breakdown, returning)
                 # Nothing more can be committed in a finished period: no escrow stays behind (the
                 # proxy's in-flight requests settle into the new period).
-                acct = prev.ledger.proxies[proxy_id]
-                acct.ceiling = Ceiling.committed(entry.limits, acct.used)
+                prev_acct = prev.ledger.proxies[proxy_id]
+                prev_acct.ceiling = Ceiling.committed(entry.limits, prev_acct.used)
                 if prev.hard is not None:
                     prev.hard.report(proxy_id, seq, rep.used, rep.held, Amount(), now_ts)
-                    hard_acct = prev.hard.proxies[proxy_id]
-                    hard_acct.ceiling = Ceiling.committed(prev.hard.limits, hard_acct.used)
+                    prev_hard_acct = prev.hard.proxies[proxy_id]
+                    prev_hard_acct.ceiling = Ceiling.committed(prev.hard.limits, prev_hard_acct.used)
                 _record_history(entry, prev)
                 entry.changed()
             acct = cur.ledger.proxies.get(proxy_id)

@@ -112,8 +112,8 @@ def svg(series: dict[str, Series], currency: str, width: int = 900, height: int 
             # A step line: cost jumps at each request.
             coords = [f"{x(pts[0][0].timestamp()):.1f},{y(0):.1f}"]
             prev = 0.0
-            for t, c in pts:
-                xt = x(t.timestamp())
+            for at, c in pts:
+                xt = x(at.timestamp())
                 coords.append(f"{xt:.1f},{y(prev):.1f}")
                 prev = float(c)
                 coords.append(f"{xt:.1f},{y(prev):.1f}")

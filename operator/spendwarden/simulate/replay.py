@@ -176,11 +176,11 @@ class Replay:
                 cache = self._caches.get(spec.model)
                 if cache is None:
                     cache = self._caches[spec.model] = pol.AnswerCache(policy.cache, lambda: self.now)
-                hit = cache.get(key)
-                if hit is not None:
+                cached = cache.get(key)
+                if cached is not None:
                     return RequestResult(index=req.index, ts=ts, scenario=req.scenario, alias=req.alias,
-                                         route=spec.model, cost=ZERO, currency=currency, backend=hit[0],
-                                         cache_hit=True, saved=hit[1])
+                                         route=spec.model, cost=ZERO, currency=currency, backend=cached[0],
+                                         cache_hit=True, saved=cached[1])
         # The rule, else the tier, and the answer's length.
         score = None
         tier = None

@@ -133,7 +133,8 @@ def _access_line(obj: dict[str, Any], index: int, line: int, where: str) -> Traf
     api = obj.get("api")
     if api not in _LOG_APIS:
         raise TrafficError(f"{where}: access log line with unknown api {api!r}")
-    esc = obj.get("escalated") if isinstance(obj.get("escalated"), dict) else {}
+    escalated = obj.get("escalated")
+    esc = escalated if isinstance(escalated, dict) else {}
     # The tier was picked on the judge's verdict when there was one, else on the local score.
     score = _float(obj.get("judge_score"))
     if score is None:
@@ -155,6 +156,7 @@ def _access_line(obj: dict[str, Any], index: int, line: int, where: str) -> Traf
 
 
 def _batch_line(obj: dict[str, Any], index: int, line: int, where: str) -> TrafficRequest:
+    api: str | None
     if "params" in obj:
         source, api, body = ANTHROPIC_BATCH, MESSAGES, obj.get("params")
     else:
@@ -173,7 +175,8 @@ def _batch_line(obj: dict[str, Any], index: int, line: int, where: str) -> Traff
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise TrafficError(f"{where}: the request body has no 'model'")
-    meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    metadata = body.get("metadata")
+    meta = metadata if isinstance(metadata, dict) else {}
     tags = _tags({k: v for k, v in meta.items() if k not in ("ts", "output_tokens", "outcome")})
     out = meta.get("output_tokens")
     if isinstance(out, str) and out.isdigit():
