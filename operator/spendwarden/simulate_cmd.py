@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if budget is not None:
         for c in candidates:
             for spec in c.routes.values():
-                problem = currency_problem(budget, spec.backends[0].pricing.currency)
+                problem = currency_problem(budget, spec.backends[0].currency)  # resolved: its pricing
                 if problem:
                     return _fail(f"{c.path}: {problem}")
     if not requests:

@@ -83,10 +83,12 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+_loads: Callable[[bytes], Any]
 try:  # orjson is several times faster; the mock is the benchmarks' baseline
     import orjson
 
@@ -821,7 +823,8 @@ class MockUpstream:
                 return
             ready.set()
             loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
+            if self._runner is not None:  # set by _start_async, which succeeded
+                loop.run_until_complete(self._runner.cleanup())
             loop.close()
 
         self._thread = threading.Thread(target=serve, name="mock-upstream", daemon=True)

@@ -33,7 +33,8 @@ def headers_for(line: dict[str, Any]) -> dict[str, str]:
 
     body = line["body"]
     meta = body["metadata"]
-    return {"x-mock-prompt-tokens": str(prompt_tokens(url_api(line["url"]), body)),
+    # An url no API serves: "" counts the body's input as None did (embeddings), the workload's lines have none.
+    return {"x-mock-prompt-tokens": str(prompt_tokens(url_api(line["url"]) or "", body)),
             "x-mock-tokens": meta["output_tokens"], OUTCOME_HEADER: meta.get("outcome", "ok"),
             "x-spendwarden-tags": f"scenario={meta['scenario']}"}
 

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -178,6 +178,7 @@ def _tail(path: Path | None, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+_prctl: Callable[..., int] | None
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # not Linux
@@ -328,6 +329,10 @@ class _Process:
     @property
     def exited(self) -> bool:
         return self.popen is not None and self.popen.poll() is not None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode if self.popen is not None else None
 
     def stop(self, timeout: float) -> None:
         p = self.popen
@@ -663,7 +668,7 @@ class ControlPlane:
                     log = _tail(p.log)
                     if "address already in use" in log:
                         raise _PortTaken(p.name)
-                    raise ControlPlaneError(f"{p.name} exited with code {p.popen.returncode} while waiting for "
+                    raise ControlPlaneError(f"{p.name} exited with code {p.returncode} while waiting for "
                                             f"{what}; last lines of {p.log}:\n{log}")
             if check():
                 return
