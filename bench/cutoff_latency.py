@@ -25,10 +25,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "operator"), str(REPO)]
 
-from spendwarden.localcluster.controlplane import ControlPlane, ensure_binaries  # noqa: E402
-
 from tests.integration.test_ledger_exactness import (  # noqa: E402
-    LIMIT, N_PROXIES, STREAMS, build_rig, cutoff_latencies, drive, get_budget, wait_for)
+    LIMIT,
+    N_PROXIES,
+    STREAMS,
+    build_rig,
+    cutoff_latencies,
+    drive,
+    get_budget,
+    wait_for,
+)
+
+from spendwarden.localcluster.controlplane import ControlPlane, ensure_binaries  # noqa: E402
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -51,7 +59,7 @@ def main() -> int:
             for n in range(1, args.runs + 1):
                 t0 = time.monotonic()
                 res = asyncio.run(drive(rig, n))
-                wait_for(lambda: get_budget(kube, rig.namespace, f"b{n}")["status"]["ledger"].get("exhaustedAt"),
+                wait_for(lambda n=n: get_budget(kube, rig.namespace, f"b{n}")["status"]["ledger"].get("exhaustedAt"),
                          timeout=10, what=f"b{n} spent")
                 lat = cutoff_latencies(rig, kube, f"b{n}", res)
                 samples += lat

@@ -321,7 +321,7 @@ async def held_streams(base: str, n: int, proc: Proc | None) -> dict[str, Any]:
                 async for line in r.content:
                     done = done or line.startswith(b"data: [DONE]")
                 return done
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def sample() -> None:
@@ -411,7 +411,9 @@ def table(results: dict[str, Any], connections: int) -> str:
             rows.append(f"| {name} | skipped: {brief[:200].replace('|', '/')} | | | | | |")
             continue
         a = r.get("added") or {}
-        plus = (lambda k: f" (+{a[k]})" if a.get(k) is not None else "")
+
+        def plus(k: str, a: dict = a) -> str:  # a bound now: one row's additions
+            return f" (+{a[k]})" if a.get(k) is not None else ""
         rows.append(
             f"| {name} | {ms(r['c1']['p50_us'])} / {ms(r['c1']['p99_us'])}{plus('c1_p50_ms')} "
             f"| {r['half']['rps']:.0f}, {ms(r['half']['p50_us'])} / {ms(r['half']['p99_us'])}{plus('half_p50_ms')} "

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ def variant(path: Path, name: str, min_score: int) -> Candidate:
 
 def simulate_file(path: Path, candidates: list[Candidate]) -> dict[str, Any]:
     reqs = read_traffic(str(path))
-    return summarize_all(simulate(reqs, candidates, datetime.now(timezone.utc)), None)
+    return summarize_all(simulate(reqs, candidates, datetime.now(UTC)), None)
 
 
 def savings_table(summary: dict[str, Any]) -> str:
@@ -177,7 +177,7 @@ def main() -> int:
             predicted = simulate_file(sub_path, [load_candidate(str(routed))])["candidates"][0]
             # The proxy's own access log replayed against the same route: recorded usage in, same cost out.
             replayed = summarize_all(simulate(read_lines((work / "access.log").read_text().splitlines()),
-                                              [load_candidate(str(routed))], datetime.now(timezone.utc)),
+                                              [load_candidate(str(routed))], datetime.now(UTC)),
                                      None)["candidates"][0]
         m = metered(log)
         rows = [("requests", len(subset), m["requests"], replayed["requests"]),

@@ -248,10 +248,9 @@ async def _client_main(port: int, targets: list[tuple[str, str]], period_start: 
         while time.monotonic() < t_end:
             seq += 1
             used += 37
-            body = ('{"proxyId":"%s","namespace":"%s","seq":%d,"budgets":{"monthly":{"periodStart":"%s",'
-                    '"used":{"inputTokens":%d,"outputTokens":%d,"cost":"0"},'
-                    '"held":{"inputTokens":0,"outputTokens":0,"cost":"0"}}}}'
-                    % (pid, ns, seq, period_start, used, used // 3)).encode()
+            body = (f'{{"proxyId":"{pid}","namespace":"{ns}","seq":{seq},"budgets":{{"monthly":{{'
+                    f'"periodStart":"{period_start}","used":{{"inputTokens":{used},"outputTokens":{used // 3},'
+                    '"cost":"0"},"held":{"inputTokens":0,"outputTokens":0,"cost":"0"}}}}').encode()
             head = (f"POST /v1/report HTTP/1.1\r\nHost: ledger\r\n{auth}Content-Type: application/json\r\n"
                     f"Content-Length: {len(body)}\r\n\r\n").encode()
             t = time.monotonic()
@@ -302,7 +301,9 @@ def ledger_load(port: int, targets: list[tuple[str, str]], period_start: str, pr
         lat += r["latencies"]
     lat.sort()
     ok = counts.get("200", 0)
-    pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 2) if lat else None)
+
+    def pct(q: float) -> float | None:
+        return round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 2) if lat else None
     return {"reports_per_s": round(ok / duration), "ok": ok, "statuses": counts, "p50_ms": pct(0.5),
             "p99_ms": pct(0.99), "connections": len(targets), "processes": processes, "seconds": duration}
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "spendwarden.io", "v1alpha1"
@@ -208,9 +208,10 @@ def run_story(kubeconfig: str, workdir: Path, keep: Callable[[], None] | None = 
                    detail=lambda: _route_conditions(custom))
         config_path = workdir / "config.json"
         config_path.write_text(cm.data["config.json"])
-        token = core.create_namespaced_service_account_token("app", NAMESPACE, {
-            "spec": {"audiences": ["spendwarden"], "expirationSeconds": 3600}}).status.token
-        (workdir / "token").write_text(token)
+        granted = core.create_namespaced_service_account_token("app", NAMESPACE, client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=["spendwarden"], expiration_seconds=3600))).status
+        assert granted is not None and granted.token is not None  # the API server answers with the token
+        (workdir / "token").write_text(granted.token)
         print("the operator rendered ConfigMap spendwarden-proxy (routes, budget, ledger URL)")
 
         step("Starting the proxy for namespace demo (what the webhook injects as a sidecar in a cluster)")
@@ -235,7 +236,9 @@ def run_story(kubeconfig: str, workdir: Path, keep: Callable[[], None] | None = 
                 return exc.status_code, exc.message.split(" - ", 1)[-1]  # without the SDK's "Error code: 429 - "
 
         def budget() -> dict[str, Any]:
-            return custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "tokenbudgets", "daily")
+            # The client types custom objects as object: they are the JSON dict.
+            return cast(dict[str, Any], custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "tokenbudgets",
+                                                                            "daily"))
 
         step("Traffic: each round two routine tickets (local) and one urgent ticket (premium); live status")
         failures: dict[str, int] = {}   # what was neither answered nor refused for the budget, for the error
@@ -277,7 +280,8 @@ def run_story(kubeconfig: str, workdir: Path, keep: Callable[[], None] | None = 
         print(f"  Event NamespaceCutOff: {event.message}")
         policy = _wait(lambda: client.NetworkingV1Api(api_client).read_namespaced_network_policy(
             "spendwarden-cut-off", NAMESPACE), 20, "the cut-off NetworkPolicy")
-        ns_meta = _wait(lambda: (lambda m: m if (m.labels or {}).get("spendwarden.io/cut-off") == "true" else None)(
+        ns_meta = _wait(lambda: (lambda m: m if m is not None
+                                 and (m.labels or {}).get("spendwarden.io/cut-off") == "true" else None)(
             core.read_namespace(NAMESPACE).metadata), 20, "the namespace label")
         replicas = _wait(lambda: (lambda d: (d.spec.replicas,) if d.spec.replicas == 0 else None)(
             apps.read_namespaced_deployment("local-llm", NAMESPACE)), 20, "local-llm scaled to 0")[0]
@@ -293,8 +297,8 @@ def run_story(kubeconfig: str, workdir: Path, keep: Callable[[], None] | None = 
         step(f"The reversal: the team lead raises the limit to {RAISED} USD (kubectl patch tokenbudget daily)")
         custom.patch_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "tokenbudgets", "daily",
                                               {"spec": {"limits": {"cost": {"amount": RAISED, "currency": "USD"}}}})
-        _wait(lambda: "spendwarden.io/cut-off" not in (core.read_namespace(NAMESPACE).metadata.labels or {}), 30,
-              "the cut-off to be lifted")
+        _wait(lambda: (m := core.read_namespace(NAMESPACE).metadata) is not None
+              and "spendwarden.io/cut-off" not in (m.labels or {}), 30, "the cut-off to be lifted")
         _wait(lambda: apps.read_namespaced_deployment("local-llm", NAMESPACE).spec.replicas == 1, 20, "local-llm back at 1")
         result.lifted = True
         print("  NetworkPolicy deleted, label removed, local-llm back at 1 replica")

@@ -37,7 +37,7 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -109,7 +109,7 @@ class CA:
         )
 
     @classmethod
-    def load(cls, cert: bytes, key: bytes) -> "CA":
+    def load(cls, cert: bytes, key: bytes) -> CA:
         """A CA from PEM certificate and key (e.g. kept in a Secret)."""
         private = serialization.load_pem_private_key(key, password=None)
         if not isinstance(private, ec.EllipticCurvePrivateKey):
@@ -190,7 +190,7 @@ class WebhookTLS:
         return {k: base64.b64encode(v).decode("ascii") for k, v in zip(SECRET_KEYS, values)}
 
     @classmethod
-    def from_secret_data(cls, data: Mapping[str, str] | None) -> "WebhookTLS | None":
+    def from_secret_data(cls, data: Mapping[str, str] | None) -> WebhookTLS | None:
         """None when a key is missing or undecodable: the caller then issues new certificates."""
         try:
             raw = [base64.b64decode((data or {})[k]) for k in SECRET_KEYS]

@@ -5,7 +5,7 @@ Money is never a float: amounts are decimal strings in the API and `decimal.Deci
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import Enum
 from typing import Annotated, Any
@@ -81,7 +81,7 @@ class Condition(ApiModel):
 
 
 def now_rfc3339(now: datetime | None = None) -> str:
-    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def set_condition(conditions: list[dict], type_: str, status: str, reason: str, message: str,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from .. import GROUP, VERSION
 from . import modelroute, tokenbudget
@@ -60,7 +61,7 @@ def _without_cel(schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def openapi_schema(model: type, cel: bool = True) -> dict[str, Any]:
+def openapi_schema(model: type[BaseModel], cel: bool = True) -> dict[str, Any]:
     raw = model.model_json_schema(mode="validation", ref_template="#/$defs/{model}")
     defs = raw.pop("$defs", {})
     body = _structural(raw, defs)

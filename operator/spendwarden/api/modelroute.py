@@ -5,10 +5,27 @@ from enum import Enum
 
 from pydantic import ConfigDict, Field, model_validator
 
-from .common import (ZERO_DURATION_REGEX, ApiModel, Condition, Duration, LocalObjectReference, Money, SecretKeyRef, cel,
-                     parse_duration)
-from .spend import (SPEND_RULES, BackendRef, Escalation, Judge, LoopBreaker, ResponseCache, Tier, check_spend_references,
-                    known_backend)
+from .common import (
+    ZERO_DURATION_REGEX,
+    ApiModel,
+    Condition,
+    Duration,
+    Money,
+    SecretKeyRef,
+    cel,
+    parse_duration,
+)
+from .spend import (
+    SPEND_RULES,
+    BackendRef,
+    Escalation,
+    Judge,
+    LoopBreaker,
+    ResponseCache,
+    Tier,
+    check_spend_references,
+    known_backend,
+)
 
 KIND = "ModelRoute"
 PLURAL = "modelroutes"
@@ -106,7 +123,7 @@ class BackendScaling(ApiModel):
                                              description="What one replica costs per hour (decimal string, in the route's pricing currency); status reports replica-hours and their cost.")
 
     @model_validator(mode="after")
-    def _bounds(self) -> "BackendScaling":
+    def _bounds(self) -> BackendScaling:
         if self.minReplicas > self.maxReplicas:
             raise ValueError(f"minReplicas {self.minReplicas} > maxReplicas {self.maxReplicas}")
         for field_name in ("scaleDownStabilization", "idleToZeroAfter", "wake.timeout"):
@@ -222,7 +239,7 @@ class ModelRouteSpec(ApiModel):
     loopBreaker: LoopBreaker | None = Field(default=None, description="Refuse runaway repeats of one request; off when unset.")
 
     @model_validator(mode="after")
-    def _references(self) -> "ModelRouteSpec":
+    def _references(self) -> ModelRouteSpec:
         names = [b.name for b in self.backends]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -257,7 +274,7 @@ class ModelRouteSpec(ApiModel):
         return self
 
     @model_validator(mode="after")
-    def _spend_references(self) -> "ModelRouteSpec":
+    def _spend_references(self) -> ModelRouteSpec:
         check_spend_references(self, {b.name for b in self.backends})
         return self
 

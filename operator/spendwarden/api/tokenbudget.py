@@ -46,7 +46,7 @@ class Period(ApiModel):
                           description="IANA time zone whose calendar the period follows, e.g. Europe/Berlin. Default UTC.")
 
     @model_validator(mode="after")
-    def _known_zone(self) -> "Period":
+    def _known_zone(self) -> Period:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
         try:
             ZoneInfo(self.timeZone)
@@ -67,7 +67,7 @@ class TokenLimits(ApiModel):
     output: int | None = Field(default=None, ge=1, description="Maximum output (completion) tokens per period.")
 
     @model_validator(mode="after")
-    def _one_set(self) -> "TokenLimits":
+    def _one_set(self) -> TokenLimits:
         if self.total is None and self.input is None and self.output is None:
             raise ValueError("limits.tokens needs at least one of total, input, output")
         return self
@@ -91,7 +91,7 @@ class Limits(ApiModel):
     cost: CostLimit | None = Field(default=None, description="Money limit, priced with each backend's prices.")
 
     @model_validator(mode="after")
-    def _one_set(self) -> "Limits":
+    def _one_set(self) -> Limits:
         if self.tokens is None and self.cost is None:
             raise ValueError("limits needs tokens or cost (or both)")
         return self
@@ -120,7 +120,7 @@ class Alerting(ApiModel):
                                                       description="The webhook URL from a Secret in the budget's namespace.")
 
     @model_validator(mode="after")
-    def _one_destination(self) -> "Alerting":
+    def _one_destination(self) -> Alerting:
         if self.webhookURL is not None and self.webhookSecretRef is not None:
             raise ValueError("alerting: set webhookURL or webhookSecretRef, not both")
         return self
@@ -136,7 +136,7 @@ class HardCeiling(ApiModel):
     cost: Money | None = Field(default=None, description="Maximum spend per period, downgraded requests included, in the limit's currency.")
 
     @model_validator(mode="after")
-    def _one_set(self) -> "HardCeiling":
+    def _one_set(self) -> HardCeiling:
         if self.tokens is None and self.cost is None:
             raise ValueError("downgrade.hardCeiling needs tokens or cost (or both)")
         return self
@@ -191,7 +191,7 @@ class TokenBudgetSpec(ApiModel):
     downgrade: Downgrade | None = Field(default=None, description="Options of onExceeded: Downgrade (a hard ceiling).")
 
     @model_validator(mode="after")
-    def _coherent(self) -> "TokenBudgetSpec":
+    def _coherent(self) -> TokenBudgetSpec:
         if self.period is not None and self.window is not None:
             raise ValueError("set either period or window, not both")
         if self.period is None and self.window is None:

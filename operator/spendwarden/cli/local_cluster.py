@@ -72,10 +72,11 @@ def run(args: argparse.Namespace) -> int:
             cp.node.import_image(Path(archive).expanduser())
             print(f"imported {archive} into the node")
         kubeconfig = cp.kubeconfig
+        assert kubeconfig is not None  # set by start()
         if args.kubeconfig_out:
             out = Path(args.kubeconfig_out).expanduser().resolve()
             out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(cp.kubeconfig, out)
+            shutil.copyfile(kubeconfig, out)
             os.chmod(out, 0o600)
             kubeconfig = out
         print(f"cluster ready in {cp.timings['total']:.1f}s at {cp.server}"

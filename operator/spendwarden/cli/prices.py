@@ -65,7 +65,7 @@ def price_rows(model: str | None, provider: str | None, book: Any) -> list[dict[
         wanted += sorted((p, m) for p, m in book.pins if p in providers and (p, m) not in wanted)
     rows = []
     for p, m in wanted:
-        backend = Backend(name="b", provider=p, url="http://prices.invalid", model=m)
+        backend = Backend.model_validate({"name": "b", "provider": p, "url": "http://prices.invalid", "model": m})
         resolved = resolve_backend(backend, book)
         if not isinstance(resolved, str):
             rows.append({"provider": p, "model": m, **effective(resolved, backend.provider)})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from ..simulate.outcomes import DEFAULT_OUTPUT_TOKENS, FailureModel
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--output-tokens must not be negative")
     try:
         start = parse_time(args.start, "--start") if args.start else \
-            datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+            datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         candidates = load_candidates(args.route, pinned_book(args.prices))
         budget = load_budget(args.budget) if args.budget else None
         requests = read_traffic(args.traffic)
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if budget is not None:
         for c in candidates:
             for spec in c.routes.values():
-                problem = currency_problem(budget, spec.backends[0].pricing.currency)
+                problem = currency_problem(budget, spec.backends[0].currency)  # resolved: its pricing
                 if problem:
                     return _fail(f"{c.path}: {problem}")
     if not requests:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, cast
 
 from .. import GROUP, VERSION
 from ..render.budget_table import rows, table
@@ -43,7 +43,8 @@ def list_budgets(args: argparse.Namespace, command: str) -> list[dict[str, Any]]
     except ApiException as exc:
         print(f"spendwarden {command}: listing TokenBudgets failed: {exc.status} {exc.reason}", file=sys.stderr)
         return 1
-    return list(found.get("items", []))
+    # The client's stubs type custom objects as object: they are the JSON dict.
+    return list(cast(dict[str, Any], found).get("items", []))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -70,7 +70,7 @@ class LlamaServer:
     def openai_url(self) -> str:
         return self.url + "/v1"
 
-    def start(self) -> "LlamaServer":
+    def start(self) -> LlamaServer:
         if self._workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="spendwarden-llama-")
             self._workdir = Path(self._tmp.name)
@@ -127,7 +127,7 @@ class LlamaServer:
             self._tmp = None
             self._workdir = None
 
-    def __enter__(self) -> "LlamaServer":
+    def __enter__(self) -> LlamaServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -83,10 +83,12 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+_loads: Callable[[bytes], Any]
 try:  # orjson is several times faster; the mock is the benchmarks' baseline
     import orjson
 
@@ -140,7 +142,7 @@ class Behaviour:
     usage_json: str | None = None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Behaviour":
+    def from_dict(cls, data: dict[str, Any]) -> Behaviour:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown behaviour fields: {', '.join(sorted(unknown))}")
@@ -158,7 +160,7 @@ class Behaviour:
                 values[k] = int(v)
         return cls(**values)
 
-    def over(self, base: "Behaviour") -> "Behaviour":
+    def over(self, base: Behaviour) -> Behaviour:
         """This behaviour layered over `base`: fields set here win."""
         changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
         return dataclasses.replace(base, **changes) if changes else base
@@ -806,7 +808,7 @@ class MockUpstream:
         """Base URL with /v1 (what the OpenAI SDK wants)."""
         return self.url + "/v1"
 
-    def start(self) -> "MockUpstream":
+    def start(self) -> MockUpstream:
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -815,13 +817,14 @@ class MockUpstream:
             self._loop = loop
             try:
                 loop.run_until_complete(self._start_async())
-            except BaseException as exc:  # surface bind errors to the caller
+            except BaseException as exc:  # noqa: BLE001 - surface bind errors to the caller, who re-raises
                 failure.append(exc)
                 ready.set()
                 return
             ready.set()
             loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
+            if self._runner is not None:  # set by _start_async, which succeeded
+                loop.run_until_complete(self._runner.cleanup())
             loop.close()
 
         self._thread = threading.Thread(target=serve, name="mock-upstream", daemon=True)
@@ -847,13 +850,13 @@ class MockUpstream:
             self._thread.join(10)
             self._loop = self._thread = None
 
-    def __enter__(self) -> "MockUpstream":
+    def __enter__(self) -> MockUpstream:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    async def __aenter__(self) -> "MockUpstream":
+    async def __aenter__(self) -> MockUpstream:
         return self.start()
 
     async def __aexit__(self, *exc: object) -> None:

@@ -34,10 +34,11 @@ import argparse
 import json
 import random
 import sys
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-START = datetime(2026, 1, 5, tzinfo=timezone.utc)  # a Monday
+START = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday
 ALIAS = "chat"
 
 PRODUCTS = ["the Pro plan", "the mobile app", "two-factor login", "the billing portal", "the API", "team seats",

@@ -33,7 +33,8 @@ def headers_for(line: dict[str, Any]) -> dict[str, str]:
 
     body = line["body"]
     meta = body["metadata"]
-    return {"x-mock-prompt-tokens": str(prompt_tokens(url_api(line["url"]), body)),
+    # An url no API serves: "" counts the body's input as None did (embeddings), the workload's lines have none.
+    return {"x-mock-prompt-tokens": str(prompt_tokens(url_api(line["url"]) or "", body)),
             "x-mock-tokens": meta["output_tokens"], OUTCOME_HEADER: meta.get("outcome", "ok"),
             "x-spendwarden-tags": f"scenario={meta['scenario']}"}
 
@@ -80,7 +81,7 @@ class FaultInjector:
         async with self._session.post(f"{self.mock.url}{request.path}", data=raw, headers=headers) as up:
             return web.Response(status=up.status, body=await up.read(), content_type=up.content_type)
 
-    def start(self) -> "FaultInjector":
+    def start(self) -> FaultInjector:
         async def make_app() -> Any:
             import aiohttp
             from aiohttp import web
@@ -100,7 +101,7 @@ class FaultInjector:
     def stop(self) -> None:
         self._server.stop()
 
-    def __enter__(self) -> "FaultInjector":
+    def __enter__(self) -> FaultInjector:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -29,7 +29,7 @@ class Limits:
     cost: Decimal | None = None
 
     @classmethod
-    def from_spec(cls, limits: Any) -> "Limits":
+    def from_spec(cls, limits: Any) -> Limits:
         """From an api.tokenbudget.Limits."""
         tokens, money = limits.tokens, limits.cost
         return cls(total_tokens=tokens.total if tokens else None,
@@ -61,11 +61,11 @@ class Amount:
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
-    def __add__(self, other: "Amount") -> "Amount":
+    def __add__(self, other: Amount) -> Amount:
         return Amount(self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens,
                       self.cost + other.cost)
 
-    def __sub__(self, other: "Amount") -> "Amount":
+    def __sub__(self, other: Amount) -> Amount:
         return Amount(self.input_tokens - other.input_tokens, self.output_tokens - other.output_tokens,
                       self.cost - other.cost)
 
@@ -79,14 +79,14 @@ class Amount:
     def __repr__(self) -> str:
         return f"Amount({self.input_tokens}, {self.output_tokens}, {self.cost})"
 
-    def at_least_zero(self) -> "Amount":
+    def at_least_zero(self) -> Amount:
         """This amount with every negative part raised to zero."""
         if self.input_tokens >= 0 and self.output_tokens >= 0 and self.cost >= 0:
             return self
         return Amount(max(self.input_tokens, 0), max(self.output_tokens, 0), max(self.cost, ZERO))
 
     @classmethod
-    def worst_case(cls, prices: Prices, input_tokens: int, max_output_tokens: int) -> "Amount":
+    def worst_case(cls, prices: Prices, input_tokens: int, max_output_tokens: int) -> Amount:
         return cls(input_tokens, max_output_tokens, worst_case_cost(prices, input_tokens, max_output_tokens))
 
 

@@ -38,7 +38,7 @@ class Row:
     cost: Decimal = Decimal(0)
     requests: int = 0
 
-    def add(self, other: "Row") -> None:
+    def add(self, other: Row) -> None:
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.cost += other.cost
@@ -77,11 +77,11 @@ class Breakdown:
             total = total + row.amount()
         return total
 
-    def merge(self, other: "Breakdown") -> None:
+    def merge(self, other: Breakdown) -> None:
         for key, row in other.rows.items():
             self.rows.setdefault(key, Row()).add(row)
 
-    def capped(self, max_rows: int) -> "Breakdown":
+    def capped(self, max_rows: int) -> Breakdown:
         """The `max_rows - 1` most expensive rows and everything else summed into OTHER."""
         out = Breakdown(max_rows)
         ordered = sorted(self.rows.items(), key=lambda kv: (-kv[1].cost, -(kv[1].input_tokens + kv[1].output_tokens), kv[0]))
@@ -106,7 +106,7 @@ class Breakdown:
                 for k, r in ordered]
 
     @classmethod
-    def from_wire(cls, data: Any, where: str = "breakdown", max_rows: int = MAX_ROWS) -> "Breakdown":
+    def from_wire(cls, data: Any, where: str = "breakdown", max_rows: int = MAX_ROWS) -> Breakdown:
         """Parse rows; ValueError naming the offending field for anything malformed."""
         if not isinstance(data, list):
             raise ValueError(f"{where}: must be a list of rows")
@@ -198,7 +198,8 @@ def parse_money(value: Any, where: str) -> Decimal:
         out = Decimal(value)
     except InvalidOperation:
         raise ValueError(f"{where}: {value[:40]!r} is not a decimal number") from None
-    if not out.is_finite() or out < 0 or out >= MAX_MONEY or out.as_tuple().exponent < -MONEY_PLACES:
+    exponent = out.as_tuple().exponent  # an int once finite ('n', 'N', 'F' for NaN, sNaN, infinity)
+    if not out.is_finite() or out < 0 or out >= MAX_MONEY or not isinstance(exponent, int) or exponent < -MONEY_PLACES:
         raise ValueError(bounds)
     return out
 
@@ -246,7 +247,7 @@ class PeriodBreakdown:
                 "retired": self.retired.to_wire(), "excluded": list(self.excluded)}
 
     @classmethod
-    def from_state(cls, data: Any) -> "PeriodBreakdown":
+    def from_state(cls, data: Any) -> PeriodBreakdown:
         out = cls()
         if not isinstance(data, dict):
             return out

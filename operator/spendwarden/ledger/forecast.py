@@ -32,7 +32,7 @@ class BurnRate:
     rate: float | None = None  # fraction per second; None before the first sample after `at`
 
     @classmethod
-    def at_period_start(cls, start_ts: float) -> "BurnRate":
+    def at_period_start(cls, start_ts: float) -> BurnRate:
         return cls(at=start_ts, fraction=0.0)
 
     def observe(self, now_ts: float, fraction: float, tau: float) -> bool:
@@ -53,7 +53,7 @@ class BurnRate:
         return {"at": self.at, "fraction": repr(self.fraction), **({"rate": repr(self.rate)} if self.rate is not None else {})}
 
     @classmethod
-    def from_state(cls, data: Any, start_ts: float) -> "BurnRate":
+    def from_state(cls, data: Any, start_ts: float) -> BurnRate:
         try:
             rate = data.get("rate")
             return cls(at=float(data["at"]), fraction=float(data["fraction"]), rate=float(rate) if rate is not None else None)

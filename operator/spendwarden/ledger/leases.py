@@ -100,12 +100,12 @@ class Ceiling:
         return out
 
     @classmethod
-    def from_state(cls, data: dict[str, Any]) -> "Ceiling":
+    def from_state(cls, data: dict[str, Any]) -> Ceiling:
         return cls(total=data.get("total"), input=data.get("input"), output=data.get("output"),
                    cost=Decimal(str(data["cost"])) if data.get("cost") is not None else None)
 
     @classmethod
-    def committed(cls, limits: Limits, amount: Amount) -> "Ceiling":
+    def committed(cls, limits: Limits, amount: Amount) -> Ceiling:
         """The ceiling that covers exactly `amount` in every limited dimension."""
         return cls(**{dim: (_dim(amount, dim) if _limit(limits, dim) is not None else None) for dim in DIMENSIONS})
 
@@ -316,8 +316,8 @@ class BudgetLedger:
                   if t >= now - self.settings.horizon and _short_of(self.limits, Amount(), n) is None]
         if not recent:
             return
-        smallest = self.smallest_admitted()
-        for unmet in recent:
+        smallest = least(self.smallest_admitted(), recent[0])
+        for unmet in recent[1:]:
             smallest = least(smallest, unmet)
         if _short_of(self.limits, self.used(), smallest) is not None:
             self.spent_for = smallest
@@ -420,7 +420,7 @@ class BudgetLedger:
         return out
 
     @classmethod
-    def from_state(cls, limits: Limits, data: dict[str, Any], settings: LeaseSettings | None = None) -> "BudgetLedger":
+    def from_state(cls, limits: Limits, data: dict[str, Any], settings: LeaseSettings | None = None) -> BudgetLedger:
         ledger = cls(limits, settings)
         ledger.retired = _amount_from(data.get("retired") or {})
         for pid, a in (data.get("proxies") or {}).items():

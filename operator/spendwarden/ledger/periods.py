@@ -6,7 +6,7 @@ across a daylight-saving change is 23 or 25 hours long, as users expect of "dail
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from ..api.common import parse_duration
@@ -14,13 +14,13 @@ from ..api.tokenbudget import PeriodType, TokenBudgetSpec
 
 # Rolling windows are anchored at the Unix epoch so every proxy and the operator agree on the
 # boundaries without sharing state.
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _local_midnight(year: int, month: int, day: int, zone: ZoneInfo) -> datetime:
     # fold=0 and then normalising through UTC handles zones whose midnight is skipped by DST.
     local = datetime(year, month, day, tzinfo=zone)
-    return local.astimezone(timezone.utc)
+    return local.astimezone(UTC)
 
 
 def calendar_period(kind: PeriodType, zone_name: str, now: datetime) -> tuple[datetime, datetime]:

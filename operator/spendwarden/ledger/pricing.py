@@ -46,7 +46,7 @@ class Prices:
         return max(self.input, self.cached_input, self.cache_write, self.cache_write_1h)
 
     @classmethod
-    def from_spec(cls, pricing: Any, provider: Any = None) -> "Prices":
+    def from_spec(cls, pricing: Any, provider: Any = None) -> Prices:
         """From an api.modelroute.Pricing (or a dict of the same shape) of a backend of `provider`
         (a Provider or its string value): unset cache-write prices take Anthropic's multiples of the
         input price on Anthropic backends, the input price elsewhere."""

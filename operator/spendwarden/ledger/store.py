@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -189,8 +189,8 @@ def amount_fraction(spec: TokenBudgetSpec, used: Amount) -> Decimal:
                 fractions.append(Decimal(value) / limit)
     cost = spec.limits.cost
     if cost is not None:
-        limit = Decimal(cost.amount)
-        fractions.append(used.cost / limit if limit > 0 else Decimal(1))
+        cost_limit = Decimal(cost.amount)
+        fractions.append(used.cost / cost_limit if cost_limit > 0 else Decimal(1))
     return max(fractions)
 
 
@@ -224,7 +224,7 @@ class PeriodLedger:
 
     @classmethod
     def from_state(cls, limits: Limits, data: dict[str, Any], settings: LeaseSettings | None,
-                   hard: Limits | None = None) -> "PeriodLedger":
+                   hard: Limits | None = None) -> PeriodLedger:
         return cls(str(data["periodStart"]), str(data.get("periodEnd") or ""),
                    BudgetLedger.from_state(limits, data, settings),
                    usage=PeriodBreakdown.from_state(data.get("breakdown")),
@@ -248,7 +248,7 @@ class PeriodLedger:
             self.hard.limits = hard
 
     def total(self) -> dict[str, Any]:
-        out = {"periodStart": self.start, "periodEnd": self.end, "used": usage_dict(self.ledger.used())}
+        out: dict[str, Any] = {"periodStart": self.start, "periodEnd": self.end, "used": usage_dict(self.ledger.used())}
         rows = self.usage.merged(HISTORY_ROWS).to_wire()
         if rows:
             out["breakdown"] = rows
@@ -510,12 +510,12 @@ class LedgerStore:
                 prev.usage.report(proxy_id, rep.breakdown, returning)
                 # Nothing more can be committed in a finished period: no escrow stays behind (the
                 # proxy's in-flight requests settle into the new period).
-                acct = prev.ledger.proxies[proxy_id]
-                acct.ceiling = Ceiling.committed(entry.limits, acct.used)
+                prev_acct = prev.ledger.proxies[proxy_id]
+                prev_acct.ceiling = Ceiling.committed(entry.limits, prev_acct.used)
                 if prev.hard is not None:
                     prev.hard.report(proxy_id, seq, rep.used, rep.held, Amount(), now_ts)
-                    hard_acct = prev.hard.proxies[proxy_id]
-                    hard_acct.ceiling = Ceiling.committed(prev.hard.limits, hard_acct.used)
+                    prev_hard_acct = prev.hard.proxies[proxy_id]
+                    prev_hard_acct.ceiling = Ceiling.committed(prev.hard.limits, prev_hard_acct.used)
                 _record_history(entry, prev)
                 entry.changed()
             acct = cur.ledger.proxies.get(proxy_id)
@@ -647,7 +647,7 @@ FORECAST_CONDITION = "ForecastExhausted"
 
 @functools.lru_cache(maxsize=256)  # period bounds: a few distinct strings, parsed on every report
 def _ts(rfc3339: str) -> float:
-    return datetime.strptime(rfc3339, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    return datetime.strptime(rfc3339, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
 def _observe_burn(entry: BudgetEntry, now_ts: float) -> None:
@@ -669,7 +669,7 @@ def _forecast(entry: BudgetEntry, now: datetime) -> str | None:
     start, end = _ts(cur.start), _ts(cur.end)
     at = projected_exhaustion(entry.burn or BurnRate.at_period_start(start), float(entry.fraction()),
                               now.timestamp(), start, end)
-    return now_rfc3339(datetime.fromtimestamp(at, timezone.utc)) if at is not None else None
+    return now_rfc3339(datetime.fromtimestamp(at, UTC)) if at is not None else None
 
 
 def _forecast_condition(entry: BudgetEntry, conditions: list[dict], now: datetime) -> list[dict]:
@@ -683,7 +683,7 @@ def _forecast_condition(entry: BudgetEntry, conditions: list[dict], now: datetim
         named = entry.forecast_named
         if named is None or abs(at - named) > max(60.0, (at - now_ts) / 10):
             entry.forecast_named = named = at
-        around = now_rfc3339(datetime.fromtimestamp(named, timezone.utc))
+        around = now_rfc3339(datetime.fromtimestamp(named, UTC))
         return set_condition(conditions, FORECAST_CONDITION, "True", "BurnRate",
                              f"at the recent burn rate the budget runs out around {around}, before the period ends "
                              f"at {end}", entry.generation, now)

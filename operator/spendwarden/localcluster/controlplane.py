@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -178,6 +178,7 @@ def _tail(path: Path | None, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+_prctl: Callable[..., int] | None
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # not Linux
@@ -329,6 +330,10 @@ class _Process:
     def exited(self) -> bool:
         return self.popen is not None and self.popen.poll() is not None
 
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode if self.popen is not None else None
+
     def stop(self, timeout: float) -> None:
         p = self.popen
         if p is None or p.poll() is not None:
@@ -399,7 +404,7 @@ class ControlPlane:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -409,7 +414,7 @@ class ControlPlane:
     def running(self) -> bool:
         return self._started
 
-    def start(self) -> "ControlPlane":
+    def start(self) -> ControlPlane:
         if self._started:
             return self
         t0 = time.monotonic()
@@ -424,11 +429,11 @@ class ControlPlane:
                 try:
                     self._start_local()
                     break
-                except _PortTaken:
+                except _PortTaken as err:
                     # Another process grabbed a port between our probe and the bind: new ports, try again.
                     self._teardown()
                     if attempt == 2:
-                        raise ControlPlaneError("ports kept being taken by other processes; gave up after 3 tries")
+                        raise ControlPlaneError("ports kept being taken by other processes; gave up after 3 tries") from err
                 except BaseException:
                     self._teardown()
                     raise
@@ -442,7 +447,7 @@ class ControlPlane:
         self._started = False
         try:
             atexit.unregister(self.stop)
-        except Exception:  # pragma: no cover - interpreter shutting down
+        except Exception:  # noqa: BLE001  # pragma: no cover - interpreter shutting down
             pass
 
     def _teardown(self) -> None:
@@ -663,7 +668,7 @@ class ControlPlane:
                     log = _tail(p.log)
                     if "address already in use" in log:
                         raise _PortTaken(p.name)
-                    raise ControlPlaneError(f"{p.name} exited with code {p.popen.returncode} while waiting for "
+                    raise ControlPlaneError(f"{p.name} exited with code {p.returncode} while waiting for "
                                             f"{what}; last lines of {p.log}:\n{log}")
             if check():
                 return

@@ -404,7 +404,7 @@ class Node:
         state = STATE_DIR
         shutil.rmtree(state, ignore_errors=True)
         state.mkdir(parents=True)
-        self.socket = state / "containerd.sock"
+        self.socket = socket = state / "containerd.sock"
         cni_dir, hosts_dir = d / "cni", d / "registry-hosts" / "_default"
         cni_dir.mkdir()
         hosts_dir.mkdir(parents=True)
@@ -416,7 +416,7 @@ class Node:
         path_env = {**env, "PATH": f"{self.binaries['containerd'].parent}:{env.get('PATH', '/usr/bin:/bin')}"}
         t = time.monotonic()
         containerd = self._spawn("containerd", [str(self.binaries["containerd"]), "--config", str(cfg)], path_env)
-        wait_until("containerd's socket", lambda: self.socket.exists() and self.ctr("version", check=False).returncode == 0,
+        wait_until("containerd's socket", lambda: socket.exists() and self.ctr("version", check=False).returncode == 0,
                    30, alive=lambda: self._alive([containerd]))
         self.timings["containerd"] = time.monotonic() - t
 

@@ -14,7 +14,7 @@ variants are not used (the proxies send synchronous default-tier requests).
 from __future__ import annotations
 
 import functools
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from importlib.metadata import version as _version
 from typing import Any
@@ -84,7 +84,7 @@ def lookup(provider: str, model: str, at: datetime | None = None) -> PriceEntry 
     info = _model(provider, model)
     if info is None:
         return None
-    return _entry(info, at or datetime.now(timezone.utc))
+    return _entry(info, at or datetime.now(UTC))
 
 
 def models(provider: str) -> list[str]:

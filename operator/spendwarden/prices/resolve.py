@@ -133,18 +133,20 @@ def resolve_route(spec: ModelRouteSpec, book: PriceBook) -> tuple[ModelRouteSpec
     """(the spec with every backend's pricing resolved, the effective prices per backend), or why
     some backend cannot be priced. The route is all or nothing: rules, fallbacks and tiers name
     backends, so leaving one out would break them."""
-    backends, shown, errors = [], [], []
+    backends, resolved, shown, errors = [], [], [], []
     for i, b in enumerate(spec.backends):
         r = resolve_backend(b, book, f"spec.backends[{i}]")
         if isinstance(r, str):
             errors.append(r)
             continue
         backends.append(b.model_copy(update={"pricing": r.pricing}))
+        resolved.append(r)
         shown.append(effective(r, b.provider))
     if errors:
         return "; ".join(errors)
-    currencies = sorted({b.pricing.currency for b in backends})
+    currencies = sorted({r.pricing.currency for r in resolved})
     if len(currencies) > 1:
-        named = ", ".join(f"{b.name} {b.pricing.currency} ({s['source']})" for b, s in zip(backends, shown))
+        named = ", ".join(f"{b.name} {r.pricing.currency} ({s['source']})"
+                          for b, r, s in zip(backends, resolved, shown))
         return f"spec.backends: all backends must price in one currency once resolved, got {named}"
     return spec.model_copy(update={"backends": backends}), shown

@@ -1,7 +1,7 @@
 """The `spendwarden status` table: TokenBudget objects in, text or JSON rows out (pure)."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 BAR_WIDTH = 20
@@ -28,7 +28,7 @@ def _until(iso: str | None, now: datetime) -> str:
 
 
 def rows(budgets: list[dict[str, Any]], now: datetime | None = None) -> list[dict[str, Any]]:
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     out = []
     for tb in sorted(budgets, key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"])):
         st = tb.get("status") or {}

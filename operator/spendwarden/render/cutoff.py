@@ -66,7 +66,7 @@ class Workload:
         return f"{self.kind}/{self.name}"
 
     @classmethod
-    def from_key(cls, key: str) -> "Workload":
+    def from_key(cls, key: str) -> Workload:
         kind, _, name = key.partition("/")
         return cls(kind, name)
 

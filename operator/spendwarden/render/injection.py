@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +97,7 @@ class InjectionSettings:
             raise ValueError(f"native sidecar mode must be auto, true or false, not {self.native_sidecar!r}")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "InjectionSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> InjectionSettings:
         env = os.environ if env is None else env
         from .. import __version__
         return cls(
@@ -202,7 +202,7 @@ def secret_mounts(secrets: list[str]) -> list[dict[str, Any]]:
     return [{"name": secret_volume_name(s), "mountPath": f"{SECRETS_DIR}/{s}", "readOnly": True} for s in secrets]
 
 
-def proxy_container(namespace: str, settings: InjectionSettings, secrets: list[str] = (),
+def proxy_container(namespace: str, settings: InjectionSettings, secrets: Sequence[str] = (),
                     native: bool = False) -> dict[str, Any]:
     ports = [{"name": "sw-proxy", "containerPort": settings.port, "protocol": "TCP"}]
     container: dict[str, Any] = {
@@ -249,7 +249,7 @@ def proxy_container(namespace: str, settings: InjectionSettings, secrets: list[s
     return container
 
 
-def volumes(settings: InjectionSettings, secrets: list[str] = ()) -> list[dict[str, Any]]:
+def volumes(settings: InjectionSettings, secrets: Sequence[str] = ()) -> list[dict[str, Any]]:
     return [
         # optional: the pod starts before the operator has rendered the namespace's first config.
         {"name": CONFIG_VOLUME, "configMap": {"name": CONFIGMAP_NAME, "optional": True}},
@@ -267,7 +267,7 @@ def _escape(key: str) -> str:
 
 
 def patch(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings,
-          secrets: list[str] = (), native: bool = False) -> list[dict[str, Any]]:
+          secrets: Sequence[str] = (), native: bool = False) -> list[dict[str, Any]]:
     """JSON Patch (RFC 6902) ops that add the proxy to `pod`; [] for a pod that already has it (in
     either shape). `native`: as the first init container with restartPolicy Always (use_native_sidecar
     decides), else appended to the containers.

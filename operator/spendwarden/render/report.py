@@ -47,15 +47,15 @@ def report_rows(budgets: list[dict[str, Any]], period: str = "current") -> list[
             base = {"namespace": tb["metadata"].get("namespace", ""), "budget": tb["metadata"]["name"],
                     "periodStart": p.get("periodStart"), "periodEnd": p.get("periodEnd"), "current": is_current,
                     "currency": currency}
-            sums = [0, 0, Decimal(0)]
+            sum_in, sum_out, sum_cost = 0, 0, Decimal(0)
             for r in p.get("breakdown") or []:
                 inp, outp, cost = int(r.get("inputTokens", 0)), int(r.get("outputTokens", 0)), Decimal(str(r.get("cost", "0")))
-                sums = [sums[0] + inp, sums[1] + outp, sums[2] + cost]
+                sum_in, sum_out, sum_cost = sum_in + inp, sum_out + outp, sum_cost + cost
                 out.append(_row(base, r.get("route", ""), r.get("backend", ""), r.get("tag", ""),
                                 int(r.get("requests", 0)), inp, outp, cost))
             used = p.get("used") or {}
-            rest = (int(used.get("inputTokens", 0)) - sums[0], int(used.get("outputTokens", 0)) - sums[1],
-                    Decimal(str(used.get("cost", "0"))) - sums[2])
+            rest = (int(used.get("inputTokens", 0)) - sum_in, int(used.get("outputTokens", 0)) - sum_out,
+                    Decimal(str(used.get("cost", "0"))) - sum_cost)
             if any(v > 0 for v in rest):
                 out.append(_row(base, UNATTRIBUTED, "", "", None, max(rest[0], 0), max(rest[1], 0), max(rest[2], Decimal(0))))
     return out

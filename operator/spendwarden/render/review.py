@@ -75,7 +75,8 @@ def review(kind: str, obj: Mapping[str, Any], old: Mapping[str, Any] | None,
                 return Review(error=f"spec.model: alias {spec.model!r} is already served by ModelRoute "
                                     f"{other['metadata']['name']!r}")
     if kind == modelroute.KIND and budgets is not None:
-        return Review(warnings=_route_currency_warnings(name, spec, budgets))
+        # A CREATE by generateName has no name yet; the name only words a mismatch, not returned here.
+        return Review(warnings=_route_currency_warnings(name or "", spec, budgets))
     if kind == tokenbudget.KIND and siblings is not None:
         routes = [(s["metadata"]["name"], route) for s in live
                   for route, error in [validate_spec(modelroute.KIND, s.get("spec"))] if not error]

@@ -39,7 +39,8 @@ def modelroute_status(obj: dict[str, Any], spec: ModelRouteSpec, now: datetime,
                       prices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """`prices`: the effective prices per backend, in spec order (render.proxyconfig RenderResult.prices)."""
     status = {k: v for k, v in (obj.get("status") or {}).items() if k not in SCALER_FIELDS}
-    backends = [{"name": b.name, "provider": b.provider.value, "model": b.model, "url": b.url} for b in spec.backends]
+    backends: list[dict[str, Any]] = [{"name": b.name, "provider": b.provider.value, "model": b.model, "url": b.url}
+                                      for b in spec.backends]
     for entry, pricing in zip(backends, prices or []):
         entry["pricing"] = pricing
     status.update({

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 from ..api.common import now_rfc3339
@@ -22,9 +22,9 @@ PeriodFn = Callable[[datetime], tuple[datetime, datetime]]
 
 def calendar_month(now: datetime) -> tuple[datetime, datetime]:
     """The default accounting period when no TokenBudget of the namespace gives one."""
-    now = now.astimezone(timezone.utc)
-    start = datetime(now.year, now.month, 1, tzinfo=timezone.utc)
-    end = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=timezone.utc)
+    now = now.astimezone(UTC)
+    start = datetime(now.year, now.month, 1, tzinfo=UTC)
+    end = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
     return start, end
 
 
@@ -51,7 +51,7 @@ class ReplicaMeter:
     previous: PeriodTotal | None = None
 
     @classmethod
-    def start(cls, now: datetime, period: PeriodFn, replicas: int = 0, replica_ms: int = 0) -> "ReplicaMeter":
+    def start(cls, now: datetime, period: PeriodFn, replicas: int = 0, replica_ms: int = 0) -> ReplicaMeter:
         s, e = period(now)
         return cls(current=PeriodTotal(s, e, replica_ms), last_at=now, replicas=replicas)
 

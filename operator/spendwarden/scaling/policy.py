@@ -32,7 +32,7 @@ class Policy:
     idle_to_zero: float | None
 
     @classmethod
-    def from_spec(cls, s: BackendScaling) -> "Policy":
+    def from_spec(cls, s: BackendScaling) -> Policy:
         return cls(min_replicas=s.minReplicas, max_replicas=s.maxReplicas, target=s.targetInFlightPerReplica,
                    stabilization=parse_duration(s.scaleDownStabilization).total_seconds(),
                    idle_to_zero=parse_duration(s.idleToZeroAfter).total_seconds() if s.idleToZeroAfter else None)
@@ -61,7 +61,7 @@ class ScaleState:
     cut_off: bool = False
 
     @classmethod
-    def new(cls, now: float, replicas: int | None = None) -> "ScaleState":
+    def new(cls, now: float, replicas: int | None = None) -> ScaleState:
         # A fresh operator counts as activity: nothing goes idle-to-zero before a full idle period.
         # A workload it finds at zero is already idle: a restart must not wake every scaled-down model.
         return cls(last_active=float("-inf") if replicas == 0 else now)

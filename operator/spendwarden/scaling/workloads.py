@@ -74,7 +74,7 @@ def governing(key: WorkloadKey, uses: list[Use], annotations: Mapping[str, str] 
     """The use whose scaling settings apply: own namespace first, then the first allowed one."""
     candidates = [u for u in uses if u.scaling is not None and allowed(key, u, annotations)]
     own = [u for u in candidates if u.namespace == key.namespace]
-    return (own or candidates or [None])[0]
+    return next(iter(own or candidates), None)
 
 
 def demand(key: WorkloadKey, uses: list[Use], annotations: Mapping[str, str] | None,

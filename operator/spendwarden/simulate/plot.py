@@ -6,7 +6,7 @@ extra `spendwarden[plot]`. Money is converted to float only here, for drawing.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from xml.sax.saxutils import escape
 
@@ -74,8 +74,8 @@ def svg(series: dict[str, Series], currency: str, width: int = 900, height: int 
     left, right, top, bottom = 80, 20, 40, 60
     pw, ph = width - left - right, height - top - bottom
     points = [p for s in series.values() for p in s]
-    t0 = min((t for t, _ in points), default=datetime.fromtimestamp(0, timezone.utc)).timestamp()
-    t1 = max((t for t, _ in points), default=datetime.fromtimestamp(1, timezone.utc)).timestamp()
+    t0 = min((t for t, _ in points), default=datetime.fromtimestamp(0, UTC)).timestamp()
+    t1 = max((t for t, _ in points), default=datetime.fromtimestamp(1, UTC)).timestamp()
     t1 = t1 if t1 > t0 else t0 + 1
     ymax = max((float(c) for _, c in points), default=1.0) or 1.0
     step = _nice_step(ymax)
@@ -98,7 +98,7 @@ def svg(series: dict[str, Series], currency: str, width: int = 900, height: int 
         v += step
     for i in range(6):
         t = t0 + (t1 - t0) * i / 5
-        label = datetime.fromtimestamp(t, timezone.utc).strftime("%m-%d %H:%M")
+        label = datetime.fromtimestamp(t, UTC).strftime("%m-%d %H:%M")
         out.append(f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{top + ph}" y2="{top + ph + 5}" stroke="#333"/>')
         out.append(f'<text x="{x(t):.1f}" y="{top + ph + 20}" text-anchor="middle">{label}</text>')
     out.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}" stroke="#333"/>')
@@ -112,8 +112,8 @@ def svg(series: dict[str, Series], currency: str, width: int = 900, height: int 
             # A step line: cost jumps at each request.
             coords = [f"{x(pts[0][0].timestamp()):.1f},{y(0):.1f}"]
             prev = 0.0
-            for t, c in pts:
-                xt = x(t.timestamp())
+            for at, c in pts:
+                xt = x(at.timestamp())
                 coords.append(f"{xt:.1f},{y(prev):.1f}")
                 prev = float(c)
                 coords.append(f"{xt:.1f},{y(prev):.1f}")

@@ -4,9 +4,10 @@ place where the simulator meets those cores, so it decides exactly as the proxy 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any
 
 from ..api.common import parse_duration
 from ..api.modelroute import ModelRouteSpec

@@ -22,14 +22,15 @@ start). Nothing here reads a clock or the network; the tokenizer is the only thi
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any
 
 from ..api.modelroute import ModelRouteSpec
 from ..api.proxyconfig import ProxyConfig, RouteEntry
-from ..ledger.pricing import ZERO, Prices, TokenUsage, cost
+from ..ledger.pricing import ZERO, TokenUsage, cost
 from ..proxy import tokens as tok
 from ..proxy.config import RouteRt, compile_config
 from ..proxy.server import TAG_HEADER, select_backend
@@ -39,7 +40,7 @@ from .candidates import Candidate
 from .outcomes import DEFAULT_OUTPUT_TOKENS, OK, REFUSAL_TOKENS, FailureModel, expected_output_tokens
 from .traffic import Recorded, TrafficRequest
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,11 +176,11 @@ class Replay:
                 cache = self._caches.get(spec.model)
                 if cache is None:
                     cache = self._caches[spec.model] = pol.AnswerCache(policy.cache, lambda: self.now)
-                hit = cache.get(key)
-                if hit is not None:
+                cached = cache.get(key)
+                if cached is not None:
                     return RequestResult(index=req.index, ts=ts, scenario=req.scenario, alias=req.alias,
-                                         route=spec.model, cost=ZERO, currency=currency, backend=hit[0],
-                                         cache_hit=True, saved=hit[1])
+                                         route=spec.model, cost=ZERO, currency=currency, backend=cached[0],
+                                         cache_hit=True, saved=cached[1])
         # The rule, else the tier, and the answer's length.
         score = None
         tier = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -29,7 +29,7 @@ class CandidateRun:
 def _day_zone(budget: Budget | None) -> ZoneInfo | timezone:
     if budget is not None and budget.spec.period is not None:
         return ZoneInfo(budget.spec.period.timeZone)
-    return timezone.utc
+    return UTC
 
 
 def _rate(n: int, of: int) -> float:
@@ -37,7 +37,7 @@ def _rate(n: int, of: int) -> float:
 
 
 def _time(t: datetime | None) -> str | None:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if t is not None else None
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if t is not None else None
 
 
 def _period(p: PeriodRun) -> dict[str, Any]:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any
 
 from ..proxy.wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
 
@@ -105,7 +106,7 @@ def parse_time(value: Any, where: str) -> datetime | None:
     if value is None:
         return None
     if type(value) in (int, float):
-        return datetime.fromtimestamp(value, tz=timezone.utc)
+        return datetime.fromtimestamp(value, tz=UTC)
     if isinstance(value, str):
         try:
             t = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -113,7 +114,7 @@ def parse_time(value: Any, where: str) -> datetime | None:
             raise TrafficError(f"{where}: time {value!r} is neither Unix seconds nor RFC 3339") from None
         if t.tzinfo is None:
             raise TrafficError(f"{where}: time {value!r} has no UTC offset (write e.g. 2026-01-05T09:00:00Z)")
-        return t.astimezone(timezone.utc)
+        return t.astimezone(UTC)
     raise TrafficError(f"{where}: time must be a number or a string, got {type(value).__name__}")
 
 
@@ -132,7 +133,8 @@ def _access_line(obj: dict[str, Any], index: int, line: int, where: str) -> Traf
     api = obj.get("api")
     if api not in _LOG_APIS:
         raise TrafficError(f"{where}: access log line with unknown api {api!r}")
-    esc = obj.get("escalated") if isinstance(obj.get("escalated"), dict) else {}
+    escalated = obj.get("escalated")
+    esc = escalated if isinstance(escalated, dict) else {}
     # The tier was picked on the judge's verdict when there was one, else on the local score.
     score = _float(obj.get("judge_score"))
     if score is None:
@@ -154,6 +156,7 @@ def _access_line(obj: dict[str, Any], index: int, line: int, where: str) -> Traf
 
 
 def _batch_line(obj: dict[str, Any], index: int, line: int, where: str) -> TrafficRequest:
+    api: str | None
     if "params" in obj:
         source, api, body = ANTHROPIC_BATCH, MESSAGES, obj.get("params")
     else:
@@ -172,7 +175,8 @@ def _batch_line(obj: dict[str, Any], index: int, line: int, where: str) -> Traff
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise TrafficError(f"{where}: the request body has no 'model'")
-    meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    metadata = body.get("metadata")
+    meta = metadata if isinstance(metadata, dict) else {}
     tags = _tags({k: v for k, v in meta.items() if k not in ("ts", "output_tokens", "outcome")})
     out = meta.get("output_tokens")
     if isinstance(out, str) and out.isdigit():

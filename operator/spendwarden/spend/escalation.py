@@ -43,7 +43,9 @@ def wants_json(request: dict[str, Any]) -> bool:
 
 
 def looks_like_refusal(text: str | None) -> bool:
-    return bool(text) and _REFUSAL.match(text[:_REFUSAL_SCAN].replace("\u2019", "'")) is not None
+    if not text:
+        return False
+    return _REFUSAL.match(text[:_REFUSAL_SCAN].replace("\u2019", "'")) is not None
 
 
 def _is_json(text: str | None) -> bool:
@@ -71,7 +73,8 @@ def check_openai_chat(request: dict[str, Any], response: dict[str, Any]) -> Caus
             continue
         if choice.get("finish_reason") == "length":
             return Cause.LENGTH
-        msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        message = choice.get("message")
+        msg = message if isinstance(message, dict) else {}
         content = msg.get("content")
         if msg.get("refusal") or (isinstance(content, str) and not msg.get("tool_calls")
                                   and looks_like_refusal(content)):

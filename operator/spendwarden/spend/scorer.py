@@ -17,8 +17,9 @@ Cost: one pass summing text lengths and substring checks over at most SCAN_CHARS
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 SCAN_CHARS = 4096  # text searched for code and cues: both ends of the newest messages
 

@@ -45,7 +45,7 @@ def _openai_parts_to_blocks(content: Any, where: str) -> list[dict[str, Any]]:
         return [{"type": "text", "text": content}] if content else []
     if not isinstance(content, list):
         raise TranslationError(f"{where}: content must be a string or a list of parts")
-    blocks = []
+    blocks: list[dict[str, Any]] = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
@@ -235,8 +235,8 @@ def anthropic_to_openai_chat(body: dict[str, Any], model: str) -> dict[str, Any]
                 calls.append({"id": block.get("id"), "type": "function",
                               "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})}})
             elif kind == "tool_result" and role == "user":
-                content = block.get("content")
-                text = content if isinstance(content, str) else _text_of(content or [], f"{where}.content[{j}].content")
+                result = block.get("content")
+                text = result if isinstance(result, str) else _text_of(result or [], f"{where}.content[{j}].content")
                 messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
             else:
                 raise TranslationError(f"{where}.content[{j}]: block type {kind!r} cannot be sent to an OpenAI backend")
@@ -260,7 +260,8 @@ def anthropic_to_openai_chat(body: dict[str, Any], model: str) -> dict[str, Any]
                                                           "parameters": t.get("input_schema") or {}}} for t in body["tools"]]
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and body.get("tools"):
-        out["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(choice.get("type"), "auto")
+        tool_choices: dict[Any, str] = {"auto": "auto", "any": "required", "none": "none"}
+        out["tool_choice"] = tool_choices.get(choice.get("type"), "auto")
         if choice.get("type") == "tool":
             out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
     return out
