@@ -48,7 +48,7 @@ from .alerts import WebhookSender, WebhookSettings
 from .bodies import plain
 from .cutoff import CutOffController, post_budget_event
 from .expiring import ExpiringMap
-from .ledger_http import PUBLIC, REVIEW, TRUSTED, Admission, Headers, LedgerHttpServer, Reply, aiohttp_handler
+from .ledger_http import PUBLIC, REVIEW, TRUSTED, Admission, Headers, LedgerHttpServer, Reply, Trusted, aiohttp_handler
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +383,8 @@ class LedgerService:
         if verdict is False:
             REJECTED.labels(reason="invalid_token").inc()
             return 401, INVALID_TOKEN
-        return REVIEW if verdict is None else TRUSTED
+        # The identity rides on the request: the handler need not parse and hash the token again.
+        return REVIEW if verdict is None else Trusted(verdict)
 
     async def verify(self, headers: Headers) -> None:
         """Review a head's token before its large body is read (the verdict is cached either way)."""
@@ -395,6 +396,9 @@ class LedgerService:
         """(namespace, serviceaccount) of the Bearer token; None with --ledger-insecure; or the refusal."""
         if self.config.insecure:
             return None
+        principal = getattr(request, "principal", None)  # ledger_http's: admit() found the token known good
+        if principal is not None:
+            return principal
         token = bearer_token(request.headers.get("Authorization", ""))
         if token is None:
             return self._reject(401, "missing_token", MISSING_TOKEN)
