@@ -24,8 +24,6 @@ class Reviewer:
 
 
 async def _client(monkeypatch) -> tuple[TestClient, scaler.Scaler]:
-    service = svc.LedgerService(svc.LedgerConfig(port=0))
-    service.reviewer = Reviewer()
     s = scaler.Scaler()
     s.observe_route("ADDED", ROUTE)
 
@@ -33,7 +31,8 @@ async def _client(monkeypatch) -> tuple[TestClient, scaler.Scaler]:
         return None
 
     monkeypatch.setattr(s, "tick", no_tick)
-    monkeypatch.setattr(scaler, "SCALER", s)
+    service = svc.LedgerService(svc.LedgerConfig(port=0), scaling=scaler.ScalingEndpoints(lambda: s))
+    service.reviewer = Reviewer()
     client = TestClient(TestServer(service.app()))
     await client.start_server()
     return client, s
