@@ -2,7 +2,7 @@
 `spendwarden operator --webhooks` does): thin kopf handlers over render/review.py (TokenBudget and
 ModelRoute validation) and render/injection.py (the proxy sidecar for Pods).
 
-Registered only when enabled (`register`, called by controller/handlers.py): kopf refuses to start
+Registered only when enabled (controller/handlers.py register_admission): kopf refuses to start
 with admission handlers but no server.
 
 Pod selection: kopf's managed webhook configurations carry an objectSelector (from `labels=`) but
@@ -21,7 +21,6 @@ from typing import Any
 
 import kopf
 
-from .. import GROUP
 from ..api import modelroute, tokenbudget
 from ..render import injection
 from ..render.review import review
@@ -162,18 +161,3 @@ class AdmissionWebhooks:
         patch.fns.append(lambda raw: _apply(raw, ops))
         log.info("pod %s: proxy injected as a %s (%s; secrets mounted: %s)", who,
                  "native sidecar" if native else "container", decision.reason, ", ".join(secrets) or "none")
-
-
-def register(registry: kopf.OperatorRegistry, webhooks: AdmissionWebhooks) -> None:
-    """The webhooks' kopf handlers; only when enabled (kopf refuses admission handlers without a server)."""
-    config = webhooks.settings
-    kopf.on.startup(id="spendwarden-admission", registry=registry)(webhooks.configure)
-    kopf.on.cleanup(id="spendwarden-admission", registry=registry)(webhooks.stop)
-    kopf.on.event("v1", "namespaces", id="namespace-labels", registry=registry)(webhooks.remember_namespace_labels)
-    validation = dict(operations=["CREATE", "UPDATE"], ignore_failures=config.validation_failure_policy == "Ignore")
-    kopf.on.validate(GROUP, modelroute.PLURAL, id="validate-modelroute", registry=registry,
-                     **validation)(webhooks.validate_modelroute)
-    kopf.on.validate(GROUP, tokenbudget.PLURAL, id="validate-tokenbudget", registry=registry,
-                     **validation)(webhooks.validate_tokenbudget)
-    kopf.on.mutate("v1", "pods", id="inject-proxy", operations=["CREATE"], registry=registry,
-                   ignore_failures=config.pod_failure_policy == "Ignore")(webhooks.inject_proxy)

@@ -14,7 +14,7 @@ import kopf
 
 from .. import GROUP
 from ..api import modelroute, tokenbudget
-from . import admission
+from .admission import AdmissionWebhooks
 from .bodies import plain
 from .runtime import Runtime
 
@@ -99,12 +99,28 @@ async def tokenbudget_event(event: dict[str, Any], body: kopf.Body, memo: kopf.M
     _runtime(memo).loop.observe_budget(event.get("type"), plain(body))
 
 
+def register_admission(registry: kopf.OperatorRegistry, webhooks: AdmissionWebhooks) -> None:
+    """The webhooks' handlers; only when enabled (kopf refuses admission handlers without a server)."""
+    config = webhooks.settings
+    on = kopf.on
+    on.startup(id="spendwarden-admission", registry=registry)(webhooks.configure)
+    on.cleanup(id="spendwarden-admission", registry=registry)(webhooks.stop)
+    on.event("v1", "namespaces", id="namespace-labels", registry=registry)(webhooks.remember_namespace_labels)
+    validation = dict(operations=["CREATE", "UPDATE"], ignore_failures=config.validation_failure_policy == "Ignore")
+    on.validate(GROUP, modelroute.PLURAL, id="validate-modelroute", registry=registry,
+                **validation)(webhooks.validate_modelroute)
+    on.validate(GROUP, tokenbudget.PLURAL, id="validate-tokenbudget", registry=registry,
+                **validation)(webhooks.validate_tokenbudget)
+    on.mutate("v1", "pods", id="inject-proxy", operations=["CREATE"], registry=registry,
+              ignore_failures=config.pod_failure_policy == "Ignore")(webhooks.inject_proxy)
+
+
 def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     # A registry of our own has none of the default one's fallback logins: the kubernetes client's
     # configuration (kubeconfig or in-cluster), as kopf's default registry would use.
     kopf.on.login(id="login_via_client", registry=registry, errors=kopf.ErrorsMode.IGNORED)(kopf.login_via_client)
     if runtime.admission is not None:
-        admission.register(registry, runtime.admission)
+        register_admission(registry, runtime.admission)
     on = kopf.on
     on.event(GROUP, modelroute.PLURAL, id="cut-off-routes", registry=registry)(cut_off_routes)
     on.startup(id="spendwarden-ledger", registry=registry)(start_ledger)

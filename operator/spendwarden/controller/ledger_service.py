@@ -42,17 +42,17 @@ from ..ledger.leases import LeaseSettings
 from ..ledger.loops import LoopAggregator
 from ..ledger.store import FORECAST_CONDITION, BudgetEntry, LedgerStore, ReportError, parse_report, replace_patch
 from ..render.status import LEDGER_FIELDS
+from . import kube
 from .alerts import WebhookSender
 from .alerts import WebhookSettings as AlertSettings
 from .bodies import plain
-from . import kube
 from .cutoff import CutOffController, ReplicaOwnerFn
 from .expiring import ExpiringMap
 from .ledger_config import LedgerConfig
+from .ledger_http import PUBLIC, REVIEW, TRUSTED, Admission, Headers, LedgerHttpServer, Reply, Trusted, aiohttp_handler
 from .settings import CutOffConfig
 from .tokens import (AUDIENCE, INVALID_TOKEN, MAX_PENDING_REVIEWS, MISSING_TOKEN, NEGATIVE_REVIEW_TTL,  # noqa: F401
                      REVIEW_WORKERS, SA_PREFIX, ReviewBusy, TokenReviewer, bearer_token)
-from .ledger_http import PUBLIC, REVIEW, TRUSTED, Admission, Headers, LedgerHttpServer, Reply, Trusted, aiohttp_handler
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
-from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import Counter, Gauge
@@ -32,6 +32,7 @@ from .. import GROUP, VERSION
 from ..api import modelroute
 from ..api.common import now_rfc3339, set_condition
 from ..ledger.periods import current_period
+from ..ledger.store import BudgetEntry
 from ..render.cutoff import BudgetCut, cut_routes
 from ..render.proxyconfig import validate_spec
 from ..scaling.capacity import MS_PER_HOUR, PeriodFn, ReplicaMeter, calendar_month
@@ -39,7 +40,6 @@ from ..scaling.demand import BackendLoad, DemandBook, parse_backends
 from ..scaling.owners import SCALER_MANAGER, UNRECORDED, Ownership, ReplicaOwner, replica_owners
 from ..scaling.policy import Decision, Policy, ScaleState, decide
 from ..scaling.workloads import Use, WorkloadKey, allowed, demand, governing, uses_by_workload
-from ..ledger.store import BudgetEntry
 from . import kube
 from .cutoff import budget_cut
 
