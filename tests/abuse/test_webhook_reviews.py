@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 
 from spendwarden import GROUP
 from spendwarden.controller import admission
-from spendwarden.controller.webhooks import WebhookServer
+from spendwarden.controller.inventory import Inventory
+from spendwarden.controller.webhooks import WebhookServer, WebhookSettings
+from spendwarden.render.injection import InjectionSettings
 
 from . import kinds
 from .support import FUZZ, LoopThread, json_value
@@ -37,10 +39,11 @@ class Webhooks:
         from kopf._core.reactor.inventory import ResourceMemories
 
         registry = kopf.OperatorRegistry()
+        hooks = admission.AdmissionWebhooks(WebhookSettings(enabled=True), InjectionSettings.from_env({}), Inventory())
         kw = dict(registry=registry, operations=["CREATE", "UPDATE"])
-        kopf.on.validate(GROUP, "modelroutes", id="validate-modelroute", **kw)(admission.validate_modelroute)
-        kopf.on.validate(GROUP, "tokenbudgets", id="validate-tokenbudget", **kw)(admission.validate_tokenbudget)
-        kopf.on.mutate("v1", "pods", id="inject-proxy", registry=registry, operations=["CREATE"])(admission.inject_proxy)
+        kopf.on.validate(GROUP, "modelroutes", id="validate-modelroute", **kw)(hooks.validate_modelroute)
+        kopf.on.validate(GROUP, "tokenbudgets", id="validate-tokenbudget", **kw)(hooks.validate_tokenbudget)
+        kopf.on.mutate("v1", "pods", id="inject-proxy", registry=registry, operations=["CREATE"])(hooks.inject_proxy)
         insights = references.Insights()
         for r, kind in ((BUDGETS, "TokenBudget"), (ROUTES, "ModelRoute"), (PODS, "Pod")):
             insights.webhook_resources.add(references.Resource(r["group"], r["version"], r["resource"], kind=kind,

@@ -272,13 +272,13 @@ def test_ledger_limits_reach_the_operator(chart):
 
 
 def test_cut_off_cluster_cidrs_reach_the_operator(chart):
-    from spendwarden.controller.cutoff import settings_from_env
+    from spendwarden.controller.settings import CutOffConfig
 
     default = {e["name"]: e.get("value") for e in container(render(chart))["env"]}
     assert "SPENDWARDEN_CUTOFF_CLUSTER_CIDRS" not in default
     env = {e["name"]: e.get("value") for e in container(render(chart, {"cutOff": {
         "clusterCIDRs": ["10.244.0.0/16", "fd00::/48"]}}))["env"]}
-    settings = settings_from_env({**env, "SPENDWARDEN_POD_NAMESPACE": NS})
+    settings = CutOffConfig.from_env({**env, "SPENDWARDEN_POD_NAMESPACE": NS}).settings
     assert settings.cluster_cidrs == ("10.244.0.0/16", "fd00::/48")
     # The operator's own namespace (its ledger Service) is never denied, nor DNS's.
     assert settings.protected_namespaces == {NS, "kube-system"}

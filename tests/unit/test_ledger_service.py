@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import time
 from datetime import datetime, timezone
 
@@ -99,7 +100,7 @@ async def test_http_answers_400_with_the_field_and_401_without_a_token(monkeypat
     try:
         resp = await client.post("/v1/report", json={"proxyId": "p"})
         assert resp.status == 401
-        service.config.insecure = True  # standalone mode: no token needed
+        service.config = dataclasses.replace(service.config, insecure=True)  # standalone mode: no token needed
         resp = await client.post("/v1/report", data=b"{not json")
         assert resp.status == 400 and "JSON" in (await resp.json())["error"]
         resp = await client.post("/v1/report", json={"proxyId": "p", "namespace": "team-a", "seq": 1, "budgets": {
@@ -120,8 +121,7 @@ async def test_http_answers_400_to_amounts_the_ledger_cannot_hold(monkeypatch):
     digits: both are a 400 naming the field, and nothing reaches the status."""
     api = FakeApi(monkeypatch, delay=0)
     api.obj["spec"]["limits"] = {"cost": {"amount": "5"}}
-    service = svc.LedgerService(svc.LedgerConfig(port=0))
-    service.config.insecure = True  # no TokenReview in this test
+    service = svc.LedgerService(svc.LedgerConfig(port=0, insecure=True))  # no TokenReview in this test
     client = await _client(service)
     try:
         for cost in ("1e9999999", "1e999999"):

@@ -270,3 +270,20 @@ def test_simulate_prices_backends_as_the_operator_does(tmp_path: Path):
     unknown.write_text(json.dumps(route("local", None, backend(provider="OpenAICompatible", model="x"))))
     with pytest.raises(Exception, match="no input or output price for OpenAICompatible model 'x'"):
         load_candidate(str(unknown))
+
+
+def test_catalog_lookups_are_remembered_only_where_the_prices_cannot_change_with_the_time(monkeypatch):
+    from genai_prices.types import ModelPrice
+
+    calls: list[str] = []
+    constant = type("Info", (), {"prices": ModelPrice(input_mtok=1, output_mtok=2)})()
+    dated = type("Info", (), {"prices": [object()]})()  # conditional prices: by date or time of day
+    monkeypatch.setattr(catalog, "_model", lambda provider, model: calls.append(model) or
+                        {"constant": constant, "dated": dated}.get(model))
+    monkeypatch.setattr(catalog, "_entry", lambda info, at: catalog.PriceEntry(values={"input": "1", "output": "2"}))
+    lookup = catalog.cached_lookup()
+    for _ in range(3):
+        assert lookup("OpenAI", "constant") is not None and lookup("OpenAI", "dated") is not None
+        assert lookup("OpenAI", "unknown") is None
+    assert calls.count("constant") == 1 and calls.count("unknown") == 1 and calls.count("dated") == 3
+    assert catalog.cached_lookup()("OpenAI", "constant") is not None and calls.count("constant") == 2  # per book

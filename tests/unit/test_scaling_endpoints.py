@@ -24,8 +24,6 @@ class Reviewer:
 
 
 async def _client(monkeypatch) -> tuple[TestClient, scaler.Scaler]:
-    service = svc.LedgerService(svc.LedgerConfig(port=0))
-    service.reviewer = Reviewer()
     s = scaler.Scaler()
     s.observe_route("ADDED", ROUTE)
 
@@ -33,7 +31,8 @@ async def _client(monkeypatch) -> tuple[TestClient, scaler.Scaler]:
         return None
 
     monkeypatch.setattr(s, "tick", no_tick)
-    monkeypatch.setattr(scaler, "SCALER", s)
+    service = svc.LedgerService(svc.LedgerConfig(port=0), scaling=scaler.ScalingEndpoints(lambda: s))
+    service.reviewer = Reviewer()
     client = TestClient(TestServer(service.app()))
     await client.start_server()
     return client, s
@@ -169,3 +168,28 @@ async def test_another_namespace_reusing_a_proxy_id_does_not_replace_its_demand(
     book.record("p1", "team-a", {"chat/llama": scaler.BackendLoad(2, 0)}, now=100)
     assert book.load(100) == {("team-b", "chat/llama"): scaler.BackendLoad(10, 0),
                               ("team-a", "chat/llama"): scaler.BackendLoad(2, 0)}
+
+
+def test_the_workloads_uses_follow_the_routes_that_name_workloads_only():
+    """observe_route recomputes the uses only for routes with a deploymentRef (it used to, over all
+    routes, on every ModelRoute event): the result is the same as recomputing from all routes."""
+    import copy
+
+    s = scaler.Scaler()
+    plain_route = copy.deepcopy(ROUTE)
+    plain_route["metadata"]["name"] = "plain"
+    del plain_route["spec"]["backends"][0]["deploymentRef"], plain_route["spec"]["backends"][0]["scaling"]
+    s.observe_route("ADDED", plain_route)
+    assert s.uses == {}
+    s.observe_route("ADDED", ROUTE)
+    (key, uses), = s.uses.items()
+    assert (key.name, [u.route for u in uses]) == ("llama", ["chat"])
+    s.observe_route("MODIFIED", plain_route)
+    assert list(s.uses) == [key]
+    unref = copy.deepcopy(ROUTE)
+    del unref["spec"]["backends"][0]["deploymentRef"], unref["spec"]["backends"][0]["scaling"]
+    s.observe_route("MODIFIED", unref)  # the route stops naming the workload
+    assert s.uses == {}
+    s.observe_route("MODIFIED", ROUTE)
+    s.observe_route("DELETED", ROUTE)
+    assert s.uses == {} and ("team-a", "chat") not in s.routes

@@ -35,10 +35,10 @@ WEBHOOK = Counter("spendwarden_alert_webhook_total",
                   "Alert webhook deliveries by outcome: ok, rejected (a final 3xx/4xx answer), failed (retries "
                   "exhausted), dropped (too many pending), unresolved (no readable URL).", ["outcome"])
 
-RETRYABLE = {408, 425, 429}
+RETRYABLE = frozenset({408, 425, 429})
 
 
-@dataclass
+@dataclass(frozen=True)
 class WebhookSettings:
     attempts: int = 4           # 1 + 3 retries
     timeout: float = 5.0        # per attempt
@@ -56,13 +56,11 @@ class WebhookSettings:
 
 def read_secret_value(namespace: str, name: str, key: str) -> str | None:
     """A key of a Secret in `namespace` (in a thread). None, with the reason logged, if unreadable."""
-    from kubernetes import client
-    from kubernetes.client.rest import ApiException
+    from . import kube  # here: the pure alert settings and sender are used without a cluster client
 
-    from . import kube
     try:
-        secret = client.CoreV1Api(kube.api_client()).read_namespaced_secret(name, namespace)
-    except ApiException as exc:
+        secret = kube.core().read_namespaced_secret(name, namespace)
+    except kube.ApiException as exc:
         hint = (" (the chart lets the operator read only Secrets named as its alerting.webhookSecretName value)"
                 if exc.status == 403 else "")
         log.warning("alert webhook: cannot read Secret %s/%s: HTTP %s%s", namespace, name, exc.status, hint)

@@ -10,7 +10,7 @@ ledger's budgets and the namespace's ModelRoutes and makes the apiserver match i
 The ledger service notifies on every report, flush, load and deletion of a budget (a flush follows
 each period reset and spec change: a raised limit); a ModelRoute event re-applies a cut namespace;
 at start the labelled namespaces are re-examined (reversals owed from before a restart) and cut
-namespaces are resynced every RESYNC seconds (DNS answers change, someone scales back up). Failures
+namespaces are resynced every `resync` seconds (SPENDWARDEN_CUTOFF_RESYNC) (DNS answers change, someone scales back up). Failures
 are logged and retried with backoff, never raised.
 
 Remembering replicas on the namespace, not the workload, keeps the operator's rights to the scale
@@ -25,26 +25,25 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
-import kopf
 from prometheus_client import Gauge
 
-from .. import GROUP, VERSION
 from ..api import modelroute, tokenbudget
 from ..ledger.allowance import hard_ceiling
 from ..ledger.store import BudgetEntry
 from ..render.cutoff import (BUDGETS_ANNOTATION, NAME_LABEL, NAMESPACE_LABEL, POLICY_NAME, BudgetCut,
                              CutOffSettings, DesiredCutOff, Workload, desired_cut_off)
 from ..render.proxyconfig import render_proxy_config, validate_spec
+from . import kube
 
 log = logging.getLogger(__name__)
 
 REPLICAS_ANNOTATION = "spendwarden.io/replicas-before-cut-off"
 FIELD_MANAGER = "spendwarden"
-RESYNC = float(os.environ.get("SPENDWARDEN_CUTOFF_RESYNC") or 30)
 RETRY_MIN, RETRY_MAX = 2.0, 60.0
 CUT_OFF = Gauge("spendwarden_namespace_cut_off", "1 while a CutOff budget of the namespace is exhausted (or a "
                 "Downgrade budget is at its hard ceiling).", ["namespace"])
@@ -59,21 +58,8 @@ def budget_cut(entry: BudgetEntry) -> BudgetCut:
     return BudgetCut(entry.name, entry.uid, tuple(entry.spec.routes), spent or at_hard_ceiling)
 
 
-def settings_from_env(env: Mapping[str, str] | None = None, apiserver_cidrs: tuple[str, ...] = ()) -> CutOffSettings:
-    """The operator's own namespace (SPENDWARDEN_POD_NAMESPACE, from the chart) and kube-system are
-    never denied; SPENDWARDEN_CUTOFF_CLUSTER_CIDRS (chart value cutOff.clusterCIDRs) is comma-separated."""
-    env = os.environ if env is None else env
-    protected = {"kube-system", *filter(None, [env.get("SPENDWARDEN_POD_NAMESPACE")])}
-    cidrs = tuple(c.strip() for c in (env.get("SPENDWARDEN_CUTOFF_CLUSTER_CIDRS") or "").split(",") if c.strip())
-    return CutOffSettings(protected_namespaces=frozenset(protected), protected_cidrs=apiserver_cidrs,
-                          cluster_cidrs=cidrs)
-
-
 def apiserver_cidrs() -> tuple[str, ...]:
     """The apiserver's addresses (the in-cluster Service IP and the kubeconfig's host)."""
-    from urllib.parse import urlsplit
-
-    from . import kube
     hosts = {os.environ.get("KUBERNETES_SERVICE_HOST") or "", urlsplit(kube.api_client().configuration.host).hostname or ""}
     out = []
     for host in filter(None, hosts):
@@ -90,26 +76,10 @@ def resolve(host: str) -> list[str]:
 
 # -- apiserver I/O (blocking; run in threads) ----------------------------------------------------------
 
-def _apis() -> tuple[Any, Any, Any, Any]:
-    from kubernetes import client
-
-    from . import kube
-    api = kube.api_client()
-    return client.CoreV1Api(api), client.NetworkingV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
-
-
-def _not_found(exc: Exception) -> bool:
-    return getattr(exc, "status", None) == 404
-
-
 def read_namespace(namespace: str) -> dict[str, Any] | None:
-    core = _apis()[0]
-    try:
-        return core.api_client.sanitize_for_serialization(core.read_namespace(namespace))
-    except Exception as exc:
-        if _not_found(exc):
-            return None
-        raise
+    api = kube.core()
+    found = kube.or_none(lambda: api.read_namespace(namespace))
+    return api.api_client.sanitize_for_serialization(found) if found is not None else None
 
 
 def namespace_exists(namespace: str) -> bool:
@@ -117,15 +87,15 @@ def namespace_exists(namespace: str) -> bool:
 
 
 def list_routes(namespace: str) -> list[dict[str, Any]]:
-    return _apis()[3].list_namespaced_custom_object(GROUP, VERSION, namespace, modelroute.PLURAL)["items"]
+    return kube.list_custom(modelroute.PLURAL, namespace)
 
 
 def list_budgets(namespace: str) -> list[dict[str, Any]]:
-    return _apis()[3].list_namespaced_custom_object(GROUP, VERSION, namespace, tokenbudget.PLURAL)["items"]
+    return kube.list_custom(tokenbudget.PLURAL, namespace)
 
 
 def cut_namespaces() -> list[str]:
-    items = _apis()[0].list_namespace(label_selector=f"{NAMESPACE_LABEL}=true").items
+    items = kube.core().list_namespace(label_selector=f"{NAMESPACE_LABEL}=true").items
     return [ns.metadata.name for ns in items]
 
 
@@ -133,7 +103,7 @@ def _patch_namespace(namespace: str, labels: dict[str, Any] | None = None,
                      annotations: dict[str, Any] | None = None) -> None:
     meta = {k: v for k, v in (("labels", labels), ("annotations", annotations)) if v}
     if meta:
-        _apis()[0].patch_namespace(namespace, {"metadata": meta})
+        kube.core().patch_namespace(namespace, {"metadata": meta})
 
 
 def _policy_matches(current: dict[str, Any], manifest: dict[str, Any]) -> bool:
@@ -147,27 +117,17 @@ def apply_policy(manifest: dict[str, Any]) -> bool:
     """Server-side apply, unless the policy is already as desired: on 1.20 even a no-op apply writes
     (managedFields' timestamps), and cut namespaces are re-applied every resync. True if written."""
     meta = manifest["metadata"]
-    net = _apis()[1]
-    try:
-        current = net.api_client.sanitize_for_serialization(net.read_namespaced_network_policy(meta["name"], meta["namespace"]))
-        if _policy_matches(current, manifest):
-            return False
-    except Exception as exc:
-        if not _not_found(exc):
-            raise
+    net = kube.networking()
+    found = kube.or_none(lambda: net.read_namespaced_network_policy(meta["name"], meta["namespace"]))
+    if found is not None and _policy_matches(net.api_client.sanitize_for_serialization(found), manifest):
+        return False
     net.patch_namespaced_network_policy(meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER,
                                                force=True, _content_type="application/apply-patch+yaml")
     return True
 
 
 def delete_policy(namespace: str) -> bool:
-    try:
-        _apis()[1].delete_namespaced_network_policy(POLICY_NAME, namespace)
-        return True
-    except Exception as exc:
-        if _not_found(exc):
-            return False
-        raise
+    return kube.or_none(lambda: kube.networking().delete_namespaced_network_policy(POLICY_NAME, namespace)) is not None
 
 
 def remembered_replicas(namespace_obj: dict[str, Any] | None) -> dict[str, int]:
@@ -186,26 +146,17 @@ def _remember(namespace: str, remembered: dict[str, int]) -> None:
         REPLICAS_ANNOTATION: json.dumps(remembered, sort_keys=True, separators=(",", ":")) if remembered else None})
 
 
-def _scale_api(kind: str) -> tuple[Any, Any]:
-    apps = _apis()[2]
-    if kind == "StatefulSet":
-        return apps.read_namespaced_stateful_set_scale, apps.patch_namespaced_stateful_set_scale
-    return apps.read_namespaced_deployment_scale, apps.patch_namespaced_deployment_scale
-
-
 def scale_to_zero(namespace: str, workloads: Iterable[Workload], remembered: dict[str, int]) -> list[str]:
     """Hold the workloads at 0 replicas; `remembered` (updated in place and on the namespace first)
     keeps what they had. Returns notes about workloads that do not exist."""
     notes = []
     for w in workloads:
-        read, patch = _scale_api(w.kind)
-        try:
-            replicas = read(w.name, namespace).spec.replicas or 0
-        except Exception as exc:
-            if _not_found(exc):
-                notes.append(f"{w.key} not found: not scaled")
-                continue
-            raise
+        read, patch = kube.scale_api(w.kind)
+        found = kube.or_none(lambda: read(w.name, namespace))
+        if found is None:
+            notes.append(f"{w.key} not found: not scaled")
+            continue
+        replicas = found.spec.replicas or 0
         if w.key not in remembered:
             remembered[w.key] = replicas
             _remember(namespace, remembered)
@@ -220,25 +171,15 @@ def restore_replicas(namespace: str, keys: Iterable[str], remembered: dict[str, 
     someone scaled up meanwhile keeps its count; a deleted one is just forgotten)."""
     for key in sorted(keys):
         w = Workload.from_key(key)
-        read, patch = _scale_api(w.kind)
-        try:
-            if (read(w.name, namespace).spec.replicas or 0) == 0 and remembered[key]:
-                patch(w.name, namespace, {"spec": {"replicas": remembered[key]}})
-                log.info("workload scale restored (cut-off lifted)",
-                         extra={"namespace": namespace, "workload": key, "replicas": remembered[key]})
-        except Exception as exc:
-            if not _not_found(exc):
-                raise
+        read, patch = kube.scale_api(w.kind)
+        found = kube.or_none(lambda: read(w.name, namespace))
+        # A deleted workload is just forgotten. (Patching one deleted meanwhile: a 404, forgotten too.)
+        if found is not None and (found.spec.replicas or 0) == 0 and remembered[key]:
+            kube.or_none(lambda: patch(w.name, namespace, {"spec": {"replicas": remembered[key]}}))
+            log.info("workload scale restored (cut-off lifted)",
+                     extra={"namespace": namespace, "workload": key, "replicas": remembered[key]})
         del remembered[key]
         _remember(namespace, remembered)
-
-
-def post_budget_event(namespace: str, name: str, uid: str | None, reason: str, message: str,
-                      component: str = "cut-off") -> None:
-    """A Warning Event on a TokenBudget (the ledger's announcements use it too)."""
-    from . import kube
-    kube.post_warning({"apiVersion": f"{GROUP}/{VERSION}", "kind": tokenbudget.KIND, "name": name, "namespace": namespace,
-                       **({"uid": uid} if uid else {})}, reason, message, component=component)
 
 
 def apply_cut_off(desired: DesiredCutOff, namespace_obj: dict[str, Any], scaled: Iterable[str] = ()) -> list[str]:
@@ -257,11 +198,7 @@ def apply_cut_off(desired: DesiredCutOff, namespace_obj: dict[str, Any], scaled:
     if desired.cut:
         # Fastest effect first: the policy, then the label, then the (slow to drain) scale-down.
         for other in desired.denied_namespaces:  # Kubernetes 1.20 does not set the label itself
-            try:
-                _patch_namespace(other, labels={NAME_LABEL: other})
-            except Exception as exc:
-                if not _not_found(exc):
-                    raise
+            kube.or_none(lambda: _patch_namespace(other, labels={NAME_LABEL: other}))
         if desired.policy is not None:
             apply_policy(desired.policy)
         elif delete_policy(ns):
@@ -291,7 +228,12 @@ class LedgerView(Protocol):
     store: Any
     config: Any  # LedgerConfig: .serves(namespace)
 
-    async def _entry(self, namespace: str, name: str) -> BudgetEntry | None: ...
+    async def entry(self, namespace: str, name: str) -> BudgetEntry | None:
+        """The budget's entry, loaded with its persisted ledger first if need be."""
+
+
+# (namespace, kind, name) -> whether the scaler owns that workload's replica count (scaler.Scaler.owns)
+ReplicaOwnerFn = Callable[[str, str, str], bool]
 
 
 @dataclass
@@ -305,7 +247,9 @@ class _Namespace:
 @dataclass
 class CutOffController:
     ledger: LedgerView
-    settings: CutOffSettings | None = None  # from the environment at start()
+    settings: CutOffSettings = field(default_factory=CutOffSettings)  # the apiserver's addresses added at start()
+    resync: float = 30.0  # cut namespaces are re-applied this often (DNS answers change, someone scales up)
+    replica_owner: ReplicaOwnerFn | None = None
     started: bool = False
     seen: dict[tuple[str, str], BudgetCut] = field(default_factory=dict)
     cut: set[str] = field(default_factory=set)     # namespaces cut off as last applied
@@ -315,8 +259,8 @@ class CutOffController:
 
     async def start(self) -> None:
         self.started = True
-        if self.settings is None:
-            self.settings = settings_from_env(apiserver_cidrs=await asyncio.to_thread(apiserver_cidrs))
+        if not self.settings.protected_cidrs:  # they need a DNS lookup: not in the settings read at start
+            self.settings = replace(self.settings, protected_cidrs=await asyncio.to_thread(apiserver_cidrs))
         self._loop = asyncio.create_task(self._resync_forever(), name="spendwarden-cut-off-resync")
 
     async def stop(self) -> None:
@@ -388,7 +332,7 @@ class CutOffController:
                 continue
             entry = self.ledger.store.get(namespace, name)
             if entry is None and (obj.get("status") or {}).get("ledger"):
-                entry = await self.ledger._entry(namespace, name)
+                entry = await self.ledger.entry(namespace, name)
             if entry is not None:
                 cut = budget_cut(entry)
                 self.seen[(namespace, name)] = cut
@@ -396,7 +340,7 @@ class CutOffController:
         return out
 
     async def reconcile(self, namespace: str) -> DesiredCutOff:
-        settings = self.settings or CutOffSettings()
+        settings = self.settings
         began = time.monotonic()
         ns_obj = await asyncio.to_thread(read_namespace, namespace)
         if ns_obj is None or (ns_obj.get("metadata") or {}).get("deletionTimestamp"):
@@ -409,8 +353,9 @@ class CutOffController:
             routes = [r.spec for r in render_proxy_config(namespace, objs, []).config.routes]
         computed = time.monotonic()
         desired = await asyncio.to_thread(desired_cut_off, namespace, budgets, routes, resolve, namespace_exists, settings)
-        from . import scaler  # one owner of replica counts: workloads with scaling settings are the scaler's
-        scaled = [w for w in desired.workloads if scaler.owns(namespace, w.kind, w.name)]
+        # One owner of replica counts: workloads with scaling settings are the scaler's.
+        owns = self.replica_owner
+        scaled = [w for w in desired.workloads if owns is not None and owns(namespace, w.kind, w.name)]
         if scaled:
             desired.workloads = tuple(w for w in desired.workloads if w not in scaled)
             desired.notes.append(f"held at 0 by the scaler: {', '.join(w.key for w in scaled)}")
@@ -445,12 +390,12 @@ class CutOffController:
             f"cut-off of namespace {desired.namespace} lifted: NetworkPolicy removed, label removed, replicas restored")
         for name, uid in targets:
             try:
-                post_budget_event(desired.namespace, name, uid, reason, message)
+                kube.post_budget_event(desired.namespace, name, uid, reason, message)
             except Exception as exc:  # noqa: BLE001 - an Event is not worth a retry of the cut-off
                 log.warning("cut-off Event not posted: %s", type(exc).__name__)
 
     async def _resync_forever(self) -> None:
-        """Reversals owed from before a restart first, then cut namespaces every RESYNC seconds and
+        """Reversals owed from before a restart first, then cut namespaces every `resync` seconds and
         failed ones when their backoff is over."""
         pending = True  # reversals owed from before a restart
         last = time.monotonic()
@@ -461,7 +406,7 @@ class CutOffController:
                         self.notify(ns)
                     pending = False
                 now = time.monotonic()
-                due = now - last >= RESYNC
+                due = now - last >= self.resync
                 if due:
                     last = now
                 for ns, st in list(self._ns.items()):
@@ -470,12 +415,3 @@ class CutOffController:
             except Exception as exc:  # noqa: BLE001 - the apiserver is down: try again shortly
                 log.warning("cut-off resync failed: %s", type(exc).__name__)
             await asyncio.sleep(1.0)
-
-
-@kopf.on.event(GROUP, modelroute.PLURAL, id="cut-off-routes")
-async def cut_off_routes(namespace: str, **_: Any) -> None:
-    """A route of a cut namespace changed: its backends decide what the cut-off denies."""
-    from . import ledger_service
-    service = ledger_service.SERVICE
-    if service is not None and namespace in service.cutoff.cut:
-        service.cutoff.notify(namespace)

@@ -108,11 +108,7 @@ class Inventory:
             if ns is not None:
                 self._pending[ns] -= 1
 
-
-INVENTORY = Inventory()  # the operator's one inventory (controller/main.py fills it)
-
-
-def objects_by_namespace() -> Inventory | None:
-    """The inventory for the admission webhooks (`in_namespace`); None (unknown) until the first
-    listing is complete, as a sibling check against a partial view could let a duplicate through."""
-    return INVENTORY if INVENTORY.complete() else None
+    def if_complete(self) -> Inventory | None:
+        """This inventory for the admission webhooks (`in_namespace`); None (unknown) until the first
+        listing is complete, as a sibling check against a partial view could let a duplicate through."""
+        return self if self.complete() else None

@@ -1,20 +1,27 @@
-"""The few Kubernetes API calls the operator makes, over the official client."""
+"""The operator's Kubernetes I/O, over the official client: one shared ApiClient, typed API getters,
+get-or-none reads, and Events. Every module of controller/ goes through here (blocking calls: run
+them in threads)."""
 from __future__ import annotations
 
 import json
 import logging
 import socket
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from .. import GROUP, VERSION
+from ..api import tokenbudget
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# The process's one connection pool to the apiserver, made on first use (a lazily loaded kubeconfig,
+# not state of the operator: tests replace it with one to their own apiserver).
 _api: client.ApiClient | None = None
 
 # (connect, read) seconds for every call that names no timeout of its own. The client's default is
@@ -42,6 +49,72 @@ def api_client() -> client.ApiClient:
     return _api
 
 
+def separate_client() -> client.ApiClient:
+    """An ApiClient with a connection pool of its own, configured as the shared one."""
+    api_client()  # loads the configuration
+    return client.ApiClient()
+
+
+def core() -> client.CoreV1Api:
+    return client.CoreV1Api(api_client())
+
+
+def custom() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client())
+
+
+def apps() -> client.AppsV1Api:
+    return client.AppsV1Api(api_client())
+
+
+def networking() -> client.NetworkingV1Api:
+    return client.NetworkingV1Api(api_client())
+
+
+def autoscaling_v1() -> client.AutoscalingV1Api:
+    return client.AutoscalingV1Api(api_client())
+
+
+def authentication() -> client.AuthenticationV1Api:
+    return client.AuthenticationV1Api(api_client())
+
+
+def version() -> client.VersionApi:
+    return client.VersionApi(api_client())
+
+
+def scale_api(kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(read, patch) of a Deployment's or StatefulSet's scale subresource: the cut-off and the scaler
+    change replica counts only through these."""
+    api = apps()
+    if kind == "StatefulSet":
+        return api.read_namespaced_stateful_set_scale, api.patch_namespaced_stateful_set_scale
+    return api.read_namespaced_deployment_scale, api.patch_namespaced_deployment_scale
+
+
+def not_found(exc: BaseException) -> bool:
+    return getattr(exc, "status", None) == 404
+
+
+def or_none(read: Callable[[], T]) -> T | None:
+    """`read()`, or None where the object does not exist (404); other errors propagate."""
+    try:
+        return read()
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def get_custom(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """One of our custom objects, None if it does not exist."""
+    return or_none(lambda: custom().get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name))
+
+
+def list_custom(plural: str, namespace: str) -> list[dict[str, Any]]:
+    return custom().list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]
+
+
 def read_json(response: Any) -> Any:
     """The body of a `_preload_content=False` call: skips the client's slow model deserialisation."""
     return json.loads(response.data)
@@ -49,7 +122,7 @@ def read_json(response: Any) -> Any:
 
 def patch_status(plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
     try:
-        client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_status(
+        custom().patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, plural, name, {"status": status}, _preload_content=False).data  # read: frees the connection
     except ApiException as exc:
         if exc.status != 404:  # deleted meanwhile: nothing to report on
@@ -63,16 +136,16 @@ def apply_configmap(manifest: dict[str, Any], attempts: int = 5) -> str:
     kube-controller-manager's garbage collector removes its ownerReference from the ConfigMap at
     the same moment we re-render it. Re-read and retry.
     """
-    core = client.CoreV1Api(api_client())
+    api = core()
     meta = manifest["metadata"]
     for attempt in range(attempts):
         try:
-            current = read_json(core.read_namespaced_config_map(meta["name"], meta["namespace"], _preload_content=False))
+            current = read_json(api.read_namespaced_config_map(meta["name"], meta["namespace"], _preload_content=False))
         except ApiException as exc:
             if exc.status != 404:
                 raise
             try:
-                core.create_namespaced_config_map(meta["namespace"], manifest, _preload_content=False).data  # read: frees the connection
+                api.create_namespaced_config_map(meta["namespace"], manifest, _preload_content=False).data  # read: frees the connection
                 return "created"
             except ApiException as create_exc:
                 if create_exc.status != 409 or attempt == attempts - 1:  # created meanwhile: replace it
@@ -84,7 +157,7 @@ def apply_configmap(manifest: dict[str, Any], attempts: int = 5) -> str:
             return "unchanged"
         body = {**manifest, "metadata": {**meta, "resourceVersion": current["metadata"]["resourceVersion"]}}
         try:
-            core.replace_namespaced_config_map(meta["name"], meta["namespace"], body, _preload_content=False).data  # read: frees the connection
+            api.replace_namespaced_config_map(meta["name"], meta["namespace"], body, _preload_content=False).data  # read: frees the connection
             return "updated"
         except ApiException as exc:
             if exc.status != 409 or attempt == attempts - 1:
@@ -94,7 +167,7 @@ def apply_configmap(manifest: dict[str, Any], attempts: int = 5) -> str:
 
 def delete_configmap(namespace: str, name: str) -> None:
     try:
-        client.CoreV1Api(api_client()).delete_namespaced_config_map(name, namespace)
+        core().delete_namespaced_config_map(name, namespace)
     except ApiException as exc:
         if exc.status != 404:
             raise
@@ -121,7 +194,7 @@ def post_warning(involved: dict[str, Any], reason: str, message: str, component:
             "reportingInstance": socket.gethostname(), "firstTimestamp": now, "lastTimestamp": now, "count": 1}
     for attempt in range(1, attempts + 1):
         try:
-            client.CoreV1Api(api_client()).create_namespaced_event(ns, body, _preload_content=False).data
+            core().create_namespaced_event(ns, body, _preload_content=False).data
             return
         except ApiException as exc:
             if attempt == attempts or not (exc.status in (0, 429) or exc.status >= 500):
@@ -130,3 +203,10 @@ def post_warning(involved: dict[str, Any], reason: str, message: str, component:
             if attempt == attempts:
                 raise
         time.sleep(backoff * 2 ** (attempt - 1))
+
+
+def post_budget_event(namespace: str, name: str, uid: str | None, reason: str, message: str,
+                      component: str = "cut-off") -> None:
+    """A Warning Event on a TokenBudget (the cut-off's and the ledger's announcements)."""
+    post_warning({"apiVersion": f"{GROUP}/{VERSION}", "kind": tokenbudget.KIND, "name": name, "namespace": namespace,
+                  **({"uid": uid} if uid else {})}, reason, message, component=component)

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from . import kube
+
 log = logging.getLogger(__name__)
 
 
@@ -95,10 +97,10 @@ def lease_body(name: str, namespace: str, me: str, duration: float, now: datetim
     return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata, "spec": spec}
 
 
-def default_identity() -> str:
-    """The pod name in a cluster (a restarted container resumes its own Lease at once); elsewhere
-    host, pid and a random part, so two local processes never share an identity."""
-    return os.environ.get("SPENDWARDEN_POD_NAME") or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+def default_identity(pod_name: str | None = None) -> str:
+    """The pod name in a cluster (SPENDWARDEN_POD_NAME: a restarted container resumes its own Lease at
+    once); elsewhere host, pid and a random part, so two local processes never share an identity."""
+    return pod_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass
@@ -142,26 +144,18 @@ class LeaderElector:
     # -- apiserver I/O
 
     def _api(self) -> Any:
-        from kubernetes import client
-
         if self._api_client is None:
-            from . import kube
-            kube.api_client()  # loads the configuration
-            self._api_client = client.ApiClient()  # its own connection pool: renewals never queue behind reconciles
-        return client.CoordinationV1Api(self._api_client)
+            self._api_client = kube.separate_client()  # its own connection pool: renewals never queue behind reconciles
+        return kube.client.CoordinationV1Api(self._api_client)
 
     def _timeout(self) -> float:
         return max(1.0, self.config.retry_period)
 
     def _read(self) -> LeaseRecord | None:
-        from kubernetes.client.rest import ApiException
-        try:
-            lease = self._api().read_namespaced_lease(self.config.name, self.config.namespace,
-                                                      _request_timeout=self._timeout())
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        lease = kube.or_none(lambda: self._api().read_namespaced_lease(self.config.name, self.config.namespace,
+                                                                        _request_timeout=self._timeout()))
+        if lease is None:
+            return None
         record = _record(lease)
         if lease.spec.acquire_time is not None and record.holder == self.config.identity:
             self._acquire_time = lease.spec.acquire_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -169,7 +163,6 @@ class LeaderElector:
 
     def _write(self, previous: LeaseRecord | None, release: bool = False) -> LeaseRecord | None:
         """Create or replace; None when another candidate wrote first (409) or created it meanwhile."""
-        from kubernetes.client.rest import ApiException
         c = self.config
         body = lease_body(c.name, c.namespace, c.identity, c.lease_duration, datetime.now(timezone.utc), previous,
                           self._acquire_time, release)
@@ -179,7 +172,7 @@ class LeaderElector:
                 lease = api.create_namespaced_lease(c.namespace, body, _request_timeout=self._timeout())
             else:
                 lease = api.replace_namespaced_lease(c.name, c.namespace, body, _request_timeout=self._timeout())
-        except ApiException as exc:
+        except kube.ApiException as exc:
             if exc.status == 409:
                 return None
             raise

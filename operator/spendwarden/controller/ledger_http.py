@@ -46,7 +46,19 @@ MAX_HEAD = 16 * 1024
 MAX_QUEUED = 8   # pipelined requests read ahead per connection before reading pauses (proxies send one at a time)
 MAX_UNVERIFIED_BODY = 16 * 1024  # a report of a few budgets; a bigger one waits for its token's review
 TRUSTED, REVIEW, PUBLIC = "trusted", "review", "public"
-Admission = str | tuple[int, str]   # one of the three, or the refusal (status, message)
+
+
+class Trusted:
+    """TRUSTED, with what the head's check learnt (a token's reviewed identity): the handler reads it
+    from `request.principal` instead of parsing and hashing the token a second time."""
+
+    __slots__ = ("principal",)
+
+    def __init__(self, principal: Any):
+        self.principal = principal
+
+
+Admission = str | tuple[int, str] | Trusted   # one of the three (or Trusted), or the refusal (status, message)
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
@@ -66,10 +78,11 @@ class Headers:
 
 
 class Request:
-    __slots__ = ("method", "path", "headers", "body")
+    __slots__ = ("method", "path", "headers", "body", "principal")
 
-    def __init__(self, method: str, path: str, headers: Headers, body: bytes):
+    def __init__(self, method: str, path: str, headers: Headers, body: bytes, principal: Any = None):
         self.method, self.path, self.headers, self.body = method, path, headers, body
+        self.principal = principal  # the admit hook's Trusted.principal; None: the handler checks itself
 
     async def read(self) -> bytes:
         return self.body
@@ -273,8 +286,13 @@ class _Connection(asyncio.Protocol):
             if length > self.server.max_body:
                 raise _BadRequest(413, f"the body exceeds {self.server.max_body} bytes")
             path = target.partition("?")[0]
-            if self.server.admit is not None and not self._admitted(path, Headers(headers), length):
-                return parsed  # the token is under review; reading resumes after it
+            head = Headers(headers)
+            principal = None
+            if self.server.admit is not None:
+                admitted = self._admitted(path, head, length)
+                if admitted is False:
+                    return parsed  # the token is under review; reading resumes after it
+                principal = admitted
             if len(buf) < end + 4 + length:
                 return parsed
             body = bytes(buf[end + 4:end + 4 + length])
@@ -285,16 +303,19 @@ class _Connection(asyncio.Protocol):
             connection = headers.get("connection", "").lower()
             if connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive"):
                 self.closing = True
-            self.queue.append(Request(method, path, Headers(headers), body))
+            self.queue.append(Request(method, path, head, body, principal))
         return parsed
 
-    def _admitted(self, path: str, headers: Headers, length: int) -> bool:
-        """Whether the body may be read now; raises the refusal; False: a review was started."""
+    def _admitted(self, path: str, headers: Headers, length: int) -> Any:
+        """Whether the body may be read now: False when a review was started, else the request's
+        principal (None if the head's check learnt none); raises the refusal."""
         verdict = self.server.admit(path, headers)  # type: ignore[misc]
+        if type(verdict) is Trusted:
+            return verdict.principal
         if isinstance(verdict, tuple):
             raise _BadRequest(*verdict)
         if verdict == TRUSTED or length <= self.server.max_unverified_body:
-            return True
+            return None
         if verdict == PUBLIC:
             raise _BadRequest(413, f"the body exceeds {self.server.max_unverified_body} bytes")
         if self.reviewed or self.server.verify is None:  # reviewed, and still not known: not now

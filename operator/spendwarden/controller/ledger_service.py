@@ -1,8 +1,8 @@
 """The ledger service: `POST /v1/report` (docs/ledger-protocol.md) and `GET /healthz`, served by the
-operator from a kopf startup handler, plus the operator's Prometheus metrics.
+operator (started by controller/runtime.py), plus the operator's Prometheus metrics endpoint.
 
 Thin: hand-parsed bodies (ledger/store.parse_report), a TokenReview per ServiceAccount token (cached
-both ways, on a bounded pool of its own: TokenReviewer),
+both ways, on a bounded pool of its own: controller/tokens.py TokenReviewer),
 then the pure store (ledger/store.py, over the lease core ledger/leases.py). What this module adds
 is I/O: loading a budget's persisted ledger from the apiserver before its first report is applied,
 writing it back (status.ledger + the usage fields) at most every FLUSH_INTERVAL per dirty budget
@@ -16,24 +16,22 @@ MAX_LOOKUPS_PER_REPORT of them per report (the others are answered "not loaded y
 later reports), MAX_CONCURRENT_LOADS at a time in all, and a name found missing is remembered for
 UNKNOWN_TTL seconds in a map of at most MAX_UNKNOWN names (a budget's watch event forgets it at
 once). Nothing else is kept per name that does not exist.
+
+Why one module of ~600 lines: the report path, the loads and the flushes (with the group commit)
+share the store, the flush states and the event loop's atomicity (no await between applying a
+report and requesting its flush); split apart they would reach into each other's internals. The
+token check (controller/tokens.py) and the HTTP server (controller/ledger_http.py) stand alone.
 """
 from __future__ import annotations
 
 import asyncio
-import fnmatch
-import hashlib
 import json
 import logging
-import os
-import re
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
-import kopf
 import orjson
 from aiohttp import web
 from prometheus_client import Counter, Gauge
@@ -44,36 +42,28 @@ from ..ledger.leases import LeaseSettings
 from ..ledger.loops import LoopAggregator
 from ..ledger.store import FORECAST_CONDITION, BudgetEntry, LedgerStore, ReportError, parse_report, replace_patch
 from ..render.status import LEDGER_FIELDS
-from .alerts import WebhookSender, WebhookSettings
+from . import kube
+from .alerts import WebhookSender
+from .alerts import WebhookSettings as AlertSettings
 from .bodies import plain
-from .cutoff import CutOffController, post_budget_event
+from .cutoff import CutOffController, ReplicaOwnerFn
 from .expiring import ExpiringMap
-from .ledger_http import PUBLIC, REVIEW, TRUSTED, Admission, Headers, LedgerHttpServer, Reply, aiohttp_handler
+from .ledger_config import LedgerConfig
+from .ledger_http import PUBLIC, REVIEW, TRUSTED, Admission, Headers, LedgerHttpServer, Reply, Trusted, aiohttp_handler
+from .settings import CutOffConfig
+from .tokens import (AUDIENCE, INVALID_TOKEN, MAX_PENDING_REVIEWS, MISSING_TOKEN, NEGATIVE_REVIEW_TTL,  # noqa: F401
+                     REVIEW_WORKERS, SA_PREFIX, ReviewBusy, TokenReviewer, bearer_token)
 
 log = logging.getLogger(__name__)
 
-AUDIENCE = "spendwarden"
 MAX_BODY = 1 << 20  # a report names at most MAX_BUDGETS_PER_REPORT budgets: far below this
 MAX_LOOKUPS_PER_REPORT = 16   # names of a report not loaded yet that are looked up in the apiserver
 MAX_CONCURRENT_LOADS = 4      # budget GETs at a time: flushes keep threads of their own
 UNKNOWN_TTL = 10.0            # a missing budget's watch event clears it sooner
 MAX_UNKNOWN = 4096
 NOT_LOADED = {"error": "budget not loaded yet (too many new names in one report); the next report loads it"}
-SA_PREFIX = "system:serviceaccount:"
-NEGATIVE_REVIEW_TTL = 10.0    # a refused token is refused again without a review for this long
-REVIEW_WORKERS = 4            # TokenReview threads, apart from the threads that persist grants
-MAX_PENDING_REVIEWS = 64      # distinct unknown tokens under review at once; more: 503 at once
-_BEARER = re.compile(r"[A-Za-z0-9._~+/=-]{1,8192}")  # RFC 6750 b64token; a projected JWT is ~1 KiB
 AUTHENTICATED = frozenset(("/v1/report", "/v1/wake"))
-MISSING_TOKEN = "a Bearer ServiceAccount token with audience spendwarden is required"
-INVALID_TOKEN = "the token is not a valid ServiceAccount token for audience spendwarden"
 
-
-def bearer_token(header: str) -> str | None:
-    """The token of an `Authorization: Bearer` header, None if absent or not a token's syntax."""
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and _BEARER.fullmatch(token) else None
 
 REPORTS = Counter("spendwarden_ledger_reports_total", "Usage reports accepted from proxies.")
 REJECTED = Counter("spendwarden_ledger_rejected_total", "Ledger requests refused, by reason.", ["reason"])
@@ -86,200 +76,44 @@ LOOPS = Counter("spendwarden_loops_reported", "Requests proxies refused with 429
                 ["namespace", "route"])
 
 
-@dataclass
-class LedgerConfig:
-    port: int = 8081                 # 0: no ledger service
-    addr: str = "0.0.0.0"
-    insecure: bool = False           # no authentication: standalone experiments only
-    metrics_port: int = 9090         # 0: no metrics endpoint
-    flush_interval: float = 2.0      # at most one write per dirty budget this often (grants excepted)
-    # ... and at most this many such writes a second in all: with many busy budgets each is written
-    # less often (200 busy budgets: every 4 s), so the apiserver's (and our own watch's) load is bounded.
-    max_writes_per_second: float = 50.0
-    review_ttl: float = 60.0         # how long a positive TokenReview answer is trusted
-    max_connections: int = 4096      # to the ledger port at once (about one per proxy); more: 503, closed
-    request_timeout: float = 10.0    # a request's head and body, from its first byte (then 408)
-    commit_timeout: float = 10.0     # a grant not persisted by then is answered 503 (proxy retries)
-    lease_ttl: float = LeaseSettings.ttl      # tests shorten these: a killed proxy is charged after ttl + grace
-    lease_grace: float = LeaseSettings.grace
-    # The operator's --namespace patterns (globs, "!" excludes); empty: all. Budgets elsewhere are not
-    # watched, so their spec changes would go unseen: they are answered as unknown.
-    namespaces: tuple[str, ...] = ()
+class ScalingPort(Protocol):
+    """What the ledger's endpoints need of the scaler (controller/scaler.py ScalingEndpoints)."""
 
-    def serves(self, namespace: str) -> bool:
-        if not self.namespaces:
-            return True
-        if any(p.startswith("!") and fnmatch.fnmatchcase(namespace, p[1:]) for p in self.namespaces):
-            return False
-        included = [p for p in self.namespaces if not p.startswith("!")]
-        return not included or any(fnmatch.fnmatchcase(namespace, p) for p in included)
+    def report(self, proxy_id: str, namespace: str, raw: Any) -> dict[str, Any] | None:
+        """A report's `backends` -> the answer's `backends`; raises ValueError (a 400)."""
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "LedgerConfig":
-        env = os.environ if env is None else env
-        return cls(port=int(env.get("SPENDWARDEN_LEDGER_PORT") or 8081),
-                   addr=env.get("SPENDWARDEN_LEDGER_ADDR") or "0.0.0.0",
-                   insecure=env.get("SPENDWARDEN_LEDGER_INSECURE", "").lower() in ("1", "true", "yes"),
-                   metrics_port=int(env.get("SPENDWARDEN_METRICS_PORT") or 9090),
-                   flush_interval=float(env.get("SPENDWARDEN_LEDGER_FLUSH_INTERVAL") or 2.0),
-                   max_writes_per_second=float(env.get("SPENDWARDEN_LEDGER_MAX_WRITES_PER_SECOND") or 50.0),
-                   request_timeout=float(env.get("SPENDWARDEN_LEDGER_REQUEST_TIMEOUT") or 10.0),
-                   max_connections=int(env.get("SPENDWARDEN_LEDGER_MAX_CONNECTIONS") or 4096),
-                   lease_ttl=float(env.get("SPENDWARDEN_LEDGER_LEASE_TTL") or LeaseSettings.ttl),
-                   lease_grace=float(env.get("SPENDWARDEN_LEDGER_LEASE_GRACE") or LeaseSettings.grace))
-
-
-CONFIG = LedgerConfig.from_env()  # controller/run.py replaces it with the command line's
-SERVICE: "LedgerService | None" = None
-
-
-@dataclass
-class ScalingHooks:
-    """Set by controller/scaler.py (which imports this module, not the other way round).
-    report(proxyId, namespace, report's `backends`) -> the answer's `backends` (raises ValueError: 400);
-    wake(namespace, route, backend) -> answer (raises an exception with .status)."""
-
-    report: Any = None
-    wake: Any = None
-
-
-SCALING_HOOKS = ScalingHooks()
-
-
-# -- authentication ------------------------------------------------------------------------------------
-
-class ReviewBusy(Exception):
-    """MAX_PENDING_REVIEWS reviews of unknown tokens are under way: refuse at once (503), not queue."""
-
-
-class TokenReviewer:
-    """ServiceAccount tokens -> (namespace, serviceaccount) through TokenReview, answers cached per
-    token hash (tokens themselves are never stored or logged): positive ones for `ttl`, refusals for
-    `negative_ttl` in a bounded map, so a token that failed once costs no second review soon.
-
-    Reviews run on a pool of their own (`workers` threads, at most `max_pending` distinct tokens
-    under review, concurrent requests with one token share its review): a flood of unknown tokens
-    then waits on that pool only, never on the threads that persist grants, and a cached token is
-    answered without waiting at all."""
-
-    def __init__(self, ttl: float = 60.0, max_entries: int = 10_000, negative_ttl: float = NEGATIVE_REVIEW_TTL,
-                 workers: int = REVIEW_WORKERS, max_pending: int = MAX_PENDING_REVIEWS):
-        self.ttl = min(ttl, 60.0)
-        self.max_entries = max_entries
-        self.max_pending = max_pending
-        self._cache: dict[str, tuple[float, str, str]] = {}
-        self._refused: ExpiringMap[str, bool] = ExpiringMap(negative_ttl, max_entries)
-        self._pending: dict[str, asyncio.Future] = {}
-        self._workers = workers
-        self._pool: ThreadPoolExecutor | None = None  # made on first use: most tests never review
-
-    @staticmethod
-    def key(token: str) -> str:
-        return hashlib.sha256(token.encode()).hexdigest()
-
-    def cached(self, key: str) -> tuple[str, str] | bool | None:
-        """(namespace, serviceaccount) of a token known good, False for one known bad, None: unknown."""
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1], hit[2]
-        return False if self._refused.get(key) else None
-
-    def _review_sync(self, token: str) -> tuple[str, str] | None:
-        from kubernetes import client
-
-        from . import kube
-        review = client.AuthenticationV1Api(kube.api_client()).create_token_review(
-            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-             "spec": {"token": token, "audiences": [AUDIENCE]}})
-        status = review.status
-        # The audience must be confirmed: an answer without audiences comes from an authenticator that
-        # ignored them, and then nothing says the token was issued for spendwarden.
-        if not status or not status.authenticated or not status.user or AUDIENCE not in (status.audiences or ()):
-            return None
-        username = status.user.username or ""
-        if not username.startswith(SA_PREFIX):
-            return None
-        ns, _, sa = username[len(SA_PREFIX):].partition(":")
-        return (ns, sa) if ns and sa else None
-
-    async def review(self, token: str) -> tuple[str, str] | None:
-        key = self.key(token)
-        hit = self.cached(key)
-        if hit is not None:
-            return hit or None
-        future = self._pending.get(key)
-        if future is None:
-            if len(self._pending) >= self.max_pending:
-                raise ReviewBusy()
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="spendwarden-tokenreview")
-            future = asyncio.get_running_loop().run_in_executor(self._pool, self._review_sync, token)
-            self._pending[key] = future
-            future.add_done_callback(lambda f: self._settle(key, f))
-        return await asyncio.shield(future)  # errors propagate: 503, not 401
-
-    def _settle(self, key: str, future: asyncio.Future) -> None:
-        self._pending.pop(key, None)
-        if future.cancelled() or future.exception() is not None:
-            return  # the apiserver failed, not the token: nothing to remember
-        who = future.result()
-        if who is None:
-            self._refused.put(key, True)
-            return
-        now = time.monotonic()
-        if len(self._cache) >= self.max_entries:
-            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
-            if len(self._cache) >= self.max_entries:
-                self._cache.clear()
-        self._cache[key] = (now + self.ttl, who[0], who[1])
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+    async def wake(self, namespace: str, route: str, backend: str) -> dict[str, Any]:
+        """Raises an exception with .status."""
 
 
 # -- apiserver I/O (in threads) ---------------------------------------------------------------------------
 
-def _custom() -> Any:
-    from kubernetes import client
-
-    from . import kube
-    return client.CustomObjectsApi(kube.api_client())
-
-
 def _get_budget(namespace: str, name: str) -> dict[str, Any] | None:
-    from kubernetes.client.rest import ApiException
-    try:
-        return _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, tokenbudget.PLURAL, name)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
+    return kube.get_custom(tokenbudget.PLURAL, namespace, name)
 
 
 def _patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    _custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, tokenbudget.PLURAL, name,
-                                                    {"status": status})
+    kube.custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, tokenbudget.PLURAL, name,
+                                                        {"status": status})
 
 
 def _patch_conditions(namespace: str, name: str, seen: list[dict] | None, desired: list[dict]) -> bool:
     """Replace status.conditions only if they are still `seen` (a JSON Patch `test`): the reconcile
     writes the Ready condition into the same list. False when someone changed them meanwhile."""
-    from kubernetes.client.rest import ApiException
     ops: list[dict[str, Any]] = ([{"op": "test", "path": "/status/conditions", "value": seen}] if seen else [])
     ops.append({"op": "add", "path": "/status/conditions", "value": desired})
     try:
-        _custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, tokenbudget.PLURAL, name, ops,
-                                                        _content_type="application/json-patch+json")
+        kube.custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, tokenbudget.PLURAL, name, ops,
+                                                            _content_type="application/json-patch+json")
         return True
-    except ApiException as exc:
+    except kube.ApiException as exc:
         if exc.status in (409, 422):
             return False
         raise
 
 
 def _post_event(entry: BudgetEntry, reason: str, message: str) -> None:
-    post_budget_event(entry.namespace, entry.name, entry.uid, reason, message, component="ledger")
+    kube.post_budget_event(entry.namespace, entry.name, entry.uid, reason, message, component="ledger")
 
 
 # -- the service -------------------------------------------------------------------------------------------
@@ -294,8 +128,11 @@ class _FlushState:
 
 
 class LedgerService:
-    def __init__(self, config: LedgerConfig, store: LedgerStore | None = None):
+    def __init__(self, config: LedgerConfig, store: LedgerStore | None = None, *,
+                 alerts: AlertSettings | None = None, scaling: ScalingPort | None = None,
+                 cutoff: CutOffConfig | None = None, replica_owner: ReplicaOwnerFn | None = None):
         self.config = config
+        self.scaling = scaling
         self.store = store or LedgerStore(LeaseSettings(ttl=config.lease_ttl, grace=config.lease_grace))
         self.reviewer = TokenReviewer(config.review_ttl)
         self._flush: dict[tuple[str, str], _FlushState] = {}
@@ -307,10 +144,13 @@ class LedgerService:
         self._ticker: asyncio.Task | None = None
         self._events: set[asyncio.Task] = set()
         self.loops = LoopAggregator()  # LoopDetected Events: at most one per route a minute
-        self.alerts = WebhookSender(WebhookSettings.from_env())
+        self.alerts = WebhookSender(alerts or AlertSettings())
         self.port: int | None = None
         self.flush_interval = config.flush_interval  # stretched by the tick when many budgets are dirty
-        self.cutoff = CutOffController(self)  # NetworkPolicy, label, scale-to-zero of exhausted CutOff budgets
+        # NetworkPolicy, label, scale-to-zero of exhausted CutOff budgets; started and stopped with the ledger.
+        cutoff = cutoff or CutOffConfig()
+        self.cutoff = CutOffController(self, settings=cutoff.settings, resync=cutoff.resync,
+                                       replica_owner=replica_owner)
 
     # lifecycle
 
@@ -383,7 +223,8 @@ class LedgerService:
         if verdict is False:
             REJECTED.labels(reason="invalid_token").inc()
             return 401, INVALID_TOKEN
-        return REVIEW if verdict is None else TRUSTED
+        # The identity rides on the request: the handler need not parse and hash the token again.
+        return REVIEW if verdict is None else Trusted(verdict)
 
     async def verify(self, headers: Headers) -> None:
         """Review a head's token before its large body is read (the verdict is cached either way)."""
@@ -395,6 +236,9 @@ class LedgerService:
         """(namespace, serviceaccount) of the Bearer token; None with --ledger-insecure; or the refusal."""
         if self.config.insecure:
             return None
+        principal = getattr(request, "principal", None)  # ledger_http's: admit() found the token known good
+        if principal is not None:
+            return principal
         token = bearer_token(request.headers.get("Authorization", ""))
         if token is None:
             return self._reject(401, "missing_token", MISSING_TOKEN)
@@ -425,9 +269,9 @@ class LedgerService:
             return self._reject(403, "forbidden_namespace",
                                 f"a token of namespace {who[0]} may report only that namespace's budgets")
         backends = None
-        if SCALING_HOOKS.report is not None:
+        if self.scaling is not None:
             try:  # demand for the scaler (before the usage is applied: a bad report changes nothing)
-                backends = SCALING_HOOKS.report(report.proxy_id, report.namespace, body.get("backends"))
+                backends = self.scaling.report(report.proxy_id, report.namespace, body.get("backends"))
             except ValueError as exc:
                 return self._reject(400, "bad_request", str(exc))
         REPORTS.inc()
@@ -460,10 +304,10 @@ class LedgerService:
         if who is not None and who[0] != fields["namespace"]:
             return self._reject(403, "forbidden_namespace",
                                 f"a token of namespace {who[0]} may wake only that namespace's backends")
-        if SCALING_HOOKS.wake is None:
+        if self.scaling is None:
             return web.json_response({"error": "scaling is not enabled in this operator"}, status=404)
         try:
-            answer = await SCALING_HOOKS.wake(fields["namespace"], fields["route"], fields["backend"])
+            answer = await self.scaling.wake(fields["namespace"], fields["route"], fields["backend"])
         except Exception as exc:  # noqa: BLE001 - WakeError carries its status; anything else is retryable
             status = getattr(exc, "status", 503)
             if status == 503:
@@ -481,7 +325,7 @@ class LedgerService:
         skipped = set(missing[MAX_LOOKUPS_PER_REPORT:])
         if missing:  # in parallel: a report naming many new budgets waits for one GET, not for all in series
             looked_up = missing[:MAX_LOOKUPS_PER_REPORT]
-            entries.update(zip(looked_up, await asyncio.gather(*(self._entry(ns, n) for n in looked_up))))
+            entries.update(zip(looked_up, await asyncio.gather(*(self.entry(ns, n) for n in looked_up))))
         # From here to the last report() call there is no await: the report is applied atomically.
         now_ts, now = time.time(), datetime.now(timezone.utc)
         answers: dict[str, Any] = {}
@@ -511,7 +355,7 @@ class LedgerService:
         """Whether a name not loaded is worth a GET: served, and not found missing lately."""
         return self.config.serves(namespace) and self._unknown.get((namespace, name)) is None
 
-    async def _entry(self, namespace: str, name: str) -> BudgetEntry | None:
+    async def entry(self, namespace: str, name: str) -> BudgetEntry | None:
         """The budget's entry, loaded with its persisted ledger before it is first used."""
         entry = self.store.get(namespace, name)
         if entry is not None or not self._may_exist(namespace, name):
@@ -569,7 +413,7 @@ class LedgerService:
             # A budget with a persisted ledger is loaded now (after a restart: from the fresh object,
             # not the event's copy), so its period resets and expiries happen even if no proxy reports.
             if (obj.get("status") or {}).get("ledger") and self.config.serves(ns):
-                task = asyncio.create_task(self._entry(ns, name), name=f"ledger-load-{ns}/{name}")
+                task = asyncio.create_task(self.entry(ns, name), name=f"ledger-load-{ns}/{name}")
                 self._events.add(task)
                 task.add_done_callback(self._event_done)
             return
@@ -741,58 +585,13 @@ def _ledger_conditions(conditions: Any) -> Any:
 
 # -- metrics endpoint ------------------------------------------------------------------------------------
 
-_metrics: dict[str, Any] = {}
-
-
-def start_metrics(port: int) -> None:
+def start_metrics(port: int) -> Any:
+    """The Prometheus endpoint's server (shutdown() stops it), None if the port is taken (logged)."""
     from prometheus_client import start_http_server
     try:
-        server, thread = start_http_server(port)
+        server, _thread = start_http_server(port)
     except OSError as exc:
         log.error("cannot serve metrics on port %s: %s", port, exc)
-        return
-    _metrics["server"] = server
+        return None
     log.info("metrics served", extra={"port": port})
-
-
-# -- kopf registration -------------------------------------------------------------------------------------
-
-@kopf.on.startup(id="spendwarden-ledger")
-async def start_ledger(**_: Any) -> None:
-    global SERVICE
-    if CONFIG.metrics_port:
-        start_metrics(CONFIG.metrics_port)
-    if not CONFIG.port:
-        log.info("ledger service off (--ledger-port 0)")
-        return
-    service = LedgerService(CONFIG)
-    try:
-        await service.start()
-    except OSError as exc:
-        # Not fatal: the reconcile still works, and proxies follow their budget's failMode.
-        log.error("cannot serve the ledger on %s:%s: %s", CONFIG.addr, CONFIG.port, exc)
-        return
-    SERVICE = service
-
-
-@kopf.on.cleanup(id="spendwarden-ledger")
-async def stop_ledger(**_: Any) -> None:
-    global SERVICE
-    service, SERVICE = SERVICE, None
-    if service is not None:
-        await service.stop()
-    server = _metrics.pop("server", None)
-    if server is not None:
-        server.shutdown()
-
-
-@kopf.on.event(GROUP, tokenbudget.PLURAL, id="ledger-observe")
-async def ledger_observe(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
-    if SERVICE is not None:
-        SERVICE.observe(event.get("type"), plain(body))
-
-
-def ledger_owns(namespace: str, name: str) -> bool:
-    """For the reconcile (in a thread): whether the ledger keeps this budget's accounts."""
-    service = SERVICE
-    return service is not None and service.owns(namespace, name)
+    return server

@@ -23,9 +23,6 @@ from ..render.status import (invalid_status, modelroute_status, reconcile_fields
 from . import kube
 
 log = logging.getLogger(__name__)
-_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
-_done: dict[str, tuple] = {}  # namespace -> inputs_key of its last complete reconcile
-_hashes: dict[str, str] = {}  # namespace -> config hash of the ConfigMap its last reconcile applied
 
 # (object, message) -> None; posts a Warning Event. Injected by the kopf layer.
 WarnFn = Callable[[dict[str, Any], str, str], None]
@@ -54,65 +51,72 @@ def _key(routes: list[dict], budgets: list[dict], prices: PriceBook) -> tuple:
     return inputs_key(routes + budgets) + (prices.key,)
 
 
-def up_to_date(namespace: str, snapshot: Callable[[], tuple[list[dict], list[dict]]],
-               prices: PriceBook | None = None) -> bool:
-    """Whether the last complete reconcile had these inputs: lets the event path skip a ledger
-    flush's echo without a trip to the reconcile threads (hundreds a second under ledger load)."""
-    routes, budgets = snapshot()
-    return _done.get(namespace) == _key(routes, budgets, prices or pins.current())
+class NamespaceReconciler:
+    """Renders and applies namespaces, remembering what each one's last complete reconcile saw and
+    applied (one per operator: controller/runtime.py makes it)."""
 
+    def __init__(self) -> None:
+        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._done: dict[str, tuple] = {}  # namespace -> inputs_key of its last complete reconcile
+        self._hashes: dict[str, str] = {}  # namespace -> config hash of the ConfigMap its last reconcile applied
 
-def reconcile_namespace(namespace: str, snapshot: Callable[[], tuple[list[dict], list[dict]]],
-                        warn: WarnFn, ledger_url: str | None = None,
-                        ledger_owns: LedgerOwnsFn | None = None, only_if_changed: bool = False,
-                        prices: PriceBook | None = None) -> dict[str, Any]:
-    """Render and apply one namespace. `snapshot` returns (routes, budgets) as of now.
-
-    only_if_changed: skip it when the inputs are those of this process's last complete reconcile of
-    the namespace (the event path: most events are status writes, and each would otherwise cost an
-    apiserver read and a render). Period resets pass False: they change status with the same inputs.
-    prices: pins and catalog for unset prices; default: the process's (prices/pins.py current).
-    """
-    prices = prices or pins.current()
-    with _locks[namespace]:
+    def up_to_date(self, namespace: str, snapshot: Callable[[], tuple[list[dict], list[dict]]],
+                   prices: PriceBook | None = None) -> bool:
+        """Whether the last complete reconcile had these inputs: lets the event path skip a ledger
+        flush's echo without a trip to the reconcile threads (hundreds a second under ledger load)."""
         routes, budgets = snapshot()
-        key = _key(routes, budgets, prices)
-        if only_if_changed and _done.get(namespace) == key:
-            return {"configmap": "skipped", "problems": []}
-        _done.pop(namespace, None)  # set again only once this reconcile completed
-        live_routes = [r for r in routes if not r["metadata"].get("deletionTimestamp")]
-        live_budgets = [b for b in budgets if not b["metadata"].get("deletionTimestamp")]
-        result = render_proxy_config(namespace, live_routes, live_budgets, ledger_url, prices)
-        if live_routes or live_budgets:
-            manifest = configmap_manifest(result.config, live_routes + live_budgets)
-            outcome = kube.apply_configmap(manifest)
-            _hashes[namespace] = manifest["metadata"]["annotations"][CONFIG_HASH]  # of the data applied
-        else:
-            _hashes.pop(namespace, None)
-            # Garbage collection removes it too; deleting now makes proxies stop at once.
-            kube.delete_configmap(namespace, CONFIGMAP_NAME)
-            outcome = "deleted"
-        now = datetime.now(timezone.utc)
-        for obj in live_routes + live_budgets:
-            _update_status(obj, result.problem_for(obj["kind"], obj["metadata"]["name"]), now, warn, ledger_owns,
-                           result.prices.get(obj["metadata"]["name"]) if obj["kind"] == modelroute.KIND else None)
-        if live_routes or live_budgets:
-            _done[namespace] = key
-        log.info("namespace reconciled", extra={"namespace": namespace, "configmap": outcome,
-                                                "routes": len(result.config.routes), "budgets": len(result.config.budgets),
-                                                "problems": len(result.problems)})
-        return {"configmap": outcome, "problems": [p.message for p in result.problems]}
+        return self._done.get(namespace) == _key(routes, budgets, prices or pins.current())
 
+    def reconcile_namespace(self, namespace: str, snapshot: Callable[[], tuple[list[dict], list[dict]]],
+                            warn: WarnFn, ledger_url: str | None = None,
+                            ledger_owns: LedgerOwnsFn | None = None, only_if_changed: bool = False,
+                            prices: PriceBook | None = None) -> dict[str, Any]:
+        """Render and apply one namespace. `snapshot` returns (routes, budgets) as of now.
 
-def drifted(present: dict[str, str]) -> list[str]:
-    """Namespaces whose ConfigMap is gone or was changed by someone else since we applied it, given
-    `present`: namespace -> render.proxyconfig.config_hash of the live ConfigMap's data. They are forgotten, so their
-    next reconcile applies again even though their CRs did not change."""
-    out = [ns for ns, want in list(_hashes.items()) if present.get(ns) != want]
-    for ns in out:
-        _done.pop(ns, None)
-        _hashes.pop(ns, None)
-    return out
+        only_if_changed: skip it when the inputs are those of this process's last complete reconcile of
+        the namespace (the event path: most events are status writes, and each would otherwise cost an
+        apiserver read and a render). Period resets pass False: they change status with the same inputs.
+        prices: pins and catalog for unset prices; default: the process's (prices/pins.py current).
+        """
+        prices = prices or pins.current()
+        with self._locks[namespace]:
+            routes, budgets = snapshot()
+            key = _key(routes, budgets, prices)
+            if only_if_changed and self._done.get(namespace) == key:
+                return {"configmap": "skipped", "problems": []}
+            self._done.pop(namespace, None)  # set again only once this reconcile completed
+            live_routes = [r for r in routes if not r["metadata"].get("deletionTimestamp")]
+            live_budgets = [b for b in budgets if not b["metadata"].get("deletionTimestamp")]
+            result = render_proxy_config(namespace, live_routes, live_budgets, ledger_url, prices)
+            if live_routes or live_budgets:
+                manifest = configmap_manifest(result.config, live_routes + live_budgets)
+                outcome = kube.apply_configmap(manifest)
+                self._hashes[namespace] = manifest["metadata"]["annotations"][CONFIG_HASH]  # of the data applied
+            else:
+                self._hashes.pop(namespace, None)
+                # Garbage collection removes it too; deleting now makes proxies stop at once.
+                kube.delete_configmap(namespace, CONFIGMAP_NAME)
+                outcome = "deleted"
+            now = datetime.now(timezone.utc)
+            for obj in live_routes + live_budgets:
+                _update_status(obj, result.problem_for(obj["kind"], obj["metadata"]["name"]), now, warn, ledger_owns,
+                               result.prices.get(obj["metadata"]["name"]) if obj["kind"] == modelroute.KIND else None)
+            if live_routes or live_budgets:
+                self._done[namespace] = key
+            log.info("namespace reconciled", extra={"namespace": namespace, "configmap": outcome,
+                                                    "routes": len(result.config.routes), "budgets": len(result.config.budgets),
+                                                    "problems": len(result.problems)})
+            return {"configmap": outcome, "problems": [p.message for p in result.problems]}
+
+    def drifted(self, present: dict[str, str]) -> list[str]:
+        """Namespaces whose ConfigMap is gone or was changed by someone else since we applied it, given
+        `present`: namespace -> render.proxyconfig.config_hash of the live ConfigMap's data. They are forgotten, so their
+        next reconcile applies again even though their CRs did not change."""
+        out = [ns for ns, want in list(self._hashes.items()) if present.get(ns) != want]
+        for ns in out:
+            self._done.pop(ns, None)
+            self._hashes.pop(ns, None)
+        return out
 
 
 def _update_status(obj: dict[str, Any], problem: Any, now: datetime, warn: WarnFn,

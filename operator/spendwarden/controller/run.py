@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .health import HealthServer
+    from .settings import OperatorSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,47 +52,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import kopf
 
+    from .settings import OperatorSettings
+
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
-    kopf.configure(verbose=args.verbose,
-                   log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN)
-    if args.webhooks:  # controller/admission.py reads its settings from the environment
-        os.environ["SPENDWARDEN_WEBHOOK_PORT"] = str(args.webhook_port)
-    from . import kopf_namespaces, ledger_service, main  # noqa: F401  (main: registers the handlers)
+    settings = OperatorSettings.from_args(args)
+    kopf.configure(verbose=settings.verbose,
+                   log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.PLAIN)
+    from . import kopf_namespaces
 
     kopf_namespaces.install()
-
-    ledger_service.CONFIG = ledger_service.LedgerConfig.from_env()
-    ledger_service.CONFIG.port = args.ledger_port
-    ledger_service.CONFIG.insecure = args.ledger_insecure
-    ledger_service.CONFIG.metrics_port = args.metrics_port
-    ledger_service.CONFIG.namespaces = tuple(args.namespace)
-
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
-    if not args.verbose:
+    if not settings.verbose:
         # kopf logs each handled event at INFO ("Handler ... succeeded"): three lines per event,
         # tens of thousands on a big cluster. Failures are WARNING/ERROR and still logged.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    asyncio.run(_serve(args))
+    asyncio.run(_serve(settings))
     return 0
 
 
-async def _serve(args: argparse.Namespace) -> None:
+async def _serve(settings: OperatorSettings) -> None:
     """Probes first; with --leader-elect, wait as a standby until the Lease is ours; then kopf (the
     reconcile, the ledger, the webhooks) runs only while this process leads."""
     import kopf
 
+    from . import handlers
     from .health import HealthServer, Phase
     from .leader import ElectionConfig, LeaderElector, default_identity
+    from .runtime import Runtime
 
-    health = HealthServer(args.liveness)
+    runtime = Runtime(settings)
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, runtime)
+    health = HealthServer(settings.liveness)
     elector: LeaderElector | None = None
-    if args.leader_elect:
-        elector = LeaderElector(ElectionConfig.for_duration(args.lease_name, args.lease_namespace, default_identity(),
-                                                            args.lease_duration))
+    leader = settings.leader
+    if leader.elect:
+        elector = LeaderElector(ElectionConfig.for_duration(leader.lease_name, leader.lease_namespace,
+                                                            default_identity(leader.identity),
+                                                            leader.lease_duration))
     else:
         health.phase = Phase.STARTING
     await health.start()
@@ -103,8 +105,8 @@ async def _serve(args: argparse.Namespace) -> None:
         ready = asyncio.Event()
         started = asyncio.create_task(_mark_serving(ready, health))
         try:
-            await kopf.operator(clusterwide=not args.namespace, namespaces=args.namespace, standalone=True,
-                                ready_flag=ready)
+            await kopf.operator(clusterwide=not settings.namespaces, namespaces=list(settings.namespaces),
+                                standalone=True, ready_flag=ready, registry=registry, memo=kopf.Memo(runtime=runtime))
         finally:
             started.cancel()
     finally:

@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
-import kopf
 from prometheus_client import Counter, Gauge
 
 from .. import GROUP, VERSION
 from ..api import modelroute
 from ..api.common import now_rfc3339, set_condition
 from ..ledger.periods import current_period
+from ..ledger.store import BudgetEntry
 from ..render.cutoff import BudgetCut, cut_routes
 from ..render.proxyconfig import validate_spec
 from ..scaling.capacity import MS_PER_HOUR, PeriodFn, ReplicaMeter, calendar_month
@@ -40,10 +40,11 @@ from ..scaling.demand import BackendLoad, DemandBook, parse_backends
 from ..scaling.owners import SCALER_MANAGER, UNRECORDED, Ownership, ReplicaOwner, replica_owners
 from ..scaling.policy import Decision, Policy, ScaleState, decide
 from ..scaling.workloads import Use, WorkloadKey, allowed, demand, governing, uses_by_workload
-from . import cutoff, ledger_service
-from .bodies import plain
+from . import kube
+from .cutoff import budget_cut
 
 log = logging.getLogger(__name__)
+BudgetsFn = Callable[[], Iterable[BudgetEntry]]
 
 CONFLICT = "ScalingConflict"
 
@@ -92,23 +93,12 @@ class RouteWrite:
 
 # -- apiserver I/O (in threads) -----------------------------------------------------------------------
 
-def _apps() -> Any:
-    from kubernetes import client
-
-    from . import kube
-    return client.AppsV1Api(kube.api_client())
-
-
 def read_workload(key: WorkloadKey) -> WorkloadView | None:
-    from kubernetes.client.rest import ApiException
-    apps = _apps()
-    try:
-        obj = (apps.read_namespaced_deployment if key.kind == "Deployment" else apps.read_namespaced_stateful_set)(
-            key.name, key.namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
+    apps = kube.apps()
+    read = apps.read_namespaced_deployment if key.kind == "Deployment" else apps.read_namespaced_stateful_set
+    obj = kube.or_none(lambda: read(key.name, key.namespace))
+    if obj is None:
+        return None
     st = obj.status
     available = (st.available_replicas if key.kind == "Deployment" else st.ready_replicas) or 0
     return WorkloadView(spec_replicas=obj.spec.replicas if obj.spec.replicas is not None else 1,
@@ -120,10 +110,7 @@ def read_workload(key: WorkloadKey) -> WorkloadView | None:
 def hpa_targeting(key: WorkloadKey) -> str | None:
     """The name of a HorizontalPodAutoscaler that targets the workload. autoscaling/v1 lists every HPA
     whatever version it was written in (v2beta2 on 1.20, v2 later: one stored object)."""
-    from kubernetes import client
-
-    from . import kube
-    for hpa in client.AutoscalingV1Api(kube.api_client()).list_namespaced_horizontal_pod_autoscaler(key.namespace).items:
+    for hpa in kube.autoscaling_v1().list_namespaced_horizontal_pod_autoscaler(key.namespace).items:
         ref = hpa.spec.scale_target_ref
         if ref.kind == key.kind and ref.name == key.name:
             return hpa.metadata.name
@@ -131,43 +118,27 @@ def hpa_targeting(key: WorkloadKey) -> str | None:
 
 
 def scale(key: WorkloadKey, replicas: int) -> None:
-    patch = cutoff._scale_api(key.kind)[1]  # the one place that writes replica counts
+    patch = kube.scale_api(key.kind)[1]  # the one place that writes replica counts
     patch(key.name, key.namespace, {"spec": {"replicas": replicas}}, field_manager=SCALER_MANAGER)
 
 
 def _get_route(namespace: str, name: str) -> dict[str, Any] | None:
-    from kubernetes import client
-    from kubernetes.client.rest import ApiException
-
-    from . import kube
-    try:
-        return client.CustomObjectsApi(kube.api_client()).get_namespaced_custom_object(
-            GROUP, VERSION, namespace, modelroute.PLURAL, name)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
+    return kube.get_custom(modelroute.PLURAL, namespace, name)
 
 
 def _patch_route_status(namespace: str, name: str, body: Any, json_patch: bool = False) -> bool:
     """False when the route is gone or (JSON Patch `test`) its conditions changed meanwhile."""
-    from kubernetes import client
-    from kubernetes.client.rest import ApiException
-
-    from . import kube
     kwargs = {"_content_type": "application/json-patch+json"} if json_patch else {}
     try:
-        client.CustomObjectsApi(kube.api_client()).patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, modelroute.PLURAL, name, body, **kwargs)
+        kube.custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, modelroute.PLURAL, name, body, **kwargs)
         return True
-    except ApiException as exc:
+    except kube.ApiException as exc:
         if exc.status in (404, 409, 422):
             return False
         raise
 
 
 def _warn_route(route: dict[str, Any], reason: str, message: str) -> None:
-    from . import kube
     kube.post_warning(kube.involved_object({**route, "kind": modelroute.KIND}), reason, message, component="scaler")
 
 
@@ -180,13 +151,17 @@ class WakeError(Exception):
 
 
 class Scaler:
-    def __init__(self, interval: float = 1.0, status_interval: float = 30.0, demand_ttl: float = 5.0):
+    def __init__(self, interval: float = 1.0, status_interval: float = 30.0, demand_ttl: float = 5.0,
+                 budgets: BudgetsFn = lambda: ()):
         self.interval = interval
+        self.budgets = budgets  # the ledger's budget entries: replica-hours' period, cut-off state
         self.status_interval = status_interval
         self.book = DemandBook(ttl=demand_ttl)
         self.routes: dict[tuple[str, str], tuple[dict[str, Any], modelroute.ModelRouteSpec]] = {}
         self.tracked: dict[WorkloadKey, Tracked] = {}
         self.uses: dict[WorkloadKey, list[Use]] = {}
+        # The routes with a deploymentRef backend: the only ones `uses` is made of.
+        self._referring: dict[tuple[str, str], modelroute.ModelRouteSpec] = {}
         self._written: dict[tuple[str, str], RouteWrite] = {}
         self._kick = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -203,7 +178,15 @@ class Scaler:
             self._written.pop(key, None)
         else:
             self.routes[key] = (obj, spec)
-        self.uses = uses_by_workload((ns, name, sp) for (ns, name), (_, sp) in sorted(self.routes.items()))
+        # Recomputed only when a route that names workloads came, changed or went: every ModelRoute
+        # event (each status write's echo too) recomputing it over all routes was quadratic, 40% of
+        # the operator's CPU while it reconciled 2,000 namespaces.
+        refers = key in self.routes and any(b.deploymentRef is not None for b in spec.backends)
+        if not refers and self._referring.pop(key, None) is None:
+            return
+        if refers:
+            self._referring[key] = spec
+        self.uses = uses_by_workload((ns, name, sp) for (ns, name), sp in sorted(self._referring.items()))
 
     def record(self, proxy_id: str, namespace: str, backends: dict[str, BackendLoad]) -> dict[str, Any]:
         """A report's `backends`: remembered as demand; answered with what the proxy needs to know of
@@ -287,7 +270,7 @@ class Scaler:
             scaled = {wk: uses for wk, uses in self.uses.items() if any(u.scaling is not None for u in uses)}
             for wk in [wk for wk in self.tracked if wk not in scaled]:
                 self._forget(wk)
-            is_cut = _cut_checker()
+            is_cut = self._cut_checker()
             for wk, uses in scaled.items():
                 try:
                     await self._one(wk, uses, load, is_cut)
@@ -343,7 +326,7 @@ class Scaler:
 
     def _meter(self, wk: WorkloadKey, tr: Tracked, gov: Use, replicas: int) -> None:
         now = datetime.now(timezone.utc)
-        period = _period_for(gov.namespace)
+        period = self._period_for(gov.namespace)
         if tr.meter is None:
             tr.meter = ReplicaMeter.start(now, period, replicas, self._persisted_ms(gov, now, period))
             return
@@ -458,6 +441,35 @@ class Scaler:
                 log.warning("cannot post the ScalingConflict event: %s", type(exc).__name__)
         return True
 
+    def _period_for(self, namespace: str) -> PeriodFn:
+        """Replica-hours are counted in the period of the namespace's first TokenBudget (so they stand
+        next to its token cost), else per calendar month (UTC)."""
+        entries = sorted((e for e in self.budgets() if e.namespace == namespace), key=lambda e: e.name)
+        if entries:
+            spec = entries[0].spec
+            return lambda now: current_period(spec, now)
+        return calendar_month
+
+
+    def _cut_checker(self) -> Any:
+        """use -> whether an exhausted onExceeded=CutOff budget of its namespace covers its route (the
+        cut-off's own definition: controller/cutoff.budget_cut, render/cutoff.cut_routes)."""
+        by_ns: dict[str, list[BudgetCut]] = {}
+        for e in self.budgets():
+            by_ns.setdefault(e.namespace, []).append(budget_cut(e))
+        return lambda u: u.alias in cut_routes(by_ns.get(u.namespace, ()), [u.alias])[1]
+
+
+    def owns(self, namespace: str, kind: str, name: str) -> bool:
+        """Whether the scaler owns this workload's replica count (some allowed route backend has scaling
+        settings for it): then the cut-off leaves it to the scaler, whose desired count is 0 while every
+        route using it is cut off and follows demand again after the reset. One owner per workload
+        (while an HPA or another writer has the count the scaler still holds it at 0 when cut off, and
+        gives that owner its count back after the reset: scaling/owners.py)."""
+        wk = WorkloadKey(kind, namespace, name)
+        tr = self.tracked.get(wk)
+        return governing(wk, self.uses.get(wk, []), tr.view.annotations if tr and tr.view else None) is not None
+
 
 def foreign_message(wk: WorkloadKey, manager: str) -> str:
     """Stable for one writer (the condition and its one Event are not rewritten every tick)."""
@@ -475,82 +487,24 @@ def _material(entries: list[dict[str, Any]] | None) -> Any:
     return [{k: v for k, v in e.items() if k not in ("replicaHours", "cost", "inFlight", "previous")} for e in entries]
 
 
-def _period_for(namespace: str) -> PeriodFn:
-    """Replica-hours are counted in the period of the namespace's first TokenBudget (so they stand
-    next to its token cost), else per calendar month (UTC)."""
-    service = ledger_service.SERVICE
-    if service is not None:
-        entries = sorted((e for e in service.store.entries.values() if e.namespace == namespace), key=lambda e: e.name)
-        if entries:
-            spec = entries[0].spec
-            return lambda now: current_period(spec, now)
-    return calendar_month
+# -- the ledger's endpoints ---------------------------------------------------------------------------
 
+class ScalingEndpoints:
+    """The scaler's side of the ledger's report and wake endpoints (ledger_service.ScalingPort), for
+    whichever Scaler is running now (None before start and after stop)."""
 
-def _cut_checker() -> Any:
-    """use -> whether an exhausted onExceeded=CutOff budget of its namespace covers its route (the
-    cut-off's own definition: controller/cutoff.budget_cut, render/cutoff.cut_routes)."""
-    service = ledger_service.SERVICE
-    by_ns: dict[str, list[BudgetCut]] = {}
-    if service is not None:
-        for e in service.store.entries.values():
-            by_ns.setdefault(e.namespace, []).append(cutoff.budget_cut(e))
-    return lambda u: u.alias in cut_routes(by_ns.get(u.namespace, ()), [u.alias])[1]
+    def __init__(self, running: Callable[[], Scaler | None]):
+        self.running = running
 
+    def report(self, proxy_id: str, namespace: str, raw: Any) -> dict[str, Any] | None:
+        backends = parse_backends(raw)  # BackendsError: 400
+        scaler = self.running()
+        if scaler is None or not backends:
+            return None
+        return scaler.record(proxy_id, namespace, backends)
 
-def owns(namespace: str, kind: str, name: str) -> bool:
-    """Whether the scaler owns this workload's replica count (some allowed route backend has scaling
-    settings for it): then the cut-off leaves it to the scaler, whose desired count is 0 while every
-    route using it is cut off and follows demand again after the reset. One owner per workload
-    (while an HPA or another writer has the count the scaler still holds it at 0 when cut off, and
-    gives that owner its count back after the reset: scaling/owners.py)."""
-    scaler = SCALER
-    if scaler is None:
-        return False
-    wk = WorkloadKey(kind, namespace, name)
-    tr = scaler.tracked.get(wk)
-    return governing(wk, scaler.uses.get(wk, []), tr.view.annotations if tr and tr.view else None) is not None
-
-
-# -- wiring ------------------------------------------------------------------------------------------
-
-SCALER: Scaler | None = None
-
-
-def _on_report(proxy_id: str, namespace: str, raw: Any) -> dict[str, Any] | None:
-    backends = parse_backends(raw)  # BackendsError: 400
-    if SCALER is None or not backends:
-        return None
-    return SCALER.record(proxy_id, namespace, backends)
-
-
-async def _on_wake(namespace: str, route: str, backend: str) -> dict[str, Any]:
-    if SCALER is None:
-        raise WakeError(503, "the scaler is not running")
-    return await SCALER.wake(namespace, route, backend)
-
-
-ledger_service.SCALING_HOOKS.report = _on_report
-ledger_service.SCALING_HOOKS.wake = _on_wake
-
-
-@kopf.on.startup(id="spendwarden-scaler")
-async def start_scaler(**_: Any) -> None:
-    global SCALER
-    SCALER = Scaler(interval=float(os.environ.get("SPENDWARDEN_SCALE_INTERVAL") or 1.0),
-                    status_interval=float(os.environ.get("SPENDWARDEN_SCALE_STATUS_INTERVAL") or 30.0))
-    SCALER.start()
-
-
-@kopf.on.cleanup(id="spendwarden-scaler")
-async def stop_scaler(**_: Any) -> None:
-    global SCALER
-    scaler, SCALER = SCALER, None
-    if scaler is not None:
-        await scaler.stop()
-
-
-@kopf.on.event(GROUP, modelroute.PLURAL, id="scaler-observe")
-async def scaler_observe(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
-    if SCALER is not None:
-        SCALER.observe_route(event.get("type"), plain(body))
+    async def wake(self, namespace: str, route: str, backend: str) -> dict[str, Any]:
+        scaler = self.running()
+        if scaler is None:
+            raise WakeError(503, "the scaler is not running")
+        return await scaler.wake(namespace, route, backend)

@@ -24,6 +24,7 @@ import kopf
 
 from .. import GROUP
 from ..tls import WebhookTLS, issue_webhook_tls, not_after, webhook_tls_problem
+from . import kube
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +191,7 @@ class CertStore:
         """Issue or rotate if needed and (re)write the files; returns what was wrong, None if nothing."""
         hosts = self.settings.hosts()
         if self.settings.in_cluster:
-            from . import kube
-            from kubernetes import client
-            tls, problem = ensure_secret(client.CoreV1Api(kube.api_client()), self.settings.namespace or "",
+            tls, problem = ensure_secret(kube.core(), self.settings.namespace or "",
                                          self.settings.cert_secret, hosts, now)
         else:
             problem = webhook_tls_problem(self.tls, hosts, now)
@@ -222,15 +221,8 @@ def ensure_secret(core: Any, namespace: str, name: str, hosts: list[str],
     """The webhook TLS material from Secret `namespace/name`, issued or rotated (and stored) when it is
     absent, expiring within 30 days or not naming `hosts`. Restarts reuse it, so the caBundle in the
     webhook configurations stays valid across restarts. Returns (tls, why it was renewed or None)."""
-    from kubernetes.client.rest import ApiException
-
     for _ in range(5):  # optimistic concurrency: re-read on conflict
-        try:
-            secret = core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            secret = None
+        secret = kube.or_none(lambda: core.read_namespaced_secret(name, namespace))
         stored = WebhookTLS.from_secret_data(secret.data if secret is not None else None)
         problem = webhook_tls_problem(stored, hosts, now)
         if problem is None:
@@ -248,7 +240,7 @@ def ensure_secret(core: Any, namespace: str, name: str, hosts: list[str],
                 meta["labels"] = {**(secret.metadata.labels or {}), **meta["labels"]}
                 body["type"] = secret.type or body["type"]  # a Secret's type is immutable
                 core.replace_namespaced_secret(name, namespace, body)
-        except ApiException as exc:
+        except kube.ApiException as exc:
             if exc.status == 409:
                 continue
             # The response of a failed write is not logged: it could echo the Secret.

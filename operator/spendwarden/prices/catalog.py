@@ -14,6 +14,7 @@ variants are not used (the proxies send synchronous default-tier requests).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from importlib.metadata import version as _version
@@ -85,6 +86,37 @@ def lookup(provider: str, model: str, at: datetime | None = None) -> PriceEntry 
     if info is None:
         return None
     return _entry(info, at or datetime.now(UTC))
+
+
+def _time_invariant(info: Any) -> bool:
+    """Whether the model's prices are the same at every time: no conditional (dated or time-of-day)
+    prices. Price variants apply only with a request's context, which lookups never pass."""
+    from genai_prices.types import ModelPrice
+
+    return isinstance(info.prices, ModelPrice)
+
+
+def cached_lookup(max_entries: int = 4096) -> Callable[[str, str], PriceEntry | None]:
+    """`lookup` at the current time, remembered per (provider, model) where the answer cannot change
+    with the time. One per PriceBook, so per pins revision: the operator renders every namespace
+    with it, and a catalog lookup costs about as much as the rest of a render."""
+    memo: dict[tuple[str, str], PriceEntry | None] = {}
+
+    def lookup_now(provider: str, model: str) -> PriceEntry | None:
+        key = (provider, model)
+        try:
+            return memo[key]
+        except KeyError:
+            pass
+        info = _model(provider, model)
+        entry = None if info is None else _entry(info, datetime.now(UTC))
+        if info is None or _time_invariant(info):
+            if len(memo) >= max_entries:  # model names come from users' routes: bounded
+                memo.clear()
+            memo[key] = entry
+        return entry
+
+    return lookup_now
 
 
 def models(provider: str) -> list[str]:

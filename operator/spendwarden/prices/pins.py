@@ -93,7 +93,7 @@ def book_for(pins: Pins) -> PriceBook:
 
     digest = hashlib.sha256(repr(sorted((k, sorted(e.values.items()), e.currency) for k, e in pins.items()))
                             .encode()).hexdigest()[:16]
-    return PriceBook(pins=pins, catalog=catalog.lookup, key=f"{catalog.source()}:{digest}")
+    return PriceBook(pins=pins, catalog=catalog.cached_lookup(), key=f"{catalog.source()}:{digest}")
 
 
 class PinWatcher:
