@@ -68,6 +68,9 @@ the client (None when none was sent, e.g. a stream without include_usage or a di
 the response completed (usage: prompt_tokens, the whole prompt, completion_tokens, cached_tokens and
 cache_write_tokens, the parts of the prompt read from and written to the cache). `totals` sums the usage actually reported, and, as `billed_*`, the usage of
 every answer generated (what a provider bills, even when the client went away mid-stream).
+
+Longer than 500 lines: one server speaks two wire formats, streamed and not, with scripted
+latencies, errors and usage; the tests' and benchmarks' upstream, not shipped in a runtime path.
 """
 from __future__ import annotations
 

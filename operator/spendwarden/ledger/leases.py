@@ -41,6 +41,9 @@ still fit; a team whose every request is huge is spent once none fits. A need la
 limit never fits however much is left: it proves nothing and is left out. The minima are taken per
 dimension (tokens from one request, cost from another, a zero-price backend's requests needing no
 money), so they never overstate what the team needs: spent comes late rather than falsely.
+
+Longer than 500 lines: the lease model above, its invariants and the one class that keeps them are
+read together; split, each invariant would be argued in two files.
 """
 from __future__ import annotations
 

@@ -9,6 +9,9 @@ periodStart/periodEnd, and the previous period's under `previous` (late reports 
 until the next reset). Every change bumps the entry's `version`; a flush records the version it
 wrote. A report that RAISED a ceiling may only be answered once `persisted >= raised_at`: the
 ceilings a restarted operator reads back then include every ceiling any proxy was ever told.
+
+Longer than 500 lines: report semantics and the status mapping share BudgetEntry's version and
+raised_at invariants. The status mapping (to_status/from_status) is the part that could move out.
 """
 from __future__ import annotations
 

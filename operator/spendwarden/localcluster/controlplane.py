@@ -19,6 +19,9 @@ Environment:
   SPENDWARDEN_CONTROL_PLANE_START_TIMEOUT      seconds (default 60; KUBEBUILDER_CONTROLPLANE_START_TIMEOUT too)
   SPENDWARDEN_CONTROL_PLANE_STOP_TIMEOUT       seconds (default 10; KUBEBUILDER_CONTROLPLANE_STOP_TIMEOUT too)
   SPENDWARDEN_KEEP_CONTROL_PLANE_DIR=1         keep the temp dir (certs, logs) after stop, for debugging
+
+Longer than 500 lines: the control plane's processes, certificates and readiness checks form one
+start/stop sequence with shared state; dev tooling only (node.py holds the node).
 """
 from __future__ import annotations
 

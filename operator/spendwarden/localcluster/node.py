@@ -9,6 +9,9 @@ Network (fixed, private to this machine):
   services  10.96.0.0/16, the apiserver at 10.96.0.1, cluster DNS at 10.96.0.10
 Traffic from pods to anything beyond the bridge and this host is rejected (no pod reaches outside
 this machine), and image pulls go to a closed local port: only images imported into the node run.
+
+Longer than 500 lines: one node's start-up is one ordered sequence of short steps (network,
+containerd, kubelet, kube-proxy, CoreDNS, policy enforcer) that share its state; dev tooling only.
 """
 from __future__ import annotations
 
