@@ -131,7 +131,7 @@ def control_plane(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
 
 
 @pytest.fixture(scope="session")
-def kube(control_plane: ControlPlane) -> Iterator["kubernetes.client.ApiClient"]:  # noqa: F821
+def kube(control_plane: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:  # noqa: F821
     api = control_plane.api_client()
     yield api
     api.close()

@@ -80,7 +80,7 @@ def test_report_shows_cost_per_route_backend_and_tag_from_real_proxies(control_p
                                                           Decimal(r["cost"])] for r in status["breakdown"]}
             assert got == dict(expected)
             assert sum(r[3] for r in got.values()) == Decimal(status["used"]["cost"])
-            assert 'spendwarden_tagged_cost_total{currency="USD",namespace="%s",tag="scenario",value="ticket"}' % ns \
+            assert f'spendwarden_tagged_cost_total{{currency="USD",namespace="{ns}",tag="scenario",value="ticket"}}' \
                 in proxies[0].metrics()
         finally:
             for p in proxies:

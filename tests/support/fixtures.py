@@ -4,8 +4,8 @@ Enabled with `pytest_plugins = ["tests.support.fixtures"]` in tests/conftest.py.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

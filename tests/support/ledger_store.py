@@ -1,13 +1,13 @@
 """The ledger store's test vocabulary: a fixed clock, a budget CR, report bodies and a send helper."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from spendwarden.ledger.store import (
     parse_report,
 )
 
-NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 
 TS = NOW.timestamp()

@@ -34,7 +34,7 @@ class OperatorProcess:
         return f"http://127.0.0.1:{self.port}/healthz"
 
     # Generous: on a loaded 2-core machine (load average 17) Python's start-up alone took over 30 s.
-    def start(self, timeout: float = 90) -> "OperatorProcess":
+    def start(self, timeout: float = 90) -> OperatorProcess:
         env = {**os.environ, "KUBECONFIG": self.kubeconfig, **self.env}
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -86,7 +86,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20, interval: float 
             value = predicate()
             if value:
                 return value
-        except Exception as exc:  # the object may not exist yet
+        except Exception as exc:  # noqa: BLE001 - the object may not exist yet
             last_error = exc
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))

@@ -48,7 +48,10 @@ def test_no_floats_in_money_fields():
 
 def test_printer_columns():
     crds = {m["spec"]["names"]["kind"]: m for m in all_crds().values()}
-    cols = lambda kind: [c["name"] for c in crds[kind]["spec"]["versions"][0]["additionalPrinterColumns"]]
+
+    def cols(kind: str) -> list[str]:
+        return [c["name"] for c in crds[kind]["spec"]["versions"][0]["additionalPrinterColumns"]]
+
     assert cols("TokenBudget") == ["Limit", "Used", "%", "State", "Resets", "Age"]
     assert cols("ModelRoute") == ["Model", "Default", "Backends", "Ready", "Age"]
     assert crds["TokenBudget"]["spec"]["names"]["shortNames"] == ["tb"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -11,8 +11,8 @@ from spendwarden.ledger.store import LedgerStore
 from tests.support.ledger_store import NOW, SPEC, TS, body, budget, send
 
 DAY = 86400.0
-START_TS = datetime(2026, 11, 1, tzinfo=timezone.utc).timestamp()
-END_TS = datetime(2026, 12, 1, tzinfo=timezone.utc).timestamp()
+START_TS = datetime(2026, 11, 1, tzinfo=UTC).timestamp()
+END_TS = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
 
 
 def test_time_constant_is_an_eighth_of_the_period_capped_at_15_minutes():
@@ -91,7 +91,7 @@ def test_forecast_condition_and_event_once_per_period_also_across_a_restart():
 
     used, seq, t = _hourly_spend(store, entry, 1, 3600, used, seq, t)  # 3.6k an hour: out in ~26 h
     status = store.status(entry, t)
-    at = datetime.strptime(status["forecastExhaustion"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    at = datetime.strptime(status["forecastExhaustion"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     assert timedelta(hours=20) < at - t < timedelta(hours=32)
     state, reason, message = conditions(status)["ForecastExhausted"]
     assert (state, reason) == ("True", "BurnRate") and status["forecastExhaustion"][:13] in message
@@ -109,7 +109,7 @@ def test_forecast_condition_and_event_once_per_period_also_across_a_restart():
     assert restarted.events(again) == []  # announced before the restart
 
     # The next period starts afresh: a new announcement is possible.
-    december = datetime(2026, 12, 1, 0, 0, 5, tzinfo=timezone.utc)
+    december = datetime(2026, 12, 1, 0, 0, 5, tzinfo=UTC)
     restarted.roll(again, december)
     assert again.burn is None and not again.forecast_announced
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -123,7 +123,7 @@ async def test_three_proxies_on_the_real_ledger_store_never_pass_the_hard_ceilin
     clock = Clock()
     c = proxy_config(hard=6000, limit=4000)
     store = LedgerStore()
-    now = datetime.fromtimestamp(clock(), timezone.utc)
+    now = datetime.fromtimestamp(clock(), UTC)
     entry = store.load({"metadata": {"name": "b", "namespace": "team-a"},
                         "spec": c.budgets["b"].spec.model_dump(mode="json", exclude_none=True)}, now)
 

@@ -1,6 +1,7 @@
 from decimal import Decimal
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spendwarden.ledger.allowance import Allowance, Amount, Limits, clamp_output
 from spendwarden.ledger.pricing import Prices, TokenUsage, cost

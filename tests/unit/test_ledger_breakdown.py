@@ -5,7 +5,7 @@ retired proxies, status and history; the metric of costs per tag stays bounded."
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -126,7 +126,7 @@ def test_finished_periods_keep_their_breakdown_in_history_and_late_reports_land_
     store = LedgerStore()
     entry = store.load(budget(), NOW)
     send(store, entry, with_rows(body(1, used=(100, 0)), ("chat", "mini", "a", 100, 0, "0", 1)))
-    december = datetime(2026, 12, 1, 0, 0, 5, tzinfo=timezone.utc)
+    december = datetime(2026, 12, 1, 0, 0, 5, tzinfo=UTC)
     store.tick(december.timestamp(), december)
     assert entry.history[0]["breakdown"] == wire(("chat", "mini", "a", 100, 0, "0", 1))
     send(store, entry, with_rows(body(2, used=(150, 0)), ("chat", "mini", "a", 150, 0, "0", 2)),

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from spendwarden.controller import ledger_service as svc
-from spendwarden.ledger.loops import (MAX_PER_REPORT, LoopAggregator, LoopQueue, LoopReport, parse_loops)
+from spendwarden.ledger.loops import MAX_PER_REPORT, LoopAggregator, LoopQueue, LoopReport, parse_loops
 from spendwarden.ledger.store import ReportError, parse_report
 
 KEY = "ab12cd34ef56" + "0" * 52  # a request hash (spend.cache.request_key)

@@ -1,9 +1,9 @@
 from decimal import Decimal
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from spendwarden.ledger.pricing import (Prices, TokenUsage, cost, format_money, output_tokens_affordable,
-                                        worst_case_cost)
+from spendwarden.ledger.pricing import Prices, TokenUsage, cost, format_money, output_tokens_affordable, worst_case_cost
 
 P = Prices(input=Decimal("0.15"), output=Decimal("0.60"), cached_input=Decimal("0.075"))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -130,7 +130,7 @@ def test_rollover_keeps_the_previous_period_for_late_reports_and_history():
     store = LedgerStore()
     entry = store.load(budget(), NOW)
     send(store, entry, body(1, used=(100, 50), want=(0, 1000)))
-    december = datetime(2026, 12, 1, 0, 0, 5, tzinfo=timezone.utc)
+    december = datetime(2026, 12, 1, 0, 0, 5, tzinfo=UTC)
     assert store.tick(december.timestamp(), december) == [entry]
     assert entry.current.start == "2026-12-01T00:00:00Z" and entry.previous.start == START
     assert entry.history[0]["used"]["totalTokens"] == 150
@@ -151,7 +151,7 @@ def test_restart_after_a_reset_moves_the_stored_period_to_previous():
     entry = store.load(budget(), NOW)
     send(store, entry, body(1, used=(100, 0)))
     status = store.status(entry, NOW)
-    later = datetime(2026, 12, 3, tzinfo=timezone.utc)
+    later = datetime(2026, 12, 3, tzinfo=UTC)
     again = LedgerStore().load(budget(**status), later)
     assert again.current.start == "2026-12-01T00:00:00Z" and again.previous.start == START
     assert again.history[0]["used"]["totalTokens"] == 100 and again.dirty

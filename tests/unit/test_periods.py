@@ -1,15 +1,16 @@
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from spendwarden.api.tokenbudget import PeriodType, TokenBudgetSpec
 from spendwarden.ledger.periods import calendar_period, current_period, rolling_period, seconds_until_next_reset
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def test_daily_across_spring_forward_is_23_hours():
@@ -63,7 +64,7 @@ def test_rolling_period_contains_now(now, seconds):
 
 
 def test_the_reset_loop_wakes_at_the_earliest_period_end():
-    now = datetime(2026, 11, 22, 19, 9, 50, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 22, 19, 9, 50, tzinfo=UTC)
     assert seconds_until_next_reset([], now, 15) == 15
     assert seconds_until_next_reset(["2026-11-22T19:10:00Z", "2026-11-22T19:11:00Z"], now, 15) == pytest.approx(10.05)
     assert seconds_until_next_reset(["2026-12-01T00:00:00Z"], now, 15) == 15

@@ -1,12 +1,15 @@
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spendwarden.ledger.allowance import Amount, Limits
 from spendwarden.ledger.pricing import TokenUsage
 from spendwarden.proxy.budgets import BudgetBook
 from spendwarden.proxy.config import compile_config, parse_config_text
 from spendwarden.proxy.errors import ProxyError
+from tests.support.clock import Clock
 
 
 def config(on_exceeded="CutOff", limits='{tokens: {total: 1000}}', window="24h", extra=""):
@@ -107,10 +110,6 @@ def test_new_period_resets_usage_and_state_file_roundtrip(tmp_path):
     third = BudgetBook(str(state), clock=clock)
     third.sync(c.budgets)
     assert third.states["b"].allowance.used.total_tokens == 20
-
-
-from hypothesis import given, settings, strategies as st  # noqa: E402
-from tests.support.clock import Clock
 
 
 TWO_BUDGETS = """

@@ -3,8 +3,14 @@ import orjson
 import pytest
 
 from spendwarden.proxy.errors import ProxyError
-from spendwarden.proxy.translate import (ChatStreamTranslator, StreamTranslator, chat_to_messages, error_to_anthropic,
-                                         error_to_openai, messages_to_chat)
+from spendwarden.proxy.translate import (
+    ChatStreamTranslator,
+    StreamTranslator,
+    chat_to_messages,
+    error_to_anthropic,
+    error_to_openai,
+    messages_to_chat,
+)
 
 
 def test_admitted_output_cap_and_stream_flags_win():

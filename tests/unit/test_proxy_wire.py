@@ -2,9 +2,20 @@ import pytest
 
 from spendwarden.ledger.pricing import TokenUsage
 from spendwarden.proxy.errors import ProxyError
-from spendwarden.proxy.wire import (CHAT, COMPLETIONS, EMBEDDINGS, MAX_REPORTED_TOKENS, MESSAGES, BadUsage,
-                                    anthropic_stream_usage, anthropic_usage, check_request, event_data,
-                                    openai_usage, split_events)
+from spendwarden.proxy.wire import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    MAX_REPORTED_TOKENS,
+    MESSAGES,
+    BadUsage,
+    anthropic_stream_usage,
+    anthropic_usage,
+    check_request,
+    event_data,
+    openai_usage,
+    split_events,
+)
 
 
 def test_check_chat_ok():

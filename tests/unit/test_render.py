@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from spendwarden.api.proxyconfig import CONFIG_KEY, CONFIGMAP_NAME, ProxyConfig
 from spendwarden.api.validation import validate_spec
@@ -18,7 +18,7 @@ from spendwarden.render.status import (
 )
 from tests.support.manifests import GOOD_BUDGET, GOOD_ROUTE
 
-NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 
 def cr(kind: str, name: str, spec: dict, uid: str = "", created: str = "2026-11-01T00:00:00Z", **status) -> dict:
@@ -130,9 +130,9 @@ def test_condition_transition_time_is_stable_when_nothing_changes():
     obj = cr("ModelRoute", "chat", GOOD_ROUTE)
     spec = validate_spec("ModelRoute", GOOD_ROUTE)[0]
     first = modelroute_status(obj, spec, NOW)
-    again = modelroute_status({**obj, "status": first}, spec, datetime(2026, 11, 23, tzinfo=timezone.utc))
+    again = modelroute_status({**obj, "status": first}, spec, datetime(2026, 11, 23, tzinfo=UTC))
     assert again == first
-    broken = invalid_status({**obj, "status": first}, "defaultBackend names unknown backend 'x'", datetime(2026, 11, 23, tzinfo=timezone.utc))
+    broken = invalid_status({**obj, "status": first}, "defaultBackend names unknown backend 'x'", datetime(2026, 11, 23, tzinfo=UTC))
     ready = next(c for c in broken["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
     assert ready["lastTransitionTime"] == "2026-11-23T00:00:00Z"

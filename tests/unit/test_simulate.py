@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import yaml
 
+from spendwarden.api.modelroute import ModelRouteSpec
+from spendwarden.api.tokenbudget import TokenBudgetSpec
 from spendwarden.cli import main
 from spendwarden.ledger.pricing import Prices, TokenUsage, cost
-from spendwarden.simulate import simulate, summarize_all
+from spendwarden.simulate import simulate
 from spendwarden.simulate.budget import run_out
 from spendwarden.simulate.candidates import Budget, Candidate, CandidateError, load_budget, load_candidate
 from spendwarden.simulate.outcomes import DEFAULT_OUTPUT_TOKENS, FailureModel, expected_output_tokens
-from spendwarden.simulate.replay import Replay, Settings, prompt_tokens
-from spendwarden.simulate.report import table
+from spendwarden.simulate.replay import Settings, prompt_tokens
 from spendwarden.simulate.traffic import ACCESS_LOG, ANTHROPIC_BATCH, OPENAI_BATCH, TrafficError, read_lines
-from spendwarden.api.modelroute import ModelRouteSpec
-from spendwarden.api.tokenbudget import TokenBudgetSpec
 
-T0 = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 MINI = {"input": "0.15", "output": "0.60"}
 STRONG = {"input": "2.50", "output": "10.00"}
 MINI_P, STRONG_P = Prices.from_spec(MINI), Prices.from_spec(STRONG)
@@ -82,7 +81,7 @@ def test_reads_access_log_and_both_batch_formats():
     assert [r.line for r in reqs] == [1, 3, 4]
     a, o, m = reqs
     assert a.body is None and a.recorded.input_tokens == 120 and a.recorded.backend == "mini"
-    assert a.ts == datetime.fromtimestamp(1767603600.5, timezone.utc) and a.scenario == "faq"
+    assert a.ts == datetime.fromtimestamp(1767603600.5, UTC) and a.scenario == "faq"
     assert o.body["messages"][0]["content"] == EASY and o.recorded.output_tokens == 77 and o.scenario == "faq"
     assert o.ts == T0 and o.request_id == "r1"
     assert m.api == "messages" and m.ts is None

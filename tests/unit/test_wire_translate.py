@@ -8,9 +8,15 @@ import openai.types.chat as ot
 import pytest
 from pydantic import TypeAdapter
 
-from spendwarden.wire.translate import (AnthropicToOpenAIStream, OpenAIToAnthropicStream, TranslationError,
-                                         anthropic_to_openai_chat, anthropic_to_openai_response,
-                                         openai_chat_to_anthropic, openai_to_anthropic_response)
+from spendwarden.wire.translate import (
+    AnthropicToOpenAIStream,
+    OpenAIToAnthropicStream,
+    TranslationError,
+    anthropic_to_openai_chat,
+    anthropic_to_openai_response,
+    openai_chat_to_anthropic,
+    openai_to_anthropic_response,
+)
 
 TOOL = {"type": "function", "function": {"name": "lookup", "description": "find an order",
                                          "parameters": {"type": "object", "properties": {"id": {"type": "string"}}}}}
