@@ -20,7 +20,7 @@ average before and after is recorded, and a warning printed when the machine was
 
 Measures, per path: latency p50/p99 at c=1 and at about half of the path's max rate; max requests/s
 at c=32; time to first token on streams (c=1); how many of N concurrent slow streams complete; RSS
-idle and under load. Writes bench/results/proxy-<time>.json and prints a markdown table. Everything
+idle and under load; for spendwarden, the start-up time from process start to /healthz. Writes bench/results/proxy-<time>.json and prints a markdown table. Everything
 listens on 127.0.0.1 and every loop is bounded.
 """
 from __future__ import annotations
@@ -255,6 +255,33 @@ def start_path(name: str, mock: str, work: Path) -> tuple[Proc | None, str | Non
     return proc, base, None
 
 
+def startup_seconds(mock: str, work: Path, runs: int) -> dict[str, Any]:
+    """The sidecar's start-up: process start (Popen, on its pinned core) to GET /healthz = 200,
+    polled every 5 ms; `runs` starts, one at a time. Native sidecars hold the app until then."""
+    samples = []
+    cfg = spendwarden_config(mock, work / "spendwarden-config.json")
+    for i in range(runs):
+        port = free_port()
+        t0 = time.perf_counter()
+        proc = Proc(f"startup-{i}", ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "spendwarden.cli", "proxy",
+                                     "--config", str(cfg), "--port", str(port), "--metrics-port", str(free_port())], work)
+        try:
+            while time.perf_counter() - t0 < 30 and proc.alive():
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                        if r.status == 200:
+                            samples.append(time.perf_counter() - t0)
+                            break
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.005)
+        finally:
+            proc.stop()
+    samples.sort()
+    return {"runs": runs, "ready": len(samples), "p50_s": round(statistics.median(samples), 3) if samples else None,
+            "max_s": round(samples[-1], 3) if samples else None}
+
+
 # -- load -----------------------------------------------------------------------------------------
 
 def wrk(url: str, conns: int, seconds: float, work: Path, delay_ms: float | None = None) -> dict[str, Any]:
@@ -402,13 +429,14 @@ def measure(name: str, base: str, proc: Proc | None, args: argparse.Namespace, w
 
 def table(results: dict[str, Any], connections: int) -> str:
     head = ("| path | c=1 p50 / p99 ms (added) | ~half load: req/s, p50 / p99 ms (added p50) | "
-            f"c={connections}: req/s, p50 ms | stream TTFT p50 ms (added) | slow streams held | RSS idle / load MB |")
-    rows = [head, "|" + "---|" * 7]
+            f"c={connections}: req/s, p50 ms | stream TTFT p50 ms (added) | slow streams held | RSS idle / load MB "
+            "| start-up to ready s (p50 / max) |")
+    rows = [head, "|" + "---|" * 8]
     for name, r in results.items():
         if "skipped" in r:
             why = [ln.strip() for ln in r["skipped"].splitlines() if ln.strip()]
             brief = why[0] + (f" ... {why[-1]}" if len(why) > 1 else "")
-            rows.append(f"| {name} | skipped: {brief[:200].replace('|', '/')} | | | | | |")
+            rows.append(f"| {name} | skipped: {brief[:200].replace('|', '/')} | | | | | | |")
             continue
         a = r.get("added") or {}
         plus = (lambda k: f" (+{a[k]})" if a.get(k) is not None else "")
@@ -420,10 +448,18 @@ def table(results: dict[str, Any], connections: int) -> str:
             f"| {r['streams']['completed']}/{r['streams']['opened']} in {r['streams']['seconds']} s "
             f"| {r['rss_idle_mb'] if r['rss_idle_mb'] is not None else '-'} / "
             f"{r['rss_load_mb'] if r['rss_load_mb'] is not None else '-'}"
-            f"{' (streams ' + str(r['streams']['peak_rss_mb']) + ')' if r['streams'].get('peak_rss_mb') else ''} |")
+            f"{' (streams ' + str(r['streams']['peak_rss_mb']) + ')' if r['streams'].get('peak_rss_mb') else ''} "
+            f"| {_startup(r)} |")
     errs = [f"{n}: {r[k]['errors']} errors in the {k} run" for n, r in results.items() if "skipped" not in r
             for k in ("c1", "cmax", "half") if r[k]["errors"]]
     return "\n".join(rows) + ("\n\nErrors: " + "; ".join(errs) if errs else "")
+
+
+def _startup(r: dict[str, Any]) -> str:
+    s = r.get("startup")
+    if not s:
+        return "-"
+    return f"{s['p50_s']} / {s['max_s']} ({s['ready']}/{s['runs']} ready)"
 
 
 def main() -> int:
@@ -432,6 +468,7 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32, help="Connections for the max-rate run (default 32).")
     ap.add_argument("--streams", type=int, default=1000, help="Concurrent slow streams to hold (default 1000).")
     ap.add_argument("--ttft-requests", type=int, default=100, help="Streams for the TTFT sample (default 100).")
+    ap.add_argument("--startup-runs", type=int, default=10, help="Sidecar starts timed to /healthz (default 10).")
     ap.add_argument("--only", default="direct,bare,spendwarden,litellm", help="Comma-separated paths to run.")
     args = ap.parse_args()
 
@@ -484,6 +521,10 @@ def main() -> int:
                 results[name] = measure(name, base, proc, args, work, direct)
             finally:
                 proc.stop()
+            if name == "spendwarden" and args.startup_runs:
+                results[name]["startup"] = startup_seconds(mock_url, work, args.startup_runs)
+                print(f"  {name}: start-up to /healthz p50 {results[name]['startup']['p50_s']} s, "
+                      f"max {results[name]['startup']['max_s']} s", flush=True)
         with urllib.request.urlopen(mock_url + "/_mock/requests", timeout=10) as r:
             totals = json.loads(r.read())["totals"]
     finally:
