@@ -225,10 +225,16 @@ class Counter:
             pos = e
 
     def count(self, text: str) -> int:
+        if len(self._code_table) > CODE_TABLE_MAX:
+            self._code_table.clear()
         cache = self._cache
         get = cache.get
         total = 0
-        for piece in self._pieces(text):
+        pos = 0
+        for m in self._split(self._codes(text)):  # the loop of _pieces, inlined: the request path
+            e = m.end()
+            piece = text[pos:e]
+            pos = e
             n = get(piece)
             if n is None:
                 n = self._piece_count(piece)
