@@ -20,7 +20,8 @@ average before and after is recorded, and a warning printed when the machine was
 
 Measures, per path: latency p50/p99 at c=1 and at about half of the path's max rate; max requests/s
 at c=32; time to first token on streams (c=1); how many of N concurrent slow streams complete; RSS
-idle and under load; for spendwarden, the start-up time from process start to /healthz. Writes bench/results/proxy-<time>.json and prints a markdown table. Everything
+idle and under load (for spendwarden also the working set of its own memory cgroup, where the
+machine lets one be created, as the kubelet reports a container's); for spendwarden, the start-up time from process start to /healthz. Writes bench/results/proxy-<time>.json and prints a markdown table. Everything
 listens on 127.0.0.1 and every loop is bounded.
 """
 from __future__ import annotations
@@ -115,11 +116,64 @@ def tree_rss_mb(pid: int) -> float:
     return round(total / 1024, 1)
 
 
+class MemCgroup:
+    """A fresh memory cgroup (v2, else v1) for one process, so that its memory is also read as the
+    kubelet reads a container's: working set = usage (memory.current) - inactive file pages. None
+    of it when the machine has no writable memory controller."""
+
+    def __init__(self, name: str):
+        self.path: Path | None = None
+        self.v2 = False
+        for root, v2 in ((Path("/sys/fs/cgroup"), True), (Path("/sys/fs/cgroup/unified"), True),
+                         (Path("/sys/fs/cgroup/memory"), False)):
+            try:
+                if v2 and "memory" not in (root / "cgroup.controllers").read_text().split():
+                    continue
+                if not v2 and not (root / "memory.usage_in_bytes").exists():
+                    continue
+                path = root / f"{name}-{os.getpid()}"
+                path.mkdir(exist_ok=True)
+                self.path, self.v2 = path, v2
+                return
+            except OSError:
+                continue
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """`cmd`, started inside the cgroup (so that all its memory is charged there)."""
+        if self.path is None:
+            return cmd
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.path), *cmd]
+
+    def working_set_mb(self) -> float | None:
+        if self.path is None:
+            return None
+        try:
+            usage = int((self.path / ("memory.current" if self.v2 else "memory.usage_in_bytes")).read_text())
+            stat = dict(line.split() for line in (self.path / "memory.stat").read_text().splitlines())
+            inactive = int(stat.get("inactive_file" if self.v2 else "total_inactive_file", 0))
+        except (OSError, ValueError):
+            return None
+        return round(max(usage - inactive, 0) / 2**20, 1)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            for _ in range(50):  # the killed process leaves the cgroup a moment later
+                try:
+                    self.path.rmdir()
+                    return
+                except OSError:
+                    time.sleep(0.1)
+
+
 class Proc:
     """A child process in its own process group, logged to a file, stopped by group."""
 
-    def __init__(self, name: str, cmd: list[str], workdir: Path, env: dict[str, str] | None = None):
+    def __init__(self, name: str, cmd: list[str], workdir: Path, env: dict[str, str] | None = None,
+                 cgroup: MemCgroup | None = None):
         self.name = name
+        self.cgroup = cgroup
+        if cgroup is not None:
+            cmd = cgroup.wrap(cmd)
         self.log = workdir / f"{name}.log"
         with open(self.log, "wb") as log:
             self.p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -144,6 +198,8 @@ class Proc:
                 self.p.wait(5)
             except ProcessLookupError:
                 pass
+        if self.cgroup is not None:
+            self.cgroup.remove()
 
 
 def post_json(url: str, body: dict[str, Any], timeout: float = 5) -> tuple[int, Any]:
@@ -231,7 +287,8 @@ def start_path(name: str, mock: str, work: Path) -> tuple[Proc | None, str | Non
     elif name == "spendwarden":
         cfg = spendwarden_config(mock, work / "spendwarden-config.json")
         proc = Proc(name, pin + [sys.executable, "-m", "spendwarden.cli", "proxy", "--config", str(cfg),
-                                 "--port", str(port), "--metrics-port", str(free_port())], work)
+                                 "--port", str(port), "--metrics-port", str(free_port())], work,
+                    cgroup=MemCgroup("spendwarden-bench"))
         timeout = 30
     elif name == "litellm":
         exe = ensure_litellm()
@@ -374,6 +431,9 @@ def measure(name: str, base: str, proc: Proc | None, args: argparse.Namespace, w
     res: dict[str, Any] = {}
     wrk(url, 8, 2, work)  # warm-up (imports, pools, JIT-less but cache-warm)
     res["rss_idle_mb"] = tree_rss_mb(proc.p.pid) if proc else None
+    cg = proc.cgroup if proc else None
+    if cg is not None:
+        res["cgroup_working_set_idle_mb"] = cg.working_set_mb()
     res["c1"] = wrk(url, 1, args.duration, work)
     print(f"  {name}: c=1 p50 {ms(res['c1']['p50_us'])} ms, p99 {ms(res['c1']['p99_us'])} ms", flush=True)
 
@@ -388,12 +448,17 @@ def measure(name: str, base: str, proc: Proc | None, args: argparse.Namespace, w
     t = threading.Thread(target=run32)
     t.start()
     peak = 0.0
+    cg_peak = None
     while t.is_alive():
         if proc:
             peak = max(peak, tree_rss_mb(proc.p.pid))
+        if cg is not None and (ws := cg.working_set_mb()) is not None:
+            cg_peak = max(cg_peak or 0.0, ws)
         t.join(0.5)
     res["cmax"] = box["r"]
     res["rss_load_mb"] = peak if proc else None
+    if cg is not None:
+        res["cgroup_working_set_load_mb"] = cg_peak
     print(f"  {name}: c={args.connections} {res['cmax']['rps']} req/s, p50 {ms(res['cmax']['p50_us'])} ms", flush=True)
 
     # About half the max rate: connections that each pause between requests so that together they
@@ -448,11 +513,16 @@ def table(results: dict[str, Any], connections: int) -> str:
             f"| {r['streams']['completed']}/{r['streams']['opened']} in {r['streams']['seconds']} s "
             f"| {r['rss_idle_mb'] if r['rss_idle_mb'] is not None else '-'} / "
             f"{r['rss_load_mb'] if r['rss_load_mb'] is not None else '-'}"
-            f"{' (streams ' + str(r['streams']['peak_rss_mb']) + ')' if r['streams'].get('peak_rss_mb') else ''} "
-            f"| {_startup(r)} |")
+            f"{' (streams ' + str(r['streams']['peak_rss_mb']) + ')' if r['streams'].get('peak_rss_mb') else ''}"
+            f"{_working_set(r)} | {_startup(r)} |")
     errs = [f"{n}: {r[k]['errors']} errors in the {k} run" for n, r in results.items() if "skipped" not in r
             for k in ("c1", "cmax", "half") if r[k]["errors"]]
     return "\n".join(rows) + ("\n\nErrors: " + "; ".join(errs) if errs else "")
+
+
+def _working_set(r: dict[str, Any]) -> str:
+    idle, load = r.get("cgroup_working_set_idle_mb"), r.get("cgroup_working_set_load_mb")
+    return f"; cgroup working set {idle} / {load}" if idle is not None else ""
 
 
 def _startup(r: dict[str, Any]) -> str:
