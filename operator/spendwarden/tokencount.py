@@ -163,7 +163,7 @@ class Counter:
         self._buf = buf
         self._split = _pretokenize._RE["cl100k"].finditer
         self._codes = _pretokenize._to_codes
-        self._code_table = _pretokenize._TBL
+        self._pretokenize = _pretokenize
         self._cache: dict[str, int] = {}
         self.n_vocab = n
 
@@ -215,9 +215,14 @@ class Counter:
             return len(b)  # an upper bound; see the module's docstring
         return len(self._merge(b)) - 1
 
+    def _bound_code_table(self) -> None:
+        # A new dict, not clear(): a worker thread's _to_codes may be between filling its table and
+        # translating with it, and keeps the one it started with.
+        if len(self._pretokenize._TBL) > CODE_TABLE_MAX:
+            self._pretokenize._TBL = {}
+
     def _pieces(self, text: str):
-        if len(self._code_table) > CODE_TABLE_MAX:
-            self._code_table.clear()
+        self._bound_code_table()
         pos = 0
         for m in self._split(self._codes(text)):
             e = m.end()
@@ -225,8 +230,7 @@ class Counter:
             pos = e
 
     def count(self, text: str) -> int:
-        if len(self._code_table) > CODE_TABLE_MAX:
-            self._code_table.clear()
+        self._bound_code_table()
         cache = self._cache
         get = cache.get
         total = 0

@@ -54,7 +54,7 @@ def test_caches_stay_bounded():
         counter.count(" ".join(f"w{rng.random()}" for _ in range(tc.PIECE_CACHE)))
         counter.count("".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(30_000)))
     assert len(counter._cache) <= tc.PIECE_CACHE
-    assert len(counter._code_table) <= tc.CODE_TABLE_MAX + 30_000
+    assert len(counter._pretokenize._TBL) <= tc.CODE_TABLE_MAX + 30_000
 
 
 def test_table_file_is_built_readable_checked_and_rebuilt(tmp_path, monkeypatch):
