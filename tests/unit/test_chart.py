@@ -460,6 +460,9 @@ def test_proxy_limits_resources_and_log_level_reach_every_injected_sidecar(chart
 
     default = sidecar(None)
     assert default["resources"] == injection.DEFAULT_RESOURCES
+    # the chart states the measured default (values.yaml) and the operator falls back to the same
+    chart_default = yaml.safe_load((Path(CHART) / "values.yaml").read_text())["proxy"]["resources"]
+    assert chart_default == injection.DEFAULT_RESOURCES
     assert {e["name"] for e in default["env"]} == {"SPENDWARDEN_LEDGER_TOKEN_FILE", "SPENDWARDEN_SECRETS_DIR"}
     limits = {"headTimeoutSeconds": 2.5, "bodyTimeoutSeconds": 0, "maxBodyBytes": 1000000,
               "maxBufferedBytes": 64 * 2**20, "maxResponseBytes": 4 * 2**20}

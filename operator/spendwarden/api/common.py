@@ -4,13 +4,14 @@ Money is never a float: amounts are decimal strings in the API and `decimal.Deci
 """
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
-from enum import Enum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..enums import ConditionStatus  # noqa: F401 (re-exported)
+from ..plainconfig import parse_duration  # noqa: F401 (re-exported)
 
 # At most 15 integer digits: a sane maximum for any budget or price (ledger/breakdown.py bounds the
 # sums proxies report at 1e18).
@@ -28,16 +29,8 @@ Duration = Annotated[
           description="A duration such as \"30m\", \"24h\", \"7d\" or \"1h30m\" (units s, m, h, d, w)."),
 ]
 
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # A Duration that is zero (every part 0): for CEL rules, which cannot add up the parts.
 ZERO_DURATION_REGEX = "^(0+[smhdw])+$"
-
-
-def parse_duration(text: str) -> timedelta:
-    parts = re.findall(r"([0-9]+)(s|m|h|d|w)", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"invalid duration {text!r}: expected e.g. 30m, 24h, 7d")
-    return timedelta(seconds=sum(int(n) * _DURATION_UNITS[u] for n, u in parts))
 
 
 def to_decimal(amount: str) -> Decimal:
@@ -63,10 +56,6 @@ class ApiModel(BaseModel):
                               validate_default=True)
 
 
-class ConditionStatus(str, Enum):
-    TRUE = "True"
-    FALSE = "False"
-    UNKNOWN = "Unknown"
 
 
 class Condition(ApiModel):

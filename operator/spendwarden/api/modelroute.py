@@ -1,10 +1,9 @@
 """ModelRoute: how requests for one model alias are served."""
 from __future__ import annotations
 
-from enum import Enum
-
 from pydantic import ConfigDict, Field, model_validator
 
+from ..enums import Provider, WakeMode, WorkloadKind  # noqa: F401 (re-exported)
 from .common import (
     ZERO_DURATION_REGEX,
     ApiModel,
@@ -36,10 +35,6 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
 CATALOG_CURRENCY = "USD"  # genai-prices prices in USD
 
 
-class Provider(str, Enum):
-    OPENAI = "OpenAI"
-    ANTHROPIC = "Anthropic"
-    OPENAI_COMPATIBLE = "OpenAICompatible"
 
 
 class Pricing(ApiModel):
@@ -67,9 +62,6 @@ class Credentials(ApiModel):
     secretRef: SecretKeyRef = Field(description="Secret (in the route's namespace) and key holding the API key.")
 
 
-class WorkloadKind(str, Enum):
-    DEPLOYMENT = "Deployment"
-    STATEFULSET = "StatefulSet"
 
 
 class DeploymentRef(ApiModel):
@@ -85,9 +77,6 @@ def longer_than_zero(field_name: str) -> dict:
     return cel((f"!self.matches('{ZERO_DURATION_REGEX}')", f"{field_name} must be longer than 0s"))
 
 
-class WakeMode(str, Enum):
-    HOLD = "Hold"
-    FALLBACK = "Fallback"
 
 
 class WakeSettings(ApiModel):

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from enum import Enum
 from typing import Annotated
 
 from pydantic import ConfigDict, Field, model_validator
 
+from ..enums import BudgetState, FailMode, OnExceeded, PeriodType  # noqa: F401 (re-exported)
 from .common import ApiModel, Condition, Duration, Money, SecretKey, SecretName, cel, parse_duration
 
 KIND = "TokenBudget"
@@ -15,27 +15,12 @@ SINGULAR = "tokenbudget"
 SHORT_NAMES = ["tb"]
 
 
-class PeriodType(str, Enum):
-    DAILY = "Daily"
-    WEEKLY = "Weekly"
-    MONTHLY = "Monthly"
 
 
-class OnExceeded(str, Enum):
-    CUT_OFF = "CutOff"
-    DOWNGRADE = "Downgrade"
-    ALERT_ONLY = "AlertOnly"
 
 
-class FailMode(str, Enum):
-    OPEN = "Open"
-    CLOSED = "Closed"
 
 
-class BudgetState(str, Enum):
-    ACTIVE = "Active"
-    WARNING = "Warning"
-    EXCEEDED = "Exceeded"
 
 
 class Period(ApiModel):

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
-from ..api.common import parse_duration
-from ..api.tokenbudget import PeriodType, TokenBudgetSpec
+from ..enums import PeriodType
+from ..plainconfig import parse_duration
 
 # Rolling windows are anchored at the Unix epoch so every proxy and the operator agree on the
 # boundaries without sharing state.
@@ -48,7 +49,7 @@ def rolling_period(window: timedelta, now: datetime) -> tuple[datetime, datetime
     return start, start + window
 
 
-def current_period(spec: TokenBudgetSpec, now: datetime) -> tuple[datetime, datetime]:
+def current_period(spec: Any, now: datetime) -> tuple[datetime, datetime]:
     """The [start, end) of the period containing `now`, as aware UTC datetimes."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")

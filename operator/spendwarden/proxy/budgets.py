@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from ..api.tokenbudget import FailMode, OnExceeded
+from ..enums import FailMode, OnExceeded
 from ..ledger.allowance import Allowance, Amount, Limits, clamp_output, hard_ceiling, least
 from ..ledger.breakdown import Breakdown
 from ..ledger.periods import current_period

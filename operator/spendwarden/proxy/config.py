@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import SECRETS_DIR
-from ..api.common import parse_duration
-from ..api.modelroute import ModelRouteSpec, Provider
-from ..api.proxyconfig import ProxyConfig
-from ..api.tokenbudget import OnExceeded, TokenBudgetSpec
+from ..enums import OnExceeded, Provider
 from ..ledger.pricing import Prices
+from ..plainconfig import PlainConfigError, load_proxy_config, parse_duration
 
 log = logging.getLogger("spendwarden.proxy")
 
@@ -35,8 +33,13 @@ class ConfigError(Exception):
 
 # -- reading the file -----------------------------------------------------------------------------
 
-def parse_config_text(text: str, namespace: str | None = None) -> tuple[ProxyConfig, list[str]]:
-    """A ProxyConfig from the file's text, and warnings (manifests that were left out)."""
+def parse_config_text(text: str, namespace: str | None = None) -> tuple[Any, list[str]]:
+    """A ProxyConfig from the file's text, and warnings (manifests that were left out).
+
+    JSON (what the operator renders, after validating every object) is loaded without pydantic
+    (spendwarden.plainconfig: same fields, defaults and enums, structure and types checked); a
+    document that loader refuses, YAML and manifests are validated with the API models, for their
+    full rules and error messages."""
     stripped = text.lstrip()
     doc: Any = None
     if stripped.startswith("{"):
@@ -56,10 +59,17 @@ def parse_config_text(text: str, namespace: str | None = None) -> tuple[ProxyCon
         if len(docs) == 1 and isinstance(docs[0], dict) and "kind" not in docs[0]:
             doc = docs[0]
     if isinstance(doc, dict) and "kind" not in doc:
-        from pydantic import ValidationError
-
         if namespace and not doc.get("namespace"):
             doc = {**doc, "namespace": namespace}
+        if stripped.startswith("{"):
+            try:
+                return load_proxy_config(doc), []
+            except PlainConfigError:
+                pass  # the models say what is wrong (or accept what they can coerce)
+        from pydantic import ValidationError
+
+        from ..api.proxyconfig import ProxyConfig
+
         try:
             return ProxyConfig.model_validate(doc), []
         except ValidationError as exc:
@@ -161,7 +171,7 @@ class RuleRt:
 @dataclass(slots=True, eq=False)
 class BudgetRt:
     name: str
-    spec: TokenBudgetSpec
+    spec: Any  # TokenBudgetSpec, or its plainconfig twin
     on_exceeded: OnExceeded
     routes: frozenset[str]  # empty: all
 
@@ -188,7 +198,7 @@ class Compiled:
     routes: dict[str, RouteRt]
     budgets: dict[str, BudgetRt]
     models_body: bytes
-    source: ProxyConfig
+    source: Any  # ProxyConfig, or its plainconfig twin (the sidecar's load path)
 
 
 def _backend(route_name: str, b: Any) -> BackendRt:
@@ -218,7 +228,7 @@ def _backend(route_name: str, b: Any) -> BackendRt:
                      if b.scaling is not None else None)
 
 
-def _route(name: str, spec: ModelRouteSpec) -> RouteRt:
+def _route(name: str, spec: Any) -> RouteRt:
     backends = {b.name: _backend(name, b) for b in spec.backends}
     rules = [RuleRt(name=r.name or f"rule{i}", headers=[(h.name.lower(), h.value) for h in r.match.headers],
                     min_tokens=r.match.minPromptTokens, max_tokens=r.match.maxPromptTokens,
@@ -243,7 +253,7 @@ def _route(name: str, spec: ModelRouteSpec) -> RouteRt:
                    needs_estimate=needs, spend=compile_route_spend(spec, backends))
 
 
-def compile_config(cfg: ProxyConfig, namespace: str | None = None) -> Compiled:
+def compile_config(cfg: Any, namespace: str | None = None) -> Compiled:
     import orjson
 
     routes = {r.spec.model: _route(r.name, r.spec) for r in cfg.routes}
@@ -259,7 +269,7 @@ def compile_config(cfg: ProxyConfig, namespace: str | None = None) -> Compiled:
                     models_body=orjson.dumps(models), source=cfg)
 
 
-def secrets_fingerprint(cfg: ProxyConfig) -> str:
+def secrets_fingerprint(cfg: Any) -> str:
     """A hash over the credentials the config refers to, so that rotated keys are picked up."""
     h = hashlib.sha256()
     for r in cfg.routes:

@@ -30,7 +30,7 @@ DEFAULT_HEAD_TIMEOUT = 10.0
 DEFAULT_BODY_TIMEOUT = 30.0
 # Request bodies held at once, across connections: four bodies of the default 8 MiB limit. A body
 # costs about three times its size while it is served (the bytes, the parsed JSON, the payload sent
-# upstream): some 100 MB, which with the proxy's own 60-150 MB stays under the sidecar's 256Mi.
+# upstream): some 100 MB, which with the proxy's own 48-85 MB (bench/README.md) stays under the sidecar's 256Mi.
 DEFAULT_BODY_MEMORY = 32 * 1024 * 1024
 # The first bytes of every body are not counted: a connection costs about as much in aiohttp's and
 # the kernel's buffers anyway, and ordinary chat requests fit in it, so a flood of large bodies that

