@@ -4,7 +4,7 @@ recorded in kinds.REGISTRY (counted with the earlier hostile tests by tests/abus
 prints the counts per surface at the end of the run)."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest

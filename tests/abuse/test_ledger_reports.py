@@ -8,7 +8,8 @@ from __future__ import annotations
 import copy
 import json
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -43,7 +44,7 @@ class Ledger:
         self.thread = LoopThread("ledger")
         self.call = self.thread.call
 
-    def start(self) -> "Ledger":
+    def start(self) -> Ledger:
         self.call(self.service.start())
         self.url = f"http://127.0.0.1:{self.service.port}"
         return self

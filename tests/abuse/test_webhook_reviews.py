@@ -9,7 +9,8 @@ from __future__ import annotations
 import base64
 import functools
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -55,7 +56,7 @@ class Webhooks:
         self.thread = LoopThread("webhooks")
         self._gen: Any = None
 
-    def start(self) -> "Webhooks":
+    def start(self) -> Webhooks:
         self._gen = self.server(self.fn)
         config = self.thread.call(self._gen.__anext__())
         self.url = config["url"].rstrip("/")

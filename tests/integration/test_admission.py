@@ -336,7 +336,7 @@ def test_webhook_configurations_point_at_the_operator(kube, operator, webhook_co
     assert hooks[f"inject-proxy.{webhook_conf}"].failure_policy == "Ignore"
     assert hooks[f"inject-proxy.{webhook_conf}"].rules[0].operations == ["CREATE"]
     for hook in hooks.values():
-        assert hook.client_config.url.startswith(f"https://localhost:")
+        assert hook.client_config.url.startswith("https://localhost:")
         assert hook.client_config.ca_bundle
     assert operator.alive()
 
@@ -351,7 +351,7 @@ def test_certificates_kept_in_a_secret_are_reused_and_rotated(kube, plain_ns):
     stored = core.read_namespaced_secret("webhook-tls", plain_ns)
     assert stored.type == "kubernetes.io/tls" and WebhookTLS.from_secret_data(stored.data) == first
 
-    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=340)  # < 30 days left
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=340)  # < 30 days left
     rotated, why = ensure_secret(core, plain_ns, "webhook-tls", hosts, now=later)
     assert why.startswith("expires")
     assert rotated.cert != first.cert and rotated.ca_cert == first.ca_cert  # the caBundle stays valid

@@ -221,7 +221,7 @@ def test_applying_is_idempotent_and_a_manual_scale_up_survives_the_reversal(kube
     from spendwarden.controller import kube as kube_module
     from spendwarden.render.cutoff import BudgetCut, desired_cut_off
 
-    monkeypatch.setattr(kube_module, "_api", kube)
+    monkeypatch.setattr(kube_module, "api_client", lambda: kube)
     ns, inference = team
     apps, core = client.AppsV1Api(kube), client.CoreV1Api(kube)
     apps.create_namespaced_stateful_set(ns, {"metadata": {"name": "embed"}, "spec": {

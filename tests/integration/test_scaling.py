@@ -124,7 +124,7 @@ class LoadReporter:
                 pass
             self._stop.wait(0.25)
 
-    def __enter__(self) -> "LoadReporter":
+    def __enter__(self) -> LoadReporter:
         self._thread.start()
         return self
 

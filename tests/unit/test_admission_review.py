@@ -88,7 +88,7 @@ def test_webhook_tls_reuse_rotation_and_secret_round_trip():
     assert webhook_tls_problem(tls, hosts) is None
     assert webhook_tls_problem(None, hosts) == "absent"
     assert webhook_tls_problem(tls, ["other"]) == "does not name other"
-    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=340)
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=340)
     assert webhook_tls_problem(tls, hosts, now=soon).startswith("expires")
     assert WebhookTLS.from_secret_data(tls.secret_data()) == tls
     assert WebhookTLS.from_secret_data({"tls.crt": "x"}) is None
@@ -97,7 +97,7 @@ def test_webhook_tls_reuse_rotation_and_secret_round_trip():
     assert webhook_tls_problem(mixed, hosts).startswith("unusable")
     renewed = issue_webhook_tls(hosts, tls)
     assert renewed.ca_cert == tls.ca_cert and renewed.cert != tls.cert
-    near_ca_end = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=3640)
+    near_ca_end = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=3640)
     assert issue_webhook_tls(hosts, tls, now=near_ca_end).ca_cert != tls.ca_cert
 
 
@@ -119,7 +119,7 @@ def test_cert_store_rotates_the_files_locally():
         assert store.ensure() == "absent"
         first_pem, first_ca = store.certfile.read_bytes(), store.cafile.read_bytes()
         assert store.ensure() is None and store.certfile.read_bytes() == first_pem
-        later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=340)
+        later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=340)
         assert store.ensure(now=later).startswith("expires")
         assert store.certfile.read_bytes() != first_pem and store.cafile.read_bytes() == first_ca
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from aiohttp import web
@@ -15,7 +15,7 @@ from spendwarden.controller.alerts import WebhookSender, WebhookSettings
 from spendwarden.render.alerts import alert_for, slack_payload
 from tests.support.operator_process import free_port
 
-NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 END = "2026-12-01T00:00:00Z"
 SPEC = TokenBudgetSpec.model_validate({"period": {"type": "Monthly"}, "thresholds": [50, 80],
                                        "limits": {"tokens": {"total": 100_000}, "cost": {"amount": "500.00"}},
@@ -64,7 +64,7 @@ class Receiver:
         self.bodies.append(await request.json())
         return web.Response(status=self.statuses.pop(0) if self.statuses else 200)
 
-    async def __aenter__(self) -> "Receiver":
+    async def __aenter__(self) -> Receiver:
         app = web.Application()
         app.router.add_post("/hook/{secret}", self.handle)
         self.runner = web.AppRunner(app, access_log=None)  # the receiver's own log is not ours to check

@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 
 from spendwarden.api.modelroute import ModelRouteSpec
-from spendwarden.render.cutoff import (NAME_LABEL, POLICY_NAME, BudgetCut, CutOffSettings, Destination, Workload,
-                                       classify, desired_cut_off)
+from spendwarden.render.cutoff import (
+    NAME_LABEL,
+    POLICY_NAME,
+    BudgetCut,
+    CutOffSettings,
+    Destination,
+    Workload,
+    classify,
+    desired_cut_off,
+)
 
 DNS = {"api.openai.com": ["162.159.140.245", "2606:4700::6812:1"], "api.anthropic.com": ["160.79.104.10"],
        "shared.example.com": ["192.0.2.9"], "cdn-twin.example.com": ["192.0.2.9"], "kube.example.com": ["10.96.0.1"]}
@@ -39,7 +47,10 @@ def budget(name: str = "monthly", cut: bool = True, routes: tuple[str, ...] = ()
     return BudgetCut(name, f"uid-{name}", routes, cut)
 
 
-def build(budgets, routes=(CHAT, EMBED), settings=CutOffSettings()):
+DEFAULTS = CutOffSettings()  # frozen: one instance serves every call
+
+
+def build(budgets, routes=(CHAT, EMBED), settings=DEFAULTS):
     return desired_cut_off("team-a", budgets, list(routes), resolve, NAMESPACES.__contains__, settings)
 
 

@@ -38,7 +38,8 @@ def apiserver(monkeypatch):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     configuration = client.Configuration(host=f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setattr(kube, "_api", kube._ApiClient(configuration))
+    shared = kube._ApiClient(configuration)
+    monkeypatch.setattr(kube, "api_client", lambda: shared)
     yield answers, posted
     server.shutdown()
     server.server_close()

@@ -1,7 +1,7 @@
 """Leader election's pure rules (controller/leader.py): who may take a Lease, and when."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from spendwarden.controller.leader import Action, ElectionConfig, LeaseRecord, Observation, decide, lease_body
 
@@ -53,7 +53,7 @@ def test_the_wait_uses_the_lease_own_duration():
 
 
 def test_body_of_a_takeover_counts_a_transition_and_carries_the_resource_version():
-    now = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     body = lease_body("lease", "ns", ME, 15, now, record(transitions=3, rv="42"))
     assert body["metadata"] == {"name": "lease", "namespace": "ns", "resourceVersion": "42"}
     assert body["spec"] == {"holderIdentity": ME, "leaseDurationSeconds": 15, "acquireTime": "2026-01-02T03:04:05.678901Z",
@@ -61,7 +61,7 @@ def test_body_of_a_takeover_counts_a_transition_and_carries_the_resource_version
 
 
 def test_body_of_a_renewal_keeps_acquire_time_and_transitions():
-    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     body = lease_body("lease", "ns", ME, 15, now, record(holder=ME, transitions=3), acquire_time="2026-01-01T00:00:00.000000Z")
     assert body["spec"]["acquireTime"] == "2026-01-01T00:00:00.000000Z"
     assert body["spec"]["renewTime"] == "2026-01-02T03:04:05.000000Z"
@@ -69,7 +69,7 @@ def test_body_of_a_renewal_keeps_acquire_time_and_transitions():
 
 
 def test_body_of_a_new_lease_and_of_a_release():
-    now = datetime(2026, 1, 2, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 2, tzinfo=UTC)
     created = lease_body("lease", "ns", ME, 15, now, None)
     assert "resourceVersion" not in created["metadata"] and created["spec"]["leaseTransitions"] == 0
     released = lease_body("lease", "ns", ME, 15, now, record(holder=ME, transitions=2), release=True)

@@ -6,11 +6,10 @@ import asyncio
 import copy
 import dataclasses
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from spendwarden.controller import ledger_service as svc
 from spendwarden.ledger.store import parse_report
-
 from tests.support.ledger_fake import OBJ, START, FakeApi
 
 
@@ -24,7 +23,7 @@ def current_start():
     from spendwarden.api.common import now_rfc3339
     from spendwarden.api.validation import validate_spec
     from spendwarden.ledger.periods import current_period
-    return now_rfc3339(current_period(validate_spec("TokenBudget", OBJ["spec"])[0], datetime.now(timezone.utc))[0])
+    return now_rfc3339(current_period(validate_spec("TokenBudget", OBJ["spec"])[0], datetime.now(UTC))[0])
 
 
 async def test_grants_are_answered_only_after_they_are_persisted_and_writes_are_batched(monkeypatch):
@@ -56,7 +55,7 @@ async def test_restart_restores_before_serving_and_shutdown_flushes(monkeypatch)
     # More usage, no grant needed: not written yet (interval), but written at shutdown.
     entry = first.store.get("team-a", "monthly")
     first.store.report(entry, "p1", 2, report("p1", 2, want=0, used=700, start=start).budgets["monthly"],
-                       time.time(), datetime.now(timezone.utc))
+                       time.time(), datetime.now(UTC))
     await first.stop()
     assert api.obj["status"]["used"]["inputTokens"] == 700
 
@@ -150,6 +149,7 @@ def test_a_token_review_must_name_the_spendwarden_audience(monkeypatch):
     """A TokenReview answered without audiences (an authenticator that ignores them, e.g. a webhook
     one, or a token for any audience) proves nothing about who the token was issued for."""
     from kubernetes import client
+
     from spendwarden.controller import kube
 
     answers, sent = [], []

@@ -3,8 +3,10 @@ message that names the field."""
 from __future__ import annotations
 
 import copy
+from datetime import UTC
 
 import pytest
+
 from spendwarden.api.modelroute import ModelRouteSpec, WakeMode
 from spendwarden.api.validation import validate_spec
 from spendwarden.render.status import modelroute_status
@@ -80,9 +82,9 @@ def test_fallback_wake_needs_a_fallback():
 
 
 def test_reconcile_never_writes_the_scalers_fields():
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     spec = ModelRouteSpec.model_validate(ROUTE)
     obj = {"kind": "ModelRoute", "metadata": {"name": "r", "generation": 2},
            "status": {"scaling": [{"backend": "llama", "workload": "Deployment/ns/llama", "replicas": 3}]}}
-    assert "scaling" not in modelroute_status(obj, spec, datetime.now(timezone.utc))
+    assert "scaling" not in modelroute_status(obj, spec, datetime.now(UTC))

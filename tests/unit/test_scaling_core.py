@@ -2,14 +2,14 @@
 cut-off, shared workloads, replica-hours."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spendwarden.api.modelroute import BackendScaling, ModelRouteSpec
+from spendwarden.api.modelroute import ModelRouteSpec
 from spendwarden.scaling.capacity import ReplicaMeter, calendar_month
 from spendwarden.scaling.demand import BackendLoad, BackendsError, DemandBook, parse_backends
 from spendwarden.scaling.policy import WAKE_GRACE_SECONDS, Demand, Policy, ScaleState, decide, raw_replicas
@@ -186,7 +186,7 @@ def test_shared_workload_scales_on_allowed_uncut_namespaces():
 
 
 def test_replica_hours_exact_and_split_at_period_ends():
-    t0 = datetime(2026, 1, 31, 23, 0, tzinfo=timezone.utc)
+    t0 = datetime(2026, 1, 31, 23, 0, tzinfo=UTC)
     m = ReplicaMeter.start(t0, calendar_month)
     m.observe(3, t0, calendar_month)
     m.observe(1, t0 + timedelta(minutes=30), calendar_month)      # 3 x 30 min = 1.5 h

@@ -2,8 +2,15 @@
 from a changed count, recovery, and budgets winning over them."""
 from __future__ import annotations
 
-from spendwarden.scaling.owners import (UNRECORDED, Ownership, ReplicaOwner, Written, foreign_writer,
-                                        replica_owners, still_foreign)
+from spendwarden.scaling.owners import (
+    UNRECORDED,
+    Ownership,
+    ReplicaOwner,
+    Written,
+    foreign_writer,
+    replica_owners,
+    still_foreign,
+)
 
 FORCE = {"spendwarden.io/scaling": "force"}
 

@@ -36,7 +36,8 @@ def _lookup_namespace_labels(name: str) -> dict[str, str] | None:
     """For a namespace the watch has not delivered yet; `list` with a field selector because the
     operator's RBAC grants list/watch on namespaces, not get."""
     items = kube.core().list_namespace(field_selector=f"metadata.name={name}").items
-    return dict(items[0].metadata.labels or {}) if items else None
+    meta = items[0].metadata if items else None
+    return dict(meta.labels or {}) if meta is not None else None  # listed objects carry metadata
 
 
 def _server_version() -> tuple[int, int] | None:
@@ -135,10 +136,10 @@ class AdmissionWebhooks:
         if result.error:
             raise kopf.AdmissionError(result.error, code=422)
 
-    def validate_modelroute(self, body: kopf.Body, old: Any, namespace: str | None, warnings: list[str], **_: Any) -> None:
+    def validate_modelroute(self, body: kopf.Body, *, old: Any = None, namespace: str | None, warnings: list[str], **_: Any) -> None:
         self._review(modelroute.KIND, body, old, namespace, warnings)
 
-    def validate_tokenbudget(self, body: kopf.Body, old: Any, namespace: str | None, warnings: list[str], **_: Any) -> None:
+    def validate_tokenbudget(self, body: kopf.Body, *, old: Any = None, namespace: str | None, warnings: list[str], **_: Any) -> None:
         self._review(tokenbudget.KIND, body, old, namespace, warnings)
 
     def inject_proxy(self, body: kopf.Body, patch: kopf.Patch, namespace: str | None, **_: Any) -> None:

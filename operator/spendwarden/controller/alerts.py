@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
@@ -47,7 +47,7 @@ class WebhookSettings:
     max_pending: int = 200
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "WebhookSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WebhookSettings:
         env = os.environ if env is None else env
         return cls(attempts=max(1, int(env.get("SPENDWARDEN_ALERT_ATTEMPTS") or 4)),
                    timeout=float(env.get("SPENDWARDEN_ALERT_TIMEOUT") or 5.0),
@@ -87,14 +87,14 @@ class WebhookSender:
         self._last: dict[tuple[str, str], asyncio.Task] = {}  # per budget: alerts go out in order
         self._session: Any = None
 
-    def announce(self, entry: "BudgetEntry", reason: str, message: str) -> None:
+    def announce(self, entry: BudgetEntry, reason: str, message: str) -> None:
         """Schedule the webhook POST for one ledger announcement, if the budget has a destination."""
         alerting = entry.spec.alerting
         if alerting is None or (alerting.webhookURL is None and alerting.webhookSecretRef is None):
             return
         from ..ledger.store import usage_dict
         alert = alert_for(entry.namespace, entry.name, entry.spec, usage_dict(entry.current.ledger.used()),
-                          entry.current.end, reason, message, datetime.now(timezone.utc))
+                          entry.current.end, reason, message, datetime.now(UTC))
         self.send(entry.namespace, entry.name, alerting, slack_payload(alert))
 
     def send(self, namespace: str, budget: str, alerting: Alerting, payload: dict[str, Any]) -> None:

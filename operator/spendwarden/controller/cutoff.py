@@ -27,6 +27,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -35,8 +36,17 @@ from prometheus_client import Gauge
 from ..api import modelroute, tokenbudget
 from ..ledger.allowance import hard_ceiling
 from ..ledger.store import BudgetEntry
-from ..render.cutoff import (BUDGETS_ANNOTATION, NAME_LABEL, NAMESPACE_LABEL, POLICY_NAME, BudgetCut,
-                             CutOffSettings, DesiredCutOff, Workload, desired_cut_off)
+from ..render.cutoff import (
+    BUDGETS_ANNOTATION,
+    NAME_LABEL,
+    NAMESPACE_LABEL,
+    POLICY_NAME,
+    BudgetCut,
+    CutOffSettings,
+    DesiredCutOff,
+    Workload,
+    desired_cut_off,
+)
 from ..render.proxyconfig import render_proxy_config, validate_spec
 from . import kube
 
@@ -71,7 +81,7 @@ def apiserver_cidrs() -> tuple[str, ...]:
 
 
 def resolve(host: str) -> list[str]:
-    return sorted({info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)})
+    return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)})
 
 
 # -- apiserver I/O (blocking; run in threads) ----------------------------------------------------------
@@ -96,7 +106,7 @@ def list_budgets(namespace: str) -> list[dict[str, Any]]:
 
 def cut_namespaces() -> list[str]:
     items = kube.core().list_namespace(label_selector=f"{NAMESPACE_LABEL}=true").items
-    return [ns.metadata.name for ns in items]
+    return [ns.metadata.name for ns in items if ns.metadata is not None and ns.metadata.name]  # listed: always named
 
 
 def _patch_namespace(namespace: str, labels: dict[str, Any] | None = None,
@@ -152,7 +162,7 @@ def scale_to_zero(namespace: str, workloads: Iterable[Workload], remembered: dic
     notes = []
     for w in workloads:
         read, patch = kube.scale_api(w.kind)
-        found = kube.or_none(lambda: read(w.name, namespace))
+        found = kube.or_none(partial(read, w.name, namespace))
         if found is None:
             notes.append(f"{w.key} not found: not scaled")
             continue
@@ -172,10 +182,10 @@ def restore_replicas(namespace: str, keys: Iterable[str], remembered: dict[str, 
     for key in sorted(keys):
         w = Workload.from_key(key)
         read, patch = kube.scale_api(w.kind)
-        found = kube.or_none(lambda: read(w.name, namespace))
+        found = kube.or_none(partial(read, w.name, namespace))
         # A deleted workload is just forgotten. (Patching one deleted meanwhile: a 404, forgotten too.)
         if found is not None and (found.spec.replicas or 0) == 0 and remembered[key]:
-            kube.or_none(lambda: patch(w.name, namespace, {"spec": {"replicas": remembered[key]}}))
+            kube.or_none(partial(patch, w.name, namespace, {"spec": {"replicas": remembered[key]}}))
             log.info("workload scale restored (cut-off lifted)",
                      extra={"namespace": namespace, "workload": key, "replicas": remembered[key]})
         del remembered[key]
@@ -198,7 +208,7 @@ def apply_cut_off(desired: DesiredCutOff, namespace_obj: dict[str, Any], scaled:
     if desired.cut:
         # Fastest effect first: the policy, then the label, then the (slow to drain) scale-down.
         for other in desired.denied_namespaces:  # Kubernetes 1.20 does not set the label itself
-            kube.or_none(lambda: _patch_namespace(other, labels={NAME_LABEL: other}))
+            kube.or_none(partial(_patch_namespace, other, labels={NAME_LABEL: other}))
         if desired.policy is not None:
             apply_policy(desired.policy)
         elif delete_policy(ns):

@@ -8,7 +8,8 @@ Several handlers per kind, not one: kopf runs (and logs the failure of) each on 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import kopf
 
@@ -47,14 +48,14 @@ async def stop_ledger(memo: kopf.Memo, **_: Any) -> None:
     await _runtime(memo).stop_ledger()
 
 
-async def ledger_observe(event: dict[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def ledger_observe(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     service = _runtime(memo).ledger
     if service is not None:
         service.observe(event.get("type"), plain(body))
 
 
-async def cut_off_routes(namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    _runtime(memo).route_event(namespace)
+async def cut_off_routes(namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    _runtime(memo).route_event(cast(str, namespace))  # ModelRoutes are namespaced: kopf always names one
 
 
 # -- the scaler
@@ -67,7 +68,7 @@ async def stop_scaler(memo: kopf.Memo, **_: Any) -> None:
     await _runtime(memo).stop_scaler()
 
 
-async def scaler_observe(event: dict[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def scaler_observe(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     scaler = _runtime(memo).scaler
     if scaler is not None:
         scaler.observe_route(event.get("type"), plain(body))
@@ -91,11 +92,11 @@ async def stop_loops(memo: kopf.Memo, **_: Any) -> None:
     _runtime(memo).loop.stop_loops()
 
 
-async def modelroute_event(event: dict[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def modelroute_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _runtime(memo).loop.observe(event.get("type"), plain(body))
 
 
-async def tokenbudget_event(event: dict[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def tokenbudget_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _runtime(memo).loop.observe_budget(event.get("type"), plain(body))
 
 
@@ -106,11 +107,11 @@ def register_admission(registry: kopf.OperatorRegistry, webhooks: AdmissionWebho
     on.startup(id="spendwarden-admission", registry=registry)(webhooks.configure)
     on.cleanup(id="spendwarden-admission", registry=registry)(webhooks.stop)
     on.event("v1", "namespaces", id="namespace-labels", registry=registry)(webhooks.remember_namespace_labels)
-    validation = dict(operations=["CREATE", "UPDATE"], ignore_failures=config.validation_failure_policy == "Ignore")
+    ignore = config.validation_failure_policy == "Ignore"
     on.validate(GROUP, modelroute.PLURAL, id="validate-modelroute", registry=registry,
-                **validation)(webhooks.validate_modelroute)
+                operations=["CREATE", "UPDATE"], ignore_failures=ignore)(webhooks.validate_modelroute)
     on.validate(GROUP, tokenbudget.PLURAL, id="validate-tokenbudget", registry=registry,
-                **validation)(webhooks.validate_tokenbudget)
+                operations=["CREATE", "UPDATE"], ignore_failures=ignore)(webhooks.validate_tokenbudget)
     on.mutate("v1", "pods", id="inject-proxy", operations=["CREATE"], registry=registry,
               ignore_failures=config.pod_failure_policy == "Ignore")(webhooks.inject_proxy)
 

@@ -22,9 +22,10 @@ def install() -> bool:
     try:
         from kopf._core.reactor import observation
     except ImportError:
-        observation = None
-    original = getattr(observation, "process_discovered_namespace_event", None)
-    revise = getattr(observation, "revise_namespaces", None)
+        original = revise = None
+    else:
+        original = getattr(observation, "process_discovered_namespace_event", None)
+        revise = getattr(observation, "revise_namespaces", None)
     if original is None or revise is None:
         log.warning("kopf has no namespace observer to complete: namespaces created during start-up may go unwatched")
         return False

@@ -3,13 +3,14 @@ get-or-none reads, and Events. Every module of controller/ goes through here (bl
 them in threads)."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
-from typing import Any, TypeVar
+from datetime import UTC, datetime
+from typing import Any, TypeVar, cast
 
 import urllib3
 from kubernetes import client, config
@@ -20,9 +21,6 @@ from ..api import tokenbudget
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# The process's one connection pool to the apiserver, made on first use (a lazily loaded kubeconfig,
-# not state of the operator: tests replace it with one to their own apiserver).
-_api: client.ApiClient | None = None
 
 # (connect, read) seconds for every call that names no timeout of its own. The client's default is
 # none at all: one connection the apiserver never answers would hold a reconcile thread for good.
@@ -30,23 +28,24 @@ REQUEST_TIMEOUT = (10.0, 60.0)
 
 
 class _ApiClient(client.ApiClient):
-    def call_api(self, method, url, header_params=None, body=None, post_params=None, _request_timeout=None):  # type: ignore[no-untyped-def]
+    def call_api(self, method, url, header_params=None, body=None, post_params=None, _request_timeout=None):
         return super().call_api(method, url, header_params, body, post_params, _request_timeout or REQUEST_TIMEOUT)
 
 
+@functools.cache
 def api_client() -> client.ApiClient:
-    global _api
-    if _api is None:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        configuration = client.Configuration.get_default_copy()
-        # kopf's handler threads, the ledger's and cutoff's threads share it; the default (5 per CPU)
-        # made urllib3 discard and reopen TLS connections under load.
-        configuration.connection_pool_maxsize = 32
-        _api = _ApiClient(configuration)
-    return _api
+    """The process's one connection pool to the apiserver, made on first use (a lazily loaded
+    kubeconfig, not state of the operator). Test hook: every getter here calls it by name, so
+    `monkeypatch.setattr(kube, "api_client", lambda: their_client)` points them at another apiserver."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    configuration = client.Configuration.get_default_copy()
+    # kopf's handler threads, the ledger's and cutoff's threads share it; the default (5 per CPU)
+    # made urllib3 discard and reopen TLS connections under load.
+    configuration.connection_pool_maxsize = 32
+    return _ApiClient(configuration)
 
 
 def separate_client() -> client.ApiClient:
@@ -108,11 +107,13 @@ def or_none(read: Callable[[], T]) -> T | None:
 
 def get_custom(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
     """One of our custom objects, None if it does not exist."""
-    return or_none(lambda: custom().get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name))
+    # The stubs type custom objects as `object`: the client returns the decoded JSON, a dict.
+    return or_none(lambda: cast(dict[str, Any], custom().get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)))
 
 
 def list_custom(plural: str, namespace: str) -> list[dict[str, Any]]:
-    return custom().list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]
+    listed = cast(dict[str, Any], custom().list_namespaced_custom_object(GROUP, VERSION, namespace, plural))  # as above
+    return listed["items"]
 
 
 def read_json(response: Any) -> Any:
@@ -120,10 +121,15 @@ def read_json(response: Any) -> Any:
     return json.loads(response.data)
 
 
+def drain(response: Any) -> None:
+    """Read the body of a `_preload_content=False` call we need nothing from: frees the connection."""
+    _ = response.data
+
+
 def patch_status(plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
     try:
-        custom().patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, plural, name, {"status": status}, _preload_content=False).data  # read: frees the connection
+        drain(custom().patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, plural, name, {"status": status}, _preload_content=False))
     except ApiException as exc:
         if exc.status != 404:  # deleted meanwhile: nothing to report on
             raise
@@ -145,7 +151,8 @@ def apply_configmap(manifest: dict[str, Any], attempts: int = 5) -> str:
             if exc.status != 404:
                 raise
             try:
-                api.create_namespaced_config_map(meta["namespace"], manifest, _preload_content=False).data  # read: frees the connection
+                # The client serialises a plain dict as well as a V1ConfigMap; the stubs accept only the model.
+                drain(api.create_namespaced_config_map(meta["namespace"], manifest, _preload_content=False))  # type: ignore[arg-type]
                 return "created"
             except ApiException as create_exc:
                 if create_exc.status != 409 or attempt == attempts - 1:  # created meanwhile: replace it
@@ -157,7 +164,8 @@ def apply_configmap(manifest: dict[str, Any], attempts: int = 5) -> str:
             return "unchanged"
         body = {**manifest, "metadata": {**meta, "resourceVersion": current["metadata"]["resourceVersion"]}}
         try:
-            api.replace_namespaced_config_map(meta["name"], meta["namespace"], body, _preload_content=False).data  # read: frees the connection
+            drain(api.replace_namespaced_config_map(meta["name"], meta["namespace"], body,  # type: ignore[arg-type]  # a dict, as above
+                                                    _preload_content=False))
             return "updated"
         except ApiException as exc:
             if exc.status != 409 or attempt == attempts - 1:
@@ -187,14 +195,15 @@ def post_warning(involved: dict[str, Any], reason: str, message: str, component:
     """A Warning Event on `involved` (involved_object()), posted directly: kopf.warn only works inside
     kopf's handler context. Transient failures (429, 5xx, no connection) are retried with backoff;
     the last one is raised. Blocking: call it from a thread."""
-    ns, now = involved["namespace"], datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ns, now = involved["namespace"], datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     body = {"metadata": {"generateName": f"{involved['name']}.", "namespace": ns}, "involvedObject": involved,
             "reason": reason, "message": message[:1024], "type": "Warning",
             "source": {"component": f"spendwarden-{component}"}, "reportingComponent": f"spendwarden.io/{component}",
             "reportingInstance": socket.gethostname(), "firstTimestamp": now, "lastTimestamp": now, "count": 1}
     for attempt in range(1, attempts + 1):
         try:
-            core().create_namespaced_event(ns, body, _preload_content=False).data
+            # A plain dict: the client serialises it; the stubs accept only the model.
+            drain(core().create_namespaced_event(ns, body, _preload_content=False))  # type: ignore[arg-type]
             return
         except ApiException as exc:
             if attempt == attempts or not (exc.status in (0, 429) or exc.status >= 500):

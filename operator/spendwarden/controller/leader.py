@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from . import kube
@@ -113,7 +113,7 @@ class ElectionConfig:
     retry_period: float = 2.0
 
     @classmethod
-    def for_duration(cls, name: str, namespace: str, identity: str, lease_duration: float) -> "ElectionConfig":
+    def for_duration(cls, name: str, namespace: str, identity: str, lease_duration: float) -> ElectionConfig:
         """Deadline and retry period in client-go's proportions of the lease duration."""
         return cls(name=name, namespace=namespace, identity=identity, lease_duration=lease_duration,
                    renew_deadline=lease_duration * 2 / 3, retry_period=max(0.2, lease_duration * 2 / 15))
@@ -164,7 +164,7 @@ class LeaderElector:
     def _write(self, previous: LeaseRecord | None, release: bool = False) -> LeaseRecord | None:
         """Create or replace; None when another candidate wrote first (409) or created it meanwhile."""
         c = self.config
-        body = lease_body(c.name, c.namespace, c.identity, c.lease_duration, datetime.now(timezone.utc), previous,
+        body = lease_body(c.name, c.namespace, c.identity, c.lease_duration, datetime.now(UTC), previous,
                           self._acquire_time, release)
         api = self._api()
         try:

@@ -38,7 +38,7 @@ class LedgerConfig:
         return not included or any(fnmatch.fnmatchcase(namespace, p) for p in included)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "LedgerConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LedgerConfig:
         env = os.environ if env is None else env
         return cls(port=int(env.get("SPENDWARDEN_LEDGER_PORT") or 8081),
                    addr=env.get("SPENDWARDEN_LEDGER_ADDR") or "0.0.0.0",

@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -142,6 +142,7 @@ _SKIP_HEADERS = frozenset(("content-type", "content-length", "transfer-encoding"
 def _serialize(resp: web.StreamResponse | Reply, close: bool) -> bytes:
     if type(resp) is Reply:
         return _reply(resp.status, resp.body, "application/json", close)
+    resp = cast(web.StreamResponse, resp)  # not a Reply: checked by exact type above (the fast path)
     body = getattr(resp, "body", None) or b""
     if not isinstance(body, bytes | bytearray):
         raise TypeError(f"the ledger API answers with bytes bodies, not {type(body).__name__}")
@@ -371,7 +372,7 @@ class _Connection(asyncio.Protocol):
                           "application/json", close, [("Allow", ", ".join(sorted(methods)))])
         try:
             return _serialize(await handler(request), close)
-        except Exception:  # noqa: BLE001 - one bad request must not take the server down
+        except Exception:  # one bad request must not take the server down
             log.exception("ledger API handler failed", extra={"path": request.path})
             return _error(500, "internal error; retry", close)
 

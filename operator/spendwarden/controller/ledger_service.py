@@ -17,7 +17,7 @@ later reports), MAX_CONCURRENT_LOADS at a time in all, and a name found missing 
 UNKNOWN_TTL seconds in a map of at most MAX_UNKNOWN names (a budget's watch event forgets it at
 once). Nothing else is kept per name that does not exist.
 
-Why one module of ~600 lines: the report path, the loads and the flushes (with the group commit)
+Longer than 500 lines: the report path, the loads and the flushes (with the group commit)
 share the store, the flush states and the event loop's atomicity (no await between applying a
 report and requesting its flush); split apart they would reach into each other's internals. The
 token check (controller/tokens.py) and the HTTP server (controller/ledger_http.py) stand alone.
@@ -29,8 +29,9 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, Protocol, cast
 
 import orjson
 from aiohttp import web
@@ -51,8 +52,18 @@ from .expiring import ExpiringMap
 from .ledger_config import LedgerConfig
 from .ledger_http import PUBLIC, REVIEW, TRUSTED, Admission, Headers, LedgerHttpServer, Reply, Trusted, aiohttp_handler
 from .settings import CutOffConfig
-from .tokens import (AUDIENCE, INVALID_TOKEN, MAX_PENDING_REVIEWS, MISSING_TOKEN, NEGATIVE_REVIEW_TTL,  # noqa: F401
-                     REVIEW_WORKERS, SA_PREFIX, ReviewBusy, TokenReviewer, bearer_token)
+from .tokens import (  # noqa: F401
+    AUDIENCE,
+    INVALID_TOKEN,
+    MAX_PENDING_REVIEWS,
+    MISSING_TOKEN,
+    NEGATIVE_REVIEW_TTL,
+    REVIEW_WORKERS,
+    SA_PREFIX,
+    ReviewBusy,
+    TokenReviewer,
+    bearer_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +72,7 @@ MAX_LOOKUPS_PER_REPORT = 16   # names of a report not loaded yet that are looked
 MAX_CONCURRENT_LOADS = 4      # budget GETs at a time: flushes keep threads of their own
 UNKNOWN_TTL = 10.0            # a missing budget's watch event clears it sooner
 MAX_UNKNOWN = 4096
-NOT_LOADED = {"error": "budget not loaded yet (too many new names in one report); the next report loads it"}
+NOT_LOADED = MappingProxyType({"error": "budget not loaded yet (too many new names in one report); the next report loads it"})
 AUTHENTICATED = frozenset(("/v1/report", "/v1/wake"))
 
 
@@ -189,7 +200,7 @@ class LedgerService:
         if self._ticker is not None:
             self._ticker.cancel()
         await self.cutoff.stop()
-        for key, entry in list(self.store.entries.items()):
+        for entry in list(self.store.entries.values()):
             st = self._state(entry)
             if st.task is not None:
                 await asyncio.wait([st.task], timeout=5)
@@ -253,7 +264,7 @@ class LedgerService:
             return self._reject(401, "invalid_token", INVALID_TOKEN)
         return who
 
-    async def handle_report(self, request: web.Request) -> web.Response:
+    async def handle_report(self, request: web.Request) -> web.Response | Reply:
         who = await self._authenticate(request)
         if isinstance(who, web.Response):
             return who
@@ -280,7 +291,7 @@ class LedgerService:
         except TimeoutError:
             return web.json_response({"error": "the ledger could not persist the grant in time; retry the same report"},
                                      status=503)
-        except Exception as exc:  # noqa: BLE001 - loading a budget failed (apiserver unreachable): retryable
+        except Exception as exc:  # loading a budget failed (apiserver unreachable): retryable
             log.warning("ledger report failed: %s", type(exc).__name__, exc_info=True)
             return web.json_response({"error": "the ledger cannot load the budget now; retry the same report"},
                                      status=503)
@@ -307,7 +318,8 @@ class LedgerService:
         if self.scaling is None:
             return web.json_response({"error": "scaling is not enabled in this operator"}, status=404)
         try:
-            answer = await self.scaling.wake(fields["namespace"], fields["route"], fields["backend"])
+            namespace, route, backend = (cast(str, fields[k]) for k in ("namespace", "route", "backend"))  # checked above
+            answer = await self.scaling.wake(namespace, route, backend)
         except Exception as exc:  # noqa: BLE001 - WakeError carries its status; anything else is retryable
             status = getattr(exc, "status", 503)
             if status == 503:
@@ -327,13 +339,13 @@ class LedgerService:
             looked_up = missing[:MAX_LOOKUPS_PER_REPORT]
             entries.update(zip(looked_up, await asyncio.gather(*(self.entry(ns, n) for n in looked_up))))
         # From here to the last report() call there is no await: the report is applied atomically.
-        now_ts, now = time.time(), datetime.now(timezone.utc)
+        now_ts, now = time.time(), datetime.now(UTC)
         answers: dict[str, Any] = {}
         waits: list[tuple[BudgetEntry, int]] = []
         for name, rep in report.budgets.items():
             entry = entries[name]
             if entry is None:
-                answers[name] = NOT_LOADED if name in skipped else {"error": "unknown budget"}
+                answers[name] = dict(NOT_LOADED) if name in skipped else {"error": "unknown budget"}
                 continue
             answers[name], wait = self.store.report(entry, report.proxy_id, report.seq, rep, now_ts, now)
             self.cutoff.observe(entry)  # at once, not after the flush: the cut-off latency
@@ -374,8 +386,8 @@ class LedgerService:
                 return entry
             seen = self._events_seen
             obj = await asyncio.to_thread(_get_budget, namespace, name)
-            entry = self.store.load(plain(obj), datetime.now(timezone.utc)) if obj is not None else None
-            if entry is None:
+            entry = self.store.load(plain(obj), datetime.now(UTC)) if obj is not None else None
+            if entry is None or obj is None:  # (no entry without an object)
                 if seen == self._events_seen:
                     self._unknown.put((namespace, name), True)
                 return None
@@ -417,7 +429,7 @@ class LedgerService:
                 self._events.add(task)
                 task.add_done_callback(self._event_done)
             return
-        entry = self.store.observe(obj, datetime.now(timezone.utc))
+        entry = self.store.observe(obj, datetime.now(UTC))
         if entry is not None:
             self._request_flush(entry, urgent=False)
 
@@ -447,7 +459,7 @@ class LedgerService:
     async def _flush_once(self, entry: BudgetEntry) -> bool:
         st = self._state(entry)
         st.last = time.monotonic()
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         version = entry.version
         desired = self.store.status(entry, now)  # built without an await: the state as of `version`
         conditions = desired.pop("conditions")
@@ -563,7 +575,7 @@ class LedgerService:
         while True:
             await asyncio.sleep(0.25)
             try:
-                now_ts, now = time.time(), datetime.now(timezone.utc)
+                now_ts, now = time.time(), datetime.now(UTC)
                 self.store.tick(now_ts, now)
                 self._announce_loops()  # refusals held back by the per-route interval
                 dirty = [entry for entry in self.store.entries.values() if entry.dirty]
@@ -573,7 +585,7 @@ class LedgerService:
                     # A grant still waiting (an earlier flush failed) is urgent.
                     urgent = any(pl is not None and pl.raised for pl in (entry.current, entry.previous))
                     self._request_flush(entry, urgent=urgent)
-            except Exception:  # noqa: BLE001 - the next tick tries again
+            except Exception:  # the next tick tries again
                 log.exception("ledger tick failed")
 
 

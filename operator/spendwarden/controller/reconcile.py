@@ -9,17 +9,15 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ..api import modelroute, tokenbudget
 from ..api.proxyconfig import CONFIGMAP_NAME
 from ..prices import pins
 from ..prices.resolve import PriceBook
-from ..render.proxyconfig import CONFIG_HASH
-from ..render.proxyconfig import configmap_manifest, render_proxy_config, validate_spec
-from ..render.status import (invalid_status, modelroute_status, reconcile_fields, status_differs,
-                             tokenbudget_status)
+from ..render.proxyconfig import CONFIG_HASH, configmap_manifest, render_proxy_config, validate_spec
+from ..render.status import invalid_status, modelroute_status, reconcile_fields, status_differs, tokenbudget_status
 from . import kube
 
 log = logging.getLogger(__name__)
@@ -97,7 +95,7 @@ class NamespaceReconciler:
                 # Garbage collection removes it too; deleting now makes proxies stop at once.
                 kube.delete_configmap(namespace, CONFIGMAP_NAME)
                 outcome = "deleted"
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             for obj in live_routes + live_budgets:
                 _update_status(obj, result.problem_for(obj["kind"], obj["metadata"]["name"]), now, warn, ledger_owns,
                                result.prices.get(obj["metadata"]["name"]) if obj["kind"] == modelroute.KIND else None)

@@ -11,10 +11,11 @@ namespaces whose inputs did not change (most events are status writes).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .. import GROUP, VERSION
@@ -185,7 +186,7 @@ class ReconcileLoop:
     # -- period resets and drift
 
     def _retry_at(self) -> str:
-        return now_rfc3339(datetime.now(timezone.utc) + timedelta(seconds=self.settings.rollover_interval))
+        return now_rfc3339(datetime.now(UTC) + timedelta(seconds=self.settings.rollover_interval))
 
     def _remember_reset(self, namespace: str) -> None:
         ends = [b.get("status", {}).get("periodEnd") for b in self.inventory.in_namespace(namespace)[1]]
@@ -213,7 +214,7 @@ class ReconcileLoop:
         last_drift_check = asyncio.get_running_loop().time()
         while True:
             # Woken at the earliest period end, so status shows the new period at once.
-            await asyncio.sleep(seconds_until_next_reset(self._resets.values(), datetime.now(timezone.utc),
+            await asyncio.sleep(seconds_until_next_reset(self._resets.values(), datetime.now(UTC),
                                                          self.settings.rollover_interval))
             if asyncio.get_running_loop().time() - last_drift_check >= self.settings.drift_interval:
                 last_drift_check = asyncio.get_running_loop().time()
@@ -223,7 +224,7 @@ class ReconcileLoop:
                 self._resets.pop(namespace, None)
                 try:
                     await asyncio.to_thread(self.reconciler.reconcile_namespace, namespace,
-                                            lambda ns=namespace: _list_namespace(ns), warn, self.settings.ledger_url,
+                                            functools.partial(_list_namespace, namespace), warn, self.settings.ledger_url,
                                             self.ledger_owns)
                 except Exception:  # retried at the next tick; never let the loop die
                     log.exception("period reset of namespace %s failed", namespace)
@@ -244,7 +245,7 @@ class ReconcileLoop:
             await asyncio.sleep(self.settings.prices_poll_interval)
             try:
                 changed = await asyncio.to_thread(self._reload_prices)
-            except Exception:  # noqa: BLE001 - never let the loop die; the old prices stay in force
+            except Exception:  # never let the loop die; the old prices stay in force
                 log.exception("cannot reload the pinned prices")
                 continue
             if changed:

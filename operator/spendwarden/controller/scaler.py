@@ -14,6 +14,10 @@ The scaler writes as field manager spendwarden-scaler.
 
 Demand arrives in the ledger reports (`backends`, docs/ledger-protocol.md); a proxy holding a request
 for a workload at zero calls POST /v1/wake (same TokenReview auth, only its own namespace's routes).
+
+Longer than 500 lines: the tick, the metering and the status writes share one state per workload
+(Tracked) and the index of the routes that use it; the pure parts already live in scaling/, and
+what is left is the I/O around them, which split apart would reach into each other's state.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -99,12 +103,13 @@ def read_workload(key: WorkloadKey) -> WorkloadView | None:
     obj = kube.or_none(lambda: read(key.name, key.namespace))
     if obj is None:
         return None
-    st = obj.status
+    st, meta = obj.status, obj.metadata
+    assert st is not None and meta is not None  # the apiserver's read always carries both
     available = (st.available_replicas if key.kind == "Deployment" else st.ready_replicas) or 0
     return WorkloadView(spec_replicas=obj.spec.replicas if obj.spec.replicas is not None else 1,
                         replicas=st.replicas or 0, available=available,
-                        annotations=dict(obj.metadata.annotations or {}),
-                        owners=replica_owners(apps.api_client.sanitize_for_serialization(obj.metadata.managed_fields)))
+                        annotations=dict(meta.annotations or {}),
+                        owners=replica_owners(apps.api_client.sanitize_for_serialization(meta.managed_fields)))
 
 
 def hpa_targeting(key: WorkloadKey) -> str | None:
@@ -113,7 +118,7 @@ def hpa_targeting(key: WorkloadKey) -> str | None:
     for hpa in kube.autoscaling_v1().list_namespaced_horizontal_pod_autoscaler(key.namespace).items:
         ref = hpa.spec.scale_target_ref
         if ref.kind == key.kind and ref.name == key.name:
-            return hpa.metadata.name
+            return hpa.metadata.name if hpa.metadata is not None else None  # listed objects carry metadata
     return None
 
 
@@ -128,7 +133,7 @@ def _get_route(namespace: str, name: str) -> dict[str, Any] | None:
 
 def _patch_route_status(namespace: str, name: str, body: Any, json_patch: bool = False) -> bool:
     """False when the route is gone or (JSON Patch `test`) its conditions changed meanwhile."""
-    kwargs = {"_content_type": "application/json-patch+json"} if json_patch else {}
+    kwargs: dict[str, Any] = {"_content_type": "application/json-patch+json"} if json_patch else {}
     try:
         kube.custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, modelroute.PLURAL, name, body, **kwargs)
         return True
@@ -259,7 +264,7 @@ class Scaler:
             self._kick.clear()
             try:
                 await self.tick()
-            except Exception:  # noqa: BLE001 - the next tick tries again; never let the loop die
+            except Exception:  # the next tick tries again; never let the loop die
                 log.exception("scaler tick failed")
 
     async def tick(self) -> None:
@@ -289,7 +294,7 @@ class Scaler:
         tr.missing = None
         tr.view = view
         gov = governing(wk, uses, view.annotations)
-        if gov is None:
+        if gov is None or gov.scaling is None:  # governing() returns only a use with scaling
             tr.decision = None
             return
         policy = Policy.from_spec(gov.scaling)
@@ -325,7 +330,7 @@ class Scaler:
         IN_FLIGHT.labels(*labels).set(wanted.in_flight)
 
     def _meter(self, wk: WorkloadKey, tr: Tracked, gov: Use, replicas: int) -> None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         period = self._period_for(gov.namespace)
         if tr.meter is None:
             tr.meter = ReplicaMeter.start(now, period, replicas, self._persisted_ms(gov, now, period))
@@ -383,7 +388,7 @@ class Scaler:
                 view = tr.view if tr else None
                 if tr is None or (tr.missing is None and view is None):
                     entry["reason"] = "Pending"
-                elif tr.missing:
+                elif tr.missing or view is None:  # view is None only with tr.missing set
                     entry["reason"] = "WorkloadNotFound"
                 elif not allowed(wk, u, view.annotations):
                     entry["reason"] = "NotShared"

@@ -35,7 +35,7 @@ class ReconcileSettings:
     ledger_url: str | None = None       # rendered into the proxies' configuration
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "ReconcileSettings":
+    def from_env(cls, env: Mapping[str, str]) -> ReconcileSettings:
         return cls(workers=int(env.get("SPENDWARDEN_RECONCILE_WORKERS") or 16),
                    rollover_interval=float(env.get("SPENDWARDEN_ROLLOVER_INTERVAL", "15")),
                    drift_interval=float(env.get("SPENDWARDEN_DRIFT_INTERVAL", "60")),
@@ -50,7 +50,7 @@ class ScalerSettings:
     status_interval: float = 30.0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "ScalerSettings":
+    def from_env(cls, env: Mapping[str, str]) -> ScalerSettings:
         return cls(interval=_float(env, "SPENDWARDEN_SCALE_INTERVAL", 1.0),
                    status_interval=_float(env, "SPENDWARDEN_SCALE_STATUS_INTERVAL", 30.0))
 
@@ -62,7 +62,7 @@ class CutOffConfig:
     settings: CutOffSettings = field(default_factory=CutOffSettings)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "CutOffConfig":
+    def from_env(cls, env: Mapping[str, str]) -> CutOffConfig:
         """The operator's own namespace (SPENDWARDEN_POD_NAMESPACE, from the chart) and kube-system are
         never denied; SPENDWARDEN_CUTOFF_CLUSTER_CIDRS (chart value cutOff.clusterCIDRs) is comma-separated."""
         protected = {"kube-system", *filter(None, [env.get("SPENDWARDEN_POD_NAMESPACE")])}
@@ -96,7 +96,7 @@ class OperatorSettings:
     injection: InjectionSettings = field(default_factory=lambda: InjectionSettings.from_env({}))
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> "OperatorSettings":
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> OperatorSettings:
         env = dict(os.environ if env is None else env)
         if args.webhooks:  # --webhooks: the port from the command line, as SPENDWARDEN_WEBHOOK_PORT would
             env["SPENDWARDEN_WEBHOOK_PORT"] = str(args.webhook_port)

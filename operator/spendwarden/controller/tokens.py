@@ -7,6 +7,7 @@ import hashlib
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 from . import kube
 from .expiring import ExpiringMap
@@ -57,7 +58,7 @@ class TokenReviewer:
     def key(token: str) -> str:
         return hashlib.sha256(token.encode()).hexdigest()
 
-    def cached(self, key: str) -> tuple[str, str] | bool | None:
+    def cached(self, key: str) -> tuple[str, str] | Literal[False] | None:
         """(namespace, serviceaccount) of a token known good, False for one known bad, None: unknown."""
         hit = self._cache.get(key)
         if hit is not None and hit[0] > time.monotonic():
@@ -65,8 +66,9 @@ class TokenReviewer:
         return False if self._refused.get(key) else None
 
     def _review_sync(self, token: str) -> tuple[str, str] | None:
+        # A plain dict: the client serialises it; the stubs accept only V1TokenReview.
         review = kube.authentication().create_token_review(
-            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",  # type: ignore[arg-type]
              "spec": {"token": token, "audiences": [AUDIENCE]}})
         status = review.status
         # The audience must be confirmed: an answer without audiences comes from an authenticator that

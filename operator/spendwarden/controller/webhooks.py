@@ -18,7 +18,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -63,7 +63,7 @@ class WebhookSettings:
         return bool(self.service)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "WebhookSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WebhookSettings:
         env = os.environ if env is None else env
         port = env.get("SPENDWARDEN_WEBHOOK_PORT")
         service = env.get("SPENDWARDEN_WEBHOOK_SERVICE") or None
@@ -111,7 +111,7 @@ class WebhookServer(kopf.WebhookServer):
         super().__init__(**kwargs)
         self.service = dict(service) if service else None
 
-    async def __call__(self, fn: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+    async def __call__(self, fn: Any) -> AsyncIterator[Any]:
         async def with_namespace(request: dict[str, Any], **kwargs: Any) -> Any:
             payload = request.get("request") or {}
             obj, ns = payload.get("object"), payload.get("namespace")
@@ -121,7 +121,8 @@ class WebhookServer(kopf.WebhookServer):
                     meta["namespace"] = ns
             return await fn(request, **kwargs)
 
-        async for config in super().__call__(with_namespace):
+        # kopf types the request as its own TypedDict; ours reads it as the plain dict it is.
+        async for config in super().__call__(cast(kopf.WebhookFn, with_namespace)):
             yield service_client_config(config, self.service) if self.service else config
 
     @staticmethod
@@ -209,7 +210,7 @@ class CertStore:
             await asyncio.sleep(self.settings.cert_check_interval)
             try:
                 await asyncio.to_thread(self.ensure)
-            except Exception:  # noqa: BLE001 - retried at the next interval; the current cert still serves
+            except Exception:  # retried at the next interval; the current cert still serves
                 log.exception("webhook certificate check failed")
 
     def cleanup(self) -> None:
