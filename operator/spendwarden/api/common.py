@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..enums import ConditionStatus  # noqa: F401 (re-exported)
+from ..enums import ConditionStatus
 from ..plainconfig import parse_duration  # noqa: F401 (re-exported)
 
 # At most 15 integer digits: a sane maximum for any budget or price (ledger/breakdown.py bounds the

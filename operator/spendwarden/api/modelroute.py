@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field, model_validator
 
-from ..enums import Provider, WakeMode, WorkloadKind  # noqa: F401 (re-exported)
+from ..enums import Provider, WakeMode, WorkloadKind
 from .common import (
     ZERO_DURATION_REGEX,
     ApiModel,

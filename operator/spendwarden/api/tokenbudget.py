@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import ConfigDict, Field, model_validator
 
-from ..enums import BudgetState, FailMode, OnExceeded, PeriodType  # noqa: F401 (re-exported)
+from ..enums import BudgetState, FailMode, OnExceeded, PeriodType
 from .common import ApiModel, Condition, Duration, Money, SecretKey, SecretName, cel, parse_duration
 
 KIND = "TokenBudget"
