@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from .config import ANTHROPIC, OPENAI
+from ..routing.model import ANTHROPIC, OPENAI
 from .errors import ProxyError, error_body
 
 log = logging.getLogger("spendwarden.proxy")
@@ -178,7 +178,7 @@ class BodyMemory:
         self.limit = limit
         self.used = 0
 
-    def hold(self) -> "BodyHold":
+    def hold(self) -> BodyHold:
         return BodyHold(self)
 
     def busy(self) -> ProxyError:

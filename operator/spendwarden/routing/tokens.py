@@ -24,6 +24,8 @@ import tempfile
 import threading
 from typing import Any, Protocol
 
+from .apis import CHAT, COMPLETIONS, MESSAGES
+
 log = logging.getLogger("spendwarden.proxy")
 
 ENCODING = "cl100k_base"
@@ -223,10 +225,8 @@ def anthropic_texts(body: dict[str, Any]) -> tuple[list[str], int]:
 
 
 def request_texts(api: str, body: dict[str, Any]) -> tuple[list[str], int]:
-    """What to count for a request of `api` (proxy.wire's CHAT, MESSAGES, COMPLETIONS, EMBEDDINGS):
+    """What to count for a request of `api` (routing.apis' CHAT, MESSAGES, COMPLETIONS, EMBEDDINGS):
     the collector of its wire format."""
-    from .wire import CHAT, COMPLETIONS, MESSAGES
-
     if api == CHAT:
         return openai_chat_texts(body)
     if api == MESSAGES:
