@@ -167,7 +167,7 @@ class LedgerClient:
                 reason = "timeout"
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # aiohttp.ClientError, OSError, ...
+            except Exception as exc:  # noqa: BLE001 - aiohttp.ClientError, OSError, ...
                 reason = "unreachable"
                 warn_once("unreachable", f"ledger {self.url} unreachable: {type(exc).__name__}: {exc}")
             else:

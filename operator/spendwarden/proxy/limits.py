@@ -152,6 +152,8 @@ class SlowClientGuard(RequestHandler):
 
 
 class _GuardedServer(web.Server):
+    head_timeout: float  # set by GuardedAppRunner._make_server
+
     def __call__(self) -> RequestHandler:
         return SlowClientGuard(self, loop=self._loop, head_timeout=self.head_timeout, **self._kwargs)
 

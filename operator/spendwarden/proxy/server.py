@@ -171,7 +171,7 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
         self._fingerprint: str | None = None
         self._timeouts: dict[tuple[float, bool], aiohttp.ClientTimeout] = {}
-        self._encoder_future: asyncio.Future | None = None
+        self._encoder_future: asyncio.Future[tok.Encoder] | None = None
         self._out = access_log if access_log is not None else sys.stdout.buffer
         self._tasks: list[asyncio.Task] = []
         self.ledger: LedgerClient | None = None
@@ -444,7 +444,7 @@ class Proxy:
                 pass  # fall back to the estimate
         try:
             est = await self._estimate(MESSAGES, body)
-        except Exception:  # malformed messages: count what can be counted
+        except Exception:  # noqa: BLE001 - malformed messages: count what can be counted
             est = 0
         return web.Response(content_type="application/json", body=orjson.dumps({"input_tokens": est}))
 
@@ -826,7 +826,7 @@ class Proxy:
                 self.book.settle(adm, backend.prices, None)
                 ctx.usage_known = False
             raise _Retry(504 if timeout else 502,
-                         ("timeout: no answer within %ss" % backend.timeout) if timeout
+                         f"timeout: no answer within {backend.timeout}s" if timeout
                          else f"connection failed: {type(exc).__name__}: {exc}"[:300]) from None
         ctx.upstream_time += time.perf_counter() - t_up
         if status == 429 or status >= 500:
@@ -883,7 +883,7 @@ class Proxy:
             ctx.upstream_time += time.perf_counter() - t_up
             timeout = isinstance(exc, asyncio.TimeoutError)
             raise _Retry(504 if timeout else 502,
-                         ("timeout: no answer within %ss" % backend.timeout) if timeout
+                         f"timeout: no answer within {backend.timeout}s" if timeout
                          else f"connection failed: {type(exc).__name__}: {exc}"[:300]) from None
         try:
             status = resp.status

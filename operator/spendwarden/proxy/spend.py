@@ -91,6 +91,7 @@ def begin(proxy: Any, route: RouteRt, api: str, alias: str, body: dict[str, Any]
     if rs.loops is not None and rs.loops.observe(sp.key or ""):
         ns = proxy.compiled.namespace
         proxy.metrics.loops_detected.labels(ns, route.name).inc()
+        assert rs.loop_settings is not None  # set with rs.loops
         limit, window = rs.loop_settings
         if proxy.ledger is not None:  # the operator posts a LoopDetected Event on the route's budgets
             proxy.ledger.loops.add(route.name, route.alias, sp.key or "", limit, window)

@@ -35,9 +35,9 @@ class RouteSpend:
     judge_ttl: float
     escalate_on: frozenset[esc.Cause]  # empty: escalation off
     cache: cache_core.ResponseCache | None
-    cache_settings: tuple | None
+    cache_settings: tuple[float, int, int] | None  # (ttl seconds, maxEntries, maxBytes)
     loops: LoopDetector | None
-    loop_settings: tuple | None
+    loop_settings: tuple[int, float] | None  # (maxRepeats, window seconds)
     verdicts: OrderedDict[str, tuple[float, int]] = field(default_factory=OrderedDict)
 
     @property
@@ -56,12 +56,14 @@ def compile_route_spend(spec: Any, backends: dict[str, BackendRt]) -> RouteSpend
             escalate_on = esc.ALL_CAUSES
         elif e.enabled:
             escalate_on = frozenset(esc.Cause(c) for c in e.causes)
-    cache = cache_settings = None
+    cache: cache_core.ResponseCache | None = None
+    cache_settings: tuple[float, int, int] | None = None
     if spec.cache is not None:
         c = spec.cache
         cache_settings = (parse_duration(c.ttl).total_seconds(), c.maxEntries, c.maxBytes)
         cache = cache_core.ResponseCache(*cache_settings)
-    loops = loop_settings = None
+    loops: LoopDetector | None = None
+    loop_settings: tuple[int, float] | None = None
     if spec.loopBreaker is not None:
         loop_settings = (spec.loopBreaker.maxRepeats, parse_duration(spec.loopBreaker.window).total_seconds())
         loops = LoopDetector(*loop_settings)

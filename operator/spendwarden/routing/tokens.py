@@ -110,7 +110,7 @@ def load_encoder(name: str = ENCODING) -> Encoder:
                 import tiktoken
 
                 _encoder = _Counting(tiktoken.get_encoding(name))
-            except Exception as exc:  # read-only FS, missing wheel: the default counter
+            except Exception as exc:  # noqa: BLE001 - read-only FS, missing wheel: the default counter
                 log.warning("tiktoken unavailable (%s); using the built-in counter", exc)
         if _encoder is None:
             from ..tokencount import get_counter
