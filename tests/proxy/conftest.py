@@ -8,8 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -40,7 +41,7 @@ class ProxyProcess:
     def openai_url(self) -> str:
         return self.url + "/v1"
 
-    def start(self, timeout: float = 20.0) -> "ProxyProcess":
+    def start(self, timeout: float = 20.0) -> ProxyProcess:
         self.port, self.metrics_port = free_port(), free_port()
         args = [PYTHON, "-m", "spendwarden.cli", "proxy", "--config", str(self.config), "--port", str(self.port),
                 "--metrics-port", str(self.metrics_port), "--metrics-host", "127.0.0.1", *self.extra_args]

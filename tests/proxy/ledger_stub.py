@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -20,13 +20,15 @@ from spendwarden.ledger.periods import current_period
 
 
 def _amount(d: dict[str, Any] | None) -> Amount | None:
-    if d is None:
-        return None
+    return None if d is None else _given(d)
+
+
+def _given(d: dict[str, Any]) -> Amount:
     return Amount(int(d.get("inputTokens", 0)), int(d.get("outputTokens", 0)), Decimal(str(d.get("cost", "0"))))
 
 
 def _iso(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class LedgerStub:
@@ -49,7 +51,7 @@ class LedgerStub:
 
     @property
     def ledgers(self) -> dict[str, BudgetLedger]:
-        now = datetime.fromtimestamp(self.clock(), timezone.utc)
+        now = datetime.fromtimestamp(self.clock(), UTC)
         return {name: self._ledger(name, _iso(current_period(spec, now)[0])) for name, spec in self.specs.items()}
 
     def answer(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -63,18 +65,18 @@ class LedgerStub:
                 if spec is None:
                     out[name] = {"error": "unknown budget"}
                     continue
-                start, end = current_period(spec, datetime.fromtimestamp(now, timezone.utc))
+                start, end = current_period(spec, datetime.fromtimestamp(now, UTC))
                 ledger = self._ledger(name, _iso(start))
                 ledger.expire(now)
                 release = Ceiling.from_state(e["releaseTo"]) if e.get("releaseTo") else None
                 if e["periodStart"] == _iso(start):
-                    lease = ledger.report(pid, seq, _amount(e["used"]), _amount(e["held"]), _amount(e.get("want")),
+                    lease = ledger.report(pid, seq, _given(e["used"]), _given(e["held"]), _amount(e.get("want")),
                                           now, release_to=release, need=_amount(e.get("need")),
                                           smallest_admitted=_amount(e.get("smallestAdmitted")))
                     ceiling, expires = lease.ceiling, lease.expires_at
                 elif e["periodStart"] in self.periods[name]:
                     # Late numbers for a finished period count there; the lease is the current period's.
-                    self.periods[name][e["periodStart"]].report(pid, seq, _amount(e["used"]), _amount(e["held"]),
+                    self.periods[name][e["periodStart"]].report(pid, seq, _given(e["used"]), _given(e["held"]),
                                                                 Amount(), now)
                     acct = ledger.proxies.get(pid)
                     if acct is None:
@@ -123,7 +125,7 @@ class LedgerServer:
         body = await request.json()
         return web.json_response(self.stub.answer(body))
 
-    def start(self) -> "LedgerServer":
+    def start(self) -> LedgerServer:
         async def make_app() -> web.Application:
             app = web.Application()
             app.router.add_post("/v1/report", self._report)
@@ -135,7 +137,7 @@ class LedgerServer:
     def stop(self) -> None:
         self._server.stop()
 
-    def __enter__(self) -> "LedgerServer":
+    def __enter__(self) -> LedgerServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

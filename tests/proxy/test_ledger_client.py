@@ -16,11 +16,12 @@ from spendwarden.ledger.pricing import TokenUsage
 from spendwarden.proxy.budgets import BudgetBook, LeaseShort
 from spendwarden.proxy.config import compile_config, parse_config_text
 from spendwarden.proxy.errors import ProxyError
-from spendwarden.proxy.ledger_client import HttpTransport, LedgerClient
+from spendwarden.proxy.ledger_client import LedgerClient
+from spendwarden.proxy.ledger_http import HttpTransport
 from spendwarden.proxy.metrics import Metrics
+from tests.support.clock import Clock
 
 from .ledger_stub import LedgerServer, LedgerStub
-from tests.support.clock import Clock
 
 
 def config(total=10000):

@@ -44,6 +44,7 @@ async def _stream(client: openai.AsyncOpenAI, model: str, i: int) -> str:
             pass
         return "ok"
     except openai.RateLimitError as exc:
+        assert isinstance(exc.body, dict)
         assert exc.body["type"] == "budget_exceeded", exc.body
         return "429"
     except openai.InternalServerError as exc:

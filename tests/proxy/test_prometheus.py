@@ -9,7 +9,8 @@ names another binary.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -59,7 +60,7 @@ def traffic_proxy(start_proxy) -> Iterator[tuple[Any, MockUpstream]]:
                         limits={"cost": {"amount": "100"}, "tokens": {"total": 1000000}}),
         ))
         client = openai.OpenAI(base_url=proxy.openai_url, api_key="unused", max_retries=0, timeout=30)
-        msgs = [{"role": "user", "content": "hello there"}]
+        msgs: Any = [{"role": "user", "content": "hello there"}]  # the SDK wants its TypedDicts
         for _ in range(3):
             client.chat.completions.create(model="chat", messages=msgs,
                                            extra_headers={"x-spendwarden-tags": "scenario=ticket",

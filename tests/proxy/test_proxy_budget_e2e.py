@@ -26,6 +26,7 @@ async def _one_stream(client: openai.AsyncOpenAI, i: int) -> str:
             pass
         return "ok"
     except openai.RateLimitError as exc:
+        assert isinstance(exc.body, dict)
         assert exc.body["type"] == "budget_exceeded" and exc.body["budget"] == "small"
         assert int(exc.response.headers["retry-after"]) >= 1
         return "429"

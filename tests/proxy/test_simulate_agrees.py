@@ -20,7 +20,8 @@ ROUTED = Path(__file__).resolve().parents[2] / "bench" / "workload" / "routed.ya
 
 def pick(lines: list[dict], per_outcome: int = 3) -> list[dict]:
     """A slice with every failure kind (on easy and hard requests) and FAQ repeats, in time order."""
-    chosen, seen = [], {}
+    chosen: list[dict] = []
+    seen: dict[tuple[str, str], int] = {}
     for x in lines:
         meta = x["body"]["metadata"]
         kind = (meta["outcome"], meta["scenario"]) if meta["outcome"] != "ok" else ("ok", meta["scenario"])

@@ -38,7 +38,7 @@ def _trickle(sock: socket.socket, data: bytes, every: float, until: float) -> by
             break  # closed by the proxy
         try:
             chunk = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:
             break
@@ -56,7 +56,7 @@ def _answer(sock: socket.socket, until: float) -> bytes:
         sock.settimeout(max(until - time.monotonic(), 0.01))
         try:
             chunk = sock.recv(65536)
-        except (socket.timeout, OSError):
+        except (TimeoutError, OSError):
             break
         if not chunk:
             break

@@ -1,6 +1,6 @@
 import os
 
-from spendwarden.proxy import tokens as tok
+from spendwarden.routing import tokens as tok
 
 
 def test_seeded_cache_is_what_tiktoken_expects(tmp_path, monkeypatch):

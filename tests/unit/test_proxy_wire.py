@@ -1,13 +1,10 @@
 import pytest
 
 from spendwarden.ledger.pricing import TokenUsage
+from spendwarden.routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
 from spendwarden.proxy.errors import ProxyError
 from spendwarden.proxy.wire import (
-    CHAT,
-    COMPLETIONS,
-    EMBEDDINGS,
     MAX_REPORTED_TOKENS,
-    MESSAGES,
     BadUsage,
     anthropic_stream_usage,
     anthropic_usage,

@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from spendwarden import tokencount as tc
-from spendwarden.proxy import tokens as tok
+from spendwarden.routing import tokens as tok
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,13 @@ completions and embeddings for an Anthropic backend get a 400.
 Modules:
     run        CLI entry point (add_arguments/run), uvloop, signals
     server     aiohttp app: request path, routing, fallbacks, upstream client, SSE relay, access log
-    config     configuration loading (spendwarden.plainconfig, no pydantic) and compilation; API keys
+    config     configuration loading (spendwarden.plainconfig, no pydantic), API keys, compilation
     budgets    local enforcement: reserve/settle per TokenBudget, periods, state file
     wire       request checks, usage extraction, SSE framing
     translate  OpenAI chat <-> Anthropic messages, requests, responses, streams and errors
-    tokens     offline prompt estimates (spendwarden.tokencount; tiktoken on request)
     errors     errors in each provider's own shape
     metrics    Prometheus metrics (OTel GenAI names)
-The pure accounting lives in spendwarden.ledger (pricing, allowance, periods).
+The pure accounting lives in spendwarden.ledger (pricing, allowance, periods); the routing rules
+the simulator shares (compiled route model, rule matching, API surfaces, spend policy, prompt
+estimates) in spendwarden.routing.
 """

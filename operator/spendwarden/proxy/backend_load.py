@@ -13,6 +13,7 @@ import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 
+from .ledger_http import HttpTransport, warn_once
 
 WAKE_PATH = "/v1/wake"
 
@@ -83,22 +84,18 @@ class Waker:
     """POST {ledger url}/v1/wake with the pod's token; returns the operator's answer or None."""
 
     def __init__(self, url: str, timeout: float = 5.0):
-        from .ledger_client import HttpTransport  # it imports this module
-
         self.transport = HttpTransport(url, timeout, path=WAKE_PATH)
 
     async def __call__(self, namespace: str, route: str, backend: str) -> dict[str, Any] | None:
-        from .ledger_client import _warn_once
-
         try:
             status, answer = await self.transport({"namespace": namespace, "route": route, "backend": backend})
         except Exception as exc:  # noqa: BLE001 - unreachable: the caller keeps holding or falls back
-            _warn_once("wake", f"wake of {route}/{backend} failed: {type(exc).__name__}")
+            warn_once("wake", f"wake of {route}/{backend} failed: {type(exc).__name__}")
             return None
         if status == 200 and answer is not None:
             return answer
         why = str((answer or {}).get("error", ""))[:200]
-        _warn_once("wake", f"wake of {route}/{backend} answered HTTP {status}: {why}")
+        warn_once("wake", f"wake of {route}/{backend} answered HTTP {status}: {why}")
         return None
 
     async def close(self) -> None:
@@ -113,7 +110,7 @@ async def accepts_connections(base_url: str, timeout: float = 1.0) -> bool:
     port = u.port or (443 if u.scheme == "https" else 80)
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(u.hostname, port), timeout)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     writer.close()
     return True

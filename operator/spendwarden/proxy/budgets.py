@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ..enums import FailMode, OnExceeded
@@ -133,7 +133,7 @@ class BudgetBook:
 
     def sync(self, budgets: dict[str, BudgetRt]) -> None:
         """Create/update states for the configured budgets (usage kept when the period is unchanged)."""
-        now = datetime.fromtimestamp(self.clock(), timezone.utc)
+        now = datetime.fromtimestamp(self.clock(), UTC)
         states: dict[str, BudgetState] = {}
         for name, b in budgets.items():
             start, end = current_period(b.spec, now)
@@ -175,7 +175,7 @@ class BudgetBook:
                 self._roll_one(st, now_ts)
 
     def _roll_one(self, st: BudgetState, now_ts: float) -> None:
-        start, end = current_period(st.budget.spec, datetime.fromtimestamp(now_ts, timezone.utc))
+        start, end = current_period(st.budget.spec, datetime.fromtimestamp(now_ts, UTC))
         if start != st.period_start:
             log.info("budget %s: new period %s .. %s", st.budget.name, _iso(start), _iso(end))
             if st.lease is not None:
@@ -459,4 +459,4 @@ def _dims(lim: Limits) -> tuple[Any, Any, Any, Any]:
 
 
 def _iso(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

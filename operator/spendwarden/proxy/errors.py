@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from .config import ANTHROPIC
+from ..routing.model import ANTHROPIC
 
 # status -> (OpenAI type, Anthropic type)
 _TYPES = {

@@ -27,97 +27,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
-
-import orjson
 
 from ..ledger.allowance import Amount, Limits, least
 from ..ledger.leases import Ceiling
 from ..ledger.loops import LoopQueue
 from .backend_load import BackendLoads
 from .budgets import BudgetBook, BudgetState, LeaseShort, _dims, zero_limits
+from .ledger_http import TOKEN_FILE_ENV, HttpTransport, Transport, warn_once
 from .metrics import Metrics
 
 log = logging.getLogger("spendwarden.proxy.ledger")
-
-TOKEN_FILE_ENV = "SPENDWARDEN_LEDGER_TOKEN_FILE"
-REPORT_PATH = "/v1/report"
-
-# A transport posts one body and returns (HTTP status, the JSON object answered or None); raises OSError,
-# asyncio.TimeoutError or aiohttp.ClientError when the ledger cannot be reached.
-Transport = Callable[[dict[str, Any]], Awaitable[tuple[int, "dict[str, Any] | None"]]]
-
-
-def read_token() -> str | None:
-    """The projected ServiceAccount token, read on every call: the kubelet rotates the file."""
-    path = os.environ.get(TOKEN_FILE_ENV)
-    if not path:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip() or None
-    except OSError as exc:
-        _warn_once("token", f"cannot read the ledger token file {path}: {exc.strerror or exc}; "
-                            "reporting without a token")
-        return None
-
-
-_warned: dict[str, float] = {}
-
-
-def _warn_once(key: str, message: str, every: float = 60.0, level: int = logging.WARNING) -> None:
-    """Log a recurring problem at most once a minute (reports run every second)."""
-    now = time.monotonic()
-    if now - _warned.get(key, -1e9) >= every:
-        _warned[key] = now
-        log.log(level, "%s", message)
-
-
-class HttpTransport:
-    """POST {url}{path} (the report by default) with the pod's token as Bearer (never logged)."""
-
-    def __init__(self, url: str, timeout: float = 5.0, path: str = REPORT_PATH):
-        self.url = url.rstrip("/") + path
-        self.timeout = timeout
-        self._session: Any = None
-
-    async def __call__(self, body: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
-        import aiohttp
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
-                                                  cookie_jar=aiohttp.DummyCookieJar())
-        headers = {"Content-Type": "application/json"}
-        token = read_token()
-        if token:
-            headers["Authorization"] = "Bearer " + token
-        async with self._session.post(self.url, data=orjson.dumps(body), headers=headers) as resp:
-            raw = await resp.read()
-            try:
-                answer = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                return resp.status, None
-            # An error answer too: its "error" says why, for the log.
-            return resp.status, answer if isinstance(answer, dict) else None
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
 
 def _amount(a: Amount) -> dict[str, Any]:
     return {"inputTokens": a.input_tokens, "outputTokens": a.output_tokens, "cost": str(a.cost)}
 
 
 def _iso(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _same_period(value: Any, st: BudgetState) -> bool:
@@ -194,7 +126,7 @@ class LedgerClient:
             body = self.build(release_all=True)
             try:
                 answered = await asyncio.wait_for(self._deliver(body, retry=False), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 answered = False
             if not answered:
                 log.warning("ledger: the final report was not answered; the operator settles this proxy's "
@@ -211,7 +143,7 @@ class LedgerClient:
             try:
                 try:
                     await asyncio.wait_for(self._kick.wait(), min(self.interval, self.hinted_interval or self.interval))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 self._kick.clear()
                 body = self.build()
@@ -231,13 +163,13 @@ class LedgerClient:
             reason: str | None = None
             try:
                 status, answer = await self.transport(body)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 reason = "timeout"
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # aiohttp.ClientError, OSError, ...
+            except Exception as exc:  # noqa: BLE001 - aiohttp.ClientError, OSError, ...
                 reason = "unreachable"
-                _warn_once("unreachable", f"ledger {self.url} unreachable: {type(exc).__name__}: {exc}")
+                warn_once("unreachable", f"ledger {self.url} unreachable: {type(exc).__name__}: {exc}")
             else:
                 if status == 200 and answer is not None and isinstance(answer.get("budgets"), dict):
                     if self.metrics is not None:
@@ -246,18 +178,18 @@ class LedgerClient:
                     return True
                 if status in (401, 403):
                     reason = "unauthorized" if status == 401 else "forbidden"
-                    _warn_once("auth", f"ledger {self.url} refused this proxy's token with HTTP {status} "
+                    warn_once("auth", f"ledger {self.url} refused this proxy's token with HTTP {status} "
                                        f"({reason}); check the ServiceAccount token mounted at "
                                        f"${TOKEN_FILE_ENV} (audience spendwarden) and the namespace; "
                                        "treating the ledger as unreachable", level=logging.ERROR)
                 elif status == 400 and body.pop("loops", None) is not None:
                     # An operator that refuses the optional loops field must not stop the budgets.
-                    _warn_once("loops", f"ledger {self.url} refused a report with loop detections (HTTP 400); "
+                    warn_once("loops", f"ledger {self.url} refused a report with loop detections (HTTP 400); "
                                         "sent again without them")
                     continue
                 else:
                     reason = f"http_{status // 100}xx" if status != 200 else "bad_answer"
-                    _warn_once("status", f"ledger {self.url} answered HTTP {status} to a report")
+                    warn_once("status", f"ledger {self.url} answered HTTP {status} to a report")
             self.failures += 1
             if self.metrics is not None:
                 self.metrics.ledger_report_failures.labels(reason).inc()
@@ -378,7 +310,7 @@ class LedgerClient:
             lease = st.lease
             if "error" in entry:
                 # The operator does not know this budget (yet): no lease, as if unreachable for it.
-                _warn_once(f"err:{name}", f"ledger: budget {name!r}: {entry['error']}")
+                warn_once(f"err:{name}", f"ledger: budget {name!r}: {entry['error']}")
                 lease.down = True
                 continue
             if not _same_period(entry.get("periodStart"), st):
@@ -388,7 +320,7 @@ class LedgerClient:
                 expires = float(entry["expiresAt"])
                 hard = Ceiling.from_state(entry["hardCeiling"]).as_limits() if entry.get("hardCeiling") else None
             except (KeyError, TypeError, ValueError, ArithmeticError):
-                _warn_once(f"bad:{name}", f"ledger: malformed lease for budget {name!r}: {entry!r}"[:300])
+                warn_once(f"bad:{name}", f"ledger: malformed lease for budget {name!r}: {entry!r}"[:300])
                 lease.down = True
                 continue
             if lease.local:
@@ -445,7 +377,7 @@ class LedgerClient:
         try:
             await asyncio.wait_for(fut, self.wait)
             result = "answered"
-        except asyncio.TimeoutError:
+        except TimeoutError:
             result = "timeout"
         if self.metrics is not None:
             self.metrics.ledger_waits.labels(result).inc()

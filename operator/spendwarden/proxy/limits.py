@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from .config import ANTHROPIC, OPENAI
+from ..routing.model import ANTHROPIC, OPENAI
 from .errors import ProxyError, error_body
 
 log = logging.getLogger("spendwarden.proxy")
@@ -152,6 +152,8 @@ class SlowClientGuard(RequestHandler):
 
 
 class _GuardedServer(web.Server):
+    head_timeout: float  # set by GuardedAppRunner._make_server
+
     def __call__(self) -> RequestHandler:
         return SlowClientGuard(self, loop=self._loop, head_timeout=self.head_timeout, **self._kwargs)
 
@@ -178,7 +180,7 @@ class BodyMemory:
         self.limit = limit
         self.used = 0
 
-    def hold(self) -> "BodyHold":
+    def hold(self) -> BodyHold:
         return BodyHold(self)
 
     def busy(self) -> ProxyError:

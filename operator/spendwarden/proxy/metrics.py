@@ -13,7 +13,8 @@ observation with a lock and a Python loop over the buckets; a request records ab
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -49,7 +50,8 @@ class _Hist:
         self.sum += value
 
     def buckets(self) -> list[tuple[str, float]]:
-        out, acc = [], 0
+        out: list[tuple[str, float]] = []
+        acc = 0
         for bound, n in zip(self.bounds, self.counts):
             acc += n
             out.append((_fmt(bound), acc))
@@ -84,7 +86,7 @@ def _observe_prompt_cache(s: _Series, usage: Any) -> None:
 
 
 class _RequestCollector:
-    def __init__(self, metrics: "Metrics"):
+    def __init__(self, metrics: Metrics):
         self.m = metrics
 
     def describe(self) -> list:

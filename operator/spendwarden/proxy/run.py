@@ -9,8 +9,13 @@ import os
 import signal
 import sys
 
-from .limits import DEFAULT_BODY_MEMORY, DEFAULT_BODY_TIMEOUT, DEFAULT_HEAD_TIMEOUT, DEFAULT_MAX_ANSWER, \
-    UNCOUNTED_BODY_BYTES
+from .limits import (
+    DEFAULT_BODY_MEMORY,
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEAD_TIMEOUT,
+    DEFAULT_MAX_ANSWER,
+    UNCOUNTED_BODY_BYTES,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +79,7 @@ async def serve(args: argparse.Namespace) -> int:
     if not args.state_file and proxy.book.states and not (proxy.compiled and proxy.compiled.source.ledger.url):
         logging.getLogger("spendwarden.proxy").warning(
             "no --state-file: budget usage is kept in memory only and lost on restart")
-    runners = []
+    runners: list[web.AppRunner] = []
     try:
         runner = GuardedAppRunner(proxy.app(), head_timeout=args.head_timeout, access_log=None,
                                   handle_signals=False, shutdown_timeout=10)

@@ -24,21 +24,58 @@ from aiohttp import web
 from ..ledger.breakdown import tag_of
 from ..ledger.pricing import TokenUsage, cost, format_money
 from ..plainconfig import load_proxy_config
-from . import tokens as tok
-from .budgets import Admission, BudgetBook, LeaseShort
-from .config import ANTHROPIC, OPENAI, BackendRt, Compiled, ConfigError, RouteRt, compile_config, \
-    parse_config_text, secrets_fingerprint
-from .errors import ProxyError, error_body, stream_error_event
-from .backend_load import BackendLoads, Waker, accepts_connections
-from .ledger_client import LedgerClient
-from .limits import DEFAULT_BODY_MEMORY, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_ANSWER, AnswerTooLarge, BodyHold, \
-    BodyMemory, read_answer, read_body
-from .metrics import OTEL_PROVIDER, Metrics
+from ..routing import tokens as tok
+from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, OPERATION, capped_output
+from ..routing.rules import TAG_HEADER, select_backend
 from . import spend
-from .translate import ChatStreamTranslator, StreamTranslator, chat_to_message, chat_to_messages, \
-    error_to_anthropic, error_to_openai, message_to_chat, messages_to_chat
-from .wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, OPERATION, BadUsage, anthropic_stream_usage, bad, \
-    believed, check_request, event_data, event_object, openai_usage, split_events, usage_from_body
+from .backend_load import BackendLoads, Waker, accepts_connections
+from .budgets import Admission, BudgetBook, LeaseShort
+from .config import (
+    ANTHROPIC,
+    OPENAI,
+    BackendRt,
+    Compiled,
+    ConfigError,
+    RouteRt,
+    compile_config,
+    parse_config_text,
+    secrets_fingerprint,
+)
+from .errors import ProxyError, error_body, stream_error_event
+from .ledger_client import LedgerClient
+from .limits import (
+    DEFAULT_BODY_MEMORY,
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_ANSWER,
+    AnswerTooLarge,
+    BodyHold,
+    BodyMemory,
+    read_answer,
+    read_body,
+)
+from .metrics import OTEL_PROVIDER, Metrics
+from .translate import (
+    ChatStreamTranslator,
+    StreamTranslator,
+    chat_to_message,
+    chat_to_messages,
+    error_to_anthropic,
+    error_to_openai,
+    message_to_chat,
+    messages_to_chat,
+)
+from .wire import (
+    BadUsage,
+    anthropic_stream_usage,
+    bad,
+    believed,
+    check_request,
+    event_data,
+    event_object,
+    openai_usage,
+    split_events,
+    usage_from_body,
+)
 
 log = logging.getLogger("spendwarden.proxy")
 
@@ -46,7 +83,6 @@ DEFAULT_MAX_TOKENS = 4096  # sent when the client gave none and a budget needs a
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 ANTHROPIC_VERSION = "2023-06-01"
 BIG_PROMPT_CHARS = 64 * 1024  # estimate larger prompts in a worker thread
-TAG_HEADER = "x-spendwarden-tags"
 MAX_TAGS = 8
 _TAG_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
 # Never forwarded upstream: the client's (dummy) credentials, hop-by-hop and framing headers.
@@ -116,25 +152,6 @@ def parse_tags(value: str | None) -> dict[str, str] | None:
     return tags or None
 
 
-def select_backend(route: RouteRt, headers: Any, est: int | None, tools: bool) -> tuple[BackendRt, str]:
-    for rule in route.rules:
-        if rule.tools is not None and rule.tools != tools:
-            continue
-        if rule.min_tokens is not None and (est is None or est < rule.min_tokens):
-            continue
-        if rule.max_tokens is not None and (est is None or est > rule.max_tokens):
-            continue
-        ok = True
-        for name, value in rule.headers:
-            got = headers.get(name)
-            if got is None or (value is not None and got != value):
-                ok = False
-                break
-        if ok:
-            return rule.backend, rule.name
-    return route.default, "default"
-
-
 class Proxy:
     def __init__(self, config_path: str, namespace: str | None = None, state_file: str | None = None,
                  max_body: int = DEFAULT_MAX_BODY, access_log: Any = None, poll_interval: float = 1.0,
@@ -154,7 +171,7 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
         self._fingerprint: str | None = None
         self._timeouts: dict[tuple[float, bool], aiohttp.ClientTimeout] = {}
-        self._encoder_future: asyncio.Future | None = None
+        self._encoder_future: asyncio.Future[tok.Encoder] | None = None
         self._out = access_log if access_log is not None else sys.stdout.buffer
         self._tasks: list[asyncio.Task] = []
         self.ledger: LedgerClient | None = None
@@ -423,11 +440,11 @@ class Proxy:
                     if resp.status in (200, 400):  # else (no such endpoint, 5xx, ...): estimate
                         return web.Response(status=resp.status, body=data,
                                             content_type=_ctype(resp.headers.get("Content-Type", "")))
-            except (asyncio.TimeoutError, aiohttp.ClientError, OSError, AnswerTooLarge):
+            except (TimeoutError, aiohttp.ClientError, OSError, AnswerTooLarge):
                 pass  # fall back to the estimate
         try:
             est = await self._estimate(MESSAGES, body)
-        except Exception:  # malformed messages: count what can be counted
+        except Exception:  # noqa: BLE001 - malformed messages: count what can be counted
             est = 0
         return web.Response(content_type="application/json", body=orjson.dumps({"input_tokens": est}))
 
@@ -590,10 +607,7 @@ class Proxy:
         if api == EMBEDDINGS:
             want = 0 if route.budgets else None
         else:
-            want = client_out
-            cap = route.max_tokens_cap
-            if cap is not None:
-                want = cap if want is None else min(want, cap)
+            want = capped_output(client_out, route.max_tokens_cap)
             if want is None and (route.budgets or api == MESSAGES):
                 want = self.default_max_tokens
         downgrade_to = route.downgrade if compatible(route.downgrade) else \
@@ -804,7 +818,7 @@ class Proxy:
                     raise _Retry(502, self._too_large(backend, status)) from None
                 ctype = resp.headers.get("Content-Type", "application/json")
                 up_headers = resp.headers
-        except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             ctx.upstream_time += time.perf_counter() - t_up
             timeout = isinstance(exc, asyncio.TimeoutError)
             if got_headers:
@@ -812,7 +826,7 @@ class Proxy:
                 self.book.settle(adm, backend.prices, None)
                 ctx.usage_known = False
             raise _Retry(504 if timeout else 502,
-                         ("timeout: no answer within %ss" % backend.timeout) if timeout
+                         f"timeout: no answer within {backend.timeout}s" if timeout
                          else f"connection failed: {type(exc).__name__}: {exc}"[:300]) from None
         ctx.upstream_time += time.perf_counter() - t_up
         if status == 429 or status >= 500:
@@ -865,18 +879,18 @@ class Proxy:
                                    headers=self._headers(request, backend, True),
                                    timeout=self._timeout(backend, True))
             resp = await cm.__aenter__()
-        except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             ctx.upstream_time += time.perf_counter() - t_up
             timeout = isinstance(exc, asyncio.TimeoutError)
             raise _Retry(504 if timeout else 502,
-                         ("timeout: no answer within %ss" % backend.timeout) if timeout
+                         f"timeout: no answer within {backend.timeout}s" if timeout
                          else f"connection failed: {type(exc).__name__}: {exc}"[:300]) from None
         try:
             status = resp.status
             if status != 200:
                 try:
                     raw = await read_answer(resp, self.max_answer)
-                except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+                except (TimeoutError, aiohttp.ClientError, OSError):
                     raw = b""
                 except AnswerTooLarge:
                     raise _Retry(502, self._too_large(backend, status)) from None
@@ -996,7 +1010,7 @@ class Proxy:
                     await out.write(bytes(buf))
                 except (ConnectionError, RuntimeError):
                     client_gone = True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             failure = f"upstream stalled for more than {backend.timeout}s mid-stream"
         except (aiohttp.ClientError, OSError) as exc:
             failure = f"upstream connection lost mid-stream: {type(exc).__name__}"

@@ -13,11 +13,9 @@ Prompts and answers never reach logs or metrics: keys are hashes, logs carry tie
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -26,49 +24,21 @@ import orjson
 from aiohttp import web
 
 from ..ledger.pricing import cost, format_money
-from ..plainconfig import parse_duration
+from ..routing.apis import CHAT, EMBEDDINGS, OPERATION
+from ..routing.model import ANTHROPIC, BackendRt, RouteRt
+from ..routing.spend import RouteSpend, TierRt, compile_route_spend
 from ..spend import cache as cache_core
 from ..spend import escalation as esc
 from ..spend import judge as judge_core
 from ..spend import scorer
-from ..spend.loop import LoopDetector
-from .config import ANTHROPIC, BackendRt, RouteRt
 from .errors import ProxyError
-from .wire import CHAT, EMBEDDINGS, OPERATION, BadUsage, believed, usage_from_body
+from .wire import BadUsage, believed, usage_from_body
 
 log = logging.getLogger("spendwarden.proxy")
 
 JUDGE_TIMEOUT = 10.0  # seconds; a slow judge falls back to the local score
 MAX_VERDICTS = 10000
 _REPLAY_HEADERS = ("x-spendwarden-route", "x-spendwarden-backend")
-
-
-@dataclass(slots=True, eq=False)
-class TierRt:
-    name: str
-    backends: list[BackendRt]
-    min_score: int
-
-
-@dataclass(slots=True, eq=False)
-class RouteSpend:
-    """A route's issue #7 settings, compiled; the stores live as long as their settings do."""
-
-    tiers: list[TierRt]
-    min_scores: list[int]
-    judge: BackendRt | None
-    judge_band: int
-    judge_ttl: float
-    escalate_on: frozenset[esc.Cause]  # empty: escalation off
-    cache: cache_core.ResponseCache | None
-    cache_settings: tuple | None
-    loops: LoopDetector | None
-    loop_settings: tuple | None
-    verdicts: OrderedDict[str, tuple[float, int]] = field(default_factory=OrderedDict)
-
-    @property
-    def needs_key(self) -> bool:
-        return self.cache is not None or self.loops is not None or self.judge is not None
 
 
 @dataclass(slots=True, eq=False)
@@ -90,34 +60,6 @@ class SpendReq:
     cache: str | None = None          # "hit" | "stored" for the log
     saved: Decimal | None = None
     currency: str | None = None
-
-
-def compile_route_spend(spec: Any, backends: dict[str, BackendRt]) -> RouteSpend | None:
-    if not (spec.tiers or spec.cache or spec.loopBreaker):
-        return None
-    tiers = [TierRt(t.name, [backends[b] for b in t.backends], t.minScore) for t in spec.tiers]
-    escalate_on: frozenset[esc.Cause] = frozenset()
-    if len(tiers) > 1:
-        e = spec.escalation
-        if e is None:
-            escalate_on = esc.ALL_CAUSES
-        elif e.enabled:
-            escalate_on = frozenset(esc.Cause(c) for c in e.causes)
-    cache = cache_settings = None
-    if spec.cache is not None:
-        c = spec.cache
-        cache_settings = (parse_duration(c.ttl).total_seconds(), c.maxEntries, c.maxBytes)
-        cache = cache_core.ResponseCache(*cache_settings)
-    loops = loop_settings = None
-    if spec.loopBreaker is not None:
-        loop_settings = (spec.loopBreaker.maxRepeats, parse_duration(spec.loopBreaker.window).total_seconds())
-        loops = LoopDetector(*loop_settings)
-    j = spec.judge
-    return RouteSpend(tiers=tiers, min_scores=[t.min_score for t in tiers],
-                      judge=backends[j.backend] if j else None, judge_band=j.band if j else 0,
-                      judge_ttl=parse_duration(j.verdictTTL).total_seconds() if j else 0.0,
-                      escalate_on=escalate_on, cache=cache, cache_settings=cache_settings,
-                      loops=loops, loop_settings=loop_settings)
 
 
 def carry_over(old_routes: dict[str, RouteRt], new_routes: dict[str, RouteRt]) -> None:
@@ -149,6 +91,7 @@ def begin(proxy: Any, route: RouteRt, api: str, alias: str, body: dict[str, Any]
     if rs.loops is not None and rs.loops.observe(sp.key or ""):
         ns = proxy.compiled.namespace
         proxy.metrics.loops_detected.labels(ns, route.name).inc()
+        assert rs.loop_settings is not None  # set with rs.loops
         limit, window = rs.loop_settings
         if proxy.ledger is not None:  # the operator posts a LoopDetected Event on the route's budgets
             proxy.ledger.loops.add(route.name, route.alias, sp.key or "", limit, window)
@@ -275,7 +218,7 @@ async def _judge(proxy: Any, ctx: Any, route: RouteRt, rs: RouteSpend, est: int 
                 doc, usage = usage_from_body(b.fmt == ANTHROPIC, raw)
                 verdict = judge_core.parse_verdict(_answer_text(doc, b.fmt == ANTHROPIC))
                 result = "ok" if verdict is not None else "unparsed"
-    except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError, TypeError, KeyError, AttributeError):
         pass
     if isinstance(usage, BadUsage):  # it answered, but its numbers cannot be right: the reservation
         proxy.book.settle(adm, b.prices, believed(usage, route.name, b.name))

@@ -8,17 +8,10 @@ from typing import Any
 import orjson
 
 from ..ledger.pricing import TokenUsage
+from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, OUTPUT_CAP_FIELDS
 from .errors import ProxyError
 
 log = logging.getLogger("spendwarden.proxy")
-
-# API kinds
-CHAT = "chat/completions"
-COMPLETIONS = "completions"
-EMBEDDINGS = "embeddings"
-MESSAGES = "messages"
-
-OPERATION = {CHAT: "chat", COMPLETIONS: "text_completion", EMBEDDINGS: "embeddings", MESSAGES: "chat"}
 
 
 # More tokens than this in one answer cannot be real (the largest context windows hold about 10M):
@@ -89,6 +82,12 @@ def _messages(body: dict[str, Any], anthropic: bool) -> None:
             raise bad(f"'messages[{i}].content' is required", f"messages[{i}].content", "missing_required_parameter")
 
 
+def _output_cap(api: str, body: dict[str, Any]) -> int | None:
+    """The client's output cap (routing.apis.OUTPUT_CAP_FIELDS, first field given), every field checked."""
+    caps = [_int_field(body, key, MAX_OUTPUT_TOKENS) for key in OUTPUT_CAP_FIELDS[api]]
+    return next((c for c in caps if c is not None), None)
+
+
 def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool]:
     """Validate the fields the proxy relies on.
 
@@ -110,10 +109,7 @@ def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool
     choices = 1
     if api == CHAT:
         _messages(body, anthropic=False)
-        out = _int_field(body, "max_completion_tokens", MAX_OUTPUT_TOKENS)
-        legacy = _int_field(body, "max_tokens", MAX_OUTPUT_TOKENS)
-        if out is None:
-            out = legacy
+        out = _output_cap(api, body)
         choices = _int_field(body, "n", MAX_CHOICES) or 1
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
@@ -122,7 +118,7 @@ def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool
         prompt = body.get("prompt")
         if not isinstance(prompt, (str, list)):
             raise bad("'prompt' must be a string or an array", "prompt", "invalid_type")
-        out = _int_field(body, "max_tokens", MAX_OUTPUT_TOKENS)
+        out = _output_cap(api, body)
         choices = (_int_field(body, "n", MAX_CHOICES) or 1) * _prompts(prompt)
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
@@ -134,7 +130,7 @@ def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool
         out = None
     else:  # Anthropic messages
         _messages(body, anthropic=True)
-        out = _int_field(body, "max_tokens", MAX_OUTPUT_TOKENS)
+        out = _output_cap(api, body)
         system = body.get("system")
         if system is not None and not isinstance(system, (str, list)):
             raise bad("'system' must be a string or an array of text blocks", "system", "invalid_type")

@@ -1,5 +1,5 @@
-"""A candidate route's spend policy (tiers, escalation, response cache), read from the ModelRoute
-spec, and the proxy's own decisions on it (spend.scorer, spend.escalation, spend.cache): the one
+"""A candidate route's spend policy (tiers, escalation, response cache), as the proxy compiles it
+from the ModelRoute spec (routing.spend), and the proxy's own decisions on it (spend.scorer, spend.escalation, spend.cache): the one
 place where the simulator meets those cores, so it decides exactly as the proxy does.
 """
 from __future__ import annotations
@@ -9,11 +9,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from ..api.common import parse_duration
-from ..api.modelroute import ModelRouteSpec
+from ..routing.spend import RouteSpend
 from ..spend import cache as spend_cache
 from ..spend import escalation, judge, scorer
-from ..spend.escalation import Cause
 from .traffic import TrafficRequest
 
 # The cache bounds bytes: an answer is about 4 bytes per output token plus its JSON envelope.
@@ -62,23 +60,22 @@ class RoutePolicy:
         return found is not None and found.value == cause
 
 
-def route_policy(spec: ModelRouteSpec) -> RoutePolicy:
-    """The spend fields of a route (api/spend.py), with the proxy's defaults: escalation is on with
-    every cause once there are two tiers, the cache is off unless set."""
-    tiers = [Tier(name=t.name, backend=t.backends[0], min_score=t.minScore) for t in spec.tiers]
-    esc = spec.escalation
-    escalate_on: frozenset[str] = frozenset()
-    if len(tiers) > 1 and (esc is None or esc.enabled):
-        escalate_on = frozenset(Cause(c).value for c in (esc.causes if esc is not None else escalation.ALL_CAUSES))
+def route_policy(compiled: RouteSpend | None) -> RoutePolicy:
+    """A route's spend policy as the proxy compiled it (routing.spend.compile_route_spend: escalation
+    is on with every cause once there are two tiers, the cache is off unless set), in the simulator's
+    terms: backends by name, causes as strings."""
+    if compiled is None:
+        return RoutePolicy(tiers=[], escalate_on=frozenset(), cache=None)
+    tiers = [Tier(name=t.name, backend=t.backends[0].name, min_score=t.min_score) for t in compiled.tiers]
     cache = None
-    if spec.cache is not None:
-        cache = CacheSettings(ttl_seconds=parse_duration(spec.cache.ttl).total_seconds(),
-                              max_entries=spec.cache.maxEntries, max_bytes=spec.cache.maxBytes)
+    if compiled.cache_settings is not None:
+        ttl, max_entries, max_bytes = compiled.cache_settings
+        cache = CacheSettings(ttl_seconds=ttl, max_entries=max_entries, max_bytes=max_bytes)
     judge = None
-    if spec.judge is not None and len(tiers) > 1:
-        judge = JudgeSettings(backend=spec.judge.backend, band=spec.judge.band,
-                              verdict_ttl=parse_duration(spec.judge.verdictTTL).total_seconds())
-    return RoutePolicy(tiers=tiers, escalate_on=escalate_on, cache=cache, judge=judge)
+    if compiled.judge is not None and len(tiers) > 1:  # one tier has no boundary to judge near
+        judge = JudgeSettings(backend=compiled.judge.name, band=compiled.judge_band, verdict_ttl=compiled.judge_ttl)
+    return RoutePolicy(tiers=tiers, escalate_on=frozenset(c.value for c in compiled.escalate_on), cache=cache,
+                       judge=judge)
 
 
 def score(req: TrafficRequest) -> int | None:

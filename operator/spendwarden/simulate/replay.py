@@ -2,12 +2,12 @@
 
 Per request, in time order, with the proxy's own code wherever the proxy decides:
     route       the candidate's route for the alias (candidates.Candidate.route_for)
-    prompt      the proxy's tokenizer estimate (proxy/tokens.py) of the batch body, or the access
+    prompt      the proxy's tokenizer estimate (routing/tokens.py) of the batch body, or the access
                 log's billed input tokens (its estimate when usage was not known)
     cache       for a route with a response cache: the proxy's request key and cacheability rule
                 (spend.cache) and its TTL/size-bounded store on the log's clock; a hit costs nothing
     tier        for a route with tiers: the proxy's complexity score (spend.scorer) and pick_tier;
-                otherwise the proxy's rule matching (proxy.server.select_backend)
+                otherwise the proxy's rule matching (routing.rules.select_backend)
     escalation  on a tier below the top, outcomes.py says whether the answer fails; a failed answer is
                 built as the provider would send it and put through the proxy's checks
                 (spend.escalation.check_response); when the route escalates that cause the request
@@ -31,10 +31,10 @@ from typing import Any
 from ..api.modelroute import ModelRouteSpec
 from ..api.proxyconfig import ProxyConfig, RouteEntry
 from ..ledger.pricing import ZERO, TokenUsage, cost
-from ..proxy import tokens as tok
-from ..proxy.config import RouteRt, compile_config
-from ..proxy.server import TAG_HEADER, select_backend
-from ..proxy.wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
+from ..routing import tokens as tok
+from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, capped_output, client_output_cap
+from ..routing.model import RouteRt, compile_config
+from ..routing.rules import TAG_HEADER, select_backend
 from . import policy as pol
 from .candidates import Candidate
 from .outcomes import DEFAULT_OUTPUT_TOKENS, OK, REFUSAL_TOKENS, FailureModel, expected_output_tokens
@@ -92,17 +92,6 @@ def prompt_tokens(api: str, body: dict[str, Any]) -> int:
     return tok.estimate(tok.load_encoder(), texts, fixed) if texts else fixed
 
 
-def _client_cap(api: str, body: dict[str, Any] | None) -> int | None:
-    if body is None or api == EMBEDDINGS:
-        return None
-    keys = ("max_completion_tokens", "max_tokens") if api == CHAT else ("max_tokens",)
-    for k in keys:
-        v = body.get(k)
-        if type(v) is int and v > 0:
-            return v
-    return None
-
-
 # -- a failed answer, as the provider would send it -----------------------------------------------
 
 def failed_answer(api: str, cause: str) -> dict[str, Any]:
@@ -131,8 +120,9 @@ class Replay:
         self.count_prompt = prompt_counter
         cfg = ProxyConfig(namespace="simulate",
                           routes=[RouteEntry(name=spec.model, spec=spec) for spec in candidate.routes.values()])
-        self._compiled = compile_config(cfg)
-        self._policies = {alias: pol.route_policy(spec) for alias, spec in candidate.routes.items()}
+        self._compiled = compile_config(cfg)  # no API keys: nothing is sent
+        self._policies = {alias: pol.route_policy(self._compiled.routes[spec.model].spend)
+                          for alias, spec in candidate.routes.items()}
         self._caches: dict[str, pol.AnswerCache] = {}
         self._verdicts: dict[str, dict[str, float]] = {}  # alias -> request key -> fresh until
         self.now = 0.0  # the log's clock, seconds since the epoch, for the cache's TTL
@@ -202,9 +192,8 @@ class Replay:
                 else:  # an access-log line without a logged score: the tier it was served by
                     tier = next((i for i, t in enumerate(tiers) if t.name == rec.tier or t.backend == rec.backend), 0)
                 backend = route.backends[tiers[tier].backend]
-        cap = _client_cap(req.api, body) if body is not None else rec.max_output_tokens
-        if route.max_tokens_cap is not None:
-            cap = route.max_tokens_cap if cap is None else min(cap, route.max_tokens_cap)
+        cap = capped_output(client_output_cap(req.api, body) if body is not None else rec.max_output_tokens,
+                            route.max_tokens_cap)
         n_out = expected_output_tokens(rec.output_tokens, cap, self.settings.output_tokens,
                                        embeddings=req.api == EMBEDDINGS)
         logged = rec if body is None else Recorded()  # the prompt cache as logged; a batch body has none

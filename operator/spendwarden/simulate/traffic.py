@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from ..proxy.wire import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
+from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
 
 ACCESS_LOG = "access-log"
 OPENAI_BATCH = "openai-batch"

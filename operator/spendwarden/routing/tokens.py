@@ -24,6 +24,8 @@ import tempfile
 import threading
 from typing import Any, Protocol
 
+from .apis import CHAT, COMPLETIONS, MESSAGES
+
 log = logging.getLogger("spendwarden.proxy")
 
 ENCODING = "cl100k_base"
@@ -108,7 +110,7 @@ def load_encoder(name: str = ENCODING) -> Encoder:
                 import tiktoken
 
                 _encoder = _Counting(tiktoken.get_encoding(name))
-            except Exception as exc:  # read-only FS, missing wheel: the default counter
+            except Exception as exc:  # noqa: BLE001 - read-only FS, missing wheel: the default counter
                 log.warning("tiktoken unavailable (%s); using the built-in counter", exc)
         if _encoder is None:
             from ..tokencount import get_counter
@@ -223,10 +225,8 @@ def anthropic_texts(body: dict[str, Any]) -> tuple[list[str], int]:
 
 
 def request_texts(api: str, body: dict[str, Any]) -> tuple[list[str], int]:
-    """What to count for a request of `api` (proxy.wire's CHAT, MESSAGES, COMPLETIONS, EMBEDDINGS):
+    """What to count for a request of `api` (routing.apis' CHAT, MESSAGES, COMPLETIONS, EMBEDDINGS):
     the collector of its wire format."""
-    from .wire import CHAT, COMPLETIONS, MESSAGES
-
     if api == CHAT:
         return openai_chat_texts(body)
     if api == MESSAGES:
