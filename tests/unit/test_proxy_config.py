@@ -3,7 +3,8 @@ import json
 import pytest
 
 from spendwarden.proxy.config import ANTHROPIC, ConfigError, compile_config, parse_config_text, read_secret
-from spendwarden.proxy.server import parse_tags, select_backend
+from spendwarden.proxy.server import parse_tags
+from spendwarden.routing.rules import select_backend
 
 MANIFESTS = """
 apiVersion: spendwarden.io/v1alpha1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from ..routing.model import ANTHROPIC
 
@@ -59,3 +60,14 @@ def stream_error_event(fmt: str, status: int, message: str) -> bytes:
     if fmt == ANTHROPIC:
         return b"event: error\ndata: " + body + b"\n\n"
     return b"data: " + body + b"\n\n"
+
+
+def refusal(fmt: str, exc: ProxyError) -> web.Response:
+    """The answer to a request the proxy refuses, in the client's API format."""
+    resp = web.Response(status=exc.status, headers=exc.headers, content_type="application/json",
+                        body=error_body(fmt, exc.status, exc.message, exc.code, exc.param, exc.extra))
+    if exc.status == 408 or exc.code == "invalid_body":
+        # a client too slow to send its body does not keep the connection; nor one whose body
+        # cannot be decoded (the rest of it is not read: aiohttp would fail again draining it)
+        resp.force_close()
+    return resp

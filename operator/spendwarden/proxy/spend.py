@@ -43,7 +43,7 @@ _REPLAY_HEADERS = ("x-spendwarden-route", "x-spendwarden-backend")
 
 @dataclass(slots=True, eq=False)
 class SpendReq:
-    """Per request state (on Ctx.sp); survives the second pass of an escalation."""
+    """Per request state (on RequestState.sp); survives the second pass of an escalation."""
 
     body: dict[str, Any]
     key: str | None = None

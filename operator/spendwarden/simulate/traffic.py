@@ -2,7 +2,7 @@
 
 Three line shapes are recognised, per line (a file may mix them):
 
-- the proxy's access log (`proxy/server.py`, one JSON object per request, with "ts", "api" and
+- the proxy's access log (`proxy/access_log.py`, one JSON object per request, with "ts", "api" and
   "outcome"): no prompt (prompts are never logged), but the billed usage, the prompt estimate, the
   backend and tier that served it, the scenario tags, the complexity score (and the judge's
   verdict), the escalation ({"from", "to", "cause"}) and the cache ("hit" with what it "saved");

@@ -1,0 +1,54 @@
+"""One request's state as it moves through the proxy's stages (server.py pipeline, upstream.py,
+relay.py, access_log.py), and the failure that sends it on to the next backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..ledger.pricing import TokenUsage
+from ..routing.apis import CHAT
+from .config import (
+    BackendRt,
+)
+
+
+class AttemptFailed(Exception):
+    """An upstream attempt failed before anything reached the client."""
+
+    def __init__(self, status: int, reason: str, body: bytes | None = None, content_type: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(reason)
+        self.status, self.reason, self.body, self.content_type = status, reason, body, content_type
+        self.headers = headers or {}
+
+
+@dataclass(slots=True)
+class RequestState:
+    api: str
+    fmt: str
+    t0: float
+    alias: str | None = None
+    route: str | None = None
+    backend: BackendRt | None = None
+    status: int = 0
+    outcome: str = "ok"
+    stream: bool = False
+    usage: TokenUsage | None = None
+    usage_known: bool = True
+    cost: Any = None
+    ttft: float | None = None
+    upstream_time: float = 0.0
+    attempts: int = 0
+    est: int | None = None
+    max_output: int | None = None
+    downgraded: bool = False
+    over_budget: list[str] = field(default_factory=list)
+    budgets: list[str] = field(default_factory=list)
+    tags: dict[str, str] | None = None
+    error: str | None = None
+    translating: bool = False
+    upstream_api: str = CHAT
+    partial: bool = False  # usage = the provider's input numbers + the reserved output
+    sp: Any = None  # spend.SpendReq when the route has tiers, a cache or a loop breaker
+    load_key: str | None = None  # the scaled backend this request counts as in flight to
+    raw: bytes | bytearray = b""  # the request body (read once; an escalation parses it again)

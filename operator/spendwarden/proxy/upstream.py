@@ -1,0 +1,197 @@
+"""The proxy's upstream stage: the request body and headers a backend is sent, its timeouts, and a unary (non-streamed) answer read within bounds and settled."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from ..ledger.pricing import TokenUsage, cost, format_money
+from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS
+from .budgets import Admission
+from .config import (
+    ANTHROPIC,
+    OPENAI,
+    BackendRt,
+)
+from .errors import ProxyError
+from .limits import (
+    AnswerTooLarge,
+    read_answer,
+)
+from .request import AttemptFailed, RequestState
+from .state import ProxyState
+from .translate import (
+    chat_to_message,
+    error_to_anthropic,
+    error_to_openai,
+    message_to_chat,
+)
+from .wire import (
+    BadUsage,
+    believed,
+    usage_from_body,
+)
+
+log = logging.getLogger("spendwarden.proxy")
+
+ANTHROPIC_VERSION = "2023-06-01"
+
+
+# Never forwarded upstream: the client's (dummy) credentials, hop-by-hop and framing headers.
+_DROP_HEADERS = frozenset((
+    "authorization", "x-api-key", "api-key", "proxy-authorization", "cookie", "host", "content-length",
+    "content-type", "accept", "accept-encoding", "connection", "keep-alive", "transfer-encoding", "te",
+    "upgrade", "expect", "proxy-connection", "trailer"))
+
+
+_PASS_HEADERS = frozenset(("x-request-id", "request-id", "openai-processing-ms", "retry-after"))
+
+
+# The providers' rate-limit state, on answers and on their 429s: clients pace themselves by it.
+_PASS_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+
+
+def passed_headers(upstream: Any) -> dict[str, str]:
+    """The upstream answer's headers that reach the client (request ids, Retry-After, rate limits)."""
+    return {k: v for k, v in upstream.items() if k.lower() in _PASS_HEADERS or k.lower().startswith(_PASS_PREFIXES)}
+
+
+def media_type(ctype: str) -> str:
+    """An upstream Content-Type as aiohttp's content_type takes it: without parameters (a charset there
+    raises ValueError; OpenAI sends "application/json; charset=utf-8")."""
+    return ctype.split(";")[0].strip() or "application/json"
+
+
+class UpstreamCalls(ProxyState):
+    """Mixed into Proxy: one call to one backend, answered whole."""
+
+    def _payload(self, body: dict[str, Any], api: str, backend: BackendRt, out: int | None, stream: bool) -> bytes:
+        b = dict(body)
+        b["model"] = backend.model
+        if out is not None and api != EMBEDDINGS:
+            if api == CHAT:
+                set_any = False
+                for key in ("max_completion_tokens", "max_tokens"):
+                    if body.get(key) is not None:
+                        b[key] = out
+                        set_any = True
+                if not set_any:
+                    b["max_completion_tokens" if backend.provider == "OpenAI" else "max_tokens"] = out
+            else:
+                b["max_tokens"] = out
+        if stream and api in (CHAT, COMPLETIONS):
+            so = body.get("stream_options")
+            b["stream_options"] = {**so, "include_usage": True} if isinstance(so, dict) else {"include_usage": True}
+        return orjson.dumps(b)
+
+    def _client_error(self, ctx: RequestState, raw: bytes) -> bytes:
+        """An upstream error body in the client's format."""
+        if not ctx.translating:
+            return raw
+        return error_to_openai(raw) if ctx.fmt == OPENAI else error_to_anthropic(raw)
+
+    def _headers(self, request: web.Request, backend: BackendRt, stream: bool) -> dict[str, str]:
+        """Client headers minus credentials, hop-by-hop and our own; plus the backend's API key."""
+        foreign = "anthropic-" if backend.fmt == OPENAI else "openai-"
+        h = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS
+             and not k.lower().startswith(("x-spendwarden-", foreign))}
+        h["Content-Type"] = "application/json"
+        h["Accept"] = "text/event-stream" if stream else "application/json"
+        h.update(backend.headers)
+        if backend.fmt == ANTHROPIC and "anthropic-version" not in request.headers:
+            h["anthropic-version"] = ANTHROPIC_VERSION
+        return h
+
+    def _timeout(self, backend: BackendRt, stream: bool) -> aiohttp.ClientTimeout:
+        key = (backend.timeout, stream)
+        t = self._timeouts.get(key)
+        if t is None:
+            connect = min(backend.timeout, 10.0)
+            t = aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=backend.timeout) if stream \
+                else aiohttp.ClientTimeout(total=backend.timeout, sock_connect=connect)
+            self._timeouts[key] = t
+        return t
+
+    def _resp_headers(self, ctx: RequestState, backend: BackendRt, upstream: Any) -> dict[str, str]:
+        return {"x-spendwarden-route": ctx.route or "", "x-spendwarden-backend": backend.name,
+                **passed_headers(upstream)}
+
+    async def _unary(self, request: web.Request, ctx: RequestState, backend: BackendRt, adm: Admission,
+                     payload: bytes, is_fallback: bool) -> web.Response:
+        assert self.session is not None
+        t_up = time.perf_counter()
+        got_headers = False
+        try:
+            async with self.session.post(backend.url(ctx.upstream_api), data=payload,
+                                         headers=self._headers(request, backend, False),
+                                         timeout=self._timeout(backend, False)) as resp:
+                got_headers = True
+                status = resp.status
+                try:
+                    raw = await read_answer(resp, self.max_answer)
+                except AnswerTooLarge:
+                    resp.close()  # the rest is not read: the connection cannot be reused
+                    ctx.upstream_time += time.perf_counter() - t_up
+                    if status < 300:
+                        # Billed, usage unknown (it is in the part not read): charge the reservation.
+                        self.book.settle(adm, backend.prices, None)
+                        ctx.usage_known = False
+                    raise AttemptFailed(502, self._too_large(backend, status)) from None
+                ctype = resp.headers.get("Content-Type", "application/json")
+                up_headers = resp.headers
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            ctx.upstream_time += time.perf_counter() - t_up
+            timeout = isinstance(exc, asyncio.TimeoutError)
+            if got_headers:
+                # The upstream was answering: it may bill us; usage is unknown, so keep the reservation.
+                self.book.settle(adm, backend.prices, None)
+                ctx.usage_known = False
+            raise AttemptFailed(504 if timeout else 502,
+                         f"timeout: no answer within {backend.timeout}s" if timeout
+                         else f"connection failed: {type(exc).__name__}: {exc}"[:300]) from None
+        ctx.upstream_time += time.perf_counter() - t_up
+        if status == 429 or status >= 500:
+            raise AttemptFailed(status, f"upstream status {status}", raw, ctype, passed_headers(up_headers))
+        headers = self._resp_headers(ctx, backend, up_headers)
+        if status >= 300:
+            # The provider refused the request (400, 401, 404, ...): nothing billed, pass it on.
+            self.book.release(adm)
+            ctx.status, ctx.outcome, ctx.error = status, "upstream_error", f"upstream status {status}"
+            return web.Response(status=status, body=self._client_error(ctx, raw),
+                                headers=headers, content_type=media_type(ctype))
+        try:
+            doc, usage = usage_from_body(backend.fmt == ANTHROPIC, raw)
+            if ctx.translating:
+                raw = orjson.dumps(message_to_chat(doc, ctx.alias or "") if backend.fmt == ANTHROPIC
+                                   else chat_to_message(doc, ctx.alias or ""))
+        except (ValueError, TypeError, AttributeError, KeyError):
+            self.book.settle(adm, backend.prices, None)
+            ctx.usage_known = False
+            raise ProxyError(502, f"upstream backend {backend.name!r} returned an invalid response "
+                                  f"(not the JSON object its API defines)", code="bad_gateway") from None
+        self._settle(ctx, backend, adm, usage)
+        ctx.status = status
+        ctx.outcome = "fallback" if is_fallback else "ok"
+        if ctx.cost is not None:
+            headers["x-spendwarden-cost"] = format_money(ctx.cost)
+        return web.Response(status=status, body=raw, headers=headers, content_type="application/json")
+
+    def _too_large(self, backend: BackendRt, status: int) -> str:
+        return (f"backend {backend.name!r} answered (status {status}) with more than {self.max_answer} bytes, the "
+                "proxy's limit for an answer it reads whole (--max-response-bytes)"
+                + ("; its usage is unknown: the request's reservation is charged" if status < 300 else ""))
+
+    def _settle(self, ctx: RequestState, backend: BackendRt, adm: Admission, usage: TokenUsage | BadUsage | None) -> None:
+        usage = believed(usage, ctx.route, backend.name)
+        if usage is None:
+            ctx.usage_known = False
+            self.book.settle(adm, backend.prices, None)
+            return
+        ctx.usage = usage
+        ctx.cost = cost(backend.prices, usage)
+        self.book.settle(adm, backend.prices, usage)
