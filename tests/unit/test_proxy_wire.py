@@ -1,7 +1,6 @@
 import pytest
 
 from spendwarden.ledger.pricing import TokenUsage
-from spendwarden.routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
 from spendwarden.proxy.errors import ProxyError
 from spendwarden.proxy.wire import (
     MAX_REPORTED_TOKENS,
@@ -13,6 +12,7 @@ from spendwarden.proxy.wire import (
     openai_usage,
     split_events,
 )
+from spendwarden.routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
 
 
 def test_check_chat_ok():
