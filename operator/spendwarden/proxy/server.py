@@ -21,23 +21,20 @@ import orjson
 from aiohttp import web
 
 from ..ledger.breakdown import tag_of
-from ..routing import tokens as tok
 from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, capped_output
 from ..routing.rules import TAG_HEADER, select_backend
 from . import spend
 from .access_log import AccessLog
-from .backend_load import BackendLoads, Waker, accepts_connections
+from .backend_load import BackendLoads, accepts_connections
 from .budgets import BudgetBook, LeaseShort
 from .config import (
     ANTHROPIC,
     OPENAI,
     BackendRt,
-    Compiled,
     RouteRt,
 )
 from .endpoints import SmallEndpoints
 from .errors import ProxyError, error_body, refusal
-from .ledger_client import LedgerClient
 from .limits import (
     DEFAULT_BODY_MEMORY,
     DEFAULT_BODY_TIMEOUT,
@@ -99,16 +96,16 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
         self.poll_interval = poll_interval
         self.book = BudgetBook(state_file)
         self.metrics = Metrics()
-        self.compiled: Compiled | None = None
-        self.session: aiohttp.ClientSession | None = None
-        self._fingerprint: str | None = None
-        self._timeouts: dict[tuple[float, bool], aiohttp.ClientTimeout] = {}
-        self._encoder_future: asyncio.Future[tok.Encoder] | None = None
+        self.compiled = None
+        self.session = None
+        self._fingerprint = None
+        self._timeouts = {}
+        self._encoder_future = None
         self._out = access_log if access_log is not None else sys.stdout.buffer
-        self._tasks: list[asyncio.Task] = []
-        self.ledger: LedgerClient | None = None
+        self._tasks = []
+        self.ledger = None
         self.loads = BackendLoads()
-        self.waker: Waker | None = None
+        self.waker = None
         self._started = False
         self.load(initial=True)
 
