@@ -40,6 +40,19 @@ def test_error_bodies_change_shape():
     assert error_to_openai(b"not json") == b"not json"
 
 
+def test_relayed_error_types_are_the_clients_for_the_providers_status():
+    overloaded = b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}'
+    assert orjson.loads(error_to_openai(overloaded, 529)) == {"error": {
+        "message": "Overloaded", "type": "server_error", "param": None, "code": "overloaded_error"}}
+    limited = b'{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}'
+    assert orjson.loads(error_to_openai(limited, 429))["error"]["code"] == "rate_limit_exceeded"
+    server = b'{"error":{"message":"m","type":"server_error","param":null,"code":null}}'
+    assert orjson.loads(error_to_anthropic(server, 500)) == {"type": "error", "error": {"type": "api_error", "message": "m"}}
+    assert orjson.loads(error_to_anthropic(server, 503))["error"]["type"] == "overloaded_error"
+    assert orjson.loads(error_to_anthropic(server, 418))["error"]["type"] == "server_error"  # no mapping: kept
+    assert error_to_anthropic(b"<html>502 Bad Gateway</html>", 502) == b"<html>502 Bad Gateway</html>"
+
+
 def test_streams_become_sse_bytes():
     t = StreamTranslator("alias", include_usage=False)
     out = t.event({"type": "message_start", "message": {"id": "msg_1", "usage": {"input_tokens": 3}}})

@@ -41,7 +41,9 @@ Behaviours (all optional; later sources override earlier ones, field by field):
     tokens           x-mock-tokens              output tokens to generate (before the max_tokens cap)
     status           x-mock-status              answer with this HTTP status and the provider's error body
                                                 (OpenAI's as "application/json; charset=utf-8"; a 429 with
-                                                the provider's x-ratelimit-* / anthropic-ratelimit-* headers)
+                                                the provider's x-ratelimit-* / anthropic-ratelimit-* headers;
+                                                x-request-id / request-id on every error; 529 is Anthropic's
+                                                overloaded_error)
     retry_after      x-mock-retry-after         Retry-After header value (seconds) on errors
     garbage          x-mock-garbage             200 with a non-JSON body (or non-JSON SSE data)
     disconnect_after x-mock-disconnect-after    close the connection after k stream events (non-stream:
@@ -427,14 +429,17 @@ class _Handlers:
             {"Retry-After": "1"} if status == 429 else {})
         msg = f"mock upstream error {status}"
         if api == "anthropic":
+            # Anthropic's shape, also for its 529 overloaded_error; every answer carries a request-id.
             body = {"type": "error", "error": {"type": _ANTHROPIC_ERRORS.get(status, "api_error"), "message": msg}}
             headers["Content-Type"] = _JSON
+            headers["request-id"] = f"req_mock{status}"
             if status == 429:
                 headers.update(_ANTHROPIC_RATE_LIMIT_HEADERS)
         else:
             etype, code = _OPENAI_ERRORS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
             body = {"error": {"message": msg, "type": etype, "param": None, "code": code}}
             headers["Content-Type"] = _JSON + "; charset=utf-8"  # as OpenAI sends its errors
+            headers["x-request-id"] = f"req_mock{status}"
             if status == 429:
                 headers.update(_OPENAI_RATE_LIMIT_HEADERS)
         return web.Response(status=status, body=_dumps(body), headers=headers)

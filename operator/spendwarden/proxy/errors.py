@@ -21,7 +21,40 @@ _TYPES = {
     502: ("upstream_error", "api_error"),
     503: ("server_error", "overloaded_error"),
     504: ("timeout", "timeout_error"),
+    529: ("server_error", "overloaded_error"),
 }
+
+# A provider's error status -> Anthropic's error type, for an OpenAI backend's error relayed to an
+# Anthropic client (the SDKs pick their exception by status; the type is what callers log and match).
+_ANTHROPIC_UPSTREAM_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+    503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int, fallback: str | None = None) -> str:
+    """Anthropic's error type for a provider's status (`fallback`, else api_error, when it has none)."""
+    return _ANTHROPIC_UPSTREAM_TYPES.get(status) or fallback or "api_error"
+
+
+def openai_error_type(status: int) -> str:
+    """OpenAI's error type for a provider's status: it names rate limits "requests" (or "tokens")."""
+    return "requests" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
+
+
+def provider_error(raw: bytes) -> tuple[str | None, str] | None:
+    """(type, message) of an error body in either provider's shape (OpenAI's {"error": {...}},
+    Anthropic's {"type": "error", "error": {...}}); None when it is neither (an HTML page of a load
+    balancer, an empty body)."""
+    try:
+        err = orjson.loads(raw)["error"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    if not isinstance(err, dict) or not isinstance(err.get("message", ""), str):
+        return None
+    etype = err.get("type")
+    return (etype if isinstance(etype, str) else None), err.get("message", "")
 
 
 class ProxyError(Exception):

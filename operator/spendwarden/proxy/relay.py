@@ -81,7 +81,7 @@ class StreamRelay(UpstreamCalls):
                     raise AttemptFailed(status, f"upstream status {status}", raw, ctype, passed_headers(resp.headers))
                 self.book.release(adm)
                 ctx.status, ctx.outcome, ctx.error = status, "upstream_error", f"upstream status {status}"
-                return web.Response(status=status, body=self._client_error(ctx, raw),
+                return web.Response(status=status, body=self._client_error(ctx, raw, status),
                                     content_type=media_type(ctype),
                                     headers=self._resp_headers(ctx, backend, resp.headers))
             if "text/event-stream" not in resp.headers.get("Content-Type", ""):

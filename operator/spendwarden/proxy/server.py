@@ -49,7 +49,6 @@ from .translate import (
     chat_to_messages,
     messages_to_chat,
 )
-from .upstream import media_type
 from .wire import (
     bad,
     check_request,
@@ -370,11 +369,10 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
                 log.warning("route %s backend %s failed: %s%s", route.name, backend.name, exc.reason,
                             "; trying the next fallback" if i + 1 < len(usable) else "")
         assert last is not None
-        if last.body is not None and last.status == 429:
-            # The provider's own rate limit, after every fallback: pass it on so SDKs back off.
-            ctx.status, ctx.outcome, ctx.error = 429, "upstream_error", last.reason
-            return web.Response(status=429, body=self._client_error(ctx, last.body),
-                                content_type=media_type(last.content_type or ""), headers=last.headers)
+        if last.body is not None:
+            # The provider's own answer (429, 5xx, 529), after every fallback: passed on as it meant it.
+            return self._relayed_failure(ctx, last)
+        # The proxy could not reach or read the upstream: its own 502/504.
         status = 504 if last.status == 504 else 502
         raise ProxyError(status, f"upstream failed for route {route.name!r}: {last.reason}"
                          + (f" (after {len(usable)} backends)" if len(usable) > 1 else ""),

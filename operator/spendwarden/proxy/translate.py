@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from ..wire import translate as wt
+from .errors import anthropic_error_type, openai_error_type, provider_error
 from .wire import bad
 
 
@@ -61,24 +62,30 @@ def chat_to_message(doc: dict[str, Any], alias: str) -> dict[str, Any]:
     return wt.openai_to_anthropic_response(doc, alias)
 
 
-def error_to_openai(raw: bytes) -> bytes:
-    """An Anthropic error body in OpenAI's shape (unchanged if it is not one)."""
-    try:
-        err = orjson.loads(raw)["error"]
-        return orjson.dumps({"error": {"message": err.get("message", ""), "type": err.get("type", "api_error"),
-                                       "param": None, "code": err.get("type")}})
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+def error_to_openai(raw: bytes, status: int | None = None) -> bytes:
+    """An Anthropic error body in OpenAI's shape (unchanged if it is not one). With the provider's
+    `status`, the type is OpenAI's for it and the code keeps Anthropic's type (e.g. overloaded_error)."""
+    err = provider_error(raw)
+    if err is None:
         return raw
+    etype, message = err
+    if status is None:
+        return orjson.dumps({"error": {"message": message, "type": etype or "api_error", "param": None,
+                                       "code": etype}})
+    code = "rate_limit_exceeded" if status == 429 else etype
+    return orjson.dumps({"error": {"message": message, "type": openai_error_type(status), "param": None,
+                                   "code": code}})
 
 
-def error_to_anthropic(raw: bytes) -> bytes:
-    """An OpenAI error body in Anthropic's shape (unchanged if it is not one)."""
-    try:
-        err = orjson.loads(raw)["error"]
-        return orjson.dumps({"type": "error", "error": {"type": err.get("type") or "api_error",
-                                                        "message": err.get("message", "")}})
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+def error_to_anthropic(raw: bytes, status: int | None = None) -> bytes:
+    """An OpenAI error body in Anthropic's shape (unchanged if it is not one). With the provider's
+    `status`, the type is Anthropic's for it (OpenAI's "server_error" is no Anthropic type)."""
+    err = provider_error(raw)
+    if err is None:
         return raw
+    etype, message = err
+    atype = anthropic_error_type(status, etype) if status is not None else etype or "api_error"
+    return orjson.dumps({"type": "error", "error": {"type": atype, "message": message}})
 
 
 def _openai_sse(obj: dict[str, Any]) -> bytes:

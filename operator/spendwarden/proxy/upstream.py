@@ -18,7 +18,7 @@ from .config import (
     OPENAI,
     BackendRt,
 )
-from .errors import ProxyError
+from .errors import ProxyError, error_body, provider_error
 from .limits import (
     AnswerTooLarge,
     read_answer,
@@ -89,11 +89,30 @@ class UpstreamCalls(ProxyState):
             b["stream_options"] = {**so, "include_usage": True} if isinstance(so, dict) else {"include_usage": True}
         return orjson.dumps(b)
 
-    def _client_error(self, ctx: RequestState, raw: bytes) -> bytes:
+    def _client_error(self, ctx: RequestState, raw: bytes, status: int | None = None) -> bytes:
         """An upstream error body in the client's format."""
         if not ctx.translating:
             return raw
-        return error_to_openai(raw) if ctx.fmt == OPENAI else error_to_anthropic(raw)
+        return error_to_openai(raw, status) if ctx.fmt == OPENAI else error_to_anthropic(raw, status)
+
+    def _relayed_failure(self, ctx: RequestState, failed: AttemptFailed) -> web.Response:
+        """The provider's own error answer (a 429, a 5xx, Anthropic's 529 overloaded) when no fallback
+        is left: its status, error type and message in the client's format, with Retry-After and the
+        rate-limit headers, so the SDKs raise what the provider meant (RateLimitError, OverloadedError,
+        InternalServerError) and back off as told, instead of retrying a generic 502 at once."""
+        status, raw = failed.status, failed.body or b""
+        backend = ctx.backend
+        name = backend.name if backend is not None else ""
+        ctx.status, ctx.outcome, ctx.error = status, "upstream_error", failed.reason
+        if provider_error(raw) is not None:
+            body = self._client_error(ctx, raw, status)
+            ctype = media_type(failed.content_type or "") if not ctx.translating else "application/json"
+        else:  # not an error in its API's shape (a load balancer's page, nothing): one in the client's
+            body = error_body(ctx.fmt, status, f"upstream backend {name!r} answered status {status} "
+                                               "without an error body in its API's format", code="upstream_error")
+            ctype = "application/json"
+        headers = {"x-spendwarden-route": ctx.route or "", "x-spendwarden-backend": name, **failed.headers}
+        return web.Response(status=status, body=body, headers=headers, content_type=ctype)
 
     def _headers(self, request: web.Request, backend: BackendRt, stream: bool) -> dict[str, str]:
         """Client headers minus credentials, hop-by-hop and our own; plus the backend's API key."""
@@ -162,7 +181,7 @@ class UpstreamCalls(ProxyState):
             # The provider refused the request (400, 401, 404, ...): nothing billed, pass it on.
             self.book.release(adm)
             ctx.status, ctx.outcome, ctx.error = status, "upstream_error", f"upstream status {status}"
-            return web.Response(status=status, body=self._client_error(ctx, raw),
+            return web.Response(status=status, body=self._client_error(ctx, raw, status),
                                 headers=headers, content_type=media_type(ctype))
         try:
             doc, usage = usage_from_body(backend.fmt == ANTHROPIC, raw)
