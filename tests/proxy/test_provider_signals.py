@@ -111,6 +111,25 @@ def test_an_unreachable_upstream_is_the_proxys_own_502_naming_the_failure(up, pr
     assert ae.value.status_code == 502 and "connection failed" in ae.value.message
 
 
+def test_models_list_through_the_anthropic_sdk_gets_anthropics_shape(proxy):
+    client = an(proxy)
+    page = client.models.list()
+    assert [m.id for m in page.data] == ["chat", "claude", "gone", "twice"]
+    assert page.data[0].type == "model" and page.data[0].display_name == "chat" and page.data[0].created_at
+    assert [m.id for m in client.models.list(limit=3)] == ["chat", "claude", "gone", "twice"]  # auto-paginates
+    raw = httpx.get(proxy.url + "/v1/models", params={"limit": 2, "after_id": "chat"},
+                    headers={"x-api-key": "k"}, timeout=5).json()
+    assert raw == {"data": [{"type": "model", "id": a, "display_name": a, "created_at": "1970-01-01T00:00:00Z"}
+                            for a in ("claude", "gone")], "has_more": True, "first_id": "claude", "last_id": "gone"}
+    assert client.models.retrieve("claude").display_name == "claude"
+    with pytest.raises(anthropic.NotFoundError) as e:
+        client.models.retrieve("nope")
+    assert e.value.body["error"]["type"] == "not_found_error"
+    # the OpenAI SDK still gets OpenAI's
+    assert sorted(m.id for m in oa(proxy).models.list()) == ["chat", "claude", "gone", "twice"]
+    assert oa(proxy).models.retrieve("chat").owned_by == "spendwarden"
+
+
 def test_the_mock_sends_the_providers_error_shapes():
     with MockUpstream() as up:
         r = httpx.post(up.openai_url + "/chat/completions", json={"model": "m", "messages": MSG},
