@@ -33,7 +33,7 @@ class AccessLog(ProxyState):
             base = (ns, op, OTEL_PROVIDER.get(b.provider, b.provider), ctx.alias or "", b.model, route, b.name)
         self.metrics.request(
             base, b.prices.currency if b else "", (ns, route, b.name if b else "", op, ctx.outcome, str(ctx.status)),
-            ctx.outcome, dur, ctx.usage if ctx.usage_known else None,
+            ctx.outcome, dur, ctx.usage,  # the reservation too, when that is what was charged
             float(ctx.cost) if ctx.cost is not None else None, ctx.ttft,
             max(dur - ctx.upstream_time, 0.0) if not ctx.stream and ctx.upstream_time else None)
         if ctx.tags and ctx.cost and b is not None:
@@ -57,7 +57,7 @@ class AccessLog(ProxyState):
         if ctx.partial:
             line["usage_source"] = "upstream_input+reserved_output"
         elif not ctx.usage_known:
-            line["usage_source"] = "reservation"
+            line["usage_source"] = "reserved_input+seen_output" if ctx.output_seen else "reservation"
         elif u is not None:
             line["usage_source"] = "upstream"
         if ctx.cost is not None:

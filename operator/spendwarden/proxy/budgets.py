@@ -109,6 +109,8 @@ class Admission:
     downgraded: bool = False
     over_budget: list[str] = field(default_factory=list)  # AlertOnly budgets this request overruns
     tag: str = ""  # the request's scenario tag, for the breakdown (set by the caller)
+    choices: int = 1  # the output is max_output per choice
+    reserved: Amount | None = None  # what the budgets hold for it (None: no budget applies)
 
 
 class BudgetBook:
@@ -198,7 +200,7 @@ class BudgetBook:
         """
         states = [self.states[b.name] for b in route.budgets if b.name in self.states]
         if not states:
-            return Admission(backend, requested_output)
+            return Admission(backend, requested_output, choices=choices)
         now_ts = self.clock()
         for st in states:
             if now_ts >= st.period_end_ts:
@@ -244,7 +246,7 @@ class BudgetBook:
                 raise budget_exceeded(tightest, now_ts, hard=by_hard)
             out = clamped
         amount = Amount.worst_case(prices, input_tokens, out * choices)
-        adm = Admission(backend, out, downgraded=downgraded)
+        adm = Admission(backend, out, downgraded=downgraded, choices=choices, reserved=amount)
         for st in states:
             enforced = st.budget.on_exceeded is OnExceeded.CUT_OFF or (
                 st.budget.on_exceeded is OnExceeded.DOWNGRADE and downgrade_to is None)

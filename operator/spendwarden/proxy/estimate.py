@@ -13,6 +13,13 @@ log = logging.getLogger("spendwarden.proxy")
 BIG_PROMPT_CHARS = 64 * 1024  # estimate larger prompts in a worker thread
 
 
+def reserved_prompt(est: int) -> int:
+    """The prompt tokens a request reserves for its estimate: a little more, since providers count
+    with their own tokenizers and chat templates, and a reservation below the real usage could let
+    concurrent requests overshoot."""
+    return est + est // 10 + 4
+
+
 class PromptEstimate(ProxyState):
     """Mixed into Proxy: the one estimate the pipeline and count_tokens share."""
 

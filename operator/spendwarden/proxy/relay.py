@@ -85,8 +85,7 @@ class StreamRelay(UpstreamCalls):
                                     content_type=media_type(ctype),
                                     headers=self._resp_headers(ctx, backend, resp.headers))
             if "text/event-stream" not in resp.headers.get("Content-Type", ""):
-                self.book.settle(adm, backend.prices, None)
-                ctx.usage_known = False
+                await self._charge_unknown(ctx, backend, adm)
                 raise ProxyError(502, f"upstream backend {backend.name!r} did not answer with an event stream",
                                  code="bad_gateway")
             out = web.StreamResponse(status=200, headers={
@@ -100,7 +99,8 @@ class StreamRelay(UpstreamCalls):
             except Exception:  # a bug mid-stream: the status is sent, end the stream with an error event
                 log.exception("relaying the stream failed")
                 ctx.outcome, ctx.error = "upstream_error", "internal error while relaying the stream"
-                self.book.settle(adm, backend.prices, None)
+                if ctx.usage is None:  # not settled yet
+                    await self._charge_unknown(ctx, backend, adm)
                 try:
                     await out.write(stream_error_event(ctx.fmt, 500, "internal proxy error"))
                 except (ConnectionError, RuntimeError):
@@ -122,6 +122,7 @@ class StreamRelay(UpstreamCalls):
         complete = False
         failure: str | None = None
         client_gone = False
+        seen = 0  # events relayed: what an uncapped stream that breaks is charged for its output
         capture = ctx.sp.capture if ctx.sp is not None else None  # for the response cache
         try:
             async for chunk in resp.content.iter_any():
@@ -175,6 +176,7 @@ class StreamRelay(UpstreamCalls):
                         complete = True
                     keep.append(ev)
                 if keep:
+                    seen += len(keep)
                     if ctx.ttft is None:
                         ctx.ttft = time.perf_counter() - ctx.t0
                     data = keep[0] if len(keep) == 1 else b"".join(keep)
@@ -208,17 +210,19 @@ class StreamRelay(UpstreamCalls):
             ctx.outcome, ctx.error = "client_closed", "client disconnected mid-stream"
         # Settle: the provider's numbers when the stream ran to its end. When it broke, what is known:
         # Anthropic reports the input side up front (message_start), so the prompt is charged exactly and
-        # the output at the whole reservation; otherwise the whole reservation.
+        # the output at the whole reservation; OpenAI sends its usage chunk last, after every choice has
+        # finished, so once seen it is final; otherwise the reservation (_charge_unknown). Whichever it
+        # is, the access log and the metrics record what the budget was charged.
         if complete and failure is None and not client_gone:
-            self._settle(ctx, backend, adm, usage)
-        elif anthropic and isinstance(usage, TokenUsage) and ctx.max_output is not None:
-            self._settle(ctx, backend, adm, replace(usage, output_tokens=max(usage.output_tokens, ctx.max_output)))
+            await self._settle(ctx, backend, adm, usage, seen)
+        elif anthropic and isinstance(usage, TokenUsage):
+            cap = self._output_cap(ctx, backend) or 0
+            await self._settle(ctx, backend, adm, replace(usage, output_tokens=max(usage.output_tokens, cap)))
             ctx.partial = True
         elif isinstance(usage, TokenUsage):
-            self._settle(ctx, backend, adm, None)
-            ctx.usage = usage  # for the log: what was known when the stream broke
+            await self._settle(ctx, backend, adm, usage)
         else:
-            self._settle(ctx, backend, adm, usage)  # None or BadUsage: the reservation
+            await self._charge_unknown(ctx, backend, adm, seen)  # None or BadUsage: the reservation
         if not client_gone:
             try:
                 await out.write_eof()

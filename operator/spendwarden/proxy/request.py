@@ -49,6 +49,7 @@ class RequestState:
     translating: bool = False
     upstream_api: str = CHAT
     partial: bool = False  # usage = the provider's input numbers + the reserved output
+    output_seen: bool = False  # usage unknown, no output cap: the output is the stream events relayed
     sp: Any = None  # spend.SpendReq when the route has tiers, a cache or a loop breaker
     load_key: str | None = None  # the scaled backend this request counts as in flight to
     raw: bytes | bytearray = b""  # the request body (read once; an escalation parses it again)

@@ -35,6 +35,7 @@ from .config import (
 )
 from .endpoints import SmallEndpoints
 from .errors import ProxyError, error_body, refusal
+from .estimate import reserved_prompt
 from .limits import (
     DEFAULT_BODY_MEMORY,
     DEFAULT_BODY_TIMEOUT,
@@ -298,9 +299,7 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
             so = body.get("stream_options")
             client_usage = isinstance(so, dict) and so.get("include_usage") is True
 
-        # Reserve a little more prompt than estimated: providers count with their own tokenizers and
-        # chat templates, and a reservation below the real usage could let concurrent requests overshoot.
-        reserve_in = est + est // 10 + 4 if est is not None else 0
+        reserve_in = reserved_prompt(est) if est is not None else 0
         if ctx.sp is not None:
             spend.start_capture(ctx, route)
         last: AttemptFailed | None = None

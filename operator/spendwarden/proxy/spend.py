@@ -289,6 +289,7 @@ def begin_escalation(proxy: Any, ctx: Any, route: RouteRt, cause: esc.Cause) -> 
     sp.tier, sp.tier_name = sp.tier + 1, nxt.name
     # The second pass starts clean; the first attempt's cost is in sp.first_cost.
     ctx.backend, ctx.usage, ctx.cost, ctx.usage_known, ctx.partial = None, None, None, True, False
+    ctx.output_seen = False
     ctx.status, ctx.outcome, ctx.error, ctx.ttft, ctx.translating = 0, "ok", None, None, False
     if sp.capture is not None:
         sp.capture = bytearray()

@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from ..ledger.pricing import TokenUsage, cost, format_money
+from ..ledger.pricing import TokenUsage, cost, format_money, worst_case_cost
 from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS
 from .budgets import Admission
 from .config import (
@@ -19,12 +19,12 @@ from .config import (
     BackendRt,
 )
 from .errors import ProxyError, error_body, provider_error
+from .estimate import PromptEstimate, reserved_prompt
 from .limits import (
     AnswerTooLarge,
     read_answer,
 )
 from .request import AttemptFailed, RequestState
-from .state import ProxyState
 from .translate import (
     chat_to_message,
     error_to_anthropic,
@@ -67,7 +67,7 @@ def media_type(ctype: str) -> str:
     return ctype.split(";")[0].strip() or "application/json"
 
 
-class UpstreamCalls(ProxyState):
+class UpstreamCalls(PromptEstimate):
     """Mixed into Proxy: one call to one backend, answered whole."""
 
     def _payload(self, body: dict[str, Any], api: str, backend: BackendRt, out: int | None, stream: bool) -> bytes:
@@ -144,7 +144,7 @@ class UpstreamCalls(ProxyState):
                      payload: bytes, is_fallback: bool) -> web.Response:
         assert self.session is not None
         t_up = time.perf_counter()
-        got_headers = False
+        got_headers, status = False, 0
         try:
             async with self.session.post(backend.url(ctx.upstream_api), data=payload,
                                          headers=self._headers(request, backend, False),
@@ -158,18 +158,16 @@ class UpstreamCalls(ProxyState):
                     ctx.upstream_time += time.perf_counter() - t_up
                     if status < 300:
                         # Billed, usage unknown (it is in the part not read): charge the reservation.
-                        self.book.settle(adm, backend.prices, None)
-                        ctx.usage_known = False
+                        await self._charge_unknown(ctx, backend, adm)
                     raise AttemptFailed(502, self._too_large(backend, status)) from None
                 ctype = resp.headers.get("Content-Type", "application/json")
                 up_headers = resp.headers
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             ctx.upstream_time += time.perf_counter() - t_up
             timeout = isinstance(exc, asyncio.TimeoutError)
-            if got_headers:
-                # The upstream was answering: it may bill us; usage is unknown, so keep the reservation.
-                self.book.settle(adm, backend.prices, None)
-                ctx.usage_known = False
+            if got_headers and status < 300:
+                # The upstream was answering: it may bill us; usage is unknown, so charge the reservation.
+                await self._charge_unknown(ctx, backend, adm)
             raise AttemptFailed(504 if timeout else 502,
                          f"timeout: no answer within {backend.timeout}s" if timeout
                          else f"connection failed: {type(exc).__name__}: {exc}"[:300]) from None
@@ -189,11 +187,10 @@ class UpstreamCalls(ProxyState):
                 raw = orjson.dumps(message_to_chat(doc, ctx.alias or "") if backend.fmt == ANTHROPIC
                                    else chat_to_message(doc, ctx.alias or ""))
         except (ValueError, TypeError, AttributeError, KeyError):
-            self.book.settle(adm, backend.prices, None)
-            ctx.usage_known = False
+            await self._charge_unknown(ctx, backend, adm)
             raise ProxyError(502, f"upstream backend {backend.name!r} returned an invalid response "
                                   f"(not the JSON object its API defines)", code="bad_gateway") from None
-        self._settle(ctx, backend, adm, usage)
+        await self._settle(ctx, backend, adm, usage)
         ctx.status = status
         ctx.outcome = "fallback" if is_fallback else "ok"
         if ctx.cost is not None:
@@ -205,12 +202,55 @@ class UpstreamCalls(ProxyState):
                 "proxy's limit for an answer it reads whole (--max-response-bytes)"
                 + ("; its usage is unknown: the request's reservation is charged" if status < 300 else ""))
 
-    def _settle(self, ctx: RequestState, backend: BackendRt, adm: Admission, usage: TokenUsage | BadUsage | None) -> None:
+    async def _settle(self, ctx: RequestState, backend: BackendRt, adm: Admission,
+                      usage: TokenUsage | BadUsage | None, seen: int = 0) -> None:
+        """Settle the provider's usage; none, or none to believe: the reservation (_charge_unknown)."""
         usage = believed(usage, ctx.route, backend.name)
         if usage is None:
-            ctx.usage_known = False
-            self.book.settle(adm, backend.prices, None)
+            await self._charge_unknown(ctx, backend, adm, seen)
             return
         ctx.usage = usage
         ctx.cost = cost(backend.prices, usage)
         self.book.settle(adm, backend.prices, usage)
+
+    async def _charge_unknown(self, ctx: RequestState, backend: BackendRt, adm: Admission, seen: int = 0) -> None:
+        """The provider answered, so it may bill, but its usage is unknown (a body or a stream broken
+        midway, a client gone, an answer too large to read, numbers not to believe): the budgets are
+        charged the reservation, and the same tokens and cost go to the access log and the metrics
+        (usage_source "reservation"), with or without a budget, so that the three agree call for call.
+        Without a budget the reservation is what one would have held: the prompt estimate (made now if
+        the route needed none) and the output cap sent upstream. When no cap was sent (an OpenAI
+        backend, no max_tokens, no budget) the output side is `seen`, the stream events relayed so far
+        (about one token each), named usage_source "reserved_input+seen_output"."""
+        self.book.settle(adm, backend.prices, None)
+        ctx.usage_known = False
+        if adm.reserved is not None:  # what the budgets held, and were just charged
+            held = adm.reserved
+            ctx.usage, ctx.cost = TokenUsage(held.input_tokens, held.output_tokens), held.cost
+            return
+        if ctx.est is None:
+            ctx.est = await self._body_estimate(ctx)
+        out = self._output_cap(ctx, backend)
+        if out is None:
+            out, ctx.output_seen = seen, True
+        else:
+            out *= adm.choices
+        inp = reserved_prompt(ctx.est)
+        ctx.usage, ctx.cost = TokenUsage(inp, out), worst_case_cost(backend.prices, inp, out)
+
+    def _output_cap(self, ctx: RequestState, backend: BackendRt) -> int | None:
+        """The output cap (per choice) the upstream was sent; None when none was (server.py _serve,
+        _payload and translate.py: Anthropic backends always get one)."""
+        if ctx.api == EMBEDDINGS:
+            return 0
+        if ctx.max_output is not None:
+            return ctx.max_output
+        return self.default_max_tokens if backend.fmt == ANTHROPIC else None
+
+    async def _body_estimate(self, ctx: RequestState) -> int:
+        """The prompt estimate of the request's body, for a reservation the route did not need to make."""
+        try:
+            return await self._estimate(ctx.api, orjson.loads(ctx.raw))
+        except Exception:  # noqa: BLE001 - a body the pipeline accepted: count what can be, never fail the accounting
+            log.warning("could not estimate the prompt of a request whose usage is unknown; counting it as 0")
+            return 0
