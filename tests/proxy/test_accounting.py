@@ -106,3 +106,27 @@ def test_log_metrics_and_budget_agree_call_for_call_on_broken_and_aborted_calls(
             assert total(proxy, "spendwarden_budget_used_tokens", gen_ai_token_type="output") == out
             assert total(proxy, "spendwarden_budget_used_cost") == pytest.approx(float(spent), rel=1e-9)
         assert proxy.alive() and "Traceback" not in proxy.stderr()
+
+
+def test_a_billed_attempt_before_a_fallback_is_in_the_log_and_the_metrics_as_the_budget_charged_it(start_proxy):
+    with MockUpstream(tokens=12) as up:
+        proxy = start_proxy(stream_of(
+            route_yaml("chat", "chat", [backend("a", up.openai_url), backend("b", up.openai_url, "gpt-b")],
+                       fallbacks=["b"]),
+            budget_yaml("b", limits={"tokens": {"total": 10_000_000}})))
+        up.script({"disconnect_after": 1}, {})  # a's body breaks midway (billed), b answers
+        oa = openai.OpenAI(base_url=proxy.openai_url, api_key="unused", max_retries=0, timeout=30)
+        r = oa.chat.completions.with_raw_response.create(model="chat", messages=MSG, max_tokens=30)
+        assert r.headers["x-spendwarden-backend"] == "b"
+        line = proxy.log(1)[-1]
+        assert (line["backend"], line["usage_source"], line["outcome"]) == ("b", "upstream", "fallback")
+        [first] = line["earlier_attempts"]
+        assert (first["backend"], first["usage_source"], first["output_tokens"]) == ("a", "reservation", 30)
+        inp, out = line["input_tokens"] + first["input_tokens"], line["output_tokens"] + first["output_tokens"]
+        spent = Decimal(line["cost"]) + Decimal(first["cost"])
+        for name, value in (("gen_ai_client_token_usage_sum", inp), ("spendwarden_budget_used_tokens", inp)):
+            assert total(proxy, name, gen_ai_token_type="input") == value
+        for name, value in (("gen_ai_client_token_usage_sum", out), ("spendwarden_budget_used_tokens", out)):
+            assert total(proxy, name, gen_ai_token_type="output") == value
+        assert total(proxy, "spendwarden_cost_total") == pytest.approx(float(spent), rel=1e-9)
+        assert total(proxy, "spendwarden_budget_used_cost") == pytest.approx(float(spent), rel=1e-9)

@@ -12,7 +12,7 @@ from ..ledger.pricing import format_money
 from ..routing.apis import OPERATION
 from . import spend
 from .metrics import OTEL_PROVIDER
-from .request import RequestState
+from .request import RequestState, usage_source
 from .state import ProxyState
 
 log = logging.getLogger("spendwarden.proxy")
@@ -54,14 +54,13 @@ class AccessLog(ProxyState):
             if u.cache_write_tokens:
                 line["cache_write_tokens"] = u.cache_write_tokens
                 line["cache_write_1h_tokens"] = u.cache_write_1h_tokens
-        if ctx.partial:
-            line["usage_source"] = "upstream_input+reserved_output"
-        elif not ctx.usage_known:
-            line["usage_source"] = "reserved_input+seen_output" if ctx.output_seen else "reservation"
-        elif u is not None:
-            line["usage_source"] = "upstream"
+        source = usage_source(ctx)
+        if source is not None:
+            line["usage_source"] = source
         if ctx.cost is not None:
             line["cost"] = format_money(ctx.cost)
+        if ctx.earlier:
+            line["earlier_attempts"] = ctx.earlier  # billed, then a fallback answered: part of the charge
         if ctx.ttft is not None:
             line["ttft_ms"] = round(ctx.ttft * 1000, 3)
         if ctx.est is not None:

@@ -50,6 +50,17 @@ class RequestState:
     upstream_api: str = CHAT
     partial: bool = False  # usage = the provider's input numbers + the reserved output
     output_seen: bool = False  # usage unknown, no output cap: the output is the stream events relayed
+    billed_failure: BackendRt | None = None  # the last attempt failed after its provider answered (billed)
+    earlier: list[dict[str, Any]] = field(default_factory=list)  # such attempts followed by a fallback
     sp: Any = None  # spend.SpendReq when the route has tiers, a cache or a loop breaker
     load_key: str | None = None  # the scaled backend this request counts as in flight to
     raw: bytes | bytearray = b""  # the request body (read once; an escalation parses it again)
+
+
+def usage_source(ctx: RequestState) -> str | None:
+    """Where the recorded usage comes from, as the access log names it (None: nothing recorded)."""
+    if ctx.partial:
+        return "upstream_input+reserved_output"
+    if not ctx.usage_known:
+        return "reserved_input+seen_output" if ctx.output_seen else "reservation"
+    return "upstream" if ctx.usage is not None else None

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from ..ledger.pricing import TokenUsage, cost, format_money, worst_case_cost
-from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS
+from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, OPERATION
 from .budgets import Admission
 from .config import (
     ANTHROPIC,
@@ -24,7 +24,7 @@ from .limits import (
     AnswerTooLarge,
     read_answer,
 )
-from .request import AttemptFailed, RequestState
+from .request import AttemptFailed, RequestState, usage_source
 from .translate import (
     chat_to_message,
     error_to_anthropic,
@@ -143,6 +143,7 @@ class UpstreamCalls(PromptEstimate):
     async def _unary(self, request: web.Request, ctx: RequestState, backend: BackendRt, adm: Admission,
                      payload: bytes, is_fallback: bool) -> web.Response:
         assert self.session is not None
+        self._fold_billed_failure(ctx)
         t_up = time.perf_counter()
         got_headers, status = False, 0
         try:
@@ -159,6 +160,7 @@ class UpstreamCalls(PromptEstimate):
                     if status < 300:
                         # Billed, usage unknown (it is in the part not read): charge the reservation.
                         await self._charge_unknown(ctx, backend, adm)
+                        ctx.billed_failure = backend
                     raise AttemptFailed(502, self._too_large(backend, status)) from None
                 ctype = resp.headers.get("Content-Type", "application/json")
                 up_headers = resp.headers
@@ -168,6 +170,7 @@ class UpstreamCalls(PromptEstimate):
             if got_headers and status < 300:
                 # The upstream was answering: it may bill us; usage is unknown, so charge the reservation.
                 await self._charge_unknown(ctx, backend, adm)
+                ctx.billed_failure = backend
             raise AttemptFailed(504 if timeout else 502,
                          f"timeout: no answer within {backend.timeout}s" if timeout
                          else f"connection failed: {type(exc).__name__}: {exc}"[:300]) from None
@@ -196,6 +199,22 @@ class UpstreamCalls(PromptEstimate):
         if ctx.cost is not None:
             headers["x-spendwarden-cost"] = format_money(ctx.cost)
         return web.Response(status=status, body=raw, headers=headers, content_type="application/json")
+
+    def _fold_billed_failure(self, ctx: RequestState) -> None:
+        """A fallback after an attempt its provider may bill (a body broken midway, an answer too large
+        to read): that attempt's charge goes to the metrics under its own backend and to the access
+        log's earlier_attempts, so that the request's line plus those add up to what the budgets were
+        charged; the line's own tokens and cost are the next attempt's."""
+        failed, ctx.billed_failure = ctx.billed_failure, None
+        if failed is None or ctx.usage is None or self.compiled is None:
+            return
+        route = self.compiled.routes.get(ctx.alias or "")
+        if route is not None:
+            self.metrics.attempt(self.compiled.namespace, OPERATION[ctx.api], failed, route, ctx.usage, ctx.cost)
+        ctx.earlier.append({"backend": failed.name, "input_tokens": ctx.usage.input_tokens,
+                            "output_tokens": ctx.usage.output_tokens, "cost": format_money(ctx.cost),
+                            "usage_source": usage_source(ctx)})
+        ctx.billed_failure, ctx.usage, ctx.cost, ctx.usage_known, ctx.output_seen = None, None, None, True, False
 
     def _too_large(self, backend: BackendRt, status: int) -> str:
         return (f"backend {backend.name!r} answered (status {status}) with more than {self.max_answer} bytes, the "
