@@ -87,6 +87,11 @@ def test_escalation_on_length_retries_on_the_next_tier_and_budgets_stay_exact(st
         spent = cost_of(first, SMALL_IN, SMALL_OUT) + cost_of(second, LARGE_IN, LARGE_OUT)
         assert Decimal(line["cost"]) == spent
         assert Decimal(line["escalated"]["first_cost"]) == cost_of(first, SMALL_IN, SMALL_OUT)
+        # The line's tokens are the second pass's; with the first pass's the budget's (issue #17).
+        assert line["escalated"]["first_input_tokens"] + line["input_tokens"] == \
+            total(proxy, "spendwarden_budget_used_tokens", budget="b", gen_ai_token_type="input")
+        assert line["escalated"]["first_output_tokens"] + line["output_tokens"] == \
+            total(proxy, "spendwarden_budget_used_tokens", budget="b", gen_ai_token_type="output")
         # Both attempts were charged, nothing is left reserved, and the cost metric is the whole spend.
         assert total(proxy, "spendwarden_budget_used_cost", budget="b") == pytest.approx(float(spent))
         assert total(proxy, "spendwarden_budget_open_reservations", budget="b") == 0

@@ -55,6 +55,7 @@ class SpendReq:
     escalated: tuple[str, str, str] | None = None  # (from tier, to tier, cause)
     first_backend: str | None = None
     first_cost: Decimal | None = None
+    first_usage: Any = None  # TokenUsage of the first pass's answer (or its reservation), for the access log
     first_attempts: int = 0
     capture: bytearray | None = None  # the streamed bytes, for the cache
     cache: str | None = None          # "hit" | "stored" for the log
@@ -281,7 +282,7 @@ def begin_escalation(proxy: Any, ctx: Any, route: RouteRt, cause: esc.Cause) -> 
     first, nxt = rs.tiers[sp.tier], rs.tiers[sp.tier + 1]
     sp.escalated = (first.name, nxt.name, cause.value)
     sp.first_backend = ctx.backend.name if ctx.backend is not None else None
-    sp.first_cost = ctx.cost
+    sp.first_cost, sp.first_usage = ctx.cost, ctx.usage
     sp.first_attempts = ctx.attempts
     if ctx.backend is not None and ctx.usage is not None and ctx.cost is not None:
         proxy.metrics.attempt(ns, OPERATION[ctx.api], ctx.backend, route, ctx.usage, ctx.cost)
@@ -310,6 +311,9 @@ def log_fields(ctx: Any, line: dict[str, Any]) -> None:
         if sp.first_cost is not None:
             line["escalated"]["first_cost"] = format_money(sp.first_cost)
             line["cost"] = format_money(sp.first_cost + (ctx.cost or Decimal(0)))
+        if sp.first_usage is not None:  # the line's tokens are the second pass's: with these, the budget's
+            line["escalated"]["first_input_tokens"] = sp.first_usage.input_tokens
+            line["escalated"]["first_output_tokens"] = sp.first_usage.output_tokens
         line["attempts"] = sp.first_attempts + ctx.attempts
     if sp.cache is not None:
         line["cache"] = sp.cache
