@@ -214,7 +214,7 @@ class UpstreamCalls(PromptEstimate):
         ctx.earlier.append({"backend": failed.name, "input_tokens": ctx.usage.input_tokens,
                             "output_tokens": ctx.usage.output_tokens, "cost": format_money(ctx.cost),
                             "usage_source": usage_source(ctx)})
-        ctx.billed_failure, ctx.usage, ctx.cost, ctx.usage_known, ctx.output_seen = None, None, None, True, False
+        ctx.usage, ctx.cost, ctx.usage_known, ctx.output_seen = None, None, True, False
 
     def _too_large(self, backend: BackendRt, status: int) -> str:
         return (f"backend {backend.name!r} answered (status {status}) with more than {self.max_answer} bytes, the "
