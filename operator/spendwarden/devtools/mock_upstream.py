@@ -748,6 +748,19 @@ def _close(request: web.Request) -> None:
 STATE_KEY = web.AppKey("mock_state", _State)
 
 
+def _key_check(keys: set[str]) -> Any:
+    """A provider's authentication: the key as `Authorization: Bearer` (OpenAI) or `x-api-key`."""
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        presented = auth[7:] if auth.startswith("Bearer ") else request.headers.get("x-api-key")
+        if request.path.startswith("/v1/") and presented not in keys:
+            return web.json_response({"error": {"message": "Incorrect API key provided", "type":
+                                                "invalid_request_error", "code": "invalid_api_key"}}, status=401)
+        return await handler(request)
+    return check
+
+
 def make_app(default: Behaviour | None = None, model_behaviours: dict[str, Behaviour] | None = None,
              models: list[str] | None = None, record_limit: int = 10000) -> web.Application:
     state = _State(default or Behaviour(), dict(model_behaviours or {}), list(models or DEFAULT_MODELS), record_limit)
@@ -788,8 +801,9 @@ class MockUpstream:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, models: list[str] | None = None,
                  model_behaviours: dict[str, dict[str, Any] | Behaviour] | None = None, record_limit: int = 10000,
-                 **defaults: Any):
+                 api_keys: set[str] | None = None, **defaults: Any):
         self.host = host
+        self.api_keys = api_keys  # set: a request without one of these keys gets 401, as a provider answers
         self.port = port
         self._default = Behaviour.from_dict(defaults)
         self._model_behaviours = {m: (b if isinstance(b, Behaviour) else Behaviour.from_dict(b))
@@ -839,6 +853,8 @@ class MockUpstream:
 
     async def _start_async(self) -> None:
         app = make_app(self._default, self._model_behaviours, self._models, self._record_limit)
+        if self.api_keys is not None:
+            app.middlewares.append(_key_check(self.api_keys))
         self._state = app[STATE_KEY]
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()

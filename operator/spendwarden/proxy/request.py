@@ -51,4 +51,5 @@ class RequestState:
     partial: bool = False  # usage = the provider's input numbers + the reserved output
     sp: Any = None  # spend.SpendReq when the route has tiers, a cache or a loop breaker
     load_key: str | None = None  # the scaled backend this request counts as in flight to
+    serviceaccount: str | None = None  # the gateway's authenticated caller (attribution)
     raw: bytes | bytearray = b""  # the request body (read once; an escalation parses it again)
