@@ -321,6 +321,7 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
                 adm = self.book.admit(route, backend, reserve_in, want, choices, downgrade_to)
             backend = adm.backend
             adm.tag = tag
+            adm.workload = ctx.serviceaccount or ""
             ctx.backend, ctx.attempts = backend, i + 1
             ctx.downgraded, ctx.over_budget = adm.downgraded, adm.over_budget
             out = adm.max_output if adm.max_output is not None else want
