@@ -104,9 +104,11 @@ def test_forged_foreign_and_wrong_audience_tokens_are_refused(kube, gateway, ups
         _oa(gateway, forged).chat.completions.create(**ask)
     with pytest.raises(openai.AuthenticationError):  # the apiserver's own audience: not for spendwarden
         _oa(gateway, token(kube, a, "app", audience=None)).chat.completions.create(**ask)
-    with pytest.raises(anthropic.AuthenticationError):
-        anthropic.Anthropic(base_url=gateway.url, api_key="", max_retries=0).messages.create(
+    with pytest.raises(anthropic.AuthenticationError):  # a provider's key is not a token either
+        anthropic.Anthropic(base_url=gateway.url, api_key="sk-ant-api03-abc", max_retries=0).messages.create(
             model="claude", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    missing = httpx.post(gateway.url + "/v1/messages", json={"model": "claude", "max_tokens": 5, "messages": []})
+    assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
     # A namespace the gateway does not serve: authenticated, but forbidden.
     with pytest.raises(openai.PermissionDeniedError) as e:
         _oa(gateway, token(kube, x, "app")).chat.completions.create(**ask)
@@ -181,7 +183,7 @@ def test_rate_limits_per_serviceaccount_and_per_namespace(kube, tmp_path, contro
 def test_a_budget_is_enforced_per_tenant_namespace(kube, tmp_path, control_plane, upstream, tenants):
     a, b, _ = tenants
     gw = GatewayProcess(tmp_path, str(control_plane.kubeconfig))
-    gw.serve(a, tenant_config(upstream, budget_tokens=300))
+    gw.serve(a, tenant_config(upstream, budget_tokens=150))
     gw.serve(b, tenant_config(upstream))
     for ns in (a, b):
         gw.key(ns, "openai", "apiKey", PROVIDER_KEY)
@@ -198,7 +200,7 @@ def test_a_budget_is_enforced_per_tenant_namespace(kube, tmp_path, control_plane
                 refused += 1
         assert refused > 0
         lines = [x for x in gw.log() if x["namespace"] == a and x["status"] == 200]
-        assert sum(x["input_tokens"] + x["output_tokens"] for x in lines) <= 300
+        assert sum(x["input_tokens"] + x["output_tokens"] for x in lines) <= 150
         for _ in range(3):  # b has no budget: a's is not b's
             _oa(gw, tok_b).chat.completions.create(**ask)
     finally:

@@ -82,6 +82,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import socket
 import struct
 import threading
@@ -920,6 +921,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='Behaviour for one model name, e.g. \'slow={"chunk_delay_ms": 100}\' (repeatable).')
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="Comma-separated names listed by /v1/models.")
     parser.add_argument("--record-limit", type=int, default=10000, help="Requests kept for /_mock/requests (totals are exact).")
+    parser.add_argument("--api-key", action="append", default=[], help="Accept only this API key (repeatable; "
+                        "default: any). Read from the environment variable MOCK_API_KEY too.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -936,6 +939,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     app = make_app(default, per_model, [m for m in args.models.split(",") if m], args.record_limit)
+    keys = set(args.api_key) | ({os.environ["MOCK_API_KEY"]} if os.environ.get("MOCK_API_KEY") else set())
+    if keys:
+        app.middlewares.append(_key_check(keys))
     print(f"mock upstream on http://{args.host}:{args.port} (OpenAI: /v1, Anthropic: /v1/messages)", flush=True)
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, shutdown_timeout=1.0)
     return 0
