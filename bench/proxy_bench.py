@@ -7,6 +7,9 @@ Paths measured (each a column of the result):
     bare         wrk -> bench/bare_passthrough.py (aiohttp, parses JSON both ways) -> mock
     spendwarden  wrk -> `spendwarden proxy --config FILE` (routes + a budget) -> mock; skipped with a
                  message if the command is missing or does not come up
+    gateway      wrk -> `spendwarden gateway` (the same tenant config, as the operator writes it, and
+                 every request authenticated: a ServiceAccount token of a local control plane,
+                 TokenReview answers cached 30 s as in production; rate limits off) -> mock
     litellm      wrk -> LiteLLM proxy (separate venv, created on demand; offline cost map, one worker,
                  no database) -> mock
 
@@ -64,7 +67,8 @@ MODEL_BEHAVIOURS = {
 PROMPT = "Summarise the quarterly spend report for the platform team in three sentences."
 # A per-run throwaway key: LiteLLM refuses to start without a strong master key, and every path gets
 # the same Authorization header so that the request bytes are identical.
-BEARER = "sk-bench-" + secrets.token_hex(16)
+BEARER = "sk-bench-" + secrets.token_hex(16)  # the gateway path replaces it with a ServiceAccount token
+CONTROL_PLANES: list[Any] = []  # started for the gateway path, stopped at the end
 BODY = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16}
 
 WRK_LUA = """
@@ -289,6 +293,28 @@ def litellm_config(mock: str, path: Path) -> Path:
     return path
 
 
+def gateway_token(work: Path) -> tuple[Any, str] | str:
+    """(control plane, kubeconfig) with a ServiceAccount token of namespace `bench` as BEARER, or why not.
+    The control plane (etcd + kube-apiserver) inherits this script's load core: it is asked once per
+    token and review TTL, not per request."""
+    global BEARER
+    try:
+        from kubernetes import client
+
+        from spendwarden.localcluster.controlplane import ControlPlane
+        cp = ControlPlane(controller_manager=False, node=False)
+        cp.start()
+    except Exception as exc:  # noqa: BLE001 - the binaries are missing or it did not start: skip the path
+        return f"no local control plane for TokenReview ({type(exc).__name__}: {exc}); run scripts/setup.sh"
+    api = cp.api_client()
+    core = client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": "bench"}})
+    core.create_namespaced_service_account("bench", {"metadata": {"name": "app"}})
+    BEARER = core.create_namespaced_service_account_token("app", "bench", {"spec": {
+        "audiences": ["spendwarden"], "expirationSeconds": 3600}}).status.token
+    return cp, str(cp.kubeconfig)
+
+
 def start_path(name: str, mock: str, work: Path) -> tuple[Proc | None, str | None, str | None]:
     """(process, base URL, skip reason) for one path."""
     port = free_port()
@@ -301,6 +327,20 @@ def start_path(name: str, mock: str, work: Path) -> tuple[Proc | None, str | Non
         proc = Proc(name, pin + [sys.executable, "-m", "spendwarden.cli", "proxy", "--config", str(cfg),
                                  "--port", str(port), "--metrics-port", str(free_port())], work,
                     cgroup=MemCgroup("spendwarden-bench"))
+        timeout = 30
+    elif name == "gateway":
+        got = gateway_token(work)
+        if isinstance(got, str):
+            return None, None, got
+        CONTROL_PLANES.append(got[0])
+        tenants = work / "gateway-tenants"
+        tenants.mkdir(exist_ok=True)
+        spendwarden_config(mock, tenants / "bench.json")
+        (work / "gateway-secrets").mkdir(exist_ok=True)
+        proc = Proc(name, pin + [sys.executable, "-m", "spendwarden.cli", "gateway", "--config-dir", str(tenants),
+                                 "--secrets-dir", str(work / "gateway-secrets"), "--kubeconfig", got[1],
+                                 "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(free_port()),
+                                 "--namespace-rate", "0", "--serviceaccount-rate", "0"], work)
         timeout = 30
     elif name == "litellm":
         exe = ensure_litellm()
@@ -574,7 +614,7 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=1000, help="Concurrent slow streams to hold (default 1000).")
     ap.add_argument("--ttft-requests", type=int, default=100, help="Streams for the TTFT sample (default 100).")
     ap.add_argument("--startup-runs", type=int, default=10, help="Sidecar starts timed to /healthz (default 10).")
-    ap.add_argument("--only", default="direct,bare,spendwarden,litellm", help="Comma-separated paths to run.")
+    ap.add_argument("--only", default="direct,bare,spendwarden,gateway,litellm", help="Comma-separated paths to run.")
     args = ap.parse_args()
 
     if not shutil.which("wrk"):
@@ -634,6 +674,8 @@ def main() -> int:
             totals = json.loads(r.read())["totals"]
     finally:
         mock.stop()
+        for cp in CONTROL_PLANES:
+            cp.stop()
 
     out = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -75,16 +75,18 @@ class Operator:
         return 0.0
 
 
-def sa_token(kube, namespace: str, sa: str = "proxy") -> str:
+def sa_token(kube, namespace: str, sa: str = "proxy", audience: str | None = "spendwarden") -> str:
+    """A token of ServiceAccount `sa` (made if missing); audience None: the apiserver's default."""
     core = client.CoreV1Api(kube)
     try:
         core.create_namespaced_service_account(namespace, {"metadata": {"name": sa}})
     except client.ApiException as exc:
         if exc.status != 409:
             raise
-    tr = core.create_namespaced_service_account_token(sa, namespace, {
-        "spec": {"audiences": ["spendwarden"], "expirationSeconds": 3600}})
-    return tr.status.token
+    spec: dict = {"expirationSeconds": 3600}
+    if audience:
+        spec["audiences"] = [audience]
+    return core.create_namespaced_service_account_token(sa, namespace, {"spec": spec}).status.token
 
 
 def create_budget(kube, ns: str, name: str = "monthly", spec: dict | None = None) -> dict:

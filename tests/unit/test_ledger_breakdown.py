@@ -11,13 +11,15 @@ from decimal import Decimal
 import pytest
 
 from spendwarden.ledger.allowance import Amount
-from spendwarden.ledger.breakdown import MAX_ROWS, OTHER, Breakdown, PeriodBreakdown, merged, tag_of
+from spendwarden.ledger.breakdown import MAX_ROWS, OTHER, OTHER_KEY, Breakdown, PeriodBreakdown, merged, tag_of
 from spendwarden.ledger.store import LedgerStore, ReportError, parse_report
 from tests.support.ledger_store import END, NOW, START, TS, body, budget, send
 
 
 def rows(b: Breakdown) -> dict:
-    return {k: (r.input_tokens, r.output_tokens, str(r.cost), r.requests) for k, r in b.rows.items()}
+    """Rows by (route, backend, tag); every row here is a sidecar's (no workload), OTHER's excepted."""
+    assert all(k[3] == ("" if k[0] != OTHER else OTHER) for k in b.rows)
+    return {k[:3]: (r.input_tokens, r.output_tokens, str(r.cost), r.requests) for k, r in b.rows.items()}
 
 
 def wire(*items):
@@ -45,8 +47,8 @@ def test_capped_keeps_the_most_expensive_rows_and_sums_the_rest():
     for i in range(10):
         b.add("r", "b", f"t{i}", Amount(i, 0, Decimal(i)))
     capped = b.capped(4)
-    assert set(capped.rows) == {("r", "b", "t9"), ("r", "b", "t8"), ("r", "b", "t7"), (OTHER, OTHER, OTHER)}
-    assert capped.rows[(OTHER, OTHER, OTHER)].cost == sum(range(7)) and capped.total() == b.total()
+    assert set(capped.rows) == {("r", "b", "t9", ""), ("r", "b", "t8", ""), ("r", "b", "t7", ""), OTHER_KEY}
+    assert capped.rows[OTHER_KEY].cost == sum(range(7)) and capped.total() == b.total()
     assert b.capped(20) == b
     assert merged([b, b], 4).total() == b.total() + b.total()
 
@@ -206,3 +208,13 @@ def test_tagged_cost_metric_is_bounded():
     assert sum(m.tagged_cost.values()) == MAX_TAG_VALUES + 20 + MAX_TAG_KEYS + 5
     assert 'spendwarden_tagged_cost_total{currency="USD",namespace="ns",tag="scenario",value="s0"} 1.0' \
         in m.render().decode()
+
+
+def test_the_gateway_s_workload_is_a_row_of_its_own_and_survives_the_wire():
+    b = Breakdown()
+    b.add("chat", "mini", None, Amount(10, 5, Decimal("0.01")), workload="ingest")
+    b.add("chat", "mini", None, Amount(1, 1, Decimal("0.001")), workload="web")
+    b.add("chat", "mini", None, Amount(2, 2, Decimal("0.002")))
+    out = b.to_wire()
+    assert [r.get("workload") for r in out] == ["ingest", None, "web"]
+    assert Breakdown.from_wire(out) == b

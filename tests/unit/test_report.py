@@ -51,6 +51,18 @@ def test_table_and_csv():
     assert table([], show_namespace=False) == "No usage found."
     lines = to_csv(rows).splitlines()
     assert lines[0] == ("namespace,budget,periodStart,periodEnd,current,route,backend,tag,requests,inputTokens,"
-                        "outputTokens,totalTokens,cost,currency")
-    assert lines[1] == "team-a,monthly,2026-11-01T00:00:00Z,2026-12-01T00:00:00Z,True,chat,mini,ticket,2,10,5,15,0.5,EUR"
+                        "outputTokens,totalTokens,cost,currency,workload")
+    assert lines[1] == "team-a,monthly,2026-11-01T00:00:00Z,2026-12-01T00:00:00Z,True,chat,mini,ticket,2,10,5,15,0.5,EUR,"
     assert len(lines) == 1 + len(rows)
+
+
+def test_a_workload_column_appears_where_the_gateway_served():
+    budget = tb("team-a", "monthly", {
+        "periodStart": "2026-11-01T00:00:00Z", "periodEnd": "2026-12-01T00:00:00Z", "used": used(15, 5, "0.75"),
+        "breakdown": [{**ROW, "workload": "ingest"}, {**ROW, "cost": "0.25", "inputTokens": 5, "outputTokens": 0}]})
+    rows = report_rows([budget])
+    assert [r["workload"] for r in rows] == ["ingest", ""]
+    text = table(rows, show_namespace=False)
+    assert "WORKLOAD" in text.splitlines()[0] and "ingest" in text.splitlines()[1]
+    assert "WORKLOAD" not in table(report_rows([BUDGET]), show_namespace=False)
+    assert to_csv(rows).splitlines()[1].endswith(",EUR,ingest")

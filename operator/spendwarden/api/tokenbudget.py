@@ -223,11 +223,12 @@ class Remaining(ApiModel):
 
 
 class BreakdownRow(ApiModel):
-    """Usage of one (route, backend, tag) in a period, as the proxies reported it."""
+    """Usage of one (route, backend, tag, workload) in a period, as the proxies reported it."""
 
     route: str = Field(description="ModelRoute name; (other) for rows beyond the cap.")
     backend: str = Field(description="Backend name within the route.")
     tag: str | None = Field(default=None, description="The requests' scenario tag (x-spendwarden-tags: scenario=...); absent when none.")
+    workload: str | None = Field(default=None, description="The calling ServiceAccount, when the gateway served the requests (it authenticates each); absent for sidecars.")
     inputTokens: int = Field(default=0, ge=0, description="Input (prompt) tokens.")
     outputTokens: int = Field(default=0, ge=0, description="Output (completion) tokens.")
     cost: Money = Field(default="0", description="Money spent, as a decimal string.")

@@ -13,6 +13,7 @@ import sys
 SUBCOMMANDS = {
     "operator": ("spendwarden.controller.run", "Run the operator (control plane)."),
     "proxy": ("spendwarden.proxy.run", "Run the sidecar proxy (data plane), in a pod or standalone."),
+    "gateway": ("spendwarden.proxy.gateway_run", "Run the shared gateway: the proxy for every namespace in gateway mode, authenticating each caller."),
     "crds": ("spendwarden.cli.crds", "Write the CRD manifests generated from the API models."),
     "render": ("spendwarden.cli.render", "Render the proxy configuration for manifests in files (offline)."),
     "local-cluster": ("spendwarden.cli.local_cluster", "Start the local control plane (etcd + kube-apiserver + kube-controller-manager)."),

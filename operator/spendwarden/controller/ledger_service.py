@@ -39,6 +39,7 @@ from prometheus_client import Counter, Gauge
 
 from .. import GROUP, VERSION
 from ..api import tokenbudget
+from ..expiring import ExpiringMap
 from ..ledger.leases import LeaseSettings
 from ..ledger.loops import LoopAggregator
 from ..ledger.store import FORECAST_CONDITION, BudgetEntry, LedgerStore, ReportError, parse_report, replace_patch
@@ -48,7 +49,6 @@ from .alerts import WebhookSender
 from .alerts import WebhookSettings as AlertSettings
 from .bodies import plain
 from .cutoff import CutOffController, ReplicaOwnerFn
-from .expiring import ExpiringMap
 from .ledger_config import LedgerConfig
 from .ledger_http import PUBLIC, REVIEW, TRUSTED, Admission, Headers, LedgerHttpServer, Reply, Trusted, aiohttp_handler
 from .settings import CutOffConfig

@@ -84,6 +84,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import socket
 import struct
 import threading
@@ -753,6 +754,19 @@ def _close(request: web.Request) -> None:
 STATE_KEY = web.AppKey("mock_state", _State)
 
 
+def _key_check(keys: set[str]) -> Any:
+    """A provider's authentication: the key as `Authorization: Bearer` (OpenAI) or `x-api-key`."""
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        presented = auth[7:] if auth.startswith("Bearer ") else request.headers.get("x-api-key")
+        if request.path.startswith("/v1/") and presented not in keys:
+            return web.json_response({"error": {"message": "Incorrect API key provided", "type":
+                                                "invalid_request_error", "code": "invalid_api_key"}}, status=401)
+        return await handler(request)
+    return check
+
+
 def make_app(default: Behaviour | None = None, model_behaviours: dict[str, Behaviour] | None = None,
              models: list[str] | None = None, record_limit: int = 10000) -> web.Application:
     state = _State(default or Behaviour(), dict(model_behaviours or {}), list(models or DEFAULT_MODELS), record_limit)
@@ -793,8 +807,9 @@ class MockUpstream:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, models: list[str] | None = None,
                  model_behaviours: dict[str, dict[str, Any] | Behaviour] | None = None, record_limit: int = 10000,
-                 **defaults: Any):
+                 api_keys: set[str] | None = None, **defaults: Any):
         self.host = host
+        self.api_keys = api_keys  # set: a request without one of these keys gets 401, as a provider answers
         self.port = port
         self._default = Behaviour.from_dict(defaults)
         self._model_behaviours = {m: (b if isinstance(b, Behaviour) else Behaviour.from_dict(b))
@@ -844,6 +859,8 @@ class MockUpstream:
 
     async def _start_async(self) -> None:
         app = make_app(self._default, self._model_behaviours, self._models, self._record_limit)
+        if self.api_keys is not None:
+            app.middlewares.append(_key_check(self.api_keys))
         self._state = app[STATE_KEY]
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -909,6 +926,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='Behaviour for one model name, e.g. \'slow={"chunk_delay_ms": 100}\' (repeatable).')
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="Comma-separated names listed by /v1/models.")
     parser.add_argument("--record-limit", type=int, default=10000, help="Requests kept for /_mock/requests (totals are exact).")
+    parser.add_argument("--api-key", action="append", default=[], help="Accept only this API key (repeatable; "
+                        "default: any). Read from the environment variable MOCK_API_KEY too.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -925,6 +944,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     app = make_app(default, per_model, [m for m in args.models.split(",") if m], args.record_limit)
+    keys = set(args.api_key) | ({os.environ["MOCK_API_KEY"]} if os.environ.get("MOCK_API_KEY") else set())
+    if keys:
+        app.middlewares.append(_key_check(keys))
     print(f"mock upstream on http://{args.host}:{args.port} (OpenAI: /v1, Anthropic: /v1/messages)", flush=True)
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, shutdown_timeout=1.0)
     return 0

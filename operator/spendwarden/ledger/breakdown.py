@@ -1,4 +1,4 @@
-"""Where a budget's money went: usage per (route, backend, tag) within one period, bounded.
+"""Where a budget's money went: usage per (route, backend, tag, workload) within one period, bounded.
 
 Pure, shared by both sides of the ledger protocol (docs/ledger-protocol.md, `breakdown`):
 - a proxy keeps one `Breakdown` per budget and period, fed from each settlement, and reports it
@@ -10,6 +10,8 @@ Pure, shared by both sides of the ledger protocol (docs/ledger-protocol.md, `bre
 `tag` is the value of the request's `scenario` tag (header x-spendwarden-tags: scenario=ticket),
 "" when it has none. Rows are bounded: past MAX_ROWS distinct keys, usage lands in one OTHER row,
 so an app sending a new tag value per request cannot grow a report or a status object.
+`workload` is the calling ServiceAccount when the gateway served the request (it authenticated it),
+"" from a sidecar (whose callers are whatever runs in its Pod).
 """
 from __future__ import annotations
 
@@ -26,9 +28,9 @@ TAG_KEY = "scenario"
 OTHER = "(other)"
 MAX_ROWS = 32          # per budget and period: in a proxy's report, and in status
 HISTORY_ROWS = 16      # per finished period kept in status.history
-FIELDS = ("route", "backend", "tag")
+FIELDS = ("route", "backend", "tag", "workload")
 
-Key = tuple[str, str, str]
+Key = tuple[str, str, str, str]
 
 
 @dataclass(slots=True)
@@ -48,11 +50,11 @@ class Row:
         return Amount(self.input_tokens, self.output_tokens, self.cost)
 
 
-OTHER_KEY: Key = (OTHER, OTHER, OTHER)
+OTHER_KEY: Key = (OTHER, OTHER, OTHER, OTHER)
 
 
 class Breakdown:
-    """Rows keyed by (route, backend, tag), at most `max_rows` of them (OTHER included)."""
+    """Rows keyed by (route, backend, tag, workload), at most `max_rows` of them (OTHER included)."""
 
     __slots__ = ("rows", "max_rows")
 
@@ -60,8 +62,9 @@ class Breakdown:
         self.rows: dict[Key, Row] = {}
         self.max_rows = max_rows
 
-    def add(self, route: str, backend: str, tag: str | None, amount: Amount, requests: int = 1) -> None:
-        key: Key = (route, backend, tag or "")
+    def add(self, route: str, backend: str, tag: str | None, amount: Amount, requests: int = 1,
+            workload: str | None = None) -> None:
+        key: Key = (route, backend, tag or "", workload or "")
         row = self.rows.get(key)
         if row is None:
             if len(self.rows) >= self.max_rows - 1 and key != OTHER_KEY:
@@ -101,7 +104,8 @@ class Breakdown:
         """The rows as in reports and status, most expensive first."""
         ordered = sorted(self.rows.items(), key=lambda kv: (-kv[1].cost, kv[0]))
         # No "tag" key for untagged rows: the 1.20 apiserver turns "" in a status patch into null.
-        return [{"route": k[0], "backend": k[1], **({"tag": k[2]} if k[2] else {}), "inputTokens": r.input_tokens,
+        return [{"route": k[0], "backend": k[1], **({"tag": k[2]} if k[2] else {}),
+                 **({"workload": k[3]} if k[3] else {}), "inputTokens": r.input_tokens,
                  "outputTokens": r.output_tokens, "cost": format_money(r.cost), "requests": r.requests}
                 for k, r in ordered]
 

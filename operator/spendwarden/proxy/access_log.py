@@ -38,6 +38,9 @@ class AccessLog(ProxyState):
             max(dur - ctx.upstream_time, 0.0) if not ctx.stream and ctx.upstream_time else None)
         if ctx.tags and ctx.cost and b is not None:
             self.metrics.tagged(ns, ctx.tags, b.prices.currency, float(ctx.cost))
+        if ctx.serviceaccount:
+            self.metrics.workload(ns, ctx.serviceaccount, ctx.outcome, b.prices.currency if b else None,
+                                  float(ctx.cost) if ctx.cost is not None else None)
         u = ctx.usage
         line: dict[str, Any] = {
             "ts": round(time.time(), 3), "namespace": ns, "api": ctx.api, "model": ctx.alias,
@@ -77,6 +80,8 @@ class AccessLog(ProxyState):
             line["translated"] = True
         if ctx.tags:
             line["tags"] = ctx.tags
+        if ctx.serviceaccount:
+            line["serviceaccount"] = ctx.serviceaccount
         if ctx.error:
             line["error"] = ctx.error
         if ctx.sp is not None:

@@ -109,6 +109,7 @@ class Admission:
     downgraded: bool = False
     over_budget: list[str] = field(default_factory=list)  # AlertOnly budgets this request overruns
     tag: str = ""  # the request's scenario tag, for the breakdown (set by the caller)
+    workload: str = ""  # the gateway's authenticated ServiceAccount, for the breakdown
     choices: int = 1  # the output is max_output per choice
     reserved: Amount | None = None  # what the budgets hold for it (None: no budget applies)
 
@@ -324,7 +325,8 @@ class BudgetBook:
             else:
                 st.allowance.settle(rid, amount)
             # What was charged, whichever way: the breakdown always adds up to `used`.
-            st.breakdown.add(adm.backend.route, adm.backend.name, adm.tag, st.allowance.used - before)
+            st.breakdown.add(adm.backend.route, adm.backend.name, adm.tag, st.allowance.used - before,
+                             workload=adm.workload)
         adm.holds = []
         self.dirty = True
 

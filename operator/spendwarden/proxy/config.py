@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from .. import SECRETS_DIR
@@ -113,12 +114,14 @@ def read_secret(name: str, key: str) -> str | None:
 
 # -- compiling ------------------------------------------------------------------------------------
 
-def compile_config(cfg: Any, namespace: str | None = None) -> Compiled:
-    """routing.model's compilation, with the backends' API keys read from the secrets."""
-    return _compile(cfg, namespace, secret=read_secret)
+def compile_config(cfg: Any, namespace: str | None = None,
+                   secret: Callable[[str, str], str | None] = read_secret) -> Compiled:
+    """routing.model's compilation, with the backends' API keys read from the secrets (by `secret`:
+    the gateway reads each tenant's from its own file names)."""
+    return _compile(cfg, namespace, secret=secret)
 
 
-def secrets_fingerprint(cfg: Any) -> str:
+def secrets_fingerprint(cfg: Any, secret: Callable[[str, str], str | None] = read_secret) -> str:
     """A hash over the credentials the config refers to, so that rotated keys are picked up."""
     h = hashlib.sha256()
     for r in cfg.routes:
@@ -126,7 +129,7 @@ def secrets_fingerprint(cfg: Any) -> str:
             if b.credentials is not None:
                 ref = b.credentials.secretRef
                 h.update(f"{ref.name}/{ref.key}=".encode())
-                h.update((read_secret(ref.name, ref.key) or "").encode())
+                h.update((secret(ref.name, ref.key) or "").encode())
                 h.update(b"\0")
     return h.hexdigest()
 

@@ -12,6 +12,8 @@ from ..routing.model import ANTHROPIC
 # status -> (OpenAI type, Anthropic type)
 _TYPES = {
     400: ("invalid_request_error", "invalid_request_error"),
+    401: ("invalid_request_error", "authentication_error"),
+    403: ("invalid_request_error", "permission_error"),
     404: ("invalid_request_error", "not_found_error"),
     405: ("invalid_request_error", "invalid_request_error"),
     408: ("invalid_request_error", "timeout_error"),

@@ -31,6 +31,8 @@ OTEL_PROVIDER = {"OpenAI": "openai", "Anthropic": "anthropic", "OpenAICompatible
 MAX_TAG_KEYS = 8
 MAX_TAG_VALUES = 50
 OTHER = "(other)"
+MAX_WORKLOADS = 100             # ServiceAccounts per namespace in the gateway's workload metrics
+MAX_WORKLOAD_NAMESPACES = 2_000
 
 BASE = ("namespace", "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
         "gen_ai_response_model", "route", "backend")
@@ -130,7 +132,20 @@ class _RequestCollector:
                                      labels=("namespace", "tag", "value", "currency"))
         for key, value in list(self.m.tagged_cost.items()):
             tagged.add_metric(list(key), value)
-        return iter([tok, cost, dur, ttft, over, req, tagged])
+        families = [tok, cost, dur, ttft, over, req, tagged]
+        if self.m.workload_requests:
+            wreq = CounterMetricFamily("spendwarden_gateway_workload_requests", "Requests the gateway served per "
+                                       "calling ServiceAccount (bounded per namespace, overflow as (other)).",
+                                       labels=("namespace", "serviceaccount", "outcome"))
+            for key, n in list(self.m.workload_requests.items()):
+                wreq.add_metric(list(key), n)
+            wcost = CounterMetricFamily("spendwarden_gateway_workload_cost", "Money spent per calling "
+                                        "ServiceAccount (bounded per namespace, overflow as (other)).",
+                                        labels=("namespace", "serviceaccount", "currency"))
+            for key, value in list(self.m.workload_cost.items()):
+                wcost.add_metric(list(key), value)
+            families += [wreq, wcost]
+        return iter(families)
 
 
 class Metrics:
@@ -140,6 +155,9 @@ class Metrics:
         self.requests: dict[tuple[str, ...], int] = {}
         self.tagged_cost: dict[tuple[str, str, str, str], float] = {}
         self._tag_values: dict[str, set[str]] = {}
+        self.workload_requests: dict[tuple[str, str, str], int] = {}
+        self.workload_cost: dict[tuple[str, str, str], float] = {}
+        self._workloads: dict[str, set[str]] = {}
         r.register(_RequestCollector(self))
         self.fallbacks = Counter("spendwarden_upstream_failures",
                                  "Upstream attempts that failed (and were retried on a fallback when one was left).",
@@ -257,6 +275,28 @@ class Metrics:
                 values.add(value)
             key = (namespace, tag, value, currency)
             self.tagged_cost[key] = self.tagged_cost.get(key, 0.0) + cost
+
+    def workload(self, namespace: str, serviceaccount: str, outcome: str, currency: str | None,
+                 cost: float | None) -> None:
+        """One gateway request of a ServiceAccount; at most MAX_WORKLOADS of them per namespace
+        (tenants create ServiceAccounts at will) and MAX_WORKLOAD_NAMESPACES namespaces."""
+        known = self._workloads.get(namespace)
+        if known is None:
+            known = set() if len(self._workloads) < MAX_WORKLOAD_NAMESPACES else None
+            if known is None:
+                namespace, serviceaccount = OTHER, OTHER
+                known = self._workloads.setdefault(OTHER, {OTHER})
+            else:
+                self._workloads[namespace] = known
+        if serviceaccount not in known:
+            if len(known) >= MAX_WORKLOADS:
+                serviceaccount = OTHER
+            known.add(serviceaccount)
+        key = (namespace, serviceaccount, outcome)
+        self.workload_requests[key] = self.workload_requests.get(key, 0) + 1
+        if cost and currency:
+            ckey = (namespace, serviceaccount, currency)
+            self.workload_cost[ckey] = self.workload_cost.get(ckey, 0.0) + cost
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest

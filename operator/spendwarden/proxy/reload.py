@@ -49,7 +49,7 @@ class ConfigReload(ProxyState):
                 # ConfigMap volume is optional): serve nothing yet, pick the file up when it appears.
                 log.warning("%s does not exist (yet): no routes until it does", self.config_path)
                 self._install(compile_config(load_proxy_config({"namespace": self.namespace_arg or "default"}),
-                                             self.namespace_arg), "missing", initial=True)
+                                             self.namespace_arg, self.secret_reader), "missing", initial=True)
             elif self._fingerprint_file != "missing":
                 log.error("%s disappeared; keeping the current configuration", self.config_path)
                 self._fingerprint_file = "missing"
@@ -61,7 +61,7 @@ class ConfigReload(ProxyState):
             return False
         digest = hashlib.sha256(raw).hexdigest()
         if self.compiled is not None and digest == self._fingerprint_file:
-            fp = secrets_fingerprint(self.compiled.source)
+            fp = secrets_fingerprint(self.compiled.source, self.secret_reader)
             if fp == self._fingerprint:
                 return False
         try:
@@ -71,7 +71,7 @@ class ConfigReload(ProxyState):
                 raise ConfigError("; ".join(warnings))
             for w in warnings:
                 log.warning("%s", w)
-            compiled = compile_config(cfg, self.namespace_arg)
+            compiled = compile_config(cfg, self.namespace_arg, self.secret_reader)
             self._ledger_mode(compiled)
             self.book.sync(compiled.budgets)
         except (ConfigError, ValueError) as exc:
@@ -87,7 +87,7 @@ class ConfigReload(ProxyState):
     def _install(self, compiled: Compiled, digest: str, initial: bool) -> None:
         cfg = compiled.source
         self._fingerprint_file = digest
-        self._fingerprint = secrets_fingerprint(cfg)
+        self._fingerprint = secrets_fingerprint(cfg, self.secret_reader)
         for b in (b for r in compiled.routes.values() for b in r.backends.values()):
             if b.missing_credentials:
                 log.warning("route %s backend %s: no API key found for secret %s", b.route, b.name,

@@ -54,6 +54,7 @@ class RequestState:
     earlier: list[dict[str, Any]] = field(default_factory=list)  # such attempts followed by a fallback
     sp: Any = None  # spend.SpendReq when the route has tiers, a cache or a loop breaker
     load_key: str | None = None  # the scaled backend this request counts as in flight to
+    serviceaccount: str | None = None  # the gateway's authenticated caller (attribution)
     raw: bytes | bytearray = b""  # the request body (read once; an escalation parses it again)
 
 

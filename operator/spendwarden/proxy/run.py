@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from .limits import (
     DEFAULT_BODY_MEMORY,
@@ -31,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Where budget usage is kept across restarts (standalone). Default: not persisted.")
     parser.add_argument("--namespace", default=os.environ.get("SPENDWARDEN_NAMESPACE"),
                         help="Namespace for attribution (default: from the configuration).")
+    add_limit_arguments(parser)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The request limits and logging, the same for a sidecar and the gateway."""
     parser.add_argument("--max-body-bytes", type=int,
                         default=int(os.environ.get("SPENDWARDEN_MAX_BODY_BYTES", 8 * 1024 * 1024)),
                         help="Larger request bodies get 413 (default 8 MiB).")
@@ -61,10 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from .config import ConfigError
-    from .limits import GuardedAppRunner
     from .server import Proxy, raise_nofile_limit
 
     raise_nofile_limit()
@@ -79,20 +83,29 @@ async def serve(args: argparse.Namespace) -> int:
     if not args.state_file and proxy.book.states and not (proxy.compiled and proxy.compiled.source.ledger.url):
         logging.getLogger("spendwarden.proxy").warning(
             "no --state-file: budget usage is kept in memory only and lost on restart")
+    return await listen_until_stopped(proxy.app(), proxy.metrics_app(), args, "proxy")
+
+
+async def listen_until_stopped(app: Any, metrics_app: Any, args: argparse.Namespace, what: str) -> int:
+    """Serve `app` on --host/--port and `metrics_app` on the metrics port until SIGTERM/SIGINT."""
+    from aiohttp import web
+
+    from .limits import GuardedAppRunner
+
     runners: list[web.AppRunner] = []
     try:
-        runner = GuardedAppRunner(proxy.app(), head_timeout=args.head_timeout, access_log=None,
+        runner = GuardedAppRunner(app, head_timeout=args.head_timeout, access_log=None,
                                   handle_signals=False, shutdown_timeout=10)
         await runner.setup()
         runners.append(runner)
         await web.TCPSite(runner, args.host, args.port, backlog=2048, reuse_address=True).start()
         if args.metrics_port:
-            mrunner = web.AppRunner(proxy.metrics_app(), access_log=None, handle_signals=False)
+            mrunner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
             await mrunner.setup()
             runners.append(mrunner)
             await web.TCPSite(mrunner, args.metrics_host, args.metrics_port, reuse_address=True).start()
     except OSError as exc:
-        print(f"spendwarden proxy: cannot listen: {exc}", file=sys.stderr)
+        print(f"spendwarden {what}: cannot listen: {exc}", file=sys.stderr)
         for r in reversed(runners):
             await r.cleanup()
         return 1
@@ -101,7 +114,7 @@ async def serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
-    logging.getLogger("spendwarden.proxy").info(
+    logging.getLogger(f"spendwarden.{what}").info(
         "listening on http://%s:%d (metrics on :%s)", args.host, args.port, args.metrics_port or "off")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -133,7 +146,7 @@ class ParserErrorRedactor(logging.Filter):
         return True
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, serve: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = serve) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.server").addFilter(ParserErrorRedactor())

@@ -10,10 +10,13 @@ log line. Fallbacks are tried only while nothing has been sent to the client.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -32,6 +35,7 @@ from .config import (
     OPENAI,
     BackendRt,
     RouteRt,
+    read_secret,
 )
 from .endpoints import SmallEndpoints
 from .errors import ProxyError, error_body, refusal
@@ -57,6 +61,9 @@ from .wire import (
 
 log = logging.getLogger("spendwarden.proxy")
 
+# The metered endpoints: (path, API, the client's wire format). The gateway serves the same.
+SERVED = (("/v1/chat/completions", CHAT, OPENAI), ("/v1/completions", COMPLETIONS, OPENAI),
+          ("/v1/embeddings", EMBEDDINGS, OPENAI), ("/v1/messages", MESSAGES, ANTHROPIC))
 DEFAULT_MAX_TOKENS = 4096  # sent when the client gave none and a budget needs a worst case
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 MAX_TAGS = 8
@@ -85,23 +92,29 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
     def __init__(self, config_path: str, namespace: str | None = None, state_file: str | None = None,
                  max_body: int = DEFAULT_MAX_BODY, access_log: Any = None, poll_interval: float = 1.0,
                  default_max_tokens: int = DEFAULT_MAX_TOKENS, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-                 body_memory: int = DEFAULT_BODY_MEMORY, max_answer: int = DEFAULT_MAX_ANSWER):
+                 body_memory: int = DEFAULT_BODY_MEMORY, max_answer: int = DEFAULT_MAX_ANSWER,
+                 shared: Shared | None = None):
         self.config_path = config_path
         self.max_answer = max_answer
         self.body_timeout = body_timeout
-        self.bodies = BodyMemory(body_memory)
+        # A gateway serves many namespaces, one Proxy each: they share its memory pool, metrics,
+        # upstream connections and access log, and read API keys from its per-tenant files.
+        self.shared = shared
+        self.bodies = shared.bodies if shared is not None else BodyMemory(body_memory)
+        self.secret_reader = shared.secret_reader if shared is not None else read_secret
         self.default_max_tokens = default_max_tokens
         self.namespace_arg = namespace
         self.max_body = max_body
         self.poll_interval = poll_interval
         self.book = BudgetBook(state_file)
-        self.metrics = Metrics()
+        self.metrics = shared.metrics if shared is not None else Metrics()
         self.compiled = None
         self.session = None
         self._fingerprint = None
         self._timeouts = {}
         self._encoder_future = None
-        self._out = access_log if access_log is not None else sys.stdout.buffer
+        self._out = access_log if access_log is not None else shared.access_log if shared is not None \
+            else sys.stdout.buffer
         self._tasks = []
         self.ledger = None
         self.loads = BackendLoads()
@@ -111,23 +124,18 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    async def start(self, app: web.Application) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30,
-                                         enable_cleanup_closed=True)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
-                                             cookie_jar=aiohttp.DummyCookieJar(),
-                                             skip_auto_headers=("User-Agent",),
-                                             json_serialize=lambda o: orjson.dumps(o).decode())
+    async def start(self, app: web.Application | None = None) -> None:
+        self.session = self.shared.session if self.shared is not None else upstream_session()
         self._budget_gauges()
         self._tasks.append(asyncio.create_task(self._poll()))
         self._started = True
         if self.ledger is not None:
             self.ledger.start()
 
-    async def stop(self, app: web.Application) -> None:
+    async def stop(self, app: web.Application | None = None) -> None:
         for t in self._tasks:
             t.cancel()
-        if self.session is not None:
+        if self.session is not None and self.shared is None:
             await self.session.close()
         self.book.shutdown()
         if self.ledger is not None:
@@ -142,10 +150,8 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body, handler_args={"max_field_size": 16384})
         r = app.router
-        r.add_post("/v1/chat/completions", self.chat)
-        r.add_post("/v1/completions", self.completions)
-        r.add_post("/v1/embeddings", self.embeddings)
-        r.add_post("/v1/messages", self.messages)
+        for path, api, fmt in SERVED:
+            r.add_post(path, functools.partial(self.serve, api=api, fmt=fmt))
         r.add_get("/v1/models", self.models)
         r.add_get("/v1/models/{model}", self.model)
         r.add_post("/v1/messages/count_tokens", self.count_tokens)
@@ -164,20 +170,10 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
 
     # -- handlers -----------------------------------------------------------------------------------
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self.serve(request, CHAT, OPENAI)
-
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self.serve(request, COMPLETIONS, OPENAI)
-
-    async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        return await self.serve(request, EMBEDDINGS, OPENAI)
-
-    async def messages(self, request: web.Request) -> web.StreamResponse:
-        return await self.serve(request, MESSAGES, ANTHROPIC)
-
-    async def serve(self, request: web.Request, api: str, fmt: str) -> web.StreamResponse:
-        ctx = RequestState(api=api, fmt=fmt, t0=time.perf_counter())
+    async def serve(self, request: web.Request, api: str, fmt: str,
+                    serviceaccount: str | None = None) -> web.StreamResponse:
+        """`serviceaccount`: the caller the gateway authenticated (None in a sidecar)."""
+        ctx = RequestState(api=api, fmt=fmt, t0=time.perf_counter(), serviceaccount=serviceaccount)
         hold = self.bodies.hold()
         try:
             ctx.raw = await read_body(request, self.max_body, self.body_timeout, hold)
@@ -323,6 +319,7 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
                 adm = self.book.admit(route, backend, reserve_in, want, choices, downgrade_to)
             backend = adm.backend
             adm.tag = tag
+            adm.workload = ctx.serviceaccount or ""
             ctx.backend, ctx.attempts = backend, i + 1
             ctx.downgraded, ctx.over_budget = adm.downgraded, adm.over_budget
             out = adm.max_output if adm.max_output is not None else want
@@ -427,6 +424,24 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
     # -- accounting of one request ------------------------------------------------------------------
 
 
+def upstream_session() -> aiohttp.ClientSession:
+    """The keep-alive pool to the backends."""
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30, enable_cleanup_closed=True)
+    return aiohttp.ClientSession(connector=connector, auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar(),
+                                 skip_auto_headers=("User-Agent",), json_serialize=lambda o: orjson.dumps(o).decode())
+
+
+@dataclass
+class Shared:
+    """What the tenants of one gateway process share (see Proxy.__init__)."""
+
+    bodies: BodyMemory
+    metrics: Metrics
+    session: aiohttp.ClientSession | None
+    access_log: Any
+    secret_reader: Callable[[str, str], str | None]
+
+
 def raise_nofile_limit() -> None:
     try:
         import resource
@@ -439,4 +454,4 @@ def raise_nofile_limit() -> None:
         pass
 
 
-__all__ = ["Proxy", "parse_tags", "select_backend", "raise_nofile_limit"]
+__all__ = ["SERVED", "Proxy", "Shared", "upstream_session", "parse_tags", "select_backend", "raise_nofile_limit"]

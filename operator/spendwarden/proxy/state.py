@@ -4,7 +4,8 @@ against them."""
 from __future__ import annotations
 
 import asyncio
-from typing import IO
+from collections.abc import Callable
+from typing import IO, Any
 
 import aiohttp
 
@@ -26,6 +27,7 @@ class ProxyState:
     bodies: BodyMemory
     default_max_tokens: int
     poll_interval: float
+    secret_reader: Callable[[str, str], str | None]  # a backend's API key by (Secret, key)
     book: BudgetBook
     metrics: Metrics
     compiled: Compiled | None
@@ -38,6 +40,7 @@ class ProxyState:
     _timeouts: dict[tuple[float, bool], aiohttp.ClientTimeout]
     _encoder_future: asyncio.Future[tok.Encoder] | None
     _out: IO[bytes]
+    shared: Any  # server.Shared in a gateway, None in a sidecar
     _tasks: list[asyncio.Task]
     _started: bool
     _flush_scheduled: bool = False

@@ -1,4 +1,5 @@
-"""The `spendwarden report`: cost and tokens per namespace, budget, period, route, backend and tag,
+"""The `spendwarden report`: cost and tokens per namespace, budget, period, route, backend, tag and
+workload (the calling ServiceAccount, for requests the gateway served),
 from TokenBudget status (the current period's `breakdown` and each finished period's in `history`).
 
 Pure: TokenBudget objects in, rows / text / CSV out. Usage the proxies did not break down (proxies
@@ -14,8 +15,9 @@ from typing import Any
 
 PERIODS = ("current", "previous", "all")
 UNATTRIBUTED = "(unattributed)"
+# workload last: CSV consumers of the columns before it keep their positions.
 COLUMNS = ("namespace", "budget", "periodStart", "periodEnd", "current", "route", "backend", "tag",
-           "requests", "inputTokens", "outputTokens", "totalTokens", "cost", "currency")
+           "requests", "inputTokens", "outputTokens", "totalTokens", "cost", "currency", "workload")
 
 
 def _periods(status: dict[str, Any], which: str) -> list[tuple[dict[str, Any], bool]]:
@@ -31,8 +33,9 @@ def _periods(status: dict[str, Any], which: str) -> list[tuple[dict[str, Any], b
 
 
 def _row(base: dict[str, Any], route: str, backend: str, tag: str, requests: int | None, inp: int, out: int,
-         cost: Decimal) -> dict[str, Any]:
-    return {**base, "route": route, "backend": backend, "tag": tag, "requests": requests, "inputTokens": inp,
+         cost: Decimal, workload: str = "") -> dict[str, Any]:
+    return {**base, "route": route, "backend": backend, "tag": tag, "workload": workload, "requests": requests,
+            "inputTokens": inp,
             "outputTokens": out, "totalTokens": inp + out, "cost": str(cost)}
 
 
@@ -52,7 +55,7 @@ def report_rows(budgets: list[dict[str, Any]], period: str = "current") -> list[
                 inp, outp, cost = int(r.get("inputTokens", 0)), int(r.get("outputTokens", 0)), Decimal(str(r.get("cost", "0")))
                 sum_in, sum_out, sum_cost = sum_in + inp, sum_out + outp, sum_cost + cost
                 out.append(_row(base, r.get("route", ""), r.get("backend", ""), r.get("tag", ""),
-                                int(r.get("requests", 0)), inp, outp, cost))
+                                int(r.get("requests", 0)), inp, outp, cost, r.get("workload", "")))
             used = p.get("used") or {}
             rest = (int(used.get("inputTokens", 0)) - sum_in, int(used.get("outputTokens", 0)) - sum_out,
                     Decimal(str(used.get("cost", "0"))) - sum_cost)
@@ -64,15 +67,16 @@ def report_rows(budgets: list[dict[str, Any]], period: str = "current") -> list[
 def table(rows: list[dict[str, Any]], show_namespace: bool) -> str:
     if not rows:
         return "No usage found."
-    header = (["NAMESPACE"] if show_namespace else []) + ["BUDGET", "PERIOD", "ROUTE", "BACKEND", "TAG",
-                                                          "REQUESTS", "INPUT", "OUTPUT", "COST"]
+    workloads = any(r.get("workload") for r in rows)  # the column only where a gateway served
+    header = (["NAMESPACE"] if show_namespace else []) + ["BUDGET", "PERIOD", "ROUTE", "BACKEND", "TAG"] + \
+        (["WORKLOAD"] if workloads else []) + ["REQUESTS", "INPUT", "OUTPUT", "COST"]
     lines = [header]
     totals: dict[tuple[str, str, str], Decimal] = {}
     for r in rows:
         period = f"{(r['periodStart'] or '')[:16]}{' (current)' if r['current'] else ''}"
         lines.append(([r["namespace"]] if show_namespace else []) + [
             r["budget"], period, r["route"], r["backend"] or "-", r["tag"] or "-",
-            "-" if r["requests"] is None else str(r["requests"]), str(r["inputTokens"]), str(r["outputTokens"]),
+            *([r.get("workload") or "-"] if workloads else []), "-" if r["requests"] is None else str(r["requests"]), str(r["inputTokens"]), str(r["outputTokens"]),
             f"{r['cost']} {r['currency']}"])
         key = (r["namespace"], r["budget"], period)
         totals[key] = totals.get(key, Decimal(0)) + Decimal(r["cost"])
