@@ -8,9 +8,15 @@ import pytest
 
 from spendwarden.render import gateway as gw
 from spendwarden.render import injection
-from tests.unit.test_chart import CHART, NS, chart, grants, of_kind, render  # noqa: F401 - chart: the fixture
+from tests.unit.test_chart import CHART, NS, grants, render
 
 ON = {"gateway": {"enabled": True}}
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm.Chart.load(CHART) as c:
+        yield c
 GATEWAY_OBJECTS = {("ServiceAccount", "spendwarden-gateway"), ("Deployment", "spendwarden-gateway"),
                    ("Service", "spendwarden-gateway"), ("PodDisruptionBudget", "spendwarden-gateway"),
                    ("ClusterRoleBinding", "spendwarden-gateway-auth-delegator"),
