@@ -99,6 +99,7 @@ class GatewayController:
         self.serves = serves
         self.excluded = excluded | {self.namespace}
         self.resync, self.full_resync = resync, full_resync
+        self.max_config_bytes = gw.MAX_CONFIGMAP_BYTES
         self.labels: dict[str, dict[str, str]] = {}          # namespace -> labels (the namespace watch)
         self._lock = threading.Lock()
         self.configs: dict[str, ProxyConfig | None] = {}      # namespace -> last render (None: no CRs)
@@ -211,10 +212,10 @@ class GatewayController:
         return True
 
     def _sync_config(self, tenants: dict[str, ProxyConfig]) -> None:
-        data = gw.gateway_config_data({ns: config_json(c) for ns, c in tenants.items()})
+        data = gw.gateway_config_data({ns: config_json(c) for ns, c in tenants.items()}, self.max_config_bytes)
         involved = {"apiVersion": "v1", "kind": "ConfigMap", "name": gw.CONFIGMAP_NAME, "namespace": self.namespace}
         if not data.fits:
-            message = (f"ConfigMap {gw.CONFIGMAP_NAME} would exceed {gw.MAX_CONFIGMAP_BYTES} bytes: namespaces "
+            message = (f"ConfigMap {gw.CONFIGMAP_NAME} would exceed {self.max_config_bytes} bytes: namespaces "
                        f"{', '.join(data.left_out)} do not fit; the last complete configuration stays in force")
             if self._once("configmap-size", message):
                 log.error(message, extra={"namespaces": list(data.left_out)})
