@@ -478,6 +478,9 @@ async def test_gateway_mode_trust_the_gateway_reports_for_its_tenants_and_their_
         assert (await post("gateway", "team-a", "/v1/wake"))[0] == 404
         assert (await post("tenant-a", "team-a", "/v1/wake"))[0] == 403
         assert svc.REJECTED.labels(reason="gateway_mode")._value.get() >= 2
+        # A namespace the watch has not delivered yet: its mode is unknown, so nobody is trusted for it yet.
+        assert (await post("gateway", "team-new"))[0] == 503
+        assert (await post("tenant-b", "team-new"))[0] == 503
     finally:
         await client.close()
         await service.stop()

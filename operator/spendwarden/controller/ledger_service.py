@@ -280,6 +280,9 @@ class LedgerService:
         namespace whose egress is enforced (render/gateway.py ledger_refusal)."""
         if who is None:  # --ledger-insecure
             return None
+        if self.gateway.enabled and self.namespace_labels(namespace) is None:
+            # Not delivered by the namespace watch yet (the operator just started): its mode is unknown.
+            return self._reject(503, "namespace_unknown", f"namespace {namespace} is not known yet; retry")
         refusal = ledger_refusal(who, namespace, self.namespace_labels, self.gateway)
         return None if refusal is None else self._reject(403, refusal.reason, refusal.message)
 
