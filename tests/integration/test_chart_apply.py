@@ -139,7 +139,11 @@ def read_back(control_plane, doc: dict) -> dict:
 
 
 
-@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-features"])
+GATEWAY_ON = {"gateway": {"enabled": True, "autoscaling": {"enabled": True},
+                           "tenantEgress": {"allowCIDRs": ["203.0.113.0/24"]}}}
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON, GATEWAY_ON], ids=["defaults", "all-features", "gateway"])
 def test_every_rendered_object_is_accepted(chart, control_plane, kube, monitoring_crds, namespace, release, values):
     docs = render(chart, values, release, namespace)
     kinds = {d["kind"] for d in docs}
@@ -170,6 +174,14 @@ def test_every_rendered_object_is_accepted(chart, control_plane, kube, monitorin
     if values is ALL_ON:
         assert pod.metadata.annotations["example.com/owner"] == "platform"
         assert "--namespace=team-*" in pod.spec.containers[0].args
+    if values is GATEWAY_ON:
+        # The gateway's pod template passes Pod validation too (projected token, optional volumes).
+        selector = f"app.kubernetes.io/instance={release},app.kubernetes.io/component=gateway"
+        gateway = wait_for(lambda: (core.list_namespaced_pod(namespace, label_selector=selector).items or [None])[0],
+                           what="a gateway Pod created by the ReplicaSet")
+        assert gateway.spec.service_account_name == "spendwarden-gateway"
+        assert gateway.spec.containers[0].args[0] == "gateway"
+        assert {"HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
 
 
 def can(kube, sa_user: str, sa_namespace: str, verb: str, resource: str, group: str = "", namespace: str | None = None,
