@@ -150,3 +150,14 @@ def test_a_configmap_that_would_not_fit_is_not_written(fake):
     c.sync()
     assert fake.configmap == good  # the last good one stays
     assert ("spendwarden-gateway-config", "GatewayConfigTooLarge") in fake.events
+
+
+def test_without_the_gateway_a_gateway_label_is_told_once(fake):
+    notes = ctl.ModeNotes(gw.GatewaySettings())
+    for _ in range(3):
+        notes.observe_namespace({"type": "MODIFIED"}, "team-a", {gw.MODE_LABEL: "gateway"})
+    notes.observe_namespace({"type": "MODIFIED"}, "team-b", {gw.MODE_LABEL: "sidecar"})
+    assert fake.events == [("team-a", "GatewayNotEnabled")]
+    notes.observe_namespace({"type": "MODIFIED"}, "team-a", {})  # label removed, then set again: told again
+    notes.observe_namespace({"type": "MODIFIED"}, "team-a", {gw.MODE_LABEL: "gateway"})
+    assert len(fake.events) == 2

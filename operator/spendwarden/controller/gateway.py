@@ -282,3 +282,23 @@ def _condition_changed(current: list[dict[str, Any]], desired: list[dict[str, An
         return [(c.get("type"), c.get("status"), c.get("reason"), c.get("message"), c.get("observedGeneration"))
                 for c in conds]
     return strip(current) != strip(desired)
+
+
+class ModeNotes:
+    """Without the gateway (chart gateway.enabled false): a namespace labelled spendwarden.io/mode=gateway
+    is served in sidecar mode; said once per namespace in the log and as a Warning Event on it."""
+
+    def __init__(self, settings: gw.GatewaySettings):
+        self.settings = settings
+        self._noted: set[str] = set()
+
+    def observe_namespace(self, event: Mapping[str, Any], name: str, labels: Mapping[str, str], **_: Any) -> None:
+        note = None if event.get("type") == "DELETED" else gw.namespace_mode(name, labels, self.settings).note
+        if note is None:
+            self._noted.discard(name)
+            return
+        if name in self._noted:
+            return
+        self._noted.add(name)
+        log.warning("namespace %s: %s", name, note)
+        _warn({"apiVersion": "v1", "kind": "Namespace", "name": name}, "GatewayNotEnabled", note)

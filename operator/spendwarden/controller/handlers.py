@@ -138,6 +138,9 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         on.event("v1", "namespaces", id="gateway-namespaces", registry=registry)(runtime.gateway.observe_namespace)
         on.startup(id="spendwarden-gateway", registry=registry)(start_gateway)
         on.cleanup(id="spendwarden-gateway", registry=registry)(stop_gateway)
+    else:
+        # ... and without the gateway, a namespace labelled gateway is told why it is served as sidecar.
+        on.event("v1", "namespaces", id="gateway-mode-notes", registry=registry)(runtime.mode_notes.observe_namespace)
     on.event(GROUP, modelroute.PLURAL, id="cut-off-routes", registry=registry)(cut_off_routes)
     on.startup(id="spendwarden-ledger", registry=registry)(start_ledger)
     on.cleanup(id="spendwarden-ledger", registry=registry)(stop_ledger)

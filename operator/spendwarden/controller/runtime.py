@@ -12,7 +12,7 @@ from typing import Any
 
 from ..ledger.store import BudgetEntry
 from .admission import AdmissionWebhooks
-from .gateway import GatewayController
+from .gateway import GatewayController, ModeNotes
 from .inventory import Inventory
 from .ledger_service import LedgerService, start_metrics
 from .reconcile import NamespaceReconciler
@@ -32,6 +32,7 @@ class Runtime:
         self.gateway = (GatewayController(settings.gateway, self.inventory, serves=settings.ledger.serves,
                                           excluded=settings.injection.excluded_namespaces)
                         if settings.gateway.enabled else None)
+        self.mode_notes = ModeNotes(settings.gateway)  # without it: why a namespace labelled gateway is not
         self.reconciler = NamespaceReconciler(rendered=self.gateway.rendered if self.gateway is not None else None)
         self.loop = ReconcileLoop(settings.reconcile, self.inventory, self.reconciler,
                                   serves=settings.ledger.serves, ledger_owns=self.ledger_owns)
