@@ -5,9 +5,9 @@ namespace's Secrets. render/gateway.py decides; this module only sequences the I
 Level-triggered, one sync at a time (`notify()` from the namespace watch and after each namespace
 render; a resync every `resync` seconds, since Secrets are not watched):
   - ConfigMap spendwarden-gateway-config in the gateway namespace: `<tenant>.json` per gateway-mode
-    namespace, the same JSON as that namespace's spendwarden-proxy ConfigMap. Written only once
-    every gateway-mode namespace of the inventory has been rendered since start (a restarted
-    operator never drops a tenant it has not rendered yet), and never above MAX_CONFIGMAP_BYTES
+    namespace, the same JSON as that namespace's spendwarden-proxy ConfigMap. During the first
+    STARTUP_GRACE seconds written only once every gateway-mode namespace of the inventory has been
+    rendered (a restarted operator drops no tenant it has not rendered yet), and never above MAX_CONFIGMAP_BYTES
     (the last good one stays; an error and an Event name the tenants that do not fit);
   - Secret spendwarden-gateway-credentials there: the keys the tenants' routes name, from Secrets
     of the gateway namespace that share themselves with the tenant (annotation spendwarden.io/tenants);
@@ -36,7 +36,10 @@ from .inventory import Inventory
 
 log = logging.getLogger(__name__)
 
-LABEL_GRACE = 30.0  # seconds to wait for the namespace watch before syncing without a namespace's labels
+# Seconds after start during which the gateway's ConfigMap and Secret wait for every tenant's labels
+# and first render (so a restart drops nobody); after that a namespace whose reconcile keeps failing
+# must not hold up everyone else's changes (it is logged, and left out until it renders).
+STARTUP_GRACE = 60.0
 
 
 def _apply(manifest: dict[str, Any], read: Callable[[], Any], patch: Callable[..., Any]) -> bool:
@@ -175,30 +178,38 @@ class GatewayController:
                 last_full = self._loop.time()
                 self._applied.clear()
             try:
-                await asyncio.to_thread(self.sync, self._loop.time() - self._started >= LABEL_GRACE)
+                await asyncio.to_thread(self.sync, self._loop.time() - self._started >= STARTUP_GRACE)
             except Exception:  # never let the loop die: the next resync tries again
                 log.exception("gateway sync failed")
 
     # -- the sync (blocking: in a thread)
 
-    def tenants(self) -> dict[str, ProxyConfig] | None:
-        """The gateway-mode namespaces' configurations; None while one of them waits for its first render."""
+    def tenants(self, late: bool = True) -> dict[str, ProxyConfig] | None:
+        """The gateway-mode namespaces' configurations; None while the inventory is incomplete or, unless
+        `late`, one of them waits for its first render."""
         with self._lock:
             configs = dict(self.configs)
-        waiting = [ns for ns in self.inventory.namespaces() if ns not in configs and self._tenant(ns)]
-        if not self.inventory.complete() or waiting:
+        if not self.inventory.complete():
             return None
+        waiting = sorted(ns for ns in self.inventory.namespaces() if ns not in configs and self._tenant(ns))
+        if waiting:
+            if not late:
+                return None
+            if self._once("waiting", ",".join(waiting)):
+                log.warning("gateway-mode namespaces not rendered yet are left out of the gateway's configuration",
+                            extra={"namespaces": waiting[:20], "count": len(waiting)})
         return {ns: c for ns, c in sorted(configs.items()) if c is not None and self._tenant(ns)}
 
     def _tenant(self, namespace: str) -> bool:
         return namespace not in self.excluded and self.serves(namespace) and self.mode(namespace) == gw.MODE_GATEWAY
 
-    def sync(self, labels_late: bool = True) -> None:
-        """`labels_late`: sync even though the namespace watch has not delivered every tenant's labels."""
+    def sync(self, late: bool = True) -> None:
+        """`late`: past the start-up grace, write even though the namespace watch has not delivered every
+        namespace's labels or a tenant has not been rendered yet."""
         unlabelled = [ns for ns in self.inventory.namespaces() if ns not in self.labels]
-        if unlabelled and not labels_late:
+        if unlabelled and not late:
             return
-        tenants = self.tenants()
+        tenants = self.tenants(late)
         if tenants is not None:
             self._sync_config(tenants)
             self._sync_credentials(tenants)
