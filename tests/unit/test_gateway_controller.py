@@ -163,3 +163,19 @@ def test_without_the_gateway_a_gateway_label_is_told_once(fake):
     notes.observe_namespace({"type": "MODIFIED"}, "team-a", {})  # label removed, then set again: told again
     notes.observe_namespace({"type": "MODIFIED"}, "team-a", {gw.MODE_LABEL: "gateway"})
     assert len(fake.events) == 2
+
+
+def test_a_cut_tenant_egress_policy_excludes_the_cut_off_namespaces(fake, monkeypatch):
+    cut = {"spec": {"egress": [{"to": [{"namespaceSelector": {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["inference"]}]}}]}]}}
+    monkeypatch.setattr(ctl, "read_cut_off_policy", lambda ns: cut)
+    c, inv = controller([], {"team-a": {gw.MODE_LABEL: "gateway"}})
+    c.sync()
+    assert fake.policies["team-a"]["spec"]["egress"][1] == {"to": [{"namespaceSelector": {}}]}
+    c.observe_namespace({"type": "MODIFIED"}, "team-a", {gw.MODE_LABEL: "gateway", "spendwarden.io/cut-off": "true"})
+    c.sync()
+    selector = fake.policies["team-a"]["spec"]["egress"][1]["to"][0]["namespaceSelector"]
+    assert selector["matchExpressions"][0]["values"] == ["inference"]
+    c.observe_namespace({"type": "MODIFIED"}, "team-a", {gw.MODE_LABEL: "gateway"})  # lifted
+    c.sync()
+    assert fake.policies["team-a"]["spec"]["egress"][1] == {"to": [{"namespaceSelector": {}}]}

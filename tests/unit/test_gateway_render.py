@@ -188,3 +188,9 @@ def test_ledger_trust(principal, target, reason):
 def test_ledger_trust_without_the_gateway_is_todays():
     assert gw.ledger_refusal(("team-a", "app"), "team-a", labels_of(NS), OFF) is None
     assert gw.ledger_refusal(GW, "team-a", labels_of(NS), OFF).reason == "forbidden_namespace"
+
+
+def test_egress_policy_of_a_cut_namespace_excludes_the_namespaces_the_cut_off_denies():
+    p = gw.egress_policy("team-a", [], [], cut_namespaces=["models", "inference"])
+    assert p["spec"]["egress"][1] == {"to": [{"namespaceSelector": {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["inference", "models"]}]}}]}

@@ -13,7 +13,9 @@ render; a resync every `resync` seconds, since Secrets are not watched):
     of the gateway namespace that share themselves with the tenant (annotation spendwarden.io/tenants);
     a route whose credentials cannot be given gets CredentialsReady=False and a Warning Event;
   - NetworkPolicy spendwarden-gateway-egress in every gateway-mode namespace (not while it carries
-    spendwarden.io/gateway-egress=open), deleted when the namespace leaves gateway mode.
+    spendwarden.io/gateway-egress=open), deleted when the namespace leaves gateway mode. While the
+    namespace is cut off it also excludes the inference namespaces the cut-off denies (policies add
+    up: allowing every namespace would undo the cut-off's denial), read from the cut-off's policy.
 Writes are server-side applies made only when the live object differs; what was applied is
 remembered between resyncs, and forgotten at each full resync so hand edits are repaired.
 """
@@ -29,6 +31,9 @@ from typing import Any
 from ..api import modelroute
 from ..api.proxyconfig import ProxyConfig
 from ..render import gateway as gw
+from ..render.cutoff import NAMESPACE_LABEL as CUT_OFF_LABEL
+from ..render.cutoff import POLICY_NAME as CUT_OFF_POLICY
+from ..render.cutoff import denied_namespaces
 from ..render.proxyconfig import config_json
 from . import kube
 from .cutoff import FIELD_MANAGER, apiserver_cidrs, apply_policy
@@ -76,6 +81,12 @@ def policy_namespaces() -> set[str]:
     items = kube.read_json(kube.networking().list_network_policy_for_all_namespaces(
         field_selector=f"metadata.name={gw.EGRESS_POLICY_NAME}", _preload_content=False))["items"]
     return {p["metadata"]["namespace"] for p in items}
+
+
+def read_cut_off_policy(namespace: str) -> dict[str, Any] | None:
+    net = kube.networking()
+    found = kube.or_none(lambda: net.read_namespaced_network_policy(CUT_OFF_POLICY, namespace, _preload_content=False))
+    return kube.read_json(found) if found is not None else None
 
 
 def delete_policy(namespace: str) -> None:
@@ -275,17 +286,26 @@ class GatewayController:
 
     def _sync_policies(self) -> None:
         want = {ns for ns, labels in self.labels.items() if self._tenant(ns) and not gw.egress_open(labels)}
-        applied: set[str] | None = self._applied.get("policies")
-        present = applied if applied is not None else policy_namespaces()
-        for ns in sorted(want - (applied or set())):
-            if apply_policy(gw.egress_policy(ns, self.apiserver, self.settings.egress_cidrs)):
+        applied: dict[str, Any] | None = self._applied.get("policies")  # namespace -> manifest last applied
+        present = set(applied) if applied is not None else policy_namespaces()
+        done: dict[str, Any] = {}
+        for ns in sorted(want):
+            manifest = gw.egress_policy(ns, self.apiserver, self.settings.egress_cidrs, self._cut_namespaces(ns))
+            if (applied or {}).get(ns) != manifest and apply_policy(manifest):
                 log.info("gateway egress policy applied", extra={"namespace": ns})
+            done[ns] = manifest
         # Only a namespace whose labels are known loses it: one the watch has not delivered yet keeps it.
         kept = {ns for ns in present - want if ns not in self.labels}
         for ns in sorted(present - want - kept):
             delete_policy(ns)
             log.info("gateway egress policy removed", extra={"namespace": ns})
-        self._applied["policies"] = want | kept
+        self._applied["policies"] = {**done, **dict.fromkeys(kept)}
+
+    def _cut_namespaces(self, namespace: str) -> tuple[str, ...]:
+        """The inference namespaces the namespace's cut-off denies (its policy, while the cut-off label is set)."""
+        if (self.labels.get(namespace) or {}).get(CUT_OFF_LABEL) != "true":
+            return ()
+        return denied_namespaces(read_cut_off_policy(namespace))
 
 
 def _condition_changed(current: list[dict[str, Any]], desired: list[dict[str, Any]]) -> bool:

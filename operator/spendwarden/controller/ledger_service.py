@@ -171,7 +171,7 @@ class LedgerService:
         # NetworkPolicy, label, scale-to-zero of exhausted CutOff budgets; started and stopped with the ledger.
         cutoff = cutoff or CutOffConfig()
         self.cutoff = CutOffController(self, settings=cutoff.settings, resync=cutoff.resync,
-                                       replica_owner=replica_owner)
+                                       replica_owner=replica_owner, gateway=self.gateway)
 
     # lifecycle
 
