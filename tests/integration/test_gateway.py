@@ -2,8 +2,8 @@
 gateway enabled writes, for a namespace labelled spendwarden.io/mode=gateway, its key of the gateway's
 ConfigMap (the same JSON as its own spendwarden-proxy ConfigMap), the credentials a shared Secret of
 the gateway namespace gives it (and a CredentialsReady=False condition for one not shared), and its
-egress NetworkPolicy; the ledger takes the gateway's reports and refuses the tenant's own; all of it
-goes when the namespace returns to sidecar mode. Control plane only (SPENDWARDEN_TEST_NODE=0 works)."""
+egress NetworkPolicy; the ledger takes the gateway's reports and refuses the tenant's own; a cut-off
+reported by the gateway reopens no address; all of it goes when the namespace returns to sidecar mode. Control plane only (SPENDWARDEN_TEST_NODE=0 works)."""
 from __future__ import annotations
 
 import base64
@@ -13,13 +13,16 @@ import httpx
 import pytest
 from kubernetes import client
 
+from spendwarden.ledger.allowance import Amount
 from spendwarden.render import gateway as gw
-from tests.support.ledger_cluster import GROUP, VERSION, Operator, sa_token
+from tests.support.cluster import cut_off_policy
+from tests.support.ledger_cluster import GROUP, VERSION, Operator, SimProxy, create_budget, sa_token
 from tests.support.operator_process import wait_for
 
 SUFFIX = uuid.uuid4().hex[:6]
 GWNS = f"gwx-gateway-{SUFFIX}"
 TENANT = f"gwx-team-{SUFFIX}"
+INFERENCE = f"gwx-inference-{SUFFIX}"
 
 
 def route(name, secret):
@@ -96,6 +99,38 @@ def test_the_ledger_takes_the_gateways_reports_and_refuses_the_tenants_own(setup
     assert ok.status_code == 200, ok.text
     refused = httpx.post(f"{setup.url}/v1/report", json=body, headers={"Authorization": f"Bearer {tenant}"}, timeout=10)
     assert refused.status_code == 403 and "gateway mode" in refused.json()["error"]
+
+
+async def test_a_cut_off_in_gateway_mode_opens_no_address_and_the_egress_policy_denies_its_namespaces(setup, kube):
+    """Reported by the gateway's token (the tenant's own is refused): the budget is spent, the cut-off's
+    policy has no every-other-address rule (it would reopen the internet) and the egress policy leaves
+    out the inference namespace the cut-off denies; a raised limit gives both back."""
+    core, custom = client.CoreV1Api(kube), client.CustomObjectsApi(kube)
+    core.create_namespace({"metadata": {"name": INFERENCE}})
+    local = route("local", "openai")
+    local["spec"]["backends"][0].update(provider="OpenAICompatible", url=f"http://vllm.{INFERENCE}.svc:8000/v1")
+    custom.create_namespaced_custom_object(GROUP, VERSION, TENANT, "modelroutes", local)
+    start = create_budget(kube, TENANT, "monthly", {"period": {"type": "Monthly"}, "limits": {"tokens": {"total": 10_000}},
+                                                    "onExceeded": "CutOff"})["status"]["periodStart"]
+    async with httpx.AsyncClient() as http:
+        p = SimProxy(http, setup.url, sa_token(kube, GWNS, "spendwarden-gateway"), TENANT, start, budget="monthly")
+        p.allowance.used = Amount(5_000, 5_000)
+        assert await p.report()
+    cut = wait_for(lambda: cut_off_policy(kube, TENANT), timeout=30, what="the cut-off policy")
+    assert not any(peer.ip_block for rule in cut.spec.egress for peer in rule.to or [])
+
+    def excluded() -> list[str]:
+        policy = egress_policy(kube)
+        exprs = [e for rule in policy.spec.egress for peer in rule.to or [] if peer.namespace_selector
+                 for e in peer.namespace_selector.match_expressions or []]
+        return [v for e in exprs for v in e.values]
+
+    wait_for(lambda: excluded() == [INFERENCE], timeout=30, what="the egress policy without the inference namespace")
+    custom.patch_namespaced_custom_object(GROUP, VERSION, TENANT, "tokenbudgets", "monthly",
+                                          {"spec": {"limits": {"tokens": {"total": 100_000}}}})
+    wait_for(lambda: cut_off_policy(kube, TENANT) is None, timeout=30, what="the cut-off lifted")
+    wait_for(lambda: excluded() == [], timeout=30, what="the egress policy back to every namespace")
+    core.delete_namespace(INFERENCE)
 
 
 def test_leaving_gateway_mode_removes_the_key_the_credentials_and_the_policy(setup, kube):
