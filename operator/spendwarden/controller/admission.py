@@ -11,6 +11,10 @@ anyway. So the Pod webhook matches all Pods and the handler decides (render/inje
 reading namespace labels from an in-memory map kept by a namespace watch (an API call only for a
 namespace the watch has not delivered yet). The price is one webhook call per Pod creation cluster-wide, hence
 failurePolicy Ignore by default for it (see webhooks.WebhookSettings).
+
+Gateway mode: the namespace's mode (render/gateway.namespace_mode) decides the patch's shape, the
+sidecar's or injection.gateway_patch (base URLs at the gateway, a projected token); the inject
+labels decide, as always, whether a Pod is touched at all.
 """
 from __future__ import annotations
 

@@ -9,6 +9,9 @@ Two shapes of the same proxy container:
   so a Job's Pod completes;
 * plain container (older clusters, and the only shape before sidecar.native): appended to
   `containers`.
+
+In gateway mode (render/gateway.py) there is no sidecar: `gateway_patch` points the SDKs at the
+shared gateway and mounts a projected token (audience spendwarden) for them to authenticate with.
 """
 from __future__ import annotations
 
