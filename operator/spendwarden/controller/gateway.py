@@ -285,7 +285,8 @@ class GatewayController:
             kube.patch_status(modelroute.PLURAL, key[0], key[1], {"conditions": conditions})
 
     def _sync_policies(self) -> None:
-        want = {ns for ns, labels in self.labels.items() if self._tenant(ns) and not gw.egress_open(labels)}
+        labels_now = dict(self.labels)  # a copy: kopf's namespace handler changes it from another thread
+        want = {ns for ns, labels in labels_now.items() if self._tenant(ns) and not gw.egress_open(labels)}
         applied: dict[str, Any] | None = self._applied.get("policies")  # namespace -> manifest last applied
         present = set(applied) if applied is not None else policy_namespaces()
         done: dict[str, Any] = {}
@@ -295,7 +296,7 @@ class GatewayController:
                 log.info("gateway egress policy applied", extra={"namespace": ns})
             done[ns] = manifest
         # Only a namespace whose labels are known loses it: one the watch has not delivered yet keeps it.
-        kept = {ns for ns in present - want if ns not in self.labels}
+        kept = {ns for ns in present - want if ns not in labels_now}
         for ns in sorted(present - want - kept):
             delete_policy(ns)
             log.info("gateway egress policy removed", extra={"namespace": ns})
