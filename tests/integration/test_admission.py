@@ -42,8 +42,9 @@ def operator_ns(kube):
     client.CoreV1Api(kube).delete_namespace(name)
 
 
-def serve_webhooks(control_plane, kube, log_dir, webhook_conf, operator_ns, native_sidecar):
-    """The operator with its webhooks, as a fixture's generator; both configurations deleted after."""
+def serve_webhooks(control_plane, kube, log_dir, webhook_conf, operator_ns, native_sidecar, env=None):
+    """The operator with its webhooks, as a fixture's generator; both configurations deleted after.
+    `env`: more of the operator's environment."""
     port = free_port()
     proc = OperatorProcess(str(control_plane.kubeconfig), log_dir / "operator.log",
                            extra_args=["--namespace", "adm-*", "--webhooks", "--webhook-port", str(port)],
@@ -52,7 +53,7 @@ def serve_webhooks(control_plane, kube, log_dir, webhook_conf, operator_ns, nati
                                 "SPENDWARDEN_PROXY_PORT": "8787", "SPENDWARDEN_PROXY_METRICS_PORT": "9464",
                                 "SPENDWARDEN_POD_NAMESPACE": operator_ns,
                                 "SPENDWARDEN_NATIVE_SIDECAR": native_sidecar,
-                                "SPENDWARDEN_LOG_FORMAT": "plain"})
+                                "SPENDWARDEN_LOG_FORMAT": "plain", **(env or {})})
     proc.start()
     adm = client.AdmissionregistrationV1Api(kube)
     try:

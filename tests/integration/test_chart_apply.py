@@ -139,7 +139,11 @@ def read_back(control_plane, doc: dict) -> dict:
 
 
 
-@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-features"])
+GATEWAY_ON = {"gateway": {"enabled": True, "autoscaling": {"enabled": True},
+                           "tenantEgress": {"allowCIDRs": ["203.0.113.0/24"]}}}
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON, GATEWAY_ON], ids=["defaults", "all-features", "gateway"])
 def test_every_rendered_object_is_accepted(chart, control_plane, kube, monitoring_crds, namespace, release, values):
     docs = render(chart, values, release, namespace)
     kinds = {d["kind"] for d in docs}
@@ -170,6 +174,14 @@ def test_every_rendered_object_is_accepted(chart, control_plane, kube, monitorin
     if values is ALL_ON:
         assert pod.metadata.annotations["example.com/owner"] == "platform"
         assert "--namespace=team-*" in pod.spec.containers[0].args
+    if values is GATEWAY_ON:
+        # The gateway's pod template passes Pod validation too (projected token, optional volumes).
+        selector = f"app.kubernetes.io/instance={release},app.kubernetes.io/component=gateway"
+        gateway = wait_for(lambda: (core.list_namespaced_pod(namespace, label_selector=selector).items or [None])[0],
+                           what="a gateway Pod created by the ReplicaSet")
+        assert gateway.spec.service_account_name == "spendwarden-gateway"
+        assert gateway.spec.containers[0].args[0] == "gateway"
+        assert {"HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
 
 
 def can(kube, sa_user: str, sa_namespace: str, verb: str, resource: str, group: str = "", namespace: str | None = None,
@@ -246,3 +258,37 @@ def test_default_render_has_no_webhook_rbac_on_the_apiserver(chart, control_plan
     assert can(kube, user, namespace, "list", "namespaces")
     assert not can(kube, user, namespace, "create", "secrets", namespace=namespace)
     assert not can(kube, user, namespace, "create", "validatingwebhookconfigurations", "admissionregistration.k8s.io")
+
+
+def test_gateway_mode_rbac_reads_secrets_only_in_the_gateway_namespace(chart, control_plane, kube, namespace, release):
+    """gateway.enabled (gateway namespace: the release's): the operator reads Secrets there and nowhere
+    else, writes only the gateway's own ConfigMap and Secret there and only its egress policy in teams;
+    the gateway's ServiceAccount may create TokenReviews and nothing of the operator's."""
+    apply(control_plane, render(chart, {"gateway": {"enabled": True}}, release, namespace))
+    user = f"system:serviceaccount:{namespace}:{release}-spendwarden"
+    gateway = f"system:serviceaccount:{namespace}:spendwarden-gateway"
+    team = "team-elsewhere"
+    allowed = [
+        *((v, "secrets", "", namespace, None, None) for v in ("get", "list", "watch", "create")),
+        *((v, "secrets", "", namespace, None, "spendwarden-gateway-credentials") for v in ("patch", "update")),
+        *((v, "configmaps", "", namespace, None, "spendwarden-gateway-config") for v in ("get", "patch", "update")),
+        *((v, "networkpolicies", "networking.k8s.io", team, None, "spendwarden-gateway-egress")
+          for v in ("get", "patch", "delete")),
+        ("list", "networkpolicies", "networking.k8s.io", None, None, "spendwarden-gateway-egress"),
+        ("patch", "modelroutes", "spendwarden.io", team, "status", None),
+    ]
+    denied = [
+        *((v, "secrets", "", team, None, None) for v in ("list", "watch")),
+        ("get", "secrets", "", team, None, "openai"),
+        ("patch", "secrets", "", namespace, None, "openai"),  # reads the provider keys, never changes them
+        ("patch", "configmaps", "", namespace, None, "another"),
+        ("delete", "networkpolicies", "networking.k8s.io", team, None, "default-deny"),
+    ]
+    wrong = [("allowed", a) for a in allowed if not can(kube, user, namespace, *a)]
+    wrong += [("denied", d) for d in denied if can(kube, user, namespace, *d)]
+    if not can(kube, gateway, namespace, "create", "tokenreviews", "authentication.k8s.io"):
+        wrong.append(("allowed", "the gateway's tokenreviews create"))
+    for d in (("get", "secrets", "", namespace, None, None), ("patch", "tokenbudgets", "spendwarden.io", team)):
+        if can(kube, gateway, namespace, *d):
+            wrong.append(("denied", ("gateway", *d)))
+    assert wrong == [], f"RBAC differs from what gateway mode needs (expected -> request): {wrong}"

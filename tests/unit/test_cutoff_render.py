@@ -157,3 +157,18 @@ def test_a_cut_budget_without_routes_still_cuts_the_namespace():
 
 def test_the_builder_is_deterministic():
     assert build([budget()]).policy == build([budget()]).policy
+
+
+def test_in_gateway_mode_the_policy_opens_no_address_and_its_namespaces_can_be_read_back():
+    """Gateway mode (issue #13): NetworkPolicies add up, so the cut-off's every-other-address rule would
+    undo the gateway egress policy's denial of the internet; it is left out there."""
+    from spendwarden.render.cutoff import denied_namespaces
+    sidecar = build([budget("monthly")])
+    d = desired_cut_off("team-a", [budget("monthly")], [CHAT, EMBED], resolve, NAMESPACES.__contains__, DEFAULTS,
+                        gateway=True)
+    assert d.gateway and d.denied_namespaces == sidecar.denied_namespaces
+    dns, namespaces = d.policy["spec"]["egress"]
+    assert not any("ipBlock" in peer for rule in d.policy["spec"]["egress"] for peer in rule.get("to") or [])
+    assert namespaces == sidecar.policy["spec"]["egress"][2]
+    assert denied_namespaces(d.policy) == denied_namespaces(sidecar.policy) == ("inference", "models")
+    assert denied_namespaces(None) == ()

@@ -279,3 +279,50 @@ def test_operator_reads_the_apiserver_version_and_falls_back_to_the_plain_contai
     monkeypatch.setattr(client, "VersionApi", lambda api: SimpleNamespace(get_code=unreachable))
     assert admission._server_version() is None
     assert inj.use_native_sidecar("auto", admission._server_version) is False
+
+
+# -- gateway mode: no sidecar, the SDKs pointed at the shared gateway
+
+GW_URL = "http://spendwarden-gateway.spendwarden-gw.svc:8787"
+
+
+def gateway_injected(p, settings=S):
+    return jsonpatch.apply_patch(p, inj.gateway_patch(p, settings, GW_URL))
+
+
+def test_gateway_patch_points_every_app_container_at_the_gateway_with_a_projected_token():
+    p = pod(containers=[{"name": "app", "image": "app:1"},
+                        {"name": "worker", "image": "w:1", "env": [{"name": "OPENAI_BASE_URL", "value": "mine"}],
+                         "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+            volumes=[{"name": "data", "emptyDir": {}}])
+    out = gateway_injected(p)
+    assert names(out) == ["app", "worker"] and "initContainers" not in out["spec"]  # no sidecar
+    app, worker = out["spec"]["containers"]
+    assert env(app) == {"OPENAI_BASE_URL": f"{GW_URL}/v1", "ANTHROPIC_BASE_URL": GW_URL,
+                        "SPENDWARDEN_TOKEN_FILE": "/var/run/secrets/spendwarden/token"}
+    assert env(worker)["OPENAI_BASE_URL"] == "mine"  # never overrides the app's own
+    assert env(worker)["ANTHROPIC_BASE_URL"] == GW_URL
+    mount = {"name": "spendwarden-token", "mountPath": "/var/run/secrets/spendwarden", "readOnly": True}
+    assert app["volumeMounts"] == [mount] and worker["volumeMounts"][-1] == mount
+    vols = {v["name"]: v for v in out["spec"]["volumes"]}
+    assert set(vols) == {"data", "spendwarden-token"}  # no config, no secrets: the keys stay in the gateway
+    assert vols["spendwarden-token"]["projected"]["sources"] == [{"serviceAccountToken": {
+        "audience": "spendwarden", "expirationSeconds": S.token_expiration_seconds, "path": "token"}}]
+    assert vols["spendwarden-token"] == inj.volumes(S)[1]  # the sidecar's token volume, the same
+    assert out["metadata"]["labels"][inj.PROXY_LABEL] == "gateway"
+    assert out["spec"]["serviceAccountName"] == "default"
+
+
+def test_gateway_patch_is_idempotent_and_decide_skips_a_pod_that_has_it():
+    out = gateway_injected(pod(labels={LABEL: "true"}))
+    assert inj.gateway_patch(out, S, GW_URL) == []
+    assert inj.decide(out, "team", {}, S, gateway=True).reason == "already injected"
+
+
+def test_gateway_mode_keeps_the_inject_label_rules_and_takes_host_network_pods():
+    assert not inj.decide(pod(), "team", {}, S, gateway=True).inject  # not selected
+    assert not inj.decide(pod(labels={LABEL: "false"}), "team", {LABEL: "true"}, S, gateway=True).inject
+    assert inj.decide(pod(), "team", {LABEL: "true"}, S, gateway=True).inject
+    host = pod(labels={LABEL: "true"}, hostNetwork=True)
+    assert not inj.decide(host, "team", {}, S).inject            # a sidecar would bind the node's ports
+    assert inj.decide(host, "team", {}, S, gateway=True).inject  # the gateway patch binds none

@@ -439,3 +439,48 @@ async def test_pipelined_requests_read_ahead_are_bounded(monkeypatch):
         assert max(seen) <= ledger_http.MAX_QUEUED < 32
     finally:
         await service.stop()
+
+
+async def test_gateway_mode_trust_the_gateway_reports_for_its_tenants_and_their_own_tokens_are_refused(monkeypatch):
+    """Issue #13: the gateway's ServiceAccount may report and wake for gateway-mode namespaces; a tenant's
+    own token may not while its egress is enforced (403 gateway_mode), and may while it is open."""
+    from spendwarden.render.gateway import EGRESS_LABEL, MODE_LABEL, GatewaySettings
+
+    FakeApi(monkeypatch)
+    tokens = {"gateway": ("spendwarden-gw", "spendwarden-gateway"), "tenant-a": ("team-a", "app"),
+              "tenant-c": ("team-c", "app"), "tenant-b": ("team-b", "app")}
+    labels = {"team-a": {MODE_LABEL: "gateway"}, "team-b": {},
+              "team-c": {MODE_LABEL: "gateway", EGRESS_LABEL: "open"}}
+    reviewer = svc.TokenReviewer(ttl=60)
+    monkeypatch.setattr(reviewer, "_review_sync", tokens.get)
+    service = svc.LedgerService(svc.LedgerConfig(port=0), gateway=GatewaySettings(namespace="spendwarden-gw"),
+                                namespace_labels=labels.get)
+    service.reviewer = reviewer
+    client = await _client(service)
+
+    async def post(token, namespace, path="/v1/report"):
+        body = ({"proxyId": "p", "namespace": namespace, "seq": 1, "budgets": {}} if path == "/v1/report"
+                else {"namespace": namespace, "route": "r", "backend": "b"})
+        resp = await client.post(path, json=body, headers={"Authorization": f"Bearer {token}"})
+        return resp.status, (await resp.json()).get("error", "")
+
+    try:
+        assert (await post("gateway", "team-a"))[0] == 200
+        assert (await post("gateway", "team-c"))[0] == 200
+        status, error = await post("gateway", "team-b")
+        assert status == 403 and "sidecar mode" in error
+        status, error = await post("tenant-a", "team-a")
+        assert status == 403 and "gateway mode" in error and EGRESS_LABEL in error
+        assert (await post("tenant-c", "team-c"))[0] == 200   # migrating: its sidecars still report
+        assert (await post("tenant-b", "team-b"))[0] == 200   # sidecar mode as before
+        assert (await post("tenant-b", "team-a"))[0] == 403
+        # Wake-ups follow the same rules (no scaler here: 404 once allowed).
+        assert (await post("gateway", "team-a", "/v1/wake"))[0] == 404
+        assert (await post("tenant-a", "team-a", "/v1/wake"))[0] == 403
+        assert svc.REJECTED.labels(reason="gateway_mode")._value.get() >= 2
+        # A namespace the watch has not delivered yet: its mode is unknown, so nobody is trusted for it yet.
+        assert (await post("gateway", "team-new"))[0] == 503
+        assert (await post("tenant-b", "team-new"))[0] == 503
+    finally:
+        await client.close()
+        await service.stop()

@@ -62,3 +62,25 @@ def test_admission_is_registered_by_the_call_only_when_enabled(monkeypatch):
     activities, webhooks = _registered(settings(["--webhooks"], {}, monkeypatch))
     assert "spendwarden-admission" in activities
     assert webhooks == {"validate-modelroute", "validate-tokenbudget", "inject-proxy"}
+
+
+def _watchers(s: OperatorSettings) -> set[str]:
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, Runtime(s))
+    return {h.id for h in registry._watching.get_all_handlers()}
+
+
+def test_gateway_settings_come_from_the_chart_environment_and_register_the_gateway(monkeypatch):
+    s = settings([], {"SPENDWARDEN_GATEWAY_NAMESPACE": "sw-gateway", "SPENDWARDEN_DEFAULT_MODE": "gateway",
+                      "SPENDWARDEN_GATEWAY_SERVICE_ACCOUNT": "spendwarden-gateway",
+                      "SPENDWARDEN_GATEWAY_EGRESS_CIDRS": "10.1.0.0/16"}, monkeypatch)
+    assert (s.gateway.enabled, s.gateway.namespace, s.gateway.default_mode) == (True, "sw-gateway", "gateway")
+    assert s.gateway.egress_cidrs == ("10.1.0.0/16",)
+    runtime = Runtime(s)
+    assert runtime.gateway is not None and runtime.reconciler.rendered == runtime.gateway.rendered
+    activities, _ = _registered(s)
+    assert "spendwarden-gateway" in activities and "gateway-namespaces" in _watchers(s)
+    off = settings([], {}, monkeypatch)
+    assert not off.gateway.enabled and Runtime(off).gateway is None
+    assert "spendwarden-gateway" not in _registered(off)[0]
+    assert {"gateway-mode-notes"} <= _watchers(off) and "gateway-namespaces" not in _watchers(off)

@@ -64,3 +64,22 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "spendwarden.webhookServiceName" -}}
 {{- printf "%s-webhook" (include "spendwarden.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
+
+{{/* Gateway mode: the namespace of the shared gateway pool (default: the release namespace). */}}
+{{- define "spendwarden.gatewayNamespace" -}}
+{{- .Values.gateway.namespace | default .Release.Namespace }}
+{{- end }}
+
+{{- define "spendwarden.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: spendwarden
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "spendwarden.gatewayLabels" -}}
+helm.sh/chart: {{ include "spendwarden.chart" . }}
+{{ include "spendwarden.gatewaySelectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: spendwarden
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}

@@ -11,6 +11,10 @@ anyway. So the Pod webhook matches all Pods and the handler decides (render/inje
 reading namespace labels from an in-memory map kept by a namespace watch (an API call only for a
 namespace the watch has not delivered yet). The price is one webhook call per Pod creation cluster-wide, hence
 failurePolicy Ignore by default for it (see webhooks.WebhookSettings).
+
+Gateway mode: the namespace's mode (render/gateway.namespace_mode) decides the patch's shape, the
+sidecar's or injection.gateway_patch (base URLs at the gateway, a projected token); the inject
+labels decide, as always, whether a Pod is touched at all.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import kopf
 
 from ..api import modelroute, tokenbudget
 from ..render import injection
+from ..render.gateway import MODE_GATEWAY, GatewaySettings, namespace_mode
 from ..render.review import review
 from . import kube
 from .bodies import plain
@@ -74,9 +79,11 @@ class AdmissionWebhooks:
     material and its rotation."""
 
     def __init__(self, settings: WebhookSettings, injection_settings: injection.InjectionSettings,
-                 inventory: Inventory):
+                 inventory: Inventory, gateway_settings: GatewaySettings | None = None):
         self.settings = settings
         self.injection = injection_settings
+        self.gateway = gateway_settings or GatewaySettings()
+        self._noted: set[str] = set()  # namespaces whose mode label was logged as not followed
         self.inventory = inventory
         # Namespace name -> labels, kept by a plain event handler rather than a kopf.index: kopf holds every
         # handler of every kind until each object of an indexed kind has been indexed, and each one indexed
@@ -142,18 +149,34 @@ class AdmissionWebhooks:
     def validate_tokenbudget(self, body: kopf.Body, *, old: Any = None, namespace: str | None, warnings: list[str], **_: Any) -> None:
         self._review(tokenbudget.KIND, body, old, namespace, warnings)
 
+    def _decide(self, pod: dict[str, Any], ns: str, labels: dict[str, str] | None) -> tuple[bool, injection.Decision]:
+        """(whether the namespace is in gateway mode, whether the pod is touched)."""
+        mode = namespace_mode(ns, labels, self.gateway)
+        if mode.note and ns not in self._noted:
+            self._noted.add(ns)
+            log.warning("namespace %s: %s", ns, mode.note)
+        gateway = mode.mode == MODE_GATEWAY
+        return gateway, injection.decide(pod, ns, labels, self.injection, gateway=gateway)
+
     def inject_proxy(self, body: kopf.Body, patch: kopf.Patch, namespace: str | None, **_: Any) -> None:
         pod = plain(body)
         ns = namespace or ""
         labels = self.namespace_labels.get(ns)
-        decision = injection.decide(pod, ns, labels, self.injection)
+        if labels is None and self.gateway.enabled:  # the mode decides the shape, whatever selects the pod
+            labels = _lookup_namespace_labels(ns)
+        gateway, decision = self._decide(pod, ns, labels)
         if not decision.inject and labels is None and decision.reason == "not selected":
             labels = _lookup_namespace_labels(ns)
-            decision = injection.decide(pod, ns, labels, self.injection)
+            gateway, decision = self._decide(pod, ns, labels)
         meta = pod.get("metadata") or {}
         who = f"{ns}/{meta.get('name') or meta.get('generateName', '') + '*'}"
         if not decision.inject:
             log.debug("pod %s: no proxy (%s)", who, decision.reason)
+            return
+        if gateway:
+            gateway_ops = injection.gateway_patch(pod, self.injection, self.gateway.base_url())
+            patch.fns.append(lambda raw: _apply(raw, gateway_ops))
+            log.info("pod %s: pointed at the gateway %s (%s)", who, self.gateway.base_url(), decision.reason)
             return
         secrets = namespace_secrets(ns, self.inventory.if_complete())
         native = self.native_sidecar

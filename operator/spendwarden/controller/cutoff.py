@@ -47,6 +47,7 @@ from ..render.cutoff import (
     Workload,
     desired_cut_off,
 )
+from ..render.gateway import MODE_GATEWAY, GatewaySettings, egress_open, namespace_mode
 from ..render.proxyconfig import render_proxy_config, validate_spec
 from . import kube
 
@@ -260,6 +261,7 @@ class CutOffController:
     settings: CutOffSettings = field(default_factory=CutOffSettings)  # the apiserver's addresses added at start()
     resync: float = 30.0  # cut namespaces are re-applied this often (DNS answers change, someone scales up)
     replica_owner: ReplicaOwnerFn | None = None
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)  # which namespaces are in gateway mode
     started: bool = False
     seen: dict[tuple[str, str], BudgetCut] = field(default_factory=dict)
     cut: set[str] = field(default_factory=set)     # namespaces cut off as last applied
@@ -362,7 +364,10 @@ class CutOffController:
             objs = await asyncio.to_thread(list_routes, namespace)
             routes = [r.spec for r in render_proxy_config(namespace, objs, []).config.routes]
         computed = time.monotonic()
-        desired = await asyncio.to_thread(desired_cut_off, namespace, budgets, routes, resolve, namespace_exists, settings)
+        labels = (ns_obj.get("metadata") or {}).get("labels") or {}
+        gateway = (namespace_mode(namespace, labels, self.gateway).mode == MODE_GATEWAY and not egress_open(labels))
+        desired = await asyncio.to_thread(desired_cut_off, namespace, budgets, routes, resolve, namespace_exists, settings,
+                                          gateway)
         # One owner of replica counts: workloads with scaling settings are the scaler's.
         owns = self.replica_owner
         scaled = [w for w in desired.workloads if owns is not None and owns(namespace, w.kind, w.name)]

@@ -58,6 +58,16 @@ async def cut_off_routes(namespace: str | None, memo: kopf.Memo, **_: Any) -> No
     _runtime(memo).route_event(cast(str, namespace))  # ModelRoutes are namespaced: kopf always names one
 
 
+# -- gateway mode
+
+async def start_gateway(memo: kopf.Memo, **_: Any) -> None:
+    await _runtime(memo).start_gateway()
+
+
+async def stop_gateway(memo: kopf.Memo, **_: Any) -> None:
+    await _runtime(memo).stop_gateway()
+
+
 # -- the scaler
 
 async def start_scaler(memo: kopf.Memo, **_: Any) -> None:
@@ -123,6 +133,14 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     if runtime.admission is not None:
         register_admission(registry, runtime.admission)
     on = kopf.on
+    if runtime.gateway is not None:
+        # Gateway mode: the namespaces' labels say which are tenants of the gateway.
+        on.event("v1", "namespaces", id="gateway-namespaces", registry=registry)(runtime.gateway.observe_namespace)
+        on.startup(id="spendwarden-gateway", registry=registry)(start_gateway)
+        on.cleanup(id="spendwarden-gateway", registry=registry)(stop_gateway)
+    else:
+        # ... and without the gateway, a namespace labelled gateway is told why it is served as sidecar.
+        on.event("v1", "namespaces", id="gateway-mode-notes", registry=registry)(runtime.mode_notes.observe_namespace)
     on.event(GROUP, modelroute.PLURAL, id="cut-off-routes", registry=registry)(cut_off_routes)
     on.startup(id="spendwarden-ledger", registry=registry)(start_ledger)
     on.cleanup(id="spendwarden-ledger", registry=registry)(stop_ledger)

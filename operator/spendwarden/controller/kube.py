@@ -195,7 +195,8 @@ def post_warning(involved: dict[str, Any], reason: str, message: str, component:
     """A Warning Event on `involved` (involved_object()), posted directly: kopf.warn only works inside
     kopf's handler context. Transient failures (429, 5xx, no connection) are retried with backoff;
     the last one is raised. Blocking: call it from a thread."""
-    ns, now = involved["namespace"], datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # A cluster-scoped object's (a Namespace's) Events live in "default", as the apiserver requires.
+    ns, now = involved.get("namespace") or "default", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     body = {"metadata": {"generateName": f"{involved['name']}.", "namespace": ns}, "involvedObject": involved,
             "reason": reason, "message": message[:1024], "type": "Warning",
             "source": {"component": f"spendwarden-{component}"}, "reportingComponent": f"spendwarden.io/{component}",

@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -43,6 +44,7 @@ from ..expiring import ExpiringMap
 from ..ledger.leases import LeaseSettings
 from ..ledger.loops import LoopAggregator
 from ..ledger.store import FORECAST_CONDITION, BudgetEntry, LedgerStore, ReportError, parse_report, replace_patch
+from ..render.gateway import GatewaySettings, ledger_refusal
 from ..render.status import LEDGER_FIELDS
 from . import kube
 from .alerts import WebhookSender
@@ -85,6 +87,10 @@ FORECAST = Gauge("spendwarden_budget_forecast_exceeded", "1 if the budget runs o
                  ["namespace", "budget"])
 LOOPS = Counter("spendwarden_loops_reported", "Requests proxies refused with 429 loop_detected, as they reported them.",
                 ["namespace", "route"])
+
+
+# namespace -> its labels (None: not known), for the gateway-mode trust decisions.
+NamespaceLabelsFn = Callable[[str], Mapping[str, str] | None]
 
 
 class ScalingPort(Protocol):
@@ -141,8 +147,12 @@ class _FlushState:
 class LedgerService:
     def __init__(self, config: LedgerConfig, store: LedgerStore | None = None, *,
                  alerts: AlertSettings | None = None, scaling: ScalingPort | None = None,
-                 cutoff: CutOffConfig | None = None, replica_owner: ReplicaOwnerFn | None = None):
+                 cutoff: CutOffConfig | None = None, replica_owner: ReplicaOwnerFn | None = None,
+                 gateway: GatewaySettings | None = None, namespace_labels: NamespaceLabelsFn | None = None):
         self.config = config
+        # Gateway mode: whose tokens may report for which namespace (render/gateway.py ledger_refusal).
+        self.gateway = gateway or GatewaySettings()
+        self.namespace_labels: NamespaceLabelsFn = namespace_labels or (lambda _: None)
         self.scaling = scaling
         self.store = store or LedgerStore(LeaseSettings(ttl=config.lease_ttl, grace=config.lease_grace))
         self.reviewer = TokenReviewer(config.review_ttl)
@@ -161,7 +171,7 @@ class LedgerService:
         # NetworkPolicy, label, scale-to-zero of exhausted CutOff budgets; started and stopped with the ledger.
         cutoff = cutoff or CutOffConfig()
         self.cutoff = CutOffController(self, settings=cutoff.settings, resync=cutoff.resync,
-                                       replica_owner=replica_owner)
+                                       replica_owner=replica_owner, gateway=self.gateway)
 
     # lifecycle
 
@@ -264,6 +274,18 @@ class LedgerService:
             return self._reject(401, "invalid_token", INVALID_TOKEN)
         return who
 
+    def _refused(self, who: tuple[str, str] | None, namespace: str) -> web.Response | None:
+        """403 unless the token may speak for `namespace`: its own namespace, or any gateway-mode
+        namespace for the gateway's ServiceAccount; a tenant's own token not for a gateway-mode
+        namespace whose egress is enforced (render/gateway.py ledger_refusal)."""
+        if who is None:  # --ledger-insecure
+            return None
+        if self.gateway.enabled and self.namespace_labels(namespace) is None:
+            # Not delivered by the namespace watch yet (the operator just started): its mode is unknown.
+            return self._reject(503, "namespace_unknown", f"namespace {namespace} is not known yet; retry")
+        refusal = ledger_refusal(who, namespace, self.namespace_labels, self.gateway)
+        return None if refusal is None else self._reject(403, refusal.reason, refusal.message)
+
     async def handle_report(self, request: web.Request) -> web.Response | Reply:
         who = await self._authenticate(request)
         if isinstance(who, web.Response):
@@ -276,9 +298,9 @@ class LedgerService:
             report = parse_report(body)
         except ReportError as exc:
             return self._reject(400, "bad_request", str(exc))
-        if who is not None and who[0] != report.namespace:
-            return self._reject(403, "forbidden_namespace",
-                                f"a token of namespace {who[0]} may report only that namespace's budgets")
+        refused = self._refused(who, report.namespace)
+        if refused is not None:
+            return refused
         backends = None
         if self.scaling is not None:
             try:  # demand for the scaler (before the usage is applied: a bad report changes nothing)
@@ -312,9 +334,9 @@ class LedgerService:
         bad = [k for k, v in fields.items() if not isinstance(v, str) or not v or len(v) > 253]
         if bad:
             return self._reject(400, "bad_request", f"{', '.join(bad)}: required (non-empty strings)")
-        if who is not None and who[0] != fields["namespace"]:
-            return self._reject(403, "forbidden_namespace",
-                                f"a token of namespace {who[0]} may wake only that namespace's backends")
+        refused = self._refused(who, cast(str, fields["namespace"]))
+        if refused is not None:
+            return refused
         if self.scaling is None:
             return web.json_response({"error": "scaling is not enabled in this operator"}, status=404)
         try:

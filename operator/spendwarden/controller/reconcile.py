@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..api import modelroute, tokenbudget
-from ..api.proxyconfig import CONFIGMAP_NAME
+from ..api.proxyconfig import CONFIGMAP_NAME, ProxyConfig
 from ..prices import pins
 from ..prices.resolve import PriceBook
 from ..render.proxyconfig import CONFIG_HASH, configmap_manifest, render_proxy_config, validate_spec
@@ -28,6 +28,9 @@ WarnFn = Callable[[dict[str, Any], str, str], None]
 
 # (namespace, budget name) -> whether the in-process ledger keeps that budget's accounts.
 LedgerOwnsFn = Callable[[str, str], bool]
+
+# (namespace, its rendered configuration or None when it has no CRs) -> None; called in the reconcile thread.
+RenderedFn = Callable[[str, ProxyConfig | None], None]
 
 
 def inputs_key(objects: Iterable[dict[str, Any]]) -> tuple:
@@ -53,7 +56,9 @@ class NamespaceReconciler:
     """Renders and applies namespaces, remembering what each one's last complete reconcile saw and
     applied (one per operator: controller/runtime.py makes it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rendered: RenderedFn | None = None) -> None:
+        # Told each namespace's newest configuration (None: it has no CRs left): the gateway's copy.
+        self.rendered = rendered
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._done: dict[str, tuple] = {}  # namespace -> inputs_key of its last complete reconcile
         self._hashes: dict[str, str] = {}  # namespace -> config hash of the ConfigMap its last reconcile applied
@@ -95,6 +100,8 @@ class NamespaceReconciler:
                 # Garbage collection removes it too; deleting now makes proxies stop at once.
                 kube.delete_configmap(namespace, CONFIGMAP_NAME)
                 outcome = "deleted"
+            if self.rendered is not None:
+                self.rendered(namespace, result.config if live_routes or live_budgets else None)
             now = datetime.now(UTC)
             for obj in live_routes + live_budgets:
                 _update_status(obj, result.problem_for(obj["kind"], obj["metadata"]["name"]), now, warn, ledger_owns,

@@ -7,11 +7,12 @@ started, as before: until then the reconcile sees no ledger and the ledger's end
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..ledger.store import BudgetEntry
 from .admission import AdmissionWebhooks
+from .gateway import GatewayController, ModeNotes
 from .inventory import Inventory
 from .ledger_service import LedgerService, start_metrics
 from .reconcile import NamespaceReconciler
@@ -26,10 +27,16 @@ class Runtime:
     def __init__(self, settings: OperatorSettings):
         self.settings = settings
         self.inventory = Inventory()
-        self.reconciler = NamespaceReconciler()
+        # Gateway mode (chart gateway.enabled): the shared gateway's configuration, credentials and
+        # the tenants' egress; None when the chart did not enable it.
+        self.gateway = (GatewayController(settings.gateway, self.inventory, serves=settings.ledger.serves,
+                                          excluded=settings.injection.excluded_namespaces)
+                        if settings.gateway.enabled else None)
+        self.mode_notes = ModeNotes(settings.gateway)  # without it: why a namespace labelled gateway is not
+        self.reconciler = NamespaceReconciler(rendered=self.gateway.rendered if self.gateway is not None else None)
         self.loop = ReconcileLoop(settings.reconcile, self.inventory, self.reconciler,
                                   serves=settings.ledger.serves, ledger_owns=self.ledger_owns)
-        self.admission = (AdmissionWebhooks(settings.webhooks, settings.injection, self.inventory)
+        self.admission = (AdmissionWebhooks(settings.webhooks, settings.injection, self.inventory, settings.gateway)
                           if settings.webhooks.enabled else None)
         self.ledger: LedgerService | None = None   # while it serves
         self.scaler: Scaler | None = None          # while it runs
@@ -41,6 +48,18 @@ class Runtime:
         """For the reconcile (in a thread): whether the ledger keeps this budget's accounts."""
         ledger = self.ledger
         return ledger is not None and ledger.owns(namespace, name)
+
+    def namespace_labels(self, namespace: str) -> Mapping[str, str] | None:
+        """For the ledger's gateway-mode trust: a namespace's labels, as the namespace watch has them."""
+        return self.gateway.labels_of(namespace) if self.gateway is not None else None
+
+    async def start_gateway(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.start()
+
+    async def stop_gateway(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
 
     def budgets(self) -> Iterable[BudgetEntry]:
         """The ledger's budget entries, for the scaler."""
@@ -62,7 +81,8 @@ class Runtime:
             log.info("ledger service off (--ledger-port 0)")
             return
         service = LedgerService(config, alerts=self.settings.alerts, scaling=ScalingEndpoints(lambda: self.scaler),
-                                cutoff=self.settings.cutoff, replica_owner=self.scaler_owns)
+                                cutoff=self.settings.cutoff, replica_owner=self.scaler_owns,
+                                gateway=self.settings.gateway, namespace_labels=self.namespace_labels)
         try:
             await service.start()
         except OSError as exc:

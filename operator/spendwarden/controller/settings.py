@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from ..prices import pins
 from ..render.cutoff import CutOffSettings
+from ..render.gateway import GatewaySettings
 from ..render.injection import InjectionSettings
 from .alerts import WebhookSettings as AlertSettings
 from .ledger_config import LedgerConfig
@@ -94,6 +95,7 @@ class OperatorSettings:
     scaler: ScalerSettings = field(default_factory=ScalerSettings)
     webhooks: WebhookSettings = field(default_factory=lambda: WebhookSettings(enabled=False))
     injection: InjectionSettings = field(default_factory=lambda: InjectionSettings.from_env({}))
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)  # gateway mode off unless the chart enables it
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -109,4 +111,5 @@ class OperatorSettings:
                                          identity=env.get("SPENDWARDEN_POD_NAME") or None),
                    ledger=ledger, alerts=AlertSettings.from_env(env), reconcile=ReconcileSettings.from_env(env),
                    cutoff=CutOffConfig.from_env(env), scaler=ScalerSettings.from_env(env),
-                   webhooks=WebhookSettings.from_env(env), injection=InjectionSettings.from_env(env))
+                   webhooks=WebhookSettings.from_env(env), injection=InjectionSettings.from_env(env),
+                   gateway=GatewaySettings.from_env(env))

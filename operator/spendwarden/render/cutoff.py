@@ -92,6 +92,11 @@ class DesiredCutOff:
     workloads: tuple[Workload, ...] = ()         # namespace-local, to hold at zero replicas
     notes: list[str] = field(default_factory=list)
     policy: dict[str, Any] | None = None         # None: no NetworkPolicy (nothing to deny)
+    # Gateway mode with its egress enforced (render/gateway.py): the namespace's egress policy already
+    # denies every address but a few, and NetworkPolicies add up, so the cut-off's "every other
+    # address" rule would open the internet again: left out. The egress policy takes over the denied
+    # namespaces (controller/gateway.py reads them from this policy: denied_namespaces).
+    gateway: bool = False
 
     def message(self) -> str:
         if not self.cut:
@@ -159,8 +164,9 @@ def cut_routes(budgets: Iterable[BudgetCut], aliases: Iterable[str]) -> tuple[li
 
 def desired_cut_off(namespace: str, budgets: Iterable[BudgetCut], routes: Sequence[ModelRouteSpec],
                     resolve: Resolver, is_namespace: Callable[[str], bool],
-                    settings: CutOffSettings = CutOffSettings()) -> DesiredCutOff:
-    """The namespace's cut-off, from its budgets and its valid routes (one per alias)."""
+                    settings: CutOffSettings = CutOffSettings(), gateway: bool = False) -> DesiredCutOff:
+    """The namespace's cut-off, from its budgets and its valid routes (one per alias). `gateway`: the
+    namespace is in gateway mode with its egress enforced (DesiredCutOff.gateway)."""
     by_alias = {r.model: r for r in routes}
     cutting, cut_aliases = cut_routes(budgets, by_alias)
     if not cutting:
@@ -228,7 +234,7 @@ def desired_cut_off(namespace: str, budgets: Iterable[BudgetCut], routes: Sequen
     out = DesiredCutOff(namespace, cut=True, budgets=tuple(cutting), cut_routes=tuple(sorted(cut_aliases)),
                         denied_addresses=tuple(sorted((_cidr(a) for a in denied_addresses), key=_sort_key)),
                         denied_namespaces=tuple(sorted(denied_namespaces)),
-                        workloads=tuple(sorted(cut_workloads - open_workloads)), notes=notes)
+                        workloads=tuple(sorted(cut_workloads - open_workloads)), notes=notes, gateway=gateway)
     if out.denied_addresses or out.denied_namespaces:
         out.policy = network_policy(out, settings)
     return out
@@ -266,10 +272,22 @@ def network_policy(desired: DesiredCutOff, settings: CutOffSettings = CutOffSett
             "egress": [
                 # DNS anywhere: names must keep resolving, also to learn where the ledger is.
                 {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
-                # Every address but the denied ones (the apiserver among them).
-                {"to": blocks},
+                # Every address but the denied ones (the apiserver among them); not in gateway mode.
+                *([] if desired.gateway else [{"to": blocks}]),
                 # Pods of every namespace but the denied inference namespaces (the ledger among them).
                 {"to": [{"namespaceSelector": namespaces}]},
             ],
         },
     }
+
+
+def denied_namespaces(policy: dict[str, Any] | None) -> tuple[str, ...]:
+    """The inference namespaces a cut-off policy (network_policy's, as read back) denies."""
+    out: set[str] = set()
+    for rule in ((policy or {}).get("spec") or {}).get("egress") or []:
+        for peer in rule.get("to") or []:
+            selector = peer.get("namespaceSelector") or peer.get("namespace_selector") or {}
+            for expr in selector.get("matchExpressions") or selector.get("match_expressions") or []:
+                if expr.get("key") == NAME_LABEL and expr.get("operator") == "NotIn":
+                    out.update(expr.get("values") or [])
+    return tuple(sorted(out))

@@ -9,6 +9,9 @@ Two shapes of the same proxy container:
   so a Job's Pod completes;
 * plain container (older clusters, and the only shape before sidecar.native): appended to
   `containers`.
+
+In gateway mode (render/gateway.py) there is no sidecar: `gateway_patch` points the SDKs at the
+shared gateway and mounts a projected token (audience spendwarden) for them to authenticate with.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ INJECT_LABEL = f"{GROUP}/inject"
 # Set on injected Pods: what the chart's PodMonitor selects (and `kubectl get pods -l` finds).
 PROXY_LABEL = f"{GROUP}/proxy"
 PROXY_LABEL_VALUE = "injected"
+GATEWAY_LABEL_VALUE = "gateway"  # gateway mode: no sidecar, the SDKs pointed at the gateway
+ENV_TOKEN_FILE = "SPENDWARDEN_TOKEN_FILE"
 CONTAINER_NAME = "spendwarden-proxy"
 CONFIG_VOLUME = "spendwarden-config"
 TOKEN_VOLUME = "spendwarden-token"
@@ -146,19 +151,20 @@ class Decision:
 
 
 def decide(pod: Mapping[str, Any], namespace: str, namespace_labels: Mapping[str, str] | None,
-           settings: InjectionSettings) -> Decision:
-    """Whether this Pod gets the proxy. `namespace_labels` None means unknown; it is only needed when
+           settings: InjectionSettings, gateway: bool = False) -> Decision:
+    """Whether this Pod gets the proxy (`gateway`: the namespace is in gateway mode, and the Pod gets
+    gateway_patch instead of a sidecar). `namespace_labels` None means unknown; it is only needed when
     the Pod itself carries no inject label."""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     label = (meta.get("labels") or {}).get(INJECT_LABEL)
-    if injected_already(spec):
+    if injected_already(spec) or (gateway and gateway_injected_already(pod)):
         return Decision(False, "already injected")
     if label == "false":
         return Decision(False, f"opted out ({INJECT_LABEL}=false)")
     if namespace in settings.excluded_namespaces:
         return Decision(False, f"namespace {namespace} is never injected")
-    if spec.get("hostNetwork"):
+    if spec.get("hostNetwork") and not gateway:
         # Every such pod on a node would bind the same 127.0.0.1 ports of the node.
         return Decision(False, "hostNetwork pod")
     if label == "true":
@@ -250,14 +256,17 @@ def proxy_container(namespace: str, settings: InjectionSettings, secrets: Sequen
     return container
 
 
+def token_volume(settings: InjectionSettings) -> dict[str, Any]:
+    # A short-lived token only spendwarden accepts (audience), unlike the pod's default token.
+    return {"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
+        "audience": TOKEN_AUDIENCE, "expirationSeconds": settings.token_expiration_seconds, "path": TOKEN_FILE}}]}}
+
+
 def volumes(settings: InjectionSettings, secrets: Sequence[str] = ()) -> list[dict[str, Any]]:
     return [
         # optional: the pod starts before the operator has rendered the namespace's first config.
         {"name": CONFIG_VOLUME, "configMap": {"name": CONFIGMAP_NAME, "optional": True}},
-        # A short-lived token only the ledger accepts (audience), unlike the pod's default token.
-        {"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
-            "audience": TOKEN_AUDIENCE, "expirationSeconds": settings.token_expiration_seconds,
-            "path": TOKEN_FILE}}]}},
+        token_volume(settings),
         {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}},
         *secret_volumes(list(secrets)),
     ]
@@ -281,17 +290,7 @@ def patch(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings,
     containers = spec.get("containers") or []
     if injected_already(spec):
         return []
-    ops: list[dict[str, Any]] = []
-    wanted_env = app_env(settings)
-    for i, container in enumerate(containers):
-        present = {e.get("name") for e in container.get("env") or []}
-        missing = [e for e in wanted_env if e["name"] not in present]  # never override the app's own
-        if not missing:
-            continue
-        if "env" not in container or container["env"] is None:
-            ops.append({"op": "add", "path": f"/spec/containers/{i}/env", "value": missing})
-        else:
-            ops.extend({"op": "add", "path": f"/spec/containers/{i}/env/-", "value": e} for e in missing)
+    ops = env_ops(containers, app_env(settings))
     proxy = proxy_container(namespace, settings, secrets, native)
     if not native:
         ops.append({"op": "add", "path": "/spec/containers/-", "value": proxy})
@@ -300,21 +299,8 @@ def patch(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings,
         ops.append({"op": "add", "path": "/spec/initContainers/0", "value": proxy})
     else:
         ops.append({"op": "add", "path": "/spec/initContainers", "value": [proxy]})
-    if not spec.get("serviceAccountName") and not spec.get("serviceAccount"):
-        # A projected token needs a named ServiceAccount. The ServiceAccount admission plugin, which
-        # runs before webhooks, normally sets "default"; apiservers without it (envtest-like) do not.
-        ops.append({"op": "add", "path": "/spec/serviceAccountName", "value": "default"})
-    existing = {v.get("name") for v in spec.get("volumes") or []}
-    new_volumes = [v for v in volumes(settings, secrets) if v["name"] not in existing]
-    if spec.get("volumes") is None:
-        ops.append({"op": "add", "path": "/spec/volumes", "value": new_volumes})
-    else:
-        ops.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in new_volumes)
-    labels = (pod.get("metadata") or {}).get("labels")
-    if labels is None:
-        ops.append({"op": "add", "path": "/metadata/labels", "value": {PROXY_LABEL: PROXY_LABEL_VALUE}})
-    else:
-        ops.append({"op": "add", "path": f"/metadata/labels/{_escape(PROXY_LABEL)}", "value": PROXY_LABEL_VALUE})
+    ops += service_account_ops(spec) + volume_ops(spec, volumes(settings, secrets))
+    ops.append(label_op(pod, PROXY_LABEL_VALUE))
     # `kubectl logs/exec` without -c keep meaning the app, not the sidecar appended after it (a
     # native sidecar is not among the containers, but the annotation does no harm there).
     annotations = (pod.get("metadata") or {}).get("annotations")
@@ -325,4 +311,79 @@ def patch(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings,
             ops.append({"op": "add", "path": "/metadata/annotations", "value": {default_key: first}})
         else:
             ops.append({"op": "add", "path": f"/metadata/annotations/{_escape(default_key)}", "value": first})
+    return ops
+
+
+def env_ops(containers: Sequence[Mapping[str, Any]], wanted: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Add `wanted` env entries to every container, never overriding one the app sets itself."""
+    ops: list[dict[str, Any]] = []
+    for i, container in enumerate(containers):
+        present = {e.get("name") for e in container.get("env") or []}
+        missing = [e for e in wanted if e["name"] not in present]
+        if not missing:
+            continue
+        if "env" not in container or container["env"] is None:
+            ops.append({"op": "add", "path": f"/spec/containers/{i}/env", "value": missing})
+        else:
+            ops.extend({"op": "add", "path": f"/spec/containers/{i}/env/-", "value": e} for e in missing)
+    return ops
+
+
+def service_account_ops(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    if spec.get("serviceAccountName") or spec.get("serviceAccount"):
+        return []
+    # A projected token needs a named ServiceAccount. The ServiceAccount admission plugin, which
+    # runs before webhooks, normally sets "default"; apiservers without it (envtest-like) do not.
+    return [{"op": "add", "path": "/spec/serviceAccountName", "value": "default"}]
+
+
+def volume_ops(spec: Mapping[str, Any], wanted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    existing = {v.get("name") for v in spec.get("volumes") or []}
+    new_volumes = [v for v in wanted if v["name"] not in existing]
+    if spec.get("volumes") is None:
+        return [{"op": "add", "path": "/spec/volumes", "value": new_volumes}]
+    return [{"op": "add", "path": "/spec/volumes/-", "value": v} for v in new_volumes]
+
+
+def label_op(pod: Mapping[str, Any], value: str) -> dict[str, Any]:
+    if (pod.get("metadata") or {}).get("labels") is None:
+        return {"op": "add", "path": "/metadata/labels", "value": {PROXY_LABEL: value}}
+    return {"op": "add", "path": f"/metadata/labels/{_escape(PROXY_LABEL)}", "value": value}
+
+
+# -- gateway mode (render/gateway.py): no sidecar; the SDKs are pointed at the shared gateway and
+# given a projected token (audience spendwarden) to authenticate with.
+
+def gateway_injected_already(pod: Mapping[str, Any]) -> bool:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return labels.get(PROXY_LABEL) == GATEWAY_LABEL_VALUE
+
+
+def gateway_env(base_url: str) -> list[dict[str, str]]:
+    # As app_env: the OpenAI SDKs expect /v1 in the base URL, the Anthropic SDKs add it themselves.
+    return [{"name": ENV_OPENAI, "value": f"{base_url}/v1"}, {"name": ENV_ANTHROPIC, "value": base_url},
+            {"name": ENV_TOKEN_FILE, "value": f"{TOKEN_DIR}/{TOKEN_FILE}"}]
+
+
+def gateway_patch(pod: Mapping[str, Any], settings: InjectionSettings, base_url: str) -> list[dict[str, Any]]:
+    """JSON Patch ops for a Pod of a gateway-mode namespace: OPENAI_BASE_URL / ANTHROPIC_BASE_URL at
+    the gateway (`base_url`: http://spendwarden-gateway.<ns>.svc:8787), SPENDWARDEN_TOKEN_FILE and
+    the projected token mounted read-only in every app container, label spendwarden.io/proxy=gateway.
+    [] for a Pod that has it already."""
+    if gateway_injected_already(pod):
+        return []
+    spec = pod.get("spec") or {}
+    containers = spec.get("containers") or []
+    ops = env_ops(containers, gateway_env(base_url))
+    for i, container in enumerate(containers):
+        mounts = container.get("volumeMounts")
+        if any(m.get("mountPath") == TOKEN_DIR or m.get("name") == TOKEN_VOLUME for m in mounts or []):
+            continue
+        mount = {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}
+        if mounts is None:
+            ops.append({"op": "add", "path": f"/spec/containers/{i}/volumeMounts", "value": [mount]})
+        else:
+            ops.append({"op": "add", "path": f"/spec/containers/{i}/volumeMounts/-", "value": mount})
+    ops += service_account_ops(spec) + volume_ops(spec, [token_volume(settings)])
+    ops.append(label_op(pod, GATEWAY_LABEL_VALUE))
     return ops
