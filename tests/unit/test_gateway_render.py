@@ -143,17 +143,22 @@ def test_routes_get_a_credentials_condition_and_lose_it_outside_gateway_mode():
 # -- the egress policy
 
 def test_egress_policy_allows_only_dns_cluster_pods_apiserver_and_allowed_cidrs():
-    p = gw.egress_policy("team-a", ["10.96.0.1/32", "172.18.0.2/32"], ["203.0.113.0/24"])
+    p = gw.egress_policy("team-a", [("10.96.0.1/32", 443), ("172.18.0.2/32", 6443), ("10.244.0.1/32", 6443)],
+                         ["203.0.113.0/24"])
     assert p["kind"] == "NetworkPolicy" and p["metadata"]["name"] == "spendwarden-gateway-egress"
     assert p["metadata"]["namespace"] == "team-a"
     spec = p["spec"]
     assert spec["podSelector"] == {} and spec["policyTypes"] == ["Egress"]
-    dns, pods, addresses = spec["egress"]
+    dns, pods, service, endpoints, allowed = spec["egress"]
     assert dns == {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
     assert pods == {"to": [{"namespaceSelector": {}}]}
-    assert addresses == {"to": [{"ipBlock": {"cidr": c}} for c in ("10.96.0.1/32", "172.18.0.2/32", "203.0.113.0/24")]}
+    # The apiserver only on its port: its address is often the node's, whose other ports are not it.
+    assert service == {"to": [{"ipBlock": {"cidr": "10.96.0.1/32"}}], "ports": [{"protocol": "TCP", "port": 443}]}
+    assert endpoints == {"to": [{"ipBlock": {"cidr": c}} for c in ("10.244.0.1/32", "172.18.0.2/32")],
+                         "ports": [{"protocol": "TCP", "port": 6443}]}
+    assert allowed == {"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}]}
     # Nothing opens the internet: no 0.0.0.0/0, no ::/0, no rule without a destination but DNS's.
-    assert not any(b["ipBlock"]["cidr"] in ("0.0.0.0/0", "::/0") for b in addresses["to"])
+    assert not any(b["ipBlock"]["cidr"] in ("0.0.0.0/0", "::/0") for r in spec["egress"][2:] for b in r["to"])
     assert [r for r in spec["egress"] if "to" not in r] == [dns]
 
 

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..api import modelroute
 from ..api.proxyconfig import ProxyConfig
@@ -36,7 +38,7 @@ from ..render.cutoff import POLICY_NAME as CUT_OFF_POLICY
 from ..render.cutoff import denied_namespaces
 from ..render.proxyconfig import config_json
 from . import kube
-from .cutoff import FIELD_MANAGER, apiserver_cidrs, apply_policy
+from .cutoff import FIELD_MANAGER, apply_policy, resolve
 from .inventory import Inventory
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,29 @@ def _warn(involved: dict[str, Any], reason: str, message: str) -> None:
         log.warning("gateway Event not posted: %s", type(exc).__name__)
 
 
+
+def apiserver_destinations() -> tuple[tuple[str, int], ...]:
+    """(CIDR, port) of the apiserver as tenant pods reach it: the address and port pods are given
+    (KUBERNETES_SERVICE_HOST/PORT, or the kubeconfig's server) and, since policies are enforced
+    after the Service's address translation, the endpoints of Service default/kubernetes."""
+    out: set[tuple[str, int]] = set()
+    url = urlsplit(kube.api_client().configuration.host)
+    targets = [(os.environ.get("KUBERNETES_SERVICE_HOST") or "", int(os.environ.get("KUBERNETES_SERVICE_PORT") or 443)),
+               (url.hostname or "", url.port or 443)]
+    for host, port in targets:
+        if host:
+            try:
+                out |= {(f"{a}/{32 if ':' not in a else 128}", port) for a in resolve(host)}
+            except OSError:
+                pass
+    endpoints = kube.or_none(lambda: kube.core().read_namespaced_endpoints("kubernetes", "default"))
+    for subset in (endpoints.subsets or []) if endpoints is not None else []:
+        for address in subset.addresses or []:
+            for p in subset.ports or []:
+                ip = address.ip
+                out.add((f"{ip}/{32 if ':' not in ip else 128}", int(p.port)))
+    return tuple(sorted(out))
+
 class GatewayController:
     """`serves(ns)`: the operator's --namespace patterns; `excluded`: namespaces never tenants (the
     operator's own)."""
@@ -117,7 +142,7 @@ class GatewayController:
         self.labels: dict[str, dict[str, str]] = {}          # namespace -> labels (the namespace watch)
         self._lock = threading.Lock()
         self.configs: dict[str, ProxyConfig | None] = {}      # namespace -> last render (None: no CRs)
-        self.apiserver: tuple[str, ...] = ()
+        self.apiserver: tuple[tuple[str, int], ...] = ()
         self._applied: dict[str, Any] = {}                    # what this process last wrote, by object
         self._said: dict[str, str] = {}                       # what was last logged/posted, by subject
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -163,7 +188,7 @@ class GatewayController:
         self._wake = asyncio.Event()
         self._started = self._loop.time()
         try:
-            self.apiserver = await asyncio.to_thread(apiserver_cidrs)
+            self.apiserver = await asyncio.to_thread(apiserver_destinations)
         except Exception as exc:  # noqa: BLE001 - the policy then allows no apiserver address but in-cluster pods
             log.warning("cannot resolve the apiserver's addresses for the gateway egress policy: %s", type(exc).__name__)
         self._task = asyncio.create_task(self._run_forever(), name="spendwarden-gateway")

@@ -251,14 +251,15 @@ def without_credentials_condition(status: Mapping[str, Any] | None) -> list[dict
 
 # -- the tenant's egress ---------------------------------------------------------------------------------
 
-def egress_policy(namespace: str, apiserver_cidrs: Sequence[str], allow_cidrs: Sequence[str] = (),
+def egress_policy(namespace: str, apiserver: Sequence[tuple[str, int]], allow_cidrs: Sequence[str] = (),
                   cut_namespaces: Sequence[str] = ()) -> dict[str, Any]:
     """Every pod of a gateway-mode tenant namespace may reach only DNS (port 53 anywhere, as the
     cut-off's policy), the pods of every namespace (in-cluster services, the gateway, the ledger),
-    the apiserver's addresses and `allow_cidrs`; everything else, the LLM providers among it, is denied.
+    the apiserver (`apiserver`: (CIDR, port) of its Service address and its endpoints, each only on
+    its port: an apiserver often shares its address with the node, whose other ports are not the
+    apiserver) and `allow_cidrs`; everything else, the LLM providers among it, is denied.
     `cut_namespaces`: the inference namespaces the namespace's cut-off denies (render/cutoff.py
     denied_namespaces): policies add up, so this one must not allow them either while it is cut."""
-    blocks = [{"ipBlock": {"cidr": c}} for c in sorted(set(apiserver_cidrs) | set(allow_cidrs))]
     selector: dict[str, Any] = ({"matchExpressions": [{"key": NAME_LABEL, "operator": "NotIn",
                                                         "values": sorted(set(cut_namespaces))}]}
                                 if cut_namespaces else {})
@@ -266,8 +267,11 @@ def egress_policy(namespace: str, apiserver_cidrs: Sequence[str], allow_cidrs: S
         {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
         {"to": [{"namespaceSelector": selector}]},
     ]
-    if blocks:
-        egress.append({"to": blocks})
+    for port in sorted({p for _, p in apiserver}):
+        cidrs = sorted({c for c, p in apiserver if p == port})
+        egress.append({"to": [{"ipBlock": {"cidr": c}} for c in cidrs], "ports": [{"protocol": "TCP", "port": port}]})
+    if allow_cidrs:
+        egress.append({"to": [{"ipBlock": {"cidr": c}} for c in sorted(set(allow_cidrs))]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
