@@ -136,3 +136,15 @@ def test_lint_with_the_gateway_and_the_schema_refuses_a_bad_mode(chart):
     assert report["errors"] == [], report
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema({"gateway": {"defaultMode": "proxy"}})
+
+
+def test_no_service_links_reach_the_operator_or_the_gateway(chart):
+    """The Service spendwarden-gateway made the kubelet inject SPENDWARDEN_GATEWAY_PORT=tcp://... into
+    the operator's Pod, which read it as a port number and crashed at start on the real node."""
+    objects = render(chart, ON)
+    for name in ("spendwarden", "spendwarden-gateway"):
+        assert objects[("Deployment", name)]["spec"]["template"]["spec"]["enableServiceLinks"] is False, name
+    links = {"SPENDWARDEN_GATEWAY_PORT": "tcp://10.96.128.145:8787", "SPENDWARDEN_GATEWAY_SERVICE_HOST": "10.96.128.145",
+             "SPENDWARDEN_GATEWAY_SERVICE_PORT": "8787", "SPENDWARDEN_GATEWAY_PORT_8787_TCP": "tcp://10.96.128.145:8787"}
+    settings = gw.GatewaySettings.from_env({"SPENDWARDEN_GATEWAY_NAMESPACE": "gw", **links})
+    assert settings.base_url() == "http://spendwarden-gateway.gw.svc:8787"

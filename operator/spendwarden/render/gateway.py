@@ -76,7 +76,7 @@ class GatewaySettings:
         return cls(namespace=env.get("SPENDWARDEN_GATEWAY_NAMESPACE") or None,
                    service_account=env.get("SPENDWARDEN_GATEWAY_SERVICE_ACCOUNT") or GATEWAY_NAME,
                    default_mode=(env.get("SPENDWARDEN_DEFAULT_MODE") or MODE_SIDECAR).strip().lower(),
-                   egress_cidrs=cidrs, port=int(env.get("SPENDWARDEN_GATEWAY_PORT") or GATEWAY_PORT))
+                   egress_cidrs=cidrs)
 
     def base_url(self) -> str:
         return f"http://{GATEWAY_NAME}.{self.namespace}.svc:{self.port}"
