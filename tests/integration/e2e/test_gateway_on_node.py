@@ -150,6 +150,12 @@ def app_pod(c: Cluster) -> dict:
     return pods[0] if len(pods) == 1 else {}
 
 
+def gateways_serving(c: Cluster, namespace: str) -> int:
+    pods = c.json("-n", RELEASE_NS, "get", "pods", "-l", "app.kubernetes.io/component=gateway")["items"]
+    return sum(f"namespace {namespace} is served" in c.kubectl("-n", RELEASE_NS, "logs", p["metadata"]["name"],
+                                                             check=False).stdout for p in pods)
+
+
 def status(c: Cluster, name: str) -> dict:
     return c.json("-n", TEAM_NS, "get", "tokenbudget", name).get("status") or {}
 
@@ -175,6 +181,10 @@ def test_a_gateway_mode_app_is_served_through_the_gateway_and_cannot_bypass_it(
                                            .get("data") or {}), 60, "the tenant's file in the gateway's ConfigMap")
     wait_for(lambda: c.kubectl("-n", TEAM_NS, "get", "networkpolicy", "spendwarden-gateway-egress", check=False)
              .returncode == 0, 60, "the tenant's egress NetworkPolicy")
+    # Each replica picks the tenant up once the kubelet has refreshed its ConfigMap volume (its sync
+    # period: up to a minute on a real cluster); until then that replica answers 403 not served.
+    wait_for(lambda: gateways_serving(c, TEAM_NS) == REPLICAS, 150, "every gateway replica serving the tenant",
+             interval=2)
     t = time.monotonic()
     c.apply({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": APP, "namespace": TEAM_NS},
              "spec": {"replicas": 1, "selector": {"matchLabels": {"app": APP}}, "template": {
@@ -203,7 +213,7 @@ def test_a_gateway_mode_app_is_served_through_the_gateway_and_cannot_bypass_it(
     assert not any(PROVIDER_KEY.encode().hex() in json.dumps(s).encode().hex() for s in secrets)
     who = f"--as=system:serviceaccount:{TEAM_NS}:default"
     for args in (("get", "secrets", "-n", RELEASE_NS), ("list", "secrets", "-n", RELEASE_NS),
-                 ("patch", "namespace", TEAM_NS)):
+                 ("patch", f"namespace/{TEAM_NS}")):
         res = c.kubectl("auth", "can-i", *args, who, check=False)
         assert res.stdout.strip() == "no", (args, res.stdout, res.stderr)
 
