@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from ..ledger.breakdown import tag_of
-from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, capped_output
+from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES, capped_output
 from ..routing.rules import TAG_HEADER, select_backend
 from . import spend
 from .access_log import AccessLog
@@ -50,6 +50,13 @@ from .limits import (
 from .metrics import Metrics
 from .relay import StreamRelay
 from .request import AttemptFailed, RequestState
+from .responses import (
+    ResponsesEndpoints,
+    conversation_backends,
+    conversation_bound,
+    unknown_conversation,
+    wrong_format,
+)
 from .translate import (
     chat_to_messages,
     messages_to_chat,
@@ -63,7 +70,8 @@ log = logging.getLogger("spendwarden.proxy")
 
 # The metered endpoints: (path, API, the client's wire format). The gateway serves the same.
 SERVED = (("/v1/chat/completions", CHAT, OPENAI), ("/v1/completions", COMPLETIONS, OPENAI),
-          ("/v1/embeddings", EMBEDDINGS, OPENAI), ("/v1/messages", MESSAGES, ANTHROPIC))
+          ("/v1/embeddings", EMBEDDINGS, OPENAI), ("/v1/messages", MESSAGES, ANTHROPIC),
+          ("/v1/responses", RESPONSES, OPENAI))
 DEFAULT_MAX_TOKENS = 4096  # sent when the client gave none and a budget needs a worst case
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 MAX_TAGS = 8
@@ -85,7 +93,7 @@ def parse_tags(value: str | None) -> dict[str, str] | None:
     return tags or None
 
 
-class Proxy(SmallEndpoints, StreamRelay, AccessLog):
+class Proxy(SmallEndpoints, ResponsesEndpoints, StreamRelay, AccessLog):
     """The request pipeline (serve, _serve: alias, estimate, backend choice, reservation, fallbacks)
     and the app; the other stages are the mixins: reload.py, upstream.py, relay.py, access_log.py."""
 
@@ -155,6 +163,8 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
         r.add_get("/v1/models", self.models)
         r.add_get("/v1/models/{model}", self.model)
         r.add_post("/v1/messages/count_tokens", self.count_tokens)
+        for method, path, handler in self.response_routes():
+            r.add_route(method, path, handler)
         r.add_get("/healthz", self.health)
         r.add_route("*", "/{tail:.*}", self.not_found)
         app.on_startup.append(self.start)
@@ -267,6 +277,8 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
             return b.fmt == fmt or crosses
 
         usable = [b for b in candidates if compatible(b)]
+        if not usable and api == RESPONSES:
+            raise wrong_format(route, selected)
         if not usable:
             got = "Anthropic Messages" if fmt == ANTHROPIC else f"OpenAI /v1/{api}"
             raise bad(f"route {route.name!r} (model {alias!r}) sends this request to backend {selected.name!r}, "
@@ -280,6 +292,9 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
                 raise bad(f"the prompt has about {est} tokens, more than the context window of every backend "
                           f"of route {route.name!r}", "messages", "context_length_exceeded")
             usable = fitting
+        conversation = api == RESPONSES and unknown_conversation(body) and bool(route.budgets)
+        if conversation:  # previous_response_id: the prompt's bound is the backend's context window
+            usable = conversation_backends(route, usable)
         # The output cap to send upstream.
         want: int | None
         if api == EMBEDDINGS:
@@ -296,6 +311,8 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
             client_usage = isinstance(so, dict) and so.get("include_usage") is True
 
         reserve_in = reserved_prompt(est) if est is not None else 0
+        if conversation:
+            reserve_in = ctx.prompt_bound = conversation_bound(usable, downgrade_to)
         if ctx.sp is not None:
             spend.start_capture(ctx, route)
         last: AttemptFailed | None = None

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from ..ledger.pricing import TokenUsage, cost, format_money, worst_case_cost
-from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, OPERATION
+from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, OPERATION, RESPONSES
 from .budgets import Admission
 from .config import (
     ANTHROPIC,
@@ -82,6 +82,8 @@ class UpstreamCalls(PromptEstimate):
                         set_any = True
                 if not set_any:
                     b["max_completion_tokens" if backend.provider == "OpenAI" else "max_tokens"] = out
+            elif api == RESPONSES:  # bounds reasoning and visible output together, as billed
+                b["max_output_tokens"] = out
             else:
                 b["max_tokens"] = out
         if stream and api in (CHAT, COMPLETIONS):
