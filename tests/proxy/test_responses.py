@@ -232,3 +232,42 @@ def test_input_tokens_forwarded_to_openai_else_the_proxys_estimate(up, start_pro
     estimated = oa.responses.input_tokens.count(model="local", input="count these words please")
     assert estimated.object == "response.input_tokens" and 4 <= estimated.input_tokens <= 20
     assert [r["path"] for r in up.requests()] == []  # neither is a metered call
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_a_reasoning_model_is_reserved_for_reasoning_included_and_clamped_near_the_end(up, start_proxy, api):
+    proxy = start_proxy(routes(up, budget_yaml("tok", limits={"tokens": {"total": 5000}})))
+    oa = client(proxy)
+
+    def ask(text: str, cap: int | None = None):
+        if api == "chat":
+            extra = {"max_completion_tokens": cap} if cap else {}
+            r = oa.chat.completions.create(model="reasoner", messages=[{"role": "user", "content": text}],
+                                           reasoning_effort="high", **extra)
+            return r.usage.completion_tokens, r.usage.completion_tokens_details.reasoning_tokens
+        extra = {"max_output_tokens": cap} if cap else {}
+        r = oa.responses.create(model="reasoner", input=text, reasoning={"effort": "high"}, **extra)
+        return r.usage.output_tokens, r.usage.output_tokens_details.reasoning_tokens
+
+    assert ask("a") == (32, 20)
+    sent = up.requests()[-1]
+    # the default cap, in the field a reasoning model takes (OpenAI refuses max_tokens for them)
+    assert (sent["max_tokens"], sent["cap_field"]) == (4096, "max_completion_tokens" if api == "chat" else
+                                                       "max_output_tokens")
+    up.script({"tokens": 9000})
+    out, reasoning = ask("b", 8000)
+    clamped = up.requests()[-1]["max_tokens"]
+    assert clamped < 8000 and out == clamped and reasoning == 20  # the clamp bounds reasoning + answer
+    lines = proxy.log(2)
+    assert [x["reasoning_tokens"] for x in lines] == [20, 20]
+    assert sum(x["input_tokens"] + x["output_tokens"] for x in lines) <= 5000
+    assert total(proxy, "spendwarden_budget_used_tokens", gen_ai_token_type="output") == 32 + clamped
+
+
+def test_a_streamed_chat_reasoning_model_reports_reasoning_tokens(up, start_proxy):
+    proxy = start_proxy(routes(up))
+    chunks = list(client(proxy).chat.completions.create(model="reasoner", stream=True,
+                                                        messages=[{"role": "user", "content": "hm"}]))
+    assert chunks and all(c.usage is None for c in chunks)
+    line = proxy.log(1)[-1]
+    assert (line["output_tokens"], line["reasoning_tokens"], line["usage_source"]) == (32, 20, "upstream")

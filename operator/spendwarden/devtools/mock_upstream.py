@@ -71,7 +71,7 @@ Behaviours (all optional; later sources override earlier ones, field by field):
                                                 Anthropic stop_reason "refusal" with this text (non-streamed)
 
 Recorded per request (never message contents, never credential headers): path, api, model, stream,
-include_usage, max_tokens, status, the headers minus anything credential-like, the usage reported to
+include_usage, max_tokens (and cap_field, the field that carried it), status, the headers minus anything credential-like, the usage reported to
 the client (None when none was sent, e.g. a stream without include_usage or a disconnect) and whether
 the response completed (usage: prompt_tokens, the whole prompt, completion_tokens, cached_tokens and
 cache_write_tokens, the parts of the prompt read from and written to the cache). `totals` sums the usage actually reported, and, as `billed_*`, the usage of
@@ -124,6 +124,7 @@ _INT_FIELDS = ("latency_ms", "chunk_delay_ms", "tokens", "status", "retry_after"
                "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "pad_bytes",
                "reasoning_tokens")
 _BOOL_FIELDS = ("garbage", "hang", "chunked")
+_CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _STR_FIELDS = ("content", "refusal", "usage_json")
 _HEADER_STR_FIELDS = ("usage_json",)
 
@@ -300,6 +301,7 @@ class _Handlers:
                 "stream": bool(req.get("stream")),
                 "include_usage": bool(isinstance(so, dict) and so.get("include_usage")),
                 "max_tokens": req.get("max_completion_tokens", req.get("max_tokens", req.get("max_output_tokens"))),
+                "cap_field": next((k for k in _CAP_FIELDS if k in req), None),  # which field carried it
                 "status": status,
                 "behaviour": _behaviour_dict(b),  # shared, read-only
                 "headers": {low: v for k, v in request.headers.items() if (low := _recordable_header(k))},
