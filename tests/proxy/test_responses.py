@@ -183,13 +183,54 @@ def test_previous_response_id_without_a_bound_is_refused_under_a_budget_and_serv
     assert oa.responses.create(model="free", input="more", previous_response_id=first.id).status == "completed"
 
 
-def test_an_anthropic_alias_is_refused_with_the_endpoints_that_serve_it(up, start_proxy):
-    proxy = start_proxy(stream_of(route_yaml("claude", "claude", [backend("an", up.url, "claude-haiku",
-                                                                          provider="Anthropic")])))
+def claude_route(up) -> str:
+    return route_yaml("claude", "claude", [backend("an", up.url, "claude-haiku", provider="Anthropic", pricing={
+        "input": "3", "output": "15", "cachedInput": "0.30"})])
+
+
+def test_a_text_only_request_is_translated_for_an_anthropic_backend_and_billed_its_usage(up, start_proxy):
+    proxy = start_proxy(claude_route(up))
+    oa = client(proxy)
+    up.script({"cached_tokens": 4})
+    r = oa.responses.create(model="claude", instructions="be brief", max_output_tokens=100,
+                            input=[{"role": "user", "content": [{"type": "input_text", "text": "hello there"}]}])
+    sent = up.requests()[-1]
+    assert (sent["path"], sent["model"], sent["max_tokens"]) == ("/v1/messages", "claude-haiku", 100)
+    assert r.status == "completed" and r.output_text == "lorem ipsum dolor sit amet consectetur adipiscing elit sed " \
+        "do eiusmod tempor"
+    assert (r.usage.input_tokens, r.usage.input_tokens_details.cached_tokens, r.usage.output_tokens) == \
+        (sent["usage"]["prompt_tokens"], 4, 12)
+    line = proxy.log(1)[-1]
+    assert line["translated"] is True and line["usage_source"] == "upstream"
+    assert (line["input_tokens"], line["cached_input_tokens"], line["output_tokens"]) == (r.usage.input_tokens, 4, 12)
+    expected = ((r.usage.input_tokens - 4) * Decimal(3) + 4 * Decimal("0.30") + 12 * Decimal(15)) / Decimal(10**6)
+    assert Decimal(line["cost"]) == expected
+    events = list(oa.responses.create(model="claude", input="stream it", stream=True, max_output_tokens=5))
+    assert [e.type for e in events] == DOCUMENTED_EVENTS[:4] + ["response.output_text.delta"] * 5 + \
+        DOCUMENTED_EVENTS[-4:-1] + ["response.incomplete"]
+    assert events[-1].response.usage.output_tokens == 5 and events[-1].response.incomplete_details.reason == \
+        "max_output_tokens"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == events[-1].response.output_text
+    line = proxy.log(2)[-1]
+    assert (line["output_tokens"], line["usage_source"], line["stream"]) == (5, "upstream", True)
+
+
+def test_what_cannot_be_translated_for_an_anthropic_backend_is_refused_naming_it(up, start_proxy):
+    proxy = start_proxy(claude_route(up))
+    oa = client(proxy)
+    for kwargs, needle in (({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]},
+                            "'tools'"),
+                           ({"reasoning": {"effort": "high"}}, "'reasoning'"),
+                           ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+                            "input_image")):
+        with pytest.raises(openai.BadRequestError) as e:
+            oa.responses.create(model="claude", **{"input": "hi", **kwargs})
+        assert "only by OpenAI backends" in e.value.message and needle in e.value.message
+        assert "/v1/chat/completions or /v1/messages" in e.value.message and e.value.code == "format_mismatch"
     with pytest.raises(openai.BadRequestError) as e:
-        client(proxy).responses.create(model="claude", input="hi")
-    assert "only by OpenAI backends" in e.value.message and "/v1/chat/completions or /v1/messages" in e.value.message
-    assert e.value.code == "format_mismatch" and up.requests() == []
+        oa.responses.create(model="claude", input="more", previous_response_id="resp_x")
+    assert "previous_response_id" in e.value.message
+    assert up.requests() == []
 
 
 def test_stored_responses_are_forwarded_unmetered_to_the_only_openai_account(up, start_proxy):
@@ -271,3 +312,17 @@ def test_a_streamed_chat_reasoning_model_reports_reasoning_tokens(up, start_prox
     assert chunks and all(c.usage is None for c in chunks)
     line = proxy.log(1)[-1]
     assert (line["output_tokens"], line["reasoning_tokens"], line["usage_source"]) == (32, 20, "upstream")
+
+
+def test_an_openai_default_falls_back_to_an_anthropic_backend_only_for_what_translates(up, start_proxy):
+    proxy = start_proxy(route_yaml("mixed", "mixed", [
+        backend("oa", up.openai_url, pricing=PRICING),
+        backend("an", up.url, "claude-haiku", provider="Anthropic", price_in="3", price_out="15")], fallbacks=["an"]))
+    oa = client(proxy)
+    up.script({"status": 503})
+    r = oa.responses.with_raw_response.create(model="mixed", input="hi")
+    assert r.headers["x-spendwarden-backend"] == "an" and r.parse().status == "completed"
+    up.script({"status": 503})  # a tool call cannot go to the Anthropic fallback: the provider's 503 is relayed
+    with pytest.raises(openai.InternalServerError):
+        oa.responses.create(model="mixed", input="hi", tools=[{"type": "function", "name": "f", "parameters": {}}])
+    assert [x["path"] for x in up.requests()] == ["/v1/responses", "/v1/messages", "/v1/responses"]

@@ -26,6 +26,7 @@ from .request import AttemptFailed, RequestState
 from .responses import terminal_usage
 from .translate import (
     ChatStreamTranslator,
+    ResponsesStreamTranslator,
     StreamTranslator,
 )
 from .upstream import UpstreamCalls, media_type, passed_headers
@@ -117,7 +118,9 @@ class StreamRelay(UpstreamCalls):
         anthropic = backend.fmt == ANTHROPIC
         responses = ctx.api == RESPONSES  # OpenAI's response.* events, relayed as they are
         translator: Any = None
-        if ctx.translating:
+        if ctx.translating and responses:
+            translator = ResponsesStreamTranslator(ctx.alias or "", ctx.raw)
+        elif ctx.translating:
             translator = StreamTranslator(ctx.alias or "", client_usage) if anthropic \
                 else ChatStreamTranslator(ctx.alias or "")
         buf = bytearray()

@@ -13,9 +13,13 @@ reported on its own (as output). Tiers and the response cache do not apply (spen
 scorer and judge read chat messages, and a cached answer would replay a response id the provider
 stored for another call.
 
-Only OpenAI-format backends serve it: an alias whose backends all speak Anthropic is refused with a
-400 naming the endpoints that do work, rather than a translation that would silently drop what
-the Responses API adds (server-side state, built-in tools, reasoning items).
+OpenAI-format backends serve it as it is. An Anthropic backend serves it only when the request is
+text only (instructions and input messages of text, no tools, no server-side state, no reasoning
+or structured format: wire/responses.py), translated both ways, streams included, and billed by
+Anthropic's usage; the answer is not stored (its id cannot be retrieved or continued). Anything
+else skips the route's Anthropic backends, and when none other is left it is refused with a 400
+naming the field and the endpoints that do work, rather than a translation that silently drops
+what the Responses API adds.
 
 previous_response_id (and `conversation`, `prompt` templates, `item_reference` input items): the
 earlier conversation is stored by the provider and billed as prompt again, but is not in the body,
@@ -117,11 +121,12 @@ def conversation_bound(usable: list[BackendRt], downgrade_to: BackendRt | None) 
     return max(windows)
 
 
-def wrong_format(route: RouteRt, selected: BackendRt) -> ProxyError:
-    return bad(f"the Responses API (/v1/responses) is served only by OpenAI backends; route {route.name!r} "
-               f"(model {route.alias!r}) sends it to backend {selected.name!r}, which speaks the "
-               f"{selected.provider} API: use /v1/chat/completions or /v1/messages for this model",
-               "model", "format_mismatch")
+def wrong_format(route: RouteRt, selected: BackendRt, reason: str | None) -> ProxyError:
+    """The request cannot go to the route's (Anthropic) backends: `reason`, what is not translated."""
+    return bad(f"the Responses API (/v1/responses) is served only by OpenAI backends, or translated to an "
+               f"Anthropic one when the request is text only ({reason}); route {route.name!r} (model "
+               f"{route.alias!r}) sends it to backend {selected.name!r}, which speaks the {selected.provider} API: "
+               f"use /v1/chat/completions or /v1/messages for this model", "model", "format_mismatch")
 
 
 def _account(b: BackendRt) -> tuple[str, tuple[tuple[str, str], ...]]:

@@ -26,6 +26,7 @@ from aiohttp import web
 from ..ledger.breakdown import tag_of
 from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES, capped_output
 from ..routing.rules import TAG_HEADER, select_backend
+from ..wire.responses import untranslatable
 from . import spend
 from .access_log import AccessLog
 from .backend_load import BackendLoads, accepts_connections
@@ -60,6 +61,7 @@ from .responses import (
 from .translate import (
     chat_to_messages,
     messages_to_chat,
+    responses_to_messages,
 )
 from .wire import (
     bad,
@@ -270,15 +272,17 @@ class Proxy(SmallEndpoints, ResponsesEndpoints, StreamRelay, AccessLog):
         if tier:
             selected = tier[0]
         candidates = (tier or [selected]) + [b for b in route.fallbacks if b not in (tier or [selected])]
-        # Chat requests cross formats (OpenAI chat <-> Anthropic messages); completions/embeddings do not.
-        crosses = api in (CHAT, MESSAGES)
+        # Chat requests cross formats (OpenAI chat <-> Anthropic messages), Responses requests when they
+        # are text only (wire/responses.py); completions/embeddings do not.
+        refused = untranslatable(body) if api == RESPONSES else None
+        crosses = api in (CHAT, MESSAGES) or (api == RESPONSES and refused is None)
 
         def compatible(b: BackendRt) -> bool:
             return b.fmt == fmt or crosses
 
         usable = [b for b in candidates if compatible(b)]
         if not usable and api == RESPONSES:
-            raise wrong_format(route, selected)
+            raise wrong_format(route, selected, refused)
         if not usable:
             got = "Anthropic Messages" if fmt == ANTHROPIC else f"OpenAI /v1/{api}"
             raise bad(f"route {route.name!r} (model {alias!r}) sends this request to backend {selected.name!r}, "
@@ -344,7 +348,10 @@ class Proxy(SmallEndpoints, ResponsesEndpoints, StreamRelay, AccessLog):
             ctx.translating = backend.fmt != fmt
             ctx.upstream_api = CHAT if ctx.translating and backend.fmt == OPENAI else api
             try:
-                if ctx.translating and backend.fmt == ANTHROPIC:
+                if ctx.translating and api == RESPONSES:
+                    payload = orjson.dumps(responses_to_messages(body, backend.model, out or self.default_max_tokens,
+                                                                 stream))
+                elif ctx.translating and backend.fmt == ANTHROPIC:
                     payload = orjson.dumps(chat_to_messages(body, backend.model, out or self.default_max_tokens,
                                                             stream))
                 elif ctx.translating:

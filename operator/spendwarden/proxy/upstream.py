@@ -30,6 +30,7 @@ from .translate import (
     error_to_anthropic,
     error_to_openai,
     message_to_chat,
+    message_to_response,
 )
 from .wire import (
     BadUsage,
@@ -188,7 +189,9 @@ class UpstreamCalls(PromptEstimate):
                                 headers=headers, content_type=media_type(ctype))
         try:
             doc, usage = usage_from_body(backend.fmt == ANTHROPIC, raw)
-            if ctx.translating:
+            if ctx.translating and ctx.api == RESPONSES:
+                raw = orjson.dumps(message_to_response(doc, ctx.alias or "", ctx.raw))
+            elif ctx.translating:
                 raw = orjson.dumps(message_to_chat(doc, ctx.alias or "") if backend.fmt == ANTHROPIC
                                    else chat_to_message(doc, ctx.alias or ""))
         except (ValueError, TypeError, AttributeError, KeyError):
