@@ -40,10 +40,16 @@ class TokenCounting(UpstreamCalls, PromptEstimate):
                                     body=error_body(fmt, 400, f"invalid request: {exc}"))
             except ProxyError as exc:
                 return refusal(fmt, exc)
+            payload = None
             if backend is not None and not backend.missing_credentials:
+                try:
+                    payload = orjson.dumps({**body, "model": backend.model})
+                except orjson.JSONEncodeError:  # nested deeper than orjson writes (254 levels): the estimate
+                    payload = None
+            if backend is not None and payload is not None:
                 url = backend.url(api).with_path(backend.url(api).path + path)
                 try:
-                    async with self.session.post(url, data=orjson.dumps({**body, "model": backend.model}),
+                    async with self.session.post(url, data=payload,
                                                  headers=self._headers(request, backend, False),
                                                  timeout=self._timeout(backend, False)) as resp:
                         data = await read_answer(resp, self.max_answer)

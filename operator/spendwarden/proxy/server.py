@@ -359,8 +359,11 @@ class Proxy(SmallEndpoints, ResponsesEndpoints, StreamRelay, AccessLog):
                                                             stream, backend.provider == "OpenAI"))
                 else:
                     payload = self._payload(body, api, backend, out, stream)
-            except BaseException:
+            except BaseException as exc:
                 self.book.release(adm)  # nothing was sent
+                if isinstance(exc, orjson.JSONEncodeError):  # parsed (1024 levels) but deeper than orjson writes
+                    raise bad("the request body is nested too deeply (more than 254 levels)", None,
+                              "invalid_value") from None
                 raise
             try:
                 if backend.missing_credentials:
