@@ -326,3 +326,18 @@ def test_an_openai_default_falls_back_to_an_anthropic_backend_only_for_what_tran
     with pytest.raises(openai.InternalServerError):
         oa.responses.create(model="mixed", input="hi", tools=[{"type": "function", "name": "f", "parameters": {}}])
     assert [x["path"] for x in up.requests()] == ["/v1/responses", "/v1/messages", "/v1/responses"]
+
+
+def test_built_in_tools_billed_per_call_are_refused_under_a_budget_function_tools_served(up, start_proxy):
+    proxy = start_proxy(stream_of(
+        route_yaml("gpt", "gpt", [backend("oa", up.openai_url, pricing=PRICING)]),
+        route_yaml("free", "free", [backend("f", up.openai_url, pricing=PRICING)]),
+        budget_yaml("tok", limits={"tokens": {"total": 100000}}, routes=["gpt"])))
+    oa = client(proxy)
+    fn = {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.responses.create(model="gpt", input="search", tools=[fn, {"type": "web_search_preview"}])
+    assert e.value.code == "unpriced_tool" and "tools[1]" in e.value.message and "web_search_preview" in e.value.message
+    assert up.requests() == []
+    assert oa.responses.create(model="gpt", input="look it up", tools=[fn]).status == "completed"
+    assert oa.responses.create(model="free", input="search", tools=[{"type": "web_search"}]).status == "completed"

@@ -34,6 +34,11 @@ request is refused with a 400 that says what to do (declare it, or send the conv
 that it refuses everything. Without a budget nothing is reserved and the provider's usage is
 recorded as always. The settled charge is always the provider's reported usage.
 
+Built-in tools billed per call besides their tokens (web_search*, file_search, code_interpreter,
+image_generation) are refused under a budget with a 400 naming the tool: the route has no price
+for those fees, and a budget must not be passed by what it cannot see. Function, custom and MCP
+tools are metered by their tokens like any other.
+
 Free (not metered, no budget): `GET/DELETE /v1/responses/{id}`, `GET /v1/responses/{id}/input_items`
 and `POST /v1/responses/{id}/cancel` are forwarded to an OpenAI backend. The proxy does not record
 which backend created an id, so the backend is the default one of the route named by a `model`
@@ -65,6 +70,8 @@ log = logging.getLogger("spendwarden.proxy")
 
 # The stream's last event, each with the response's usage (response.failed's may be null).
 _TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
+# Built-in tools with per-call (or per-container, per-image) fees besides their tokens.
+_FEE_TOOLS = ("web_search", "file_search", "code_interpreter", "image_generation")
 # A response id as the provider makes them (resp_...): anything else never reaches a backend's path.
 _ID = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
 # (method, path, handler name): served by Proxy.app and the gateway alike.
@@ -119,6 +126,18 @@ def conversation_bound(usable: list[BackendRt], downgrade_to: BackendRt | None) 
     if downgrade_to is not None and downgrade_to.max_context is not None:
         windows.append(downgrade_to.max_context)
     return max(windows)
+
+
+def unpriced_tools(route: RouteRt, body: dict[str, Any]) -> None:
+    """Under a budget, a built-in tool the provider bills per call (on top of the tokens, which are
+    metered) is refused: no route can price those fees yet, and a budget must not be passed by
+    what it cannot see (as a model without a price is not reserved at zero)."""
+    for i, tool in enumerate(body.get("tools") or ()):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind.startswith(_FEE_TOOLS):
+            raise bad(f"tools[{i}]: the built-in tool {kind!r} is billed per call on top of its tokens, which route "
+                      f"{route.name!r} cannot price, so its budget cannot bound it: use a function tool, or call "
+                      "this model on a route without a budget", f"tools[{i}]", "unpriced_tool")
 
 
 def wrong_format(route: RouteRt, selected: BackendRt, reason: str | None) -> ProxyError:
@@ -216,5 +235,5 @@ class ResponsesEndpoints(TokenCounting):
                                  lambda est: {"object": "response.input_tokens", "input_tokens": est})
 
 
-__all__ = ["RESPONSE_ROUTES", "ResponsesEndpoints", "terminal_usage", "unknown_conversation",
+__all__ = ["RESPONSE_ROUTES", "ResponsesEndpoints", "terminal_usage", "unknown_conversation", "unpriced_tools",
            "conversation_backends", "conversation_bound", "wrong_format"]

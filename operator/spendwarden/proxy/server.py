@@ -56,6 +56,7 @@ from .responses import (
     conversation_backends,
     conversation_bound,
     unknown_conversation,
+    unpriced_tools,
     wrong_format,
 )
 from .translate import (
@@ -296,6 +297,8 @@ class Proxy(SmallEndpoints, ResponsesEndpoints, StreamRelay, AccessLog):
                 raise bad(f"the prompt has about {est} tokens, more than the context window of every backend "
                           f"of route {route.name!r}", "messages", "context_length_exceeded")
             usable = fitting
+        if api == RESPONSES and route.budgets:
+            unpriced_tools(route, body)
         conversation = api == RESPONSES and unknown_conversation(body) and bool(route.budgets)
         if conversation:  # previous_response_id: the prompt's bound is the backend's context window
             usable = conversation_backends(route, usable)
