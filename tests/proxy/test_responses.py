@@ -39,6 +39,13 @@ def routes(up, *docs: str, **spec) -> str:
         *docs)
 
 
+def budgeted_and_free(up) -> str:
+    """Route gpt under a budget, route free under none, on the same OpenAI account."""
+    return stream_of(route_yaml("gpt", "gpt", [backend("oa", up.openai_url, pricing=PRICING)]),
+                     route_yaml("free", "free", [backend("f", up.openai_url, pricing=PRICING)]),
+                     budget_yaml("tok", limits={"tokens": {"total": 100000}}, routes=["gpt"]))
+
+
 @pytest.fixture
 def up():
     with MockUpstream(tokens=12, model_behaviours=REASONING) as u:
@@ -171,10 +178,7 @@ def test_previous_response_id_reserves_the_context_window_and_bills_what_the_pro
 
 
 def test_previous_response_id_without_a_bound_is_refused_under_a_budget_and_served_without(up, start_proxy):
-    proxy = start_proxy(stream_of(
-        route_yaml("gpt", "gpt", [backend("oa", up.openai_url, pricing=PRICING)]),
-        route_yaml("free", "free", [backend("f", up.openai_url, pricing=PRICING)]),
-        budget_yaml("tok", limits={"tokens": {"total": 100000}}, routes=["gpt"])))
+    proxy = start_proxy(budgeted_and_free(up))
     oa = client(proxy)
     first = oa.responses.create(model="free", input="hello")
     with pytest.raises(openai.BadRequestError) as e:
@@ -329,10 +333,7 @@ def test_an_openai_default_falls_back_to_an_anthropic_backend_only_for_what_tran
 
 
 def test_built_in_tools_billed_per_call_are_refused_under_a_budget_function_tools_served(up, start_proxy):
-    proxy = start_proxy(stream_of(
-        route_yaml("gpt", "gpt", [backend("oa", up.openai_url, pricing=PRICING)]),
-        route_yaml("free", "free", [backend("f", up.openai_url, pricing=PRICING)]),
-        budget_yaml("tok", limits={"tokens": {"total": 100000}}, routes=["gpt"])))
+    proxy = start_proxy(budgeted_and_free(up))
     oa = client(proxy)
     fn = {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}
     with pytest.raises(openai.BadRequestError) as e:
