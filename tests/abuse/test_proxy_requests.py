@@ -1,4 +1,4 @@
-"""Hypothesis-generated bad requests against one real proxy process, on its five endpoints: random
+"""Hypothesis-generated bad requests against one real proxy process, on its seven endpoints: random
 JSON shapes, wrong types, huge, negative, fractional and NaN numbers, unknown fields, missing
 fields, bad headers and content types, invalid UTF-8, truncated bodies. Each answer must be a 4xx in
 the API's error shape (or a 2xx where the input is odd but acceptable, or an upstream-caused
@@ -30,9 +30,12 @@ ENDPOINTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "embeddings": ("/v1/embeddings", "openai", {"model": "chat", "input": "hi"}),
     "messages": ("/v1/messages", "anthropic", {"model": "claude", "messages": MSGS, "max_tokens": 5}),
     "count_tokens": ("/v1/messages/count_tokens", "anthropic", {"model": "claude", "messages": MSGS}),
+    "responses": ("/v1/responses", "openai", {"model": "chat", "input": MSGS, "max_output_tokens": 5}),
+    "input_tokens": ("/v1/responses/input_tokens", "openai", {"model": "chat", "input": "hi"}),
 }
 # What the proxy checks itself, per endpoint: field -> (accepts this value?, required?). A value it
-# does not accept must be refused; count_tokens checks only `model` (it estimates what it can).
+# does not accept must be refused; count_tokens and input_tokens check only `model` (they estimate what
+# they can; input_tokens without a model too).
 _str = lambda v: isinstance(v, str) and 0 < len(v) <= 256  # noqa: E731
 _int = lambda lo, hi: (lambda v: type(v) is int and lo <= v <= hi)  # noqa: E731
 _msgs = lambda v: isinstance(v, list) and bool(v) and all(  # noqa: E731
@@ -43,6 +46,9 @@ _obj = lambda v: isinstance(v, dict)  # noqa: E731
 _list = lambda v: isinstance(v, list)  # noqa: E731
 _str_or_list = lambda v: isinstance(v, (str, list))  # noqa: E731
 CAP = _int(1, 10**8)
+_text = lambda v: isinstance(v, str)  # noqa: E731
+_input = lambda v: isinstance(v, str) or (isinstance(v, list) and all(  # noqa: E731
+    isinstance(i, dict) and (i.get("content") is None or isinstance(i["content"], (str, list))) for i in v))
 CHECKED: dict[str, dict[str, tuple[Any, bool]]] = {
     "chat": {"model": (_str, True), "messages": (_msgs, True), "max_tokens": (CAP, False),
              "max_completion_tokens": (CAP, False), "n": (_int(1, 128), False), "stream": (_bool, False),
@@ -53,8 +59,12 @@ CHECKED: dict[str, dict[str, tuple[Any, bool]]] = {
     "messages": {"model": (_str, True), "messages": (_msgs, True), "max_tokens": (CAP, True),
                  "system": (_str_or_list, False), "stream": (_bool, False), "tools": (_list, False)},
     "count_tokens": {"model": (_str, True)},
+    "responses": {"model": (_str, True), "input": (_input, True), "max_output_tokens": (CAP, False),
+                  "instructions": (_text, False), "previous_response_id": (_text, False), "stream": (_bool, False),
+                  "tools": (_list, False)},
+    "input_tokens": {"model": (_text, False)},
 }
-INT_FIELDS = ("max_tokens", "max_completion_tokens", "n")
+INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "max_output_tokens")
 
 
 
@@ -116,9 +126,11 @@ def body_case(draw: st.DrawFn, endpoint: str) -> tuple[str, bytes, bool]:
         depth = draw(st.sampled_from([600, 2000, 100_000]))
         # orjson parses up to 1024 levels; count_tokens then estimates what it can count (nothing)
         return how, b'{"model": "chat", "messages": ' + b"[" * depth + b"]" * depth + b"}", \
-            endpoint != "count_tokens" or depth > 1024
+            endpoint not in ("count_tokens", "input_tokens") or depth > 1024
     if how == "random-object":
-        return how, _dumps(draw(st.dictionaries(st.text(max_size=10), json_value, max_size=6))), True
+        # input_tokens needs no field (it estimates an object without model or input as a few tokens)
+        return how, _dumps(draw(st.dictionaries(st.text(max_size=10), json_value, max_size=6))), \
+            endpoint != "input_tokens"
     if how == "unknown-model":
         body = {**ENDPOINTS[endpoint][2], "model": draw(st.text(min_size=1, max_size=40).filter(
             lambda m: m not in ("chat", "claude")))}

@@ -29,6 +29,20 @@ def _raises(fn) -> None:
         fn()
 
 
+def assert_log_metrics_and_budget_agree(proxy, lines: list[dict], budget: bool) -> None:
+    """The access log's tokens and cost are the metrics' and (with a budget) what the budget was charged."""
+    inp, out = sum(x["input_tokens"] for x in lines), sum(x["output_tokens"] for x in lines)
+    spent = sum(Decimal(x["cost"]) for x in lines)
+    assert total(proxy, "gen_ai_client_token_usage_sum", gen_ai_token_type="input") == inp
+    assert total(proxy, "gen_ai_client_token_usage_sum", gen_ai_token_type="output") == out
+    assert total(proxy, "spendwarden_cost_total") == pytest.approx(float(spent), rel=1e-9)
+    if budget:
+        assert total(proxy, "spendwarden_budget_used_tokens", gen_ai_token_type="input") == inp
+        assert total(proxy, "spendwarden_budget_used_tokens", gen_ai_token_type="output") == out
+        assert total(proxy, "spendwarden_budget_used_cost") == pytest.approx(float(spent), rel=1e-9)
+    assert proxy.alive() and "Traceback" not in proxy.stderr()
+
+
 def mixed_run(proxy, up) -> list[str]:
     """One call of each kind; returns the usage_source each should be logged with, in order."""
     oa = openai.OpenAI(base_url=proxy.openai_url, api_key="unused", max_retries=0, timeout=30)
@@ -96,16 +110,7 @@ def test_log_metrics_and_budget_agree_call_for_call_on_broken_and_aborted_calls(
         assert lines[6]["output_tokens"] == 5  # the usage chunk arrived
         for x in lines[7:9]:
             assert x["output_tokens"] == 50
-        inp, out = sum(x["input_tokens"] for x in lines), sum(x["output_tokens"] for x in lines)
-        spent = sum(Decimal(x["cost"]) for x in lines)
-        assert total(proxy, "gen_ai_client_token_usage_sum", gen_ai_token_type="input") == inp
-        assert total(proxy, "gen_ai_client_token_usage_sum", gen_ai_token_type="output") == out
-        assert total(proxy, "spendwarden_cost_total") == pytest.approx(float(spent), rel=1e-9)
-        if budget:
-            assert total(proxy, "spendwarden_budget_used_tokens", gen_ai_token_type="input") == inp
-            assert total(proxy, "spendwarden_budget_used_tokens", gen_ai_token_type="output") == out
-            assert total(proxy, "spendwarden_budget_used_cost") == pytest.approx(float(spent), rel=1e-9)
-        assert proxy.alive() and "Traceback" not in proxy.stderr()
+        assert_log_metrics_and_budget_agree(proxy, lines, budget)
 
 
 def test_a_billed_attempt_before_a_fallback_is_in_the_log_and_the_metrics_as_the_budget_charged_it(start_proxy):

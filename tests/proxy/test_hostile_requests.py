@@ -74,3 +74,27 @@ def test_malformed_requests_leave_no_credential_in_the_logs(budgeted):
     logs = budgeted.stderr() + budgeted.log_path.read_text()
     assert SECRET not in logs and SECRET[:16] not in logs, logs[-3000:]
     assert logs.count("refused a malformed request from 127.0.0.1 with 400") == len(MALFORMED), logs[-3000:]
+
+
+def _nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "metadata": '),
+    ("/v1/responses", b'{"model": "chat", "input": "hi", "metadata": '),
+])
+def test_a_passed_on_field_nested_deeper_than_can_be_written_gets_a_400(up, budgeted, path, body):
+    """orjson reads 1024 levels but writes 254: such a body used to end in a 500 when sent upstream."""
+    r = httpx.post(budgeted.url + path, content=body + _nested(300) + b"}", timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"], r.text
+    assert up.requests() == [] and budgeted.alive()
+
+
+def test_a_token_count_nested_too_deeply_to_forward_is_estimated(up, budgeted):
+    for path, model in (("/v1/messages/count_tokens", "claude"), ("/v1/responses/input_tokens", "chat")):
+        body = b'{"model": "' + model.encode() + b'", "messages": [{"role": "user", "content": "hi"}], "x": '
+        r = httpx.post(budgeted.url + path, content=body + _nested(300) + b"}", timeout=30,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 200 and isinstance(r.json()["input_tokens"], int), (path, r.text)

@@ -83,3 +83,15 @@ def test_buckets_are_bounded_however_many_callers():
 def test_bad_rates_are_refused(rate, burst):
     with pytest.raises(ValueError):
         Rate(rate, burst)
+
+
+def test_the_gateway_serves_the_metered_and_the_responses_endpoints_as_a_sidecar_does(tmp_path):
+    from spendwarden.proxy.gateway import Gateway
+    from spendwarden.proxy.responses import RESPONSE_ROUTES
+    from spendwarden.proxy.server import SERVED
+
+    gw = Gateway(str(tmp_path), str(tmp_path), reviewer=None, limits=TenantLimits(Rate(0, 0), Rate(0, 0)))
+    served = {(r.method, r.resource.canonical) for r in gw.app(1024).router.routes()}
+    assert {("POST", path) for path, _, _ in SERVED} <= served
+    assert {(method, path) for method, path, _ in RESPONSE_ROUTES} <= served
+    assert ("POST", "/v1/responses") in served

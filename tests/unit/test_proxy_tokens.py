@@ -39,3 +39,20 @@ def test_long_texts_are_cached_and_the_cache_is_bounded():
     assert tok._cache.get(long) == first
     assert tok.estimate(enc, [long], 0) == first
     assert tok._cache_chars <= tok._CACHE_MAX_CHARS
+
+
+def test_a_responses_request_counts_instructions_input_items_tools_and_format():
+    body = {"instructions": "be brief", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "what is in"},
+                                     {"type": "input_image", "image_url": "data:..."}]},
+        {"type": "function_call", "call_id": "c1", "name": "lookup", "arguments": '{"q": "x"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "forty-two"},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "thought"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "answer"}]}],
+        "tools": [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}],
+        "text": {"format": {"type": "json_schema", "name": "out", "schema": {"type": "object"}}}}
+    texts, fixed = tok.request_texts("responses", body)
+    for needle in ("be brief", "what is in", "lookup", '{"q": "x"}', "forty-two", "thought", "answer", "json_schema"):
+        assert any(needle in t for t in texts), needle
+    assert fixed == tok.PER_REQUEST + 6 * tok.PER_MESSAGE + tok.PER_IMAGE
+    assert tok.request_texts("responses", {"input": "hi"}) == (["hi"], tok.PER_REQUEST + tok.PER_MESSAGE)

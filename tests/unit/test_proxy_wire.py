@@ -151,3 +151,42 @@ def test_split_events_keeps_incomplete_tail():
     assert split_events(buf) == [b"data: {\"b\":2}\n\n"] and not buf
     assert event_data(b"event: message_delta\ndata: {\"x\":1}\n\n") == b"{\"x\":1}"
     assert event_data(b": comment\n\n") is None
+
+
+def test_check_responses():
+    from spendwarden.routing.apis import RESPONSES
+
+    body = {"model": "m", "input": [{"role": "user", "content": "hi"}], "max_output_tokens": 64, "stream": True}
+    assert check_request(RESPONSES, body) == ("m", True, 64, 1, False)
+    assert check_request(RESPONSES, {"model": "m", "previous_response_id": "resp_1"})[2] is None
+    for bad_body, needle in (({"model": "m"}, "'input' is required"), ({"model": "m", "input": 3}, "'input' must be"),
+                             ({"model": "m", "input": ["x"]}, "'input[0]' must be an object"),
+                             ({"model": "m", "input": "x", "instructions": []}, "'instructions' must be"),
+                             ({"model": "m", "input": "x", "max_output_tokens": 0}, "'max_output_tokens' must be")):
+        with pytest.raises(ProxyError) as e:
+            check_request(RESPONSES, bad_body)
+        assert needle in e.value.message and e.value.status == 400
+
+
+def test_responses_usage_and_reasoning_tokens_in_both_openai_shapes():
+    u = {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 40}, "output_tokens": 30,
+         "output_tokens_details": {"reasoning_tokens": 20}, "total_tokens": 130}
+    assert openai_usage(u) == TokenUsage(100, 30, 40, reasoning_tokens=20)
+    chat = {"prompt_tokens": 10, "completion_tokens": 5, "completion_tokens_details": {"reasoning_tokens": 3}}
+    assert openai_usage(chat) == TokenUsage(10, 5, 0, reasoning_tokens=3)
+    assert isinstance(openai_usage({**u, "output_tokens_details": {"reasoning_tokens": -1}}), BadUsage)
+    assert openai_usage({"input_tokens": None}) is None
+
+
+def test_a_responses_stream_ends_with_its_terminal_event_and_its_usage():
+    from spendwarden.proxy.responses import terminal_usage
+
+    usage = b'{"input_tokens":7,"output_tokens":3,"output_tokens_details":{"reasoning_tokens":2}}'
+    for kind in (b"response.completed", b"response.incomplete", b"response.failed"):
+        ev = b"event: " + kind + b'\ndata: {"type":"' + kind + b'","response":{"usage":' + usage + b"}}\n\n"
+        assert terminal_usage(ev) == (TokenUsage(7, 3, reasoning_tokens=2),)
+        assert terminal_usage(ev.split(b"\n", 1)[1]) == (TokenUsage(7, 3, reasoning_tokens=2),)  # no event: line
+    failed = b'event: response.failed\ndata: {"type":"response.failed","response":{"usage":null}}\n\n'
+    assert terminal_usage(failed) == (None,)  # the end, usage unknown: the reservation is charged
+    delta = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"response.completed"}\n\n'
+    assert terminal_usage(delta) is None

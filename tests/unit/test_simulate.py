@@ -385,3 +385,15 @@ def test_plot_svg_is_built_in_and_png_names_its_extra(tmp_path: Path, capsys):
     else:
         assert rc == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["simulate", "--route", strong, "--traffic", log, "--plot", str(tmp_path / "x.gif")]) == 2
+
+
+def test_responses_api_lines_replay_their_usage_untiered_as_the_proxy_serves_them():
+    line = access(api="responses", backend="mini", input_tokens=1000, output_tokens=200, cached_input_tokens=400,
+                  reasoning_tokens=150)
+    (r,) = replay(candidate(), [line])
+    assert r.backend == "mini" and r.cost == cost(MINI_P, TokenUsage(1000, 200, 400))
+    # the proxy applies no tiers to the Responses API: the default backend serves, whatever the score
+    body = {"custom_id": "r1", "method": "POST", "url": "/v1/responses", "body": {
+        "model": "chat", "input": HARD, "metadata": {"ts": T0.strftime("%Y-%m-%dT%H:%M:%SZ")}}}
+    (t,) = replay(candidate(tiers=TIERS), [json.dumps(body)])
+    assert t.backend == "strong" and t.tier is None

@@ -10,6 +10,9 @@ Endpoints
     POST /v1/embeddings         OpenAI embeddings (float or base64 encoding)
     GET  /v1/models             the configured model names
     POST /v1/messages           Anthropic Messages (stream or not; max_tokens required, as upstream)
+    POST /v1/responses          OpenAI Responses API (stream or not; mock_responses.py), and
+                                GET/DELETE /v1/responses/{id}, GET .../input_items, POST .../cancel,
+                                POST /v1/responses/input_tokens
     POST /_mock/script          JSON list of behaviours, consumed one per API request, in order
     DELETE /_mock/script        drop the remaining scripted behaviours
     GET  /_mock/requests        received requests and the usage reported for each, plus totals
@@ -54,6 +57,9 @@ Behaviours (all optional; later sources override earlier ones, field by field):
     cached_tokens    x-mock-cached-tokens       report this many cached prompt tokens
     cache_write_tokens x-mock-cache-write-tokens  Anthropic: report this many prompt tokens written to the
                                                 prompt cache (5-minute TTL)
+    reasoning_tokens x-mock-reasoning-tokens    OpenAI chat and Responses: a reasoning model, which reasons this many
+                                                tokens before its `tokens` of answer; the output cap bounds both, and
+                                                the output reported includes them (*_tokens_details.reasoning_tokens)
     pad_bytes        x-mock-pad-bytes           make the answer this many bytes larger: a non-streamed answer gets
                                                 an "x_mock_padding" string field, a stream a leading SSE comment
     chunked          x-mock-chunked             send a non-streamed answer chunked, without Content-Length
@@ -65,7 +71,7 @@ Behaviours (all optional; later sources override earlier ones, field by field):
                                                 Anthropic stop_reason "refusal" with this text (non-streamed)
 
 Recorded per request (never message contents, never credential headers): path, api, model, stream,
-include_usage, max_tokens, status, the headers minus anything credential-like, the usage reported to
+include_usage, max_tokens (and cap_field, the field that carried it), status, the headers minus anything credential-like, the usage reported to
 the client (None when none was sent, e.g. a stream without include_usage or a disconnect) and whether
 the response completed (usage: prompt_tokens, the whole prompt, completion_tokens, cached_tokens and
 cache_write_tokens, the parts of the prompt read from and written to the cache). `totals` sums the usage actually reported, and, as `billed_*`, the usage of
@@ -89,38 +95,36 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-_loads: Callable[[bytes], Any]
-try:  # orjson is several times faster; the mock is the benchmarks' baseline
-    import orjson
-
-    _loads = orjson.loads
-
-    def _dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)
-except ImportError:  # pragma: no cover - exercised only without orjson
-    _loads = json.loads
-
-    def _dumps(obj: Any) -> bytes:
-        return json.dumps(obj, separators=(",", ":")).encode()
-
+from .mock_responses import ResponsesMock
+from .mock_text import (  # noqa: F401 - re-exported: tests and tools import them from here
+    _JSON,
+    DEFAULT_TOKENS,
+    PER_MESSAGE_OVERHEAD,
+    REPLY_PRIMING,
+    _dumps,
+    _loads,
+    _piece_json,
+    _text,
+    _text_chars,
+    _with_usage,
+    _word_piece,
+    chat_prompt_tokens,
+    text_tokens,
+)
 
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "claude-haiku-4-5", "mock-small", "mock-large")
-DEFAULT_TOKENS = 16
-PER_MESSAGE_OVERHEAD = 4
-REPLY_PRIMING = 2
-_WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do",
-          "eiusmod", "tempor", "incididunt", "ut", "labore", "et")
 # Headers never recorded: anything that may carry a credential.
 _SECRET_MARKERS = ("auth", "key", "cookie", "secret", "token", "password")
 
 _INT_FIELDS = ("latency_ms", "chunk_delay_ms", "tokens", "status", "retry_after", "disconnect_after",
-               "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "pad_bytes")
+               "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "pad_bytes",
+               "reasoning_tokens")
 _BOOL_FIELDS = ("garbage", "hang", "chunked")
+_CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _STR_FIELDS = ("content", "refusal", "usage_json")
 _HEADER_STR_FIELDS = ("usage_json",)
 
@@ -141,6 +145,7 @@ class Behaviour:
     completion_tokens: int | None = None
     cached_tokens: int | None = None
     cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
     pad_bytes: int | None = None
     chunked: bool | None = None
     content: str | None = None
@@ -194,49 +199,6 @@ def _truthy(v: Any) -> bool:
     return bool(v)
 
 
-def _text_chars(content: Any) -> int:
-    """Characters of text in an OpenAI/Anthropic message content (string or list of parts)."""
-    if content is None:
-        return 0
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        n = 0
-        for part in content:
-            if isinstance(part, str):
-                n += len(part)
-            elif isinstance(part, dict):
-                text = part.get("text")
-                if isinstance(text, str):
-                    n += len(text)
-                elif "content" in part:  # Anthropic tool_result blocks nest content
-                    n += _text_chars(part["content"])
-        return n
-    return 0
-
-
-def chat_prompt_tokens(messages: list[Any], system: Any = None) -> int:
-    """The documented deterministic prompt-token count for chat/messages requests."""
-    total = REPLY_PRIMING
-    if system:
-        total += math.ceil(_text_chars(system) / 4) + PER_MESSAGE_OVERHEAD
-    for m in messages or ():
-        if isinstance(m, dict):
-            total += math.ceil(_text_chars(m.get("content")) / 4) + PER_MESSAGE_OVERHEAD
-    return total
-
-
-def text_tokens(value: Any) -> int:
-    """ceil(chars/4) of a prompt/input: a string, a list of strings, or token-id list(s)."""
-    if isinstance(value, str):
-        return math.ceil(len(value) / 4)
-    if isinstance(value, list):
-        if value and all(isinstance(x, int) for x in value):
-            return len(value)
-        return sum(text_tokens(x) for x in value)
-    return 0
-
-
 class _State:
     """Everything the handlers share; also read by MockUpstream from the test's thread."""
 
@@ -249,35 +211,13 @@ class _State:
         self.lock = threading.Lock()
         self.seq = 0
         self.rid = 0  # response ids; not reset, so ids stay unique for the server's life
+        self.stored: dict[str, dict[str, Any]] = {}  # Responses API: what GET /v1/responses/{id} returns
         self.reset_totals()
 
     def reset_totals(self) -> None:
         self.totals = {"requests": 0, "responses_with_usage": 0, "prompt_tokens": 0, "completion_tokens": 0,
                        "total_tokens": 0, "cached_tokens": 0, "cache_write_tokens": 0,
                        "billed_requests": 0, "billed_prompt_tokens": 0, "billed_completion_tokens": 0}
-
-
-def _word_piece(i: int) -> str:
-    return (" " if i else "") + _WORDS[i % len(_WORDS)]
-
-
-# Output text per token count, built once per count.
-_TEXT_CACHE: dict[int, str] = {}
-
-
-def _text(n: int) -> str:
-    t = _TEXT_CACHE.get(n)
-    if t is None:
-        t = _TEXT_CACHE[n] = "".join(_word_piece(i) for i in range(n))
-    return t
-
-
-_PIECES_JSON = [_dumps(_word_piece(i)) for i in range(len(_WORDS) * 2)]
-
-
-def _piece_json(i: int) -> bytes:
-    # Pieces repeat with period len(_WORDS) after the first one (which has no leading space).
-    return _PIECES_JSON[i] if i < len(_PIECES_JSON) else _PIECES_JSON[len(_WORDS) + i % len(_WORDS)]
 
 
 _EMBEDDING = [round(math.sin(i) / 4, 6) for i in range(16)]
@@ -293,7 +233,6 @@ _ANTHROPIC_ERRORS = {
     413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error",
     529: "overloaded_error",
 }
-_JSON = "application/json"
 # What the providers send with a 429 (values of a spent minute), for proxies to pass on.
 _OPENAI_RATE_LIMIT_HEADERS = {
     "x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "120ms",
@@ -361,7 +300,8 @@ class _Handlers:
                 "model": req.get("model"),
                 "stream": bool(req.get("stream")),
                 "include_usage": bool(isinstance(so, dict) and so.get("include_usage")),
-                "max_tokens": req.get("max_completion_tokens", req.get("max_tokens")),
+                "max_tokens": req.get("max_completion_tokens", req.get("max_tokens", req.get("max_output_tokens"))),
+                "cap_field": next((k for k in _CAP_FIELDS if k in req), None),  # which field carried it
                 "status": status,
                 "behaviour": _behaviour_dict(b),  # shared, read-only
                 "headers": {low: v for k, v in request.headers.items() if (low := _recordable_header(k))},
@@ -481,6 +421,16 @@ class _Handlers:
         c = b.completion_tokens if b.completion_tokens is not None else n
         return p, n, c, hit
 
+    def reasoning_counts(self, b: Behaviour, cap: Any, prompt_tokens: int) -> tuple[int, int, int, bool, int]:
+        """counts() for a reasoning model (behaviour `reasoning_tokens`): it reasons first, then
+        answers, and the output cap bounds both, so (prompt, visible tokens, output reported, cap hit,
+        reasoning tokens), the output reported including the reasoning."""
+        r = b.reasoning_tokens or 0
+        want = (b.tokens if b.tokens is not None else DEFAULT_TOKENS) + r
+        p, n, c, hit = self.counts(dataclasses.replace(b, tokens=want), cap, prompt_tokens)
+        reasoning = min(r, n)
+        return p, n - reasoning, c, hit, reasoning
+
     # -- OpenAI -----------------------------------------------------------------------------------
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -512,11 +462,14 @@ class _Handlers:
         early = await self.early_answer(request, "openai", req, b)
         if early is not None:
             return early
-        p, n, c, hit = self.counts(b, cap, prompt)
+        p, n, c, hit, reasoning = self.reasoning_counts(b, cap, prompt)
         usage: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
         if b.cached_tokens is not None:
             usage["prompt_tokens_details"] = {"cached_tokens": min(b.cached_tokens, p)}
-        rec = {"prompt_tokens": p, "completion_tokens": c, "cached_tokens": min(b.cached_tokens or 0, p)}
+        if b.reasoning_tokens is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        rec = {"prompt_tokens": p, "completion_tokens": c, "cached_tokens": min(b.cached_tokens or 0, p),
+               "reasoning_tokens": reasoning}
         finish = "length" if hit else "stop"
         if not b.garbage:
             self.bill(rec)
@@ -635,15 +588,21 @@ class _Handlers:
 
     # -- Anthropic --------------------------------------------------------------------------------
 
-    async def messages(self, request: web.Request) -> web.StreamResponse:
+    async def opening(self, request: web.Request, api: str) -> tuple[dict[str, Any], Behaviour] | web.Response:
+        """A request's body and behaviour, or the answer already due (not a JSON object; a scripted
+        hang, latency or error status)."""
         req = await self.parse(request)
         if isinstance(req, web.Response):
             return req
+        b = self.behaviour(request, req.get("model"))
+        early = await self.early_answer(request, api, req, b)
+        return early if early is not None else (req, b)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        if isinstance(opened := await self.opening(request, "anthropic"), web.StreamResponse):
+            return opened
+        req, b = opened
         model = req.get("model")
-        b = self.behaviour(request, model)
-        early = await self.early_answer(request, "anthropic", req, b)
-        if early is not None:
-            return early
         cap = req.get("max_tokens")
         if not isinstance(cap, int) or cap < 1:
             self.record(request, "anthropic", req, b, 400, None, True)
@@ -733,17 +692,6 @@ class _Handlers:
         return web.json_response({"status": "ok"})
 
 
-def _with_usage(doc: dict[str, Any], b: Behaviour) -> dict[str, Any]:
-    """A non-streamed answer with its usage replaced as behaviour `usage_json` says."""
-    if b.usage_json is None:
-        return doc
-    if b.usage_json == "absent":
-        doc.pop("usage", None)
-    else:
-        doc["usage"] = json.loads(b.usage_json)
-    return doc
-
-
 def _close(request: web.Request) -> None:
     """Close the connection after flushing what was written (a truncated response to the client)."""
     tr = request.transport
@@ -779,6 +727,7 @@ def make_app(default: Behaviour | None = None, model_behaviours: dict[str, Behav
         web.post("/v1/embeddings", h.embeddings),
         web.get("/v1/models", h.models),
         web.post("/v1/messages", h.messages),
+        *ResponsesMock(h).routes(),
         web.post("/_mock/script", h.set_script),
         web.delete("/_mock/script", h.clear_script),
         web.get("/_mock/requests", h.get_requests),

@@ -7,7 +7,8 @@ Usage is normalised so that `input_tokens` counts every prompt token the provide
 the cached price), `cache_write_tokens` the part of it written to the prompt cache (Anthropic
 cache_creation_input_tokens, billed above the input price; `cache_write_1h_tokens` is the part of
 those written with the 1-hour TTL) and `output_tokens` counts completion tokens (reasoning tokens
-included, as both OpenAI and Anthropic report them inside the completion count).
+included, as both OpenAI and Anthropic report them inside the completion count; `reasoning_tokens`
+is that part, reported on its own but priced as the output it is).
 """
 from __future__ import annotations
 
@@ -76,6 +77,9 @@ class TokenUsage:
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    # The part of output_tokens the model spent reasoning (OpenAI's *_tokens_details.reasoning_tokens):
+    # billed as output, already in output_tokens; kept apart only to be reported.
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

@@ -54,6 +54,8 @@ class AccessLog(ProxyState):
             line["input_tokens"] = u.input_tokens
             line["output_tokens"] = u.output_tokens
             line["cached_input_tokens"] = u.cached_input_tokens
+            if u.reasoning_tokens:
+                line["reasoning_tokens"] = u.reasoning_tokens  # a part of output_tokens
             if u.cache_write_tokens:
                 line["cache_write_tokens"] = u.cache_write_tokens
                 line["cache_write_1h_tokens"] = u.cache_write_1h_tokens
@@ -68,6 +70,8 @@ class AccessLog(ProxyState):
             line["ttft_ms"] = round(ctx.ttft * 1000, 3)
         if ctx.est is not None:
             line["est_prompt_tokens"] = ctx.est
+        if ctx.prompt_bound is not None:
+            line["reserved_prompt_tokens"] = ctx.prompt_bound  # a conversation continued upstream
         if ctx.max_output is not None:
             line["max_output_tokens"] = ctx.max_output
         if ctx.budgets:

@@ -5,7 +5,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -13,17 +12,11 @@ from ..routing.apis import MESSAGES
 from .config import (
     ANTHROPIC,
     OPENAI,
+    BackendRt,
 )
-from .errors import ProxyError, error_body, refusal
-from .estimate import PromptEstimate
-from .limits import (
-    AnswerTooLarge,
-    BodyHold,
-    read_answer,
-    read_body,
-)
+from .counting import TokenCounting
+from .errors import ProxyError, error_body
 from .reload import ConfigReload
-from .upstream import UpstreamCalls, media_type
 
 # The aliases' creation time in Anthropic's model objects (RFC 3339; OpenAI's list says created 0).
 _EPOCH = "1970-01-01T00:00:00Z"
@@ -64,7 +57,7 @@ def anthropic_models_page(aliases: list[str], query: Mapping[str, str]) -> dict[
 log = logging.getLogger("spendwarden.proxy")
 
 
-class SmallEndpoints(ConfigReload, UpstreamCalls, PromptEstimate):
+class SmallEndpoints(ConfigReload, TokenCounting):
     """Mixed into Proxy: answers that need no backend call."""
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
@@ -100,53 +93,24 @@ class SmallEndpoints(ConfigReload, UpstreamCalls, PromptEstimate):
     async def count_tokens(self, request: web.Request) -> web.StreamResponse:
         """Anthropic's token counting: forwarded to the alias's Anthropic backend (not metered: it is
         free), or answered with the proxy's own estimate when the alias has no Anthropic backend."""
-        hold = self.bodies.hold()
-        try:
-            return await self._count_tokens(request, hold)
-        finally:
-            hold.release()
-
-    async def _count_tokens(self, request: web.Request, hold: BodyHold) -> web.StreamResponse:
-        assert self.compiled is not None and self.session is not None
-        try:
-            raw = await read_body(request, self.max_body, self.body_timeout, hold)
-            body = orjson.loads(raw)
-            if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        def backend_of(body: dict[str, Any]) -> BackendRt | None:
+            model = body.get("model")
+            if not isinstance(model, str):
                 raise ValueError("the body must be a JSON object with a string 'model'")
-        except ValueError as exc:
-            return web.Response(status=400, content_type="application/json",
-                                body=error_body(ANTHROPIC, 400, f"invalid request: {exc}"))
-        except ProxyError as exc:
-            return refusal(ANTHROPIC, exc)
-        route = self.compiled.routes.get(body["model"])
-        if route is None:
-            return web.Response(status=404, content_type="application/json", body=error_body(
-                ANTHROPIC, 404, f"The model '{body['model'][:256]}' does not exist"))
-        backend = route.default if route.default.fmt == ANTHROPIC else \
-            next((b for b in route.backends.values() if b.fmt == ANTHROPIC), None)
-        if backend is not None and not backend.missing_credentials:
-            url = backend.url("messages").with_path(backend.url("messages").path + "/count_tokens")
-            try:
-                async with self.session.post(url, data=orjson.dumps({**body, "model": backend.model}),
-                                             headers=self._headers(request, backend, False),
-                                             timeout=self._timeout(backend, False)) as resp:
-                    data = await read_answer(resp, self.max_answer)
-                    if resp.status in (200, 400):  # else (no such endpoint, 5xx, ...): estimate
-                        return web.Response(status=resp.status, body=data,
-                                            content_type=media_type(resp.headers.get("Content-Type", "")))
-            except (TimeoutError, aiohttp.ClientError, OSError, AnswerTooLarge):
-                pass  # fall back to the estimate
-        try:
-            est = await self._estimate(MESSAGES, body)
-        except Exception:  # noqa: BLE001 - malformed messages: count what can be counted
-            est = 0
-        return web.Response(content_type="application/json", body=orjson.dumps({"input_tokens": est}))
+            assert self.compiled is not None
+            route = self.compiled.routes.get(model)
+            if route is None:
+                raise ProxyError(404, f"The model '{model[:256]}' does not exist")
+            return route.default if route.default.fmt == ANTHROPIC else \
+                next((b for b in route.backends.values() if b.fmt == ANTHROPIC), None)
+        return await self._count(request, ANTHROPIC, MESSAGES, backend_of, "/count_tokens",
+                                 lambda est: {"input_tokens": est})
 
     async def not_found(self, request: web.Request) -> web.Response:
         fmt = ANTHROPIC if request.path.startswith("/v1/messages") or "anthropic-version" in request.headers \
             else OPENAI
         status = 405 if request.path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-                                         "/v1/messages", "/v1/models") else 404
+                                         "/v1/messages", "/v1/models", "/v1/responses") else 404
         msg = f"{request.method} {request.path} is not served by the spendwarden proxy"
         return web.Response(status=status, body=error_body(fmt, status, msg, code="unknown_url"),
                             content_type="application/json")

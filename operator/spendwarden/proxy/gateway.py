@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import operator
 import os
 import re
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from .errors import ProxyError, refusal
 from .limits import BodyMemory
 from .metrics import Metrics
 from .ratelimit import TenantLimits
+from .responses import RESPONSE_ROUTES
 from .server import SERVED, Proxy, Shared, upstream_session
 
 log = logging.getLogger("spendwarden.gateway")
@@ -209,6 +211,8 @@ class Gateway:
         r.add_get("/v1/models", self._endpoint(lambda p: p.models))
         r.add_get("/v1/models/{model}", self._endpoint(lambda p: p.model))
         r.add_post("/v1/messages/count_tokens", self._endpoint(lambda p: p.count_tokens, ANTHROPIC))
+        for method, path, name in RESPONSE_ROUTES:
+            r.add_route(method, path, self._endpoint(operator.attrgetter(name), OPENAI))
         r.add_get("/healthz", self.health)
         r.add_route("*", "/{tail:.*}", self.not_found)
         app.on_startup.append(self.start)

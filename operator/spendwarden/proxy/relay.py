@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from ..ledger.pricing import TokenUsage
+from ..routing.apis import RESPONSES
 from .budgets import Admission
 from .config import (
     ANTHROPIC,
@@ -22,8 +23,10 @@ from .limits import (
     read_answer,
 )
 from .request import AttemptFailed, RequestState
+from .responses import terminal_usage
 from .translate import (
     ChatStreamTranslator,
+    ResponsesStreamTranslator,
     StreamTranslator,
 )
 from .upstream import UpstreamCalls, media_type, passed_headers
@@ -113,8 +116,11 @@ class StreamRelay(UpstreamCalls):
     async def _relay(self, ctx: RequestState, backend: BackendRt, adm: Admission, resp: aiohttp.ClientResponse,
                      out: web.StreamResponse, client_usage: bool) -> None:
         anthropic = backend.fmt == ANTHROPIC
+        responses = ctx.api == RESPONSES  # OpenAI's response.* events, relayed as they are
         translator: Any = None
-        if ctx.translating:
+        if ctx.translating and responses:
+            translator = ResponsesStreamTranslator(ctx.alias or "", ctx.raw)
+        elif ctx.translating:
             translator = StreamTranslator(ctx.alias or "", client_usage) if anthropic \
                 else ChatStreamTranslator(ctx.alias or "")
         buf = bytearray()
@@ -166,6 +172,10 @@ class StreamRelay(UpstreamCalls):
                                 usage = anthropic_stream_usage(obj, usage)
                         elif b"message_stop" in head:
                             complete = True
+                    elif responses:
+                        found = terminal_usage(ev)
+                        if found is not None:  # response.completed, .incomplete or .failed: the last
+                            complete, usage = True, found[0]
                     elif b'"usage"' in ev:
                         obj = event_object(event_data(ev))
                         if obj is not None and isinstance(obj.get("usage"), dict):
@@ -210,7 +220,8 @@ class StreamRelay(UpstreamCalls):
             ctx.outcome, ctx.error = "client_closed", "client disconnected mid-stream"
         # Settle: the provider's numbers when the stream ran to its end. When it broke, what is known:
         # Anthropic reports the input side up front (message_start), so the prompt is charged exactly and
-        # the output at the whole reservation; OpenAI sends its usage chunk last, after every choice has
+        # the output at the whole reservation; OpenAI sends its usage chunk (Responses: its terminal
+        # response.* event) last, after every choice has
         # finished, so once seen it is final; otherwise the reservation (_charge_unknown). Whichever it
         # is, the access log and the metrics record what the budget was charged.
         if complete and failure is None and not client_gone:

@@ -55,6 +55,7 @@ class RequestState:
     sp: Any = None  # spend.SpendReq when the route has tiers, a cache or a loop breaker
     load_key: str | None = None  # the scaled backend this request counts as in flight to
     serviceaccount: str | None = None  # the gateway's authenticated caller (attribution)
+    prompt_bound: int | None = None  # previous_response_id: the prompt reserved for (responses.py)
     raw: bytes | bytearray = b""  # the request body (read once; an escalation parses it again)
 
 

@@ -24,8 +24,9 @@ import orjson
 from aiohttp import web
 
 from ..ledger.breakdown import tag_of
-from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, capped_output
+from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES, capped_output
 from ..routing.rules import TAG_HEADER, select_backend
+from ..wire.responses import untranslatable
 from . import spend
 from .access_log import AccessLog
 from .backend_load import BackendLoads, accepts_connections
@@ -50,9 +51,18 @@ from .limits import (
 from .metrics import Metrics
 from .relay import StreamRelay
 from .request import AttemptFailed, RequestState
+from .responses import (
+    ResponsesEndpoints,
+    conversation_backends,
+    conversation_bound,
+    unknown_conversation,
+    unpriced_tools,
+    wrong_format,
+)
 from .translate import (
     chat_to_messages,
     messages_to_chat,
+    responses_to_messages,
 )
 from .wire import (
     bad,
@@ -63,7 +73,8 @@ log = logging.getLogger("spendwarden.proxy")
 
 # The metered endpoints: (path, API, the client's wire format). The gateway serves the same.
 SERVED = (("/v1/chat/completions", CHAT, OPENAI), ("/v1/completions", COMPLETIONS, OPENAI),
-          ("/v1/embeddings", EMBEDDINGS, OPENAI), ("/v1/messages", MESSAGES, ANTHROPIC))
+          ("/v1/embeddings", EMBEDDINGS, OPENAI), ("/v1/messages", MESSAGES, ANTHROPIC),
+          ("/v1/responses", RESPONSES, OPENAI))
 DEFAULT_MAX_TOKENS = 4096  # sent when the client gave none and a budget needs a worst case
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 MAX_TAGS = 8
@@ -85,7 +96,7 @@ def parse_tags(value: str | None) -> dict[str, str] | None:
     return tags or None
 
 
-class Proxy(SmallEndpoints, StreamRelay, AccessLog):
+class Proxy(SmallEndpoints, ResponsesEndpoints, StreamRelay, AccessLog):
     """The request pipeline (serve, _serve: alias, estimate, backend choice, reservation, fallbacks)
     and the app; the other stages are the mixins: reload.py, upstream.py, relay.py, access_log.py."""
 
@@ -155,6 +166,8 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
         r.add_get("/v1/models", self.models)
         r.add_get("/v1/models/{model}", self.model)
         r.add_post("/v1/messages/count_tokens", self.count_tokens)
+        for method, path, handler in self.response_routes():
+            r.add_route(method, path, handler)
         r.add_get("/healthz", self.health)
         r.add_route("*", "/{tail:.*}", self.not_found)
         app.on_startup.append(self.start)
@@ -260,13 +273,17 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
         if tier:
             selected = tier[0]
         candidates = (tier or [selected]) + [b for b in route.fallbacks if b not in (tier or [selected])]
-        # Chat requests cross formats (OpenAI chat <-> Anthropic messages); completions/embeddings do not.
-        crosses = api in (CHAT, MESSAGES)
+        # Chat requests cross formats (OpenAI chat <-> Anthropic messages), Responses requests when they
+        # are text only (wire/responses.py); completions/embeddings do not.
+        refused = untranslatable(body) if api == RESPONSES else None
+        crosses = api in (CHAT, MESSAGES) or (api == RESPONSES and refused is None)
 
         def compatible(b: BackendRt) -> bool:
             return b.fmt == fmt or crosses
 
         usable = [b for b in candidates if compatible(b)]
+        if not usable and api == RESPONSES:
+            raise wrong_format(route, selected, refused)
         if not usable:
             got = "Anthropic Messages" if fmt == ANTHROPIC else f"OpenAI /v1/{api}"
             raise bad(f"route {route.name!r} (model {alias!r}) sends this request to backend {selected.name!r}, "
@@ -280,6 +297,11 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
                 raise bad(f"the prompt has about {est} tokens, more than the context window of every backend "
                           f"of route {route.name!r}", "messages", "context_length_exceeded")
             usable = fitting
+        if api == RESPONSES and route.budgets:
+            unpriced_tools(route, body)
+        conversation = api == RESPONSES and unknown_conversation(body) and bool(route.budgets)
+        if conversation:  # previous_response_id: the prompt's bound is the backend's context window
+            usable = conversation_backends(route, usable)
         # The output cap to send upstream.
         want: int | None
         if api == EMBEDDINGS:
@@ -296,6 +318,8 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
             client_usage = isinstance(so, dict) and so.get("include_usage") is True
 
         reserve_in = reserved_prompt(est) if est is not None else 0
+        if conversation:
+            reserve_in = ctx.prompt_bound = conversation_bound(usable, downgrade_to)
         if ctx.sp is not None:
             spend.start_capture(ctx, route)
         last: AttemptFailed | None = None
@@ -327,7 +351,10 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
             ctx.translating = backend.fmt != fmt
             ctx.upstream_api = CHAT if ctx.translating and backend.fmt == OPENAI else api
             try:
-                if ctx.translating and backend.fmt == ANTHROPIC:
+                if ctx.translating and api == RESPONSES:
+                    payload = orjson.dumps(responses_to_messages(body, backend.model, out or self.default_max_tokens,
+                                                                 stream))
+                elif ctx.translating and backend.fmt == ANTHROPIC:
                     payload = orjson.dumps(chat_to_messages(body, backend.model, out or self.default_max_tokens,
                                                             stream))
                 elif ctx.translating:
@@ -335,8 +362,11 @@ class Proxy(SmallEndpoints, StreamRelay, AccessLog):
                                                             stream, backend.provider == "OpenAI"))
                 else:
                     payload = self._payload(body, api, backend, out, stream)
-            except BaseException:
+            except BaseException as exc:
                 self.book.release(adm)  # nothing was sent
+                if isinstance(exc, orjson.JSONEncodeError):  # parsed (1024 levels) but deeper than orjson writes
+                    raise bad("the request body is nested too deeply (more than 254 levels)", None,
+                              "invalid_value") from None
                 raise
             try:
                 if backend.missing_credentials:

@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from ..ledger.pricing import cost, format_money
-from ..routing.apis import CHAT, EMBEDDINGS, OPERATION
+from ..routing.apis import CHAT, EMBEDDINGS, OPERATION, RESPONSES
 from ..routing.model import ANTHROPIC, BackendRt, RouteRt
 from ..routing.spend import RouteSpend, TierRt, compile_route_spend
 from ..spend import cache as cache_core
@@ -83,7 +83,11 @@ def begin(proxy: Any, route: RouteRt, api: str, alias: str, body: dict[str, Any]
     rs = route.spend
     assert rs is not None
     sp = SpendReq(body=body)
-    if rs.cache is not None and api != EMBEDDINGS:
+    if rs.cache is not None and api == RESPONSES:
+        # Never cached: an answer is a response object the provider stored under its own id (which
+        # later calls retrieve, delete or continue); a replay would hand out another call's id.
+        sp.cacheable = False
+    elif rs.cache is not None and api != EMBEDDINGS:
         sp.cacheable = cache_core.cacheable(body, headers.get(cache_core.CACHE_HEADER))
     elif rs.cache is not None:
         sp.cacheable = cache_core.cache_mode(headers.get(cache_core.CACHE_HEADER)) is not False
@@ -165,8 +169,8 @@ async def choose_tier(proxy: Any, ctx: Any, route: RouteRt, api: str, est: int |
     """The backends of the request's tier (None: the route has no tiers). On an escalation's second
     pass the tier is the next one."""
     rs, sp = route.spend, ctx.sp
-    if rs is None or not rs.tiers or api == EMBEDDINGS:
-        return None
+    if rs is None or not rs.tiers or api in (EMBEDDINGS, RESPONSES):
+        return None  # Responses: the scorer and the judge read chat messages; the default backend serves
     if sp.tier is None:
         s = scorer.score(sp.body)
         sp.score = s

@@ -9,10 +9,12 @@ and mid-stream error events) change shape, and what cannot be translated is a 40
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
 
+from ..wire import responses as wr
 from ..wire import translate as wt
 from .errors import anthropic_error_type, openai_error_type, provider_error
 from .wire import bad
@@ -33,6 +35,18 @@ def chat_to_messages(body: dict[str, Any], model: str, max_tokens: int, stream: 
     if stream:
         out["stream"] = True
     return out
+
+
+def responses_to_messages(body: dict[str, Any], model: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+    """A Responses API request (text only: wire/responses.py) as an Anthropic Messages request."""
+    try:
+        return wr.responses_to_anthropic(body, model, max_tokens, stream)
+    except wt.TranslationError as exc:
+        raise bad(f"cannot translate this request for the backend's API: {exc}", "input", "untranslatable") from None
+
+
+def message_to_response(doc: dict[str, Any], alias: str, raw_request: bytes | bytearray) -> dict[str, Any]:
+    return wr.anthropic_to_response(doc, alias, orjson.loads(raw_request), int(time.time()))
 
 
 def messages_to_chat(body: dict[str, Any], model: str, max_tokens: int, stream: bool,
@@ -111,6 +125,20 @@ class StreamTranslator:
         if obj.get("type") == "message_stop":
             out.append(b"data: [DONE]\n\n")
         return out
+
+
+class ResponsesStreamTranslator:
+    """Anthropic stream events (parsed) in, the Responses API's SSE events (event: + data:) out."""
+
+    def __init__(self, alias: str, raw_request: bytes | bytearray):
+        self._t = wr.AnthropicToResponsesStream(alias, orjson.loads(raw_request), int(time.time()))
+
+    def event(self, obj: dict[str, Any]) -> list[bytes]:
+        if obj.get("type") == "error":  # as the SDK raises it mid-stream: a data event with "error"
+            err = obj.get("error") or {}
+            return [_openai_sse({"error": {"message": err.get("message", ""), "type": err.get("type", "api_error"),
+                                           "param": None, "code": err.get("type")}})]
+        return [_anthropic_sse(ev) for ev in self._t.feed(obj)]
 
 
 class ChatStreamTranslator:

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from ..ledger.pricing import TokenUsage, cost, format_money, worst_case_cost
-from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, OPERATION
+from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, OPERATION, RESPONSES
 from .budgets import Admission
 from .config import (
     ANTHROPIC,
@@ -30,6 +30,7 @@ from .translate import (
     error_to_anthropic,
     error_to_openai,
     message_to_chat,
+    message_to_response,
 )
 from .wire import (
     BadUsage,
@@ -82,6 +83,8 @@ class UpstreamCalls(PromptEstimate):
                         set_any = True
                 if not set_any:
                     b["max_completion_tokens" if backend.provider == "OpenAI" else "max_tokens"] = out
+            elif api == RESPONSES:  # bounds reasoning and visible output together, as billed
+                b["max_output_tokens"] = out
             else:
                 b["max_tokens"] = out
         if stream and api in (CHAT, COMPLETIONS):
@@ -186,7 +189,9 @@ class UpstreamCalls(PromptEstimate):
                                 headers=headers, content_type=media_type(ctype))
         try:
             doc, usage = usage_from_body(backend.fmt == ANTHROPIC, raw)
-            if ctx.translating:
+            if ctx.translating and ctx.api == RESPONSES:
+                raw = orjson.dumps(message_to_response(doc, ctx.alias or "", ctx.raw))
+            elif ctx.translating:
                 raw = orjson.dumps(message_to_chat(doc, ctx.alias or "") if backend.fmt == ANTHROPIC
                                    else chat_to_message(doc, ctx.alias or ""))
         except (ValueError, TypeError, AttributeError, KeyError):

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from ..ledger.pricing import TokenUsage
-from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, OUTPUT_CAP_FIELDS
+from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, OUTPUT_CAP_FIELDS, RESPONSES
 from .errors import ProxyError
 
 log = logging.getLogger("spendwarden.proxy")
@@ -82,6 +82,30 @@ def _messages(body: dict[str, Any], anthropic: bool) -> None:
             raise bad(f"'messages[{i}].content' is required", f"messages[{i}].content", "missing_required_parameter")
 
 
+def _responses(body: dict[str, Any]) -> None:
+    """A Responses API body: `input` a string or a list of input items (objects), `instructions` a
+    string; one of input or previous_response_id (a conversation continued server-side) given."""
+    inp = body.get("input")
+    if inp is not None and not isinstance(inp, (str, list)):
+        raise bad(f"'input' must be a string or an array of input items, got {type(inp).__name__}", "input",
+                  "invalid_type")
+    if isinstance(inp, list):
+        for i, item in enumerate(inp):
+            if not isinstance(item, dict):
+                raise bad(f"'input[{i}]' must be an object, got {type(item).__name__}", f"input[{i}]", "invalid_type")
+            content = item.get("content")
+            if content is not None and not isinstance(content, (str, list)):
+                raise bad(f"'input[{i}].content' must be a string or an array of content parts",
+                          f"input[{i}].content", "invalid_type")
+    for key in ("instructions", "previous_response_id"):
+        value = body.get(key)
+        if value is not None and not isinstance(value, str):
+            raise bad(f"'{key}' must be a string, got {type(value).__name__}", key, "invalid_type")
+    if inp is None and body.get("previous_response_id") is None and body.get("prompt") is None:
+        raise bad("'input' is required (or 'previous_response_id' to continue a conversation)", "input",
+                  "missing_required_parameter")
+
+
 def _output_cap(api: str, body: dict[str, Any]) -> int | None:
     """The client's output cap (routing.apis.OUTPUT_CAP_FIELDS, first field given), every field checked."""
     caps = [_int_field(body, key, MAX_OUTPUT_TOKENS) for key in OUTPUT_CAP_FIELDS[api]]
@@ -128,7 +152,11 @@ def check_request(api: str, body: Any) -> tuple[str, bool, int | None, int, bool
         if not isinstance(inp, (str, list)) or (isinstance(inp, list) and not inp):
             raise bad("'input' must be a string or a non-empty array", "input", "invalid_type")
         out = None
+    elif api == RESPONSES:
+        _responses(body)
+        out = _output_cap(api, body)
     else:  # Anthropic messages
+        assert api == MESSAGES
         _messages(body, anthropic=True)
         out = _output_cap(api, body)
         system = body.get("system")
@@ -175,18 +203,28 @@ def believed(usage: TokenUsage | BadUsage | None, route: str | None, backend: st
 
 
 def openai_usage(u: Any) -> TokenUsage | BadUsage | None:
+    """OpenAI usage, in either of its shapes: chat/completions/embeddings (prompt_tokens,
+    completion_tokens, *_tokens_details) or the Responses API's (input_tokens, output_tokens,
+    input_tokens_details.cached_tokens, output_tokens_details.reasoning_tokens). Reasoning tokens are
+    inside the output count in both: kept as their part of it, not added."""
     if not isinstance(u, dict):
         return None
+    shape = ("prompt_tokens", "completion_tokens") if "prompt_tokens" in u else ("input_tokens", "output_tokens")
     try:
-        inp = _count(u, "prompt_tokens")
+        inp = _count(u, shape[0])
         if inp is None:
             return None
-        out = _count(u, "completion_tokens") or 0  # embeddings report none
-        details = u.get("prompt_tokens_details")
-        cached = (_count(details, "cached_tokens") if isinstance(details, dict) else None) or 0
+        out = _count(u, shape[1]) or 0  # embeddings report none
+        cached = _detail(u, shape[0] + "_details", "cached_tokens")
+        reasoning = _detail(u, shape[1] + "_details", "reasoning_tokens")
     except _Nonsense as exc:
         return BadUsage(str(exc))
-    return TokenUsage(inp, out, cached)
+    return TokenUsage(inp, out, cached, reasoning_tokens=min(reasoning, out))
+
+
+def _detail(u: dict[str, Any], key: str, field: str) -> int:
+    details = u.get(key)
+    return (_count(details, field) if isinstance(details, dict) else None) or 0
 
 
 def anthropic_usage(u: Any, base: TokenUsage | BadUsage | None = None) -> TokenUsage | BadUsage | None:

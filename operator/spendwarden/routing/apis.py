@@ -9,13 +9,15 @@ CHAT = "chat/completions"
 COMPLETIONS = "completions"
 EMBEDDINGS = "embeddings"
 MESSAGES = "messages"
+RESPONSES = "responses"  # OpenAI's Responses API (proxy/responses.py)
 
-OPERATION = {CHAT: "chat", COMPLETIONS: "text_completion", EMBEDDINGS: "embeddings", MESSAGES: "chat"}
+OPERATION = {CHAT: "chat", COMPLETIONS: "text_completion", EMBEDDINGS: "embeddings", MESSAGES: "chat",
+             RESPONSES: "chat"}
 
 # Where a client asks for its output cap, first match wins (chat: the new field, then the legacy one).
 OUTPUT_CAP_FIELDS: dict[str, tuple[str, ...]] = {
     CHAT: ("max_completion_tokens", "max_tokens"), COMPLETIONS: ("max_tokens",), MESSAGES: ("max_tokens",),
-    EMBEDDINGS: (),
+    EMBEDDINGS: (), RESPONSES: ("max_output_tokens",),  # reasoning tokens count within it
 }
 
 
@@ -36,5 +38,5 @@ def capped_output(client_cap: int | None, route_cap: int | None) -> int | None:
     return route_cap if client_cap is None else min(client_cap, route_cap)
 
 
-__all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "MESSAGES", "OPERATION", "OUTPUT_CAP_FIELDS",
+__all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "MESSAGES", "RESPONSES", "OPERATION", "OUTPUT_CAP_FIELDS",
            "client_output_cap", "capped_output"]

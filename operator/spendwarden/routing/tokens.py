@@ -24,7 +24,7 @@ import tempfile
 import threading
 from typing import Any, Protocol
 
-from .apis import CHAT, COMPLETIONS, MESSAGES
+from .apis import CHAT, COMPLETIONS, MESSAGES, RESPONSES
 
 log = logging.getLogger("spendwarden.proxy")
 
@@ -147,9 +147,11 @@ def _content_texts(content: Any, texts: list[str]) -> int:
             if not isinstance(part, dict):
                 continue
             kind = part.get("type")
-            if kind == "text" and isinstance(part.get("text"), str):
+            if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
                 texts.append(part["text"])
-            elif kind in ("image_url", "image", "input_audio", "document", "file"):
+            elif kind == "refusal" and isinstance(part.get("refusal"), str):
+                texts.append(part["refusal"])
+            elif kind in ("image_url", "image", "input_audio", "document", "file", "input_image", "input_file"):
                 fixed += PER_IMAGE
             elif kind == "tool_use":
                 texts.append(str(part.get("name", "")))
@@ -193,6 +195,50 @@ def openai_chat_texts(body: dict[str, Any]) -> tuple[list[str], int]:
     return texts, fixed
 
 
+def openai_responses_texts(body: dict[str, Any]) -> tuple[list[str], int]:
+    """A Responses API request: `instructions`, then `input` (a string: one user message; or input
+    items: messages with content parts, function calls and their outputs, reasoning summaries), the
+    tools and the `text` format. What previous_response_id refers to is not in the body: the proxy
+    bounds it otherwise (proxy/responses.py)."""
+    texts: list[str] = []
+    fixed = PER_REQUEST
+    if isinstance(body.get("instructions"), str):
+        texts.append(body["instructions"])
+        fixed += PER_MESSAGE
+    inp = body.get("input")
+    if isinstance(inp, str):
+        texts.append(inp)
+        fixed += PER_MESSAGE
+    for item in inp if isinstance(inp, list) else ():
+        if not isinstance(item, dict):
+            continue
+        fixed += PER_MESSAGE
+        kind = item.get("type")
+        if kind in (None, "message"):
+            fixed += _content_texts(item.get("content"), texts)
+        elif kind in ("function_call", "custom_tool_call"):
+            texts.append(str(item.get("name", "")))
+            texts.append(str(item.get("arguments", item.get("input", ""))))
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            out = item.get("output")
+            if isinstance(out, str):
+                texts.append(out)
+            else:
+                fixed += _content_texts(out, texts)
+        elif kind == "reasoning":
+            for part in item.get("summary") or ():
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+            if isinstance(item.get("encrypted_content"), str):
+                texts.append(item["encrypted_content"])  # opaque: its length is the best bound at hand
+        else:  # other items (built-in tool calls, references): their JSON text
+            _add_json(item, texts)
+    for key in ("tools", "text"):
+        if body.get(key):
+            _add_json(body[key], texts)
+    return texts, fixed
+
+
 def openai_prompt_texts(value: Any) -> tuple[list[str], int]:
     """`prompt` of /v1/completions or `input` of /v1/embeddings: str, [str], [int] or [[int]]."""
     if isinstance(value, str):
@@ -231,6 +277,8 @@ def request_texts(api: str, body: dict[str, Any]) -> tuple[list[str], int]:
         return openai_chat_texts(body)
     if api == MESSAGES:
         return anthropic_texts(body)
+    if api == RESPONSES:
+        return openai_responses_texts(body)
     return openai_prompt_texts(body.get("prompt" if api == COMPLETIONS else "input"))
 
 

@@ -32,7 +32,7 @@ from ..api.modelroute import ModelRouteSpec
 from ..api.proxyconfig import ProxyConfig, RouteEntry
 from ..ledger.pricing import ZERO, TokenUsage, cost
 from ..routing import tokens as tok
-from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, capped_output, client_output_cap
+from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES, capped_output, client_output_cap
 from ..routing.model import RouteRt, compile_config
 from ..routing.rules import TAG_HEADER, select_backend
 from . import policy as pol
@@ -160,7 +160,9 @@ class Replay:
             return RequestResult(index=req.index, ts=ts, scenario=req.scenario, alias=req.alias, route=spec.model,
                                  cost=ZERO if hit else saved, currency=currency, backend=rec.backend,
                                  cache_hit=hit, saved=saved if hit else ZERO)
-        if policy.cache is not None and req.api != EMBEDDINGS:
+        # As the proxy (proxy/spend.py): no cache and no tiers for embeddings, nor for the Responses API.
+        untiered = req.api in (EMBEDDINGS, RESPONSES)
+        if policy.cache is not None and not untiered:
             key = pol.cache_key(req, spec.model)
             if key is not None:
                 cache = self._caches.get(spec.model)
@@ -183,7 +185,7 @@ class Replay:
             backend = route.backends[rec.backend]
         else:
             backend, rule = select_backend(route, headers, n_in, tools)
-            if tiers and rule == "default":
+            if tiers and rule == "default" and not untiered:
                 score = pol.score(req)
                 if score is not None:
                     tier = pol.pick(score, tiers)
@@ -199,7 +201,7 @@ class Replay:
         logged = rec if body is None else Recorded()  # the prompt cache as logged; a batch body has none
         attempts: list[Attempt] = []
         escalated = False
-        if tiers and tier is not None and tier + 1 < len(tiers) and req.api != EMBEDDINGS:
+        if tiers and tier is not None and tier + 1 < len(tiers) and not untiered:
             cause = self._outcome(req, backend.model, score, tier, tiers, cap is not None)
             if cause != OK and policy.escalates(req, cause, failed_answer(req.api, cause)):
                 attempts.append(self._failed_attempt(backend, cause, n_in, n_out, cap))

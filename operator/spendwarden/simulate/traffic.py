@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES
+from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES
 
 ACCESS_LOG = "access-log"
 OPENAI_BATCH = "openai-batch"
@@ -37,8 +37,9 @@ _BATCH_APIS = {
     "/v1/completions": COMPLETIONS, "/completions": COMPLETIONS,
     "/v1/embeddings": EMBEDDINGS, "/embeddings": EMBEDDINGS,
     "/v1/messages": MESSAGES, "/messages": MESSAGES,
+    "/v1/responses": RESPONSES, "/responses": RESPONSES,
 }
-_LOG_APIS = frozenset((CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES))
+_LOG_APIS = frozenset((CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES))
 _MONEY = re.compile(r"^[0-9]+(\.[0-9]+)?$")
 
 
