@@ -11,6 +11,7 @@ import orjson
 from ..ledger.pricing import format_money
 from ..routing.apis import OPERATION
 from . import spend
+from .estimate import reserved_prompt
 from .metrics import OTEL_PROVIDER
 from .request import RequestState, usage_source
 from .state import ProxyState
@@ -42,6 +43,9 @@ class AccessLog(ProxyState):
             self.metrics.workload(ns, ctx.serviceaccount, ctx.outcome, b.prices.currency if b else None,
                                   float(ctx.cost) if ctx.cost is not None else None)
         u = ctx.usage
+        if b is not None and u is not None and ctx.usage_known and not ctx.partial and ctx.est is not None \
+                and b.provider == "OpenAICompatible" and ctx.prompt_bound is None:
+            self.calibration.observe((b.route, b.name), reserved_prompt(ctx.est), u.input_tokens)
         line: dict[str, Any] = {
             "ts": round(time.time(), 3), "namespace": ns, "api": ctx.api, "model": ctx.alias,
             "route": ctx.route, "status": ctx.status, "outcome": ctx.outcome, "stream": ctx.stream,

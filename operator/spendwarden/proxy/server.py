@@ -23,6 +23,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from ..enums import Provider
 from ..ledger.breakdown import tag_of
 from ..routing.apis import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES, capped_output
 from ..routing.rules import TAG_HEADER, select_backend
@@ -31,6 +32,7 @@ from . import spend
 from .access_log import AccessLog
 from .backend_load import BackendLoads, accepts_connections
 from .budgets import BudgetBook, LeaseShort
+from .calibration import PromptCalibration
 from .config import (
     ANTHROPIC,
     OPENAI,
@@ -70,6 +72,7 @@ from .wire import (
 )
 
 log = logging.getLogger("spendwarden.proxy")
+OPENAI_COMPATIBLE = Provider.OPENAI_COMPATIBLE.value
 
 # The metered endpoints: (path, API, the client's wire format). The gateway serves the same.
 SERVED = (("/v1/chat/completions", CHAT, OPENAI), ("/v1/completions", COMPLETIONS, OPENAI),
@@ -129,6 +132,7 @@ class Proxy(SmallEndpoints, ResponsesEndpoints, StreamRelay, AccessLog):
         self._tasks = []
         self.ledger = None
         self.loads = BackendLoads()
+        self.calibration = PromptCalibration()
         self.waker = None
         self._started = False
         self.load(initial=True)
@@ -333,14 +337,17 @@ class Proxy(SmallEndpoints, ResponsesEndpoints, StreamRelay, AccessLog):
             if backend.wake is not None and self.loads.at_zero(backend.load_key) \
                     and not await self._replica_ready(ctx, route, backend, i + 1 < len(usable)):
                 continue  # Fallback: the next backend serves while this one wakes
+            # An OpenAI-compatible backend's tokenizer is unknown: its reservation follows what it bills.
+            prompt_in = self.calibration.scaled((route.name, backend.name), reserve_in) \
+                if backend.provider == OPENAI_COMPATIBLE and not conversation else reserve_in
             try:  # may raise 429 (503: a Closed budget without a lease)
-                adm = self.book.admit(route, backend, reserve_in, want, choices, downgrade_to,
+                adm = self.book.admit(route, backend, prompt_in, want, choices, downgrade_to,
                                       may_wait=self.ledger is not None)
             except LeaseShort as short:
                 # Ledger mode, the lease is too small: ask for more, then decide on what was granted.
                 assert self.ledger is not None
                 await self.ledger.wait_for_lease(short)
-                adm = self.book.admit(route, backend, reserve_in, want, choices, downgrade_to)
+                adm = self.book.admit(route, backend, prompt_in, want, choices, downgrade_to)
             backend = adm.backend
             adm.tag = tag
             adm.workload = ctx.serviceaccount or ""

@@ -12,6 +12,7 @@ import aiohttp
 from ..routing import tokens as tok
 from .backend_load import BackendLoads, Waker
 from .budgets import BudgetBook
+from .calibration import PromptCalibration
 from .config import Compiled
 from .ledger_client import LedgerClient
 from .limits import BodyMemory
@@ -34,6 +35,7 @@ class ProxyState:
     session: aiohttp.ClientSession | None
     ledger: LedgerClient | None
     loads: BackendLoads
+    calibration: PromptCalibration
     waker: Waker | None
     _fingerprint: str | None
     _fingerprint_file: str | None = None
