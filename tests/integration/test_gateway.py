@@ -205,3 +205,43 @@ def test_a_budget_is_enforced_per_tenant_namespace(kube, tmp_path, control_plane
             _oa(gw, tok_b).chat.completions.create(**ask)
     finally:
         gw.stop()
+
+
+async def _flood(url: str, tokens: list[str]) -> list[int]:
+    import asyncio
+
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as http:
+        async def one(tok: str) -> int:
+            r = await http.post(url, headers={"Authorization": f"Bearer {tok}"},
+                                json={"model": "chat", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+            return r.status_code
+        return list(await asyncio.gather(*(one(t) for t in tokens)))
+
+
+def test_a_flood_of_unknown_tokens_is_refused_without_starving_a_known_caller(kube, gateway, upstream, tenants):
+    """Every unknown token costs a TokenReview: at most 64 run at once (more get 503 at once), a
+    refused one is not reviewed again for 10 s, and a known token is answered from the cache."""
+    import asyncio
+
+    a, _, _ = tenants
+    good = token(kube, a, "app")
+    _oa(gateway, good).chat.completions.create(model="chat", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    fakes = [f"eyJhbGciOiJSUzI1NiJ9.fake{i:05d}.sig" for i in range(600)]
+    url = gateway.openai_url + "/chat/completions"
+
+    async def scenario():
+        flood = asyncio.create_task(_flood(url, fakes))
+        await asyncio.sleep(0.2)
+        served = await asyncio.to_thread(lambda: _oa(gateway, good, timeout=10).chat.completions.create(
+            model="chat", max_tokens=5, messages=[{"role": "user", "content": "during the flood"}]))
+        codes = await flood
+        return served, codes, await _flood(url, fakes[:100])
+
+    served, codes, again = asyncio.run(scenario())
+    assert served.usage is not None
+    print(f"\n[gateway flood] 600 unknown tokens: {codes.count(401)} x 401, {codes.count(503)} x 503; 100 again: "
+          f"{again.count(401)} x 401; the known caller served during it")
+    assert set(codes) <= {401, 503} and codes.count(401) > 0, sorted(set(codes))
+    assert set(again) == {401}  # refused ones are remembered: no second review, no 503
+    assert gateway.alive()
+    assert [x["status"] for x in upstream.requests()] == [200, 200]  # no fake reached the provider
