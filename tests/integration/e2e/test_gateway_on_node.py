@@ -266,3 +266,74 @@ def test_a_budget_holds_exactly_across_the_gateway_replicas_under_concurrent_str
         served += any('"tight"' in x and '"status":200' in x for x in lines if x.startswith("{"))
     assert served == REPLICAS, served
     assert len(proxies) == REPLICAS, proxies
+
+
+MOVE_NS = "e2e-gw-move"
+
+SIDECAR_CALL = textwrap.dedent("""
+    import json, openai
+    client = openai.OpenAI(api_key="unused-the-sidecar-holds-the-key", max_retries=0, timeout=30)
+    try:
+        r = client.chat.completions.create(model="chat", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+        print(json.dumps({"ok": True, "total": r.usage.total_tokens}))
+    except openai.APIStatusError as e:
+        print(json.dumps({"ok": False, "status": e.status_code, "body": str(e)[:300]}))
+""")
+
+
+def move_pods(c: Cluster) -> list[dict]:
+    return [p for p in c.json("-n", MOVE_NS, "get", "pods", "-l", f"app={APP}")["items"] if ready(p)]
+
+
+def call_in(c: Cluster, pod: dict) -> dict:
+    """One call as the Pod's app makes it: through its sidecar, or to the gateway with its token."""
+    gateway_mode = pod["metadata"]["labels"].get("spendwarden.io/proxy") == "gateway"
+    code = CALLS.format(token="", n=1) if gateway_mode else SIDECAR_CALL
+    got = c.exec_python(MOVE_NS, pod["metadata"]["name"], APP, code)
+    return got[0] if isinstance(got, list) else got
+
+
+def test_a_namespace_moves_from_sidecar_to_gateway_mode_without_a_failed_call(
+        cluster: Cluster, release, provider: MockUpstream) -> None:
+    """README's migration: sidecar pods keep working while the namespace is in gateway mode with its
+    egress open, restarted pods use the gateway, and enforcing the egress leaves them working."""
+    c = cluster
+    c.namespace(MOVE_NS, {"spendwarden.io/inject": "true"})
+    c.kubectl("-n", MOVE_NS, "create", "secret", "generic", "openai", f"--from-literal=apiKey={PROVIDER_KEY}")
+    move_route = route(provider)
+    move_route["metadata"]["namespace"] = MOVE_NS
+    c.apply([move_route])
+    c.apply({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": APP, "namespace": MOVE_NS},
+             "spec": {"replicas": 1, "selector": {"matchLabels": {"app": APP}}, "template": {
+                 "metadata": {"labels": {"app": APP}},
+                 "spec": {"containers": [{"name": APP, "image": TESTBED, "imagePullPolicy": "Never",
+                                          "command": ["python", "-c", "import time; time.sleep(10**9)"]}]}}}})
+    (old,) = wait_for(lambda: move_pods(c) or None, 180, "the sidecar app Pod Ready")
+    assert old["metadata"]["labels"].get("spendwarden.io/proxy") == "injected"
+    wait_for(lambda: call_in(c, old)["ok"], 90, "the sidecar serving", interval=2)
+
+    # 1. the key to the gateway, 2. gateway mode with the egress still open.
+    c.kubectl("-n", RELEASE_NS, "annotate", "secret", "openai", "--overwrite",
+              f"spendwarden.io/tenants={TEAM_NS},{MOVE_NS}")
+    c.kubectl("label", "namespace", MOVE_NS, "spendwarden.io/mode=gateway", "spendwarden.io/gateway-egress=open")
+    wait_for(lambda: gateways_serving(c, MOVE_NS) == REPLICAS, 150, "every gateway replica serving the namespace",
+             interval=2)
+    assert c.kubectl("-n", MOVE_NS, "get", "networkpolicy", "spendwarden-gateway-egress", check=False).returncode != 0
+    assert call_in(c, old)["ok"], "the old sidecar Pod stops working before its restart"
+
+    # 3. the restart: the new Pod calls the gateway.
+    c.kubectl("-n", MOVE_NS, "rollout", "restart", f"deployment/{APP}")
+    c.kubectl("-n", MOVE_NS, "rollout", "status", f"deployment/{APP}", "--timeout=180s")
+    (new,) = wait_for(lambda: (lambda ps: ps if len(ps) == 1 and ps[0]["metadata"]["uid"] != old["metadata"]["uid"]
+                               else None)(move_pods(c)), 120, "the restarted Pod alone")
+    assert new["metadata"]["labels"].get("spendwarden.io/proxy") == "gateway"
+    assert call_in(c, new)["ok"]
+
+    # 4. enforce: the policy is applied, the gateway still serves, the direct path is closed.
+    c.kubectl("label", "namespace", MOVE_NS, "spendwarden.io/gateway-egress-")
+    wait_for(lambda: c.kubectl("-n", MOVE_NS, "get", "networkpolicy", "spendwarden-gateway-egress", check=False)
+             .returncode == 0, 60, "the egress policy applied")
+    name = new["metadata"]["name"]
+    wait_for(lambda: not c.exec_python(MOVE_NS, name, APP, DIRECT_CONNECT.format(host=NODE_IP, port=provider.port))
+             ["connected"], 60, "the direct connection refused", interval=2)
+    assert call_in(c, new)["ok"]
