@@ -54,8 +54,17 @@ async def serve(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.config_dir):
         print(f"spendwarden gateway: --config-dir {args.config_dir} is not a directory", file=sys.stderr)
         return 2
-    gateway = Gateway(args.config_dir, args.secrets_dir, TokenReviewer(kube_authentication(args.kubeconfig),
-                                                                        ttl=args.review_ttl), limits,
+    api = kube_authentication(args.kubeconfig)
+    try:
+        # Now, not at the first request: the client's import is large, and done before the process
+        # freezes what it has built (run.py), it stays out of the garbage collector's way; and a
+        # gateway that cannot reach the apiserver's configuration says so at start.
+        api()
+    except Exception as exc:  # noqa: BLE001 - any configuration error: the reason, and exit
+        print(f"spendwarden gateway: no apiserver configuration for TokenReview ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return 2
+    gateway = Gateway(args.config_dir, args.secrets_dir, TokenReviewer(api, ttl=args.review_ttl), limits,
                       proxy_options={"max_body": args.max_body_bytes, "default_max_tokens": args.default_max_tokens,
                                      "body_timeout": args.body_timeout, "max_answer": args.max_response_bytes,
                                      "body_memory": args.max_buffered_bytes})
