@@ -111,3 +111,20 @@ def test_anthropic_fields_without_an_openai_equivalent_are_refused_by_name(up, p
     with pytest.raises(anthropic.BadRequestError, match=f"'{field}'".replace("[", r"\[")):
         an(proxy).messages.create(model="chat", max_tokens=50, messages=MSG, extra_body=kwargs)
     assert len(up.requests()) == before
+
+
+def test_thinking_budget_follows_a_clamped_cap_so_the_budget_holds(start_proxy):
+    from spendwarden.devtools.mock_upstream import MockUpstream
+
+    from .conftest import budget_yaml
+    with MockUpstream(tokens=100, reasoning_tokens=5000) as up:  # it thinks all it may
+        proxy = start_proxy(stream_of(
+            route_yaml("claude", "claude", [backend("an", up.url, "claude-haiku", provider="Anthropic")]),
+            budget_yaml("tok", limits={"tokens": {"total": 3000}})))
+        r = oa(proxy).chat.completions.create(model="claude", messages=MSG, reasoning_effort="high",
+                                              max_completion_tokens=8000)
+        rec = up.requests()[-1]
+        assert rec["max_tokens"] < 3000  # clamped to what the budget has left
+        assert rec["thinking"]["budget_tokens"] == rec["max_tokens"] // 2  # within the clamped cap
+        assert r.usage.completion_tokens == rec["usage"]["completion_tokens"] <= rec["max_tokens"]
+        assert r.usage.total_tokens <= 3000
