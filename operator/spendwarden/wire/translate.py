@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .fields import (
+from .fields import (  # TranslationError: callers catch it as translate.TranslationError
     TranslationError,
     check_anthropic_fields,
     check_openai_fields,
@@ -19,9 +19,6 @@ from .fields import (
     structured_tool,
     thinking_for,
 )
-
-__all__ = ["TranslationError"]
-
 
 _FINISH_FROM_ANTHROPIC = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                           "tool_use": "tool_calls", "pause_turn": "stop", "refusal": "content_filter"}
