@@ -74,3 +74,48 @@ def test_streams_become_sse_bytes():
                      b"event: content_block_stop", b"event: message_delta", b"event: message_stop"]
     delta = orjson.loads(out[-2].split(b"data: ")[1])
     assert delta["usage"]["output_tokens"] == 4
+
+
+# ---------------------------------------------------------------- issue #17: no field dropped silently
+
+def test_every_unknown_openai_field_is_refused_by_name():
+    from spendwarden.wire.fields import TranslationError, check_openai_fields
+    check_openai_fields({"model": "m", "messages": [], "stream_options": {"include_usage": True},
+                         "modalities": ["text"], "service_tier": "auto", "logprobs": False})
+    for body in ({"some_new_field": 1}, {"service_tier": "flex"}, {"modalities": ["audio"]}, {"store": True}):
+        with pytest.raises(TranslationError, match=f"'{next(iter(body))}'"):
+            check_openai_fields(body)
+
+
+def test_every_unknown_anthropic_field_is_refused_by_name():
+    from spendwarden.wire.fields import TranslationError, check_anthropic_fields
+    check_anthropic_fields({"model": "m", "messages": [], "metadata": {"user_id": "u"}, "service_tier": "auto"})
+    for body in ({"container": "c"}, {"mcp_servers": []}, {"metadata": {"other": 1}}):
+        with pytest.raises(TranslationError, match=f"'{next(iter(body))}'"):
+            check_anthropic_fields(body)
+
+
+def test_reasoning_effort_and_thinking_budget_map_both_ways():
+    from spendwarden.wire.fields import effort_for, thinking_for
+    assert thinking_for("low", 8000) == {"type": "enabled", "budget_tokens": 1024}
+    assert thinking_for("medium", 8000) == {"type": "enabled", "budget_tokens": 4000}  # half the cap at most
+    assert thinking_for("high", 100_000) == {"type": "enabled", "budget_tokens": 16384}
+    assert thinking_for("minimal", 8000) is None and thinking_for(None, 10) is None
+    for effort in ("low", "medium", "high"):
+        assert effort_for(thinking_for(effort, 100_000)) == effort
+    assert effort_for({"type": "disabled"}) is None
+
+
+def test_structured_output_translation_both_shapes():
+    from spendwarden.wire import translate as wt
+    req = wt.openai_chat_to_anthropic({"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "W", "schema": {"type": "object"}, "strict": True}}}, "c")
+    assert req["tools"][0]["name"] == "W" and req["tool_choice"] == {"type": "tool", "name": "W"}
+    doc = {"id": "msg_1", "content": [{"type": "tool_use", "id": "t", "name": "W", "input": {"a": 1}}],
+           "stop_reason": "tool_use", "usage": {"input_tokens": 1, "output_tokens": 2}}
+    out = wt.anthropic_to_openai_response(doc, "alias", structured=True)
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": '{"a": 1}'}
+    assert out["choices"][0]["finish_reason"] == "stop"
+    with pytest.raises(wt.TranslationError, match="'response_format'"):
+        wt.openai_chat_to_anthropic({"messages": [], "response_format": {"type": "json_schema", "json_schema": {
+            "name": "W", "schema": {"type": "object"}}}, "tools": [{"type": "function", "function": {"name": "f"}}]}, "c")

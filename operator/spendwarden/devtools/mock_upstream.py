@@ -57,7 +57,10 @@ Behaviours (all optional; later sources override earlier ones, field by field):
     cached_tokens    x-mock-cached-tokens       report this many cached prompt tokens
     cache_write_tokens x-mock-cache-write-tokens  Anthropic: report this many prompt tokens written to the
                                                 prompt cache (5-minute TTL)
-    reasoning_tokens x-mock-reasoning-tokens    OpenAI chat and Responses: a reasoning model, which reasons this many
+    reasoning_tokens x-mock-reasoning-tokens    Anthropic with thinking enabled: the thinking tokens (default 8, at
+                                                most budget_tokens), output within max_tokens, sent as a thinking
+                                                block (mock_anthropic_blocks.py; a forced tool_choice answers a
+                                                tool_use block). OpenAI chat and Responses: a reasoning model, which reasons this many
                                                 tokens before its `tokens` of answer; the output cap bounds both, and
                                                 the output reported includes them (*_tokens_details.reasoning_tokens)
     pad_bytes        x-mock-pad-bytes           make the answer this many bytes larger: a non-streamed answer gets
@@ -99,6 +102,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import mock_anthropic_blocks as blocks_mod
 from .mock_responses import ResponsesMock
 from .mock_text import (  # noqa: F401 - re-exported: tests and tools import them from here
     _JSON,
@@ -303,6 +307,11 @@ class _Handlers:
                 "max_tokens": req.get("max_completion_tokens", req.get("max_tokens", req.get("max_output_tokens"))),
                 "cap_field": next((k for k in _CAP_FIELDS if k in req), None),  # which field carried it
                 "status": status,
+                # what translation sent (forced tools, thinking, reasoning): tests check it arrived
+                "fields": sorted(req),
+                "tool_choice": req.get("tool_choice"),
+                "thinking": req.get("thinking"),
+                "reasoning_effort": req.get("reasoning_effort"),
                 "behaviour": _behaviour_dict(b),  # shared, read-only
                 "headers": {low: v for k, v in request.headers.items() if (low := _recordable_header(k))},
                 "usage": usage,
@@ -608,14 +617,22 @@ class _Handlers:
             self.record(request, "anthropic", req, b, 400, None, True)
             return web.Response(status=400, content_type=_JSON, body=_dumps(
                 {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}}))
-        p, n, c, hit = self.counts(b, cap, chat_prompt_tokens(req.get("messages") or [], req.get("system")))
+        prompt = chat_prompt_tokens(req.get("messages") or [], req.get("system"))
+        budget = blocks_mod.thinking_budget(req)
+        thought = 0
+        if budget is not None:  # extended thinking: output too, within max_tokens (reasoning_counts)
+            r = min(b.reasoning_tokens if b.reasoning_tokens is not None else blocks_mod.DEFAULT_THINKING, budget)
+            p, n, c, hit, thought = self.reasoning_counts(dataclasses.replace(b, reasoning_tokens=r), cap, prompt)
+        else:
+            p, n, c, hit = self.counts(b, cap, prompt)
+        special = budget is not None or blocks_mod.forced_tool(req) is not None
         cached = min(b.cached_tokens or 0, p)
         written = min(b.cache_write_tokens or 0, p - cached)
         usage = {"input_tokens": p - cached - written, "output_tokens": c, "cache_creation_input_tokens": written,
                  "cache_read_input_tokens": cached,
                  "cache_creation": {"ephemeral_5m_input_tokens": written, "ephemeral_1h_input_tokens": 0}}
         rec = {"prompt_tokens": p, "completion_tokens": c, "cached_tokens": cached, "cache_write_tokens": written}
-        stop = "max_tokens" if hit else "end_turn"
+        stop = "max_tokens" if hit else "tool_use" if blocks_mod.forced_tool(req) is not None else "end_turn"
         if not b.garbage:
             self.bill(rec)
         self.s.rid += 1
@@ -626,8 +643,9 @@ class _Handlers:
                 self.record(request, "anthropic", req, b, 200, None, True)
                 return web.Response(body=b"<html>upstream exploded</html>", content_type=_JSON)
             text = b.refusal or (b.content if b.content is not None else _text(n))
+            content = blocks_mod.blocks(req, text, thought) if special else [{"type": "text", "text": text}]
             body = _dumps(_with_usage({"id": mid, "type": "message", "role": "assistant", "model": model,
-                                       "content": [{"type": "text", "text": text}],
+                                       "content": content,
                                        "stop_reason": "refusal" if b.refusal else stop,
                                        "stop_sequence": None, "usage": usage}, b))
             if b.disconnect_after is not None:
@@ -652,6 +670,10 @@ class _Handlers:
         events += [ev(b"content_block_delta", b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
                       + _piece_json(i) + b"}}") for i in range(n)]
         events.append(ev(b"content_block_stop", b'{"type":"content_block_stop","index":0}'))
+        if special:  # thinking and forced-tool blocks replace the text block
+            content = blocks_mod.blocks(req, _text(n), thought)
+            events[1:] = [ev(b"ping", b'{"type":"ping"}')] + [ev(name.encode(), _dumps(data))
+                                                            for name, data in blocks_mod.stream_events(content)]
         events.append(ev(b"message_delta", _dumps({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
                                                    "usage": {"output_tokens": c}})))
         events.append(ev(b"message_stop", b'{"type":"message_stop"}'))

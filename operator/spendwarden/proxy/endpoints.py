@@ -1,4 +1,4 @@
-"""The proxy's endpoints that call no completion: health, the model list, count_tokens (answered locally), metrics, and the 404 in the API's error shape."""
+"""The proxy's endpoints that call no completion: health, the model list, count_tokens (answered locally), metrics, and the 404 (501 for the SDKs' APIs it does not meter: unserved.py) in the API's error shape."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +9,7 @@ import orjson
 from aiohttp import web
 
 from ..routing.apis import MESSAGES
+from . import unserved
 from .config import (
     ANTHROPIC,
     OPENAI,
@@ -111,6 +112,11 @@ class SmallEndpoints(ConfigReload, TokenCounting):
             else OPENAI
         status = 405 if request.path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
                                          "/v1/messages", "/v1/models", "/v1/responses") else 404
-        msg = f"{request.method} {request.path} is not served by the spendwarden proxy"
+        name = unserved.endpoint_of(request.path, fmt == ANTHROPIC) if status == 404 else None
+        if name is not None:  # known to the SDKs, not metered here: say what it is and what to do
+            msg = unserved.message(request.method, request.path, name, "Anthropic" if fmt == ANTHROPIC else "OpenAI")
+            return web.Response(status=unserved.STATUS, headers=unserved.HEADERS, content_type="application/json",
+                                body=error_body(fmt, unserved.STATUS, msg, code="endpoint_not_metered"))
+        msg = f"{request.method} {request.path[:256]} is not served by the spendwarden proxy"
         return web.Response(status=status, body=error_body(fmt, status, msg, code="unknown_url"),
                             content_type="application/json")

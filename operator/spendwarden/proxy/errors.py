@@ -20,6 +20,7 @@ _TYPES = {
     413: ("invalid_request_error", "request_too_large"),
     429: ("budget_exceeded", "budget_exceeded"),
     500: ("server_error", "api_error"),
+    501: ("not_implemented", "api_error"),
     502: ("upstream_error", "api_error"),
     503: ("server_error", "overloaded_error"),
     504: ("timeout", "timeout_error"),

@@ -121,7 +121,7 @@ class StreamRelay(UpstreamCalls):
         if ctx.translating and responses:
             translator = ResponsesStreamTranslator(ctx.alias or "", ctx.raw)
         elif ctx.translating:
-            translator = StreamTranslator(ctx.alias or "", client_usage) if anthropic \
+            translator = StreamTranslator(ctx.alias or "", client_usage, ctx.structured) if anthropic \
                 else ChatStreamTranslator(ctx.alias or "")
         buf = bytearray()
         usage: TokenUsage | BadUsage | None = None

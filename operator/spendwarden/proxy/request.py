@@ -47,6 +47,7 @@ class RequestState:
     tags: dict[str, str] | None = None
     error: str | None = None
     translating: bool = False
+    structured: bool = False  # translated to Anthropic: response_format is a forced tool, its input the answer
     upstream_api: str = CHAT
     partial: bool = False  # usage = the provider's input numbers + the reserved output
     output_seen: bool = False  # usage unknown, no output cap: the output is the stream events relayed

@@ -65,6 +65,7 @@ from .translate import (
     chat_to_messages,
     messages_to_chat,
     responses_to_messages,
+    structured,
 )
 from .wire import (
     bad,
@@ -364,6 +365,7 @@ class Proxy(SmallEndpoints, ResponsesEndpoints, StreamRelay, AccessLog):
                 elif ctx.translating and backend.fmt == ANTHROPIC:
                     payload = orjson.dumps(chat_to_messages(body, backend.model, out or self.default_max_tokens,
                                                             stream))
+                    ctx.structured = structured(body)  # valid: chat_to_messages checked it
                 elif ctx.translating:
                     payload = orjson.dumps(messages_to_chat(body, backend.model, out or self.default_max_tokens,
                                                             stream, backend.provider == "OpenAI"))

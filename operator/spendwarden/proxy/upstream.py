@@ -192,7 +192,7 @@ class UpstreamCalls(PromptEstimate):
             if ctx.translating and ctx.api == RESPONSES:
                 raw = orjson.dumps(message_to_response(doc, ctx.alias or "", ctx.raw))
             elif ctx.translating:
-                raw = orjson.dumps(message_to_chat(doc, ctx.alias or "") if backend.fmt == ANTHROPIC
+                raw = orjson.dumps(message_to_chat(doc, ctx.alias or "", ctx.structured) if backend.fmt == ANTHROPIC
                                    else chat_to_message(doc, ctx.alias or ""))
         except (ValueError, TypeError, AttributeError, KeyError):
             await self._charge_unknown(ctx, backend, adm)

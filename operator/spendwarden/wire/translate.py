@@ -1,7 +1,8 @@
 """OpenAI Chat Completions <-> Anthropic Messages: requests, responses and stream events.
 
 Only what both APIs can express is translated; anything else is refused with TranslationError
-(the proxy answers 400 naming it) rather than silently dropped.
+(the proxy answers 400 naming it) rather than silently dropped: wire/fields.py lists the fields,
+and spendwarden.proxy.translate's docstring tabulates what each becomes.
 """
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-
-class TranslationError(ValueError):
-    """The request uses something the other API cannot express."""
-
+from .fields import (  # TranslationError: callers catch it as translate.TranslationError
+    TranslationError,
+    check_anthropic_fields,
+    check_openai_fields,
+    effort_for,
+    structured_tool,
+    thinking_for,
+)
 
 _FINISH_FROM_ANTHROPIC = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                           "tool_use": "tool_calls", "pause_turn": "stop", "refusal": "content_filter"}
@@ -64,8 +69,17 @@ def _openai_parts_to_blocks(content: Any, where: str) -> list[dict[str, Any]]:
 
 def openai_chat_to_anthropic(body: dict[str, Any], model: str) -> dict[str, Any]:
     """An OpenAI chat.completions request as an Anthropic messages request for `model`."""
+    check_openai_fields(body)
     if body.get("n", 1) not in (1, None):
-        raise TranslationError("n > 1 cannot be sent to an Anthropic backend")
+        raise TranslationError("'n': n > 1 (several choices) cannot be sent to an Anthropic backend: send n requests")
+    temperature = body.get("temperature")
+    if isinstance(temperature, (int, float)) and temperature > 1:
+        raise TranslationError(f"'temperature' {temperature} is above 1, Anthropic's maximum (OpenAI's scale "
+                               "goes to 2): send at most 1")
+    forced = structured_tool(body.get("response_format"))
+    if forced is not None and body.get("tools"):
+        raise TranslationError("'response_format' together with 'tools' cannot be sent to an Anthropic backend "
+                               "(the format becomes a tool the model must call): send one or the other")
     system: list[str] = []
     messages: list[dict[str, Any]] = []
 
@@ -109,8 +123,19 @@ def openai_chat_to_anthropic(body: dict[str, Any], model: str) -> dict[str, Any]
     stop = body.get("stop")
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
-    if body.get("user"):
-        out["metadata"] = {"user_id": str(body["user"])}
+    end_user = body.get("safety_identifier") or body.get("user")
+    if end_user:
+        out["metadata"] = {"user_id": str(end_user)}
+    thinking = thinking_for(body.get("reasoning_effort"), out["max_tokens"])
+    if thinking is not None:
+        out["thinking"] = thinking
+    if forced is not None:  # structured output: the answer is the input of the one tool it must call
+        if thinking is not None:  # Anthropic refuses a forced tool with thinking enabled
+            raise TranslationError("'reasoning_effort' with 'response_format' cannot be sent to an Anthropic "
+                                   "backend (a forced tool excludes thinking): drop one of them")
+        out["tools"] = [forced]
+        out["tool_choice"] = {"type": "tool", "name": forced["name"]}
+        return out
     if body.get("tools"):
         out["tools"] = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
                          "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}}}
@@ -125,6 +150,8 @@ def openai_chat_to_anthropic(body: dict[str, Any], model: str) -> dict[str, Any]
             out["tool_choice"] = {"type": "none"}
         elif isinstance(choice, dict) and choice.get("type") == "function":
             out["tool_choice"] = {"type": "tool", "name": choice["function"]["name"]}
+    if body.get("parallel_tool_calls") is False and out.get("tools"):
+        out["tool_choice"] = dict(out.get("tool_choice") or {"type": "auto"}, disable_parallel_tool_use=True)
     return out
 
 
@@ -138,30 +165,37 @@ def anthropic_usage_to_openai(usage: dict[str, Any]) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def anthropic_to_openai_response(resp: dict[str, Any], alias: str) -> dict[str, Any]:
+def anthropic_to_openai_response(resp: dict[str, Any], alias: str, structured: bool = False) -> dict[str, Any]:
+    """`structured`: the request's response_format became a forced tool, whose input is the answer."""
     text, calls = [], []
     for block in resp.get("content") or []:
         if block.get("type") == "text":
             text.append(block.get("text", ""))
+        elif block.get("type") == "tool_use" and structured:
+            text.append(json.dumps(block.get("input") or {}))
         elif block.get("type") == "tool_use":
             calls.append({"id": block.get("id"), "type": "function",
                           "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})}})
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None}
     if calls:
         message["tool_calls"] = calls
+    stop = resp.get("stop_reason") or ""
+    if structured and stop == "tool_use":
+        stop = "end_turn"  # the forced tool's call is the answer, complete
     return {"id": "chatcmpl-" + str(resp.get("id", "")).removeprefix("msg_"), "object": "chat.completion",
             "created": int(time.time()), "model": alias,
             "choices": [{"index": 0, "message": message,
-                         "finish_reason": _FINISH_FROM_ANTHROPIC.get(resp.get("stop_reason") or "", "stop")}],
+                         "finish_reason": _FINISH_FROM_ANTHROPIC.get(stop, "stop")}],
             "usage": anthropic_usage_to_openai(resp.get("usage") or {})}
 
 
 class AnthropicToOpenAIStream:
     """Feeds Anthropic stream events, yields OpenAI chat.completion.chunk objects."""
 
-    def __init__(self, alias: str, include_usage: bool):
+    def __init__(self, alias: str, include_usage: bool, structured: bool = False):
         self.alias = alias
         self.include_usage = include_usage
+        self.structured = structured  # the forced tool's input_json_delta is the answer's content
         self.id = "chatcmpl-stream"
         self.created = int(time.time())
         self.usage: dict[str, Any] = {}
@@ -181,7 +215,7 @@ class AnthropicToOpenAIStream:
             yield self._chunk({"role": "assistant", "content": ""})
         elif kind == "content_block_start":
             block = event.get("content_block") or {}
-            if block.get("type") == "tool_use":
+            if block.get("type") == "tool_use" and not self.structured:
                 index = self._tool_index.setdefault(event.get("index", 0), len(self._tool_index))
                 yield self._chunk({"tool_calls": [{"index": index, "id": block.get("id"), "type": "function",
                                                    "function": {"name": block.get("name"), "arguments": ""}}]})
@@ -189,12 +223,17 @@ class AnthropicToOpenAIStream:
             delta = event.get("delta") or {}
             if delta.get("type") == "text_delta":
                 yield self._chunk({"content": delta.get("text", "")})
+            elif delta.get("type") == "input_json_delta" and self.structured:
+                yield self._chunk({"content": delta.get("partial_json", "")})
             elif delta.get("type") == "input_json_delta":
                 index = self._tool_index.get(event.get("index", 0), 0)
                 yield self._chunk({"tool_calls": [{"index": index, "function": {"arguments": delta.get("partial_json", "")}}]})
         elif kind == "message_delta":
             self.usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
-            self.finish_reason = _FINISH_FROM_ANTHROPIC.get((event.get("delta") or {}).get("stop_reason") or "", "stop")
+            stop = (event.get("delta") or {}).get("stop_reason") or ""
+            if self.structured and stop == "tool_use":
+                stop = "end_turn"
+            self.finish_reason = _FINISH_FROM_ANTHROPIC.get(stop, "stop")
             yield self._chunk({}, self.finish_reason)
         elif kind == "message_stop" and self.include_usage:
             yield {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.alias,
@@ -213,6 +252,7 @@ def _blocks_of(content: Any, where: str) -> list[dict[str, Any]]:
 
 def anthropic_to_openai_chat(body: dict[str, Any], model: str) -> dict[str, Any]:
     """An Anthropic messages request as an OpenAI chat.completions request for `model`."""
+    check_anthropic_fields(body)
     messages: list[dict[str, Any]] = []
     system = body.get("system")
     if system:
@@ -264,6 +304,14 @@ def anthropic_to_openai_chat(body: dict[str, Any], model: str) -> dict[str, Any]
         out["tool_choice"] = tool_choices.get(choice.get("type"), "auto")
         if choice.get("type") == "tool":
             out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+        if choice.get("disable_parallel_tool_use") is True:
+            out["parallel_tool_calls"] = False
+    user = (body.get("metadata") or {}).get("user_id")
+    if user:
+        out["user"] = str(user)
+    effort = effort_for(body.get("thinking"))
+    if effort is not None:
+        out["reasoning_effort"] = effort
     return out
 
 
