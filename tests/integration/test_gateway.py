@@ -107,6 +107,8 @@ def test_forged_foreign_and_wrong_audience_tokens_are_refused(kube, gateway, ups
     with pytest.raises(anthropic.AuthenticationError):  # a provider's key is not a token either
         anthropic.Anthropic(base_url=gateway.url, api_key="sk-ant-api03-abc", max_retries=0).messages.create(
             model="claude", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    # Neither that key nor "not-a-token" was sent on to the apiserver in a TokenReview.
+    assert 'spendwarden_gateway_refusals_total{reason="not_a_jwt"} 2.0' in gateway.metrics()
     missing = httpx.post(gateway.url + "/v1/messages", json={"model": "claude", "max_tokens": 5, "messages": []})
     assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
     # A namespace the gateway does not serve: authenticated, but forbidden.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from spendwarden.proxy.gateway import credential, tenant_secret_reader
+from spendwarden.proxy.gateway import credential, looks_like_jwt, tenant_secret_reader
 from spendwarden.proxy.ratelimit import Rate, TenantLimits, TokenBuckets
 
 
@@ -95,3 +95,12 @@ def test_the_gateway_serves_the_metered_and_the_responses_endpoints_as_a_sidecar
     assert {("POST", path) for path, _, _ in SERVED} <= served
     assert {(method, path) for method, path, _ in RESPONSE_ROUTES} <= served
     assert ("POST", "/v1/responses") in served
+
+
+def test_only_jwt_shaped_credentials_go_to_tokenreview():
+    assert looks_like_jwt("eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJzdWIiOiJ4In0.c2ln")
+    for not_a_token in ("sk-proj-abcdef123", "sk-ant-api03-abc", "a.b.c", "eyJhbGciOiJSUzI1NiJ9..sig",
+                        "eyJ0eXAiOiJKV1QifQ.e30.c2ln",  # a JSON header without alg
+                        "W10.e30.c2ln",                 # a JSON header that is not an object
+                        "eyJhbGciOiJSUzI1NiJ9.e30.c2ln.extra", "eyJhbGc+.e30.c2ln"):
+        assert not looks_like_jwt(not_a_token), not_a_token

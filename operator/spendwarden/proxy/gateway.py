@@ -18,6 +18,9 @@ spendwarden_gateway_workload_* name the calling ServiceAccount.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
 import logging
 import math
 import operator
@@ -47,6 +50,7 @@ _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 # holds "_", so `<namespace>_<secret>_<key>` splits at its first two underscores.
 _SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
 NAMESPACE_HEADER = "x-spendwarden-namespace"
 
 
@@ -58,6 +62,19 @@ def credential(headers: Any) -> str | None:
         return bearer_token(auth)
     key = headers.get("x-api-key")
     return bearer_token("Bearer " + key) if key else None
+
+
+def looks_like_jwt(token: str) -> bool:
+    """A ServiceAccount token is a JWT: three base64url segments, the first a JSON header naming its
+    algorithm. Anything else is refused without a TokenReview."""
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts) or not all(_B64URL.fullmatch(p) for p in parts):
+        return False
+    try:
+        header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
+    except (ValueError, binascii.Error):
+        return False
+    return isinstance(header, dict) and isinstance(header.get("alg"), str)
 
 
 def tenant_secret_reader(directory: str, namespace: str) -> Callable[[str, str], str | None]:
@@ -243,6 +260,12 @@ class Gateway:
             self.refusals.labels("missing_token").inc()
             raise ProxyError(401, f"{MISSING_TOKEN}: send it as the API key (Authorization: Bearer, or x-api-key)",
                              code="missing_token", headers={"Connection": "close"})
+        if not looks_like_jwt(token):
+            # A provider key sent by mistake (sk-...) must not travel on to the apiserver in a TokenReview.
+            self.refusals.labels("not_a_jwt").inc()
+            raise ProxyError(401, f"{INVALID_TOKEN}: the API key must be the Pod's ServiceAccount token "
+                                  "($SPENDWARDEN_TOKEN_FILE), not a provider key: the gateway holds those",
+                             code="invalid_token", headers={"Connection": "close"})
         try:
             who = await self.reviewer.review(token)
         except ReviewBusy:
@@ -312,4 +335,4 @@ class Gateway:
         return await proxy.not_found(request)
 
 
-__all__ = ["Gateway", "credential", "tenant_secret_reader", "kube_authentication", "NAMESPACE_HEADER"]
+__all__ = ["Gateway", "credential", "looks_like_jwt", "tenant_secret_reader", "kube_authentication", "NAMESPACE_HEADER"]
