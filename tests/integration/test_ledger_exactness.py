@@ -295,9 +295,7 @@ def report(label: str, used: dict, billed: dict, res: RunResult, lat: list[float
 
 
 def _token(kube, namespace: str, audience: str = "spendwarden") -> str:
-    sa_token(kube, namespace)  # creates the ServiceAccount
-    return client.CoreV1Api(kube).create_namespaced_service_account_token("proxy", namespace, {
-        "spec": {"audiences": [audience], "expirationSeconds": 3600}}).status.token
+    return sa_token(kube, namespace, audience=audience)
 
 
 def forger(rig: Rig, kube, name: str):

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from ..enums import Provider
 from ..ledger.pricing import format_money
 from ..routing.apis import OPERATION
 from . import spend
@@ -44,7 +45,7 @@ class AccessLog(ProxyState):
                                   float(ctx.cost) if ctx.cost is not None else None)
         u = ctx.usage
         if b is not None and u is not None and ctx.usage_known and not ctx.partial and ctx.est is not None \
-                and b.provider == "OpenAICompatible" and ctx.prompt_bound is None:
+                and b.provider == Provider.OPENAI_COMPATIBLE.value and ctx.prompt_bound is None:
             self.calibration.observe((b.route, b.name), reserved_prompt(ctx.est), u.input_tokens)
         line: dict[str, Any] = {
             "ts": round(time.time(), 3), "namespace": ns, "api": ctx.api, "model": ctx.alias,

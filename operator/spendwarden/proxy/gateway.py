@@ -26,6 +26,7 @@ import math
 import operator
 import os
 import re
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -126,8 +127,6 @@ class Gateway:
         self.poll_interval = poll_interval
         self.proxy_options = dict(proxy_options or {})
         body_memory = self.proxy_options.pop("body_memory", None)
-        import sys
-
         self.shared = Shared(bodies=BodyMemory(body_memory) if body_memory else BodyMemory(),
                              metrics=Metrics(), session=None,
                              access_log=access_log if access_log is not None else sys.stdout.buffer,

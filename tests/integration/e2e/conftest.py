@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,6 +46,22 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
                 return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {str(last)[-1500:]}")
+
+
+# Run in an app container: whether it can open a TCP connection to host:port (NetworkPolicy checks).
+DIRECT_CONNECT = textwrap.dedent("""
+    import json, socket
+    s = socket.socket(); s.settimeout(3)
+    try:
+        s.connect(("{host}", {port})); print(json.dumps({{"connected": True}}))
+    except OSError as e:
+        print(json.dumps({{"connected": False, "error": repr(e)}}))
+""")
+
+
+def ready(pod: dict) -> bool:
+    conditions = {x["type"]: x["status"] for x in pod.get("status", {}).get("conditions", [])}
+    return conditions.get("Ready") == "True" and not pod["metadata"].get("deletionTimestamp")
 
 
 def record(config: pytest.Config, name: str, seconds: float) -> None:

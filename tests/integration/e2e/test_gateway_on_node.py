@@ -23,7 +23,7 @@ import pytest
 from spendwarden.devtools.mock_upstream import MockUpstream, free_port
 from spendwarden.localcluster.node import NODE_IP
 
-from .conftest import IMAGE, ROOT, TESTBED, Cluster, record, wait_for
+from .conftest import DIRECT_CONNECT, IMAGE, ROOT, TESTBED, Cluster, ready, record, wait_for
 
 RELEASE, RELEASE_NS = "e2egw", "e2e-gw-system"
 TEAM_NS, OTHER_NS = "e2e-gw-team", "e2e-gw-other"
@@ -116,16 +116,6 @@ STREAMS = textwrap.dedent("""
     print(json.dumps(result))
 """)
 
-DIRECT_CONNECT = textwrap.dedent("""
-    import json, socket
-    s = socket.socket(); s.settimeout(3)
-    try:
-        s.connect(("{host}", {port})); print(json.dumps({{"connected": True}}))
-    except OSError as e:
-        print(json.dumps({{"connected": False, "error": repr(e)}}))
-""")
-
-
 def route(provider: MockUpstream) -> dict:
     return {"apiVersion": "spendwarden.io/v1alpha1", "kind": "ModelRoute", "metadata": {"name": "chat", "namespace": TEAM_NS},
             "spec": {"model": "chat", "defaultBackend": "provider", "backends": [{
@@ -138,11 +128,6 @@ def budget(name: str, total_tokens: int) -> dict:
     return {"apiVersion": "spendwarden.io/v1alpha1", "kind": "TokenBudget", "metadata": {"name": name, "namespace": TEAM_NS},
             "spec": {"period": {"type": "Daily", "timeZone": "UTC"}, "limits": {"tokens": {"total": total_tokens}},
                      "onExceeded": "CutOff", "failMode": "Closed"}}
-
-
-def ready(pod: dict) -> bool:
-    conditions = {x["type"]: x["status"] for x in pod.get("status", {}).get("conditions", [])}
-    return conditions.get("Ready") == "True" and not pod["metadata"].get("deletionTimestamp")
 
 
 def app_pod(c: Cluster) -> dict:

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from .conftest import IMAGE, RELEASE_NS, ROOT, TESTBED, Cluster, record, wait_for
+from .conftest import DIRECT_CONNECT, IMAGE, RELEASE_NS, ROOT, TESTBED, Cluster, ready, record, wait_for
 
 RELEASE = "e2e"
 LLM_NS = "e2e-llm"
@@ -44,11 +44,6 @@ def helm_values_args() -> list[str]:
 
 def operator_pods(c: Cluster) -> list[dict]:
     return c.json("-n", RELEASE_NS, "get", "pods", "-l", "app.kubernetes.io/name=spendwarden")["items"]
-
-
-def ready(pod: dict) -> bool:
-    conditions = {x["type"]: x["status"] for x in pod.get("status", {}).get("conditions", [])}
-    return conditions.get("Ready") == "True" and not pod["metadata"].get("deletionTimestamp")
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +84,6 @@ OPENAI_CALLS = textwrap.dedent("""
             out.append({{"ok": False, "status": e.status_code, "body": str(e)[:400]}})
     print(json.dumps(out))
 """)
-
-DIRECT_CONNECT = textwrap.dedent("""
-    import json, socket
-    s = socket.socket(); s.settimeout(3)
-    try:
-        s.connect(("{host}", {port})); print(json.dumps({{"connected": True}}))
-    except OSError as e:
-        print(json.dumps({{"connected": False, "error": repr(e)}}))
-""")
-
 
 def calls(c: Cluster, pod: str, n: int, model: str = "chat", max_tokens: int = 16) -> list[dict]:
     return c.exec_python(TEAM_NS, pod, APP, OPENAI_CALLS.format(n=n, model=model, max_tokens=max_tokens))
