@@ -481,7 +481,7 @@ async def test_a_huge_prompt_that_cannot_fit_leaves_the_budget_open_for_the_smal
 
         clock.t += 86400  # the next period: the smallest admitted request belongs to the old one
         book.roll()
-        assert book.states["closed"].lease.smallest_admitted is None
+        assert book.states["closed"].lease.admitted.value(clock()) is None
         n = len(t.sent)
         await until(lambda: any(b["budgets"]["closed"]["periodStart"] == _iso_of(book.states["closed"].period_start)
                                 for b in t.sent[n:]))

@@ -384,16 +384,47 @@ def test_an_older_proxy_without_smallest_admitted_keeps_the_old_rule():
     assert "smallestAdmitted" not in ledger.to_state()["proxies"]["a"]
 
 
-def test_smallest_admitted_is_a_cumulative_minimum_and_a_retry_changes_nothing():
+def test_smallest_admitted_is_each_reports_window_minimum_and_a_retry_changes_nothing():
     ledger = BudgetLedger(Limits(total_tokens=10_000))
     ledger.report("a", 1, Amount(), Amount(), None, now=0, smallest_admitted=amount(100, 16))
-    ledger.report("a", 2, Amount(), Amount(), None, now=1, smallest_admitted=amount(300, 8))
+    ledger.report("a", 2, Amount(), Amount(), None, now=1, smallest_admitted=least(amount(100, 16), amount(300, 8)))
     assert ledger.smallest_admitted() == Amount(100, 8, amount(100, 16).cost)  # per dimension
     before = ledger.to_state()
     assert ledger.report("a", 2, Amount(), Amount(), None, now=1, smallest_admitted=amount(1, 1)).duplicate
     assert ledger.to_state() == before
     ledger.report("b", 1, Amount(), Amount(), None, now=1, smallest_admitted=amount(50, 16))
     assert ledger.smallest_admitted() == Amount(50, 8, amount(50, 16).cost)
+    # The proxy's window moved on: what it admitted long ago no longer counts (replaced, not lowered).
+    ledger.report("b", 2, Amount(), Amount(), None, now=70, smallest_admitted=None)
+    ledger.report("a", 3, Amount(), Amount(), None, now=70, smallest_admitted=amount(300, 16))
+    assert ledger.smallest_admitted() == amount(300, 16)
+
+
+def test_a_small_request_made_long_ago_does_not_keep_a_budget_from_being_spent():
+    # The demo's bug: the first local request (before the prompt calibration) needed 9 µUSD, every
+    # later one 16; with 12 µUSD left the budget was never found spent, refusing 'retry shortly' for ever.
+    ledger = BudgetLedger(Limits(cost=Decimal("0.001")), LeaseSettings(horizon=5, admitted_window=10))
+    first, later = Amount(27, 16, Decimal("0.000009")), Amount(100, 16, Decimal("0.000016"))
+    ledger.report("a", 1, Amount(), Amount(), Amount(0, 0, Decimal("0.001")), now=0, smallest_admitted=first)
+    ledger.report("a", 2, Amount(10_000, 0, Decimal("0.000988")), Amount(), later, now=30, need=later,
+                  smallest_admitted=later)  # the proxy's window holds only the later requests now
+    assert ledger.shortfall() == Shortfall("cost", Decimal("0.000012"), Decimal("0.000016"))
+    # A dead proxy's minimum counts for the window from its death, then stops counting.
+    ledger = BudgetLedger(Limits(cost=Decimal("0.001")), LeaseSettings(ttl=1, grace=1, horizon=5, admitted_window=10))
+    ledger.report("dead", 1, Amount(), Amount(), None, now=0, smallest_admitted=first)
+    ledger.report("a", 1, Amount(), Amount(), Amount(0, 0, Decimal("0.0009")), now=0)
+    ledger.report("a", 2, Amount(), Amount(), None, now=2)
+    assert ledger.expire(now=3) == ["dead"]
+    # The dead proxy's escrow (0.00001, 1% of the limit) is charged: 12 µUSD left beside it.
+    assert ledger.retired.cost == Decimal("0.00001")
+    ledger.report("a", 3, Amount(10_000, 0, Decimal("0.000978")), Amount(), later, now=4, need=later)
+    assert not ledger.exhausted()  # the dead proxy's 9 µUSD request still fits what is left
+    state = ledger.to_state()
+    assert state["retiredAdmittedAt"] == 3
+    restored = BudgetLedger.from_state(ledger.limits, state, ledger.settings)
+    for lg in (ledger, restored):
+        lg.report("a", 4, Amount(10_000, 0, Decimal("0.000978")), Amount(), later, now=20, need=later)
+        assert lg.shortfall() == Shortfall("cost", Decimal("0.000012"), Decimal("0.000016"))
 
 
 def test_the_cost_dimension_uses_the_cheapest_admitted_request():
@@ -407,7 +438,8 @@ def test_the_cost_dimension_uses_the_cheapest_admitted_request():
                   smallest_admitted=least(premium, cheap))
     ledger.report("b", 1, Amount(), Amount(), premium, now=2, need=premium)
     assert not ledger.exhausted()
-    ledger.report("a", 3, Amount(1_000_000, 0, Decimal("0.996")), Amount(), None, now=3)
+    ledger.report("a", 3, Amount(1_000_000, 0, Decimal("0.996")), Amount(), None, now=3,
+                  smallest_admitted=least(premium, cheap))
     ledger.report("b", 2, Amount(), Amount(), premium, now=3, need=premium)
     assert ledger.shortfall() == Shortfall("cost", Decimal("0.004"), Decimal("0.005"))
 

@@ -204,11 +204,31 @@ def test_the_smallest_admitted_request_is_its_least_reservation_and_falls_per_di
     route = c.routes["chat"]
     big = route.backends["big"]
     book.admit(route, big, 300, 500, 1, route.downgrade)
-    assert st.lease.smallest_admitted == Amount.worst_case(big.prices, 300, 16)  # output as a clamp may cut it
+    assert st.lease.admitted.value(book.clock()) == Amount.worst_case(big.prices, 300, 16)  # output as a clamp may cut it
     book.admit(route, big, 100, 8, 1, route.downgrade)
-    assert st.lease.smallest_admitted == Amount.worst_case(big.prices, 100, 8)
+    assert st.lease.admitted.value(book.clock()) == Amount.worst_case(big.prices, 100, 8)
     book.admit(route, big, 200, 4, 2, route.downgrade)  # 2 choices of 4: 8 output tokens
-    assert st.lease.smallest_admitted == Amount.worst_case(big.prices, 100, 8)
+    assert st.lease.admitted.value(book.clock()) == Amount.worst_case(big.prices, 100, 8)
+
+
+def test_the_smallest_admitted_request_counts_for_the_window_then_stops_counting():
+    # A small request made once, early, must not keep a budget whose requests now all need more than
+    # is left out of the spent state for the rest of the period (ledger/leases.py).
+    c = config(limits='{tokens: {total: 10000}}')
+    book, st = _leased_book(c, Limits(total_tokens=10_000))
+    route = c.routes["chat"]
+    big = route.backends["big"]
+    st.lease.valid_until = book.clock() + 10_000
+    st.lease.admitted.window = 60
+    book.admit(route, big, 10, 16, 1, route.downgrade)
+    small = Amount.worst_case(big.prices, 10, 16)
+    book.clock.t += 35   # two buckets of half a window each: this one is in the next
+    book.admit(route, big, 400, 16, 1, route.downgrade)
+    assert st.lease.admitted.value(book.clock()) == small
+    book.clock.t += 30   # the small one is 65 s old: gone; the larger one (30 s) still counts
+    assert st.lease.admitted.value(book.clock()) == Amount.worst_case(big.prices, 400, 16)
+    book.clock.t += 60
+    assert st.lease.admitted.value(book.clock()) is None
 
 
 def test_downgraded_and_alert_only_requests_are_not_what_a_budget_covers():
@@ -217,13 +237,13 @@ def test_downgraded_and_alert_only_requests_are_not_what_a_budget_covers():
     route = c.routes["chat"]
     big = route.backends["big"]
     assert book.admit(route, big, 100, 1000, 1, route.downgrade).downgraded  # past what the lease covers
-    assert st.lease.smallest_admitted is None
+    assert st.lease.admitted.value(book.clock()) is None
     assert not book.admit(route, big, 100, 100, 1, route.downgrade).downgraded
-    assert st.lease.smallest_admitted == Amount.worst_case(big.prices, 100, 16)
+    assert st.lease.admitted.value(book.clock()) == Amount.worst_case(big.prices, 100, 16)
     c = config("AlertOnly")
     book, st = _leased_book(c, Limits(total_tokens=1000))
     book.admit(c.routes["chat"], big, 100, 100, 1, None)
-    assert st.lease.smallest_admitted is None
+    assert st.lease.admitted.value(book.clock()) is None
 
 
 def test_a_prompt_written_to_the_cache_never_overshoots_a_cost_budget():

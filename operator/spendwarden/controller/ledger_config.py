@@ -25,6 +25,7 @@ class LedgerConfig:
     commit_timeout: float = 10.0     # a grant not persisted by then is answered 503 (proxy retries)
     lease_ttl: float = LeaseSettings.ttl      # tests shorten these: a killed proxy is charged after ttl + grace
     lease_grace: float = LeaseSettings.grace
+    admitted_window: float = LeaseSettings.admitted_window  # the demo shortens it (ledger/leases.py)
     # The operator's --namespace patterns (globs, "!" excludes); empty: all. Budgets elsewhere are not
     # watched, so their spec changes would go unseen: they are answered as unknown.
     namespaces: tuple[str, ...] = ()
@@ -49,4 +50,6 @@ class LedgerConfig:
                    request_timeout=float(env.get("SPENDWARDEN_LEDGER_REQUEST_TIMEOUT") or 10.0),
                    max_connections=int(env.get("SPENDWARDEN_LEDGER_MAX_CONNECTIONS") or 4096),
                    lease_ttl=float(env.get("SPENDWARDEN_LEDGER_LEASE_TTL") or LeaseSettings.ttl),
-                   lease_grace=float(env.get("SPENDWARDEN_LEDGER_LEASE_GRACE") or LeaseSettings.grace))
+                   lease_grace=float(env.get("SPENDWARDEN_LEDGER_LEASE_GRACE") or LeaseSettings.grace),
+                   admitted_window=float(env.get("SPENDWARDEN_LEDGER_ADMITTED_WINDOW")
+                                         or LeaseSettings.admitted_window))

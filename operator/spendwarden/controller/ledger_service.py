@@ -154,7 +154,8 @@ class LedgerService:
         self.gateway = gateway or GatewaySettings()
         self.namespace_labels: NamespaceLabelsFn = namespace_labels or (lambda _: None)
         self.scaling = scaling
-        self.store = store or LedgerStore(LeaseSettings(ttl=config.lease_ttl, grace=config.lease_grace))
+        self.store = store or LedgerStore(LeaseSettings(
+            ttl=config.lease_ttl, grace=config.lease_grace, admitted_window=config.admitted_window))
         self.reviewer = TokenReviewer(config.review_ttl)
         self._flush: dict[tuple[str, str], _FlushState] = {}
         self._loading: dict[tuple[str, str], asyncio.Task] = {}  # in flight only: one GET per name

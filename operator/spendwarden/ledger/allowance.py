@@ -97,6 +97,40 @@ def least(a: Amount | None, b: Amount) -> Amount:
     return Amount(min(a.input_tokens, b.input_tokens), min(a.output_tokens, b.output_tokens), min(a.cost, b.cost))
 
 
+class RecentLeast:
+    """The per-dimension minimum (`least`) of the amounts noted in the last `window` seconds, or a
+    little less (at least half of it: two buckets of half a window each), in constant memory."""
+
+    __slots__ = ("window", "current", "previous", "since")
+
+    def __init__(self, window: float = 60.0):
+        self.window = window
+        self.current: Amount | None = None   # noted since `since`
+        self.previous: Amount | None = None  # noted in the half window before it
+        self.since = 0.0
+
+    def _rotate(self, now: float) -> None:
+        half = self.window / 2
+        steps = int((now - self.since) // half) if half > 0 else 2
+        if steps >= 1:
+            self.previous = self.current if steps == 1 else None
+            self.current = None
+            self.since = self.since + steps * half if half > 0 else now
+
+    def note(self, amount: Amount, now: float) -> None:
+        self._rotate(now)
+        self.current = least(self.current, amount)
+
+    def value(self, now: float) -> Amount | None:
+        self._rotate(now)
+        if self.previous is None:
+            return self.current
+        return self.previous if self.current is None else least(self.previous, self.current)
+
+    def clear(self) -> None:
+        self.current = self.previous = None
+
+
 @dataclass(slots=True)
 class Remaining:
     """What is left; None where there is no limit of that kind."""

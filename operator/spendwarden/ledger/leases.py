@@ -33,9 +33,14 @@ request in flight settled at nothing) cannot cover the smallest request the team
 limited dimension it is below the per-dimension minimum of
   - the smallest need any proxy could not get in the last `horizon` seconds (at least one is
     required: without a request refused for lack of budget nothing proves the budget spent), and
-  - the smallest request the proxies ADMITTED this period, measured like `need` (its least possible
-    reservation: prompt, least useful output, their cost), which each proxy reports as a cumulative
-    minimum (`smallest_admitted`; older proxies send none, and then the unmet needs alone decide).
+  - the smallest request the proxies ADMITTED recently, measured like `need` (its least possible
+    reservation: prompt, least useful output, their cost), which each proxy reports as the minimum
+    over its last `admitted_window` seconds (`smallest_admitted`; older proxies send a cumulative
+    minimum, or none, and then the unmet needs alone decide). Recently, not this period: a small
+    request made once, early, would otherwise keep a budget whose every request now needs more than
+    is left out of the spent state for the rest of the period, refusing everything with 'retry
+    shortly' and never telling anyone it is spent (seen in the demo, where the local backend's
+    prompt calibration made later requests need twice what the first one did).
 So one huge prompt that cannot fit what is left does not cut off a team whose ordinary requests
 still fit; a team whose every request is huge is spent once none fits. A need larger than the whole
 limit never fits however much is left: it proves nothing and is left out. The minima are taken per
@@ -156,6 +161,9 @@ class LeaseSettings:
     horizon: float = 5.0               # a lease should cover this many seconds of the proxy's recent spend
     min_share: Decimal = Decimal("0.01")  # the smallest slice worth granting: 1% of the limit...
     max_share: Decimal = Decimal("0.5")   # ...and never more than half of what is left to one proxy at once
+    # How far back an admitted request still shows what the team makes (module docstring: The end of
+    # a budget); proxies are told it in every answer and report their minimum over it.
+    admitted_window: float = 60.0
 
 
 class BudgetLedger:
@@ -170,8 +178,10 @@ class BudgetLedger:
         # reconciled when it reports again (proxy id -> (when it was presumed dead, what was charged
         # for it)), oldest first, at most MAX_TOMBSTONES.
         self.tombstones: dict[str, tuple[float, Amount]] = {}
-        # The smallest request admitted this period by proxies presumed dead (their accounts are gone).
+        # The smallest request admitted recently by proxies presumed dead (their accounts are gone),
+        # and when the last of them died: it counts for admitted_window from then.
         self.retired_admitted: Amount | None = None
+        self.retired_admitted_at: float = 0.0
         # When the budget was last found spent (unix time; None while it is not): when CutOff began.
         self.exhausted_at: float | None = None
         # Needs that could not be granted, per proxy: (when, need). With the smallest admitted request
@@ -190,9 +200,12 @@ class BudgetLedger:
             total = total + acct.used
         return total
 
-    def smallest_admitted(self) -> Amount | None:
-        """The per-dimension minimum of the requests admitted this period (None: none reported)."""
+    def smallest_admitted(self, now: float | None = None) -> Amount | None:
+        """The per-dimension minimum of the requests admitted recently (None: none reported).
+        `now`: leave out dead proxies' minimum once it is older than the window (None: keep it)."""
         smallest = self.retired_admitted
+        if now is not None and now - self.retired_admitted_at > self.settings.admitted_window:
+            smallest = None
         for acct in self.proxies.values():
             if acct.smallest_admitted is not None:
                 smallest = least(smallest, acct.smallest_admitted)
@@ -272,8 +285,9 @@ class BudgetLedger:
         acct.used = _max_amount(acct.used, used)  # cumulative: never moves backwards
         acct.held = held
         acct.last_report_at = now
-        if smallest_admitted is not None:
-            acct.smallest_admitted = least(acct.smallest_admitted, smallest_admitted)
+        # The proxy's minimum over its recent window (an older proxy's cumulative one): replaced, not
+        # lowered, so a request admitted long ago stops counting (None: nothing admitted lately).
+        acct.smallest_admitted = smallest_admitted
         if release_to is not None:
             acct.ceiling = _floor_ceiling(release_to, Ceiling.committed(self.limits, acct.used + acct.held))
 
@@ -319,7 +333,7 @@ class BudgetLedger:
                   if t >= now - self.settings.horizon and _short_of(self.limits, Amount(), n) is None]
         if not recent:
             return
-        smallest = least(self.smallest_admitted(), recent[0])
+        smallest = least(self.smallest_admitted(now), recent[0])
         for unmet in recent[1:]:
             smallest = least(smallest, unmet)
         if _short_of(self.limits, self.used(), smallest) is not None:
@@ -394,7 +408,9 @@ class BudgetLedger:
             acct = self.proxies.pop(pid)
             self.unmet.pop(pid, None)
             if acct.smallest_admitted is not None:
-                self.retired_admitted = least(self.retired_admitted, acct.smallest_admitted)
+                fresh = now - self.retired_admitted_at <= self.settings.admitted_window
+                self.retired_admitted = least(self.retired_admitted if fresh else None, acct.smallest_admitted)
+                self.retired_admitted_at = now
             charge = _escrow_as_amount(self.limits, acct)
             self.retired = self.retired + charge
             self.tombstones[pid] = (now, charge)
@@ -420,6 +436,7 @@ class BudgetLedger:
         }
         if self.retired_admitted is not None:
             out["retiredSmallestAdmitted"] = _amount_state(self.retired_admitted)
+            out["retiredAdmittedAt"] = self.retired_admitted_at
         return out
 
     @classmethod
@@ -440,6 +457,7 @@ class BudgetLedger:
         ledger.exhausted_at = float(at) if at is not None else None
         ledger.spent_for = _optional_amount(data.get("spentFor"))
         ledger.retired_admitted = _optional_amount(data.get("retiredSmallestAdmitted"))
+        ledger.retired_admitted_at = float(data.get("retiredAdmittedAt") or 0.0)
         return ledger
 
 

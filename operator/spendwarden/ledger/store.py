@@ -66,8 +66,9 @@ class BudgetReport:
     breakdown: Breakdown | None = None  # optional (proxies before it simply send none)
     hard_release_to: Ceiling | None = None  # the same for the hard-ceiling lease (Downgrade)
     need: Amount | None = None
-    # Optional (older proxies send none): the smallest request this proxy admitted this period, as
-    # its least possible reservation; a cumulative minimum (leases.py, the end of a budget).
+    # Optional (older proxies send none): the smallest request this proxy admitted recently, as
+    # its least possible reservation: the minimum over the window the answers announce
+    # (`admittedWindow`; older proxies: a cumulative minimum; leases.py, the end of a budget).
     smallest_admitted: Amount | None = None
 
 
@@ -566,6 +567,7 @@ class LedgerStore:
         cur = entry.current
         out.update({"periodStart": cur.start, "periodEnd": cur.end, "state": state.value,
                     "onExceeded": spec.onExceeded.value, "failMode": spec.failMode.value,
+                    "admittedWindow": self.settings.admitted_window,
                     "cutOff": (spec.onExceeded.value == "CutOff" and exhausted)
                     or (cur.hard is not None and cur.hard.exhausted())})  # Downgrade past its hard ceiling
         if not out["cutOff"] and fraction >= TAIL_FRACTION:

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..enums import FailMode, OnExceeded
-from ..ledger.allowance import Allowance, Amount, Limits, clamp_output, hard_ceiling, least
+from ..ledger.allowance import Allowance, Amount, Limits, RecentLeast, clamp_output, hard_ceiling
 from ..ledger.breakdown import Breakdown
 from ..ledger.periods import current_period
 from ..ledger.pricing import Prices, TokenUsage, cost
@@ -53,9 +53,10 @@ class LeaseView:
     released_at: float = -1.0  # last_admit when the lease was last released (once per idle spell)
     want: Amount | None = None  # worst cases of requests waiting for a bigger lease (next report)
     need: Amount | None = None  # the smallest of them, clamped to the least useful output
-    # The smallest request admitted this period, measured like `need` (cumulative minimum, reported
-    # with every report): the ledger finds the budget spent only when not even that fits.
-    smallest_admitted: Amount | None = None
+    # The smallest request admitted lately, measured like `need` (the minimum over the window the
+    # ledger's answers announce, reported with every report): the ledger finds the budget spent only
+    # when not even that fits (ledger/leases.py: recently, not this period, and why).
+    admitted: RecentLeast = field(default_factory=RecentLeast)
     previous: tuple[datetime, Amount] | None = None  # a finished period's final usage, not yet reported
     previous_breakdown: Breakdown | None = None  # ...and where it went (route, backend, tag)
 
@@ -264,7 +265,7 @@ class BudgetBook:
                 adm.over_budget.append(st.budget.name)
             adm.holds.append((st, rid))
         if self.ledger:
-            _note_admitted(states, least_reservation(prices, input_tokens, want, choices), downgraded)
+            _note_admitted(states, least_reservation(prices, input_tokens, want, choices), downgraded, now_ts)
         return adm
 
     def _lease_checks(self, states: list[BudgetState], backend: BackendRt, input_tokens: int, want: int,
@@ -373,7 +374,7 @@ def least_reservation(prices: Prices, input_tokens: int, want: int, choices: int
     return Amount.worst_case(prices, input_tokens, min(want, MIN_USEFUL_OUTPUT) * choices)
 
 
-def _note_admitted(states: list[BudgetState], need: Amount, downgraded: bool) -> None:
+def _note_admitted(states: list[BudgetState], need: Amount, downgraded: bool, now_ts: float) -> None:
     """Lower the leases' smallest admitted request to `need`. Not for AlertOnly budgets (they never
     refuse), nor for a Downgrade budget's downgraded request (past its limit: not what it covers), nor
     for a request that reserves no tokens at all (it fits any budget, so it proves nothing)."""
@@ -383,7 +384,7 @@ def _note_admitted(states: list[BudgetState], need: Amount, downgraded: bool) ->
         lease, on = st.lease, st.budget.on_exceeded
         if lease is None or on is OnExceeded.ALERT_ONLY or (downgraded and on is OnExceeded.DOWNGRADE):
             continue
-        lease.smallest_admitted = least(lease.smallest_admitted, need)
+        lease.admitted.note(need, now_ts)
 
 
 def budget_exceeded(st: BudgetState, now_ts: float, hard: bool = False) -> ProxyError:
@@ -448,7 +449,7 @@ def _new_period_lease(st: BudgetState) -> None:
     lease.previous = (st.period_start, st.allowance.used)
     lease.previous_breakdown = st.breakdown
     lease.ceiling, lease.valid_until, lease.local, lease.cut_off, lease.exceeded = None, 0.0, False, False, False
-    lease.smallest_admitted = None
+    lease.admitted.clear()
     st.allowance.limits = zero_limits(lease.whole)
     if st.hard is not None:
         st.hard = zero_limits(st.hard)

@@ -12,8 +12,9 @@ synchronous (budgets.py); this module only moves numbers between the allowances 
   not use, so fragments of a nearly spent budget are pooled where one request fits); a waiting
   request is admitted again as soon as that report is answered (server.py waits at most `wait` s);
 - every report carries `smallestAdmitted`, the least reservation of the smallest request admitted
-  this period: the ledger finds a budget spent only when not even that fits what is left, so one
-  huge request that cannot fit does not cut off a team whose ordinary requests still do;
+  in the last `admittedWindow` seconds (the answers say how many): the ledger finds a budget spent
+  only when not even that fits what is left, so one huge request that cannot fit does not cut off a
+  team whose ordinary requests still do;
 - a report is resent unchanged (same seq) until it is answered: usage is cumulative, so a retry or a
   lost answer can never count twice;
 - idle budgets give back what they do not use: the local ceiling is lowered FIRST, then reported
@@ -233,9 +234,11 @@ class LedgerClient:
                     self._kick.set()
                 continue
             entry = {"periodStart": _iso(st.period_start), "used": _amount(a.used), "held": _amount(a.reserved)}
-            if lease.smallest_admitted is not None:
-                # Cumulative like `used`, so sent every time: a restarted operator cannot miss it.
-                entry["smallestAdmitted"] = _amount(lease.smallest_admitted)
+            smallest = lease.admitted.value(now)
+            if smallest is not None:
+                # Sent every time (the minimum over the recent window, not a delta): a retry changes
+                # nothing and a restarted operator cannot miss it.
+                entry["smallestAdmitted"] = _amount(smallest)
             if st.breakdown.rows:
                 entry["breakdown"] = st.breakdown.to_wire()
             if lease.want is not None:
@@ -337,6 +340,9 @@ class LedgerClient:
                 log.info("budget %s: cut off by the operator" if cut else "budget %s: cut-off lifted", name)
             lease.cut_off = cut
             lease.exceeded = entry.get("state") == "Exceeded"
+            window = entry.get("admittedWindow")
+            if isinstance(window, (int, float)) and not isinstance(window, bool) and 0 < window <= 86_400:
+                lease.admitted.window = float(window)
             lease.down = False
         self._wake(self.answered_seq)
 
