@@ -140,3 +140,20 @@ def test_the_mock_sends_the_providers_error_shapes():
                        headers={"x-mock-status": "529"}, timeout=5)
         assert r.status_code == 529 and r.json() == {
             "type": "error", "error": {"type": "overloaded_error", "message": "mock upstream error 529"}}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_anthropic_beta_headers_reach_an_anthropic_backend(up, proxy, stream):
+    # The SDK's beta namespace sends the betas as one anthropic-beta header (and ?beta=true):
+    # features such as interleaved thinking are switched on by it, so it must arrive unchanged.
+    betas = ["interleaved-thinking-2025-05-14", "context-management-2025-06-27"]
+    kw = {"model": "claude", "max_tokens": 10, "messages": MSG, "betas": betas}
+    if stream:
+        with an(proxy).beta.messages.stream(**kw) as s:
+            text = "".join(s.text_stream)
+    else:
+        text = "".join(b.text for b in an(proxy).beta.messages.create(**kw).content if b.type == "text")
+    assert text
+    seen = up.requests()[-1]
+    assert seen["path"] == "/v1/messages" and seen["api"] == "anthropic"
+    assert seen["headers"]["anthropic-beta"] == ",".join(betas)
