@@ -4,6 +4,7 @@ tokens priced as output and reported on their own, budgets reserved for (previou
 included), the free endpoints forwarded, Anthropic aliases refused."""
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 
 import httpx
@@ -110,6 +111,10 @@ def test_chat_reasoning_tokens_are_logged_on_their_own_and_priced_as_output(up, 
     line = proxy.log(1)[-1]
     assert (line["output_tokens"], line["reasoning_tokens"]) == (32, 20)
     assert Decimal(line["cost"]) == expected_cost(r.usage.prompt_tokens, 32)
+    # The metrics count the reasoning on its own too (a part of output, as in the access log).
+    sums = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'gen_ai_client_token_usage_sum\{[^}]*gen_ai_token_type="(\w+)"[^}]*\} (\S+)', proxy.metrics())}
+    assert (sums["output"], sums["reasoning"]) == (32, 20)
 
 
 def test_budget_sends_the_default_cap_clamps_near_the_end_then_refuses(up, start_proxy):

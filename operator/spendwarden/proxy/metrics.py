@@ -36,7 +36,8 @@ MAX_WORKLOAD_NAMESPACES = 2_000
 
 BASE = ("namespace", "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
         "gen_ai_response_model", "route", "backend")
-TOKEN_TYPES = ("input", "output", "cached_input", "cache_write")
+# cached_input and cache_write are parts of input, reasoning a part of output (billed as output).
+TOKEN_TYPES = ("input", "output", "cached_input", "cache_write", "reasoning")
 
 
 class _Hist:
@@ -79,12 +80,16 @@ class _Series:
         self.overhead = _Hist(OVERHEAD_BUCKETS)
 
 
-def _observe_prompt_cache(s: _Series, usage: Any) -> None:
-    """The prompt's cache reads and writes (parts of its input tokens), only when there were any."""
+def _observe_parts(s: _Series, usage: Any) -> None:
+    """The prompt's cache reads and writes (parts of its input tokens) and the hidden reasoning (a
+    part of its output), only when there were any."""
     if usage.cached_input_tokens:
         s.tokens[2].observe(usage.cached_input_tokens)
     if usage.cache_write_tokens:
         s.tokens[3].observe(usage.cache_write_tokens)
+    reasoning = getattr(usage, "reasoning_tokens", 0)
+    if reasoning:
+        s.tokens[4].observe(reasoning)
 
 
 class _RequestCollector:
@@ -97,7 +102,7 @@ class _RequestCollector:
     def collect(self) -> Iterator[Any]:
         series = list(self.m.series.items())
         tok = HistogramMetricFamily("gen_ai_client_token_usage", "Tokens used per request (provider's numbers; the "
-                                    "cached_input and cache_write types are parts of input).",
+                                    "cached_input and cache_write types are parts of input, reasoning a part of output).",
                                     labels=BASE + ("gen_ai_token_type",))
         cost = CounterMetricFamily("spendwarden_cost", "Money spent, priced with the backend's prices.",
                                    labels=BASE + ("currency",))
@@ -231,7 +236,7 @@ class Metrics:
             s = self.series[base] = _Series(backend.prices.currency)
         s.tokens[0].observe(usage.input_tokens)
         s.tokens[1].observe(usage.output_tokens)
-        _observe_prompt_cache(s, usage)
+        _observe_parts(s, usage)
         s.cost += float(cost)
 
     def request(self, base: tuple[str, ...] | None, currency: str, req_key: tuple[str, ...], outcome: str,
@@ -247,7 +252,7 @@ class Metrics:
             s.tokens[0].observe(usage.input_tokens)
             if base[1] != "embeddings":
                 s.tokens[1].observe(usage.output_tokens)
-            _observe_prompt_cache(s, usage)
+            _observe_parts(s, usage)
         if cost:
             s.cost += cost
         h = s.duration.get(outcome)
