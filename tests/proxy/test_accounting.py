@@ -44,15 +44,29 @@ def assert_log_metrics_and_budget_agree(proxy, lines: list[dict], budget: bool) 
 
 
 def mixed_run(proxy, up) -> list[str]:
-    """One call of each kind; returns the usage_source each should be logged with, in order."""
+    """One call of each kind; returns the usage_source each should be logged with, in order.
+
+    A client sees a broken stream end before the proxy has logged it, so each call waits for its
+    line: otherwise the next call's line can come first."""
+    logged = 0
+
+    def logged_one() -> None:
+        nonlocal logged
+        logged += 1
+        assert len(proxy.log(logged, timeout=10)) == logged, f"call {logged} was never logged"
+
     oa = openai.OpenAI(base_url=proxy.openai_url, api_key="unused", max_retries=0, timeout=30)
     an = anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0, timeout=30)
     oa.chat.completions.create(model="chat", messages=MSG)
+    logged_one()
     list(oa.chat.completions.create(model="chat", messages=MSG, stream=True))
+    logged_one()
     # an OpenAI stream the upstream drops after three events: capped, then uncapped
     up.script({"disconnect_after": 3, "tokens": 30}, {"disconnect_after": 3, "tokens": 30})
     _raises(lambda: list(oa.chat.completions.create(model="chat", messages=MSG, stream=True, max_tokens=40)))
+    logged_one()
     _raises(lambda: list(oa.chat.completions.create(model="chat", messages=MSG, stream=True)))
+    logged_one()
     # the client goes away after three events
     up.script({"tokens": 60, "chunk_delay_ms": 20})
     body = {"model": "chat", "stream": True, "max_tokens": 50, "messages": MSG}
@@ -60,14 +74,16 @@ def mixed_run(proxy, up) -> list[str]:
         for i, _ in enumerate(r.iter_lines()):
             if i == 5:
                 break
-    proxy.log(5, timeout=10)  # logged once the proxy's next write fails: keep the lines in order
+    logged_one()  # logged once the proxy's next write fails
     # a non-streamed body broken midway
     up.script({"disconnect_after": 1})
     _raises(lambda: oa.chat.completions.create(model="chat", messages=MSG, max_tokens=20))
+    logged_one()
     # the stream ends after its usage chunk, before [DONE]: the provider's final numbers
     up.script({"disconnect_after": 8, "tokens": 5})
     _raises(lambda: list(oa.chat.completions.create(model="chat", messages=MSG, stream=True, max_tokens=10,
                                                     stream_options={"include_usage": True})))
+    logged_one()
     # Anthropic: a stream broken after message_start, natively and translated; a unary body broken
     up.script({"disconnect_after": 4, "tokens": 30}, {"disconnect_after": 4, "tokens": 30}, {"disconnect_after": 1})
 
@@ -75,8 +91,11 @@ def mixed_run(proxy, up) -> list[str]:
         with an.messages.stream(model="claude", max_tokens=50, messages=MSG) as s:
             list(s.text_stream)
     _raises(an_stream)
+    logged_one()
     _raises(lambda: list(oa.chat.completions.create(model="claude", messages=MSG, stream=True, max_tokens=50)))
+    logged_one()
     _raises(lambda: an.messages.create(model="claude", max_tokens=50, messages=MSG))
+    logged_one()
     return ["upstream", "upstream", "reservation", "uncapped", "reservation", "reservation", "upstream",
             "upstream_input+reserved_output", "upstream_input+reserved_output", "reservation"]
 
